@@ -1,0 +1,349 @@
+"""Argument normalisation and output-shape rules, shared by every op and back end.
+
+This module is fastpool's single copy of PyTorch's pooling shape rules
+(``aten/src/ATen/native/Pool.h`` for sliding windows, ``AdaptivePooling.h``
+for adaptive ones).  It turns user arguments into validated, frozen
+parameter objects and then into a :class:`WindowTable`: for each spatial axis
+and each output position, the first input position a window reads, the end of
+its range, the step between reads and the averaging divisor.  Every back end
+receives that table and a canonical array, so kernels contain arithmetic and
+never re-derive or re-check a shape rule.
+
+Arrays are canonicalised to three spatial axes ``(D, H, W)``: 1-D pooling is
+run with ``D = H = 1`` and 2-D pooling with ``D = 1``, each padded axis having
+a kernel, stride and dilation of 1 and no padding.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+CANONICAL_SPATIAL_DIMS = 3
+MODES = ("max", "avg", "lp")
+BACKENDS = ("cpu", "numpy", "cuda")
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_tuple(
+    value: object, n: int, name: str, op: str, *, allow_none: bool = False
+) -> tuple:
+    """Expand an int, or a sequence of 1 or ``n`` ints, into an ``n``-tuple.
+
+    Entries may be None where ``allow_none`` (adaptive output sizes).  A
+    one-element sequence is broadcast, as torch does.
+    """
+    expected = f"an int or a sequence of {n} ints"
+    if _is_int(value) or (allow_none and value is None):
+        items: Sequence = (value,) * n
+    elif isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            items = tuple(value) * n
+        elif len(value) == n:
+            items = value
+        else:
+            raise ValueError(
+                f"{op}: {name} must be {expected}, got {value!r} of length {len(value)}"
+            )
+    else:
+        raise TypeError(f"{op}: {name} must be {expected}, got {value!r} of type "
+                        f"{type(value).__name__}")
+    for item in items:
+        if not (_is_int(item) or (allow_none and item is None)):
+            raise TypeError(f"{op}: {name} must be {expected}, got {value!r} "
+                            f"(entry {item!r} is a {type(item).__name__})")
+    return tuple(None if item is None else int(item) for item in items)
+
+
+def _check_positive(values: tuple, name: str, op: str) -> None:
+    if any(v is not None and v <= 0 for v in values):
+        raise ValueError(f"{op}: {name} must be positive, got {values}")
+
+
+def check_bool(value: object, name: str, op: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+# --------------------------------------------------------------------------
+# Sliding windows (max, avg, lp)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Validated sliding-window parameters, one entry per pooled axis."""
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+
+    @classmethod
+    def from_args(cls, op: str, nd: int, kernel_size, stride=None, padding=0,
+                  dilation=1, ceil_mode=False) -> SlidingWindow:
+        kernel = int_tuple(kernel_size, nd, "kernel_size", op)
+        _check_positive(kernel, "kernel_size", op)
+        # torch treats stride=None and an empty stride list as "same as kernel".
+        if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+            strides = kernel
+        else:
+            strides = int_tuple(stride, nd, "stride", op)
+            _check_positive(strides, "stride", op)
+        pads = int_tuple(padding, nd, "padding", op)
+        if any(p < 0 for p in pads):
+            raise ValueError(f"{op}: padding must be non-negative, got {pads}")
+        dilations = int_tuple(dilation, nd, "dilation", op)
+        _check_positive(dilations, "dilation", op)
+        # Pool.h checks both pad <= effective_kernel // 2 and pad <= kernel // 2;
+        # the second is the binding one.
+        if any(p > k // 2 for p, k in zip(pads, kernel)):
+            raise ValueError(f"{op}: padding must be at most half of kernel_size, "
+                             f"got padding={pads} and kernel_size={kernel}")
+        return cls(kernel, strides, pads, dilations, check_bool(ceil_mode, "ceil_mode", op))
+
+    def output_shape(self, op: str, in_spatial: tuple[int, ...]) -> tuple[int, ...]:
+        out = tuple(
+            pooling_output_size(size, k, p, s, d, self.ceil_mode)
+            for size, k, p, s, d in zip(in_spatial, self.kernel_size, self.padding,
+                                        self.stride, self.dilation)
+        )
+        if any(o < 1 for o in out):
+            raise ValueError(f"{op}: input spatial size {tuple(in_spatial)} is too small "
+                             f"for kernel_size={self.kernel_size}, "
+                             f"dilation={self.dilation}, padding={self.padding}: "
+                             f"calculated output size {out}")
+        return out
+
+    def table(self, op: str, in_spatial: tuple[int, ...], divisor: str | int = "padded",
+              scale: float = 1.0) -> WindowTable:
+        """Window table for input of spatial shape ``in_spatial``.
+
+        ``divisor`` is "padded" (count the padding, as count_include_pad=True),
+        "valid" (count only input elements) or a nonzero int divisor_override.
+        """
+        out_spatial = self.output_shape(op, in_spatial)
+        axes = [
+            _sliding_axis(size, n_out, k, s, p, d, divisor)
+            for size, n_out, k, s, p, d in zip(in_spatial, out_spatial, self.kernel_size,
+                                               self.stride, self.padding, self.dilation)
+        ]
+        if _is_int(divisor):
+            # divisor_override replaces the whole window's count: put it on one axis.
+            axes = [(a[0], a[1], a[2], np.ones_like(a[3])) for a in axes]
+            last = axes[-1]
+            axes[-1] = (last[0], last[1], last[2], np.full_like(last[3], float(divisor)))
+        return WindowTable.from_axes(axes, out_spatial, scale)
+
+
+def pooling_output_size(size: int, kernel: int, pad: int, stride: int, dilation: int,
+                        ceil_mode: bool) -> int:
+    """torch's ``pooling_output_shape``: windows that fit, ceil_mode rounding up.
+
+    In ceil mode the last window must still start inside the input or the
+    left padding, otherwise it is dropped.
+    """
+    span = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1  # floor division, as torch's div_rtn
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _sliding_axis(size, n_out, kernel, stride, pad, dilation, divisor):
+    origin = np.arange(n_out, dtype=np.int64) * stride - pad
+    # First position at or after 0 on the dilation grid of each window.
+    start = origin + (np.maximum(-origin, 0) + dilation - 1) // dilation * dilation
+    stop = np.minimum(origin + (kernel - 1) * dilation + 1, size)
+    if divisor == "padded":
+        # torch counts window positions inside the padded extent (avg_pool's pool_size).
+        count = np.minimum(origin + kernel, size + pad) - origin
+    else:
+        count = np.maximum((stop - start + dilation - 1) // dilation, 0)
+    return start, stop, dilation, count.astype(np.float64)
+
+
+# --------------------------------------------------------------------------
+# Adaptive windows
+# --------------------------------------------------------------------------
+
+
+def adaptive_output_shape(op: str, nd: int, output_size, in_spatial: tuple[int, ...]
+                          ) -> tuple[int, ...]:
+    """Resolve ``output_size`` (None entries keep the input size) and check it."""
+    sizes = int_tuple(output_size, nd, "output_size", op, allow_none=True)
+    _check_positive(sizes, "output_size", op)
+    return tuple(size if o is None else o for o, size in zip(sizes, in_spatial))
+
+
+def adaptive_table(in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]) -> WindowTable:
+    """AdaptivePooling.h: window i spans [floor(i*in/out), ceil((i+1)*in/out))."""
+    axes = []
+    for size, n_out in zip(in_spatial, out_spatial):
+        i = np.arange(n_out, dtype=np.int64)
+        start = i * size // n_out
+        stop = -(-(i + 1) * size // n_out)
+        axes.append((start, stop, 1, (stop - start).astype(np.float64)))
+    return WindowTable.from_axes(axes, out_spatial, 1.0)
+
+
+# --------------------------------------------------------------------------
+# The table every back end consumes
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowTable:
+    """Where each output element reads, per canonical axis (D, H, W).
+
+    Output ``(od, oh, ow)`` reads the input positions ``d`` in
+    ``range(start[0, od], stop[0, od], step[0])`` and likewise for ``h`` (row 1)
+    and ``w`` (row 2); padding is already excluded.  Averages divide the window
+    sum by ``divisor[0, od] * divisor[1, oh] * divisor[2, ow]`` and multiply by
+    ``scale``.  A max window that is empty (only possible with dilation) keeps
+    torch's result: the lowest value, with index at ``start``.
+    """
+
+    out_shape: tuple[int, int, int]
+    start: np.ndarray  # (3, max_out) int64
+    stop: np.ndarray  # (3, max_out) int64
+    step: np.ndarray  # (3,) int64
+    divisor: np.ndarray  # (3, max_out) float64
+    scale: float
+
+    @classmethod
+    def from_axes(cls, axes, out_spatial, scale) -> WindowTable:
+        pad = CANONICAL_SPATIAL_DIMS - len(axes)
+        unit = (np.zeros(1, np.int64), np.ones(1, np.int64), 1, np.ones(1))
+        axes = [unit] * pad + list(axes)
+        out_shape = (1,) * pad + tuple(out_spatial)
+        width = max(out_shape)
+        start = np.zeros((3, width), np.int64)
+        stop = np.zeros((3, width), np.int64)
+        divisor = np.ones((3, width), np.float64)
+        for row, (a_start, a_stop, _, a_div) in enumerate(axes):
+            n = len(a_start)
+            start[row, :n], stop[row, :n], divisor[row, :n] = a_start, a_stop, a_div
+        step = np.array([a[2] for a in axes], np.int64)
+        return cls(out_shape, start, stop, step, divisor, float(scale))
+
+
+# --------------------------------------------------------------------------
+# Array layout and dtype
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an input's axes split into batch, spatial and channel axes.
+
+    Channels-first: ``(*batch, *spatial)``, where batch includes the channel
+    axis.  Channels-last: ``(*batch, *spatial, C)``.
+    """
+
+    batch_shape: tuple[int, ...]
+    spatial: tuple[int, ...]
+    channels: int | None
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], nd: int, channels_last: bool, op: str,
+           strict: bool) -> Layout:
+        """Split ``shape``; ``strict`` applies torch's rule of (C, *spatial) or
+        (N, C, *spatial) input, otherwise any number of leading axes is batch."""
+        trailing = nd + int(channels_last)
+        ndim = len(shape)
+        if strict and ndim not in (nd + 1, nd + 2):
+            form = (f"(N, {'*spatial' if nd > 1 else 'L'}, C) or ({'*spatial' if nd > 1 else 'L'}, C)"
+                    if channels_last else f"(N, C, {'*spatial' if nd > 1 else 'L'}) or "
+                    f"(C, {'*spatial' if nd > 1 else 'L'})")
+            raise ValueError(f"{op}: expected a {nd + 1}-D or {nd + 2}-D input {form} "
+                             f"with {nd} spatial axes, got shape {tuple(shape)}")
+        if ndim < trailing:
+            raise ValueError(f"{op}: input of shape {tuple(shape)} has fewer than the "
+                             f"{trailing} axes that {nd}-D pooling"
+                             f"{' with channels_last' if channels_last else ''} needs")
+        if channels_last:
+            batch, spatial, channels = shape[: ndim - trailing], shape[ndim - trailing:-1], shape[-1]
+        else:
+            batch, spatial, channels = shape[: ndim - nd], shape[ndim - nd:], None
+        if any(s == 0 for s in spatial):
+            raise ValueError(f"{op}: spatial axes must be non-empty, got input shape "
+                             f"{tuple(shape)}")
+        return cls(tuple(batch), tuple(spatial), channels)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.channels is not None
+
+    def canonical_shape(self) -> tuple[int, ...]:
+        spatial = (1,) * (CANONICAL_SPATIAL_DIMS - len(self.spatial)) + self.spatial
+        tail = (self.channels,) if self.channels_last else ()
+        return (math.prod(self.batch_shape), *spatial, *tail)
+
+    def result_shape(self, out_spatial: tuple[int, ...]) -> tuple[int, ...]:
+        tail = (self.channels,) if self.channels_last else ()
+        return (*self.batch_shape, *out_spatial, *tail)
+
+    def canonical_out_shape(self, out_spatial: tuple[int, ...]) -> tuple[int, ...]:
+        return Layout(self.batch_shape, tuple(out_spatial), self.channels).canonical_shape()
+
+    def is_empty(self) -> bool:
+        return math.prod(self.batch_shape) == 0 or self.channels == 0
+
+
+def check_dtype(dtype: np.dtype, mode: str, op: str) -> None:
+    """max accepts floats, integers and bool; averages accept float32/float64."""
+    if mode == "max":
+        if dtype in FLOAT_DTYPES or dtype.kind in "iub":
+            return
+        supported = "float32, float64, the integer types and bool"
+    else:
+        if dtype in FLOAT_DTYPES:
+            return
+        supported = "float32 and float64"
+    raise TypeError(f"{op}: input dtype {dtype} is not supported; {mode} pooling takes "
+                    f"{supported}")
+
+
+def check_mode(mode: object, op: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def check_norm_type(norm_type: object, op: str) -> float:
+    if not isinstance(norm_type, numbers.Real) or isinstance(norm_type, bool):
+        raise TypeError(f"{op}: norm_type must be a real number, got {norm_type!r}")
+    value = float(norm_type)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: norm_type must be positive and finite, got {norm_type!r}"
+                         " (for norm_type=inf use max pooling)")
+    return value
+
+
+def check_divisor_override(divisor_override: object, op: str) -> int | None:
+    if divisor_override is None:
+        return None
+    if not _is_int(divisor_override):
+        raise TypeError(f"{op}: divisor_override must be None or an int, got "
+                        f"{divisor_override!r}")
+    if divisor_override == 0:
+        raise ValueError(f"{op}: divisor_override must be nonzero, got 0")
+    return int(divisor_override)
+
+
+def check_backend(backend: object, op: str) -> str | None:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be None or one of {BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]

@@ -1,0 +1,9 @@
+"""The CPU back end: Numba ``@njit(parallel=True)`` kernels.
+
+The kernels compile on first use (and are cached on disk), so importing this
+package compiles nothing.
+"""
+
+from fastpool.cpu.pooling import max_pool, sum_pool
+
+__all__ = ["max_pool", "sum_pool"]

@@ -1,0 +1,41 @@
+"""Host drivers of the CPU back end: allocate outputs and launch the kernels.
+
+Inputs arrive canonical (C-contiguous, native byte order, 4-D channels-first
+or 5-D channels-last) with a validated :class:`~fastpool._params.WindowTable`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastpool._params import WindowTable
+from fastpool.cpu import kernels
+
+
+def _out_shape(x: np.ndarray, table: WindowTable, channels_last: bool) -> tuple:
+    return (x.shape[0], *table.out_shape, *x.shape[4:5]) if channels_last else (
+        x.shape[0], *table.out_shape)
+
+
+def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
+             with_indices: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Window maxima and, if asked, their flat indices within the spatial plane."""
+    shape = _out_shape(x, table, channels_last)
+    out = np.empty(shape, x.dtype)
+    indices = np.empty(shape if with_indices else (1,) * len(shape), np.int64)
+    kernel = (kernels.max_pool_channels_last if channels_last
+              else kernels.max_pool_channels_first)
+    kernel(x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
+           with_indices)
+    return out, (indices if with_indices else None)
+
+
+def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
+             power: float) -> np.ndarray:
+    """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window."""
+    out = np.empty(_out_shape(x, table, channels_last), x.dtype)
+    kernel = (kernels.sum_pool_channels_last if channels_last
+              else kernels.sum_pool_channels_first)
+    kernel(x, out, table.start, table.stop, table.step, table.divisor, table.scale,
+           float(power))
+    return out

@@ -1,0 +1,372 @@
+"""The public pooling functions, with torch.nn.functional's names and semantics.
+
+Each 1-D/2-D/3-D family is made once by a factory: the functions differ only
+in how many trailing axes they pool, so one definition and one docstring
+template serve all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, Union
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from fastpool import _dispatch
+
+Size = Union[int, Sequence[int]]
+OptionalSize = Union[int, None, Sequence[Union[int, None]]]
+Backend = Literal["cpu", "numpy", "cuda"]
+Result = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
+
+_SHAPES = {
+    1: ("L", "(N, C, L)", "(C, L)"),
+    2: ("H, W", "(N, C, H, W)", "(C, H, W)"),
+    3: ("D, H, W", "(N, C, D, H, W)", "(C, D, H, W)"),
+}
+
+_COMMON_KEYWORDS = """\
+channels_last : bool, default False
+    Input and output laid out as ``(N, *spatial, C)`` (or ``(*spatial, C)``)
+    instead of ``(N, C, *spatial)``.
+backend : {None, "cpu", "numpy", "cuda"}, default None
+    None picks by the input: host arrays (and anything ``np.asarray`` takes)
+    run on "cpu", the Numba kernels; "numpy" is the pure-NumPy reference."""
+
+_PARAMETERS = {
+    "x": "x : array_like\n    Input of shape {batched} or {unbatched}.",
+    "kernel_size": "kernel_size : int or tuple of {nd} ints\n    Window size.",
+    "stride": "stride : int or tuple of {nd} ints, optional\n    Window step; defaults to kernel_size.",
+    "padding": ("padding : int or tuple of {nd} ints, default 0\n"
+                "    Implicit padding on both sides, at most half the kernel size."),
+    "dilation": "dilation : int or tuple of {nd} ints, default 1\n    Spacing between window elements.",
+    "ceil_mode": ("ceil_mode : bool, default False\n    Round the output size up, keeping a partial "
+                  "last window\n    when it starts inside the input or the left padding."),
+    "return_indices": ("return_indices : bool, default False\n    Also return the flat (int64) "
+                       "index of each maximum within\n    its input plane."),
+    "count_include_pad": ("count_include_pad : bool, default True\n    Count padding elements "
+                          "in the divisor."),
+    "divisor_override": ("divisor_override : int, optional\n    Divide every window sum by this "
+                         "instead of the window size."),
+    "norm_type": "norm_type : float\n    The power p > 0 of the Lp norm.",
+    "output_size": ("output_size : int or tuple of {nd} ints (or None)\n    Output spatial size; "
+                    "a None entry keeps that input size."),
+    "keepdims": ("keepdims : bool, default False\n    Keep the pooled axes, with size 1."),
+}
+
+_RETURNS = {
+    "values": "out : numpy.ndarray\n    Pooled values, C-contiguous, with the input's dtype.",
+    "indices": ("out, indices : numpy.ndarray\n    Pooled values and, with return_indices, "
+                "the int64 indices\n    of the maxima (same shape)."),
+}
+
+
+def _doc(summary: str, params: Sequence[str], nd: int, torch_name: str, example: str,
+         returns: str = "values") -> str:
+    spatial, batched, unbatched = _SHAPES[nd]
+    fields = {"nd": nd, "batched": batched, "unbatched": unbatched, "spatial": spatial}
+    parameters = "\n".join(_PARAMETERS[p].format(**fields) for p in params)
+    shape = "(1, " * nd  # the example input is (1, ..., 1, 6): only the last axis is pooled
+    kernel = "2" if nd == 1 else "(" + "1, " * (nd - 1) + "2)"
+    return f"""{summary.format(**fields)}
+
+Parameters
+----------
+{parameters}
+{_COMMON_KEYWORDS}
+
+Returns
+-------
+{_RETURNS[returns]}
+
+Raises
+------
+ValueError
+    For shapes or parameters that do not fit (the message names the argument).
+TypeError
+    For an unsupported dtype or a non-integer size.
+
+See Also
+--------
+{torch_name} : the PyTorch equivalent, which this matches exactly.
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> x = np.array([1., 5., 2., 0., 3., 4.], dtype=np.float32).reshape({shape}6{")" * nd})
+{example.format(kernel=kernel, nd=nd)}
+"""
+
+
+def _max_pool(nd: int) -> Callable[..., Result]:
+    name = f"max_pool{nd}d"
+
+    def max_pool(x: ArrayLike, kernel_size: Size, stride: Size | None = None,
+                 padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
+                 return_indices: bool = False, *, channels_last: bool = False,
+                 backend: Backend | None = None) -> Result:
+        return _dispatch.sliding_pool(
+            x, "max", nd, kernel_size, stride, padding, dilation, ceil_mode, op=name,
+            strict=True, return_indices=return_indices, channels_last=channels_last,
+            backend=backend)
+
+    max_pool.__doc__ = _doc(
+        "{nd}-D max pooling over the trailing spatial axes ({spatial}).",
+        ["x", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+        nd, f"torch.nn.functional.{name}",
+        ">>> fastpool.max_pool{nd}d(x, {kernel}).ravel()\n"
+        "array([5., 2., 4.], dtype=float32)", returns="indices")
+    return _named(max_pool, name)
+
+
+def _avg_pool(nd: int) -> Callable[..., np.ndarray]:
+    name = f"avg_pool{nd}d"
+
+    def avg_pool(x: ArrayLike, kernel_size: Size, stride: Size | None = None,
+                 padding: Size = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override: int | None = None, *, channels_last: bool = False,
+                 backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.sliding_pool(
+            x, "avg", nd, kernel_size, stride, padding, 1, ceil_mode, op=name, strict=True,
+            count_include_pad=count_include_pad, divisor_override=divisor_override,
+            channels_last=channels_last, backend=backend)
+
+    avg_pool.__doc__ = _doc(
+        "{nd}-D average pooling over the trailing spatial axes ({spatial}).",
+        ["x", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+         "divisor_override"],
+        nd, f"torch.nn.functional.{name}",
+        ">>> fastpool.avg_pool{nd}d(x, {kernel}).ravel()\n"
+        "array([3. , 1. , 3.5], dtype=float32)")
+    return _named(avg_pool, name)
+
+
+def _lp_pool(nd: int) -> Callable[..., np.ndarray]:
+    name = f"lp_pool{nd}d"
+
+    def lp_pool(x: ArrayLike, norm_type: float, kernel_size: Size, stride: Size | None = None,
+                ceil_mode: bool = False, *, channels_last: bool = False,
+                backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.sliding_pool(
+            x, "lp", nd, kernel_size, stride, 0, 1, ceil_mode, op=name, strict=True,
+            norm_type=norm_type, channels_last=channels_last, backend=backend)
+
+    lp_pool.__doc__ = _doc(
+        "{nd}-D power-average (Lp) pooling: ``sum(x**p) ** (1/p)`` over each window.\n\n"
+        "As in torch, this is computed as ``(avg_pool(x**p) * prod(kernel_size)) ** (1/p)``,\n"
+        "so a partial ceil_mode window is rescaled to the full kernel size.",
+        ["x", "norm_type", "kernel_size", "stride", "ceil_mode"],
+        nd, f"torch.nn.functional.{name}",
+        ">>> fastpool.lp_pool{nd}d(x, 1, {kernel}).ravel()\n"
+        "array([6., 2., 7.], dtype=float32)")
+    return _named(lp_pool, name)
+
+
+def _adaptive_max_pool(nd: int) -> Callable[..., Result]:
+    name = f"adaptive_max_pool{nd}d"
+
+    def adaptive_max_pool(x: ArrayLike, output_size: OptionalSize,
+                          return_indices: bool = False, *, channels_last: bool = False,
+                          backend: Backend | None = None) -> Result:
+        return _dispatch.adaptive_pool(
+            x, "max", nd, output_size, op=name, strict=True, return_indices=return_indices,
+            channels_last=channels_last, backend=backend)
+
+    adaptive_max_pool.__doc__ = _doc(
+        "{nd}-D adaptive max pooling to a given output size.\n\n"
+        "Output ``i`` of an axis of input size ``n`` and output size ``m`` covers\n"
+        "``[floor(i*n/m), ceil((i+1)*n/m))``.",
+        ["x", "output_size", "return_indices"], nd, f"torch.nn.functional.{name}",
+        ">>> fastpool.adaptive_max_pool{nd}d(x, {kernel}).ravel()\n"
+        "array([5., 4.], dtype=float32)", returns="indices")
+    return _named(adaptive_max_pool, name)
+
+
+def _adaptive_avg_pool(nd: int) -> Callable[..., np.ndarray]:
+    name = f"adaptive_avg_pool{nd}d"
+
+    def adaptive_avg_pool(x: ArrayLike, output_size: OptionalSize, *,
+                          channels_last: bool = False,
+                          backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.adaptive_pool(
+            x, "avg", nd, output_size, op=name, strict=True, channels_last=channels_last,
+            backend=backend)
+
+    adaptive_avg_pool.__doc__ = _doc(
+        "{nd}-D adaptive average pooling to a given output size.\n\n"
+        "Output ``i`` of an axis of input size ``n`` and output size ``m`` covers\n"
+        "``[floor(i*n/m), ceil((i+1)*n/m))``.",
+        ["x", "output_size"], nd, f"torch.nn.functional.{name}",
+        ">>> fastpool.adaptive_avg_pool{nd}d(x, {kernel}).ravel()\n"
+        "array([2.6666667, 2.3333333], dtype=float32)")
+    return _named(adaptive_avg_pool, name)
+
+
+def _global_max_pool(nd: int) -> Callable[..., Result]:
+    name = f"global_max_pool{nd}d"
+
+    def global_max_pool(x: ArrayLike, keepdims: bool = False, return_indices: bool = False,
+                        *, channels_last: bool = False,
+                        backend: Backend | None = None) -> Result:
+        return _dispatch.global_pool(
+            x, "max", nd, op=name, keepdims=keepdims, return_indices=return_indices,
+            channels_last=channels_last, backend=backend)
+
+    global_max_pool.__doc__ = _doc(
+        "Maximum of each {nd}-D plane: {batched} -> (N, C), {unbatched} -> (C,).",
+        ["x", "keepdims", "return_indices"], nd,
+        f"torch.nn.functional.adaptive_max_pool{nd}d", ">>> fastpool.global_max_pool{nd}d(x)\n"
+        "array([5.], dtype=float32)", returns="indices")
+    return _named(global_max_pool, name)
+
+
+def _global_avg_pool(nd: int) -> Callable[..., np.ndarray]:
+    name = f"global_avg_pool{nd}d"
+
+    def global_avg_pool(x: ArrayLike, keepdims: bool = False, *, channels_last: bool = False,
+                        backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.global_pool(x, "avg", nd, op=name, keepdims=keepdims,
+                                     channels_last=channels_last, backend=backend)
+
+    global_avg_pool.__doc__ = _doc(
+        "Mean of each {nd}-D plane: {batched} -> (N, C), {unbatched} -> (C,).",
+        ["x", "keepdims"], nd, f"torch.nn.functional.adaptive_avg_pool{nd}d",
+        ">>> fastpool.global_avg_pool{nd}d(x)\narray([2.5], dtype=float32)")
+    return _named(global_avg_pool, name)
+
+
+def _named(function: Callable, name: str) -> Callable:
+    function.__name__ = function.__qualname__ = name
+    function.__module__ = "fastpool"
+    return function
+
+
+max_pool1d, max_pool2d, max_pool3d = (_max_pool(nd) for nd in (1, 2, 3))
+avg_pool1d, avg_pool2d, avg_pool3d = (_avg_pool(nd) for nd in (1, 2, 3))
+lp_pool1d, lp_pool2d, lp_pool3d = (_lp_pool(nd) for nd in (1, 2, 3))
+adaptive_max_pool1d, adaptive_max_pool2d, adaptive_max_pool3d = (
+    _adaptive_max_pool(nd) for nd in (1, 2, 3))
+adaptive_avg_pool1d, adaptive_avg_pool2d, adaptive_avg_pool3d = (
+    _adaptive_avg_pool(nd) for nd in (1, 2, 3))
+global_max_pool1d, global_max_pool2d, global_max_pool3d = (
+    _global_max_pool(nd) for nd in (1, 2, 3))
+global_avg_pool1d, global_avg_pool2d, global_avg_pool3d = (
+    _global_avg_pool(nd) for nd in (1, 2, 3))
+
+
+def _spatial_dims(kernel_or_output: object, name: str, op: str) -> int:
+    if not isinstance(kernel_or_output, (tuple, list)) or not 1 <= len(kernel_or_output) <= 3:
+        raise TypeError(f"{op}: {name} must be a tuple of 1 to 3 sizes, one per pooled axis, "
+                        f"got {kernel_or_output!r}")
+    return len(kernel_or_output)
+
+
+def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[int],
+         stride: Size | None = None, padding: Size = 0, dilation: Size = 1,
+         ceil_mode: bool = False, *, norm_type: float | None = None,
+         count_include_pad: bool = True, divisor_override: int | None = None,
+         return_indices: bool = False, channels_last: bool = False,
+         backend: Backend | None = None) -> Result:
+    """Sliding-window pooling over the trailing ``len(kernel_size)`` axes.
+
+    The generic entry under every ``max_pool*``, ``avg_pool*`` and ``lp_pool*``
+    function.  Every axis before the pooled ones is a batch axis, so a plain
+    2-D image, or a stack of images of any rank, works directly.
+
+    Parameters
+    ----------
+    x : array_like
+        Input; its trailing ``len(kernel_size)`` axes are pooled (the axes
+        before the last one when ``channels_last``).
+    mode : {"max", "avg", "lp"}
+        The reduction over each window.
+    kernel_size : tuple of 1 to 3 ints
+        Window size; its length sets how many axes are pooled.
+    stride, padding, dilation : int or tuple of ints, optional
+        As in :func:`max_pool2d`; dilation is for "max" only, padding not for "lp".
+    ceil_mode : bool, default False
+        Round the output size up (see :func:`max_pool2d`).
+    norm_type : float, optional
+        The power p of "lp" pooling (required for it).
+    count_include_pad, divisor_override : optional
+        Divisor rules of "avg" pooling (see :func:`avg_pool2d`).
+    return_indices : bool, default False
+        With "max", also return flat indices of the maxima.
+    channels_last : bool, default False
+        The last axis is channels, not pooled.
+    backend : {None, "cpu", "numpy", "cuda"}, default None
+        None picks by the input type.
+
+    Returns
+    -------
+    out : numpy.ndarray, or (out, indices) with return_indices
+
+    See Also
+    --------
+    max_pool2d, avg_pool2d, lp_pool2d : the torch-named entry points.
+
+    Examples
+    --------
+    >>> import numpy as np, fastpool
+    >>> img = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    >>> fastpool.pool(img, "max", (2, 2))
+    array([[ 5,  7],
+           [13, 15]], dtype=uint8)
+    >>> fastpool.pool(img.astype(np.float64), "avg", (2, 2), stride=(1, 2)).shape
+    (3, 2)
+    """
+    op = "pool"
+    nd = _spatial_dims(kernel_size, "kernel_size", op)
+    return _dispatch.sliding_pool(
+        x, mode, nd, kernel_size, stride, padding, dilation, ceil_mode, op=op, strict=False,
+        norm_type=norm_type, count_include_pad=count_include_pad,
+        divisor_override=divisor_override, return_indices=return_indices,
+        channels_last=channels_last, backend=backend)
+
+
+def adaptive_pool(x: ArrayLike, mode: Literal["max", "avg"],
+                  output_size: Sequence[int | None], *, return_indices: bool = False,
+                  channels_last: bool = False, backend: Backend | None = None) -> Result:
+    """Adaptive pooling over the trailing ``len(output_size)`` axes.
+
+    The generic entry under the ``adaptive_*`` and ``global_*`` functions;
+    every axis before the pooled ones is a batch axis.
+
+    Parameters
+    ----------
+    x : array_like
+        Input; its trailing ``len(output_size)`` axes are pooled (the axes
+        before the last one when ``channels_last``).
+    mode : {"max", "avg"}
+        The reduction over each window.
+    output_size : tuple of 1 to 3 ints or None
+        Output size per pooled axis; None keeps that input size.
+    return_indices : bool, default False
+        With "max", also return flat indices of the maxima.
+    channels_last : bool, default False
+        The last axis is channels, not pooled.
+    backend : {None, "cpu", "numpy", "cuda"}, default None
+        None picks by the input type.
+
+    Returns
+    -------
+    out : numpy.ndarray, or (out, indices) with return_indices
+
+    See Also
+    --------
+    adaptive_max_pool2d, adaptive_avg_pool2d : the torch-named entry points.
+
+    Examples
+    --------
+    >>> import numpy as np, fastpool
+    >>> img = np.arange(20, dtype=np.float64).reshape(4, 5)
+    >>> fastpool.adaptive_pool(img, "avg", (2, None))
+    array([[ 2.5,  3.5,  4.5,  5.5,  6.5],
+           [12.5, 13.5, 14.5, 15.5, 16.5]])
+    """
+    op = "adaptive_pool"
+    nd = _spatial_dims(output_size, "output_size", op)
+    return _dispatch.adaptive_pool(x, mode, nd, output_size, op=op, strict=False,
+                                   return_indices=return_indices,
+                                   channels_last=channels_last, backend=backend)

@@ -1,0 +1,11 @@
+"""The pure-NumPy reference back end (``backend="numpy"``).
+
+Vectorised over output positions, looping over window offsets: slow next to
+the compiled kernels, but short enough to read and check by eye.  fastpool's
+tests use it as an oracle beside PyTorch, and the benchmark suite as the
+NumPy baseline.
+"""
+
+from fastpool.reference.pooling import max_pool, sum_pool
+
+__all__ = ["max_pool", "sum_pool"]

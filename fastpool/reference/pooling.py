@@ -1,0 +1,77 @@
+"""NumPy reference implementations of the back-end interface.
+
+Same signatures as :mod:`fastpool.cpu.pooling`.  Each window offset
+``(jd, jh, jw)`` is visited in scan order; for every output it gathers the
+input element at that offset (if the window has one) from all outputs at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from fastpool._params import WindowTable
+
+
+def _axis_offsets(table: WindowTable, axis: int, size: int):
+    """For each offset j along ``axis``: input positions and which outputs have one."""
+    n_out = table.out_shape[axis]
+    start, stop = table.start[axis, :n_out], table.stop[axis, :n_out]
+    step = int(table.step[axis])
+    count = np.maximum((stop - start + step - 1) // step, 0)
+    offsets = []
+    for j in range(int(count.max(initial=0))):
+        position = start + j * step
+        offsets.append((np.minimum(position, size - 1), j < count))
+    return offsets
+
+
+def _window_offsets(x: np.ndarray, table: WindowTable, channels_last: bool):
+    """Yield (gathered values, valid mask, flat spatial index) for each offset."""
+    depth, height, width = x.shape[1:4]
+    per_axis = [_axis_offsets(table, axis, size)
+                for axis, size in enumerate((depth, height, width))]
+    for (pd, vd), (ph, vh), (pw, vw) in itertools.product(*per_axis):
+        d, h, w = pd[:, None, None], ph[None, :, None], pw[None, None, :]
+        valid = vd[:, None, None] & vh[None, :, None] & vw[None, None, :]
+        flat = (d * height + h) * width + w
+        if channels_last:
+            yield x[:, d, h, w, :], valid[..., None], flat[..., None]
+        else:
+            yield x[:, d, h, w], valid, flat
+
+
+def _expand(grid: np.ndarray, channels_last: bool) -> np.ndarray:
+    return grid[..., None] if channels_last else grid
+
+
+def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
+             with_indices: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    n_d, n_h, n_w = table.out_shape
+    shape = (x.shape[0], n_d, n_h, n_w, *x.shape[4:])
+    best = np.full(shape, lowest, dtype=x.dtype)
+    height, width = x.shape[2:4]
+    first = ((table.start[0, :n_d, None, None] * height + table.start[1, None, :n_h, None])
+             * width + table.start[2, None, None, :n_w])
+    best_at = np.broadcast_to(_expand(first, channels_last), shape).copy()
+    for values, valid, flat in _window_offsets(x, table, channels_last):
+        # torch's update rule: strictly greater, or NaN.
+        take = valid & ((values > best) | (values != values))
+        best = np.where(take, values, best)
+        best_at = np.where(take, flat, best_at)
+    return best, (best_at.astype(np.int64) if with_indices else None)
+
+
+def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
+             power: float) -> np.ndarray:
+    n_d, n_h, n_w = table.out_shape
+    total = np.zeros((x.shape[0], n_d, n_h, n_w, *x.shape[4:]), np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for values, valid, _ in _window_offsets(x, table, channels_last):
+            total += np.where(valid, values.astype(np.float64) ** power, 0.0)
+        divisor = (table.divisor[0, :n_d, None, None] * table.divisor[1, None, :n_h, None]
+                   * table.divisor[2, None, None, :n_w])
+        mean = total * (table.scale / _expand(divisor, channels_last))
+        result = mean if power == 1.0 else mean ** (1.0 / power)
+    return result.astype(x.dtype)
