@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+from tests.oracle import to_channels_last
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261122)
+
+
+def make_input(rng, nd, size, *, batched=True, channels_last=False, dtype=np.float32,
+               ties=False, channels=3):
+    """A random input of spatial shape ``size`` (int or per-axis tuple), laid out as asked."""
+    spatial = (size,) * nd if isinstance(size, int) else tuple(size)
+    shape = ((2,) if batched else ()) + (channels,) + spatial
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        x = rng.integers(-3, 4, shape) if ties else rng.standard_normal(shape)
+    elif dtype.kind == "b":
+        x = rng.integers(0, 2, shape)
+    else:
+        low = 0 if dtype.kind == "u" else -60
+        x = rng.integers(low, low + 120, shape)
+    x = x.astype(dtype)
+    return np.ascontiguousarray(to_channels_last(x, nd)) if channels_last else x

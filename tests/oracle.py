@@ -1,0 +1,73 @@
+"""PyTorch as the oracle: each fastpool op computed by torch on a NumPy array.
+
+Channels-last inputs are moved to channels-first for torch and back, so the
+oracle never depends on torch's own memory-format handling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fastpool
+
+
+def to_channels_first(x: np.ndarray, nd: int) -> np.ndarray:
+    return np.moveaxis(x, -1, -nd - 1)
+
+
+def to_channels_last(x: np.ndarray, nd: int) -> np.ndarray:
+    return np.moveaxis(x, -nd - 1, -1)
+
+
+def _torch_input(x: np.ndarray) -> torch.Tensor:
+    if x.dtype.kind in "iub":
+        # torch lacks adaptive max pooling on integer types and all pooling on some of
+        # them; float64 holds the tests' integer values exactly, ties included.
+        x = x.astype(np.float64)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _avg_pool(nd, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+              count_include_pad=True, divisor_override=None):
+    if nd == 1:  # torch's avg_pool1d has no divisor_override: go through 2-D.
+        def pair(v, fill=1):
+            return None if v is None else (fill, v if isinstance(v, int) else v[0])
+        out = F.avg_pool2d(x.unsqueeze(-2), pair(kernel_size), pair(stride) or pair(kernel_size),
+                           pair(padding, 0), ceil_mode, count_include_pad, divisor_override)
+        return out.squeeze(-2)
+    return getattr(F, f"avg_pool{nd}d")(x, kernel_size, stride, padding, ceil_mode,
+                                        count_include_pad, divisor_override)
+
+
+def torch_pool(op: str, nd: int, x: np.ndarray, *args, channels_last: bool = False,
+               **kwargs):
+    """torch's result for ``fastpool.<op>{nd}d(x, *args, **kwargs)`` as NumPy."""
+    if channels_last:
+        x = to_channels_first(x, nd)
+    t = _torch_input(x)
+    return_indices = kwargs.get("return_indices", False)
+    squeeze = False
+    if op == "avg_pool":
+        result = _avg_pool(nd, t, *args, **kwargs)
+    elif op.startswith("global_"):
+        keepdims = kwargs.pop("keepdims", False)
+        squeeze = not keepdims
+        result = getattr(F, f"adaptive_{op[7:]}{nd}d")(t, 1, **kwargs)
+    else:
+        result = getattr(F, f"{op}{nd}d")(t, *args, **kwargs)
+    results = result if return_indices else (result,)
+    arrays = []
+    for position, r in enumerate(results):
+        a = r.numpy()
+        if channels_last:
+            a = to_channels_last(a, nd)
+        if squeeze:
+            a = a.reshape(a.shape[:-nd - 1] + a.shape[-1:] if channels_last else a.shape[:-nd])
+        arrays.append(a if position == 1 else a.astype(x.dtype))
+    return tuple(arrays) if return_indices else arrays[0]
+
+
+def fastpool_op(op: str, nd: int):
+    return getattr(fastpool, f"{op}{nd}d")
