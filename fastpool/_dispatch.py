@@ -66,9 +66,8 @@ def _canonical(array: np.ndarray, layout: Layout) -> np.ndarray:
     return canonical.view(np.uint8) if dtype == np.bool_ else canonical
 
 
-def _run(x: object, backend: str | None, mode: str, layout: Layout, array: np.ndarray,
-         table: WindowTable, *, power: float = 1.0, with_indices: bool = False, op: str):
-    impl = _backend(backend, x, op)
+def _run(impl, mode: str, layout: Layout, array: np.ndarray, table: WindowTable, *,
+         power: float = 1.0, with_indices: bool = False):
     out_spatial = table.out_shape[3 - len(layout.spatial):]
     result_shape = layout.result_shape(out_spatial)
     if layout.is_empty():
@@ -113,6 +112,7 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
     else:
         power = 1.0
 
+    impl = _backend(backend, x, op)
     array = _host_array(x, op)
     check_dtype(array.dtype, mode, op)
     layout = Layout.of(array.shape, nd, channels_last, op, strict)
@@ -124,8 +124,7 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
         table = window.table(op, layout.spatial, divisor)
     else:
         table = window.table(op, layout.spatial, "valid")
-    return _run(x, backend, mode, layout, array, table, power=power,
-                with_indices=return_indices, op=op)
+    return _run(impl, mode, layout, array, table, power=power, with_indices=return_indices)
 
 
 def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_indices=False,
@@ -137,12 +136,13 @@ def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_ind
     return_indices = check_bool(return_indices, "return_indices", op)
     if mode != "max" and return_indices:
         raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    impl = _backend(backend, x, op)
     array = _host_array(x, op)
     check_dtype(array.dtype, mode, op)
     layout = Layout.of(array.shape, nd, channels_last, op, strict)
     out_spatial = adaptive_output_shape(op, nd, output_size, layout.spatial)
     table = adaptive_table(layout.spatial, out_spatial)
-    return _run(x, backend, mode, layout, array, table, with_indices=return_indices, op=op)
+    return _run(impl, mode, layout, array, table, with_indices=return_indices)
 
 
 def global_pool(x, mode, nd, *, op: str, keepdims=False, return_indices=False,

@@ -304,6 +304,7 @@ class Layout:
 
 def check_dtype(dtype: np.dtype, mode: str, op: str) -> None:
     """max accepts floats, integers and bool; averages accept float32/float64."""
+    dtype = dtype.newbyteorder("=")
     if mode == "max":
         if dtype in FLOAT_DTYPES or dtype.kind in "iub":
             return

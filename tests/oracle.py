@@ -65,6 +65,10 @@ def torch_pool(op: str, nd: int, x: np.ndarray, *args, channels_last: bool = Fal
             a = to_channels_last(a, nd)
         if squeeze:
             a = a.reshape(a.shape[:-nd - 1] + a.shape[-1:] if channels_last else a.shape[:-nd])
+        if position == 0 and x.dtype.kind in "iub":
+            # An empty (dilated) window gives torch's initial maximum, the dtype's lowest.
+            lowest = 0 if x.dtype.kind == "b" else np.iinfo(x.dtype).min
+            a = np.where(np.isneginf(a), lowest, a).astype(x.dtype)
         arrays.append(a if position == 1 else a.astype(x.dtype))
     return tuple(arrays) if return_indices else arrays[0]
 
