@@ -67,7 +67,7 @@ def _doc(summary: str, params: Sequence[str], nd: int, torch_name: str, example:
     spatial, batched, unbatched = _SHAPES[nd]
     fields = {"nd": nd, "batched": batched, "unbatched": unbatched, "spatial": spatial}
     parameters = "\n".join(_PARAMETERS[p].format(**fields) for p in params)
-    shape = "(1, " * nd  # the example input is (1, ..., 1, 6): only the last axis is pooled
+    shape = "1, " * nd  # the example input is (1, ..., 1, 6): only the last axis is pooled
     kernel = "2" if nd == 1 else "(" + "1, " * (nd - 1) + "2)"
     return f"""{summary.format(**fields)}
 
@@ -94,7 +94,7 @@ See Also
 Examples
 --------
 >>> import numpy as np, fastpool
->>> x = np.array([1., 5., 2., 0., 3., 4.], dtype=np.float32).reshape({shape}6{")" * nd})
+>>> x = np.array([1., 5., 2., 0., 3., 4.], dtype=np.float32).reshape({shape}6)
 {example.format(kernel=kernel, nd=nd)}
 """
 

@@ -13,7 +13,8 @@ written by exactly one thread.  Sums accumulate in float64.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from fastpool._config import CPU_JIT_OPTIONS
 
@@ -26,6 +27,10 @@ def _row_coords(row, out_d, out_h):
     return plane, od, rest - od * out_h
 
 
+# Window loops are written as while loops: a ``range`` with a run-time step costs
+# a division per window to find its trip count, which dominated small windows.
+
+
 @njit(**CPU_JIT_OPTIONS)
 def max_pool_channels_first(x, out, indices, start, stop, step, lowest, with_indices):
     planes, out_d, out_h, out_w = out.shape
@@ -34,22 +39,32 @@ def max_pool_channels_first(x, out, indices, start, stop, step, lowest, with_ind
     for row in prange(planes * out_d * out_h):
         plane, od, oh = _row_coords(row, out_d, out_h)
         d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+        best = out[plane, od, oh]
+        best_at = np.empty(out_w, np.int64)
         for ow in range(out_w):
-            w0, w1 = start[2, ow], stop[2, ow]
-            best = lowest
-            best_at = (d0 * height + h0) * width + w0
-            for d in range(d0, d1, step_d):
-                for h in range(h0, h1, step_h):
-                    base = (d * height + h) * width
-                    for w in range(w0, w1, step_w):
-                        value = x[plane, d, h, w]
+            best[ow] = lowest
+            best_at[ow] = (d0 * height + h0) * width + start[2, ow]
+        # Input rows of the window in scan order, each swept for the whole output row.
+        d = d0
+        while d < d1:
+            h = h0
+            while h < h1:
+                x_row = x[plane, d, h]
+                base = (d * height + h) * width
+                for ow in range(out_w):
+                    row_best, row_at = best[ow], best_at[ow]
+                    w, w1 = start[2, ow], stop[2, ow]
+                    while w < w1:
+                        value = x_row[w]
                         # torch's update: a NaN always wins, ties keep the first.
-                        if value > best or value != value:
-                            best = value
-                            best_at = base + w
-            out[plane, od, oh, ow] = best
-            if with_indices:
-                indices[plane, od, oh, ow] = best_at
+                        if (value > row_best) | (value != value):
+                            row_best, row_at = value, base + w
+                        w += step_w
+                    best[ow], best_at[ow] = row_best, row_at
+                h += step_h
+            d += step_d
+        if with_indices:
+            indices[plane, od, oh, :] = best_at
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -60,38 +75,54 @@ def max_pool_channels_last(x, out, indices, start, stop, step, lowest, with_indi
     for row in prange(batch * out_d * out_h):
         n, od, oh = _row_coords(row, out_d, out_h)
         d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+        best_at = np.empty(channels, np.int64)
         for ow in range(out_w):
             w0, w1 = start[2, ow], stop[2, ow]
             best = out[n, od, oh, ow]
             best[:] = lowest
-            if with_indices:
-                best_at = indices[n, od, oh, ow]
-                best_at[:] = (d0 * height + h0) * width + w0
-            for d in range(d0, d1, step_d):
-                for h in range(h0, h1, step_h):
-                    for w in range(w0, w1, step_w):
+            best_at[:] = (d0 * height + h0) * width + w0
+            d = d0
+            while d < d1:
+                h = h0
+                while h < h1:
+                    w = w0
+                    while w < w1:
                         values = x[n, d, h, w]
-                        if with_indices:
-                            at = (d * height + h) * width + w
-                            for c in range(channels):
-                                value = values[c]
-                                if value > best[c] or value != value:
-                                    best[c] = value
-                                    best_at[c] = at
-                        else:
-                            for c in range(channels):
-                                value = values[c]
-                                if value > best[c] or value != value:
-                                    best[c] = value
+                        at = (d * height + h) * width + w
+                        for c in range(channels):
+                            value = values[c]
+                            if (value > best[c]) | (value != value):
+                                best[c] = value
+                                best_at[c] = at
+                        w += step_w
+                    h += step_h
+                d += step_d
+            if with_indices:
+                indices[n, od, oh, ow, :] = best_at
 
 
-@njit(inline="always")
-def _finish_sum(total, factor, power):
-    """Window sum -> average (power 1) or Lp norm, as torch's lp_pool computes it."""
-    mean = total * factor
-    if power != 1.0:
-        return mean ** (1.0 / power)
-    return mean
+def _raise_to(value, power):
+    """``value ** power`` in float64; the identity when power is None (averages)."""
+
+
+def _root(mean, power):
+    """``mean ** (1/power)``: the Lp norm from its mean power, as torch's lp_pool."""
+
+
+# Resolved by type at compile time, so averages and Lp norms get separate
+# specialisations and the averaging loops stay free of branches and pow calls.
+@overload(_raise_to)
+def _raise_to_impl(value, power):
+    if isinstance(power, types.NoneType):
+        return lambda value, power: value
+    return lambda value, power: np.float64(value) ** power
+
+
+@overload(_root)
+def _root_impl(mean, power):
+    if isinstance(power, types.NoneType):
+        return lambda mean, power: mean
+    return lambda mean, power: mean ** (1.0 / power)
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -101,19 +132,25 @@ def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power):
     for row in prange(planes * out_d * out_h):
         plane, od, oh = _row_coords(row, out_d, out_h)
         d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+        total = np.zeros(out_w, np.float64)
+        d = d0
+        while d < d1:
+            h = h0
+            while h < h1:
+                x_row = x[plane, d, h]
+                for ow in range(out_w):
+                    w, w1 = start[2, ow], stop[2, ow]
+                    row_total = 0.0
+                    while w < w1:
+                        row_total += _raise_to(x_row[w], power)
+                        w += step_w
+                    total[ow] += row_total
+                h += step_h
+            d += step_d
         row_divisor = divisor[0, od] * divisor[1, oh]
+        result = out[plane, od, oh]
         for ow in range(out_w):
-            w0, w1 = start[2, ow], stop[2, ow]
-            total = 0.0
-            for d in range(d0, d1, step_d):
-                for h in range(h0, h1, step_h):
-                    for w in range(w0, w1, step_w):
-                        value = np.float64(x[plane, d, h, w])
-                        if power != 1.0:
-                            value = value ** power
-                        total += value
-            factor = scale / (row_divisor * divisor[2, ow])
-            out[plane, od, oh, ow] = _finish_sum(total, factor, power)
+            result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])), power)
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -127,18 +164,21 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power):
         total = np.empty(channels, np.float64)
         for ow in range(out_w):
             w0, w1 = start[2, ow], stop[2, ow]
-            total[:] = 0.0
-            for d in range(d0, d1, step_d):
-                for h in range(h0, h1, step_h):
-                    for w in range(w0, w1, step_w):
+            for c in range(channels):
+                total[c] = 0.0
+            d = d0
+            while d < d1:
+                h = h0
+                while h < h1:
+                    w = w0
+                    while w < w1:
                         values = x[n, d, h, w]
-                        if power != 1.0:
-                            for c in range(channels):
-                                total[c] += np.float64(values[c]) ** power
-                        else:
-                            for c in range(channels):
-                                total[c] += values[c]
+                        for c in range(channels):
+                            total[c] += _raise_to(values[c], power)
+                        w += step_w
+                    h += step_h
+                d += step_d
             factor = scale / (row_divisor * divisor[2, ow])
             result = out[n, od, oh, ow]
             for c in range(channels):
-                result[c] = _finish_sum(total[c], factor, power)
+                result[c] = _root(total[c] * factor, power)

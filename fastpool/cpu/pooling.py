@@ -36,6 +36,7 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     out = np.empty(_out_shape(x, table, channels_last), x.dtype)
     kernel = (kernels.sum_pool_channels_last if channels_last
               else kernels.sum_pool_channels_first)
+    # power None (not 1.0) selects the averaging specialisation, free of pow calls.
     kernel(x, out, table.start, table.stop, table.step, table.divisor, table.scale,
-           float(power))
+           None if power == 1.0 else float(power))
     return out
