@@ -264,11 +264,12 @@ class Layout:
         trailing = nd + int(channels_last)
         ndim = len(shape)
         if strict and ndim not in (nd + 1, nd + 2):
-            form = (f"(N, {'*spatial' if nd > 1 else 'L'}, C) or ({'*spatial' if nd > 1 else 'L'}, C)"
-                    if channels_last else f"(N, C, {'*spatial' if nd > 1 else 'L'}) or "
-                    f"(C, {'*spatial' if nd > 1 else 'L'})")
+            spatial = "L" if nd == 1 else "*spatial"
+            form = (f"(N, {spatial}, C) or ({spatial}, C)" if channels_last
+                    else f"(N, C, {spatial}) or (C, {spatial})")
             raise ValueError(f"{op}: expected a {nd + 1}-D or {nd + 2}-D input {form} "
-                             f"with {nd} spatial axes, got shape {tuple(shape)}")
+                             f"with {nd} spatial ax{'i' if nd == 1 else 'e'}s, "
+                             f"got shape {tuple(shape)}")
         if ndim < trailing:
             raise ValueError(f"{op}: input of shape {tuple(shape)} has fewer than the "
                              f"{trailing} axes that {nd}-D pooling"

@@ -293,14 +293,7 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
         Divisor rules of "avg" pooling (see :func:`avg_pool2d`).
     return_indices : bool, default False
         With "max", also return flat indices of the maxima.
-    channels_last : bool, default False
-        The last axis is channels, not pooled.
-    backend : {None, "cpu", "numpy", "cuda"}, default None
-        None picks by the input type.
-
-    Returns
-    -------
-    out : numpy.ndarray, or (out, indices) with return_indices
+    GENERIC_TAIL
 
     See Also
     --------
@@ -344,14 +337,7 @@ def adaptive_pool(x: ArrayLike, mode: Literal["max", "avg"],
         Output size per pooled axis; None keeps that input size.
     return_indices : bool, default False
         With "max", also return flat indices of the maxima.
-    channels_last : bool, default False
-        The last axis is channels, not pooled.
-    backend : {None, "cpu", "numpy", "cuda"}, default None
-        None picks by the input type.
-
-    Returns
-    -------
-    out : numpy.ndarray, or (out, indices) with return_indices
+    GENERIC_TAIL
 
     See Also
     --------
@@ -370,3 +356,15 @@ def adaptive_pool(x: ArrayLike, mode: Literal["max", "avg"],
     return _dispatch.adaptive_pool(x, mode, nd, output_size, op=op, strict=False,
                                    return_indices=return_indices,
                                    channels_last=channels_last, backend=backend)
+
+
+_GENERIC_TAIL = """channels_last : bool, default False
+        The last axis is channels, not pooled.
+    backend : {None, "cpu", "numpy", "cuda"}, default None
+        None picks by the input type: host arrays run on "cpu".
+
+    Returns
+    -------
+    out : numpy.ndarray, or (out, indices) with return_indices"""
+for _generic in (pool, adaptive_pool):
+    _generic.__doc__ = _generic.__doc__.replace("GENERIC_TAIL", _GENERIC_TAIL)
