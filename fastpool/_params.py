@@ -328,9 +328,8 @@ def check_norm_type(norm_type: object, op: str) -> float:
     if not isinstance(norm_type, numbers.Real) or isinstance(norm_type, bool):
         raise TypeError(f"{op}: norm_type must be a real number, got {norm_type!r}")
     value = float(norm_type)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{op}: norm_type must be positive and finite, got {norm_type!r}"
-                         " (for norm_type=inf use max pooling)")
+    if not value > 0:
+        raise ValueError(f"{op}: norm_type must be positive, got {norm_type!r}")
     return value
 
 

@@ -236,6 +236,133 @@ def _global_avg_pool(nd: int) -> Callable[..., np.ndarray]:
     return _named(global_avg_pool, name)
 
 
+_BACKWARD_PARAMETERS = {
+    "grad_output": ("grad_output : array_like\n    Gradient of the loss with respect to the "
+                    "forward output\n    (float32 or float64)."),
+    "indices": ("indices : array_like of int64\n    The indices the forward op returned with "
+                "return_indices=True."),
+    "input_shape": "input_shape : tuple of ints\n    Shape of the forward input.",
+    "x": "x : array_like\n    The forward input.",
+}
+
+
+def _backward_doc(forward: str, params: Sequence[str], nd: int, example: str) -> str:
+    parameters = "\n".join(_BACKWARD_PARAMETERS.get(p) or _PARAMETERS[p].format(nd=nd)
+                           for p in params)
+    return f"""Gradient of :func:`{forward}` with respect to its input.
+
+Deterministic: every thread owns whole planes of the result, so the
+same inputs give bit-identical gradients at any thread count.
+
+Parameters
+----------
+{parameters}
+{_COMMON_KEYWORDS}
+
+Returns
+-------
+grad_input : numpy.ndarray
+    Of the input's shape and grad_output's dtype.
+
+Raises
+------
+ValueError
+    When grad_output, indices or input_shape do not fit the forward op.
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> x = np.array([1., 5., 2., 0., 3., 4.]).reshape({"1, " * nd}6)
+{example.format(nd=nd, kernel="2" if nd == 1 else "(" + "1, " * (nd - 1) + "2)")}
+"""
+
+
+def _max_pool_backward(nd: int, forward: str) -> Callable[..., np.ndarray]:
+    name = f"{forward}{nd}d_backward"
+
+    def max_pool_backward(grad_output: ArrayLike, indices: ArrayLike,
+                          input_shape: Sequence[int], *, channels_last: bool = False,
+                          backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
+                                      squeezed=forward == "global_max_pool",
+                                      channels_last=channels_last, backend=backend)
+
+    call, expected = {
+        "max_pool": ("{kernel}, return_indices=True", "[0., 1., 1., 0., 0., 1.]"),
+        "adaptive_max_pool": ("{kernel}, return_indices=True", "[0., 1., 0., 0., 0., 1.]"),
+        "global_max_pool": ("return_indices=True", "[0., 1., 0., 0., 0., 0.]"),
+    }[forward]
+    max_pool_backward.__doc__ = _backward_doc(
+        f"{forward}{nd}d", ["grad_output", "indices", "input_shape"], nd,
+        f">>> out, idx = fastpool.{forward}{{nd}}d(x, {call})\n"
+        f">>> fastpool.{name}(np.ones_like(out), idx, x.shape).ravel()\n"
+        f"array({expected})")
+    return _named(max_pool_backward, name)
+
+
+def _avg_pool_backward(nd: int) -> Callable[..., np.ndarray]:
+    name = f"avg_pool{nd}d_backward"
+
+    def avg_pool_backward(grad_output: ArrayLike, input_shape: Sequence[int],
+                          kernel_size: Size, stride: Size | None = None, padding: Size = 0,
+                          ceil_mode: bool = False, count_include_pad: bool = True,
+                          divisor_override: int | None = None, *,
+                          channels_last: bool = False,
+                          backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.sliding_backward(
+            grad_output, input_shape, "avg", nd, kernel_size, stride, padding, ceil_mode,
+            op=name, count_include_pad=count_include_pad, divisor_override=divisor_override,
+            channels_last=channels_last, backend=backend)
+
+    avg_pool_backward.__doc__ = _backward_doc(
+        f"avg_pool{nd}d", ["grad_output", "input_shape", "kernel_size", "stride", "padding",
+                           "ceil_mode", "count_include_pad", "divisor_override"], nd,
+        f">>> g = np.ones_like(fastpool.avg_pool{{nd}}d(x, {{kernel}}))\n"
+        f">>> fastpool.{name}(g, x.shape, {{kernel}}).ravel()\n"
+        "array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5])")
+    return _named(avg_pool_backward, name)
+
+
+def _lp_pool_backward(nd: int) -> Callable[..., np.ndarray]:
+    name = f"lp_pool{nd}d_backward"
+
+    def lp_pool_backward(grad_output: ArrayLike, x: ArrayLike, norm_type: float,
+                         kernel_size: Size, stride: Size | None = None,
+                         ceil_mode: bool = False, *, channels_last: bool = False,
+                         backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.sliding_backward(
+            grad_output, None, "lp", nd, kernel_size, stride, 0, ceil_mode, op=name, x=x,
+            norm_type=norm_type, channels_last=channels_last, backend=backend)
+
+    lp_pool_backward.__doc__ = _backward_doc(
+        f"lp_pool{nd}d", ["grad_output", "x", "norm_type", "kernel_size", "stride",
+                          "ceil_mode"], nd,
+        f">>> g = np.ones_like(fastpool.lp_pool{{nd}}d(x, 1, {{kernel}}))\n"
+        f">>> fastpool.{name}(g, x, 1, {{kernel}}).ravel()\n"
+        "array([1., 1., 1., 1., 1., 1.])")
+    return _named(lp_pool_backward, name)
+
+
+def _avg_backward_of(nd: int, forward: str) -> Callable[..., np.ndarray]:
+    name = f"{forward}{nd}d_backward"
+
+    def avg_backward(grad_output: ArrayLike, input_shape: Sequence[int], *,
+                     channels_last: bool = False,
+                     backend: Backend | None = None) -> np.ndarray:
+        return _dispatch.adaptive_avg_backward(
+            grad_output, input_shape, nd, op=name, squeezed=forward == "global_avg_pool",
+            channels_last=channels_last, backend=backend)
+
+    call = "{kernel}" if forward == "adaptive_avg_pool" else ""
+    avg_backward.__doc__ = _backward_doc(
+        f"{forward}{nd}d", ["grad_output", "input_shape"], nd,
+        f">>> g = np.ones_like(fastpool.{forward}{{nd}}d(x{', ' if call else ''}{call}))\n"
+        f">>> fastpool.{name}(g, x.shape).ravel().round(4)\n"
+        + ("array([0.3333, 0.3333, 0.3333, 0.3333, 0.3333, 0.3333])"
+           if call else "array([0.1667, 0.1667, 0.1667, 0.1667, 0.1667, 0.1667])"))
+    return _named(avg_backward, name)
+
+
 def _named(function: Callable, name: str) -> Callable:
     function.__name__ = function.__qualname__ = name
     function.__module__ = "fastpool"
@@ -253,6 +380,22 @@ global_max_pool1d, global_max_pool2d, global_max_pool3d = (
     _global_max_pool(nd) for nd in (1, 2, 3))
 global_avg_pool1d, global_avg_pool2d, global_avg_pool3d = (
     _global_avg_pool(nd) for nd in (1, 2, 3))
+
+
+max_pool1d_backward, max_pool2d_backward, max_pool3d_backward = (
+    _max_pool_backward(nd, "max_pool") for nd in (1, 2, 3))
+adaptive_max_pool1d_backward, adaptive_max_pool2d_backward, adaptive_max_pool3d_backward = (
+    _max_pool_backward(nd, "adaptive_max_pool") for nd in (1, 2, 3))
+global_max_pool1d_backward, global_max_pool2d_backward, global_max_pool3d_backward = (
+    _max_pool_backward(nd, "global_max_pool") for nd in (1, 2, 3))
+avg_pool1d_backward, avg_pool2d_backward, avg_pool3d_backward = (
+    _avg_pool_backward(nd) for nd in (1, 2, 3))
+lp_pool1d_backward, lp_pool2d_backward, lp_pool3d_backward = (
+    _lp_pool_backward(nd) for nd in (1, 2, 3))
+adaptive_avg_pool1d_backward, adaptive_avg_pool2d_backward, adaptive_avg_pool3d_backward = (
+    _avg_backward_of(nd, "adaptive_avg_pool") for nd in (1, 2, 3))
+global_avg_pool1d_backward, global_avg_pool2d_backward, global_avg_pool3d_backward = (
+    _avg_backward_of(nd, "global_avg_pool") for nd in (1, 2, 3))
 
 
 def _spatial_dims(kernel_or_output: object, name: str, op: str) -> int:

@@ -57,7 +57,8 @@ BAD_CALLS = [
     # norm_type <= 0, divisor_override 0
     (lambda: fastpool.lp_pool2d(X2, 0, 2), ValueError, r"norm_type.*0"),
     (lambda: fastpool.lp_pool1d(X1, -1.5, 2), ValueError, r"norm_type.*-1\.5"),
-    (lambda: fastpool.lp_pool1d(X1, float("inf"), 2), ValueError, r"norm_type.*inf"),
+    (lambda: fastpool.lp_pool1d(X1, -float("inf"), 2), ValueError, r"norm_type.*-inf"),
+    (lambda: fastpool.lp_pool1d(X1, float("nan"), 2), ValueError, r"norm_type.*nan"),
     (lambda: fastpool.lp_pool1d(X1, "2", 2), TypeError, r"norm_type.*'2'"),
     (lambda: fastpool.pool(X2, "lp", (2, 2)), TypeError, r"norm_type.*None"),
     (lambda: fastpool.avg_pool2d(X2, 2, divisor_override=0), ValueError, r"divisor_override.*0"),

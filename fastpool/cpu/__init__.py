@@ -4,6 +4,6 @@ The kernels compile on first use (and are cached on disk), so importing this
 package compiles nothing.
 """
 
-from fastpool.cpu.pooling import max_pool, sum_pool
+from fastpool.cpu.pooling import max_backward, max_pool, sum_backward, sum_pool
 
-__all__ = ["max_pool", "sum_pool"]
+__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward"]

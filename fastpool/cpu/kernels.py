@@ -182,3 +182,182 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power):
             result = out[n, od, oh, ow]
             for c in range(channels):
                 result[c] = _root(total[c] * factor, power)
+
+
+# --------------------------------------------------------------------------
+# Backward.  Each thread owns whole planes (channels-first) or whole
+# (image, channel block) slices (channels-last) of grad_input and visits
+# outputs in a fixed order: race-free without atomics, and bit-identical at
+# every thread count.
+# --------------------------------------------------------------------------
+
+CHANNEL_BLOCK = 16
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_backward_channels_first(grad_out, indices, grad_in):
+    """``grad_in[p, indices[p, q]] += grad_out[p, q]``; returns how many indices were
+    outside the plane (and skipped)."""
+    planes, outputs = grad_out.shape
+    size = grad_in.shape[1]
+    outside = 0
+    for plane in prange(planes):
+        for q in range(outputs):
+            at = indices[plane, q]
+            if 0 <= at < size:
+                grad_in[plane, at] += grad_out[plane, q]
+            else:
+                outside += 1
+    return outside
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_backward_channels_last(grad_out, indices, grad_in):
+    batch, outputs, channels = grad_out.shape
+    size = grad_in.shape[1]
+    blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    outside = 0
+    for task in prange(batch * blocks):
+        n = task // blocks
+        c0 = (task - n * blocks) * CHANNEL_BLOCK
+        c1 = min(c0 + CHANNEL_BLOCK, channels)
+        for q in range(outputs):
+            for c in range(c0, c1):
+                at = indices[n, q, c]
+                if 0 <= at < size:
+                    grad_in[n, at, c] += grad_out[n, q, c]
+                else:
+                    outside += 1
+    return outside
+
+
+def _lp_output_gradient(grad, window_sum, divisor, scale, power):
+    """d loss / d (mean of x**p over the window), by torch's lp_pool chain rule."""
+
+
+@overload(_lp_output_gradient)
+def _lp_output_gradient_impl(grad, window_sum, divisor, scale, power):
+    if isinstance(power, types.NoneType):
+        return lambda grad, window_sum, divisor, scale, power: grad * scale
+    def chain(grad, window_sum, divisor, scale, power):
+        # torch: out = (sign(m) * relu(|m|) * K) ** (1/p) with m = avg(x**p).
+        mean = window_sum / divisor
+        grad_scaled = grad * (1.0 / power) * (mean * scale) ** (1.0 / power - 1.0) * scale
+        if mean != mean:
+            return 0.0 * grad_scaled  # torch.sign(nan) is 0
+        if mean == 0.0:
+            return 0.0  # relu's gradient at 0
+        return grad_scaled
+    return chain
+
+
+def _input_factor(value, power):
+    """d (x**p) / dx; 1 for averages."""
+
+
+@overload(_input_factor)
+def _input_factor_impl(value, power):
+    if isinstance(power, types.NoneType):
+        return lambda value, power: 1.0
+    return lambda value, power: power * np.float64(value) ** (power - 1.0)
+
+
+def _uses_window_sum(power):
+    """Whether the backward needs the forward window sum (Lp only)."""
+
+
+@overload(_uses_window_sum)
+def _uses_window_sum_impl(power):
+    flag = not isinstance(power, types.NoneType)
+    return lambda power: flag
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_backward_channels_first(grad_out, x, grad_in, start, stop, step, divisor, scale,
+                                power):
+    planes, out_d, out_h, out_w = grad_out.shape
+    step_d, step_h, step_w = step[0], step[1], step[2]
+    for plane in prange(planes):
+        for od in range(out_d):
+            d0, d1 = start[0, od], stop[0, od]
+            for oh in range(out_h):
+                h0, h1 = start[1, oh], stop[1, oh]
+                for ow in range(out_w):
+                    w0, w1 = start[2, ow], stop[2, ow]
+                    window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
+                    window_sum = 0.0
+                    if _uses_window_sum(power):
+                        d = d0
+                        while d < d1:
+                            h = h0
+                            while h < h1:
+                                w = w0
+                                while w < w1:
+                                    window_sum += _raise_to(x[plane, d, h, w], power)
+                                    w += step_w
+                                h += step_h
+                            d += step_d
+                    coefficient = _lp_output_gradient(
+                        np.float64(grad_out[plane, od, oh, ow]), window_sum, window_divisor,
+                        scale, power) / window_divisor
+                    d = d0
+                    while d < d1:
+                        h = h0
+                        while h < h1:
+                            w = w0
+                            while w < w1:
+                                grad_in[plane, d, h, w] += coefficient * _input_factor(
+                                    x[plane, d, h, w], power)
+                                w += step_w
+                            h += step_h
+                        d += step_d
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_backward_channels_last(grad_out, x, grad_in, start, stop, step, divisor, scale,
+                               power):
+    batch, out_d, out_h, out_w, channels = grad_out.shape
+    step_d, step_h, step_w = step[0], step[1], step[2]
+    blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for task in prange(batch * blocks):
+        n = task // blocks
+        c0 = (task - n * blocks) * CHANNEL_BLOCK
+        c1 = min(c0 + CHANNEL_BLOCK, channels)
+        window_sum = np.zeros(CHANNEL_BLOCK, np.float64)
+        coefficient = np.empty(CHANNEL_BLOCK, np.float64)
+        for od in range(out_d):
+            d0, d1 = start[0, od], stop[0, od]
+            for oh in range(out_h):
+                h0, h1 = start[1, oh], stop[1, oh]
+                for ow in range(out_w):
+                    w0, w1 = start[2, ow], stop[2, ow]
+                    window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
+                    if _uses_window_sum(power):
+                        window_sum[:] = 0.0
+                        d = d0
+                        while d < d1:
+                            h = h0
+                            while h < h1:
+                                w = w0
+                                while w < w1:
+                                    for c in range(c0, c1):
+                                        window_sum[c - c0] += _raise_to(x[n, d, h, w, c], power)
+                                    w += step_w
+                                h += step_h
+                            d += step_d
+                    for c in range(c0, c1):
+                        coefficient[c - c0] = _lp_output_gradient(
+                            np.float64(grad_out[n, od, oh, ow, c]), window_sum[c - c0],
+                            window_divisor, scale, power) / window_divisor
+                    d = d0
+                    while d < d1:
+                        h = h0
+                        while h < h1:
+                            w = w0
+                            while w < w1:
+                                for c in range(c0, c1):
+                                    grad_in[n, d, h, w, c] += coefficient[c - c0] * _input_factor(
+                                        x[n, d, h, w, c], power)
+                                w += step_w
+                            h += step_h
+                        d += step_d

@@ -40,3 +40,28 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     kernel(x, out, table.start, table.stop, table.step, table.divisor, table.scale,
            None if power == 1.0 else float(power))
     return out
+
+
+def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
+                 channels_last: bool) -> tuple[np.ndarray, int]:
+    """Scatter ``grad_out`` to the maxima's positions: (grad_input, indices outside)."""
+    batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
+    tail = input_shape[4:]
+    grad_in = np.zeros((batch, spatial, *tail), grad_out.dtype)
+    shape = (batch, -1, *tail)
+    kernel = (kernels.max_backward_channels_last if channels_last
+              else kernels.max_backward_channels_first)
+    outside = kernel(grad_out.reshape(shape), indices.reshape(shape), grad_in)
+    return grad_in.reshape(input_shape), int(outside)
+
+
+def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
+                 channels_last: bool, input_shape: tuple, power: float) -> np.ndarray:
+    """Gradient of :func:`sum_pool` (x is needed for Lp only)."""
+    grad_in = np.zeros(input_shape, grad_out.dtype)
+    kernel = (kernels.sum_backward_channels_last if channels_last
+              else kernels.sum_backward_channels_first)
+    # Averages never read x: grad_in stands in for it with the right type and shape.
+    kernel(grad_out, grad_in if power == 1.0 else x, grad_in, table.start, table.stop,
+           table.step, table.divisor, table.scale, None if power == 1.0 else float(power))
+    return grad_in

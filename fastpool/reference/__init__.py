@@ -6,6 +6,6 @@ tests use it as an oracle beside PyTorch, and the benchmark suite as the
 NumPy baseline.
 """
 
-from fastpool.reference.pooling import max_pool, sum_pool
+from fastpool.reference.pooling import max_backward, max_pool, sum_backward, sum_pool
 
-__all__ = ["max_pool", "sum_pool"]
+__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward"]

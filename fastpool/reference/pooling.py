@@ -75,3 +75,51 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
         mean = total * (table.scale / _expand(divisor, channels_last))
         result = mean if power == 1.0 else mean ** (1.0 / power)
     return result.astype(x.dtype)
+
+
+def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
+                 channels_last: bool) -> tuple[np.ndarray, int]:
+    batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
+    channels = input_shape[4] if channels_last else 1
+    grad_in = np.zeros((batch, spatial, channels), grad_out.dtype)
+    grad = grad_out.reshape(batch, -1, channels)
+    at = indices.reshape(batch, -1, channels)
+    inside = (at >= 0) & (at < spatial)
+    n, _, c = np.nonzero(inside)
+    np.add.at(grad_in, (n, at[inside], c), grad[inside])
+    return grad_in.reshape(input_shape), int((~inside).sum())
+
+
+def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
+                 channels_last: bool, input_shape: tuple, power: float) -> np.ndarray:
+    n_d, n_h, n_w = table.out_shape
+    divisor = _expand(table.divisor[0, :n_d, None, None] * table.divisor[1, None, :n_h, None]
+                      * table.divisor[2, None, None, :n_w], channels_last)
+    grad = grad_out.astype(np.float64)
+    source = np.zeros(input_shape) if x is None else x
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if power == 1.0:
+            per_output = grad * table.scale / divisor
+        else:
+            # torch's chain rule through (sign(m) * relu(|m|) * K) ** (1/p), m = avg(x**p)
+            window_sum = np.zeros(grad.shape)
+            for values, valid, _ in _window_offsets(source, table, channels_last):
+                window_sum += np.where(valid, values.astype(np.float64) ** power, 0.0)
+            mean = window_sum / divisor
+            scaled = grad / power * (mean * table.scale) ** (1.0 / power - 1.0) * table.scale
+            per_output = np.where(mean == 0, 0.0, scaled * np.sign(np.nan_to_num(mean))
+                                  ** 2) / divisor
+        grad_in = np.zeros(input_shape)
+        positions = np.indices(input_shape[:1] + table.out_shape
+                               + tuple(input_shape[4:]), sparse=True)
+        for values, valid, flat in _window_offsets(source, table, channels_last):
+            factor = 1.0 if power == 1.0 else power * values.astype(np.float64) ** (power - 1)
+            contribution = np.where(valid, per_output * factor, 0.0)
+            depth, height, width = input_shape[1:4]
+            d, rest = np.divmod(np.broadcast_to(flat, contribution.shape), height * width)
+            h, w = np.divmod(rest, width)
+            index = (np.broadcast_to(positions[0], contribution.shape), d, h, w)
+            if channels_last:
+                index += (np.broadcast_to(positions[-1], contribution.shape),)
+            np.add.at(grad_in, index, contribution)
+    return grad_in.astype(grad_out.dtype)
