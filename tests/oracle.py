@@ -1,4 +1,4 @@
-"""PyTorch as the oracle: each fastpool op computed by torch on a NumPy array.
+"""PyTorch as the oracle: each fastpool op, forward and backward, computed by torch.
 
 Channels-last inputs are moved to channels-first for torch and back, so the
 oracle never depends on torch's own memory-format handling.
@@ -41,36 +41,55 @@ def _avg_pool(nd, x, kernel_size, stride=None, padding=0, ceil_mode=False,
                                         count_include_pad, divisor_override)
 
 
+def _torch_forward(op: str, nd: int, t: torch.Tensor, *args, **kwargs):
+    """torch's op on a channels-first tensor; global ops keep their size-1 axes."""
+    if op == "avg_pool":
+        return _avg_pool(nd, t, *args, **kwargs)
+    if op.startswith("global_"):
+        kwargs.pop("keepdims", None)
+        return getattr(F, f"adaptive_{op[7:]}{nd}d")(t, 1, **kwargs)
+    return getattr(F, f"{op}{nd}d")(t, *args, **kwargs)
+
+
+def _to_layout(a: np.ndarray, nd: int, channels_last: bool, squeeze: bool) -> np.ndarray:
+    if channels_last:
+        a = to_channels_last(a, nd)
+    if squeeze:
+        a = a.reshape(a.shape[:-nd - 1] + a.shape[-1:] if channels_last else a.shape[:-nd])
+    return a
+
+
 def torch_pool(op: str, nd: int, x: np.ndarray, *args, channels_last: bool = False,
                **kwargs):
     """torch's result for ``fastpool.<op>{nd}d(x, *args, **kwargs)`` as NumPy."""
-    if channels_last:
-        x = to_channels_first(x, nd)
-    t = _torch_input(x)
+    t = _torch_input(to_channels_first(x, nd) if channels_last else x)
     return_indices = kwargs.get("return_indices", False)
-    squeeze = False
-    if op == "avg_pool":
-        result = _avg_pool(nd, t, *args, **kwargs)
-    elif op.startswith("global_"):
-        keepdims = kwargs.pop("keepdims", False)
-        squeeze = not keepdims
-        result = getattr(F, f"adaptive_{op[7:]}{nd}d")(t, 1, **kwargs)
-    else:
-        result = getattr(F, f"{op}{nd}d")(t, *args, **kwargs)
-    results = result if return_indices else (result,)
+    squeeze = op.startswith("global_") and not kwargs.get("keepdims", False)
+    result = _torch_forward(op, nd, t, *args, **kwargs)
     arrays = []
-    for position, r in enumerate(results):
-        a = r.numpy()
-        if channels_last:
-            a = to_channels_last(a, nd)
-        if squeeze:
-            a = a.reshape(a.shape[:-nd - 1] + a.shape[-1:] if channels_last else a.shape[:-nd])
+    for position, r in enumerate(result if return_indices else (result,)):
+        a = _to_layout(r.numpy(), nd, channels_last, squeeze)
         if position == 0 and x.dtype.kind in "iub":
             # An empty (dilated) window gives torch's initial maximum, the dtype's lowest.
             lowest = 0 if x.dtype.kind == "b" else np.iinfo(x.dtype).min
             a = np.where(np.isneginf(a), lowest, a).astype(x.dtype)
         arrays.append(a if position == 1 else a.astype(x.dtype))
     return tuple(arrays) if return_indices else arrays[0]
+
+
+def torch_grad(op: str, nd: int, x: np.ndarray, grad_output: np.ndarray, *args,
+               channels_last: bool = False, **kwargs) -> np.ndarray:
+    """torch autograd's gradient of ``fastpool.<op>{nd}d(x, ...)`` for ``grad_output``."""
+    t = _torch_input(to_channels_first(x, nd) if channels_last else x).requires_grad_()
+    result = _torch_forward(op, nd, t, *args, **kwargs)
+    result = result[0] if kwargs.get("return_indices") else result
+    grad = grad_output
+    if channels_last:
+        result_channels_last = result.shape[:-nd - 1] + result.shape[-nd:] + result.shape[-nd - 1:-nd]
+        grad = to_channels_first(grad.reshape(result_channels_last), nd)
+    result.backward(torch.from_numpy(np.ascontiguousarray(grad)).reshape(result.shape))
+    g = t.grad.numpy()
+    return to_channels_last(g, nd) if channels_last else g
 
 
 def fastpool_op(op: str, nd: int):
