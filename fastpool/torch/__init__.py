@@ -1,0 +1,15 @@
+"""fastpool for PyTorch: autograd-aware functions and drop-in ``nn`` modules.
+
+``fastpool.torch.functional`` has torch.nn.functional's pooling names and
+signatures; ``fastpool.torch.nn`` has torch.nn's pooling modules (subclasses of
+torch's own, so constructors, reprs and ``isinstance`` checks are unchanged)
+plus ``GlobalMaxPool{1,2,3}d`` and ``GlobalAvgPool{1,2,3}d``.  CPU tensors reach
+the Numba kernels through zero-copy NumPy views; ``torch.channels_last`` and
+``torch.channels_last_3d`` tensors use the channels-last kernels.
+
+Importing this module imports torch; ``import fastpool`` does not.
+"""
+
+from fastpool.torch import functional, nn
+
+__all__ = ["functional", "nn"]

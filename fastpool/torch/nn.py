@@ -1,0 +1,74 @@
+"""Drop-in replacements for torch.nn's pooling modules, on fastpool's kernels.
+
+Each class subclasses torch's own module (same constructor, attributes and
+repr) and only replaces ``forward``.
+
+>>> import torch
+>>> from fastpool.torch import nn
+>>> pool = nn.MaxPool2d(3, 2, 1)
+>>> pool
+MaxPool2d(kernel_size=3, stride=2, padding=1, dilation=1, ceil_mode=False)
+>>> pool(torch.zeros(8, 64, 112, 112)).shape
+torch.Size([8, 64, 56, 56])
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from fastpool.torch import functional
+
+_TORCH_MODULES = {
+    "max_pool": "MaxPool", "avg_pool": "AvgPool", "lp_pool": "LPPool",
+    "adaptive_max_pool": "AdaptiveMaxPool", "adaptive_avg_pool": "AdaptiveAvgPool",
+}
+
+
+def _module(family: str, nd: int, base: type) -> type:
+    function = getattr(functional, f"{family}{nd}d")
+    names = [name for name in inspect.signature(function).parameters if name != "input"]
+
+    def forward(self, input: torch.Tensor):
+        return function(input, **{name: getattr(self, name) for name in names
+                                   if hasattr(self, name)})
+
+    return type(base.__name__, (base,), {
+        "forward": forward, "__module__": __name__,
+        "__doc__": f"torch.nn.{base.__name__} computed by fastpool's kernels."})
+
+
+class _GlobalPool(torch.nn.Module):
+    family = ""
+    nd = 0
+
+    def __init__(self, keepdims: bool = False) -> None:
+        super().__init__()
+        self.keepdims = keepdims
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return getattr(functional, f"{self.family}{self.nd}d")(input, keepdims=self.keepdims)
+
+    def extra_repr(self) -> str:
+        return f"keepdims={self.keepdims}"
+
+
+def _global_module(family: str, nd: int) -> type:
+    name = f"Global{'Max' if 'max' in family else 'Avg'}Pool{nd}d"
+    return type(name, (_GlobalPool,), {
+        "family": family, "nd": nd, "__module__": __name__,
+        "__doc__": f"Pool each {nd}-D plane to one value: (N, C), or (N, C, 1, ...) with "
+                   f"keepdims."})
+
+
+for _family, _stem in _TORCH_MODULES.items():
+    for _nd in (1, 2, 3):
+        globals()[f"{_stem}{_nd}d"] = _module(_family, _nd, getattr(torch.nn, f"{_stem}{_nd}d"))
+for _family in ("global_max_pool", "global_avg_pool"):
+    for _nd in (1, 2, 3):
+        _cls = _global_module(_family, _nd)
+        globals()[_cls.__name__] = _cls
+
+__all__ = [f"{stem}{nd}d" for stem in (*_TORCH_MODULES.values(), "GlobalMaxPool",
+                                       "GlobalAvgPool") for nd in (1, 2, 3)]
