@@ -191,9 +191,6 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power):
 # every thread count.
 # --------------------------------------------------------------------------
 
-CHANNEL_BLOCK = 16
-
-
 @njit(**CPU_JIT_OPTIONS)
 def max_backward_channels_first(grad_out, indices, grad_in):
     """``grad_in[p, indices[p, q]] += grad_out[p, q]``; returns how many indices were
@@ -212,15 +209,15 @@ def max_backward_channels_first(grad_out, indices, grad_in):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def max_backward_channels_last(grad_out, indices, grad_in):
+def max_backward_channels_last(grad_out, indices, grad_in, channel_block):
     batch, outputs, channels = grad_out.shape
     size = grad_in.shape[1]
-    blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    blocks = (channels + channel_block - 1) // channel_block
     outside = 0
     for task in prange(batch * blocks):
         n = task // blocks
-        c0 = (task - n * blocks) * CHANNEL_BLOCK
-        c1 = min(c0 + CHANNEL_BLOCK, channels)
+        c0 = (task - n * blocks) * channel_block
+        c1 = min(c0 + channel_block, channels)
         for q in range(outputs):
             for c in range(c0, c1):
                 at = indices[n, q, c]
@@ -315,16 +312,16 @@ def sum_backward_channels_first(grad_out, x, grad_in, start, stop, step, divisor
 
 @njit(**CPU_JIT_OPTIONS)
 def sum_backward_channels_last(grad_out, x, grad_in, start, stop, step, divisor, scale,
-                               power):
+                               power, channel_block):
     batch, out_d, out_h, out_w, channels = grad_out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
-    blocks = (channels + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    blocks = (channels + channel_block - 1) // channel_block
     for task in prange(batch * blocks):
         n = task // blocks
-        c0 = (task - n * blocks) * CHANNEL_BLOCK
-        c1 = min(c0 + CHANNEL_BLOCK, channels)
-        window_sum = np.zeros(CHANNEL_BLOCK, np.float64)
-        coefficient = np.empty(CHANNEL_BLOCK, np.float64)
+        c0 = (task - n * blocks) * channel_block
+        c1 = min(c0 + channel_block, channels)
+        window_sum = np.zeros(channel_block, np.float64)
+        coefficient = np.empty(channel_block, np.float64)
         for od in range(out_d):
             d0, d1 = start[0, od], stop[0, od]
             for oh in range(out_h):

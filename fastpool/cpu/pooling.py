@@ -6,6 +6,7 @@ or 5-D channels-last) with a validated :class:`~fastpool._params.WindowTable`.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from fastpool._params import WindowTable
@@ -42,6 +43,16 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     return out
 
 
+def _channel_block(batch: int, channels: int) -> int:
+    """Channels per task of a channels-last backward: whole images when there are
+    enough of them to keep every thread busy, else channel slices of them."""
+    tasks_wanted = 4 * numba.get_num_threads()
+    if batch >= tasks_wanted:
+        return max(channels, 1)
+    slices = -(-tasks_wanted // max(batch, 1))
+    return max(16, -(-channels // slices))
+
+
 def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
                  channels_last: bool) -> tuple[np.ndarray, int]:
     """Scatter ``grad_out`` to the maxima's positions: (grad_input, indices outside)."""
@@ -51,7 +62,8 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
     shape = (batch, -1, *tail)
     kernel = (kernels.max_backward_channels_last if channels_last
               else kernels.max_backward_channels_first)
-    outside = kernel(grad_out.reshape(shape), indices.reshape(shape), grad_in)
+    extra = (_channel_block(batch, tail[0]),) if channels_last else ()
+    outside = kernel(grad_out.reshape(shape), indices.reshape(shape), grad_in, *extra)
     return grad_in.reshape(input_shape), int(outside)
 
 
@@ -62,6 +74,8 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
     kernel = (kernels.sum_backward_channels_last if channels_last
               else kernels.sum_backward_channels_first)
     # Averages never read x: grad_in stands in for it with the right type and shape.
+    extra = (_channel_block(input_shape[0], input_shape[-1]),) if channels_last else ()
     kernel(grad_out, grad_in if power == 1.0 else x, grad_in, table.start, table.stop,
-           table.step, table.divisor, table.scale, None if power == 1.0 else float(power))
+           table.step, table.divisor, table.scale, None if power == 1.0 else float(power),
+           *extra)
     return grad_in
