@@ -58,12 +58,16 @@ from fastpool.functional import (
     pool,
 )
 
+from fastpool._threads import get_num_threads, set_num_threads
+
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "pool",
     "adaptive_pool",
+    "set_num_threads",
+    "get_num_threads",
     "max_pool1d",
     "max_pool2d",
     "max_pool3d",

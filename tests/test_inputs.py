@@ -118,3 +118,42 @@ def test_import_compiles_nothing():
     printed = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                              text=True).stdout.strip()
     assert printed == "[]"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_equal_to_padded_input(backend, rng):
+    import torch
+    x = rng.standard_normal((2, 3, 4, 6))
+    # padded input (4 + 2*2, 6 + 2*3) == kernel (8, 12): a single window.
+    got, idx = fastpool.max_pool2d(x, (8, 12), 1, (2, 3), return_indices=True, backend=backend)
+    want, want_idx = torch.nn.functional.max_pool2d(torch.from_numpy(x), (8, 12), 1, (2, 3),
+                                                    return_indices=True)
+    assert got.shape == (2, 3, 1, 1)
+    assert_array_equal(got, want.numpy())
+    assert_array_equal(idx, want_idx.numpy())
+    avg = fastpool.avg_pool2d(x, (8, 12), 1, (2, 3), backend=backend)
+    assert_allclose(avg, torch.nn.functional.avg_pool2d(torch.from_numpy(x), (8, 12), 1,
+                                                        (2, 3)).numpy(), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_plane_of_more_than_2_31_elements():
+    side = 46341  # side**2 = 2_147_488_281 > 2**31
+    x = np.zeros((1, 1, side, side), np.uint8)
+    flat = x.reshape(-1)
+    row, col = side - 1, 45000
+    beyond = [row * side + col, side * side - 1]
+    assert min(beyond) > 2**31
+    flat[beyond[0]] = 200
+    flat[beyond[1]] = 250
+    value, index = fastpool.global_max_pool2d(x, return_indices=True)
+    assert value[0, 0] == 250 and index[0, 0] == beyond[1]
+    # Windows starting on rows 0 and side - 1 only, to keep the output small.
+    out, idx = fastpool.max_pool2d(x, (1, 2), (side - 1, 2), ceil_mode=True,
+                                   return_indices=True)
+    assert out.shape == (1, 1, 2, 23171)
+    assert out[0, 0, 1, col // 2] == 200 and idx[0, 0, 1, col // 2] == beyond[0]
+    assert idx.dtype == np.int64 and idx[0, 0, 1, -1] == beyond[1]
+    grad = np.ones(value.shape, np.float32)
+    back = fastpool.global_max_pool2d_backward(grad, index, x.shape)
+    assert back.reshape(-1)[beyond[1]] == 1 and back.sum() == 1

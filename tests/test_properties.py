@@ -7,7 +7,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 import fastpool
 from fastpool._params import pooling_output_size
-from tests.oracle import fastpool_op, to_channels_last, torch_pool
+from tests.oracle import fastpool_op, to_channels_last, torch_grad, torch_pool
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -108,3 +108,33 @@ def test_fastpool_namespace_is_complete():
                    "adaptive_avg_pool", "global_max_pool", "global_avg_pool"):
         for nd in (1, 2, 3):
             assert callable(getattr(fastpool, f"{family}{nd}d"))
+
+
+@SETTINGS
+@given(sliding_problems(dilation=False), st.sampled_from(["max", "avg"]))
+def test_backward_property(problem, mode):
+    nd, x, kwargs = problem
+    spatial = x.shape[-nd - 1:-1] if kwargs["channels_last"] else x.shape[-nd:]
+    assume(nd < 3 or all(n >= k for n, k in zip(spatial, kwargs["kernel_size"])))
+    x = x + np.random.default_rng(x.size).random(x.shape)  # break ties
+    op = f"{mode}_pool"
+    if mode == "max":
+        out, indices = fastpool_op(op, nd)(x, return_indices=True, **kwargs)
+    else:
+        out = fastpool_op(op, nd)(x, **kwargs)
+    # Small integers: every sum below is exact, whatever the order of additions.
+    grad = np.random.default_rng(7).integers(-3, 4, out.shape).astype(np.float64)
+    want = torch_grad(op, nd, x, grad, **kwargs)
+    backward = getattr(fastpool, f"{op}{nd}d_backward")
+    kw = {k: v for k, v in kwargs.items() if k not in ("channels_last", "dilation")}
+    for backend in ("cpu", "numpy"):
+        if mode == "max":
+            got = backward(grad, indices, x.shape, channels_last=kwargs["channels_last"],
+                           backend=backend)
+            # Invariant: max pooling's backward scatters exactly sum(grad_output).
+            assert got.sum() == grad.sum()
+            assert_array_equal(got, want)
+        else:
+            got = backward(grad, x.shape, **kw, channels_last=kwargs["channels_last"],
+                           backend=backend)
+            assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -6,11 +6,12 @@ or 5-D channels-last) with a validated :class:`~fastpool._params.WindowTable`.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from fastpool._params import WindowTable
+from fastpool._threads import get_num_threads
 from fastpool.cpu import kernels
+from fastpool.cpu.runtime import launch
 
 
 def _out_shape(x: np.ndarray, table: WindowTable, channels_last: bool) -> tuple:
@@ -26,7 +27,7 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
     indices = np.empty(shape if with_indices else (1,) * len(shape), np.int64)
     kernel = (kernels.max_pool_channels_last if channels_last
               else kernels.max_pool_channels_first)
-    kernel(x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
+    launch(kernel, x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
            with_indices)
     return out, (indices if with_indices else None)
 
@@ -38,7 +39,7 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     kernel = (kernels.sum_pool_channels_last if channels_last
               else kernels.sum_pool_channels_first)
     # power None (not 1.0) selects the averaging specialisation, free of pow calls.
-    kernel(x, out, table.start, table.stop, table.step, table.divisor, table.scale,
+    launch(kernel, x, out, table.start, table.stop, table.step, table.divisor, table.scale,
            None if power == 1.0 else float(power))
     return out
 
@@ -46,7 +47,7 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
 def _channel_block(batch: int, channels: int) -> int:
     """Channels per task of a channels-last backward: whole images when there are
     enough of them to keep every thread busy, else channel slices of them."""
-    tasks_wanted = 4 * numba.get_num_threads()
+    tasks_wanted = 4 * get_num_threads()
     if batch >= tasks_wanted:
         return max(channels, 1)
     slices = -(-tasks_wanted // max(batch, 1))
@@ -63,7 +64,7 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
     kernel = (kernels.max_backward_channels_last if channels_last
               else kernels.max_backward_channels_first)
     extra = (_channel_block(batch, tail[0]),) if channels_last else ()
-    outside = kernel(grad_out.reshape(shape), indices.reshape(shape), grad_in, *extra)
+    outside = launch(kernel, grad_out.reshape(shape), indices.reshape(shape), grad_in, *extra)
     return grad_in.reshape(input_shape), int(outside)
 
 
@@ -75,7 +76,7 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
               else kernels.sum_backward_channels_first)
     # Averages never read x: grad_in stands in for it with the right type and shape.
     extra = (_channel_block(input_shape[0], input_shape[-1]),) if channels_last else ()
-    kernel(grad_out, grad_in if power == 1.0 else x, grad_in, table.start, table.stop,
+    launch(kernel, grad_out, grad_in if power == 1.0 else x, grad_in, table.start, table.stop,
            table.step, table.divisor, table.scale, None if power == 1.0 else float(power),
            *extra)
     return grad_in

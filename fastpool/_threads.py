@@ -1,0 +1,62 @@
+"""How many threads fastpool's CPU kernels use, process-wide.
+
+numba's own ``set_num_threads`` is per calling thread; fastpool keeps one
+process-wide setting and applies it in whichever thread launches a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+_num_threads: int | None = None
+
+
+def _available_threads() -> int:
+    # numba.config.NUMBA_NUM_THREADS without importing numba at fastpool import.
+    value = os.environ.get("NUMBA_NUM_THREADS")
+    return int(value) if value else (len(os.sched_getaffinity(0))
+                                     if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the CPU kernels use (all cores by default).
+
+    Applies to calls from every Python thread, and to the benchmark suite.
+
+    Parameters
+    ----------
+    n : int
+        Between 1 and the number of threads numba was started with
+        (``NUMBA_NUM_THREADS``, by default the number of cores).
+
+    Examples
+    --------
+    >>> import fastpool
+    >>> fastpool.set_num_threads(1)
+    >>> fastpool.get_num_threads()
+    1
+    >>> fastpool.set_num_threads(None)  # back to the default: all cores
+    """
+    global _num_threads
+    if n is None:
+        _num_threads = None
+        return
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {n!r}")
+    limit = _available_threads()
+    if not 1 <= n <= limit:
+        raise ValueError(f"set_num_threads: n must be between 1 and {limit} "
+                         f"(NUMBA_NUM_THREADS), got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """The number of threads the CPU kernels use.
+
+    Examples
+    --------
+    >>> import fastpool
+    >>> fastpool.get_num_threads() >= 1
+    True
+    """
+    return _num_threads if _num_threads is not None else _available_threads()

@@ -1,0 +1,110 @@
+"""Launching CPU kernels safely from threads and forked processes.
+
+numba runs ``parallel=True`` code on a process-wide *threading layer*, chosen
+at the first parallel launch.  The layers differ in what they survive:
+
+========== ========================= ==============================
+layer      several Python threads    a forked child (DataLoader)
+========== ========================= ==============================
+tbb        safe                      safe
+workqueue  aborts the process        safe
+omp (GNU)  safe                      aborts the child
+========== ========================= ==============================
+
+fastpool's choice, made once before its first launch:
+
+1. If numba's layer is already running (other numba code launched first) or
+   the user chose one (``NUMBA_THREADING_LAYER``), keep it.
+2. Otherwise use ``tbb`` when the ``tbb`` package is installed (the ``tbb``
+   extra).  Its wheel puts ``libtbb.so.12`` in ``<prefix>/lib``, where the
+   loader does not look, so fastpool loads it by path first.
+3. Otherwise use ``workqueue``, which is fork-safe.
+
+Whenever the layer in use is ``workqueue``, fastpool serialises its own
+launches with a lock (re-created in forked children), so concurrent calls from
+several threads wait instead of aborting.  With ``omp``, forked children that
+call fastpool abort: a documented limit of GNU OpenMP.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from contextlib import nullcontext
+from importlib import metadata
+
+import numba
+
+from fastpool import _threads
+
+_setup_lock = threading.Lock()
+_launch_lock: threading.Lock | None = None
+_layer: str | None = None
+
+_TBB_LIBRARIES = ("libtbb.so.12", "libtbb.12.dylib", "tbb12.dll")
+
+
+def _load_tbb() -> bool:
+    """Load the tbb wheel's shared library by path; True when numba can then use it."""
+    try:
+        files = metadata.files("tbb") or []
+    except metadata.PackageNotFoundError:
+        return False
+    for file in files:
+        if file.name in _TBB_LIBRARIES:
+            try:
+                ctypes.CDLL(str(file.locate()), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+                from numba.np.ufunc import tbbpool  # noqa: F401  (fails if unusable)
+            except (OSError, ImportError):
+                return False
+            return True
+    return False
+
+
+def _start_threading_layer() -> str:
+    from numba.np.ufunc import parallel
+
+    if not parallel._is_initialized and numba.config.THREADING_LAYER == "default" \
+            and not os.environ.get("NUMBA_THREADING_LAYER"):
+        numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "workqueue"
+    try:
+        parallel._launch_threads()
+    except ValueError:  # the layer asked for could not be loaded
+        if parallel._is_initialized:
+            raise
+        numba.config.THREADING_LAYER = "workqueue"
+        parallel._launch_threads()
+    return numba.threading_layer()
+
+
+def _reset_after_fork() -> None:
+    global _launch_lock, _setup_lock
+    _setup_lock = threading.Lock()
+    if _launch_lock is not None:
+        _launch_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def threading_layer() -> str:
+    """Start (once) and return the numba threading layer fastpool runs on."""
+    global _layer, _launch_lock
+    if _layer is None:
+        with _setup_lock:
+            if _layer is None:
+                layer = _start_threading_layer()
+                _launch_lock = threading.Lock() if layer == "workqueue" else None
+                _layer = layer
+    return _layer
+
+
+def launch(kernel, *args):
+    """Run a parallel kernel with fastpool's thread count, safely for this layer."""
+    threading_layer()
+    wanted = _threads.get_num_threads()
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)  # numba's setting is per calling thread
+    with _launch_lock or nullcontext():
+        return kernel(*args)

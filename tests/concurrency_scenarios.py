@@ -1,0 +1,84 @@
+"""Thread and process scenarios, run in a fresh interpreter by test_concurrency.py.
+
+Usage: python -m tests.concurrency_scenarios SCENARIO [--no-tbb]
+Prints the threading layer and "ok" when every result matches the serial one.
+"""
+
+import sys
+import threading
+
+import numpy as np
+
+import fastpool
+
+
+def _calls():
+    """A mix of ops, dtypes, layouts and shapes, with fixed inputs."""
+    rng = np.random.default_rng(0)
+    x32 = rng.standard_normal((4, 8, 33, 35)).astype(np.float32)
+    x64 = rng.standard_normal((2, 6, 9, 17, 19))
+    xu8 = rng.integers(0, 255, (3, 40, 41, 5)).astype(np.uint8)
+    g = rng.standard_normal((4, 8, 17, 18)).astype(np.float32)
+    return [
+        lambda: fastpool.max_pool2d(x32, 3, 2, 1, return_indices=True),
+        lambda: fastpool.avg_pool3d(x64, 3, 2, 1, ceil_mode=True),
+        lambda: fastpool.max_pool2d(xu8, 2, channels_last=True),
+        lambda: fastpool.lp_pool2d(x32, 2, 3, 2, ceil_mode=True),
+        lambda: fastpool.adaptive_avg_pool3d(x64, (4, 5, 6)),
+        lambda: fastpool.adaptive_max_pool2d(xu8, 7, channels_last=True),
+        lambda: fastpool.avg_pool2d_backward(g, x32.shape, 3, 2, 1),
+        lambda: fastpool.global_avg_pool2d(x32),
+    ]
+
+
+def _same(a, b):
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    return all(np.array_equal(p, q, equal_nan=True) for p, q in zip(a, b))
+
+
+def threads(calls, expected, rounds=5):
+    failures = []
+
+    def worker(i):
+        for r in range(rounds):
+            k = (i + r) % len(calls)
+            if not _same(calls[k](), expected[k]):
+                failures.append(k)
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not failures, failures
+
+
+def _child(k):
+    return _calls()[k]()
+
+
+def processes(calls, expected, method):
+    import multiprocessing
+
+    with multiprocessing.get_context(method).Pool(4) as pool:
+        results = pool.map(_child, range(len(calls)))
+    assert all(_same(r, e) for r, e in zip(results, expected))
+
+
+def main(scenario, no_tbb):
+    from fastpool.cpu import runtime
+
+    if no_tbb:
+        runtime._load_tbb = lambda: False
+    calls = _calls()
+    expected = [call() for call in calls]  # the parent uses the kernels before forking
+    if scenario == "threads":
+        threads(calls, expected)
+    else:
+        processes(calls, expected, scenario)
+    print(runtime.threading_layer(), "ok")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--no-tbb" in sys.argv)

@@ -1,0 +1,65 @@
+"""fastpool never takes the process down: threads, fork, spawn, forkserver.
+
+Each scenario runs in a fresh interpreter, so that the threading layer is
+chosen as it is for a user: tbb when installed, workqueue otherwise, or the
+layer the user asked numba for.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+import fastpool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = {
+    "default": ({}, [], "tbb"),
+    "no-tbb": ({}, ["--no-tbb"], "workqueue"),
+    "workqueue": ({"NUMBA_THREADING_LAYER": "workqueue"}, [], "workqueue"),
+}
+
+
+@pytest.mark.parametrize("scenario", ["threads", "fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_scenario(scenario, config):
+    env_extra, args, layer = CONFIGS[config]
+    env = {**os.environ, **env_extra}
+    env.pop("NUMBA_THREADING_LAYER", None) if not env_extra else None
+    done = subprocess.run([sys.executable, "-m", "tests.concurrency_scenarios", scenario,
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [layer, "ok"]
+
+
+def test_set_num_threads_applies_in_every_thread():
+    x = np.random.default_rng(0).standard_normal((4, 8, 16, 16))
+    seen = []
+
+    def worker():
+        fastpool.max_pool2d(x, 2)
+        seen.append(numba.get_num_threads())
+
+    try:
+        fastpool.set_num_threads(1)
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert seen == [1]
+        assert fastpool.get_num_threads() == 1
+    finally:
+        fastpool.set_num_threads(None)
+    assert fastpool.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (10**6, ValueError),
+                                        (1.5, TypeError), ("2", TypeError)])
+def test_set_num_threads_rejects_bad_values(bad, error):
+    with pytest.raises(error, match="set_num_threads"):
+        fastpool.set_num_threads(bad)
