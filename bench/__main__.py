@@ -78,10 +78,9 @@ def _backward_calls(case: Case, x: np.ndarray, channels_last: bool) -> dict:
 
 
 def run(cases, repeats: int, directions) -> list[dict]:
-    import numba
     import torch
 
-    torch.set_num_threads(numba.get_num_threads())
+    torch.set_num_threads(fastpool.get_num_threads())
     rows = []
     for case in cases:
         for direction in directions:
@@ -105,10 +104,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--direction", choices=("forward", "backward", "both"),
                         default="both")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for fastpool and torch alike (default: all cores)")
     args = parser.parse_args(argv)
-    import numba
+    fastpool.set_num_threads(args.threads)
     directions = ("forward", "backward") if args.direction == "both" else (args.direction,)
-    print(f"fastpool {fastpool.__version__}, {numba.get_num_threads()} threads, float32; "
+    print(f"fastpool {fastpool.__version__}, {fastpool.get_num_threads()} threads, float32; "
           "times in ms (best of runs)")
     header = (f"{'op':<28}{'shape (N, C, *spatial)':<22}{'dir':<5}{'layout':<8}"
               f"{'fastpool':>9}{'numpy':>9}{'torch':>9}{'vs torch':>10}{'vs numpy':>10}")
