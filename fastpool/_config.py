@@ -25,3 +25,11 @@ CPU_JIT_OPTIONS: dict = {
     "fastmath": _flag("FASTPOOL_FASTMATH"),
     "error_model": "numpy",
 }
+
+# numba-cuda kernels; its simulator (NUMBA_ENABLE_CUDASIM=1) ignores the cache.
+CUDA_JIT_OPTIONS: dict = {"cache": not _flag("FASTPOOL_DISABLE_CACHE")}
+
+# Threads per block for CUDA launches: the most a launch uses; small outputs get
+# fewer (a multiple of the warp size).  Tests lower it so that tiny inputs span
+# several blocks.
+CUDA_MAX_THREADS_PER_BLOCK = int(os.environ.get("FASTPOOL_CUDA_THREADS_PER_BLOCK", "256"))

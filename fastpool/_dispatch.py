@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastpool._params import (
-    FLOAT_DTYPES,
     Layout,
     SlidingWindow,
     WindowTable,
@@ -31,31 +30,27 @@ from fastpool._params import (
     check_norm_type,
 )
 
-_BACKEND_MODULES = {"cpu": "fastpool.cpu", "numpy": "fastpool.reference"}
+_BACKEND_MODULES = {"cpu": "fastpool.cpu", "numpy": "fastpool.reference",
+                    "cuda": "fastpool.cuda"}
+
+
+def _on_gpu(x: object) -> bool:
+    # numba's simulator arrays lack __cuda_array_interface__; recognise them by type.
+    return hasattr(x, "__cuda_array_interface__") or type(x).__module__.startswith(
+        "numba.cuda")
 
 
 def _backend(name: str | None, x: object, op: str):
     name = check_backend(name, op)
-    on_gpu = hasattr(x, "__cuda_array_interface__")
-    if name == "cuda" or (name is None and on_gpu):
-        raise ValueError(f"{op}: the CUDA back end is not available in this version of "
-                         f"fastpool (backend={name!r}, input {type(x).__name__}); use "
-                         f"backend='cpu' with a host array")
-    return importlib.import_module(_BACKEND_MODULES[name or "cpu"])
-
-
-def _host_array(x: object, op: str, name: str = "x") -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    try:
-        array = np.asarray(x)
-    except Exception as error:  # torch tensors needing grad, ragged lists, ...
-        raise TypeError(f"{op}: {name} must be an array or a nested sequence of numbers, "
-                        f"got {type(x).__name__} ({error})") from error
-    if array.dtype == object:
-        raise TypeError(f"{op}: {name} must be an array or a nested sequence of numbers, "
-                        f"got {type(x).__name__}")
-    return array
+    if name is None:
+        name = "cuda" if _on_gpu(x) else "cpu"
+    impl = importlib.import_module(_BACKEND_MODULES[name])
+    if name == "cuda":
+        return impl.require(op)
+    if _on_gpu(x):
+        raise ValueError(f"{op}: backend={name!r} runs on the host, but the input is a GPU "
+                         f"array ({type(x).__name__}); use backend='cuda' or None")
+    return impl
 
 
 def _lowest(dtype: np.dtype):
@@ -63,28 +58,34 @@ def _lowest(dtype: np.dtype):
     return -np.inf if dtype.kind == "f" else np.iinfo(dtype).min
 
 
-def _canonical(array: np.ndarray, layout: Layout) -> np.ndarray:
-    dtype = array.dtype if array.dtype.isnative else array.dtype.newbyteorder("=")
-    canonical = np.ascontiguousarray(array.reshape(layout.canonical_shape()), dtype=dtype)
-    return canonical.view(np.uint8) if dtype == np.bool_ else canonical
-
-
-def _run(impl, mode: str, layout: Layout, array: np.ndarray, table: WindowTable, *,
-         power: float = 1.0, with_indices: bool = False):
+def _run(impl, mode: str, layout: Layout, array, table: WindowTable, *, power: float = 1.0,
+         with_indices: bool = False, stream=None):
     out_spatial = table.out_shape[3 - len(layout.spatial):]
     result_shape = layout.result_shape(out_spatial)
+    dtype = np.dtype(array.dtype).newbyteorder("=")
     if layout.is_empty():
-        out = np.empty(result_shape, array.dtype.newbyteorder("="))
-        return (out, np.empty(result_shape, np.int64)) if with_indices else out
-    canonical = _canonical(array, layout)
+        out = impl.empty(result_shape, dtype, stream)
+        return (out, impl.empty(result_shape, np.int64, stream)) if with_indices else out
+    canonical = impl.canonical(array, layout.canonical_shape(), stream)
+    if dtype == np.bool_:
+        canonical = canonical.view(np.uint8)
     if mode == "max":
         out, indices = impl.max_pool(canonical, table, layout.channels_last,
-                                     _lowest(canonical.dtype), with_indices)
-        out = out.view(np.bool_) if array.dtype == np.bool_ else out
+                                     _lowest(np.dtype(canonical.dtype)), with_indices,
+                                     stream=stream)
+        out = out.view(np.bool_) if dtype == np.bool_ else out
     else:
-        out, indices = impl.sum_pool(canonical, table, layout.channels_last, power), None
+        out = impl.sum_pool(canonical, table, layout.channels_last, power, stream=stream)
+        indices = None
     out = out.reshape(result_shape)
     return (out, indices.reshape(result_shape)) if with_indices else out
+
+
+def _wrap(impl, result, like):
+    """The result as the input's kind of array (numba, CuPy, torch or NumPy)."""
+    if isinstance(result, tuple):
+        return tuple(impl.wrap(r, like) for r in result)
+    return impl.wrap(result, like)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class _SlidingOp:
 def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
                  ceil_mode=False, *, op: str, strict: bool, norm_type=None,
                  count_include_pad=True, divisor_override=None, return_indices=False,
-                 channels_last=False, backend=None):
+                 channels_last=False, backend=None, stream=None):
     """Max, average or Lp pooling over the trailing ``nd`` spatial axes."""
     spec = _SlidingOp.from_args(op, mode, nd, kernel_size, stride, padding, dilation,
                                 ceil_mode, norm_type, count_include_pad, divisor_override)
@@ -146,17 +147,20 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
     if spec.mode != "max" and return_indices:
         raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
     impl = _backend(backend, x, op)
-    array = _host_array(x, op)
-    check_dtype(array.dtype, spec.mode, op)
-    layout = Layout.of(array.shape, nd, channels_last, op, strict)
+    array = impl.asarray(x, op, "x", stream)
+    check_dtype(np.dtype(array.dtype), spec.mode, op)
+    layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
     if spec.is_max_of_abs:
-        return _run(impl, "max", layout, np.abs(array), spec.table(layout))
-    return _run(impl, spec.mode, layout, array, spec.table(layout), power=spec.power,
-                with_indices=return_indices)
+        result = _run(impl, "max", layout, impl.absolute(array, stream), spec.table(layout),
+                      stream=stream)
+    else:
+        result = _run(impl, spec.mode, layout, array, spec.table(layout), power=spec.power,
+                      with_indices=return_indices, stream=stream)
+    return _wrap(impl, result, x)
 
 
 def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_indices=False,
-                  channels_last=False, backend=None):
+                  channels_last=False, backend=None, stream=None, wrap=True):
     """Adaptive max or average pooling to ``output_size`` over ``nd`` spatial axes."""
     if mode not in ("max", "avg"):
         raise ValueError(f"{op}: mode must be 'max' or 'avg', got {mode!r}")
@@ -165,26 +169,30 @@ def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_ind
     if mode != "max" and return_indices:
         raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
     impl = _backend(backend, x, op)
-    array = _host_array(x, op)
-    check_dtype(array.dtype, mode, op)
-    layout = Layout.of(array.shape, nd, channels_last, op, strict)
+    array = impl.asarray(x, op, "x", stream)
+    check_dtype(np.dtype(array.dtype), mode, op)
+    layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
     out_spatial = adaptive_output_shape(op, nd, output_size, layout.spatial)
     table = adaptive_table(layout.spatial, out_spatial)
-    return _run(impl, mode, layout, array, table, with_indices=return_indices)
+    result = _run(impl, mode, layout, array, table, with_indices=return_indices,
+                  stream=stream)
+    return _wrap(impl, result, x) if wrap else result
 
 
 def global_pool(x, mode, nd, *, op: str, keepdims=False, return_indices=False,
-                channels_last=False, backend=None):
+                channels_last=False, backend=None, stream=None):
     """Pool each plane to one value: ``(N, C)``, or ``(N, C, 1, ...)`` with keepdims."""
     keepdims = check_bool(keepdims, "keepdims", op)
     result = adaptive_pool(x, mode, nd, 1, op=op, strict=True, return_indices=return_indices,
-                           channels_last=channels_last, backend=backend)
-    if keepdims:
-        return result
-    spatial_axes = tuple(range(-nd - 1, -1) if channels_last else range(-nd, 0))
-    if return_indices:
-        return tuple(r.squeeze(spatial_axes) for r in result)
-    return result.squeeze(spatial_axes)
+                           channels_last=channels_last, backend=backend, stream=stream,
+                           wrap=False)
+    if not keepdims:
+        first = result[0] if return_indices else result
+        shape = first.shape[:-nd - 1] + first.shape[-1:] if channels_last else \
+            first.shape[:-nd]
+        result = tuple(r.reshape(shape) for r in result) if return_indices else \
+            result.reshape(shape)
+    return _wrap(_backend(backend, x, op), result, x)
 
 
 # --------------------------------------------------------------------------
@@ -201,9 +209,9 @@ def _input_shape(input_shape: object, op: str) -> tuple[int, ...]:
     return tuple(int(s) for s in input_shape)
 
 
-def _grad_array(grad_output: object, op: str) -> np.ndarray:
-    grad = _host_array(grad_output, op, name="grad_output")
-    if grad.dtype.newbyteorder("=") not in FLOAT_DTYPES:
+def _grad_array(impl, grad_output: object, op: str, stream=None):
+    grad = impl.asarray(grad_output, op, "grad_output", stream)
+    if np.dtype(grad.dtype).newbyteorder("=") not in impl.GRAD_DTYPES:
         raise TypeError(f"{op}: grad_output dtype {grad.dtype} is not supported; gradients "
                         f"are float32 or float64")
     return grad
@@ -215,26 +223,22 @@ def _check_grad_shape(grad: np.ndarray, want: tuple, op: str, name: str = "grad_
                          f"input_shape gives {tuple(want)}")
 
 
-def _native(array: np.ndarray, shape: tuple) -> np.ndarray:
-    dtype = array.dtype if array.dtype.isnative else array.dtype.newbyteorder("=")
-    return np.ascontiguousarray(array.reshape(shape), dtype=dtype)
-
-
-def _max_backward(impl, grad: np.ndarray, indices: object, layout: Layout,
-                  input_shape: tuple, op: str) -> np.ndarray:
-    indices = _host_array(indices, op, name="indices")
-    if indices.dtype.newbyteorder("=") != np.int64:
+def _max_backward(impl, grad, indices: object, layout: Layout, input_shape: tuple, op: str,
+                  table: WindowTable | None = None, stream=None):
+    indices = impl.asarray(indices, op, "indices", stream)
+    if np.dtype(indices.dtype).newbyteorder("=") != np.int64:
         raise ValueError(f"{op}: indices must be int64 (as returned by the forward op with "
                          f"return_indices=True), got dtype {indices.dtype}")
     if indices.shape != grad.shape:
         raise ValueError(f"{op}: indices has shape {indices.shape} but grad_output has "
                          f"shape {grad.shape}")
     if layout.is_empty():
-        return np.zeros(input_shape, grad.dtype.newbyteorder("="))
+        return impl.zeros(input_shape, grad.dtype, stream)
     out_shape = layout.canonical_out_shape(grad.shape[len(layout.batch_shape):][
         : len(layout.spatial)])
-    grad_in, outside = impl.max_backward(_native(grad, out_shape), _native(indices, out_shape),
-                                         layout.canonical_shape(), layout.channels_last)
+    grad_in, outside = impl.max_backward(
+        impl.canonical(grad, out_shape, stream), impl.canonical(indices, out_shape, stream),
+        layout.canonical_shape(), layout.channels_last, table, stream=stream)
     if outside:
         plane = math.prod(layout.spatial)
         raise ValueError(f"{op}: indices hold {outside} values outside [0, {plane}), the "
@@ -242,92 +246,99 @@ def _max_backward(impl, grad: np.ndarray, indices: object, layout: Layout,
     return grad_in.reshape(input_shape)
 
 
-def max_backward(grad_output, indices, input_shape, nd, *, op: str, squeezed=False,
-                 channels_last=False, backend=None):
-    """Gradient of max pooling (sliding, adaptive or, with ``squeezed``, global)."""
+def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="sliding",
+                 channels_last=False, backend=None, stream=None):
+    """Gradient of max pooling; ``kind`` is "sliding", "adaptive" or "global"."""
     channels_last = check_bool(channels_last, "channels_last", op)
     impl = _backend(backend, grad_output, op)
     input_shape = _input_shape(input_shape, op)
     layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
-    grad = _grad_array(grad_output, op)
-    if squeezed:
-        grad = _unsqueeze_global(grad, layout, op)
-        indices = _unsqueeze_global(_host_array(indices, op, name="indices"), layout, op,
-                                    "indices")
+    grad = _grad_array(impl, grad_output, op, stream)
+    if kind == "global":
+        grad = _unsqueeze_global(impl, grad, layout, op, stream=stream)
+        indices = _unsqueeze_global(impl, impl.asarray(indices, op, "indices", stream),
+                                    layout, op, "indices", stream)
     fixed = layout.batch_shape + ((layout.channels,) if channels_last else ())
     spatial = grad.shape[len(layout.batch_shape):][:nd]
     if (grad.ndim != len(input_shape) or len(spatial) != nd or min(spatial) < 1
             or layout.result_shape(spatial) != grad.shape):
         raise ValueError(f"{op}: grad_output has shape {grad.shape}, which does not fit "
                          f"input_shape {input_shape} (batch and channel axes {fixed})")
-    return _max_backward(impl, grad, indices, layout, input_shape, op)
+    # Adaptive windows follow from the shapes; a GPU back end gathers through them.
+    table = None if kind == "sliding" else adaptive_table(layout.spatial, tuple(spatial))
+    return _wrap(impl, _max_backward(impl, grad, indices, layout, input_shape, op, table,
+                                     stream), grad_output)
 
 
-def _unsqueeze_global(array: np.ndarray, layout: Layout, op: str, name="grad_output"):
+def _unsqueeze_global(impl, array, layout: Layout, op: str, name="grad_output",
+                      stream=None):
     keepdims = layout.result_shape((1,) * len(layout.spatial))
     flat = layout.batch_shape + ((layout.channels,) if layout.channels_last else ())
     if array.shape == flat:
-        return array.reshape(keepdims)
+        return impl.canonical(array, keepdims, stream)
     if array.shape != keepdims:
         raise ValueError(f"{op}: {name} has shape {array.shape}, but the forward op on this "
                          f"input_shape gives {flat} (or {keepdims} with keepdims)")
     return array
 
 
-def _sum_backward(impl, grad: np.ndarray, x: np.ndarray | None, layout: Layout,
-                  table: WindowTable, power: float, input_shape: tuple, op: str):
-    _check_grad_shape(grad, layout.result_shape(table.out_shape[3 - len(layout.spatial):]),
-                      op)
-    dtype = grad.dtype.newbyteorder("=")
+def _sum_backward(impl, grad, x, layout: Layout, table: WindowTable, power: float,
+                  input_shape: tuple, op: str, stream=None):
+    out_spatial = table.out_shape[3 - len(layout.spatial):]
+    _check_grad_shape(grad, layout.result_shape(out_spatial), op)
     if layout.is_empty():
-        return np.zeros(input_shape, dtype)
+        return impl.zeros(input_shape, grad.dtype, stream)
     canonical = layout.canonical_shape()
     grad_in = impl.sum_backward(
-        _native(grad, layout.canonical_out_shape(table.out_shape[3 - len(layout.spatial):])),
-        None if x is None else _native(x, canonical).astype(dtype, copy=False), table,
-        layout.channels_last, canonical, power)
+        impl.canonical(grad, layout.canonical_out_shape(out_spatial), stream),
+        None if x is None else impl.canonical(x, canonical, stream), table,
+        layout.channels_last, canonical, power, stream=stream)
     return grad_in.reshape(input_shape)
 
 
 def sliding_backward(grad_output, input_shape, mode, nd, kernel_size, stride=None,
                      padding=0, ceil_mode=False, *, op: str, x=None, norm_type=None,
                      count_include_pad=True, divisor_override=None, channels_last=False,
-                     backend=None):
+                     backend=None, stream=None):
     """Gradient of avg or lp pooling (lp needs the forward input ``x``)."""
     spec = _SlidingOp.from_args(op, mode, nd, kernel_size, stride, padding, 1, ceil_mode,
                                 norm_type, count_include_pad, divisor_override)
     channels_last = check_bool(channels_last, "channels_last", op)
     impl = _backend(backend, grad_output, op)
-    grad = _grad_array(grad_output, op)
+    grad = _grad_array(impl, grad_output, op, stream)
     if spec.mode == "lp":
-        x = _host_array(x, op)
-        check_dtype(x.dtype, "lp", op)
-        input_shape = x.shape
+        x = impl.asarray(x, op, "x", stream)
+        check_dtype(np.dtype(x.dtype), "lp", op)
+        input_shape = tuple(x.shape)
     else:
         input_shape = _input_shape(input_shape, op)
     layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
     table = spec.table(layout)
     if spec.is_max_of_abs:
-        magnitude = np.abs(x)
-        _, indices = _run(impl, "max", layout, magnitude, table, with_indices=True)
+        _, indices = _run(impl, "max", layout, impl.absolute(x, stream), table,
+                          with_indices=True, stream=stream)
         _check_grad_shape(grad, indices.shape, op)
-        grad_in = _max_backward(impl, grad, indices, layout, input_shape, op)
-        return grad_in * np.sign(x).astype(grad_in.dtype)
-    return _sum_backward(impl, grad, x, layout, table, spec.power, input_shape, op)
+        grad_in = _max_backward(impl, grad, indices, layout, input_shape, op, table, stream)
+        grad_in = impl.times_sign(grad_in, x, stream)
+    else:
+        grad_in = _sum_backward(impl, grad, x, layout, table, spec.power, input_shape, op,
+                                stream)
+    return _wrap(impl, grad_in, grad_output)
 
 
 def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=False,
-                          channels_last=False, backend=None):
+                          channels_last=False, backend=None, stream=None):
     """Gradient of adaptive (or, with ``squeezed``, global) average pooling."""
     channels_last = check_bool(channels_last, "channels_last", op)
     impl = _backend(backend, grad_output, op)
     input_shape = _input_shape(input_shape, op)
     layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
-    grad = _grad_array(grad_output, op)
+    grad = _grad_array(impl, grad_output, op, stream)
     if squeezed:
-        grad = _unsqueeze_global(grad, layout, op)
+        grad = _unsqueeze_global(impl, grad, layout, op, stream=stream)
     spatial = grad.shape[len(layout.batch_shape):][:nd]
     if len(spatial) != nd or min(spatial) < 1:
         _check_grad_shape(grad, layout.result_shape((1,) * nd), op)
     table = adaptive_table(layout.spatial, tuple(spatial))
-    return _sum_backward(impl, grad, None, layout, table, 1.0, input_shape, op)
+    return _wrap(impl, _sum_backward(impl, grad, None, layout, table, 1.0, input_shape, op,
+                                     stream), grad_output)

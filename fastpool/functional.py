@@ -32,7 +32,10 @@ channels_last : bool, default False
     instead of ``(N, C, *spatial)``.
 backend : {None, "cpu", "numpy", "cuda"}, default None
     None picks by the input: host arrays (and anything ``np.asarray`` takes)
-    run on "cpu", the Numba kernels; "numpy" is the pure-NumPy reference."""
+    run on "cpu", the Numba kernels; GPU arrays (``__cuda_array_interface__``:
+    numba, CuPy, torch) on "cuda"; "numpy" is the pure-NumPy reference.
+stream : numba CUDA stream, optional
+    The stream the CUDA back end launches on (ignored on the host)."""
 
 _PARAMETERS = {
     "x": "x : array_like\n    Input of shape {batched} or {unbatched}.",
@@ -105,11 +108,11 @@ def _max_pool(nd: int) -> Callable[..., Result]:
     def max_pool(x: ArrayLike, kernel_size: Size, stride: Size | None = None,
                  padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
                  return_indices: bool = False, *, channels_last: bool = False,
-                 backend: Backend | None = None) -> Result:
+                 backend: Backend | None = None, stream: object = None) -> Result:
         return _dispatch.sliding_pool(
             x, "max", nd, kernel_size, stride, padding, dilation, ceil_mode, op=name,
             strict=True, return_indices=return_indices, channels_last=channels_last,
-            backend=backend)
+            backend=backend, stream=stream)
 
     max_pool.__doc__ = _doc(
         "{nd}-D max pooling over the trailing spatial axes ({spatial}).",
@@ -126,11 +129,11 @@ def _avg_pool(nd: int) -> Callable[..., np.ndarray]:
     def avg_pool(x: ArrayLike, kernel_size: Size, stride: Size | None = None,
                  padding: Size = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                  divisor_override: int | None = None, *, channels_last: bool = False,
-                 backend: Backend | None = None) -> np.ndarray:
+                 backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.sliding_pool(
             x, "avg", nd, kernel_size, stride, padding, 1, ceil_mode, op=name, strict=True,
             count_include_pad=count_include_pad, divisor_override=divisor_override,
-            channels_last=channels_last, backend=backend)
+            channels_last=channels_last, backend=backend, stream=stream)
 
     avg_pool.__doc__ = _doc(
         "{nd}-D average pooling over the trailing spatial axes ({spatial}).",
@@ -147,10 +150,10 @@ def _lp_pool(nd: int) -> Callable[..., np.ndarray]:
 
     def lp_pool(x: ArrayLike, norm_type: float, kernel_size: Size, stride: Size | None = None,
                 ceil_mode: bool = False, *, channels_last: bool = False,
-                backend: Backend | None = None) -> np.ndarray:
+                backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.sliding_pool(
             x, "lp", nd, kernel_size, stride, 0, 1, ceil_mode, op=name, strict=True,
-            norm_type=norm_type, channels_last=channels_last, backend=backend)
+            norm_type=norm_type, channels_last=channels_last, backend=backend, stream=stream)
 
     lp_pool.__doc__ = _doc(
         "{nd}-D power-average (Lp) pooling: ``sum(x**p) ** (1/p)`` over each window.\n\n"
@@ -168,10 +171,10 @@ def _adaptive_max_pool(nd: int) -> Callable[..., Result]:
 
     def adaptive_max_pool(x: ArrayLike, output_size: OptionalSize,
                           return_indices: bool = False, *, channels_last: bool = False,
-                          backend: Backend | None = None) -> Result:
+                          backend: Backend | None = None, stream: object = None) -> Result:
         return _dispatch.adaptive_pool(
             x, "max", nd, output_size, op=name, strict=True, return_indices=return_indices,
-            channels_last=channels_last, backend=backend)
+            channels_last=channels_last, backend=backend, stream=stream)
 
     adaptive_max_pool.__doc__ = _doc(
         "{nd}-D adaptive max pooling to a given output size.\n\n"
@@ -188,10 +191,10 @@ def _adaptive_avg_pool(nd: int) -> Callable[..., np.ndarray]:
 
     def adaptive_avg_pool(x: ArrayLike, output_size: OptionalSize, *,
                           channels_last: bool = False,
-                          backend: Backend | None = None) -> np.ndarray:
+                          backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.adaptive_pool(
             x, "avg", nd, output_size, op=name, strict=True, channels_last=channels_last,
-            backend=backend)
+            backend=backend, stream=stream)
 
     adaptive_avg_pool.__doc__ = _doc(
         "{nd}-D adaptive average pooling to a given output size.\n\n"
@@ -208,10 +211,10 @@ def _global_max_pool(nd: int) -> Callable[..., Result]:
 
     def global_max_pool(x: ArrayLike, keepdims: bool = False, return_indices: bool = False,
                         *, channels_last: bool = False,
-                        backend: Backend | None = None) -> Result:
+                        backend: Backend | None = None, stream: object = None) -> Result:
         return _dispatch.global_pool(
             x, "max", nd, op=name, keepdims=keepdims, return_indices=return_indices,
-            channels_last=channels_last, backend=backend)
+            channels_last=channels_last, backend=backend, stream=stream)
 
     global_max_pool.__doc__ = _doc(
         "Maximum of each {nd}-D plane: {batched} -> (N, C), {unbatched} -> (C,).",
@@ -225,9 +228,9 @@ def _global_avg_pool(nd: int) -> Callable[..., np.ndarray]:
     name = f"global_avg_pool{nd}d"
 
     def global_avg_pool(x: ArrayLike, keepdims: bool = False, *, channels_last: bool = False,
-                        backend: Backend | None = None) -> np.ndarray:
+                        backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.global_pool(x, "avg", nd, op=name, keepdims=keepdims,
-                                     channels_last=channels_last, backend=backend)
+                                     channels_last=channels_last, backend=backend, stream=stream)
 
     global_avg_pool.__doc__ = _doc(
         "Mean of each {nd}-D plane: {batched} -> (N, C), {unbatched} -> (C,).",
@@ -277,15 +280,19 @@ Examples
 """
 
 
+_MAX_KINDS = {"max_pool": "sliding", "adaptive_max_pool": "adaptive",
+              "global_max_pool": "global"}
+
+
 def _max_pool_backward(nd: int, forward: str) -> Callable[..., np.ndarray]:
     name = f"{forward}{nd}d_backward"
 
     def max_pool_backward(grad_output: ArrayLike, indices: ArrayLike,
                           input_shape: Sequence[int], *, channels_last: bool = False,
-                          backend: Backend | None = None) -> np.ndarray:
+                          backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
-                                      squeezed=forward == "global_max_pool",
-                                      channels_last=channels_last, backend=backend)
+                                      kind=_MAX_KINDS[forward],
+                                      channels_last=channels_last, backend=backend, stream=stream)
 
     call, expected = {
         "max_pool": ("{kernel}, return_indices=True", "[0., 1., 1., 0., 0., 1.]"),
@@ -308,11 +315,11 @@ def _avg_pool_backward(nd: int) -> Callable[..., np.ndarray]:
                           ceil_mode: bool = False, count_include_pad: bool = True,
                           divisor_override: int | None = None, *,
                           channels_last: bool = False,
-                          backend: Backend | None = None) -> np.ndarray:
+                          backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.sliding_backward(
             grad_output, input_shape, "avg", nd, kernel_size, stride, padding, ceil_mode,
             op=name, count_include_pad=count_include_pad, divisor_override=divisor_override,
-            channels_last=channels_last, backend=backend)
+            channels_last=channels_last, backend=backend, stream=stream)
 
     avg_pool_backward.__doc__ = _backward_doc(
         f"avg_pool{nd}d", ["grad_output", "input_shape", "kernel_size", "stride", "padding",
@@ -329,10 +336,10 @@ def _lp_pool_backward(nd: int) -> Callable[..., np.ndarray]:
     def lp_pool_backward(grad_output: ArrayLike, x: ArrayLike, norm_type: float,
                          kernel_size: Size, stride: Size | None = None,
                          ceil_mode: bool = False, *, channels_last: bool = False,
-                         backend: Backend | None = None) -> np.ndarray:
+                         backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.sliding_backward(
             grad_output, None, "lp", nd, kernel_size, stride, 0, ceil_mode, op=name, x=x,
-            norm_type=norm_type, channels_last=channels_last, backend=backend)
+            norm_type=norm_type, channels_last=channels_last, backend=backend, stream=stream)
 
     lp_pool_backward.__doc__ = _backward_doc(
         f"lp_pool{nd}d", ["grad_output", "x", "norm_type", "kernel_size", "stride",
@@ -348,10 +355,10 @@ def _avg_backward_of(nd: int, forward: str) -> Callable[..., np.ndarray]:
 
     def avg_backward(grad_output: ArrayLike, input_shape: Sequence[int], *,
                      channels_last: bool = False,
-                     backend: Backend | None = None) -> np.ndarray:
+                     backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _dispatch.adaptive_avg_backward(
             grad_output, input_shape, nd, op=name, squeezed=forward == "global_avg_pool",
-            channels_last=channels_last, backend=backend)
+            channels_last=channels_last, backend=backend, stream=stream)
 
     call = "{kernel}" if forward == "adaptive_avg_pool" else ""
     avg_backward.__doc__ = _backward_doc(
@@ -410,7 +417,7 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
          ceil_mode: bool = False, *, norm_type: float | None = None,
          count_include_pad: bool = True, divisor_override: int | None = None,
          return_indices: bool = False, channels_last: bool = False,
-         backend: Backend | None = None) -> Result:
+         backend: Backend | None = None, stream: object = None) -> Result:
     """Sliding-window pooling over the trailing ``len(kernel_size)`` axes.
 
     The generic entry under every ``max_pool*``, ``avg_pool*`` and ``lp_pool*``
@@ -458,12 +465,13 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
         x, mode, nd, kernel_size, stride, padding, dilation, ceil_mode, op=op, strict=False,
         norm_type=norm_type, count_include_pad=count_include_pad,
         divisor_override=divisor_override, return_indices=return_indices,
-        channels_last=channels_last, backend=backend)
+        channels_last=channels_last, backend=backend, stream=stream)
 
 
 def adaptive_pool(x: ArrayLike, mode: Literal["max", "avg"],
                   output_size: Sequence[int | None], *, return_indices: bool = False,
-                  channels_last: bool = False, backend: Backend | None = None) -> Result:
+                  channels_last: bool = False, backend: Backend | None = None,
+                  stream: object = None) -> Result:
     """Adaptive pooling over the trailing ``len(output_size)`` axes.
 
     The generic entry under the ``adaptive_*`` and ``global_*`` functions;
@@ -498,13 +506,15 @@ def adaptive_pool(x: ArrayLike, mode: Literal["max", "avg"],
     nd = _spatial_dims(output_size, "output_size", op)
     return _dispatch.adaptive_pool(x, mode, nd, output_size, op=op, strict=False,
                                    return_indices=return_indices,
-                                   channels_last=channels_last, backend=backend)
+                                   channels_last=channels_last, backend=backend, stream=stream)
 
 
 _GENERIC_TAIL = """channels_last : bool, default False
         The last axis is channels, not pooled.
     backend : {None, "cpu", "numpy", "cuda"}, default None
-        None picks by the input type: host arrays run on "cpu".
+        None picks by the input type: host arrays run on "cpu", GPU arrays on "cuda".
+    stream : numba CUDA stream, optional
+        The stream the CUDA back end launches on.
 
     Returns
     -------

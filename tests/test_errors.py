@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastpool
+import fastpool.cuda
 
 X1 = np.zeros((2, 3, 8), np.float32)
 X2 = np.zeros((2, 3, 8, 8), np.float32)
@@ -100,9 +101,13 @@ def test_bad_calls_raise_clear_errors(call, error, pattern, backend, monkeypatch
         call()
 
 
-def test_cuda_array_without_cuda_back_end_is_a_clear_error():
+def test_gpu_array_without_a_gpu_is_a_clear_error():
+    # This test process has no GPU and no simulator: the CUDA back end says so.
     class FakeDeviceArray:
         __cuda_array_interface__ = {"shape": (1, 1, 4), "typestr": "<f4", "version": 3}
 
-    with pytest.raises(ValueError, match="CUDA back end is not available"):
+    with pytest.raises(ValueError, match="backend='cuda' needs"):
         fastpool.max_pool1d(FakeDeviceArray(), 2)
+    with pytest.raises(ValueError, match="runs on the host"):
+        fastpool.max_pool1d(FakeDeviceArray(), 2, backend="cpu")
+    assert fastpool.cuda.is_available() is False

@@ -20,7 +20,7 @@ def _out_shape(x: np.ndarray, table: WindowTable, channels_last: bool) -> tuple:
 
 
 def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
-             with_indices: bool) -> tuple[np.ndarray, np.ndarray | None]:
+             with_indices: bool, stream=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Window maxima and, if asked, their flat indices within the spatial plane."""
     shape = _out_shape(x, table, channels_last)
     out = np.empty(shape, x.dtype)
@@ -33,7 +33,7 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
 
 
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
-             power: float) -> np.ndarray:
+             power: float, stream=None) -> np.ndarray:
     """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window."""
     out = np.empty(_out_shape(x, table, channels_last), x.dtype)
     kernel = (kernels.sum_pool_channels_last if channels_last
@@ -55,7 +55,8 @@ def _channel_block(batch: int, channels: int) -> int:
 
 
 def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
-                 channels_last: bool) -> tuple[np.ndarray, int]:
+                 channels_last: bool, table: WindowTable | None = None,
+                 stream=None) -> tuple[np.ndarray, int]:
     """Scatter ``grad_out`` to the maxima's positions: (grad_input, indices outside)."""
     batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
     tail = input_shape[4:]
@@ -69,7 +70,8 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
 
 
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
-                 channels_last: bool, input_shape: tuple, power: float) -> np.ndarray:
+                 channels_last: bool, input_shape: tuple, power: float,
+                 stream=None) -> np.ndarray:
     """Gradient of :func:`sum_pool` (x is needed for Lp only)."""
     grad_in = np.zeros(input_shape, grad_out.dtype)
     kernel = (kernels.sum_backward_channels_last if channels_last

@@ -6,6 +6,8 @@ tests use it as an oracle beside PyTorch, and the benchmark suite as the
 NumPy baseline.
 """
 
+from fastpool._host import GRAD_DTYPES, absolute, asarray, canonical, empty, times_sign, wrap, zeros
 from fastpool.reference.pooling import max_backward, max_pool, sum_backward, sum_pool
 
-__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward"]
+__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "asarray", "canonical",
+           "empty", "zeros", "absolute", "times_sign", "wrap", "GRAD_DTYPES"]

@@ -47,7 +47,7 @@ def _expand(grid: np.ndarray, channels_last: bool) -> np.ndarray:
 
 
 def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
-             with_indices: bool) -> tuple[np.ndarray, np.ndarray | None]:
+             with_indices: bool, stream=None) -> tuple[np.ndarray, np.ndarray | None]:
     n_d, n_h, n_w = table.out_shape
     shape = (x.shape[0], n_d, n_h, n_w, *x.shape[4:])
     best = np.full(shape, lowest, dtype=x.dtype)
@@ -64,7 +64,7 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
 
 
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
-             power: float) -> np.ndarray:
+             power: float, stream=None) -> np.ndarray:
     n_d, n_h, n_w = table.out_shape
     total = np.zeros((x.shape[0], n_d, n_h, n_w, *x.shape[4:]), np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -78,7 +78,8 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
 
 
 def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
-                 channels_last: bool) -> tuple[np.ndarray, int]:
+                 channels_last: bool, table: WindowTable | None = None,
+                 stream=None) -> tuple[np.ndarray, int]:
     batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
     channels = input_shape[4] if channels_last else 1
     grad_in = np.zeros((batch, spatial, channels), grad_out.dtype)
@@ -91,7 +92,8 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
 
 
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
-                 channels_last: bool, input_shape: tuple, power: float) -> np.ndarray:
+                 channels_last: bool, input_shape: tuple, power: float,
+                 stream=None) -> np.ndarray:
     n_d, n_h, n_w = table.out_shape
     divisor = _expand(table.divisor[0, :n_d, None, None] * table.divisor[1, None, :n_h, None]
                       * table.divisor[2, None, None, :n_w], channels_last)

@@ -1,0 +1,55 @@
+"""Array handling shared by the host back ends (``cpu`` and ``numpy``).
+
+Each back end module exposes the same small array API that the dispatch layer
+uses: ``asarray``, ``canonical``, ``empty``, ``zeros``, ``absolute``,
+``times_sign`` and ``wrap``; the CUDA back end has its own versions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastpool._params import FLOAT_DTYPES
+
+GRAD_DTYPES = FLOAT_DTYPES
+
+
+def asarray(x: object, op: str, name: str = "x", stream=None) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        array = np.asarray(x)
+    except Exception as error:  # torch tensors needing grad, ragged lists, ...
+        raise TypeError(f"{op}: {name} must be an array or a nested sequence of numbers, "
+                        f"got {type(x).__name__} ({error})") from error
+    if array.dtype == object:
+        raise TypeError(f"{op}: {name} must be an array or a nested sequence of numbers, "
+                        f"got {type(x).__name__}")
+    return array
+
+
+def canonical(array: np.ndarray, shape: tuple, stream=None) -> np.ndarray:
+    """``array`` reshaped to ``shape``, C-contiguous and in native byte order
+    (a view when it already is)."""
+    dtype = array.dtype if array.dtype.isnative else array.dtype.newbyteorder("=")
+    return np.ascontiguousarray(array.reshape(shape), dtype=dtype)
+
+
+def empty(shape: tuple, dtype, stream=None) -> np.ndarray:
+    return np.empty(shape, np.dtype(dtype).newbyteorder("="))
+
+
+def zeros(shape: tuple, dtype, stream=None) -> np.ndarray:
+    return np.zeros(shape, np.dtype(dtype).newbyteorder("="))
+
+
+def absolute(array: np.ndarray, stream=None) -> np.ndarray:
+    return np.abs(array)
+
+
+def times_sign(values: np.ndarray, x: np.ndarray, stream=None) -> np.ndarray:
+    return values * np.sign(x).astype(values.dtype)
+
+
+def wrap(result: np.ndarray, like: object) -> np.ndarray:
+    return result

@@ -1,0 +1,216 @@
+"""Host drivers of the CUDA back end: arrays, allocation and kernel launches.
+
+Implements the back-end interface of :mod:`fastpool._dispatch` (the same
+names as :mod:`fastpool.cpu` and :mod:`fastpool._host`) on numba device
+arrays.  Inputs with ``__cuda_array_interface__`` are viewed without a copy;
+results go back to the caller's kind of array (numba, CuPy, torch; NumPy
+input is copied in and out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from fastpool._config import CUDA_MAX_THREADS_PER_BLOCK
+from fastpool._params import WindowTable
+from fastpool.cuda import kernels
+
+GRAD_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------
+# Arrays
+# --------------------------------------------------------------------------
+
+
+def _is_device_array(x: object) -> bool:
+    return cuda.devicearray.is_cuda_ndarray(x)
+
+
+def _library(x: object) -> str:
+    return type(x).__module__.split(".")[0]
+
+
+def asarray(x: object, op: str, name: str = "x", stream=None):
+    """A numba device array for ``x``: a view of GPU input, a copy of host input."""
+    if _is_device_array(x):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        library = _library(x)
+        if library == "torch" and not x.is_contiguous():
+            x = x.contiguous()
+        elif library == "cupy" and not x.flags.c_contiguous:
+            import cupy
+            x = cupy.ascontiguousarray(x)
+        return cuda.as_cuda_array(x)
+    from fastpool import _host
+    host = _host.asarray(x, op, name)
+    return cuda.to_device(_host.canonical(host, host.shape), stream=stream or 0)
+
+
+def canonical(array, shape: tuple, stream=None):
+    if not array.is_c_contiguous():
+        raise ValueError(f"fastpool's CUDA back end needs C-contiguous device arrays, got "
+                         f"shape {array.shape} with strides {array.strides}; copy it first "
+                         f"(torch tensors and CuPy arrays are copied automatically)")
+    return array.reshape(shape)
+
+
+def empty(shape: tuple, dtype, stream=None):
+    return cuda.device_array(shape, np.dtype(dtype), stream=stream or 0)
+
+
+def zeros(shape: tuple, dtype, stream=None):
+    array = empty(shape, dtype, stream)
+    if array.size:
+        flat = array.reshape(array.size)
+        kernels.fill[_grid(flat.size), stream or 0](flat, np.dtype(dtype).type(0))
+    return array
+
+
+def absolute(array, stream=None):
+    source = canonical(array, (array.size,))
+    out = empty(source.shape, source.dtype, stream)
+    if out.size:
+        kernels.absolute[_grid(out.size), stream or 0](source, out)
+    return out.reshape(array.shape)
+
+
+def times_sign(values, x, stream=None):
+    flat = canonical(values, (values.size,))
+    if flat.size:
+        kernels.times_sign[_grid(flat.size), stream or 0](flat, canonical(x, (x.size,)))
+    return values
+
+
+def wrap(result, like: object):
+    """``result`` (a numba device array) as the kind of array ``like`` is."""
+    if _is_device_array(like):
+        return result
+    library = _library(like)
+    if library == "torch":
+        import torch
+        return torch.as_tensor(result, device=like.device)
+    if library == "cupy":
+        import cupy
+        return cupy.asarray(result)
+    if hasattr(like, "__cuda_array_interface__"):
+        return result
+    return result.copy_to_host()
+
+
+# --------------------------------------------------------------------------
+# Launches
+# --------------------------------------------------------------------------
+
+
+def _grid(n: int) -> tuple[int, int]:
+    """Blocks and threads per block for ``n`` elements, from the shape: small outputs
+    get small blocks; grid-stride loops cover what the block cap leaves."""
+    threads = min(CUDA_MAX_THREADS_PER_BLOCK, max(32, -(-n // 32) * 32))
+    device = cuda.get_current_device()
+    multiprocessors = getattr(device, "MULTIPROCESSOR_COUNT", 1)
+    blocks = min(-(-n // threads), 32 * multiprocessors)
+    return max(blocks, 1), threads
+
+
+def _to_device(table: WindowTable, stream):
+    return tuple(cuda.to_device(a, stream=stream or 0)
+                 for a in (table.start, table.stop, table.step, table.divisor))
+
+
+def _accumulator_zero(dtype) -> np.floating:
+    """Averages accumulate in float32 for float16/float32 input, float64 for float64."""
+    return np.float64(0) if np.dtype(dtype) == np.float64 else np.float32(0)
+
+
+def _five_d(array, channels_last: bool):
+    return array if channels_last else array.reshape(array.shape + (1,))
+
+
+def max_pool(x, table: WindowTable, channels_last: bool, lowest, with_indices: bool,
+             stream=None):
+    x5 = _five_d(x, channels_last)
+    shape = (x5.shape[0], *table.out_shape, x5.shape[4])
+    out = empty(shape, x.dtype, stream)
+    indices = empty(shape if with_indices else (1,) * 5, np.int64, stream)
+    start, stop, step, _ = _to_device(table, stream)
+    kernels.max_pool[_grid(out.size), stream or 0](
+        x5, out, indices, start, stop, step, np.dtype(x.dtype).type(lowest), with_indices)
+    canonical_shape = shape if channels_last else shape[:4]
+    return out.reshape(canonical_shape), (indices.reshape(canonical_shape) if with_indices
+                                          else None)
+
+
+def sum_pool(x, table: WindowTable, channels_last: bool, power: float, stream=None):
+    x5 = _five_d(x, channels_last)
+    shape = (x5.shape[0], *table.out_shape, x5.shape[4])
+    out = empty(shape, x.dtype, stream)
+    start, stop, step, divisor = _to_device(table, stream)
+    kernels.sum_pool[_grid(out.size), stream or 0](
+        x5, out, start, stop, step, divisor, table.scale,
+        None if power == 1.0 else float(power), _accumulator_zero(x.dtype))
+    return out.reshape(shape if channels_last else shape[:4])
+
+
+def _inverse_table(table: WindowTable, input_shape: tuple):
+    """Per axis and input position, the range of outputs whose windows may cover it
+    (windows start and stop in non-decreasing order along every axis)."""
+    sizes = input_shape[1:4]
+    first = np.zeros((3, max(sizes)), np.int64)
+    last = np.zeros((3, max(sizes)), np.int64)
+    for axis, size in enumerate(sizes):
+        n_out = table.out_shape[axis]
+        position = np.arange(size)
+        first[axis, :size] = np.searchsorted(table.stop[axis, :n_out], position, "right")
+        last[axis, :size] = np.searchsorted(table.start[axis, :n_out], position, "right")
+    return first, last
+
+
+def sum_backward(grad_out, x, table: WindowTable, channels_last: bool, input_shape: tuple,
+                 power: float, stream=None):
+    grad5 = _five_d(grad_out, channels_last)
+    in5 = input_shape if channels_last else input_shape + (1,)
+    zero = _accumulator_zero(grad_out.dtype)
+    coefficient = empty(grad5.shape, np.dtype(type(zero)), stream)
+    start, stop, step, divisor = _to_device(table, stream)
+    lp = None if power == 1.0 else float(power)
+    x5 = coefficient if x is None else _five_d(x, channels_last)
+    kernels.output_coefficients[_grid(grad5.size), stream or 0](
+        grad5, x5, coefficient, start, stop, step, divisor, table.scale, lp, zero)
+    grad_in = empty(in5, grad_out.dtype, stream)
+    first, last = (cuda.to_device(a, stream=stream or 0)
+                   for a in _inverse_table(table, in5))
+    kernels.sum_backward[_grid(grad_in.size), stream or 0](
+        coefficient, x5 if x is not None else grad_in, grad_in, first, last, start, stop,
+        step, lp, zero)
+    return grad_in.reshape(input_shape)
+
+
+def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
+                 table: WindowTable | None = None, stream=None):
+    """Gather (with the window table) or, for sliding windows given only their
+    indices, one ordered scatter per plane; never atomics."""
+    in5 = input_shape if channels_last else input_shape + (1,)
+    plane = in5[1] * in5[2] * in5[3]
+    outside = cuda.to_device(np.zeros(1, np.int32), stream=stream or 0)
+    grad5 = _five_d(grad_out, channels_last)
+    idx5 = _five_d(indices, channels_last)
+    if table is None:
+        grad_in = zeros((in5[0], plane, in5[4]), grad_out.dtype, stream)
+        flat_shape = (in5[0], grad5.size // (in5[0] * in5[4]) if grad5.size else 0, in5[4])
+        kernels.max_backward_by_plane[_grid(in5[0] * in5[4]), stream or 0](
+            grad5.reshape(flat_shape), idx5.reshape(flat_shape), grad_in, outside)
+    else:
+        flat = idx5.reshape(idx5.size)
+        kernels.count_outside[_grid(flat.size), stream or 0](flat, plane, outside)
+        grad_in = empty(in5, grad_out.dtype, stream)
+        first, last = (cuda.to_device(a, stream=stream or 0)
+                       for a in _inverse_table(table, in5))
+        start, stop, step, _ = _to_device(table, stream)
+        kernels.max_backward[_grid(grad_in.size), stream or 0](
+            grad5, idx5, grad_in, first, last, start, stop, step,
+            _accumulator_zero(grad_out.dtype) if grad_out.dtype != np.float16
+            else np.float16(0))
+    return grad_in.reshape(input_shape), int(outside.copy_to_host()[0])

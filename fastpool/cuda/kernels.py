@@ -1,0 +1,235 @@
+"""numba.cuda kernels over canonical 5-D arrays ``(batch, D, H, W, C)``.
+
+Channels-first input runs as ``(planes, D, H, W, 1)``, a free view, so one
+kernel per op serves both layouts and 1-D to 3-D.  Forward kernels run one
+thread per output element and backward kernels one thread per *input*
+element, gathering from the outputs whose windows cover it: every element is
+written once, with no atomics, so gradients are bit-identical run to run.
+Consecutive threads take consecutive elements of the innermost axis (W, or C
+channels-last), so global memory accesses coalesce.  All index arithmetic is
+64-bit and every kernel is a grid-stride loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from fastpool._config import CUDA_JIT_OPTIONS
+
+
+@cuda.jit(device=True, inline=True)
+def _first_and_stride():
+    start = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    return start, np.int64(cuda.gridDim.x) * cuda.blockDim.x
+
+
+@cuda.jit(device=True, inline=True)
+def _unravel(i, shape):
+    """(n, d, h, w, c) of flat index i in a C-ordered array of 5-D ``shape``."""
+    c = i % shape[4]
+    i //= shape[4]
+    w = i % shape[3]
+    i //= shape[3]
+    h = i % shape[2]
+    i //= shape[2]
+    d = i % shape[1]
+    return i // shape[1], d, h, w, c
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def max_pool(x, out, indices, start, stop, step, lowest, with_indices):
+    height, width = x.shape[2], x.shape[3]
+    i, grid = _first_and_stride()
+    while i < out.size:
+        n, od, oh, ow, c = _unravel(i, out.shape)
+        d0, d1 = start[0, od], stop[0, od]
+        h0, h1 = start[1, oh], stop[1, oh]
+        w0, w1 = start[2, ow], stop[2, ow]
+        best = lowest
+        best_at = (d0 * height + h0) * width + w0
+        d = d0
+        while d < d1:
+            h = h0
+            while h < h1:
+                w = w0
+                while w < w1:
+                    value = x[n, d, h, w, c]
+                    # torch's update: a NaN always wins, ties keep the first.
+                    if value > best or value != value:
+                        best = value
+                        best_at = (d * height + h) * width + w
+                    w += step[2]
+                h += step[1]
+            d += step[0]
+        out[n, od, oh, ow, c] = best
+        if with_indices:
+            indices[n, od, oh, ow, c] = best_at
+        i += grid
+
+
+@cuda.jit(device=True, inline=True)
+def _window_sum(x, n, c, d0, d1, h0, h1, w0, w1, step, power, total):
+    d = d0
+    while d < d1:
+        h = h0
+        while h < h1:
+            w = w0
+            while w < w1:
+                if power is None:
+                    total += x[n, d, h, w, c]
+                else:
+                    total += x[n, d, h, w, c] ** power
+                w += step[2]
+            h += step[1]
+        d += step[0]
+    return total
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def sum_pool(x, out, start, stop, step, divisor, scale, power, zero):
+    """Averages (power None) or Lp norms; ``zero`` sets the accumulator type."""
+    i, grid = _first_and_stride()
+    while i < out.size:
+        n, od, oh, ow, c = _unravel(i, out.shape)
+        total = _window_sum(x, n, c, start[0, od], stop[0, od], start[1, oh], stop[1, oh],
+                            start[2, ow], stop[2, ow], step, power, zero)
+        mean = total * (scale / (divisor[0, od] * divisor[1, oh] * divisor[2, ow]))
+        if power is None:
+            out[n, od, oh, ow, c] = mean
+        else:
+            out[n, od, oh, ow, c] = mean ** (1.0 / power)
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def output_coefficients(grad_out, x, coefficient, start, stop, step, divisor, scale, power,
+                        zero):
+    """d loss / d (window sum of x**p) per output, by torch's avg/lp_pool chain rule."""
+    i, grid = _first_and_stride()
+    while i < grad_out.size:
+        n, od, oh, ow, c = _unravel(i, grad_out.shape)
+        window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
+        grad = grad_out[n, od, oh, ow, c] * (zero + 1)
+        if power is None:
+            coefficient[n, od, oh, ow, c] = grad * scale / window_divisor
+        else:
+            total = _window_sum(x, n, c, start[0, od], stop[0, od], start[1, oh],
+                                stop[1, oh], start[2, ow], stop[2, ow], step, power, zero)
+            mean = total / window_divisor
+            scaled = grad * (1.0 / power) * (mean * scale) ** (1.0 / power - 1.0) * scale
+            if mean != mean:
+                scaled = 0.0 * scaled  # torch.sign(nan) is 0
+            elif mean == 0.0:
+                scaled = 0.0  # relu's gradient at 0
+            coefficient[n, od, oh, ow, c] = scaled / window_divisor
+        i += grid
+
+
+@cuda.jit(device=True, inline=True)
+def _covers(position, o, start, stop, step, axis):
+    return position < stop[axis, o] and (position - start[axis, o]) % step[axis] == 0
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step, power,
+                 zero):
+    """grad_in[i] = factor(x[i]) * sum of the coefficients of the windows covering i."""
+    i, grid = _first_and_stride()
+    while i < grad_in.size:
+        n, d, h, w, c = _unravel(i, grad_in.shape)
+        total = zero
+        for od in range(first_out[0, d], last_out[0, d]):
+            if _covers(d, od, start, stop, step, 0):
+                for oh in range(first_out[1, h], last_out[1, h]):
+                    if _covers(h, oh, start, stop, step, 1):
+                        for ow in range(first_out[2, w], last_out[2, w]):
+                            if _covers(w, ow, start, stop, step, 2):
+                                total += coefficient[n, od, oh, ow, c]
+        if power is None:
+            grad_in[n, d, h, w, c] = total
+        else:
+            grad_in[n, d, h, w, c] = total * (power * x[n, d, h, w, c] ** (power - 1.0))
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, step, zero):
+    """grad_in[i] = sum of grad_out over the covering windows whose maximum is i."""
+    height, width = grad_in.shape[2], grad_in.shape[3]
+    i, grid = _first_and_stride()
+    while i < grad_in.size:
+        n, d, h, w, c = _unravel(i, grad_in.shape)
+        here = (d * height + h) * width + w
+        total = zero
+        for od in range(first_out[0, d], last_out[0, d]):
+            if _covers(d, od, start, stop, step, 0):
+                for oh in range(first_out[1, h], last_out[1, h]):
+                    if _covers(h, oh, start, stop, step, 1):
+                        for ow in range(first_out[2, w], last_out[2, w]):
+                            if (_covers(w, ow, start, stop, step, 2)
+                                    and indices[n, od, oh, ow, c] == here):
+                                total += grad_out[n, od, oh, ow, c]
+        grad_in[n, d, h, w, c] = total
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def max_backward_by_plane(grad_out, indices, grad_in, outside):
+    """Scatter without window information: one thread per (batch, channel) plane,
+    adding in output order (deterministic, no atomics)."""
+    batch, outputs, channels = grad_out.shape
+    size = grad_in.shape[1]
+    i, grid = _first_and_stride()
+    while i < batch * channels:
+        n = i // channels
+        c = i % channels
+        for q in range(outputs):
+            at = indices[n, q, c]
+            if 0 <= at < size:
+                grad_in[n, at, c] += grad_out[n, q, c]
+            else:
+                outside[0] = 1
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def count_outside(indices, size, outside):
+    """Flag entries of the flat ``indices`` outside [0, size)."""
+    i, grid = _first_and_stride()
+    while i < indices.size:
+        if indices[i] < 0 or indices[i] >= size:
+            outside[0] = 1
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def fill(array, value):
+    i, grid = _first_and_stride()
+    while i < array.size:
+        array[i] = value
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def absolute(source, out):
+    i, grid = _first_and_stride()
+    while i < out.size:
+        out[i] = abs(source[i])
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def times_sign(values, x):
+    i, grid = _first_and_stride()
+    while i < values.size:
+        if x[i] > 0:
+            sign = 1.0
+        elif x[i] < 0:
+            sign = -1.0
+        elif x[i] == 0:
+            sign = 0.0
+        else:
+            sign = x[i] * 1.0  # NaN
+        values[i] = values[i] * sign
+        i += grid
