@@ -148,7 +148,7 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
         raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
     impl = _backend(backend, x, op)
     array = impl.asarray(x, op, "x", stream)
-    check_dtype(np.dtype(array.dtype), spec.mode, op)
+    check_dtype(np.dtype(array.dtype), spec.mode, op, impl.FLOAT_DTYPES)
     layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
     if spec.is_max_of_abs:
         result = _run(impl, "max", layout, impl.absolute(array, stream), spec.table(layout),
@@ -170,7 +170,7 @@ def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_ind
         raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
     impl = _backend(backend, x, op)
     array = impl.asarray(x, op, "x", stream)
-    check_dtype(np.dtype(array.dtype), mode, op)
+    check_dtype(np.dtype(array.dtype), mode, op, impl.FLOAT_DTYPES)
     layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
     out_spatial = adaptive_output_shape(op, nd, output_size, layout.spatial)
     table = adaptive_table(layout.spatial, out_spatial)
@@ -211,7 +211,7 @@ def _input_shape(input_shape: object, op: str) -> tuple[int, ...]:
 
 def _grad_array(impl, grad_output: object, op: str, stream=None):
     grad = impl.asarray(grad_output, op, "grad_output", stream)
-    if np.dtype(grad.dtype).newbyteorder("=") not in impl.GRAD_DTYPES:
+    if np.dtype(grad.dtype).newbyteorder("=") not in impl.FLOAT_DTYPES:
         raise TypeError(f"{op}: grad_output dtype {grad.dtype} is not supported; gradients "
                         f"are float32 or float64")
     return grad
@@ -247,8 +247,12 @@ def _max_backward(impl, grad, indices: object, layout: Layout, input_shape: tupl
 
 
 def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="sliding",
-                 channels_last=False, backend=None, stream=None):
-    """Gradient of max pooling; ``kind`` is "sliding", "adaptive" or "global"."""
+                 window=None, channels_last=False, backend=None, stream=None):
+    """Gradient of max pooling; ``kind`` is "sliding", "adaptive" or "global".
+
+    ``window`` (the forward call's kernel_size, stride, padding, dilation and
+    ceil_mode) is optional for sliding windows; back ends that gather use it.
+    """
     channels_last = check_bool(channels_last, "channels_last", op)
     impl = _backend(backend, grad_output, op)
     input_shape = _input_shape(input_shape, op)
@@ -265,7 +269,13 @@ def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="slidin
         raise ValueError(f"{op}: grad_output has shape {grad.shape}, which does not fit "
                          f"input_shape {input_shape} (batch and channel axes {fixed})")
     # Adaptive windows follow from the shapes; a GPU back end gathers through them.
-    table = None if kind == "sliding" else adaptive_table(layout.spatial, tuple(spatial))
+    if kind != "sliding":
+        table = adaptive_table(layout.spatial, tuple(spatial))
+    elif window is not None:
+        table = SlidingWindow.from_args(op, nd, *window).table(op, layout.spatial, "valid")
+        _check_grad_shape(grad, layout.result_shape(table.out_shape[3 - nd:]), op)
+    else:
+        table = None
     return _wrap(impl, _max_backward(impl, grad, indices, layout, input_shape, op, table,
                                      stream), grad_output)
 
@@ -308,7 +318,7 @@ def sliding_backward(grad_output, input_shape, mode, nd, kernel_size, stride=Non
     grad = _grad_array(impl, grad_output, op, stream)
     if spec.mode == "lp":
         x = impl.asarray(x, op, "x", stream)
-        check_dtype(np.dtype(x.dtype), "lp", op)
+        check_dtype(np.dtype(x.dtype), "lp", op, impl.FLOAT_DTYPES)
         input_shape = tuple(x.shape)
     else:
         input_shape = _input_shape(input_shape, op)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastpool._params import FLOAT_DTYPES
-
-GRAD_DTYPES = FLOAT_DTYPES
+from fastpool._params import FLOAT_DTYPES  # noqa: F401  (part of the back-end API)
 
 
 def asarray(x: object, op: str, name: str = "x", stream=None) -> np.ndarray:

@@ -275,7 +275,8 @@ class Layout:
                              f"{trailing} axes that {nd}-D pooling"
                              f"{' with channels_last' if channels_last else ''} needs")
         if channels_last:
-            batch, spatial, channels = shape[: ndim - trailing], shape[ndim - trailing:-1], shape[-1]
+            batch, spatial = shape[: ndim - trailing], shape[ndim - trailing:-1]
+            channels = shape[-1]
         else:
             batch, spatial, channels = shape[: ndim - nd], shape[ndim - nd:], None
         if any(s == 0 for s in spatial):
@@ -303,17 +304,19 @@ class Layout:
         return math.prod(self.batch_shape) == 0 or self.channels == 0
 
 
-def check_dtype(dtype: np.dtype, mode: str, op: str) -> None:
-    """max accepts floats, integers and bool; averages accept float32/float64."""
+def check_dtype(dtype: np.dtype, mode: str, op: str, floats=FLOAT_DTYPES) -> None:
+    """max accepts the back end's float types (``floats``), integers and bool;
+    averages accept the float types."""
     dtype = dtype.newbyteorder("=")
+    names = " and ".join(f.name for f in floats)
     if mode == "max":
-        if dtype in FLOAT_DTYPES or dtype.kind in "iub":
+        if dtype in floats or dtype.kind in "iub":
             return
-        supported = "float32, float64, the integer types and bool"
+        supported = f"{names.replace(' and ', ', ')}, the integer types and bool"
     else:
-        if dtype in FLOAT_DTYPES:
+        if dtype in floats:
             return
-        supported = "float32 and float64"
+        supported = names
     raise TypeError(f"{op}: input dtype {dtype} is not supported; {mode} pooling takes "
                     f"{supported}")
 

@@ -40,12 +40,15 @@ stream : numba CUDA stream, optional
 _PARAMETERS = {
     "x": "x : array_like\n    Input of shape {batched} or {unbatched}.",
     "kernel_size": "kernel_size : int or tuple of {nd} ints\n    Window size.",
-    "stride": "stride : int or tuple of {nd} ints, optional\n    Window step; defaults to kernel_size.",
+    "stride": ("stride : int or tuple of {nd} ints, optional\n"
+               "    Window step; defaults to kernel_size."),
     "padding": ("padding : int or tuple of {nd} ints, default 0\n"
                 "    Implicit padding on both sides, at most half the kernel size."),
-    "dilation": "dilation : int or tuple of {nd} ints, default 1\n    Spacing between window elements.",
-    "ceil_mode": ("ceil_mode : bool, default False\n    Round the output size up, keeping a partial "
-                  "last window\n    when it starts inside the input or the left padding."),
+    "dilation": ("dilation : int or tuple of {nd} ints, default 1\n"
+                 "    Spacing between window elements."),
+    "ceil_mode": ("ceil_mode : bool, default False\n    Round the output size up, keeping a "
+                  "partial last window\n    when it starts inside the input or the left "
+                  "padding."),
     "return_indices": ("return_indices : bool, default False\n    Also return the flat (int64) "
                        "index of each maximum within\n    its input plane."),
     "count_include_pad": ("count_include_pad : bool, default True\n    Count padding elements "
@@ -246,6 +249,10 @@ _BACKWARD_PARAMETERS = {
                 "return_indices=True."),
     "input_shape": "input_shape : tuple of ints\n    Shape of the forward input.",
     "x": "x : array_like\n    The forward input.",
+    "window": ("kernel_size, stride, padding, dilation, ceil_mode : optional\n    The forward "
+               "call's window, keyword-only.  Optional: with it the\n    CUDA back end "
+               "gathers each input's gradient from the windows that\n    cover it; without "
+               "it, it adds plane by plane (both deterministic)."),
 }
 
 
@@ -280,27 +287,40 @@ Examples
 """
 
 
-_MAX_KINDS = {"max_pool": "sliding", "adaptive_max_pool": "adaptive",
-              "global_max_pool": "global"}
-
-
 def _max_pool_backward(nd: int, forward: str) -> Callable[..., np.ndarray]:
     name = f"{forward}{nd}d_backward"
 
-    def max_pool_backward(grad_output: ArrayLike, indices: ArrayLike,
-                          input_shape: Sequence[int], *, channels_last: bool = False,
-                          backend: Backend | None = None, stream: object = None) -> np.ndarray:
-        return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
-                                      kind=_MAX_KINDS[forward],
-                                      channels_last=channels_last, backend=backend, stream=stream)
+    if forward == "max_pool":
+        def max_pool_backward(grad_output: ArrayLike, indices: ArrayLike,
+                              input_shape: Sequence[int], *, kernel_size: Size | None = None,
+                              stride: Size | None = None, padding: Size = 0,
+                              dilation: Size = 1, ceil_mode: bool = False,
+                              channels_last: bool = False, backend: Backend | None = None,
+                              stream: object = None) -> np.ndarray:
+            window = None if kernel_size is None else (kernel_size, stride, padding,
+                                                       dilation, ceil_mode)
+            return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
+                                          kind="sliding", window=window,
+                                          channels_last=channels_last, backend=backend,
+                                          stream=stream)
+    else:
+        def max_pool_backward(grad_output: ArrayLike, indices: ArrayLike,
+                              input_shape: Sequence[int], *, channels_last: bool = False,
+                              backend: Backend | None = None,
+                              stream: object = None) -> np.ndarray:
+            return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
+                                          kind=forward.split("_")[0],
+                                          channels_last=channels_last, backend=backend,
+                                          stream=stream)
 
     call, expected = {
         "max_pool": ("{kernel}, return_indices=True", "[0., 1., 1., 0., 0., 1.]"),
         "adaptive_max_pool": ("{kernel}, return_indices=True", "[0., 1., 0., 0., 0., 1.]"),
         "global_max_pool": ("return_indices=True", "[0., 1., 0., 0., 0., 0.]"),
     }[forward]
+    window_params = ["window"] if forward == "max_pool" else []
     max_pool_backward.__doc__ = _backward_doc(
-        f"{forward}{nd}d", ["grad_output", "indices", "input_shape"], nd,
+        f"{forward}{nd}d", ["grad_output", "indices", "input_shape", *window_params], nd,
         f">>> out, idx = fastpool.{forward}{{nd}}d(x, {call})\n"
         f">>> fastpool.{name}(np.ones_like(out), idx, x.shape).ravel()\n"
         f"array({expected})")

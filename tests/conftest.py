@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -24,3 +26,10 @@ def make_input(rng, nd, size, *, batched=True, channels_last=False, dtype=np.flo
         x = rng.integers(low, low + 120, shape)
     x = x.astype(dtype)
     return np.ascontiguousarray(to_channels_last(x, nd)) if channels_last else x
+
+
+# tests/cuda runs in its own pytest invocation: under numba's CUDA simulator
+# (NUMBA_ENABLE_CUDASIM=1, which must be set before numba is imported) or, with
+# FASTPOOL_TEST_CUDA=1, on a real GPU.  The main invocation leaves it out.
+if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("FASTPOOL_TEST_CUDA")):
+    collect_ignore = ["cuda"]

@@ -85,7 +85,8 @@ def torch_grad(op: str, nd: int, x: np.ndarray, grad_output: np.ndarray, *args,
     result = result[0] if kwargs.get("return_indices") else result
     grad = grad_output
     if channels_last:
-        result_channels_last = result.shape[:-nd - 1] + result.shape[-nd:] + result.shape[-nd - 1:-nd]
+        shape = tuple(result.shape)
+        result_channels_last = shape[:-nd - 1] + shape[-nd:] + shape[-nd - 1:-nd]
         grad = to_channels_first(grad.reshape(result_channels_last), nd)
     result.backward(torch.from_numpy(np.ascontiguousarray(grad)).reshape(result.shape))
     g = t.grad.numpy()

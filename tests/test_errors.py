@@ -26,7 +26,8 @@ BAD_CALLS = [
     (lambda: fastpool.avg_pool1d(X1, 2, 0), ValueError, r"stride.*\(0,\)"),
     (lambda: fastpool.max_pool3d(X3, 2, dilation=0), ValueError, r"dilation.*\(0, 0, 0\)"),
     (lambda: fastpool.max_pool2d(X2, 3, padding=-1), ValueError, r"padding.*\(-1, -1\)"),
-    (lambda: fastpool.max_pool2d(X2, 3, padding=2), ValueError, r"padding=\(2, 2\).*kernel_size=\(3, 3\)"),
+    (lambda: fastpool.max_pool2d(X2, 3, padding=2), ValueError,
+     r"padding=\(2, 2\).*kernel_size=\(3, 3\)"),
     (lambda: fastpool.avg_pool1d(X1, 2, padding=2), ValueError, r"padding=\(2,\)"),
     # output size < 1
     (lambda: fastpool.max_pool2d(X2, 9), ValueError, r"output size \(0, 0\)"),

@@ -4,8 +4,17 @@ The kernels compile on first use (and are cached on disk), so importing this
 package compiles nothing.
 """
 
-from fastpool._host import GRAD_DTYPES, absolute, asarray, canonical, empty, times_sign, wrap, zeros
+from fastpool._host import (
+                            FLOAT_DTYPES,
+                            absolute,
+                            asarray,
+                            canonical,
+                            empty,
+                            times_sign,
+                            wrap,
+                            zeros,
+)
 from fastpool.cpu.pooling import max_backward, max_pool, sum_backward, sum_pool
 
 __all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "asarray", "canonical",
-           "empty", "zeros", "absolute", "times_sign", "wrap", "GRAD_DTYPES"]
+           "empty", "zeros", "absolute", "times_sign", "wrap", "FLOAT_DTYPES"]

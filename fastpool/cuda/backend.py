@@ -16,7 +16,7 @@ from fastpool._config import CUDA_MAX_THREADS_PER_BLOCK
 from fastpool._params import WindowTable
 from fastpool.cuda import kernels
 
-GRAD_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 # --------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def zeros(shape: tuple, dtype, stream=None):
     array = empty(shape, dtype, stream)
     if array.size:
         flat = array.reshape(array.size)
-        kernels.fill[_grid(flat.size), stream or 0](flat, np.dtype(dtype).type(0))
+        _configure(kernels.fill, flat.size, stream)(flat, np.dtype(dtype).type(0))
     return array
 
 
@@ -73,14 +73,14 @@ def absolute(array, stream=None):
     source = canonical(array, (array.size,))
     out = empty(source.shape, source.dtype, stream)
     if out.size:
-        kernels.absolute[_grid(out.size), stream or 0](source, out)
+        _configure(kernels.absolute, out.size, stream)(source, out)
     return out.reshape(array.shape)
 
 
 def times_sign(values, x, stream=None):
     flat = canonical(values, (values.size,))
     if flat.size:
-        kernels.times_sign[_grid(flat.size), stream or 0](flat, canonical(x, (x.size,)))
+        _configure(kernels.times_sign, flat.size, stream)(flat, canonical(x, (x.size,)))
     return values
 
 
@@ -115,6 +115,12 @@ def _grid(n: int) -> tuple[int, int]:
     return max(blocks, 1), threads
 
 
+def _configure(kernel, n: int, stream):
+    """``kernel`` configured for ``n`` elements on ``stream``."""
+    blocks, threads = _grid(n)
+    return kernel[blocks, threads, stream or 0]
+
+
 def _to_device(table: WindowTable, stream):
     return tuple(cuda.to_device(a, stream=stream or 0)
                  for a in (table.start, table.stop, table.step, table.divisor))
@@ -136,7 +142,7 @@ def max_pool(x, table: WindowTable, channels_last: bool, lowest, with_indices: b
     out = empty(shape, x.dtype, stream)
     indices = empty(shape if with_indices else (1,) * 5, np.int64, stream)
     start, stop, step, _ = _to_device(table, stream)
-    kernels.max_pool[_grid(out.size), stream or 0](
+    _configure(kernels.max_pool, out.size, stream)(
         x5, out, indices, start, stop, step, np.dtype(x.dtype).type(lowest), with_indices)
     canonical_shape = shape if channels_last else shape[:4]
     return out.reshape(canonical_shape), (indices.reshape(canonical_shape) if with_indices
@@ -148,7 +154,7 @@ def sum_pool(x, table: WindowTable, channels_last: bool, power: float, stream=No
     shape = (x5.shape[0], *table.out_shape, x5.shape[4])
     out = empty(shape, x.dtype, stream)
     start, stop, step, divisor = _to_device(table, stream)
-    kernels.sum_pool[_grid(out.size), stream or 0](
+    _configure(kernels.sum_pool, out.size, stream)(
         x5, out, start, stop, step, divisor, table.scale,
         None if power == 1.0 else float(power), _accumulator_zero(x.dtype))
     return out.reshape(shape if channels_last else shape[:4])
@@ -177,12 +183,12 @@ def sum_backward(grad_out, x, table: WindowTable, channels_last: bool, input_sha
     start, stop, step, divisor = _to_device(table, stream)
     lp = None if power == 1.0 else float(power)
     x5 = coefficient if x is None else _five_d(x, channels_last)
-    kernels.output_coefficients[_grid(grad5.size), stream or 0](
+    _configure(kernels.output_coefficients, grad5.size, stream)(
         grad5, x5, coefficient, start, stop, step, divisor, table.scale, lp, zero)
     grad_in = empty(in5, grad_out.dtype, stream)
     first, last = (cuda.to_device(a, stream=stream or 0)
                    for a in _inverse_table(table, in5))
-    kernels.sum_backward[_grid(grad_in.size), stream or 0](
+    _configure(kernels.sum_backward, grad_in.size, stream)(
         coefficient, x5 if x is not None else grad_in, grad_in, first, last, start, stop,
         step, lp, zero)
     return grad_in.reshape(input_shape)
@@ -200,16 +206,16 @@ def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
     if table is None:
         grad_in = zeros((in5[0], plane, in5[4]), grad_out.dtype, stream)
         flat_shape = (in5[0], grad5.size // (in5[0] * in5[4]) if grad5.size else 0, in5[4])
-        kernels.max_backward_by_plane[_grid(in5[0] * in5[4]), stream or 0](
+        _configure(kernels.max_backward_by_plane, in5[0] * in5[4], stream)(
             grad5.reshape(flat_shape), idx5.reshape(flat_shape), grad_in, outside)
     else:
         flat = idx5.reshape(idx5.size)
-        kernels.count_outside[_grid(flat.size), stream or 0](flat, plane, outside)
+        _configure(kernels.count_outside, flat.size, stream)(flat, plane, outside)
         grad_in = empty(in5, grad_out.dtype, stream)
         first, last = (cuda.to_device(a, stream=stream or 0)
                        for a in _inverse_table(table, in5))
         start, stop, step, _ = _to_device(table, stream)
-        kernels.max_backward[_grid(grad_in.size), stream or 0](
+        _configure(kernels.max_backward, grad_in.size, stream)(
             grad5, idx5, grad_in, first, last, start, stop, step,
             _accumulator_zero(grad_out.dtype) if grad_out.dtype != np.float16
             else np.float16(0))

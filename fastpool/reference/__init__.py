@@ -6,8 +6,17 @@ tests use it as an oracle beside PyTorch, and the benchmark suite as the
 NumPy baseline.
 """
 
-from fastpool._host import GRAD_DTYPES, absolute, asarray, canonical, empty, times_sign, wrap, zeros
+from fastpool._host import (
+                            FLOAT_DTYPES,
+                            absolute,
+                            asarray,
+                            canonical,
+                            empty,
+                            times_sign,
+                            wrap,
+                            zeros,
+)
 from fastpool.reference.pooling import max_backward, max_pool, sum_backward, sum_pool
 
 __all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "asarray", "canonical",
-           "empty", "zeros", "absolute", "times_sign", "wrap", "GRAD_DTYPES"]
+           "empty", "zeros", "absolute", "times_sign", "wrap", "FLOAT_DTYPES"]

@@ -4,8 +4,10 @@
 signatures; ``fastpool.torch.nn`` has torch.nn's pooling modules (subclasses of
 torch's own, so constructors, reprs and ``isinstance`` checks are unchanged)
 plus ``GlobalMaxPool{1,2,3}d`` and ``GlobalAvgPool{1,2,3}d``.  CPU tensors reach
-the Numba kernels through zero-copy NumPy views; ``torch.channels_last`` and
-``torch.channels_last_3d`` tensors use the channels-last kernels.
+the Numba kernels through zero-copy NumPy views and CUDA tensors the CUDA
+kernels through ``__cuda_array_interface__``, launched on torch's current
+stream; ``torch.channels_last`` and ``torch.channels_last_3d`` tensors use the
+channels-last kernels.
 
 Importing this module imports torch; ``import fastpool`` does not.
 """

@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import fastpool
@@ -41,17 +40,25 @@ def _is_channels_last(t: torch.Tensor) -> bool:
             and t.is_contiguous(memory_format=memory_format) and not t.is_contiguous())
 
 
-def _to_numpy(t: torch.Tensor, channels_last: bool) -> np.ndarray:
-    if t.device.type != "cpu":
-        raise ValueError(f"fastpool.torch: tensors on {t.device} are not supported yet "
-                         f"(only CPU tensors run on fastpool's kernels)")
+def _to_numpy(t: torch.Tensor, channels_last: bool):
+    """A zero-copy view for fastpool: NumPy for CPU tensors; CUDA tensors pass as
+    themselves (fastpool reads their ``__cuda_array_interface__``)."""
     t = t.detach()
-    return (t.movedim(1, -1) if channels_last else t).numpy()
+    t = t.movedim(1, -1) if channels_last else t
+    return t.numpy() if t.device.type == "cpu" else t
 
 
-def _to_tensor(array: np.ndarray, channels_last: bool) -> torch.Tensor:
-    t = torch.from_numpy(array)
+def _to_tensor(array, channels_last: bool) -> torch.Tensor:
+    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
     return t.movedim(-1, 1) if channels_last else t
+
+
+def _stream(t: torch.Tensor):
+    """torch's current CUDA stream as a numba stream, so launches queue behind torch's."""
+    if t.device.type != "cuda":
+        return None
+    from numba import cuda
+    return cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
 
 
 @dataclass(frozen=True)
@@ -66,15 +73,20 @@ class PoolOp:
     def returns_indices(self) -> bool:
         return "max" in self.family
 
-    def forward(self, x: np.ndarray, channels_last: bool):
+    def forward(self, x, channels_last: bool, stream=None):
         function = getattr(fastpool, f"{self.family}{self.nd}d")
         extra = {"return_indices": True} if self.returns_indices else {}
-        return function(x, **dict(self.arguments), **extra, channels_last=channels_last)
+        return function(x, **dict(self.arguments), **extra, channels_last=channels_last,
+                        stream=stream)
 
-    def backward(self, grad: np.ndarray, x: np.ndarray, indices, channels_last: bool):
+    def backward(self, grad, x, indices, channels_last: bool, stream=None):
         function = getattr(fastpool, f"{self.family}{self.nd}d_backward")
         arguments = dict(self.arguments)
-        kw = dict(channels_last=channels_last)
+        kw = dict(channels_last=channels_last, stream=stream)
+        if self.family == "max_pool":  # the window lets a GPU gather instead of scatter
+            window = {k: arguments[k] for k in ("kernel_size", "stride", "padding",
+                                                "dilation", "ceil_mode")}
+            return function(grad, indices, x.shape, **window, **kw)
         if self.returns_indices:
             return function(grad, indices, x.shape, **kw)
         if self.family == "lp_pool":
@@ -91,7 +103,7 @@ class PoolFunction(torch.autograd.Function):
     def forward(ctx, input: torch.Tensor, op: PoolOp):
         channels_last = _is_channels_last(input)
         x = _to_numpy(input, channels_last)
-        result = op.forward(x, channels_last)
+        result = op.forward(x, channels_last, _stream(input))
         ctx.op, ctx.channels_last = op, channels_last
         if op.returns_indices:
             out, indices = result
@@ -109,14 +121,15 @@ class PoolFunction(torch.autograd.Function):
         (input,) = ctx.saved_tensors
         x = _to_numpy(input, ctx.channels_last)
         grad = _to_numpy(grad_output, ctx.channels_last)
-        grad_in = ctx.op.backward(grad, x, getattr(ctx, "indices", None), ctx.channels_last)
+        grad_in = ctx.op.backward(grad, x, getattr(ctx, "indices", None), ctx.channels_last,
+                                  _stream(input))
         return _to_tensor(grad_in, ctx.channels_last), None
 
 
 def _make(family: str, nd: int):
     base = getattr(fastpool, f"{family}{nd}d")
     parameters = [p for name, p in inspect.signature(base).parameters.items()
-                  if name not in ("channels_last", "backend")]
+                  if name not in ("channels_last", "backend", "stream")]
     parameters[0] = parameters[0].replace(name="input", annotation=torch.Tensor)
     signature = inspect.Signature(parameters)
 
