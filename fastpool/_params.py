@@ -16,6 +16,7 @@ a kernel, stride and dilation of 1 and no padding.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -93,6 +94,17 @@ class SlidingWindow:
     @classmethod
     def from_args(cls, op: str, nd: int, kernel_size, stride=None, padding=0,
                   dilation=1, ceil_mode=False) -> SlidingWindow:
+        """Validate and normalise (memoised on the arguments and their types)."""
+        arguments = (op, nd, kernel_size, stride, padding, dilation, ceil_mode)
+        try:
+            key = _typed_key(arguments)
+        except TypeError:  # an unhashable oddity: validate without the cache
+            return cls._from_args(*arguments)
+        return _sliding_window(cls, key, arguments)
+
+    @classmethod
+    def _from_args(cls, op: str, nd: int, kernel_size, stride=None, padding=0,
+                   dilation=1, ceil_mode=False) -> SlidingWindow:
         kernel = int_tuple(kernel_size, nd, "kernel_size", op)
         _check_positive(kernel, "kernel_size", op)
         # torch treats stride=None and an empty stride list as "same as kernel".
@@ -128,12 +140,18 @@ class SlidingWindow:
 
     def table(self, op: str, in_spatial: tuple[int, ...], divisor: str | int = "padded",
               scale: float = 1.0) -> WindowTable:
-        """Window table for input of spatial shape ``in_spatial``.
+        """Window table for input of spatial shape ``in_spatial`` (memoised: a
+        training loop asks for the same few tables over and over).
 
         ``divisor`` is "padded" (count the padding, as count_include_pad=True),
         "valid" (count only input elements) or a nonzero int divisor_override.
         """
-        out_spatial = self.output_shape(op, in_spatial)
+        self.output_shape(op, tuple(in_spatial))  # raises with this op's name
+        return _sliding_table(self, tuple(in_spatial), divisor, scale)
+
+    def _build_table(self, in_spatial: tuple[int, ...], divisor: str | int,
+                     scale: float) -> WindowTable:
+        out_spatial = self.output_shape("table", in_spatial)
         axes = [
             _sliding_axis(size, n_out, k, s, p, d, divisor)
             for size, n_out, k, s, p, d in zip(in_spatial, out_spatial, self.kernel_size,
@@ -145,6 +163,32 @@ class SlidingWindow:
             last = axes[-1]
             axes[-1] = (last[0], last[1], last[2], np.full_like(last[3], float(divisor)))
         return WindowTable.from_axes(axes, out_spatial, scale)
+
+
+def _typed_key(value):
+    """A hashable key that tells 1 from True and (1,) from [1]."""
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_typed_key(v) for v in value))
+    hash(value)
+    return (type(value).__name__, value)
+
+
+def _sliding_window(cls, key, arguments) -> SlidingWindow:
+    window = _WINDOWS.get(key)
+    if window is None:
+        window = cls._from_args(*arguments)
+        if len(_WINDOWS) < 1024:
+            _WINDOWS[key] = window
+    return window
+
+
+_WINDOWS: dict = {}
+
+
+@functools.lru_cache(maxsize=256)
+def _sliding_table(window: SlidingWindow, in_spatial: tuple[int, ...], divisor: str | int,
+                   scale: float) -> WindowTable:
+    return window._build_table(in_spatial, divisor, scale)
 
 
 def pooling_output_size(size: int, kernel: int, pad: int, stride: int, dilation: int,
@@ -187,6 +231,7 @@ def adaptive_output_shape(op: str, nd: int, output_size, in_spatial: tuple[int, 
     return tuple(size if o is None else o for o, size in zip(sizes, in_spatial))
 
 
+@functools.lru_cache(maxsize=256)
 def adaptive_table(in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]) -> WindowTable:
     """AdaptivePooling.h: window i spans [floor(i*in/out), ceil((i+1)*in/out))."""
     axes = []
@@ -221,6 +266,15 @@ class WindowTable:
     step: np.ndarray  # (3,) int64
     divisor: np.ndarray  # (3, max_out) float64
     scale: float
+
+    @functools.cached_property
+    def max_window_size(self) -> int:
+        """The most input elements any window reads."""
+        size = 1
+        for axis, n_out in enumerate(self.out_shape):
+            span = self.stop[axis, :n_out] - self.start[axis, :n_out]
+            size *= int(np.max((span + self.step[axis] - 1) // self.step[axis], initial=0))
+        return size
 
     @classmethod
     def from_axes(cls, axes, out_spatial, scale) -> WindowTable:
@@ -308,15 +362,11 @@ def check_dtype(dtype: np.dtype, mode: str, op: str, floats=FLOAT_DTYPES) -> Non
     """max accepts the back end's float types (``floats``), integers and bool;
     averages accept the float types."""
     dtype = dtype.newbyteorder("=")
-    names = " and ".join(f.name for f in floats)
-    if mode == "max":
-        if dtype in floats or dtype.kind in "iub":
-            return
-        supported = f"{names.replace(' and ', ', ')}, the integer types and bool"
-    else:
-        if dtype in floats:
-            return
-        supported = names
+    if dtype in floats or (mode == "max" and dtype.kind in "iub"):
+        return
+    names = [f.name for f in floats]
+    supported = (f"{', '.join(names)}, the integer types and bool" if mode == "max"
+                 else " and ".join(names))
     raise TypeError(f"{op}: input dtype {dtype} is not supported; {mode} pooling takes "
                     f"{supported}")
 

@@ -126,13 +126,13 @@ def _root_impl(mean, power):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power):
+def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, zero):
     planes, out_d, out_h, out_w = out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
     for row in prange(planes * out_d * out_h):
         plane, od, oh = _row_coords(row, out_d, out_h)
         d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-        total = np.zeros(out_w, np.float64)
+        total = np.full(out_w, zero)
         d = d0
         while d < d1:
             h = h0
@@ -140,7 +140,7 @@ def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power):
                 x_row = x[plane, d, h]
                 for ow in range(out_w):
                     w, w1 = start[2, ow], stop[2, ow]
-                    row_total = 0.0
+                    row_total = zero
                     while w < w1:
                         row_total += _raise_to(x_row[w], power)
                         w += step_w
@@ -154,18 +154,18 @@ def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power):
+def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero):
     batch, out_d, out_h, out_w, channels = out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
     for row in prange(batch * out_d * out_h):
         n, od, oh = _row_coords(row, out_d, out_h)
         d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
         row_divisor = divisor[0, od] * divisor[1, oh]
-        total = np.empty(channels, np.float64)
+        total = np.full(channels, zero)
         for ow in range(out_w):
             w0, w1 = start[2, ow], stop[2, ow]
             for c in range(channels):
-                total[c] = 0.0
+                total[c] = zero
             d = d0
             while d < d1:
                 h = h0

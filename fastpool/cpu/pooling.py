@@ -40,8 +40,21 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
               else kernels.sum_pool_channels_first)
     # power None (not 1.0) selects the averaging specialisation, free of pow calls.
     launch(kernel, x, out, table.start, table.stop, table.step, table.divisor, table.scale,
-           None if power == 1.0 else float(power))
+           None if power == 1.0 else float(power), accumulator_zero(x.dtype, table, power))
     return out
+
+
+# Windows up to this many elements sum float32 input in float32, as torch does;
+# larger ones (and Lp powers) sum in float64, where rounding would add up.
+FLOAT32_SUM_LIMIT = 64
+
+
+def accumulator_zero(dtype, table: WindowTable, power: float = 1.0):
+    """The zero of the accumulator type: its type selects the kernel specialisation."""
+    if np.dtype(dtype) == np.float32 and power == 1.0 and \
+            table.max_window_size <= FLOAT32_SUM_LIMIT:
+        return np.float32(0)
+    return np.float64(0)
 
 
 def _channel_block(batch: int, channels: int) -> int:
