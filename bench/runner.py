@@ -75,6 +75,10 @@ def _backward(case: Case, x: np.ndarray, channels_last: bool):
         forward(x, *case.args, **kw)
     out = result[0] if is_max else result
     grad = np.random.default_rng(1).standard_normal(out.shape, dtype=np.float32)
+    window = {}
+    if case.op == "max_pool":  # the optional window lets the kernels gather
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        window = {**dict(zip(names, case.args)), **case.kwargs}
     if is_max:
         arguments, nbytes = (grad, result[1], x.shape), grad.nbytes + result[1].nbytes
     elif case.op == "lp_pool":
@@ -83,7 +87,7 @@ def _backward(case: Case, x: np.ndarray, channels_last: bool):
         arguments, nbytes = (grad, x.shape, *case.args), grad.nbytes
     else:
         arguments, nbytes = (grad, x.shape), grad.nbytes
-    calls = {name: (lambda b=backend: backward(*arguments, backend=b, **kw))
+    calls = {name: (lambda b=backend: backward(*arguments, backend=b, **kw, **window))
              for name, backend in (("fastpool", "cpu"), ("numpy", "numpy"))}
     t, torch_forward = _torch_function(case, x, channels_last, requires_grad=True)
     y = torch_forward()

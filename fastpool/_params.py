@@ -276,6 +276,20 @@ class WindowTable:
             size *= int(np.max((span + self.step[axis] - 1) // self.step[axis], initial=0))
         return size
 
+    def covering_outputs(self, in_spatial: tuple[int, int, int]):
+        """Per axis and input position ``i``, the range ``[first, last)`` of outputs
+        whose windows may hold ``i`` (windows start and stop in non-decreasing
+        order along every axis); gathering backward kernels loop over it and
+        check the step."""
+        first = np.zeros((3, max(in_spatial)), np.int64)
+        last = np.zeros((3, max(in_spatial)), np.int64)
+        for axis, size in enumerate(in_spatial):
+            n_out = self.out_shape[axis]
+            position = np.arange(size)
+            first[axis, :size] = np.searchsorted(self.stop[axis, :n_out], position, "right")
+            last[axis, :size] = np.searchsorted(self.start[axis, :n_out], position, "right")
+        return first, last
+
     @classmethod
     def from_axes(cls, axes, out_spatial, scale) -> WindowTable:
         pad = CANONICAL_SPATIAL_DIMS - len(axes)

@@ -310,51 +310,112 @@ def sum_backward_channels_first(grad_out, x, grad_in, start, stop, step, divisor
                         d += step_d
 
 
+# --------------------------------------------------------------------------
+# Channels-last backward as a gather: one task per input row, each input
+# element summing, in output order, over the windows that cover it (as the
+# CUDA kernels do).  Writes are contiguous runs of channels, owned by one task.
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _covers(position, o, start, stop, step, axis):
+    # The modulo only matters for dilation; a division per test is not free.
+    return position < stop[axis, o] and (
+        step[axis] == 1 or (position - start[axis, o]) % step[axis] == 0)
+
+
 @njit(**CPU_JIT_OPTIONS)
-def sum_backward_channels_last(grad_out, x, grad_in, start, stop, step, divisor, scale,
-                               power, channel_block):
+def lp_coefficients_channels_last(grad_out, x, coefficient, start, stop, step, divisor,
+                                  scale, power):
+    """Per output: d loss / d (sum of x**p over its window), torch's chain rule."""
     batch, out_d, out_h, out_w, channels = grad_out.shape
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    blocks = (channels + channel_block - 1) // channel_block
-    for task in prange(batch * blocks):
-        n = task // blocks
-        c0 = (task - n * blocks) * channel_block
-        c1 = min(c0 + channel_block, channels)
-        window_sum = np.zeros(channel_block, np.float64)
-        coefficient = np.empty(channel_block, np.float64)
-        for od in range(out_d):
-            d0, d1 = start[0, od], stop[0, od]
-            for oh in range(out_h):
-                h0, h1 = start[1, oh], stop[1, oh]
-                for ow in range(out_w):
-                    w0, w1 = start[2, ow], stop[2, ow]
-                    window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
-                    if _uses_window_sum(power):
-                        window_sum[:] = 0.0
-                        d = d0
-                        while d < d1:
-                            h = h0
-                            while h < h1:
-                                w = w0
-                                while w < w1:
-                                    for c in range(c0, c1):
-                                        window_sum[c - c0] += _raise_to(x[n, d, h, w, c], power)
-                                    w += step_w
-                                h += step_h
-                            d += step_d
-                    for c in range(c0, c1):
-                        coefficient[c - c0] = _lp_output_gradient(
-                            np.float64(grad_out[n, od, oh, ow, c]), window_sum[c - c0],
-                            window_divisor, scale, power) / window_divisor
-                    d = d0
-                    while d < d1:
-                        h = h0
-                        while h < h1:
-                            w = w0
-                            while w < w1:
-                                for c in range(c0, c1):
-                                    grad_in[n, d, h, w, c] += coefficient[c - c0] * _input_factor(
-                                        x[n, d, h, w, c], power)
-                                w += step_w
-                            h += step_h
-                        d += step_d
+    for row in prange(batch * out_d * out_h):
+        n, od, oh = _row_coords(row, out_d, out_h)
+        total = np.empty(channels, np.float64)
+        for ow in range(out_w):
+            total[:] = 0.0
+            d = start[0, od]
+            while d < stop[0, od]:
+                h = start[1, oh]
+                while h < stop[1, oh]:
+                    w = start[2, ow]
+                    while w < stop[2, ow]:
+                        values = x[n, d, h, w]
+                        for c in range(channels):
+                            total[c] += _raise_to(values[c], power)
+                        w += step[2]
+                    h += step[1]
+                d += step[0]
+            window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
+            for c in range(channels):
+                coefficient[n, od, oh, ow, c] = _lp_output_gradient(
+                    np.float64(grad_out[n, od, oh, ow, c]), total[c], window_divisor, scale,
+                    power) / window_divisor
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_backward_gather_channels_last(coefficient, x, grad_in, first_out, last_out, start,
+                                      stop, step, divisor, scale, power):
+    """grad_in[i] = factor(x[i]) * sum over covering windows of their coefficient;
+    for averages (power None) the coefficient is grad_out * scale / divisor."""
+    batch, depth, height, width, channels = grad_in.shape
+    for row in prange(batch * depth * height):
+        n, d, h = _row_coords(row, depth, height)
+        for w in range(width):
+            total = grad_in[n, d, h, w]
+            total[:] = 0.0
+            for od in range(first_out[0, d], last_out[0, d]):
+                if not _covers(d, od, start, stop, step, 0):
+                    continue
+                for oh in range(first_out[1, h], last_out[1, h]):
+                    if not _covers(h, oh, start, stop, step, 1):
+                        continue
+                    for ow in range(first_out[2, w], last_out[2, w]):
+                        if not _covers(w, ow, start, stop, step, 2):
+                            continue
+                        terms = coefficient[n, od, oh, ow]
+                        if _uses_window_sum(power):
+                            for c in range(channels):
+                                total[c] += terms[c]
+                        else:
+                            factor = scale / (divisor[0, od] * divisor[1, oh] * divisor[2, ow])
+                            for c in range(channels):
+                                total[c] += terms[c] * factor
+            if _uses_window_sum(power):
+                values = x[n, d, h, w]
+                for c in range(channels):
+                    total[c] *= _input_factor(values[c], power)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_backward_gather_channels_last(grad_out, indices, grad_in, first_out, last_out, start,
+                                      stop, step):
+    batch, depth, height, width, channels = grad_in.shape
+    for row in prange(batch * depth * height):
+        n, d, h = _row_coords(row, depth, height)
+        for w in range(width):
+            here = (d * height + h) * width + w
+            total = grad_in[n, d, h, w]
+            total[:] = 0.0
+            for od in range(first_out[0, d], last_out[0, d]):
+                if not _covers(d, od, start, stop, step, 0):
+                    continue
+                for oh in range(first_out[1, h], last_out[1, h]):
+                    if not _covers(h, oh, start, stop, step, 1):
+                        continue
+                    for ow in range(first_out[2, w], last_out[2, w]):
+                        if not _covers(w, ow, start, stop, step, 2):
+                            continue
+                        grads, at = grad_out[n, od, oh, ow], indices[n, od, oh, ow]
+                        for c in range(channels):
+                            if at[c] == here:
+                                total[c] += grads[c]
+
+
+@njit(**CPU_JIT_OPTIONS)
+def count_outside(indices, size):
+    outside = 0
+    for i in prange(indices.size):
+        if indices[i] < 0 or indices[i] >= size:
+            outside += 1
+    return outside

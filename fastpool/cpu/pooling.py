@@ -70,15 +70,26 @@ def _channel_block(batch: int, channels: int) -> int:
 def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
                  channels_last: bool, table: WindowTable | None = None,
                  stream=None) -> tuple[np.ndarray, int]:
-    """Scatter ``grad_out`` to the maxima's positions: (grad_input, indices outside)."""
+    """Scatter ``grad_out`` to the maxima's positions: (grad_input, indices outside).
+
+    Channels-last input with a window table gathers per input row instead."""
     batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
     tail = input_shape[4:]
+    if channels_last and table is not None:
+        outside = launch(kernels.count_outside, indices.reshape(-1), spatial)
+        grad_in = np.empty(input_shape, grad_out.dtype)
+        first, last = table.covering_outputs(input_shape[1:4])
+        launch(kernels.max_backward_gather_channels_last, grad_out, indices, grad_in, first,
+               last, table.start, table.stop, table.step)
+        return grad_in, int(outside)
     grad_in = np.zeros((batch, spatial, *tail), grad_out.dtype)
     shape = (batch, -1, *tail)
-    kernel = (kernels.max_backward_channels_last if channels_last
-              else kernels.max_backward_channels_first)
-    extra = (_channel_block(batch, tail[0]),) if channels_last else ()
-    outside = launch(kernel, grad_out.reshape(shape), indices.reshape(shape), grad_in, *extra)
+    if channels_last:
+        outside = launch(kernels.max_backward_channels_last, grad_out.reshape(shape),
+                         indices.reshape(shape), grad_in, _channel_block(batch, tail[0]))
+    else:
+        outside = launch(kernels.max_backward_channels_first, grad_out.reshape(shape),
+                         indices.reshape(shape), grad_in)
     return grad_in.reshape(input_shape), int(outside)
 
 
@@ -86,12 +97,21 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
                  channels_last: bool, input_shape: tuple, power: float,
                  stream=None) -> np.ndarray:
     """Gradient of :func:`sum_pool` (x is needed for Lp only)."""
+    lp = None if power == 1.0 else float(power)
+    if channels_last:
+        grad_in = np.empty(input_shape, grad_out.dtype)
+        coefficient = grad_out
+        if lp is not None:
+            coefficient = np.empty(grad_out.shape, np.float64)
+            launch(kernels.lp_coefficients_channels_last, grad_out, x, coefficient,
+                   table.start, table.stop, table.step, table.divisor, table.scale, lp)
+        first, last = table.covering_outputs(input_shape[1:4])
+        # Averages never read x: grad_in stands in for it with the right type and shape.
+        launch(kernels.sum_backward_gather_channels_last, coefficient,
+               grad_in if x is None else x, grad_in, first, last, table.start, table.stop,
+               table.step, table.divisor, table.scale, lp)
+        return grad_in
     grad_in = np.zeros(input_shape, grad_out.dtype)
-    kernel = (kernels.sum_backward_channels_last if channels_last
-              else kernels.sum_backward_channels_first)
-    # Averages never read x: grad_in stands in for it with the right type and shape.
-    extra = (_channel_block(input_shape[0], input_shape[-1]),) if channels_last else ()
-    launch(kernel, grad_out, grad_in if power == 1.0 else x, grad_in, table.start, table.stop,
-           table.step, table.divisor, table.scale, None if power == 1.0 else float(power),
-           *extra)
+    launch(kernels.sum_backward_channels_first, grad_out, grad_in if x is None else x,
+           grad_in, table.start, table.stop, table.step, table.divisor, table.scale, lp)
     return grad_in

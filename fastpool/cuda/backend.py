@@ -160,20 +160,6 @@ def sum_pool(x, table: WindowTable, channels_last: bool, power: float, stream=No
     return out.reshape(shape if channels_last else shape[:4])
 
 
-def _inverse_table(table: WindowTable, input_shape: tuple):
-    """Per axis and input position, the range of outputs whose windows may cover it
-    (windows start and stop in non-decreasing order along every axis)."""
-    sizes = input_shape[1:4]
-    first = np.zeros((3, max(sizes)), np.int64)
-    last = np.zeros((3, max(sizes)), np.int64)
-    for axis, size in enumerate(sizes):
-        n_out = table.out_shape[axis]
-        position = np.arange(size)
-        first[axis, :size] = np.searchsorted(table.stop[axis, :n_out], position, "right")
-        last[axis, :size] = np.searchsorted(table.start[axis, :n_out], position, "right")
-    return first, last
-
-
 def sum_backward(grad_out, x, table: WindowTable, channels_last: bool, input_shape: tuple,
                  power: float, stream=None):
     grad5 = _five_d(grad_out, channels_last)
@@ -187,7 +173,7 @@ def sum_backward(grad_out, x, table: WindowTable, channels_last: bool, input_sha
         grad5, x5, coefficient, start, stop, step, divisor, table.scale, lp, zero)
     grad_in = empty(in5, grad_out.dtype, stream)
     first, last = (cuda.to_device(a, stream=stream or 0)
-                   for a in _inverse_table(table, in5))
+                   for a in table.covering_outputs(in5[1:4]))
     _configure(kernels.sum_backward, grad_in.size, stream)(
         coefficient, x5 if x is not None else grad_in, grad_in, first, last, start, stop,
         step, lp, zero)
@@ -213,7 +199,7 @@ def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
         _configure(kernels.count_outside, flat.size, stream)(flat, plane, outside)
         grad_in = empty(in5, grad_out.dtype, stream)
         first, last = (cuda.to_device(a, stream=stream or 0)
-                       for a in _inverse_table(table, in5))
+                       for a in table.covering_outputs(in5[1:4]))
         start, stop, step, _ = _to_device(table, stream)
         _configure(kernels.max_backward, grad_in.size, stream)(
             grad5, idx5, grad_in, first, last, start, stop, step,
