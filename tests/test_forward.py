@@ -227,3 +227,51 @@ def test_all_minus_inf_window_keeps_first_index():
                                                      backend=backend)
         assert_array_equal(out[0, 0], [[-np.inf, -np.inf], [-np.inf, 1.0]])
         assert_array_equal(idx[0, 0], [[0, 2], [8, 15]])
+
+
+@pytest.fixture
+def separable_everywhere(monkeypatch):
+    """Route every window through the separable CPU kernels (normally large ones only)."""
+    from fastpool.cpu import pooling
+    monkeypatch.setattr(pooling, "SEPARABLE_MIN_WINDOW", 1)
+
+
+@layouts
+@pytest.mark.parametrize("nd, size, kwargs", _table(op_dilation=True))
+def test_separable_kernels(nd, size, kwargs, channels_last, rng, separable_everywhere):
+    x = make_input(rng, nd, size, channels_last=channels_last, ties=True)
+    kw = dict(channels_last=channels_last, backend="cpu", **kwargs)
+    want = torch_pool("max_pool", nd, x, return_indices=True, channels_last=channels_last,
+                      **kwargs)
+    got = fastpool_op("max_pool", nd)(x, return_indices=True, **kw)
+    assert_array_equal(got[0], want[0])
+    assert_array_equal(got[1], want[1])
+    if "dilation" not in kwargs:
+        y = make_input(rng, nd, size, channels_last=channels_last, dtype=np.float64)
+        assert_allclose(fastpool_op("avg_pool", nd)(y, **kw),
+                        torch_pool("avg_pool", nd, y, channels_last=channels_last, **kwargs),
+                        **TOLERANCE[y.dtype])
+    if "dilation" not in kwargs and not kwargs.get("padding"):
+        lp_kwargs = {k: v for k, v in kwargs.items() if k != "padding"}
+        y = np.abs(make_input(rng, nd, size, channels_last=channels_last, dtype=np.float64))
+        assert_allclose(fastpool_op("lp_pool", nd)(y, 3, channels_last=channels_last,
+                                                   backend="cpu", **lp_kwargs),
+                        torch_pool("lp_pool", nd, y, 3, channels_last=channels_last,
+                                   **lp_kwargs), **TOLERANCE[y.dtype])
+
+
+@layouts
+@pytest.mark.parametrize("nd, size, output_size", _adaptive_table())
+def test_separable_adaptive_and_nan(nd, size, output_size, channels_last, rng,
+                                    separable_everywhere):
+    x = make_input(rng, nd, size, channels_last=channels_last, ties=True)
+    x = np.where(rng.random(x.shape) < 0.1, np.nan, x).astype(np.float32)
+    x = np.where(rng.random(x.shape) < 0.1, -np.inf, x).astype(np.float32)
+    kw = dict(channels_last=channels_last)
+    want = torch_pool("adaptive_max_pool", nd, x, output_size, return_indices=True, **kw)
+    got = fastpool_op("adaptive_max_pool", nd)(x, output_size, True, backend="cpu", **kw)
+    assert_array_equal(got[0], want[0])
+    assert_array_equal(got[1], want[1])
+    assert_allclose(fastpool_op("adaptive_avg_pool", nd)(x, output_size, backend="cpu", **kw),
+                    torch_pool("adaptive_avg_pool", nd, x, output_size, **kw), rtol=1e-5,
+                    atol=1e-6)

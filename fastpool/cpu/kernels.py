@@ -419,3 +419,198 @@ def count_outside(indices, size):
         if indices[i] < 0 or indices[i] >= size:
             outside += 1
     return outside
+
+
+# --------------------------------------------------------------------------
+# Separable forward for large windows: a W pass reduces each input row over
+# every output's W-window (into float64 sums, or maxima and their positions),
+# then a D/H pass reduces those row results over each output's D/H-window,
+# vectorised across the output row.  Cost per output: kw + kd*kh instead of
+# kd*kh*kw.  The max pass keeps torch's semantics: rows are visited in scan
+# order and each row's result is its first maximum (or last NaN), so the
+# winner is the first maximum (or last NaN) in (d, h, w) scan order.
+# --------------------------------------------------------------------------
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_pool_separable_channels_first(x, out, start, stop, step, divisor, scale, power):
+    planes, out_d, out_h, out_w = out.shape
+    depth, height = x.shape[1], x.shape[2]
+    for plane in prange(planes):
+        rows = np.empty((depth, height, out_w), np.float64)
+        for d in range(depth):
+            for h in range(height):
+                x_row = x[plane, d, h]
+                for ow in range(out_w):
+                    total = 0.0
+                    w = start[2, ow]
+                    while w < stop[2, ow]:
+                        total += _raise_to(x_row[w], power)
+                        w += step[2]
+                    rows[d, h, ow] = total
+        total_row = np.empty(out_w, np.float64)
+        for od in range(out_d):
+            for oh in range(out_h):
+                total_row[:] = 0.0
+                d = start[0, od]
+                while d < stop[0, od]:
+                    h = start[1, oh]
+                    while h < stop[1, oh]:
+                        row = rows[d, h]
+                        for ow in range(out_w):
+                            total_row[ow] += row[ow]
+                        h += step[1]
+                    d += step[0]
+                row_divisor = divisor[0, od] * divisor[1, oh]
+                result = out[plane, od, oh]
+                for ow in range(out_w):
+                    result[ow] = _root(total_row[ow] * (scale / (row_divisor * divisor[2, ow])),
+                                       power)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, power,
+                                     channel_block):
+    batch, out_d, out_h, out_w, channels = out.shape
+    depth, height = x.shape[1], x.shape[2]
+    blocks = (channels + channel_block - 1) // channel_block
+    for task in prange(batch * blocks):
+        n = task // blocks
+        c0 = (task - n * blocks) * channel_block
+        width = min(c0 + channel_block, channels) - c0
+        rows = np.zeros((depth, height, out_w, width), np.float64)
+        for d in range(depth):
+            for h in range(height):
+                for ow in range(out_w):
+                    total = rows[d, h, ow]
+                    w = start[2, ow]
+                    while w < stop[2, ow]:
+                        values = x[n, d, h, w]
+                        for c in range(width):
+                            total[c] += _raise_to(values[c0 + c], power)
+                        w += step[2]
+        total_row = np.empty((out_w, width), np.float64)
+        for od in range(out_d):
+            for oh in range(out_h):
+                total_row[:] = 0.0
+                d = start[0, od]
+                while d < stop[0, od]:
+                    h = start[1, oh]
+                    while h < stop[1, oh]:
+                        row = rows[d, h]
+                        for ow in range(out_w):
+                            for c in range(width):
+                                total_row[ow, c] += row[ow, c]
+                        h += step[1]
+                    d += step[0]
+                row_divisor = divisor[0, od] * divisor[1, oh]
+                for ow in range(out_w):
+                    factor = scale / (row_divisor * divisor[2, ow])
+                    result = out[n, od, oh, ow]
+                    for c in range(width):
+                        result[c0 + c] = _root(total_row[ow, c] * factor, power)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_pool_separable_channels_first(x, out, indices, start, stop, step, lowest,
+                                      with_indices):
+    planes, out_d, out_h, out_w = out.shape
+    depth, height, width = x.shape[1], x.shape[2], x.shape[3]
+    for plane in prange(planes):
+        rows = np.empty((depth, height, out_w), x.dtype)
+        rows_at = np.empty((depth, height, out_w), np.int64)
+        for d in range(depth):
+            for h in range(height):
+                x_row = x[plane, d, h]
+                for ow in range(out_w):
+                    best, best_at = lowest, start[2, ow]
+                    w = start[2, ow]
+                    while w < stop[2, ow]:
+                        value = x_row[w]
+                        if (value > best) | (value != value):
+                            best, best_at = value, w
+                        w += step[2]
+                    rows[d, h, ow], rows_at[d, h, ow] = best, best_at
+        best = np.empty(out_w, x.dtype)
+        best_at = np.empty(out_w, np.int64)
+        for od in range(out_d):
+            for oh in range(out_h):
+                d0, h0 = start[0, od], start[1, oh]
+                for ow in range(out_w):
+                    best[ow] = lowest
+                    best_at[ow] = (d0 * height + h0) * width + start[2, ow]
+                d = d0
+                while d < stop[0, od]:
+                    h = h0
+                    while h < stop[1, oh]:
+                        row, row_at = rows[d, h], rows_at[d, h]
+                        base = (d * height + h) * width
+                        for ow in range(out_w):
+                            value = row[ow]
+                            if (value > best[ow]) | (value != value):
+                                best[ow] = value
+                                best_at[ow] = base + row_at[ow]
+                        h += step[1]
+                    d += step[0]
+                out[plane, od, oh, :] = best
+                if with_indices:
+                    indices[plane, od, oh, :] = best_at
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
+                                     with_indices, channel_block):
+    batch, out_d, out_h, out_w, channels = out.shape
+    depth, height, width = x.shape[1], x.shape[2], x.shape[3]
+    blocks = (channels + channel_block - 1) // channel_block
+    for task in prange(batch * blocks):
+        n = task // blocks
+        c0 = (task - n * blocks) * channel_block
+        span = min(c0 + channel_block, channels) - c0
+        rows = np.empty((depth, height, out_w, span), x.dtype)
+        rows_at = np.empty((depth, height, out_w, span), np.int64)
+        for d in range(depth):
+            for h in range(height):
+                for ow in range(out_w):
+                    best, best_at = rows[d, h, ow], rows_at[d, h, ow]
+                    best[:] = lowest
+                    best_at[:] = start[2, ow]
+                    w = start[2, ow]
+                    while w < stop[2, ow]:
+                        values = x[n, d, h, w]
+                        for c in range(span):
+                            value = values[c0 + c]
+                            if (value > best[c]) | (value != value):
+                                best[c] = value
+                                best_at[c] = w
+                        w += step[2]
+        best = np.empty((out_w, span), x.dtype)
+        best_at = np.empty((out_w, span), np.int64)
+        for od in range(out_d):
+            for oh in range(out_h):
+                d0, h0 = start[0, od], start[1, oh]
+                for ow in range(out_w):
+                    best[ow, :] = lowest
+                    best_at[ow, :] = (d0 * height + h0) * width + start[2, ow]
+                d = d0
+                while d < stop[0, od]:
+                    h = h0
+                    while h < stop[1, oh]:
+                        row, row_at = rows[d, h], rows_at[d, h]
+                        base = (d * height + h) * width
+                        for ow in range(out_w):
+                            for c in range(span):
+                                value = row[ow, c]
+                                if (value > best[ow, c]) | (value != value):
+                                    best[ow, c] = value
+                                    best_at[ow, c] = base + row_at[ow, c]
+                        h += step[1]
+                    d += step[0]
+                for ow in range(out_w):
+                    result = out[n, od, oh, ow]
+                    for c in range(span):
+                        result[c0 + c] = best[ow, c]
+                    if with_indices:
+                        result_at = indices[n, od, oh, ow]
+                        for c in range(span):
+                            result_at[c0 + c] = best_at[ow, c]

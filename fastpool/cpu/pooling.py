@@ -19,16 +19,39 @@ def _out_shape(x: np.ndarray, table: WindowTable, channels_last: bool) -> tuple:
         x.shape[0], *table.out_shape)
 
 
+# Windows of at least this many elements take the separable kernels (a W pass,
+# then a D/H pass), when their row buffers stay under SEPARABLE_MAX_BUFFER bytes.
+SEPARABLE_MIN_WINDOW = 16
+SEPARABLE_MAX_BUFFER = 64 << 20
+
+
+def _separable(x: np.ndarray, table: WindowTable, channels_last: bool,
+               bytes_per_entry: int) -> int:
+    """0 for the direct kernels, else the channel block of the separable ones."""
+    if table.max_window_size < SEPARABLE_MIN_WINDOW:
+        return 0
+    depth, height = x.shape[1:3]
+    block = _channel_block(x.shape[0], x.shape[4]) if channels_last else 1
+    fits = depth * height * table.out_shape[2] * block * bytes_per_entry <= SEPARABLE_MAX_BUFFER
+    return block if fits else 0
+
+
 def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
              with_indices: bool, stream=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Window maxima and, if asked, their flat indices within the spatial plane."""
     shape = _out_shape(x, table, channels_last)
     out = np.empty(shape, x.dtype)
     indices = np.empty(shape if with_indices else (1,) * len(shape), np.int64)
-    kernel = (kernels.max_pool_channels_last if channels_last
-              else kernels.max_pool_channels_first)
-    launch(kernel, x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
-           with_indices)
+    arguments = (x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
+                 with_indices)
+    block = _separable(x, table, channels_last, x.itemsize + 8)
+    if block and channels_last:
+        launch(kernels.max_pool_separable_channels_last, *arguments, block)
+    elif block:
+        launch(kernels.max_pool_separable_channels_first, *arguments)
+    else:
+        launch(kernels.max_pool_channels_last if channels_last
+               else kernels.max_pool_channels_first, *arguments)
     return out, (indices if with_indices else None)
 
 
@@ -36,11 +59,18 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
              power: float, stream=None) -> np.ndarray:
     """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window."""
     out = np.empty(_out_shape(x, table, channels_last), x.dtype)
-    kernel = (kernels.sum_pool_channels_last if channels_last
-              else kernels.sum_pool_channels_first)
     # power None (not 1.0) selects the averaging specialisation, free of pow calls.
-    launch(kernel, x, out, table.start, table.stop, table.step, table.divisor, table.scale,
-           None if power == 1.0 else float(power), accumulator_zero(x.dtype, table, power))
+    arguments = (x, out, table.start, table.stop, table.step, table.divisor, table.scale,
+                 None if power == 1.0 else float(power))
+    block = _separable(x, table, channels_last, 8)
+    if block and channels_last:
+        launch(kernels.sum_pool_separable_channels_last, *arguments, block)
+    elif block:
+        launch(kernels.sum_pool_separable_channels_first, *arguments)
+    else:
+        launch(kernels.sum_pool_channels_last if channels_last
+               else kernels.sum_pool_channels_first, *arguments,
+               accumulator_zero(x.dtype, table, power))
     return out
 
 
