@@ -268,13 +268,24 @@ class WindowTable:
     scale: float
 
     @functools.cached_property
-    def max_window_size(self) -> int:
-        """The most input elements any window reads."""
-        size = 1
+    def window_sizes(self) -> tuple[int, int, int]:
+        """Per axis, the most input positions any window reads."""
+        sizes = []
         for axis, n_out in enumerate(self.out_shape):
             span = self.stop[axis, :n_out] - self.start[axis, :n_out]
-            size *= int(np.max((span + self.step[axis] - 1) // self.step[axis], initial=0))
-        return size
+            sizes.append(int(np.max((span + self.step[axis] - 1) // self.step[axis],
+                                    initial=0)))
+        return tuple(sizes)
+
+    def is_whole_plane(self, in_spatial: tuple[int, int, int]) -> bool:
+        """One output whose window is the whole input plane (global pooling)."""
+        return (self.out_shape == (1, 1, 1) and not self.start[:, 0].any()
+                and tuple(self.stop[:, 0]) == tuple(in_spatial) and (self.step == 1).all())
+
+    @property
+    def max_window_size(self) -> int:
+        """The most input elements any window reads."""
+        return math.prod(self.window_sizes)
 
     def covering_outputs(self, in_spatial: tuple[int, int, int]):
         """Per axis and input position ``i``, the range ``[first, last)`` of outputs

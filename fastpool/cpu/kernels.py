@@ -32,73 +32,83 @@ def _row_coords(row, out_d, out_h):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def max_pool_channels_first(x, out, indices, start, stop, step, lowest, with_indices):
+def max_pool_channels_first(x, out, indices, start, stop, step, lowest, with_indices, chunks):
     planes, out_d, out_h, out_w = out.shape
     height, width = x.shape[2], x.shape[3]
     step_d, step_h, step_w = step[0], step[1], step[2]
-    for row in prange(planes * out_d * out_h):
-        plane, od, oh = _row_coords(row, out_d, out_h)
-        d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-        best = out[plane, od, oh]
-        best_at = np.empty(out_w, np.int64)
-        for ow in range(out_w):
-            best[ow] = lowest
-            best_at[ow] = (d0 * height + h0) * width + start[2, ow]
-        # Input rows of the window in scan order, each swept for the whole output row.
-        d = d0
-        while d < d1:
-            h = h0
-            while h < h1:
-                x_row = x[plane, d, h]
-                base = (d * height + h) * width
-                for ow in range(out_w):
-                    row_best, row_at = best[ow], best_at[ow]
-                    w, w1 = start[2, ow], stop[2, ow]
-                    while w < w1:
-                        value = x_row[w]
-                        # torch's update: a NaN always wins, ties keep the first.
-                        if (value > row_best) | (value != value):
-                            row_best, row_at = value, base + w
-                        w += step_w
-                    best[ow], best_at[ow] = row_best, row_at
-                h += step_h
-            d += step_d
-        if with_indices:
-            indices[plane, od, oh, :] = best_at
-
-
-@njit(**CPU_JIT_OPTIONS)
-def max_pool_channels_last(x, out, indices, start, stop, step, lowest, with_indices):
-    batch, out_d, out_h, out_w, channels = out.shape
-    height, width = x.shape[2], x.shape[3]
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    for row in prange(batch * out_d * out_h):
-        n, od, oh = _row_coords(row, out_d, out_h)
-        d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-        best_at = np.empty(channels, np.int64)
-        for ow in range(out_w):
-            w0, w1 = start[2, ow], stop[2, ow]
-            best = out[n, od, oh, ow]
-            best[:] = lowest
-            best_at[:] = (d0 * height + h0) * width + w0
+    # Rows go in chunks, each with one scratch row: an allocation per output row
+    # costs more than a small row's arithmetic.
+    rows = planes * out_d * out_h
+    per_chunk = (rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        scratch = np.empty(out_w, np.int64)
+        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            plane, od, oh = _row_coords(row, out_d, out_h)
+            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+            best = out[plane, od, oh]
+            best_at = scratch
+            for ow in range(out_w):
+                best[ow] = lowest
+                best_at[ow] = (d0 * height + h0) * width + start[2, ow]
+            # Input rows of the window in scan order, each swept for the whole output row.
             d = d0
             while d < d1:
                 h = h0
                 while h < h1:
-                    w = w0
-                    while w < w1:
-                        values = x[n, d, h, w]
-                        at = (d * height + h) * width + w
-                        for c in range(channels):
-                            value = values[c]
-                            if (value > best[c]) | (value != value):
-                                best[c] = value
-                                best_at[c] = at
-                        w += step_w
+                    x_row = x[plane, d, h]
+                    base = (d * height + h) * width
+                    for ow in range(out_w):
+                        row_best, row_at = best[ow], best_at[ow]
+                        w, w1 = start[2, ow], stop[2, ow]
+                        while w < w1:
+                            value = x_row[w]
+                            # torch's update: a NaN always wins, ties keep the first.
+                            if (value > row_best) | (value != value):
+                                row_best, row_at = value, base + w
+                            w += step_w
+                        best[ow], best_at[ow] = row_best, row_at
                     h += step_h
                 d += step_d
             if with_indices:
-                indices[n, od, oh, ow, :] = best_at
+                indices[plane, od, oh, :] = best_at
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_pool_channels_last(x, out, indices, start, stop, step, lowest, with_indices, chunks):
+    batch, out_d, out_h, out_w, channels = out.shape
+    height, width = x.shape[2], x.shape[3]
+    step_d, step_h, step_w = step[0], step[1], step[2]
+    rows = batch * out_d * out_h
+    per_chunk = (rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        scratch = np.empty(channels, np.int64)
+        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            n, od, oh = _row_coords(row, out_d, out_h)
+            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+            best_at = scratch
+            for ow in range(out_w):
+                w0, w1 = start[2, ow], stop[2, ow]
+                best = out[n, od, oh, ow]
+                best[:] = lowest
+                best_at[:] = (d0 * height + h0) * width + w0
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        w = w0
+                        while w < w1:
+                            values = x[n, d, h, w]
+                            at = (d * height + h) * width + w
+                            for c in range(channels):
+                                value = values[c]
+                                if (value > best[c]) | (value != value):
+                                    best[c] = value
+                                    best_at[c] = at
+                            w += step_w
+                        h += step_h
+                    d += step_d
+                if with_indices:
+                    indices[n, od, oh, ow, :] = best_at
 
 
 def _raise_to(value, power):
@@ -111,77 +121,98 @@ def _root(mean, power):
 
 # Resolved by type at compile time, so averages and Lp norms get separate
 # specialisations and the averaging loops stay free of branches and pow calls.
+@njit(inline="always")
+def _power(value, power):
+    """``value ** power`` with the common integer powers multiplied out (pow is slow)."""
+    if power == 2.0:
+        return value * value
+    if power == 1.0:
+        return value
+    if power == 3.0:
+        return value * value * value
+    return value ** power
+
+
 @overload(_raise_to)
 def _raise_to_impl(value, power):
     if isinstance(power, types.NoneType):
         return lambda value, power: value
-    return lambda value, power: np.float64(value) ** power
+    return lambda value, power: _power(np.float64(value), power)
 
 
 @overload(_root)
 def _root_impl(mean, power):
     if isinstance(power, types.NoneType):
         return lambda mean, power: mean
-    return lambda mean, power: mean ** (1.0 / power)
+    return lambda mean, power: np.sqrt(mean) if power == 2.0 else mean ** (1.0 / power)
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, zero):
+def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, zero, chunks):
     planes, out_d, out_h, out_w = out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
-    for row in prange(planes * out_d * out_h):
-        plane, od, oh = _row_coords(row, out_d, out_h)
-        d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-        total = np.full(out_w, zero)
-        d = d0
-        while d < d1:
-            h = h0
-            while h < h1:
-                x_row = x[plane, d, h]
-                for ow in range(out_w):
-                    w, w1 = start[2, ow], stop[2, ow]
-                    row_total = zero
-                    while w < w1:
-                        row_total += _raise_to(x_row[w], power)
-                        w += step_w
-                    total[ow] += row_total
-                h += step_h
-            d += step_d
-        row_divisor = divisor[0, od] * divisor[1, oh]
-        result = out[plane, od, oh]
-        for ow in range(out_w):
-            result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])), power)
-
-
-@njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero):
-    batch, out_d, out_h, out_w, channels = out.shape
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    for row in prange(batch * out_d * out_h):
-        n, od, oh = _row_coords(row, out_d, out_h)
-        d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-        row_divisor = divisor[0, od] * divisor[1, oh]
-        total = np.full(channels, zero)
-        for ow in range(out_w):
-            w0, w1 = start[2, ow], stop[2, ow]
-            for c in range(channels):
-                total[c] = zero
+    rows = planes * out_d * out_h
+    per_chunk = (rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        scratch = np.empty(out_w, type(zero))
+        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            plane, od, oh = _row_coords(row, out_d, out_h)
+            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+            total = scratch
+            total[:] = zero
             d = d0
             while d < d1:
                 h = h0
                 while h < h1:
-                    w = w0
-                    while w < w1:
-                        values = x[n, d, h, w]
-                        for c in range(channels):
-                            total[c] += _raise_to(values[c], power)
-                        w += step_w
+                    x_row = x[plane, d, h]
+                    for ow in range(out_w):
+                        w, w1 = start[2, ow], stop[2, ow]
+                        row_total = zero
+                        while w < w1:
+                            row_total += _raise_to(x_row[w], power)
+                            w += step_w
+                        total[ow] += row_total
                     h += step_h
                 d += step_d
-            factor = scale / (row_divisor * divisor[2, ow])
-            result = out[n, od, oh, ow]
-            for c in range(channels):
-                result[c] = _root(total[c] * factor, power)
+            row_divisor = divisor[0, od] * divisor[1, oh]
+            result = out[plane, od, oh]
+            for ow in range(out_w):
+                result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])), power)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks):
+    batch, out_d, out_h, out_w, channels = out.shape
+    step_d, step_h, step_w = step[0], step[1], step[2]
+    rows = batch * out_d * out_h
+    per_chunk = (rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        scratch = np.empty(channels, type(zero))
+        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            n, od, oh = _row_coords(row, out_d, out_h)
+            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+            row_divisor = divisor[0, od] * divisor[1, oh]
+            total = scratch
+            for ow in range(out_w):
+                w0, w1 = start[2, ow], stop[2, ow]
+                for c in range(channels):
+                    total[c] = zero
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        w = w0
+                        while w < w1:
+                            values = x[n, d, h, w]
+                            for c in range(channels):
+                                total[c] += _raise_to(values[c], power)
+                            w += step_w
+                        h += step_h
+                    d += step_d
+                factor = scale / (row_divisor * divisor[2, ow])
+                result = out[n, od, oh, ow]
+                for c in range(channels):
+                    result[c] = _root(total[c] * factor, power)
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +287,8 @@ def _input_factor(value, power):
 def _input_factor_impl(value, power):
     if isinstance(power, types.NoneType):
         return lambda value, power: 1.0
-    return lambda value, power: power * np.float64(value) ** (power - 1.0)
+    return lambda value, power: power * _power(np.float64(value), power - 1.0) \
+        if power != 1.0 else 1.0
 
 
 def _uses_window_sum(power):
@@ -326,31 +358,35 @@ def _covers(position, o, start, stop, step, axis):
 
 @njit(**CPU_JIT_OPTIONS)
 def lp_coefficients_channels_last(grad_out, x, coefficient, start, stop, step, divisor,
-                                  scale, power):
+                                  scale, power, chunks):
     """Per output: d loss / d (sum of x**p over its window), torch's chain rule."""
     batch, out_d, out_h, out_w, channels = grad_out.shape
-    for row in prange(batch * out_d * out_h):
-        n, od, oh = _row_coords(row, out_d, out_h)
-        total = np.empty(channels, np.float64)
-        for ow in range(out_w):
-            total[:] = 0.0
-            d = start[0, od]
-            while d < stop[0, od]:
-                h = start[1, oh]
-                while h < stop[1, oh]:
-                    w = start[2, ow]
-                    while w < stop[2, ow]:
-                        values = x[n, d, h, w]
-                        for c in range(channels):
-                            total[c] += _raise_to(values[c], power)
-                        w += step[2]
-                    h += step[1]
-                d += step[0]
-            window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
-            for c in range(channels):
-                coefficient[n, od, oh, ow, c] = _lp_output_gradient(
-                    np.float64(grad_out[n, od, oh, ow, c]), total[c], window_divisor, scale,
-                    power) / window_divisor
+    rows = batch * out_d * out_h
+    per_chunk = (rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        scratch = np.empty(channels, np.float64)
+        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            n, od, oh = _row_coords(row, out_d, out_h)
+            total = scratch
+            for ow in range(out_w):
+                total[:] = 0.0
+                d = start[0, od]
+                while d < stop[0, od]:
+                    h = start[1, oh]
+                    while h < stop[1, oh]:
+                        w = start[2, ow]
+                        while w < stop[2, ow]:
+                            values = x[n, d, h, w]
+                            for c in range(channels):
+                                total[c] += _raise_to(values[c], power)
+                            w += step[2]
+                        h += step[1]
+                    d += step[0]
+                window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
+                for c in range(channels):
+                    coefficient[n, od, oh, ow, c] = _lp_output_gradient(
+                        np.float64(grad_out[n, od, oh, ow, c]), total[c], window_divisor, scale,
+                        power) / window_divisor
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -614,3 +650,53 @@ def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
                         result_at = indices[n, od, oh, ow]
                         for c in range(span):
                             result_at[c0 + c] = best_at[ow, c]
+
+
+# --------------------------------------------------------------------------
+# Whole-plane reductions (global pooling, channels-first): each plane is one
+# contiguous run of memory.
+# --------------------------------------------------------------------------
+
+
+@njit(**CPU_JIT_OPTIONS)
+def plane_sum(x, out, factor, power, zero):
+    planes, size = x.shape
+    for plane in prange(planes):
+        values = x[plane]
+        # Four running sums: one sum is bound by the latency of each addition.
+        a0, a1, a2, a3 = zero, zero, zero, zero
+        body = size - size % 4
+        for i in range(0, body, 4):
+            a0 += _raise_to(values[i], power)
+            a1 += _raise_to(values[i + 1], power)
+            a2 += _raise_to(values[i + 2], power)
+            a3 += _raise_to(values[i + 3], power)
+        for i in range(body, size):
+            a0 += _raise_to(values[i], power)
+        out[plane] = _root(((a0 + a1) + (a2 + a3)) * factor, power)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def plane_max(x, out, indices, lowest, with_indices):
+    planes, size = x.shape
+    for plane in prange(planes):
+        values = x[plane]
+        best, best_at = lowest, 0
+        for i in range(size):
+            value = values[i]
+            if (value > best) | (value != value):
+                best, best_at = value, i
+        out[plane] = best
+        if with_indices:
+            indices[plane] = best_at
+
+
+@njit(**CPU_JIT_OPTIONS)
+def plane_broadcast(grad_out, grad_in, factor):
+    """Backward of a whole-plane average: every element gets its plane's share."""
+    planes, size = grad_in.shape
+    for plane in prange(planes):
+        share = grad_out[plane] * factor
+        target = grad_in[plane]
+        for i in range(size):
+            target[i] = share

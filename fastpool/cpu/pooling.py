@@ -14,14 +14,21 @@ from fastpool.cpu import kernels
 from fastpool.cpu.runtime import launch
 
 
+def _chunks(x: np.ndarray, table: WindowTable) -> int:
+    """How many parallel tasks the output rows (batch, od, oh) are split into."""
+    rows = x.shape[0] * table.out_shape[0] * table.out_shape[1]
+    return max(1, min(rows, 16 * get_num_threads()))
+
+
 def _out_shape(x: np.ndarray, table: WindowTable, channels_last: bool) -> tuple:
     return (x.shape[0], *table.out_shape, *x.shape[4:5]) if channels_last else (
         x.shape[0], *table.out_shape)
 
 
 # Windows of at least this many elements take the separable kernels (a W pass,
-# then a D/H pass), when their row buffers stay under SEPARABLE_MAX_BUFFER bytes.
-SEPARABLE_MIN_WINDOW = 16
+# then a D/H pass) when that halves the element reads and their row buffers stay
+# under SEPARABLE_MAX_BUFFER bytes.
+SEPARABLE_MIN_WINDOW = 9
 SEPARABLE_MAX_BUFFER = 64 << 20
 
 
@@ -31,6 +38,12 @@ def _separable(x: np.ndarray, table: WindowTable, channels_last: bool,
     if table.max_window_size < SEPARABLE_MIN_WINDOW:
         return 0
     depth, height = x.shape[1:3]
+    out_d, out_h, out_w = table.out_shape
+    size_d, size_h, size_w = table.window_sizes
+    direct = out_d * out_h * out_w * size_d * size_h * size_w
+    separable = depth * height * out_w * size_w + out_d * out_h * out_w * size_d * size_h
+    if SEPARABLE_MIN_WINDOW > 1 and 2 * separable > direct:
+        return 0
     block = _channel_block(x.shape[0], x.shape[4]) if channels_last else 1
     fits = depth * height * table.out_shape[2] * block * bytes_per_entry <= SEPARABLE_MAX_BUFFER
     return block if fits else 0
@@ -42,6 +55,10 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
     shape = _out_shape(x, table, channels_last)
     out = np.empty(shape, x.dtype)
     indices = np.empty(shape if with_indices else (1,) * len(shape), np.int64)
+    if not channels_last and table.is_whole_plane(x.shape[1:4]):
+        launch(kernels.plane_max, x.reshape(x.shape[0], -1), out.reshape(-1),
+               indices.reshape(-1), x.dtype.type(lowest), with_indices)
+        return out, (indices if with_indices else None)
     arguments = (x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
                  with_indices)
     block = _separable(x, table, channels_last, x.itemsize + 8)
@@ -51,7 +68,7 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
         launch(kernels.max_pool_separable_channels_first, *arguments)
     else:
         launch(kernels.max_pool_channels_last if channels_last
-               else kernels.max_pool_channels_first, *arguments)
+               else kernels.max_pool_channels_first, *arguments, _chunks(x, table))
     return out, (indices if with_indices else None)
 
 
@@ -59,6 +76,12 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
              power: float, stream=None) -> np.ndarray:
     """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window."""
     out = np.empty(_out_shape(x, table, channels_last), x.dtype)
+    lp = None if power == 1.0 else float(power)
+    if not channels_last and table.is_whole_plane(x.shape[1:4]):
+        launch(kernels.plane_sum, x.reshape(x.shape[0], -1), out.reshape(-1),
+               table.scale / float(np.prod(table.divisor[:, 0])), lp,
+               accumulator_zero(x.dtype, table, power))
+        return out
     # power None (not 1.0) selects the averaging specialisation, free of pow calls.
     arguments = (x, out, table.start, table.stop, table.step, table.divisor, table.scale,
                  None if power == 1.0 else float(power))
@@ -70,7 +93,7 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     else:
         launch(kernels.sum_pool_channels_last if channels_last
                else kernels.sum_pool_channels_first, *arguments,
-               accumulator_zero(x.dtype, table, power))
+               accumulator_zero(x.dtype, table, power), _chunks(x, table))
     return out
 
 
@@ -134,12 +157,19 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
         if lp is not None:
             coefficient = np.empty(grad_out.shape, np.float64)
             launch(kernels.lp_coefficients_channels_last, grad_out, x, coefficient,
-                   table.start, table.stop, table.step, table.divisor, table.scale, lp)
+                   table.start, table.stop, table.step, table.divisor, table.scale, lp,
+                   _chunks(grad_out, table))
         first, last = table.covering_outputs(input_shape[1:4])
         # Averages never read x: grad_in stands in for it with the right type and shape.
         launch(kernels.sum_backward_gather_channels_last, coefficient,
                grad_in if x is None else x, grad_in, first, last, table.start, table.stop,
                table.step, table.divisor, table.scale, lp)
+        return grad_in
+    if lp is None and table.is_whole_plane(input_shape[1:4]):
+        grad_in = np.empty(input_shape, grad_out.dtype)
+        launch(kernels.plane_broadcast, grad_out.reshape(-1),
+               grad_in.reshape(input_shape[0], -1),
+               table.scale / float(np.prod(table.divisor[:, 0])))
         return grad_in
     grad_in = np.zeros(input_shape, grad_out.dtype)
     launch(kernels.sum_backward_channels_first, grad_out, grad_in if x is None else x,
