@@ -38,6 +38,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-numpy", action="store_true", help="skip the NumPy reference")
     parser.add_argument("--json", default="bench-results.json")
     parser.add_argument("--png", default="bench-results.png")
+    parser.add_argument("--markdown", default=None,
+                        help="also write the report as Markdown (docs/benchmarks.md)")
     parser.add_argument("--compile-cost", action="store_true",
                         help="also time each op's first call, cold and warm cache")
     args = parser.parse_args(argv)
@@ -76,11 +78,20 @@ def main(argv=None) -> list[dict]:
             print(f"first call of {name}: {cost['cold']:.2f} s cold cache, "
                   f"{cost['warm']:.3f} s warm cache")
     report.write_json(args.json, rows, costs)
+    chart = None
     try:
         report.write_chart(args.png, rows)
+        chart = args.png
         print(f"wrote {args.json} and {args.png}")
     except ImportError:
         print(f"wrote {args.json} (install matplotlib for the chart)")
+    if args.markdown:
+        import os
+        relative = os.path.relpath(chart, os.path.dirname(args.markdown) or ".") if chart \
+            else None
+        command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        report.write_markdown(args.markdown, rows, costs, command.strip(), relative)
+        print(f"wrote {args.markdown}")
     return rows
 
 

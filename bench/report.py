@@ -100,3 +100,47 @@ def write_chart(path, rows) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -> None:
+    """docs/benchmarks.md: the machine, the command, the summary and the full table."""
+    info = machine()
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{command}` on {info['processor']} ({info['machine']}), "
+        f"{info['threads']} threads for fastpool and torch alike, Python {info['python']}, "
+        f"numba {info['numba']}, fastpool {info['fastpool']}. float32. Times are the best "
+        "of several runs after a warm-up (the NumPy reference: one run). Speed-ups are "
+        "`time_torch / time_fastpool` and `time_numpy / time_fastpool` from the same run; "
+        "GB/s counts the bytes fastpool's kernels read plus write, and `% copy` compares "
+        "that with a parallel copy of the same number of bytes timed in the same run. "
+        "The machine is shared and noisy: trust the ratios more than the milliseconds.",
+        "",
+        "## Summary",
+        "",
+        *[f"- {line}" for line in summary(rows)],
+        "",
+    ]
+    if chart:
+        lines += [f"![speed-up over torch]({chart})", ""]
+    lines += ["## Full table", "",
+              "| op | shape | layout | dir | fastpool ms | numpy ms | torch ms | vs torch "
+              "| vs numpy | GB/s | copy GB/s | % copy |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms = r["ms"]
+        vs_numpy = f"{r['speedup_vs_numpy']:.1f}x" if r["speedup_vs_numpy"] else "-"
+        lines.append(
+            f"| {r['op']} | {'x'.join(map(str, r['shape']))} | "
+            f"{'cl' if r['layout'] == 'channels-last' else 'cf'} | {r['direction']} | "
+            f"{ms['fastpool']:.2f} | {ms.get('numpy', float('nan')):.1f} | "
+            f"{ms['torch']:.2f} | {r['speedup_vs_torch']:.2f}x | {vs_numpy} | "
+            f"{r['gb_per_s']:.1f} | {r['copy_gb_per_s']:.1f} | {r['percent_of_copy']:.0f}% |")
+    if compile_costs:
+        lines += ["", "## Compile cost (first call in a fresh process)", "",
+                  "| op | empty cache (compiles) | warm on-disk cache |", "|---|---:|---:|"]
+        lines += [f"| {name} | {c['cold']:.2f} s | {c['warm']:.3f} s |"
+                  for name, c in compile_costs.items()]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
