@@ -64,10 +64,23 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _processor() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
+    import os
+
     import numba
     return {"python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": _processor(), "cores": os.cpu_count(),
             "threads": fastpool.get_num_threads(), "numba": numba.__version__,
             "fastpool": fastpool.__version__}
 
@@ -108,8 +121,8 @@ def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -
     lines = [
         "# Benchmarks",
         "",
-        f"Produced by `{command}` on {info['processor']} ({info['machine']}), "
-        f"{info['threads']} threads for fastpool and torch alike, Python {info['python']}, "
+        f"Produced by `{command}` on {info['processor']} ({info['machine']}, "
+        f"{info['cores']} cores), {info['threads']} threads for fastpool and torch alike, Python {info['python']}, "
         f"numba {info['numba']}, fastpool {info['fastpool']}. float32. Times are the best "
         "of several runs after a warm-up (the NumPy reference: one run). Speed-ups are "
         "`time_torch / time_fastpool` and `time_numpy / time_fastpool` from the same run; "
