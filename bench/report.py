@@ -122,7 +122,8 @@ def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -
         "# Benchmarks",
         "",
         f"Produced by `{command}` on {info['processor']} ({info['machine']}, "
-        f"{info['cores']} cores), {info['threads']} threads for fastpool and torch alike, Python {info['python']}, "
+        f"{info['cores']} cores), {info['threads']} threads for fastpool and torch alike, "
+        f"Python {info['python']}, "
         f"numba {info['numba']}, fastpool {info['fastpool']}. float32. Times are the best "
         "of several runs after a warm-up (the NumPy reference: one run). Speed-ups are "
         "`time_torch / time_fastpool` and `time_numpy / time_fastpool` from the same run; "

@@ -61,14 +61,8 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
         return out, (indices if with_indices else None)
     arguments = (x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
                  with_indices)
-    block = _separable(x, table, channels_last, x.itemsize + 8)
-    if block and channels_last:
-        launch(kernels.max_pool_separable_channels_last, *arguments, block)
-    elif block:
-        launch(kernels.max_pool_separable_channels_first, *arguments)
-    else:
-        launch(kernels.max_pool_channels_last if channels_last
-               else kernels.max_pool_channels_first, *arguments, _chunks(x, table))
+    _launch_family("max_pool", channels_last, arguments,
+                   _separable(x, table, channels_last, x.itemsize + 8), _chunks(x, table))
     return out, (indices if with_indices else None)
 
 
@@ -85,16 +79,20 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     # power None (not 1.0) selects the averaging specialisation, free of pow calls.
     arguments = (x, out, table.start, table.stop, table.step, table.divisor, table.scale,
                  None if power == 1.0 else float(power))
-    block = _separable(x, table, channels_last, 8)
-    if block and channels_last:
-        launch(kernels.sum_pool_separable_channels_last, *arguments, block)
-    elif block:
-        launch(kernels.sum_pool_separable_channels_first, *arguments)
-    else:
-        launch(kernels.sum_pool_channels_last if channels_last
-               else kernels.sum_pool_channels_first, *arguments,
-               accumulator_zero(x.dtype, table, power), _chunks(x, table))
+    _launch_family("sum_pool", channels_last, arguments, _separable(x, table, channels_last, 8),
+                   accumulator_zero(x.dtype, table, power), _chunks(x, table))
     return out
+
+
+def _launch_family(name: str, channels_last: bool, arguments: tuple, block: int,
+                   *direct_arguments) -> None:
+    """Run ``name``'s separable kernel (given a channel block) or its direct kernel."""
+    layout = "channels_last" if channels_last else "channels_first"
+    if block:
+        launch(getattr(kernels, f"{name}_separable_{layout}"), *arguments,
+               *((block,) if channels_last else ()))
+    else:
+        launch(getattr(kernels, f"{name}_{layout}"), *arguments, *direct_arguments)
 
 
 # Windows up to this many elements sum float32 input in float32, as torch does;
