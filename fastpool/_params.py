@@ -162,7 +162,18 @@ class SlidingWindow:
             axes = [(a[0], a[1], a[2], np.ones_like(a[3])) for a in axes]
             last = axes[-1]
             axes[-1] = (last[0], last[1], last[2], np.full_like(last[3], float(divisor)))
-        return WindowTable.from_axes(axes, out_spatial, scale)
+        interior = [_interior(size, n_out, k, s, p, d) for size, n_out, k, s, p, d in zip(
+            in_spatial, out_spatial, self.kernel_size, self.stride, self.padding,
+            self.dilation)]
+        return WindowTable.from_axes(axes, out_spatial, scale, interior)
+
+
+def _interior(size, n_out, kernel, stride, pad, dilation):
+    """[lo, hi, stride, offset, kernel]: outputs ``lo <= o < hi`` have whole windows
+    inside the input, reading ``o*stride + offset + j*dilation`` for j < kernel."""
+    lo = min(n_out, -(-pad // stride))
+    hi = max(lo, min(n_out, (size - 1 - (kernel - 1) * dilation + pad) // stride + 1))
+    return (lo, hi, stride, -pad, kernel)
 
 
 def _typed_key(value):
@@ -266,6 +277,9 @@ class WindowTable:
     step: np.ndarray  # (3,) int64
     divisor: np.ndarray  # (3, max_out) float64
     scale: float
+    # Per axis [lo, hi, stride, offset, kernel]: outputs lo <= o < hi read whole,
+    # regularly spaced windows (sliding tables; empty for adaptive ones).
+    interior: np.ndarray  # (3, 5) int64
 
     @functools.cached_property
     def window_sizes(self) -> tuple[int, int, int]:
@@ -302,8 +316,12 @@ class WindowTable:
         return first, last
 
     @classmethod
-    def from_axes(cls, axes, out_spatial, scale) -> WindowTable:
+    def from_axes(cls, axes, out_spatial, scale, interior=None) -> WindowTable:
         pad = CANONICAL_SPATIAL_DIMS - len(axes)
+        regular = np.zeros((3, 5), np.int64)
+        regular[:, 2] = 1
+        for row, axis_interior in enumerate(interior or (), start=pad):
+            regular[row] = axis_interior
         unit = (np.zeros(1, np.int64), np.ones(1, np.int64), 1, np.ones(1))
         axes = [unit] * pad + list(axes)
         out_shape = (1,) * pad + tuple(out_spatial)
@@ -315,7 +333,7 @@ class WindowTable:
             n = len(a_start)
             start[row, :n], stop[row, :n], divisor[row, :n] = a_start, a_stop, a_div
         step = np.array([a[2] for a in axes], np.int64)
-        return cls(out_shape, start, stop, step, divisor, float(scale))
+        return cls(out_shape, start, stop, step, divisor, float(scale), regular)
 
 
 # --------------------------------------------------------------------------

@@ -212,6 +212,9 @@ def test_nan_and_inf(nd, channels_last, rng):
     kw = dict(channels_last=channels_last)
     check_all_backends("max_pool", nd, x, 3, 2, 1, exact=True, return_indices=True, **kw)
     check_all_backends("max_pool", nd, x, 2, 1, 0, 2, exact=True, return_indices=True, **kw)
+    # Without indices, interior windows take the vectorised sweep.
+    check_all_backends("max_pool", nd, x, 3, 1, 1, exact=True, **kw)
+    check_all_backends("max_pool", nd, x, 2, 1, 0, 2, exact=True, **kw)
     check_all_backends("adaptive_max_pool", nd, x, 3, exact=True, return_indices=True, **kw)
     check_all_backends("global_max_pool", nd, x, exact=True, return_indices=True, **kw)
     check_all_backends("avg_pool", nd, x, 3, 2, 1, exact=False, **kw)

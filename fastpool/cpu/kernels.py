@@ -31,22 +31,41 @@ def _row_coords(row, out_d, out_h):
 # a division per window to find its trip count, which dominated small windows.
 
 
+@njit(inline="always")
+def _max_along_row(x_row, best, best_at, base, start, stop, step_w, first, last):
+    """Fold one input row into the running maxima of outputs first..last-1."""
+    for ow in range(first, last):
+        row_best, row_at = best[ow], best_at[ow]
+        w, w1 = start[2, ow], stop[2, ow]
+        while w < w1:
+            value = x_row[w]
+            # torch's update: a NaN always wins, ties keep the first.
+            if (value > row_best) | (value != value):
+                row_best, row_at = value, base + w
+            w += step_w
+        best[ow], best_at[ow] = row_best, row_at
+
+
 @njit(**CPU_JIT_OPTIONS)
-def max_pool_channels_first(x, out, indices, start, stop, step, lowest, with_indices, chunks):
+def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest,
+                            with_indices, chunks):
     planes, out_d, out_h, out_w = out.shape
     height, width = x.shape[2], x.shape[3]
     step_d, step_h, step_w = step[0], step[1], step[2]
+    # Without indices, outputs whose windows lie wholly inside the row are swept
+    # offset by offset across the row: strided loads and selects that vectorise.
+    lo, hi = (interior[2, 0], interior[2, 1]) if not with_indices else (0, 0)
+    stride, offset, kernel = interior[2, 2], interior[2, 3], interior[2, 4]
     # Rows go in chunks, each with one scratch row: an allocation per output row
     # costs more than a small row's arithmetic.
     rows = planes * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in prange(chunks):
-        scratch = np.empty(out_w, np.int64)
+        best_at = np.empty(out_w, np.int64)
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             plane, od, oh = _row_coords(row, out_d, out_h)
             d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
             best = out[plane, od, oh]
-            best_at = scratch
             for ow in range(out_w):
                 best[ow] = lowest
                 best_at[ow] = (d0 * height + h0) * width + start[2, ow]
@@ -57,16 +76,15 @@ def max_pool_channels_first(x, out, indices, start, stop, step, lowest, with_ind
                 while h < h1:
                     x_row = x[plane, d, h]
                     base = (d * height + h) * width
-                    for ow in range(out_w):
-                        row_best, row_at = best[ow], best_at[ow]
-                        w, w1 = start[2, ow], stop[2, ow]
-                        while w < w1:
-                            value = x_row[w]
-                            # torch's update: a NaN always wins, ties keep the first.
-                            if (value > row_best) | (value != value):
-                                row_best, row_at = value, base + w
-                            w += step_w
-                        best[ow], best_at[ow] = row_best, row_at
+                    _max_along_row(x_row, best, best_at, base, start, stop, step_w, 0, lo)
+                    for j in range(kernel if hi > lo else 0):
+                        shift = offset + j * step_w
+                        for ow in range(lo, hi):
+                            value = x_row[ow * stride + shift]
+                            kept = best[ow]
+                            best[ow] = value if (value > kept) | (value != value) else kept
+                    _max_along_row(x_row, best, best_at, base, start, stop, step_w,
+                                   max(lo, hi), out_w)
                     h += step_h
                 d += step_d
             if with_indices:

@@ -61,8 +61,13 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
         return out, (indices if with_indices else None)
     arguments = (x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
                  with_indices)
-    _launch_family("max_pool", channels_last, arguments,
-                   _separable(x, table, channels_last, x.itemsize + 8), _chunks(x, table))
+    block = _separable(x, table, channels_last, x.itemsize + 8)
+    if not (block or channels_last):
+        launch(kernels.max_pool_channels_first, x, out, indices, table.start, table.stop,
+               table.step, table.interior, x.dtype.type(lowest), with_indices,
+               _chunks(x, table))
+    else:
+        _launch_family("max_pool", channels_last, arguments, block, _chunks(x, table))
     return out, (indices if with_indices else None)
 
 
