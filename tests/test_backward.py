@@ -202,3 +202,25 @@ def test_empty_batch_backward():
     out, idx = fastpool.max_pool2d(x, 2, return_indices=True)
     assert fastpool.max_pool2d_backward(out, idx, x.shape).shape == x.shape
     assert fastpool.avg_pool2d_backward(out, x.shape, 2).shape == x.shape
+
+
+@pytest.mark.parametrize("nd, size, kwargs", _table(op_dilation=True))
+def test_channels_last_max_backward_gather(nd, size, kwargs, rng, monkeypatch):
+    # The gather kernel normally serves many channels and little overlap only.
+    from fastpool.cpu import pooling
+    monkeypatch.setattr(pooling, "GATHER_MIN_CHANNELS", 1)
+    monkeypatch.setattr(pooling, "GATHER_MAX_COVER", 10**6)
+    x = make_input(rng, nd, size, channels_last=True, dtype=np.float64)
+    _, indices = fastpool_op("max_pool", nd)(x, return_indices=True, channels_last=True,
+                                             **kwargs)
+    plane = np.prod(x.shape[-nd - 1:-1])
+    grad = np.random.default_rng(3).standard_normal(indices.shape)
+    backward = getattr(fastpool, f"max_pool{nd}d_backward")
+    window = {"kernel_size": kwargs["kernel_size"], **{k: v for k, v in kwargs.items()
+                                                        if k != "kernel_size"}}
+    if (indices >= plane).any():
+        with pytest.raises(ValueError, match="outside"):
+            backward(grad, indices, x.shape, channels_last=True, backend="cpu", **window)
+        return
+    got = backward(grad, indices, x.shape, channels_last=True, backend="cpu", **window)
+    assert_array_equal(got, torch_grad("max_pool", nd, x, grad, channels_last=True, **kwargs))
