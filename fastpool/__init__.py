@@ -57,6 +57,12 @@ from fastpool.functional import (
     max_pool3d,
     max_pool3d_backward,
     pool,
+    strided_conv1d,
+    strided_conv1d_backward,
+    strided_conv2d,
+    strided_conv2d_backward,
+    strided_conv3d,
+    strided_conv3d_backward,
 )
 
 __version__ = "0.1.0"
@@ -88,6 +94,12 @@ __all__ = [
     "global_avg_pool1d",
     "global_avg_pool2d",
     "global_avg_pool3d",
+    "strided_conv1d",
+    "strided_conv2d",
+    "strided_conv3d",
+    "strided_conv1d_backward",
+    "strided_conv2d_backward",
+    "strided_conv3d_backward",
     "max_pool1d_backward",
     "max_pool2d_backward",
     "max_pool3d_backward",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastpool._params import (
+    ConvWindow,
     Layout,
     SlidingWindow,
     WindowTable,
@@ -352,3 +353,101 @@ def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=Fal
     table = adaptive_table(layout.spatial, tuple(spatial))
     return _wrap(impl, _sum_backward(impl, grad, None, layout, table, 1.0, input_shape, op,
                                      stream), grad_output)
+
+
+# --------------------------------------------------------------------------
+# Strided convolution
+# --------------------------------------------------------------------------
+
+
+def _conv_layout(op: str, nd: int, x, weight, bias, channels_last: bool):
+    """Canonical 5-D shapes of a convolution's input, weight and output, checked."""
+    xs, ws = tuple(x.shape), tuple(weight.shape)
+    if len(xs) == nd and len(ws) == nd:  # a plain image and a plain filter
+        kind, x5, w5 = "plain", (1, 1, *xs), (1, 1, *ws)
+    elif len(ws) == nd + 2 and len(xs) in (nd + 1, nd + 2):
+        kind = "batched" if len(xs) == nd + 2 else "unbatched"
+        batched = xs if kind == "batched" else (1, *xs)
+        if channels_last:
+            batched = (batched[0], batched[-1], *batched[1:-1])
+        x5, w5 = batched, ws
+    else:
+        raise ValueError(f"{op}: expected input (N, C_in, *spatial) or (C_in, *spatial) with "
+                         f"weight (C_out, C_in, *kernel), or a {nd}-D input with a {nd}-D "
+                         f"filter; got input shape {xs} and weight shape {ws}")
+    if x5[1] != w5[1]:
+        raise ValueError(f"{op}: weight of shape {ws} expects {w5[1]} input channels, but the "
+                         f"input of shape {xs} has {x5[1]}")
+    if bias is not None and tuple(bias.shape) != (w5[0],):
+        raise ValueError(f"{op}: bias must have shape ({w5[0]},), got {tuple(bias.shape)}")
+    pad = (1,) * (3 - nd)
+    return kind, (x5[0], x5[1], *pad, *x5[2:]), (w5[0], w5[1], *pad, *w5[2:])
+
+
+def _conv_result(array, kind: str, channels_last: bool, nd: int):
+    """From canonical (N, C, D, H, W) back to the caller's layout."""
+    array = array.reshape(array.shape[:2] + array.shape[5 - nd:])
+    if channels_last and kind != "plain":
+        array = np.ascontiguousarray(np.moveaxis(array, 1, -1))
+    if kind == "plain":
+        return array[0, 0]
+    return array[0] if kind == "unbatched" else array
+
+
+def _conv_inputs(op, nd, x, weight, bias, stride, padding, channels_last, backend, stream):
+    window = ConvWindow.from_args(op, nd, stride, padding)
+    channels_last = check_bool(channels_last, "channels_last", op)
+    impl = _backend(backend, x, op)
+    array = impl.asarray(x, op, "x", stream)
+    weights = impl.asarray(weight, op, "weight", stream)
+    biases = None if bias is None else impl.asarray(bias, op, "bias", stream)
+    for name, value in (("input", array), ("weight", weights), ("bias", biases)):
+        if value is not None:
+            check_dtype(np.dtype(value.dtype), "conv", op, impl.FLOAT_DTYPES, name)
+    if np.dtype(weights.dtype) != np.dtype(array.dtype):
+        raise TypeError(f"{op}: weight dtype {weights.dtype} differs from input dtype "
+                        f"{array.dtype}")
+    kind, x5, w5 = _conv_layout(op, nd, array, weights, biases, channels_last)
+    if channels_last and kind != "plain":
+        if not hasattr(impl, "host_only"):
+            raise ValueError(f"{op}: channels_last convolution runs on the host back ends only")
+        array = np.moveaxis(array if kind == "batched" else array[None], -1, 1)
+    return window, impl, kind, impl.canonical(array, x5, stream), \
+        impl.canonical(weights, w5, stream), biases, channels_last
+
+
+def conv(x, weight, nd, stride=2, padding=0, bias=None, *, op: str, channels_last=False,
+         backend=None, stream=None):
+    """Strided cross-correlation, torch.nn.functional.conv{nd}d's semantics."""
+    window, impl, kind, x5, w5, biases, channels_last = _conv_inputs(
+        op, nd, x, weight, bias, stride, padding, channels_last, backend, stream)
+    kernel = w5.shape[5 - nd:]
+    out_spatial = window.output_shape(op, x5.shape[5 - nd:], kernel)
+    out_shape = (x5.shape[0], w5.shape[0], *((1,) * (3 - nd)), *out_spatial)
+    if biases is None:
+        biases = impl.zeros((w5.shape[0],), x5.dtype, stream)
+    stride3, pad3 = window.canonical()
+    out = impl.conv(x5, w5, biases, out_shape, stride3, pad3, stream=stream)
+    return _wrap(impl, _conv_result(out, kind, channels_last, nd), x)
+
+
+def conv_backward(grad_output, x, weight, nd, stride=2, padding=0, *, op: str,
+                  channels_last=False, backend=None, stream=None):
+    """Gradients of :func:`conv`: (grad_input, grad_weight, grad_bias)."""
+    window, impl, kind, x5, w5, _, channels_last = _conv_inputs(
+        op, nd, x, weight, None, stride, padding, channels_last, backend, stream)
+    out_spatial = window.output_shape(op, x5.shape[5 - nd:], w5.shape[5 - nd:])
+    grad = _grad_array(impl, grad_output, op, stream)
+    want = _conv_result(np.empty((x5.shape[0], w5.shape[0], *((1,) * (3 - nd)),
+                                  *out_spatial), np.int8), kind, channels_last, nd).shape
+    _check_grad_shape(grad, want, op)
+    if channels_last and kind != "plain":
+        grad = np.moveaxis(grad if kind == "batched" else grad[None], -1, 1)
+    grad5 = impl.canonical(grad, (x5.shape[0], w5.shape[0], *((1,) * (3 - nd)),
+                                  *out_spatial), stream)
+    stride3, pad3 = window.canonical()
+    grad_in, grad_weight = impl.conv_backward(grad5, x5, w5, stride3, pad3, stream=stream)
+    grad_bias = impl.conv_bias_grad(grad5, stream)
+    grad_in = _conv_result(grad_in, kind, channels_last, nd)
+    grad_weight = grad_weight.reshape(tuple(weight.shape))
+    return tuple(_wrap(impl, g, grad_output) for g in (grad_in, grad_weight, grad_bias))

@@ -51,3 +51,12 @@ def times_sign(values: np.ndarray, x: np.ndarray, stream=None) -> np.ndarray:
 
 def wrap(result: np.ndarray, like: object) -> np.ndarray:
     return result
+
+
+def conv_bias_grad(grad: np.ndarray, stream=None) -> np.ndarray:
+    """The bias gradient of a convolution: grad summed over batch and space."""
+    return grad.sum(axis=(0, 2, 3, 4), dtype=np.float64).astype(grad.dtype)
+
+
+# Marks the host back ends, which can also transpose channels-last input on the way in.
+host_only = True

@@ -401,17 +401,18 @@ class Layout:
         return math.prod(self.batch_shape) == 0 or self.channels == 0
 
 
-def check_dtype(dtype: np.dtype, mode: str, op: str, floats=FLOAT_DTYPES) -> None:
+def check_dtype(dtype: np.dtype, mode: str, op: str, floats=FLOAT_DTYPES,
+                name: str = "input") -> None:
     """max accepts the back end's float types (``floats``), integers and bool;
-    averages accept the float types."""
+    averages and convolution ("conv") accept the float types."""
     dtype = dtype.newbyteorder("=")
     if dtype in floats or (mode == "max" and dtype.kind in "iub"):
         return
     names = [f.name for f in floats]
     supported = (f"{', '.join(names)}, the integer types and bool" if mode == "max"
                  else " and ".join(names))
-    raise TypeError(f"{op}: input dtype {dtype} is not supported; {mode} pooling takes "
-                    f"{supported}")
+    what = "convolution" if mode == "conv" else f"{mode} pooling"
+    raise TypeError(f"{op}: {name} dtype {dtype} is not supported; {what} takes {supported}")
 
 
 def check_mode(mode: object, op: str) -> str:
@@ -444,3 +445,42 @@ def check_backend(backend: object, op: str) -> str | None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be None or one of {BACKENDS}, got {backend!r}")
     return backend  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------
+# Strided convolution (torch.nn.functional.conv{1,2,3}d, groups=1, dilation=1)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvWindow:
+    """Validated stride and padding of a convolution over ``nd`` axes."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+
+    @classmethod
+    def from_args(cls, op: str, nd: int, stride, padding) -> ConvWindow:
+        strides = int_tuple(stride, nd, "stride", op)
+        _check_positive(strides, "stride", op)
+        pads = int_tuple(padding, nd, "padding", op)
+        if any(p < 0 for p in pads):
+            raise ValueError(f"{op}: padding must be non-negative, got {pads}")
+        return cls(strides, pads)
+
+    def output_shape(self, op: str, in_spatial: tuple[int, ...],
+                     kernel: tuple[int, ...]) -> tuple[int, ...]:
+        """torch's rule: floor((in + 2*padding - kernel) / stride) + 1."""
+        out = tuple((n + 2 * p - k) // s + 1 for n, k, s, p in
+                    zip(in_spatial, kernel, self.stride, self.padding))
+        if any(o < 1 for o in out):
+            raise ValueError(f"{op}: input spatial size {tuple(in_spatial)} with "
+                             f"padding={self.padding} is smaller than the kernel {kernel}: "
+                             f"calculated output size {out}")
+        return out
+
+    def canonical(self) -> tuple[np.ndarray, np.ndarray]:
+        """Stride and padding padded to the three canonical axes, as int64 arrays."""
+        pad = CANONICAL_SPATIAL_DIMS - len(self.stride)
+        return (np.array((1,) * pad + self.stride, np.int64),
+                np.array((0,) * pad + self.padding, np.int64))

@@ -390,6 +390,112 @@ def _avg_backward_of(nd: int, forward: str) -> Callable[..., np.ndarray]:
     return _named(avg_backward, name)
 
 
+def _strided_conv(nd: int) -> Callable[..., np.ndarray]:
+    name = f"strided_conv{nd}d"
+    spatial, batched, unbatched = _SHAPES[nd]
+
+    def strided_conv(x: ArrayLike, weight: ArrayLike, stride: Size = 2, padding: Size = 0,
+                     bias: ArrayLike | None = None, *, channels_last: bool = False,
+                     backend: Backend | None = None, stream: object = None) -> np.ndarray:
+        return _dispatch.conv(x, weight, nd, stride, padding, bias, op=name,
+                              channels_last=channels_last, backend=backend, stream=stream)
+
+    example = {1: ("np.array([1., 2., 3., 4., 5.])", "np.array([1., -1.])", "array([-1., -1.])"),
+               2: ("np.arange(16.0).reshape(4, 4)", "np.array([[1., 0.], [0., -1.]])",
+                   "array([[-5., -5.],\n       [-5., -5.]])"),
+               3: ("np.arange(27.0).reshape(3, 3, 3)", "np.ones((1, 1, 2))",
+                   "array([[[ 1.,  5.]]])")}[nd]
+    strided_conv.__doc__ = f"""{nd}-D strided convolution: learnable downsampling.
+
+Cross-correlation with torch.nn.functional.conv{nd}d's semantics (no kernel
+flip, ``groups=1``, ``dilation=1``), with a default stride of 2.  Input
+{batched} or {unbatched} with weight ``(C_out, C_in, *kernel)``; or a plain
+{nd}-D array with a {nd}-D filter, giving a plain {nd}-D result.
+
+Parameters
+----------
+x : array_like
+    Input, float32 or float64 (float16 too on the GPU).
+weight : array_like
+    ``(C_out, C_in, *kernel)``, or a {nd}-D filter for a {nd}-D input; the
+    input's dtype.
+stride : int or tuple of {nd} ints, default 2
+    Step of the filter.
+padding : int or tuple of {nd} ints, default 0
+    Zero padding on both sides.
+bias : array_like, optional
+    ``(C_out,)``, added to every output of that channel.
+{_COMMON_KEYWORDS}
+
+Returns
+-------
+out : numpy.ndarray
+    ``(N, C_out, *out_spatial)``, output size ``(in + 2*padding - kernel) // stride + 1``.
+
+Raises
+------
+ValueError
+    For shapes that do not fit (the message names the argument).
+TypeError
+    For an unsupported dtype or mismatched input and weight dtypes.
+
+See Also
+--------
+torch.nn.functional.conv{nd}d : the PyTorch equivalent.
+strided_conv{nd}d_backward : its gradients.
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> fastpool.{name}({example[0]}, {example[1]})
+{example[2]}
+"""
+    return _named(strided_conv, name)
+
+
+def _strided_conv_backward(nd: int) -> Callable[..., tuple]:
+    name = f"strided_conv{nd}d_backward"
+
+    def strided_conv_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
+                              stride: Size = 2, padding: Size = 0, *,
+                              channels_last: bool = False, backend: Backend | None = None,
+                              stream: object = None) -> tuple:
+        return _dispatch.conv_backward(grad_output, x, weight, nd, stride, padding, op=name,
+                                       channels_last=channels_last, backend=backend,
+                                       stream=stream)
+
+    strided_conv_backward.__doc__ = f"""Gradients of :func:`strided_conv{nd}d`.
+
+Every output of the three is owned by one thread (input elements gather from
+the outputs they fed; weight elements sum over batch and outputs): race-free
+and bit-identical at any thread count.
+
+Parameters
+----------
+grad_output : array_like
+    Gradient of the loss with respect to the convolution's output.
+x, weight : array_like
+    The forward call's input and weight.
+stride, padding : int or tuple of {nd} ints
+    The forward call's stride (default 2) and padding.
+{_COMMON_KEYWORDS}
+
+Returns
+-------
+grad_input, grad_weight, grad_bias : numpy.ndarray
+    Shaped like ``x``, ``weight`` and ``(C_out,)``.
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> x, w = np.arange(5.0), np.array([1., -1.])
+>>> g = np.ones(2)
+>>> [a.tolist() for a in fastpool.{name}(g, x, w)]
+[[1.0, -1.0, 1.0, -1.0, 0.0], [2.0, 4.0], [2.0]]
+"""
+    return _named(strided_conv_backward, name)
+
+
 def _named(function: Callable, name: str) -> Callable:
     function.__name__ = function.__qualname__ = name
     function.__module__ = "fastpool"
@@ -423,6 +529,11 @@ adaptive_avg_pool1d_backward, adaptive_avg_pool2d_backward, adaptive_avg_pool3d_
     _avg_backward_of(nd, "adaptive_avg_pool") for nd in (1, 2, 3))
 global_avg_pool1d_backward, global_avg_pool2d_backward, global_avg_pool3d_backward = (
     _avg_backward_of(nd, "global_avg_pool") for nd in (1, 2, 3))
+
+
+strided_conv1d, strided_conv2d, strided_conv3d = (_strided_conv(nd) for nd in (1, 2, 3))
+strided_conv1d_backward, strided_conv2d_backward, strided_conv3d_backward = (
+    _strided_conv_backward(nd) for nd in (1, 2, 3))
 
 
 def _spatial_dims(kernel_or_output: object, name: str, op: str) -> int:

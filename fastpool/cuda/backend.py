@@ -206,3 +206,30 @@ def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
             _accumulator_zero(grad_out.dtype) if grad_out.dtype != np.float16
             else np.float16(0))
     return grad_in.reshape(input_shape), int(outside.copy_to_host()[0])
+
+
+def conv(x, weight, bias, out_shape, stride, pad, stream=None):
+    out = empty(out_shape, x.dtype, stream)
+    _configure(kernels.conv_forward, out.size, stream)(
+        x, weight, bias, out, cuda.to_device(stride, stream=stream or 0),
+        cuda.to_device(pad, stream=stream or 0), _accumulator_zero(x.dtype))
+    return out
+
+
+def conv_backward(grad, x, weight, stride, pad, stream=None):
+    stride_d, pad_d = (cuda.to_device(a, stream=stream or 0) for a in (stride, pad))
+    zero = _accumulator_zero(grad.dtype)
+    grad_in = empty(x.shape, grad.dtype, stream)
+    _configure(kernels.conv_backward_input, grad_in.size, stream)(
+        grad, weight, grad_in, stride_d, pad_d, zero)
+    grad_weight = empty(weight.shape, grad.dtype, stream)
+    _configure(kernels.conv_backward_weight, grad_weight.size, stream)(
+        grad, x, grad_weight, stride_d, pad_d, zero)
+    return grad_in, grad_weight
+
+
+def conv_bias_grad(grad, stream=None):
+    grad_bias = empty((grad.shape[1],), grad.dtype, stream)
+    _configure(kernels.conv_bias_grad, grad_bias.size, stream)(
+        grad, grad_bias, _accumulator_zero(grad.dtype))
+    return grad_bias

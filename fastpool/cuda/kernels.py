@@ -235,3 +235,97 @@ def times_sign(values, x):
             sign = x[i] * 1.0  # NaN
         values[i] = values[i] * sign
         i += grid
+
+
+# --------------------------------------------------------------------------
+# Strided convolution: input (N, C_in, D, H, W), weight (C_out, C_in, KD, KH, KW).
+# --------------------------------------------------------------------------
+
+
+@cuda.jit(device=True, inline=True)
+def _source(position, pad, kernel_offset, stride, size):
+    t = position + pad - kernel_offset
+    if t < 0 or t % stride != 0 or t // stride >= size:
+        return -1
+    return t // stride
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def conv_forward(x, weight, bias, out, stride, pad, zero):
+    """One thread per output element."""
+    i, grid = _first_and_stride()
+    while i < out.size:
+        n, co, od, oh, ow = _unravel(i, out.shape)
+        total = zero + bias[co]
+        for ci in range(x.shape[1]):
+            for kd in range(weight.shape[2]):
+                d = od * stride[0] - pad[0] + kd
+                if 0 <= d < x.shape[2]:
+                    for kh in range(weight.shape[3]):
+                        h = oh * stride[1] - pad[1] + kh
+                        if 0 <= h < x.shape[3]:
+                            for kw in range(weight.shape[4]):
+                                w = ow * stride[2] - pad[2] + kw
+                                if 0 <= w < x.shape[4]:
+                                    total += x[n, ci, d, h, w] * weight[co, ci, kd, kh, kw]
+        out[n, co, od, oh, ow] = total
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def conv_backward_input(grad, weight, grad_in, stride, pad, zero):
+    """One thread per input element, gathering from the outputs it fed."""
+    i, grid = _first_and_stride()
+    while i < grad_in.size:
+        n, ci, d, h, w = _unravel(i, grad_in.shape)
+        total = zero
+        for co in range(grad.shape[1]):
+            for kd in range(weight.shape[2]):
+                od = _source(d, pad[0], kd, stride[0], grad.shape[2])
+                if od >= 0:
+                    for kh in range(weight.shape[3]):
+                        oh = _source(h, pad[1], kh, stride[1], grad.shape[3])
+                        if oh >= 0:
+                            for kw in range(weight.shape[4]):
+                                ow = _source(w, pad[2], kw, stride[2], grad.shape[4])
+                                if ow >= 0:
+                                    total += grad[n, co, od, oh, ow] * weight[co, ci, kd, kh, kw]
+        grad_in[n, ci, d, h, w] = total
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def conv_backward_weight(grad, x, grad_weight, stride, pad, zero):
+    """One thread per weight element, summing over batch and outputs in order."""
+    i, grid = _first_and_stride()
+    while i < grad_weight.size:
+        co, ci, kd, kh, kw = _unravel(i, grad_weight.shape)
+        total = zero
+        for n in range(grad.shape[0]):
+            for od in range(grad.shape[2]):
+                d = od * stride[0] - pad[0] + kd
+                if 0 <= d < x.shape[2]:
+                    for oh in range(grad.shape[3]):
+                        h = oh * stride[1] - pad[1] + kh
+                        if 0 <= h < x.shape[3]:
+                            for ow in range(grad.shape[4]):
+                                w = ow * stride[2] - pad[2] + kw
+                                if 0 <= w < x.shape[4]:
+                                    total += grad[n, co, od, oh, ow] * x[n, ci, d, h, w]
+        grad_weight[co, ci, kd, kh, kw] = total
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def conv_bias_grad(grad, grad_bias, zero):
+    """One thread per output channel."""
+    i, grid = _first_and_stride()
+    while i < grad_bias.size:
+        total = zero
+        for n in range(grad.shape[0]):
+            for od in range(grad.shape[2]):
+                for oh in range(grad.shape[3]):
+                    for ow in range(grad.shape[4]):
+                        total += grad[n, i, od, oh, ow]
+        grad_bias[i] = total
+        i += grid

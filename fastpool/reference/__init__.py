@@ -7,16 +7,20 @@ NumPy baseline.
 """
 
 from fastpool._host import (
-                            FLOAT_DTYPES,
-                            absolute,
-                            asarray,
-                            canonical,
-                            empty,
-                            times_sign,
-                            wrap,
-                            zeros,
+    FLOAT_DTYPES,
+    absolute,
+    asarray,
+    canonical,
+    conv_bias_grad,
+    empty,
+    host_only,
+    times_sign,
+    wrap,
+    zeros,
 )
+from fastpool.reference.conv import conv, conv_backward
 from fastpool.reference.pooling import max_backward, max_pool, sum_backward, sum_pool
 
-__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "asarray", "canonical",
-           "empty", "zeros", "absolute", "times_sign", "wrap", "FLOAT_DTYPES"]
+__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "conv", "conv_backward",
+           "conv_bias_grad", "asarray", "canonical", "empty", "zeros", "absolute",
+           "times_sign", "wrap", "FLOAT_DTYPES", "host_only"]

@@ -159,4 +159,52 @@ for _family in FAMILIES:
     for _nd in (1, 2, 3):
         globals()[f"{_family}{_nd}d"] = _make(_family, _nd)
 
-__all__ = [f"{family}{nd}d" for family in FAMILIES for nd in (1, 2, 3)]
+
+class ConvFunction(torch.autograd.Function):
+    """Forward and backward of fastpool's strided convolution on tensors."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, nd, stride, padding):
+        # The channels-last kernels run on the host; a GPU tensor goes channels-first.
+        channels_last = _is_channels_last(input) and input.device.type == "cpu"
+        if input.device.type != "cpu":
+            input = input.contiguous()
+        function = getattr(fastpool, f"strided_conv{nd}d")
+        out = function(_to_numpy(input, channels_last), _to_numpy(weight, False), stride,
+                       padding, None if bias is None else _to_numpy(bias, False),
+                       channels_last=channels_last, stream=_stream(input))
+        ctx.save_for_backward(input, weight)
+        ctx.nd, ctx.stride, ctx.padding, ctx.channels_last = nd, stride, padding, channels_last
+        ctx.has_bias = bias is not None
+        return _to_tensor(out, channels_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        if input.device.type != "cpu":
+            grad_output = grad_output.contiguous()
+        function = getattr(fastpool, f"strided_conv{ctx.nd}d_backward")
+        grad_in, grad_weight, grad_bias = function(
+            _to_numpy(grad_output, ctx.channels_last), _to_numpy(input, ctx.channels_last),
+            _to_numpy(weight, False), ctx.stride, ctx.padding,
+            channels_last=ctx.channels_last, stream=_stream(input))
+        return (_to_tensor(grad_in, ctx.channels_last), _to_tensor(grad_weight, False),
+                _to_tensor(grad_bias, False) if ctx.has_bias else None, None, None, None)
+
+
+def _make_conv(nd: int):
+    def strided_conv(input: torch.Tensor, weight: torch.Tensor, stride=2, padding=0,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ConvFunction.apply(input, weight, bias, nd, stride, padding)
+
+    strided_conv.__name__ = strided_conv.__qualname__ = f"strided_conv{nd}d"
+    strided_conv.__doc__ = (f"``fastpool.strided_conv{nd}d`` on torch tensors, "
+                            f"autograd-aware (gradients for input, weight and bias).")
+    return strided_conv
+
+
+strided_conv1d, strided_conv2d, strided_conv3d = (_make_conv(nd) for nd in (1, 2, 3))
+
+__all__ = [f"{family}{nd}d" for family in FAMILIES for nd in (1, 2, 3)] + [
+    "strided_conv1d", "strided_conv2d", "strided_conv3d"]

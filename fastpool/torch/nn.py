@@ -70,5 +70,27 @@ for _family in ("global_max_pool", "global_avg_pool"):
         _cls = _global_module(_family, _nd)
         globals()[_cls.__name__] = _cls
 
+
+
+def _conv_module(nd: int) -> type:
+    base = getattr(torch.nn, f"Conv{nd}d")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=2, padding=0,
+                 bias: bool = True, device=None, dtype=None):
+        base.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
+                      padding=padding, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return getattr(functional, f"strided_conv{nd}d")(input, self.weight, self.stride,
+                                                         self.padding, self.bias)
+
+    return type(f"StridedConv{nd}d", (base,), {
+        "__init__": __init__, "forward": forward, "__module__": __name__,
+        "__doc__": f"A torch.nn.Conv{nd}d (stride 2 by default; no groups or dilation) "
+                   f"computed by fastpool's strided-convolution kernels."})
+
+
+StridedConv1d, StridedConv2d, StridedConv3d = (_conv_module(nd) for nd in (1, 2, 3))
+
 __all__ = [f"{stem}{nd}d" for stem in (*_TORCH_MODULES.values(), "GlobalMaxPool",
-                                       "GlobalAvgPool") for nd in (1, 2, 3)]
+                                       "GlobalAvgPool", "StridedConv") for nd in (1, 2, 3)]

@@ -221,3 +221,21 @@ def test_sliding_max_backward_gathers_with_the_window(nd, channels_last):
     with pytest.raises(ValueError, match="grad_output has shape"):
         backward(grad, idx, x.shape, channels_last=channels_last, backend="cuda",
                  **{**window, "stride": 2})
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_strided_conv_matches_cpu(nd):
+    rng = np.random.default_rng(nd)
+    x = rng.standard_normal((2, 3) + ND_SIZES[nd]).astype(np.float32)
+    w = rng.standard_normal((4, 3) + (2,) * nd).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    conv = getattr(fastpool, f"strided_conv{nd}d")
+    backward = getattr(fastpool, f"strided_conv{nd}d_backward")
+    want = conv(x, w, 2, 1, b)
+    assert_allclose(conv(x, w, 2, 1, b, backend="cuda"), want, rtol=1e-5, atol=1e-5)
+    grad = rng.standard_normal(want.shape).astype(np.float32)
+    got = backward(grad, x, w, 2, 1, backend="cuda")
+    for g, c in zip(got, backward(grad, x, w, 2, 1)):
+        assert_allclose(g, c, rtol=1e-4, atol=1e-5)
+    assert all(a.tobytes() == b.tobytes()
+               for a, b in zip(got, backward(grad, x, w, 2, 1, backend="cuda")))

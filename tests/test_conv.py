@@ -1,0 +1,118 @@
+"""Strided convolution against torch.nn.functional.conv{1,2,3}d and the NumPy reference."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numpy.testing import assert_allclose, assert_array_equal
+
+import fastpool
+from fastpool.torch import functional as FF
+from fastpool.torch import nn as fnn
+
+SIZES = {1: (11,), 2: (9, 10), 3: (5, 6, 7)}
+CASES = [(2, 0, 3), (2, 1, 3), (1, 1, 3), (3, 2, 4), (2, 0, 1)]  # stride, padding, kernel
+
+
+def _torch(nd, x, w, b, stride, padding, grad):
+    tx, tw = (torch.from_numpy(a).requires_grad_() for a in (x, w))
+    tb = torch.from_numpy(b).requires_grad_()
+    out = getattr(F, f"conv{nd}d")(tx, tw, tb, stride, padding)
+    out.backward(torch.from_numpy(grad))
+    return out.detach().numpy(), tx.grad.numpy(), tw.grad.numpy(), tb.grad.numpy()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("stride, padding, kernel", CASES)
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_forward_and_backward_match_torch(nd, stride, padding, kernel, dtype, backend):
+    rng = np.random.default_rng(nd * 10 + kernel)
+    x = rng.standard_normal((2, 3) + SIZES[nd]).astype(dtype)
+    w = rng.standard_normal((4, 3) + (kernel,) * nd).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    out = getattr(fastpool, f"strided_conv{nd}d")(x, w, stride, padding, b, backend=backend)
+    grad = rng.standard_normal(out.shape).astype(dtype)
+    want = _torch(nd, x, w, b, stride, padding, grad)
+    got = (out, *getattr(fastpool, f"strided_conv{nd}d_backward")(grad, x, w, stride, padding,
+                                                                   backend=backend))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    for g, t in zip(got, want):
+        assert g.dtype == dtype and g.shape == t.shape
+        assert_allclose(g, t, **tol)
+
+
+def test_unbatched_plain_and_channels_last():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 9, 10))
+    w = rng.standard_normal((4, 3, 3, 3))
+    want = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), None, 2, 1).numpy()
+    assert_allclose(fastpool.strided_conv2d(x, w, 2, 1), want, rtol=1e-12)
+    image, kernel = rng.standard_normal((9, 10)), rng.standard_normal((3, 3))
+    plain = fastpool.strided_conv2d(image, kernel, padding=1)
+    assert_allclose(plain, F.conv2d(torch.from_numpy(image)[None, None],
+                                    torch.from_numpy(kernel)[None, None], None, 2, 1)[0, 0],
+                    rtol=1e-12)
+    batch = rng.standard_normal((2, 3, 9, 10))
+    nhwc = np.ascontiguousarray(np.moveaxis(batch, 1, -1))
+    got = fastpool.strided_conv2d(nhwc, w, 2, 1, channels_last=True)
+    assert_allclose(np.moveaxis(got, -1, 1), fastpool.strided_conv2d(batch, w, 2, 1),
+                    rtol=1e-12)
+    grad = rng.standard_normal(got.shape)
+    gx, gw, gb = fastpool.strided_conv2d_backward(grad, nhwc, w, 2, 1, channels_last=True)
+    rx, rw, rb = fastpool.strided_conv2d_backward(np.moveaxis(grad, -1, 1), batch, w, 2, 1)
+    assert_allclose(np.moveaxis(gx, -1, 1), rx, rtol=1e-12)
+    assert_allclose(gw, rw, rtol=1e-12)
+    assert_allclose(gb, rb, rtol=1e-12)
+
+
+def test_backward_is_deterministic_across_thread_counts():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 8, 17, 19)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 5, 5)).astype(np.float32)
+    grad = rng.standard_normal(fastpool.strided_conv2d(x, w, 1, 2).shape).astype(np.float32)
+    first = fastpool.strided_conv2d_backward(grad, x, w, 1, 2)
+    try:
+        fastpool.set_num_threads(1)
+        again = fastpool.strided_conv2d_backward(grad, x, w, 1, 2)
+    finally:
+        fastpool.set_num_threads(None)
+    for a, b in zip(first, again):
+        assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("call, error, pattern", [
+    (lambda x, w: fastpool.strided_conv2d(x, w[:, :2]), ValueError, "input channels"),
+    (lambda x, w: fastpool.strided_conv2d(x, w, stride=0), ValueError, r"stride.*\(0, 0\)"),
+    (lambda x, w: fastpool.strided_conv2d(x, w, padding=-1), ValueError, "padding"),
+    (lambda x, w: fastpool.strided_conv2d(x[..., :2, :2], w), ValueError, "smaller than"),
+    (lambda x, w: fastpool.strided_conv2d(x, w, bias=np.zeros(3)), ValueError, "bias"),
+    (lambda x, w: fastpool.strided_conv2d(x, w.astype(np.float32)), TypeError, "weight dtype"),
+    (lambda x, w: fastpool.strided_conv2d(x.astype(np.int32), w), TypeError, "input dtype int32"),
+    (lambda x, w: fastpool.strided_conv2d(x[0, 0, 0], w), ValueError, "weight shape"),
+    (lambda x, w: fastpool.strided_conv2d_backward(np.zeros((2, 4, 3, 3)), x, w), ValueError,
+     "grad_output has shape"),
+])
+def test_bad_calls(call, error, pattern):
+    x = np.zeros((2, 3, 9, 10))
+    w = np.zeros((4, 3, 3, 3))
+    with pytest.raises(error, match=pattern):
+        call(x, w)
+
+
+def test_torch_module_and_gradcheck():
+    torch.manual_seed(0)
+    ours = fnn.StridedConv2d(3, 8, 3, padding=1).double()
+    theirs = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1).double()
+    theirs.load_state_dict(ours.state_dict())
+    assert repr(ours) == repr(theirs).replace("Conv2d", "StridedConv2d")
+    x = torch.rand(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(ours(x), theirs(x))
+    for nd in (1, 2, 3):
+        xs = torch.rand((2, 3) + SIZES[nd], dtype=torch.float64, requires_grad=True)
+        w = torch.rand((4, 3) + (3,) * nd, dtype=torch.float64, requires_grad=True)
+        b = torch.rand(4, dtype=torch.float64, requires_grad=True)
+        conv = getattr(FF, f"strided_conv{nd}d")
+        assert torch.autograd.gradcheck(lambda a, c, d: conv(a, c, 2, 1, d), (xs, w, b))
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(ours(channels_last), theirs(x))
