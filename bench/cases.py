@@ -65,6 +65,9 @@ FULL = [
     Case("adaptive_avg_pool", (32, 256, 13, 17), (7,), tag="adaptive-uneven"),
     Case("adaptive_max_pool", (32, 256, 13, 17), (7,), tag="adaptive-uneven"),
     Case("adaptive_avg_pool", (64, 2048, 7, 7), (1,), tag="global"),
+    # Strided convolution, the learnable alternative to pooling (no speed bar):
+    # args are (out_channels, kernel_size, stride, padding).
+    Case("strided_conv", (8, 64, 56, 56), (64, 3, 2, 1), tag="strided-conv"),
 ]
 
 QUICK = [
@@ -74,4 +77,5 @@ QUICK = [
     Case("max_pool", (2, 16, 8, 56, 56), (2,), tag="video"),
     Case("avg_pool", (2, 64, 28, 28), (7, 1, 3), tag="large-kernel"),
     Case("adaptive_avg_pool", (8, 256, 13, 17), (7,), tag="adaptive-uneven"),
+    Case("strided_conv", (2, 16, 28, 28), (16, 3, 2, 1), tag="strided-conv"),
 ]

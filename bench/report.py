@@ -49,7 +49,11 @@ def geometric_mean(values) -> float:
 
 
 def summary(rows: list[dict]) -> list[str]:
+    """Geometric means and the worst case over the pooling rows (the convolution rows,
+    a direct loop against torch's GEMM-based kernels, are summarised apart)."""
     lines = []
+    convolutions = [r for r in rows if r["op"].startswith("strided_conv")]
+    rows = [r for r in rows if not r["op"].startswith("strided_conv")]
     for layout in ("channels-first", "channels-last"):
         for direction in ("forward", "backward"):
             chosen = [r["speedup_vs_torch"] for r in rows
@@ -61,6 +65,10 @@ def summary(rows: list[dict]) -> list[str]:
         worst = min(rows, key=lambda r: r["speedup_vs_torch"] or float("inf"))
         lines.append(f"worst case: {worst['op']} {worst['layout']} {worst['direction']} "
                      f"at {worst['speedup_vs_torch']:.2f}x")
+    if convolutions:
+        lines.append(f"strided convolution (direct loops, no speed bar): geometric-mean "
+                     f"{geometric_mean([r['speedup_vs_torch'] for r in convolutions]):.2f}x "
+                     f"of torch over {len(convolutions)} rows")
     return lines
 
 

@@ -54,7 +54,47 @@ def _torch_function(case: Case, x: np.ndarray, channels_last: bool, requires_gra
     return t, lambda: function(t, *case.args, **case.kwargs)
 
 
+def _conv_weight(case: Case) -> np.ndarray:
+    out_channels, kernel = case.args[:2]
+    shape = (out_channels, case.shape[1]) + (kernel,) * case.nd
+    return np.random.default_rng(2).standard_normal(shape, dtype=np.float32) / 10
+
+
+def _conv_calls(case: Case, x: np.ndarray, channels_last: bool, direction: str):
+    """fastpool's strided convolution against torch's conv{nd}d (weights shared)."""
+    import torch
+    import torch.nn.functional as F
+
+    weight = _conv_weight(case)
+    stride, padding = case.args[2:]
+    kw = dict(channels_last=channels_last)
+    t = torch.from_numpy(x)
+    t = t.movedim(-1, 1) if channels_last else t
+    tw = torch.from_numpy(weight)
+    torch_conv = getattr(F, f"conv{case.nd}d")
+    out = getattr(fastpool, case.name)(x, weight, stride, padding, **kw)
+    if direction == "forward":
+        calls = {name: (lambda b=backend: getattr(fastpool, case.name)(
+            x, weight, stride, padding, backend=b, **kw))
+            for name, backend in (("fastpool", "cpu"), ("numpy", "numpy"))}
+        calls["torch"] = lambda: torch_conv(t, tw, None, stride, padding)
+        return calls, x.nbytes + weight.nbytes + out.nbytes
+    grad = np.random.default_rng(1).standard_normal(out.shape, dtype=np.float32)
+    calls = {name: (lambda b=backend: getattr(fastpool, f"{case.name}_backward")(
+        grad, x, weight, stride, padding, backend=b, **kw))
+        for name, backend in (("fastpool", "cpu"), ("numpy", "numpy"))}
+    t.requires_grad_(True)
+    tw.requires_grad_(True)
+    y = torch_conv(t, tw, None, stride, padding)
+    g = torch.from_numpy(grad)
+    g = g.movedim(-1, 1) if channels_last else g
+    calls["torch"] = lambda: torch.autograd.grad(y, (t, tw), g, retain_graph=True)
+    return calls, grad.nbytes + 2 * x.nbytes + 2 * weight.nbytes
+
+
 def _forward(case: Case, x: np.ndarray, channels_last: bool):
+    if case.op == "strided_conv":
+        return _conv_calls(case, x, channels_last, "forward")
     function = getattr(fastpool, case.name)
     calls = {name: (lambda b=backend: function(x, *case.args, channels_last=channels_last,
                                                backend=b, **case.kwargs))
@@ -67,6 +107,8 @@ def _forward(case: Case, x: np.ndarray, channels_last: bool):
 def _backward(case: Case, x: np.ndarray, channels_last: bool):
     import torch
 
+    if case.op == "strided_conv":
+        return _conv_calls(case, x, channels_last, "backward")
     forward = getattr(fastpool, case.name)
     backward = getattr(fastpool, f"{case.name}_backward")
     kw = dict(channels_last=channels_last)
