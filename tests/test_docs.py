@@ -17,6 +17,7 @@ def test_docs_build_without_warnings(tmp_path):
          "-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
-    for page in ("index", "getting-started", "user-guide", "api", "benchmarks",
-                 "generated/fastpool.max_pool2d"):
+    for page in ("index", "getting-started", "user-guide", "tutorial", "api", "benchmarks",
+                 "generated/fastpool.max_pool2d", "generated/fastpool.strided_conv2d",
+                 "generated/fastpool.viz.plot_pooling"):
         assert (tmp_path / "html" / f"{page}.html").stat().st_size > 1000
