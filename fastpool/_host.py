@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastpool._params import FLOAT_DTYPES  # noqa: F401  (part of the back-end API)
+from fastpool._params import FLOAT_DTYPES
+
+__all__ = ["FLOAT_DTYPES", "asarray", "canonical", "empty", "zeros", "absolute", "times_sign",
+           "wrap", "conv_bias_grad", "host_only"]
 
 
 def asarray(x: object, op: str, name: str = "x", stream=None) -> np.ndarray:
