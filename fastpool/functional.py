@@ -404,7 +404,8 @@ def _strided_conv(nd: int) -> Callable[..., np.ndarray]:
                2: ("np.arange(16.0).reshape(4, 4)", "np.array([[1., 0.], [0., -1.]])",
                    "array([[-5., -5.],\n       [-5., -5.]])"),
                3: ("np.arange(27.0).reshape(3, 3, 3)", "np.ones((1, 1, 2))",
-                   "array([[[ 1.,  5.]]])")}[nd]
+                   "array([[[ 1.],\n        [13.]],\n<BLANKLINE>\n       [[37.],\n"
+                   "        [49.]]])")}[nd]
     strided_conv.__doc__ = f"""{nd}-D strided convolution: learnable downsampling.
 
 Cross-correlation with torch.nn.functional.conv{nd}d's semantics (no kernel
@@ -488,9 +489,10 @@ grad_input, grad_weight, grad_bias : numpy.ndarray
 Examples
 --------
 >>> import numpy as np, fastpool
->>> x, w = np.arange(5.0), np.array([1., -1.])
->>> g = np.ones(2)
->>> [a.tolist() for a in fastpool.{name}(g, x, w)]
+>>> x = np.arange(5.0).reshape({(1,) * (nd - 1) + (5,)})
+>>> w = np.array([1., -1.]).reshape({(1,) * (nd - 1) + (2,)})
+>>> g = np.ones({(1,) * (nd - 1) + (2,)})
+>>> [a.ravel().tolist() for a in fastpool.{name}(g, x, w)]
 [[1.0, -1.0, 1.0, -1.0, 0.0], [2.0, 4.0], [2.0]]
 """
     return _named(strided_conv_backward, name)
