@@ -6,11 +6,13 @@ process-wide setting and applies it in whichever thread launches a kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 
 _num_threads: int | None = None
 
 
+@functools.cache  # numba fixes its pool size when it starts; so do we
 def _available_threads() -> int:
     # numba.config.NUMBA_NUM_THREADS without importing numba at fastpool import.
     value = os.environ.get("NUMBA_NUM_THREADS")
