@@ -375,9 +375,10 @@ def _covers(position, o, start, stop, step, axis):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def lp_coefficients_channels_last(grad_out, x, coefficient, start, stop, step, divisor,
-                                  scale, power, chunks):
-    """Per output: d loss / d (sum of x**p over its window), torch's chain rule."""
+def output_coefficients_channels_last(grad_out, x, coefficient, start, stop, step, divisor,
+                                      scale, power, chunks):
+    """Per output: d loss / d (sum of x**p over its window), by torch's chain rule;
+    for averages (power None) grad_out * scale / divisor, and x is not read."""
     batch, out_d, out_h, out_w, channels = grad_out.shape
     rows = batch * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
@@ -388,7 +389,7 @@ def lp_coefficients_channels_last(grad_out, x, coefficient, start, stop, step, d
             total = scratch
             for ow in range(out_w):
                 total[:] = 0.0
-                d = start[0, od]
+                d = start[0, od] if _uses_window_sum(power) else stop[0, od]
                 while d < stop[0, od]:
                     h = start[1, oh]
                     while h < stop[1, oh]:
@@ -409,9 +410,9 @@ def lp_coefficients_channels_last(grad_out, x, coefficient, start, stop, step, d
 
 @njit(**CPU_JIT_OPTIONS)
 def sum_backward_gather_channels_last(coefficient, x, grad_in, first_out, last_out, start,
-                                      stop, step, divisor, scale, power):
-    """grad_in[i] = factor(x[i]) * sum over covering windows of their coefficient;
-    for averages (power None) the coefficient is grad_out * scale / divisor."""
+                                      stop, step, power):
+    """grad_in[i] = factor(x[i]) * the sum of the covering windows' coefficients
+    (from :func:`output_coefficients_channels_last`; the factor is 1 for averages)."""
     batch, depth, height, width, channels = grad_in.shape
     for row in prange(batch * depth * height):
         n, d, h = _row_coords(row, depth, height)
@@ -428,13 +429,8 @@ def sum_backward_gather_channels_last(coefficient, x, grad_in, first_out, last_o
                         if not _covers(w, ow, start, stop, step, 2):
                             continue
                         terms = coefficient[n, od, oh, ow]
-                        if _uses_window_sum(power):
-                            for c in range(channels):
-                                total[c] += terms[c]
-                        else:
-                            factor = scale / (divisor[0, od] * divisor[1, oh] * divisor[2, ow])
-                            for c in range(channels):
-                                total[c] += terms[c] * factor
+                        for c in range(channels):
+                            total[c] += terms[c]
             if _uses_window_sum(power):
                 values = x[n, d, h, w]
                 for c in range(channels):

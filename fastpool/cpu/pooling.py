@@ -161,18 +161,18 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
     """Gradient of :func:`sum_pool` (x is needed for Lp only)."""
     lp = None if power == 1.0 else float(power)
     if channels_last:
+        # As on the GPU: one coefficient per output, then each input gathers them.
+        # Averages never read x: grad_out stands in for it with the right type and shape.
+        source = grad_out if x is None else x
+        coefficient = np.empty(grad_out.shape, grad_out.dtype if lp is None else np.float64)
+        launch(kernels.output_coefficients_channels_last, grad_out, source, coefficient,
+               table.start, table.stop, table.step, table.divisor, table.scale, lp,
+               _chunks(grad_out, table))
         grad_in = np.empty(input_shape, grad_out.dtype)
-        coefficient = grad_out
-        if lp is not None:
-            coefficient = np.empty(grad_out.shape, np.float64)
-            launch(kernels.lp_coefficients_channels_last, grad_out, x, coefficient,
-                   table.start, table.stop, table.step, table.divisor, table.scale, lp,
-                   _chunks(grad_out, table))
         first, last = table.covering_outputs(input_shape[1:4])
-        # Averages never read x: grad_in stands in for it with the right type and shape.
         launch(kernels.sum_backward_gather_channels_last, coefficient,
                grad_in if x is None else x, grad_in, first, last, table.start, table.stop,
-               table.step, table.divisor, table.scale, lp)
+               table.step, lp)
         return grad_in
     if lp is None and table.is_whole_plane(input_shape[1:4]):
         grad_in = np.empty(input_shape, grad_out.dtype)
