@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose, assert_array_equal
+from numpy.testing import assert_array_equal
 
 import fastpool
 from tests.conftest import make_input
@@ -13,14 +13,13 @@ from tests.test_forward import (
     _lp_table,
     _per_nd,
     _table,
+    assert_matches,
     batching,
     float_dtypes,
     layouts,
 )
 
 BACKENDS = ("cpu", "numpy")
-TOLERANCE = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
-             np.dtype(np.float64): dict(rtol=1e-12, atol=1e-13)}
 
 
 def check_backward(op, nd, x, forward_args, backward, *, channels_last, exact=False,
@@ -32,14 +31,10 @@ def check_backward(op, nd, x, forward_args, backward, *, channels_last, exact=Fa
     grad_output = np.random.default_rng(1).standard_normal(out.shape).astype(x.dtype)
     want = torch_grad(op, nd, x, grad_output, *forward_args, channels_last=channels_last,
                       **forward_kwargs)
+    assert want.shape == x.shape
     for backend in BACKENDS:
-        got = backward(grad_output, backend)
-        assert got.shape == x.shape and got.dtype == grad_output.dtype, backend
-        assert got.flags.c_contiguous, backend
-        if exact:
-            assert_array_equal(got, want, err_msg=backend)
-        else:
-            assert_allclose(got, want, err_msg=backend, **TOLERANCE[got.dtype])
+        assert_matches(backward(grad_output, backend), want.astype(grad_output.dtype), backend,
+                       exact)
 
 
 @layouts

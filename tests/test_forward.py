@@ -59,6 +59,17 @@ float_dtypes = pytest.mark.parametrize("dtype", [np.float32, np.float64],
                                        ids=["f32", "f64"])
 
 
+def assert_matches(got, want, backend, exact):
+    """Same shape and dtype, C-contiguous, and equal (exact) or within TOLERANCE."""
+    assert got.shape == want.shape, backend
+    assert got.dtype == want.dtype, backend
+    assert got.flags.c_contiguous, backend
+    if exact:
+        assert_array_equal(got, want, err_msg=backend)
+    else:
+        assert_allclose(got, want, err_msg=backend, **TOLERANCE[got.dtype])
+
+
 def check_all_backends(op, nd, x, *args, exact, **kwargs):
     expected = torch_pool(op, nd, x, *args, **kwargs)
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -67,13 +78,7 @@ def check_all_backends(op, nd, x, *args, exact, **kwargs):
         result = result if isinstance(result, tuple) else (result,)
         assert len(result) == len(expected)
         for got, want in zip(result, expected):
-            assert got.shape == want.shape, backend
-            assert got.dtype == want.dtype, backend
-            assert got.flags.c_contiguous, backend
-            if exact:
-                assert_array_equal(got, want, err_msg=backend)
-            else:
-                assert_allclose(got, want, err_msg=backend, **TOLERANCE[got.dtype])
+            assert_matches(got, want, backend, exact)
 
 
 @layouts
