@@ -161,8 +161,16 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
 
 
 def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_indices=False,
-                  channels_last=False, backend=None, stream=None, wrap=True):
+                  channels_last=False, backend=None, stream=None):
     """Adaptive max or average pooling to ``output_size`` over ``nd`` spatial axes."""
+    impl, result = _adaptive(x, mode, nd, output_size, op, strict, return_indices,
+                             channels_last, backend, stream)
+    return _wrap(impl, result, x)
+
+
+def _adaptive(x, mode, nd, output_size, op, strict, return_indices, channels_last, backend,
+              stream):
+    """The back end used and the result, not yet wrapped as the input's kind."""
     if mode not in ("max", "avg"):
         raise ValueError(f"{op}: mode must be 'max' or 'avg', got {mode!r}")
     channels_last = check_bool(channels_last, "channels_last", op)
@@ -175,25 +183,23 @@ def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_ind
     layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
     out_spatial = adaptive_output_shape(op, nd, output_size, layout.spatial)
     table = adaptive_table(layout.spatial, out_spatial)
-    result = _run(impl, mode, layout, array, table, with_indices=return_indices,
-                  stream=stream)
-    return _wrap(impl, result, x) if wrap else result
+    return impl, _run(impl, mode, layout, array, table, with_indices=return_indices,
+                      stream=stream)
 
 
 def global_pool(x, mode, nd, *, op: str, keepdims=False, return_indices=False,
                 channels_last=False, backend=None, stream=None):
     """Pool each plane to one value: ``(N, C)``, or ``(N, C, 1, ...)`` with keepdims."""
     keepdims = check_bool(keepdims, "keepdims", op)
-    result = adaptive_pool(x, mode, nd, 1, op=op, strict=True, return_indices=return_indices,
-                           channels_last=channels_last, backend=backend, stream=stream,
-                           wrap=False)
+    impl, result = _adaptive(x, mode, nd, 1, op, True, return_indices, channels_last, backend,
+                             stream)
     if not keepdims:
         first = result[0] if return_indices else result
         shape = first.shape[:-nd - 1] + first.shape[-1:] if channels_last else \
             first.shape[:-nd]
         result = tuple(r.reshape(shape) for r in result) if return_indices else \
             result.reshape(shape)
-    return _wrap(_backend(backend, x, op), result, x)
+    return _wrap(impl, result, x)
 
 
 # --------------------------------------------------------------------------
@@ -384,6 +390,15 @@ def _conv_layout(op: str, nd: int, x, weight, bias, channels_last: bool):
     return kind, (x5[0], x5[1], *pad, *x5[2:]), (w5[0], w5[1], *pad, *w5[2:])
 
 
+def _conv_result_shape(batch: int, channels: int, spatial: tuple, kind: str,
+                       channels_last: bool) -> tuple:
+    """The caller's shape of a convolution result (or its gradient)."""
+    if kind == "plain":
+        return tuple(spatial)
+    shape = (batch, *spatial, channels) if channels_last else (batch, channels, *spatial)
+    return shape[1:] if kind == "unbatched" else shape
+
+
 def _conv_result(array, kind: str, channels_last: bool, nd: int):
     """From canonical (N, C, D, H, W) back to the caller's layout."""
     array = array.reshape(array.shape[:2] + array.shape[5 - nd:])
@@ -438,9 +453,8 @@ def conv_backward(grad_output, x, weight, nd, stride=2, padding=0, *, op: str,
         op, nd, x, weight, None, stride, padding, channels_last, backend, stream)
     out_spatial = window.output_shape(op, x5.shape[5 - nd:], w5.shape[5 - nd:])
     grad = _grad_array(impl, grad_output, op, stream)
-    want = _conv_result(np.empty((x5.shape[0], w5.shape[0], *((1,) * (3 - nd)),
-                                  *out_spatial), np.int8), kind, channels_last, nd).shape
-    _check_grad_shape(grad, want, op)
+    _check_grad_shape(grad, _conv_result_shape(x5.shape[0], w5.shape[0], out_spatial, kind,
+                                               channels_last), op)
     if channels_last and kind != "plain":
         grad = np.moveaxis(grad if kind == "batched" else grad[None], -1, 1)
     grad5 = impl.canonical(grad, (x5.shape[0], w5.shape[0], *((1,) * (3 - nd)),
