@@ -166,7 +166,10 @@ def _root_impl(mean, power):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, zero, chunks):
+def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, zero, chunks,
+                            grad=None):
+    """Window sums, finished as Lp norms / averages, or (given ``grad``) as
+    :func:`_lp_output_gradient` coefficients for the backward gather."""
     planes, out_d, out_h, out_w = out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
     rows = planes * out_d * out_h
@@ -194,12 +197,21 @@ def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, ze
                 d += step_d
             row_divisor = divisor[0, od] * divisor[1, oh]
             result = out[plane, od, oh]
-            for ow in range(out_w):
-                result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])), power)
+            if grad is None:
+                for ow in range(out_w):
+                    result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])),
+                                       power)
+            else:
+                grad_row = grad[plane, od, oh]
+                for ow in range(out_w):
+                    result[ow] = _lp_output_gradient(grad_row[ow], total[ow],
+                                                     row_divisor * divisor[2, ow], scale, power)
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks):
+def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
+                           grad=None):
+    """As :func:`sum_pool_channels_first`, vectorised over channels."""
     batch, out_d, out_h, out_w, channels = out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
     rows = batch * out_d * out_h
@@ -227,10 +239,16 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zer
                             w += step_w
                         h += step_h
                     d += step_d
-                factor = scale / (row_divisor * divisor[2, ow])
                 result = out[n, od, oh, ow]
-                for c in range(channels):
-                    result[c] = _root(total[c] * factor, power)
+                if grad is None:
+                    factor = scale / (row_divisor * divisor[2, ow])
+                    for c in range(channels):
+                        result[c] = _root(total[c] * factor, power)
+                else:
+                    grad_at = grad[n, od, oh, ow]
+                    for c in range(channels):
+                        result[c] = _lp_output_gradient(grad_at[c], total[c],
+                                                        row_divisor * divisor[2, ow], scale, power)
 
 
 # --------------------------------------------------------------------------
@@ -277,24 +295,21 @@ def max_backward_channels_last(grad_out, indices, grad_in, channel_block):
     return outside
 
 
-def _lp_output_gradient(grad, window_sum, divisor, scale, power):
+@njit(inline="always")
+def _lp_output_gradient(grad, window_sum, window_divisor, scale, power):
     """d loss / d (mean of x**p over the window), by torch's lp_pool chain rule."""
-
-
-@overload(_lp_output_gradient)
-def _lp_output_gradient_impl(grad, window_sum, divisor, scale, power):
-    if isinstance(power, types.NoneType):
-        return lambda grad, window_sum, divisor, scale, power: grad * scale
-    def chain(grad, window_sum, divisor, scale, power):
-        # torch: out = (sign(m) * relu(|m|) * K) ** (1/p) with m = avg(x**p).
-        mean = window_sum / divisor
-        grad_scaled = grad * (1.0 / power) * (mean * scale) ** (1.0 / power - 1.0) * scale
-        if mean != mean:
-            return 0.0 * grad_scaled  # torch.sign(nan) is 0
-        if mean == 0.0:
-            return 0.0  # relu's gradient at 0
-        return grad_scaled
-    return chain
+    # torch: out = (sign(m) * relu(|m|) * scale) ** (1/p) with m = mean(x**p), so
+    # d out / d m = scale / p * u ** (1/p - 1) with u = m * scale.  u ** (1/p - 1)
+    # is root(u) / u: a square root, not a pow call, for the usual p = 2.
+    mean = window_sum / window_divisor
+    u = mean * scale
+    slope = _root(u, power) / u if 0.0 < u < np.inf else u ** (1.0 / power - 1.0)
+    grad_scaled = np.float64(grad) * (1.0 / power) * slope * scale
+    if mean != mean:
+        return 0.0 * grad_scaled  # torch.sign(nan) is 0
+    if mean == 0.0:
+        return 0.0  # relu's gradient at 0
+    return grad_scaled
 
 
 def _input_factor(value, power):
@@ -309,61 +324,11 @@ def _input_factor_impl(value, power):
         if power != 1.0 else 1.0
 
 
-def _uses_window_sum(power):
-    """Whether the backward needs the forward window sum (Lp only)."""
-
-
-@overload(_uses_window_sum)
-def _uses_window_sum_impl(power):
-    flag = not isinstance(power, types.NoneType)
-    return lambda power: flag
-
-
-@njit(**CPU_JIT_OPTIONS)
-def sum_backward_channels_first(grad_out, x, grad_in, start, stop, step, divisor, scale,
-                                power):
-    planes, out_d, out_h, out_w = grad_out.shape
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    for plane in prange(planes):
-        for od in range(out_d):
-            d0, d1 = start[0, od], stop[0, od]
-            for oh in range(out_h):
-                h0, h1 = start[1, oh], stop[1, oh]
-                for ow in range(out_w):
-                    w0, w1 = start[2, ow], stop[2, ow]
-                    window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
-                    window_sum = 0.0
-                    if _uses_window_sum(power):
-                        d = d0
-                        while d < d1:
-                            h = h0
-                            while h < h1:
-                                w = w0
-                                while w < w1:
-                                    window_sum += _raise_to(x[plane, d, h, w], power)
-                                    w += step_w
-                                h += step_h
-                            d += step_d
-                    coefficient = _lp_output_gradient(
-                        np.float64(grad_out[plane, od, oh, ow]), window_sum, window_divisor,
-                        scale, power) / window_divisor
-                    d = d0
-                    while d < d1:
-                        h = h0
-                        while h < h1:
-                            w = w0
-                            while w < w1:
-                                grad_in[plane, d, h, w] += coefficient * _input_factor(
-                                    x[plane, d, h, w], power)
-                                w += step_w
-                            h += step_h
-                        d += step_d
-
-
 # --------------------------------------------------------------------------
-# Channels-last backward as a gather: one task per input row, each input
-# element summing, in output order, over the windows that cover it (as the
-# CUDA kernels do).  Writes are contiguous runs of channels, owned by one task.
+# Sum backward as a gather: every input element is written once, with the sum,
+# in output order, of ``coefficient * scale / divisor`` over the windows that
+# cover it, times d (x**p) / dx for Lp.  The coefficient is grad_output itself
+# for averages, and d loss / d mean from the sum kernels (with scale 1) for Lp.
 # --------------------------------------------------------------------------
 
 
@@ -375,44 +340,64 @@ def _covers(position, o, start, stop, step, axis):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def output_coefficients_channels_last(grad_out, x, coefficient, start, stop, step, divisor,
-                                      scale, power, chunks):
-    """Per output: d loss / d (sum of x**p over its window), by torch's chain rule;
-    for averages (power None) grad_out * scale / divisor, and x is not read."""
-    batch, out_d, out_h, out_w, channels = grad_out.shape
-    rows = batch * out_d * out_h
-    per_chunk = (rows + chunks - 1) // chunks
+def sum_backward_channels_first(coefficient, x, grad_in, first_out, last_out, start, stop,
+                                step, divisor, scale, power, zero, chunks):
+    """Separably: each output row's weighted coefficients are spread over input
+    columns (a W pass, into scratch), then each input row adds up the spread rows
+    of the output rows covering it.  Per input element that is kw + kd*kh terms,
+    not kd*kh*kw, and the adds of the second pass are whole contiguous rows."""
+    planes, depth, height, width = grad_in.shape
+    out_h, out_w = coefficient.shape[2], coefficient.shape[3]
+    cover_d = 0
+    for d in range(depth):
+        cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
+    slabs = planes * depth
+    per_chunk = (slabs + chunks - 1) // chunks
     for chunk in prange(chunks):
-        scratch = np.empty(channels, np.float64)
-        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
-            n, od, oh = _row_coords(row, out_d, out_h)
-            total = scratch
-            for ow in range(out_w):
-                total[:] = 0.0
-                d = start[0, od] if _uses_window_sum(power) else stop[0, od]
-                while d < stop[0, od]:
-                    h = start[1, oh]
-                    while h < stop[1, oh]:
-                        w = start[2, ow]
-                        while w < stop[2, ow]:
-                            values = x[n, d, h, w]
-                            for c in range(channels):
-                                total[c] += _raise_to(values[c], power)
-                            w += step[2]
-                        h += step[1]
-                    d += step[0]
-                window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
-                for c in range(channels):
-                    coefficient[n, od, oh, ow, c] = _lp_output_gradient(
-                        np.float64(grad_out[n, od, oh, ow, c]), total[c], window_divisor, scale,
-                        power) / window_divisor
+        spread = np.empty((cover_d, out_h, width), type(zero))
+        total = np.empty(width, type(zero))
+        ready = (-1, -1, -1)  # (plane, od0, od1) whose rows spread holds
+        for slab in range(chunk * per_chunk, min(slabs, (chunk + 1) * per_chunk)):
+            plane = slab // depth
+            d = slab - plane * depth
+            od0, od1 = first_out[0, d], last_out[0, d]
+            if (plane, od0, od1) != ready:
+                for od in range(od0, od1):
+                    for oh in range(out_h):
+                        row_divisor = divisor[0, od] * divisor[1, oh]
+                        terms, target = coefficient[plane, od, oh], spread[od - od0, oh]
+                        target[:] = zero
+                        for ow in range(out_w):
+                            term = type(zero)(terms[ow] * (scale / (row_divisor * divisor[2, ow])))
+                            w = start[2, ow]
+                            while w < stop[2, ow]:
+                                target[w] += term
+                                w += step[2]
+                ready = (plane, od0, od1)
+            for h in range(height):
+                total[:] = zero
+                for od in range(od0, od1):
+                    if not _covers(d, od, start, stop, step, 0):
+                        continue
+                    for oh in range(first_out[1, h], last_out[1, h]):
+                        if _covers(h, oh, start, stop, step, 1):
+                            row = spread[od - od0, oh]
+                            for w in range(width):
+                                total[w] += row[w]
+                result = grad_in[plane, d, h]
+                if power is None:
+                    result[:] = total
+                else:
+                    x_row = x[plane, d, h]
+                    for w in range(width):
+                        result[w] = total[w] * _input_factor(x_row[w], power)
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_backward_gather_channels_last(coefficient, x, grad_in, first_out, last_out, start,
-                                      stop, step, power):
-    """grad_in[i] = factor(x[i]) * the sum of the covering windows' coefficients
-    (from :func:`output_coefficients_channels_last`; the factor is 1 for averages)."""
+def sum_backward_channels_last(coefficient, x, grad_in, first_out, last_out, start, stop,
+                               step, divisor, scale, power, zero):
+    """One task per input row; each element gathers its covering windows' terms,
+    vectorised over channels."""
     batch, depth, height, width, channels = grad_in.shape
     for row in prange(batch * depth * height):
         n, d, h = _row_coords(row, depth, height)
@@ -425,13 +410,15 @@ def sum_backward_gather_channels_last(coefficient, x, grad_in, first_out, last_o
                 for oh in range(first_out[1, h], last_out[1, h]):
                     if not _covers(h, oh, start, stop, step, 1):
                         continue
+                    row_divisor = divisor[0, od] * divisor[1, oh]
                     for ow in range(first_out[2, w], last_out[2, w]):
                         if not _covers(w, ow, start, stop, step, 2):
                             continue
+                        weight = type(zero)(scale / (row_divisor * divisor[2, ow]))
                         terms = coefficient[n, od, oh, ow]
                         for c in range(channels):
-                            total[c] += terms[c]
-            if _uses_window_sum(power):
+                            total[c] += terms[c] * weight
+            if power is not None:
                 values = x[n, d, h, w]
                 for c in range(channels):
                     total[c] *= _input_factor(values[c], power)

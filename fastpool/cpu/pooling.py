@@ -89,10 +89,14 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     return out
 
 
+def _layout(channels_last: bool) -> str:
+    return "channels_last" if channels_last else "channels_first"
+
+
 def _launch_family(name: str, channels_last: bool, arguments: tuple, block: int,
                    *direct_arguments) -> None:
     """Run ``name``'s separable kernel (given a channel block) or its direct kernel."""
-    layout = "channels_last" if channels_last else "channels_first"
+    layout = _layout(channels_last)
     if block:
         launch(getattr(kernels, f"{name}_separable_{layout}"), *arguments,
                *((block,) if channels_last else ()))
@@ -158,29 +162,33 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
                  channels_last: bool, input_shape: tuple, power: float,
                  stream=None) -> np.ndarray:
-    """Gradient of :func:`sum_pool` (x is needed for Lp only)."""
+    """Gradient of :func:`sum_pool` (x is needed for Lp only), as a gather."""
     lp = None if power == 1.0 else float(power)
-    if channels_last:
-        # As on the GPU: one coefficient per output, then each input gathers them.
-        # Averages never read x: grad_out stands in for it with the right type and shape.
-        source = grad_out if x is None else x
-        coefficient = np.empty(grad_out.shape, grad_out.dtype if lp is None else np.float64)
-        launch(kernels.output_coefficients_channels_last, grad_out, source, coefficient,
-               table.start, table.stop, table.step, table.divisor, table.scale, lp,
-               _chunks(grad_out, table))
-        grad_in = np.empty(input_shape, grad_out.dtype)
-        first, last = table.covering_outputs(input_shape[1:4])
-        launch(kernels.sum_backward_gather_channels_last, coefficient,
-               grad_in if x is None else x, grad_in, first, last, table.start, table.stop,
-               table.step, lp)
-        return grad_in
-    if lp is None and table.is_whole_plane(input_shape[1:4]):
+    if not channels_last and lp is None and table.is_whole_plane(input_shape[1:4]):
         grad_in = np.empty(input_shape, grad_out.dtype)
         launch(kernels.plane_broadcast, grad_out.reshape(-1),
                grad_in.reshape(input_shape[0], -1),
                table.scale / float(np.prod(table.divisor[:, 0])))
         return grad_in
-    grad_in = np.zeros(input_shape, grad_out.dtype)
-    launch(kernels.sum_backward_channels_first, grad_out, grad_in if x is None else x,
-           grad_in, table.start, table.stop, table.step, table.divisor, table.scale, lp)
+    coefficient, scale = grad_out, table.scale
+    if lp is not None:
+        # d loss / d window mean, with the forward's window sums; the gather then
+        # divides by the divisor alone.
+        coefficient = np.empty(grad_out.shape, np.float64)
+        launch(getattr(kernels, f"sum_pool_{_layout(channels_last)}"), x, coefficient,
+               table.start, table.stop, table.step, table.divisor, table.scale, lp,
+               np.float64(0), _chunks(x, table), grad_out)
+        scale = 1.0
+    grad_in = np.empty(input_shape, grad_out.dtype)
+    first, last = table.covering_outputs(input_shape[1:4])
+    arguments = (coefficient, grad_in if x is None else x, grad_in, first, last, table.start,
+                 table.stop, table.step, table.divisor, scale, lp)
+    if channels_last:
+        launch(kernels.sum_backward_channels_last, *arguments,
+               np.float64(0) if lp is not None else grad_out.dtype.type(0))
+    else:
+        zero = accumulator_zero(grad_out.dtype, table, power)
+        slabs = input_shape[0] * input_shape[1]
+        launch(kernels.sum_backward_channels_first, *arguments, zero,
+               max(1, min(slabs, 16 * get_num_threads())))
     return grad_in
