@@ -46,6 +46,18 @@ def _max_along_row(x_row, best, best_at, base, start, stop, step_w, first, last)
         best[ow], best_at[ow] = row_best, row_at
 
 
+@njit(inline="always")
+def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last):
+    """Add one input row's share to the window sums of outputs first..last-1."""
+    for ow in range(first, last):
+        w, w1 = start[2, ow], stop[2, ow]
+        row_total = zero
+        while w < w1:
+            row_total += _raise_to(x_row[w], power)
+            w += step_w
+        total[ow] += row_total
+
+
 @njit(**CPU_JIT_OPTIONS)
 def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest,
                             with_indices, chunks):
@@ -53,7 +65,7 @@ def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest
     height, width = x.shape[2], x.shape[3]
     step_d, step_h, step_w = step[0], step[1], step[2]
     # Without indices, outputs whose windows lie wholly inside the row are swept
-    # offset by offset across the row: strided loads and selects that vectorise.
+    # by _fold_interior: loads and selects that vectorise across outputs.
     lo, hi = (interior[2, 0], interior[2, 1]) if not with_indices else (0, 0)
     stride, offset, kernel = interior[2, 2], interior[2, 3], interior[2, 4]
     # Rows go in chunks, each with one scratch row: an allocation per output row
@@ -66,9 +78,10 @@ def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest
             plane, od, oh = _row_coords(row, out_d, out_h)
             d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
             best = out[plane, od, oh]
-            for ow in range(out_w):
-                best[ow] = lowest
-                best_at[ow] = (d0 * height + h0) * width + start[2, ow]
+            best[:] = lowest
+            if with_indices:
+                for ow in range(out_w):
+                    best_at[ow] = (d0 * height + h0) * width + start[2, ow]
             # Input rows of the window in scan order, each swept for the whole output row.
             d = d0
             while d < d1:
@@ -77,12 +90,10 @@ def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest
                     x_row = x[plane, d, h]
                     base = (d * height + h) * width
                     _max_along_row(x_row, best, best_at, base, start, stop, step_w, 0, lo)
-                    for j in range(kernel if hi > lo else 0):
-                        shift = offset + j * step_w
-                        for ow in range(lo, hi):
-                            value = x_row[ow * stride + shift]
-                            kept = best[ow]
-                            best[ow] = value if (value > kept) | (value != value) else kept
+                    if hi > lo and not _fold_interior(_fold_max, x_row, best, lo, hi, stride,
+                                                      offset, kernel, step_w, None):
+                        _fold_offsets(_fold_max, x_row, best, lo, hi, stride, offset, kernel,
+                                      step_w, None)
                     _max_along_row(x_row, best, best_at, base, start, stop, step_w,
                                    max(lo, hi), out_w)
                     h += step_h
@@ -165,13 +176,80 @@ def _root_impl(mean, power):
     return lambda mean, power: np.sqrt(mean) if power == 2.0 else mean ** (1.0 / power)
 
 
+# --------------------------------------------------------------------------
+# Interior sweeps (channels-first).  Outputs lo <= o < hi of a sliding table
+# have whole windows inside the row, reading ``o*stride + offset + j*step``.
+# With stride and kernel known to LLVM as constants, the window-major loop
+# vectorises across outputs (interleaved loads); the common pairs get such a
+# copy, other strides sweep offset by offset.
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _fold_max(kept, value, power):
+    # torch's update: a NaN always wins, ties keep the first.
+    return value if (value > kept) | (value != value) else kept
+
+
+@njit(inline="always")
+def _fold_sum(kept, value, power):
+    return kept + _raise_to(value, power)
+
+
+# Both sweeps index views that start at the first interior window: indices that
+# are provably non-negative spare numba's wraparound select, which would turn
+# the vector loads into gathers.
+
+
+@njit(inline="always")
+def _fold_windows(fold, x_row, acc, lo, hi, stride, offset, kernel, power):
+    windows, kept_row = x_row[lo * stride + offset:], acc[lo:hi]
+    for i in range(hi - lo):
+        base = i * stride
+        kept = kept_row[i]
+        for j in range(kernel):
+            kept = fold(kept, windows[base + j], power)
+        kept_row[i] = kept
+
+
+@njit(inline="always")
+def _fold_offsets(fold, x_row, acc, lo, hi, stride, offset, kernel, step, power):
+    windows, kept_row = x_row[lo * stride + offset:], acc[lo:hi]
+    for j in range(kernel):
+        shifted = windows[j * step:]
+        for i in range(hi - lo):
+            kept_row[i] = fold(kept_row[i], shifted[i * stride], power)
+
+
+@njit(inline="always")
+def _fold_interior(fold, x_row, acc, lo, hi, stride, offset, kernel, step, power):
+    """Fold the interior windows of one input row into ``acc``; False (and nothing
+    done) for a pattern without a constant copy and stride > 1."""
+    if step == 1 and stride == 2 and kernel == 2:
+        _fold_windows(fold, x_row, acc, lo, hi, 2, offset, 2, power)
+    elif step == 1 and stride == 2 and kernel == 3:
+        _fold_windows(fold, x_row, acc, lo, hi, 2, offset, 3, power)
+    elif step == 1 and stride == 3 and kernel == 3:
+        _fold_windows(fold, x_row, acc, lo, hi, 3, offset, 3, power)
+    elif step == 1 and stride == 4 and kernel == 4:
+        _fold_windows(fold, x_row, acc, lo, hi, 4, offset, 4, power)
+    elif stride == 1:
+        _fold_offsets(fold, x_row, acc, lo, hi, 1, offset, kernel, step, power)
+    else:
+        return False
+    return True
+
+
+
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, zero, chunks,
-                            grad=None):
+def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale, power, zero,
+                            chunks, grad=None):
     """Window sums, finished as Lp norms / averages, or (given ``grad``) as
     :func:`_lp_output_gradient` coefficients for the backward gather."""
     planes, out_d, out_h, out_w = out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
+    lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
+                                      interior[2, 3], interior[2, 4])
     rows = planes * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in prange(chunks):
@@ -186,13 +264,12 @@ def sum_pool_channels_first(x, out, start, stop, step, divisor, scale, power, ze
                 h = h0
                 while h < h1:
                     x_row = x[plane, d, h]
-                    for ow in range(out_w):
-                        w, w1 = start[2, ow], stop[2, ow]
-                        row_total = zero
-                        while w < w1:
-                            row_total += _raise_to(x_row[w], power)
-                            w += step_w
-                        total[ow] += row_total
+                    if hi > lo and _fold_interior(_fold_sum, x_row, total, lo, hi, stride,
+                                                  offset, kernel, step_w, power):
+                        _sum_along_row(x_row, total, start, stop, step_w, power, zero, 0, lo)
+                        _sum_along_row(x_row, total, start, stop, step_w, power, zero, hi, out_w)
+                    else:
+                        _sum_along_row(x_row, total, start, stop, step_w, power, zero, 0, out_w)
                     h += step_h
                 d += step_d
             row_divisor = divisor[0, od] * divisor[1, oh]

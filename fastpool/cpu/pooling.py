@@ -55,19 +55,19 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
     shape = _out_shape(x, table, channels_last)
     out = np.empty(shape, x.dtype)
     indices = np.empty(shape if with_indices else (1,) * len(shape), np.int64)
+    lowest = x.dtype.type(lowest)
     if not channels_last and table.is_whole_plane(x.shape[1:4]):
         launch(kernels.plane_max, x.reshape(x.shape[0], -1), out.reshape(-1),
-               indices.reshape(-1), x.dtype.type(lowest), with_indices)
-        return out, (indices if with_indices else None)
-    arguments = (x, out, indices, table.start, table.stop, table.step, x.dtype.type(lowest),
-                 with_indices)
-    block = _separable(x, table, channels_last, x.itemsize + 8)
-    if not (block or channels_last):
-        launch(kernels.max_pool_channels_first, x, out, indices, table.start, table.stop,
-               table.step, table.interior, x.dtype.type(lowest), with_indices,
-               _chunks(x, table))
+               indices.reshape(-1), lowest, with_indices)
+    elif block := _separable(x, table, channels_last, x.itemsize + 8):
+        _launch_separable("max_pool", channels_last, block, x, out, indices, table.start,
+                          table.stop, table.step, lowest, with_indices)
+    elif channels_last:
+        launch(kernels.max_pool_channels_last, x, out, indices, table.start, table.stop,
+               table.step, lowest, with_indices, _chunks(x, table))
     else:
-        _launch_family("max_pool", channels_last, arguments, block, _chunks(x, table))
+        launch(kernels.max_pool_channels_first, x, out, indices, table.start, table.stop,
+               table.step, table.interior, lowest, with_indices, _chunks(x, table))
     return out, (indices if with_indices else None)
 
 
@@ -75,33 +75,37 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
              power: float, stream=None) -> np.ndarray:
     """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window."""
     out = np.empty(_out_shape(x, table, channels_last), x.dtype)
+    # power None (not 1.0) selects the averaging specialisation, free of pow calls.
     lp = None if power == 1.0 else float(power)
+    zero = accumulator_zero(x.dtype, table, power)
     if not channels_last and table.is_whole_plane(x.shape[1:4]):
         launch(kernels.plane_sum, x.reshape(x.shape[0], -1), out.reshape(-1),
-               table.scale / float(np.prod(table.divisor[:, 0])), lp,
-               accumulator_zero(x.dtype, table, power))
-        return out
-    # power None (not 1.0) selects the averaging specialisation, free of pow calls.
-    arguments = (x, out, table.start, table.stop, table.step, table.divisor, table.scale,
-                 None if power == 1.0 else float(power))
-    _launch_family("sum_pool", channels_last, arguments, _separable(x, table, channels_last, 8),
-                   accumulator_zero(x.dtype, table, power), _chunks(x, table))
+               table.scale / float(np.prod(table.divisor[:, 0])), lp, zero)
+    elif block := _separable(x, table, channels_last, 8):
+        _launch_separable("sum_pool", channels_last, block, x, out, table.start, table.stop,
+                          table.step, table.divisor, table.scale, lp)
+    else:
+        _sum_pool_direct(x, out, table, channels_last, lp, zero)
     return out
 
 
-def _layout(channels_last: bool) -> str:
-    return "channels_last" if channels_last else "channels_first"
-
-
-def _launch_family(name: str, channels_last: bool, arguments: tuple, block: int,
-                   *direct_arguments) -> None:
-    """Run ``name``'s separable kernel (given a channel block) or its direct kernel."""
-    layout = _layout(channels_last)
-    if block:
-        launch(getattr(kernels, f"{name}_separable_{layout}"), *arguments,
-               *((block,) if channels_last else ()))
+def _sum_pool_direct(x, out, table, channels_last, lp, zero, grad=None) -> None:
+    """The direct sum kernels: window sums finished as norms, or as the Lp backward's
+    coefficients when ``grad`` is given."""
+    if channels_last:
+        launch(kernels.sum_pool_channels_last, x, out, table.start, table.stop, table.step,
+               table.divisor, table.scale, lp, zero, _chunks(x, table), grad)
     else:
-        launch(getattr(kernels, f"{name}_{layout}"), *arguments, *direct_arguments)
+        launch(kernels.sum_pool_channels_first, x, out, table.start, table.stop, table.step,
+               table.interior, table.divisor, table.scale, lp, zero, _chunks(x, table), grad)
+
+
+def _launch_separable(name: str, channels_last: bool, block: int, *arguments) -> None:
+    """Run ``name``'s separable kernel; channels-last ones take a channel block."""
+    if channels_last:
+        launch(getattr(kernels, f"{name}_separable_channels_last"), *arguments, block)
+    else:
+        launch(getattr(kernels, f"{name}_separable_channels_first"), *arguments)
 
 
 # Windows up to this many elements sum float32 input in float32, as torch does;
@@ -175,9 +179,7 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
         # d loss / d window mean, with the forward's window sums; the gather then
         # divides by the divisor alone.
         coefficient = np.empty(grad_out.shape, np.float64)
-        launch(getattr(kernels, f"sum_pool_{_layout(channels_last)}"), x, coefficient,
-               table.start, table.stop, table.step, table.divisor, table.scale, lp,
-               np.float64(0), _chunks(x, table), grad_out)
+        _sum_pool_direct(x, coefficient, table, channels_last, lp, np.float64(0), grad_out)
         scale = 1.0
     grad_in = np.empty(input_shape, grad_out.dtype)
     first, last = table.covering_outputs(input_shape[1:4])
