@@ -305,7 +305,18 @@ class WindowTable:
         """Per axis and input position ``i``, the range ``[first, last)`` of outputs
         whose windows may hold ``i`` (windows start and stop in non-decreasing
         order along every axis); gathering backward kernels loop over it and
-        check the step."""
+        check the step.  Memoised per input shape."""
+        cache = self.__dict__.setdefault("_covering", {})
+        if (cover := cache.get(in_spatial)) is None:
+            cover = cache[in_spatial] = self._covering_outputs(in_spatial)
+        return cover
+
+    def max_cover(self, in_spatial: tuple[int, int, int]) -> int:
+        """The most outputs whose windows may hold one input element."""
+        first, last = self.covering_outputs(in_spatial)
+        return int(np.prod((last - first).max(axis=1, initial=0)))
+
+    def _covering_outputs(self, in_spatial: tuple[int, int, int]):
         first = np.zeros((3, max(in_spatial)), np.int64)
         last = np.zeros((3, max(in_spatial)), np.int64)
         for axis, size in enumerate(in_spatial):

@@ -338,11 +338,13 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zer
 @njit(**CPU_JIT_OPTIONS)
 def max_backward_channels_first(grad_out, indices, grad_in):
     """``grad_in[p, indices[p, q]] += grad_out[p, q]``; returns how many indices were
-    outside the plane (and skipped)."""
+    outside the plane (and skipped).  Each task zeroes its own planes first: in
+    parallel, and while they are in cache."""
     planes, outputs = grad_out.shape
     size = grad_in.shape[1]
     outside = 0
     for plane in prange(planes):
+        grad_in[plane, :] = 0
         for q in range(outputs):
             at = indices[plane, q]
             if 0 <= at < size:
@@ -362,6 +364,7 @@ def max_backward_channels_last(grad_out, indices, grad_in, channel_block):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
         c1 = min(c0 + channel_block, channels)
+        grad_in[n, :, c0:c1] = 0
         for q in range(outputs):
             for c in range(c0, c1):
                 at = indices[n, q, c]

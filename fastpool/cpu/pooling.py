@@ -144,15 +144,15 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
     input row instead (measured faster there; the scatter wins elsewhere)."""
     batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
     tail = input_shape[4:]
-    first, last = table.covering_outputs(input_shape[1:4]) if table is not None else (0, 0)
     if channels_last and table is not None and tail[0] >= GATHER_MIN_CHANNELS and \
-            np.prod((last - first).max(axis=1)) <= GATHER_MAX_COVER:
+            table.max_cover(input_shape[1:4]) <= GATHER_MAX_COVER:
+        first, last = table.covering_outputs(input_shape[1:4])
         outside = launch(kernels.count_outside, indices.reshape(-1), spatial)
         grad_in = np.empty(input_shape, grad_out.dtype)
         launch(kernels.max_backward_gather_channels_last, grad_out, indices, grad_in, first,
                last, table.start, table.stop, table.step)
         return grad_in, int(outside)
-    grad_in = np.zeros((batch, spatial, *tail), grad_out.dtype)
+    grad_in = np.empty((batch, spatial, *tail), grad_out.dtype)  # zeroed by the kernels
     shape = (batch, -1, *tail)
     if channels_last:
         outside = launch(kernels.max_backward_channels_last, grad_out.reshape(shape),
