@@ -59,14 +59,15 @@ def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest,
-                            with_indices, chunks):
+def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest, chunks):
+    """Window maxima; their flat positions too unless ``indices`` is None (then the
+    position bookkeeping is compiled out)."""
     planes, out_d, out_h, out_w = out.shape
     height, width = x.shape[2], x.shape[3]
     step_d, step_h, step_w = step[0], step[1], step[2]
     # Without indices, outputs whose windows lie wholly inside the row are swept
     # by _fold_interior: loads and selects that vectorise across outputs.
-    lo, hi = (interior[2, 0], interior[2, 1]) if not with_indices else (0, 0)
+    lo, hi = (interior[2, 0], interior[2, 1]) if indices is None else (0, 0)
     stride, offset, kernel = interior[2, 2], interior[2, 3], interior[2, 4]
     # Rows go in chunks, each with one scratch row: an allocation per output row
     # costs more than a small row's arithmetic.
@@ -79,7 +80,7 @@ def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest
             d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
             best = out[plane, od, oh]
             best[:] = lowest
-            if with_indices:
+            if indices is not None:
                 for ow in range(out_w):
                     best_at[ow] = (d0 * height + h0) * width + start[2, ow]
             # Input rows of the window in scan order, each swept for the whole output row.
@@ -98,28 +99,27 @@ def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest
                                    max(lo, hi), out_w)
                     h += step_h
                 d += step_d
-            if with_indices:
+            if indices is not None:
                 indices[plane, od, oh, :] = best_at
 
 
 @njit(**CPU_JIT_OPTIONS)
-def max_pool_channels_last(x, out, indices, start, stop, step, lowest, with_indices, chunks):
+def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
     batch, out_d, out_h, out_w, channels = out.shape
     height, width = x.shape[2], x.shape[3]
     step_d, step_h, step_w = step[0], step[1], step[2]
     rows = batch * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in prange(chunks):
-        scratch = np.empty(channels, np.int64)
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
             d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-            best_at = scratch
             for ow in range(out_w):
                 w0, w1 = start[2, ow], stop[2, ow]
                 best = out[n, od, oh, ow]
                 best[:] = lowest
-                best_at[:] = (d0 * height + h0) * width + w0
+                if indices is not None:
+                    indices[n, od, oh, ow, :] = (d0 * height + h0) * width + w0
                 d = d0
                 while d < d1:
                     h = h0
@@ -127,17 +127,25 @@ def max_pool_channels_last(x, out, indices, start, stop, step, lowest, with_indi
                         w = w0
                         while w < w1:
                             values = x[n, d, h, w]
-                            at = (d * height + h) * width + w
-                            for c in range(channels):
-                                value = values[c]
-                                if (value > best[c]) | (value != value):
-                                    best[c] = value
-                                    best_at[c] = at
+                            if indices is None:
+                                for c in range(channels):
+                                    best[c] = _fold_max(best[c], values[c], None)
+                            else:
+                                _max_with_position(best, indices[n, od, oh, ow], values,
+                                                   (d * height + h) * width + w)
                             w += step_w
                         h += step_h
                     d += step_d
-                if with_indices:
-                    indices[n, od, oh, ow, :] = best_at
+
+
+@njit(inline="always")
+def _max_with_position(best, best_at, values, at):
+    """Fold a channel vector into running maxima and their positions."""
+    for c in range(len(values)):
+        value = values[c]
+        if (value > best[c]) | (value != value):
+            best[c] = value
+            best_at[c] = at
 
 
 def _raise_to(value, power):
@@ -629,13 +637,13 @@ def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, 
 
 
 @njit(**CPU_JIT_OPTIONS)
-def max_pool_separable_channels_first(x, out, indices, start, stop, step, lowest,
-                                      with_indices):
+def max_pool_separable_channels_first(x, out, indices, start, stop, step, lowest):
     planes, out_d, out_h, out_w = out.shape
     depth, height, width = x.shape[1], x.shape[2], x.shape[3]
+    positions = (depth, height, out_w) if indices is not None else (1, 1, 1)
     for plane in prange(planes):
         rows = np.empty((depth, height, out_w), x.dtype)
-        rows_at = np.empty((depth, height, out_w), np.int64)
+        rows_at = np.empty(positions, np.int64)
         for d in range(depth):
             for h in range(height):
                 x_row = x[plane, d, h]
@@ -647,90 +655,94 @@ def max_pool_separable_channels_first(x, out, indices, start, stop, step, lowest
                         if (value > best) | (value != value):
                             best, best_at = value, w
                         w += step[2]
-                    rows[d, h, ow], rows_at[d, h, ow] = best, best_at
-        best = np.empty(out_w, x.dtype)
-        best_at = np.empty(out_w, np.int64)
+                    rows[d, h, ow] = best
+                    if indices is not None:
+                        rows_at[d, h, ow] = best_at
         for od in range(out_d):
             for oh in range(out_h):
                 d0, h0 = start[0, od], start[1, oh]
-                for ow in range(out_w):
-                    best[ow] = lowest
-                    best_at[ow] = (d0 * height + h0) * width + start[2, ow]
+                best = out[plane, od, oh]
+                best[:] = lowest
+                if indices is not None:
+                    best_at = indices[plane, od, oh]
+                    for ow in range(out_w):
+                        best_at[ow] = (d0 * height + h0) * width + start[2, ow]
                 d = d0
                 while d < stop[0, od]:
                     h = h0
                     while h < stop[1, oh]:
-                        row, row_at = rows[d, h], rows_at[d, h]
-                        base = (d * height + h) * width
-                        for ow in range(out_w):
-                            value = row[ow]
-                            if (value > best[ow]) | (value != value):
-                                best[ow] = value
-                                best_at[ow] = base + row_at[ow]
+                        if indices is None:
+                            row = rows[d, h]
+                            for ow in range(out_w):
+                                best[ow] = _fold_max(best[ow], row[ow], None)
+                        else:
+                            _max_with_row_positions(best, indices[plane, od, oh], rows[d, h],
+                                                    rows_at[d, h], (d * height + h) * width)
                         h += step[1]
                     d += step[0]
-                out[plane, od, oh, :] = best
-                if with_indices:
-                    indices[plane, od, oh, :] = best_at
+
+
+@njit(inline="always")
+def _max_with_row_positions(best, best_at, row, row_at, base):
+    """Fold a row of W-pass maxima (at W positions ``row_at``) into ``best``."""
+    for i in range(len(row)):
+        value = row[i]
+        if (value > best[i]) | (value != value):
+            best[i] = value
+            best_at[i] = base + row_at[i]
 
 
 @njit(**CPU_JIT_OPTIONS)
 def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
-                                     with_indices, channel_block):
+                                     channel_block):
     batch, out_d, out_h, out_w, channels = out.shape
     depth, height, width = x.shape[1], x.shape[2], x.shape[3]
     blocks = (channels + channel_block - 1) // channel_block
     for task in prange(batch * blocks):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
-        span = min(c0 + channel_block, channels) - c0
-        rows = np.empty((depth, height, out_w, span), x.dtype)
-        rows_at = np.empty((depth, height, out_w, span), np.int64)
+        c1 = min(c0 + channel_block, channels)
+        rows = np.empty((depth, height, out_w, c1 - c0), x.dtype)
+        rows_at = np.empty((depth, height, out_w, c1 - c0) if indices is not None
+                           else (1, 1, 1, 1), np.int64)
         for d in range(depth):
             for h in range(height):
                 for ow in range(out_w):
-                    best, best_at = rows[d, h, ow], rows_at[d, h, ow]
+                    best = rows[d, h, ow]
                     best[:] = lowest
-                    best_at[:] = start[2, ow]
+                    if indices is not None:
+                        rows_at[d, h, ow, :] = start[2, ow]
                     w = start[2, ow]
                     while w < stop[2, ow]:
-                        values = x[n, d, h, w]
-                        for c in range(span):
-                            value = values[c0 + c]
-                            if (value > best[c]) | (value != value):
-                                best[c] = value
-                                best_at[c] = w
+                        values = x[n, d, h, w, c0:c1]
+                        if indices is None:
+                            for c in range(c1 - c0):
+                                best[c] = _fold_max(best[c], values[c], None)
+                        else:
+                            _max_with_position(best, rows_at[d, h, ow], values, w)
                         w += step[2]
-        best = np.empty((out_w, span), x.dtype)
-        best_at = np.empty((out_w, span), np.int64)
         for od in range(out_d):
             for oh in range(out_h):
                 d0, h0 = start[0, od], start[1, oh]
                 for ow in range(out_w):
-                    best[ow, :] = lowest
-                    best_at[ow, :] = (d0 * height + h0) * width + start[2, ow]
+                    out[n, od, oh, ow, c0:c1] = lowest
+                    if indices is not None:
+                        indices[n, od, oh, ow, c0:c1] = (d0 * height + h0) * width + start[2, ow]
                 d = d0
                 while d < stop[0, od]:
                     h = h0
                     while h < stop[1, oh]:
-                        row, row_at = rows[d, h], rows_at[d, h]
                         base = (d * height + h) * width
                         for ow in range(out_w):
-                            for c in range(span):
-                                value = row[ow, c]
-                                if (value > best[ow, c]) | (value != value):
-                                    best[ow, c] = value
-                                    best_at[ow, c] = base + row_at[ow, c]
+                            best, row = out[n, od, oh, ow, c0:c1], rows[d, h, ow]
+                            if indices is None:
+                                for c in range(c1 - c0):
+                                    best[c] = _fold_max(best[c], row[c], None)
+                            else:
+                                _max_with_row_positions(best, indices[n, od, oh, ow, c0:c1], row,
+                                                        rows_at[d, h, ow], base)
                         h += step[1]
                     d += step[0]
-                for ow in range(out_w):
-                    result = out[n, od, oh, ow]
-                    for c in range(span):
-                        result[c0 + c] = best[ow, c]
-                    if with_indices:
-                        result_at = indices[n, od, oh, ow]
-                        for c in range(span):
-                            result_at[c0 + c] = best_at[ow, c]
 
 
 # --------------------------------------------------------------------------
@@ -758,7 +770,7 @@ def plane_sum(x, out, factor, power, zero):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def plane_max(x, out, indices, lowest, with_indices):
+def plane_max(x, out, indices, lowest):
     planes, size = x.shape
     for plane in prange(planes):
         values = x[plane]
@@ -768,7 +780,7 @@ def plane_max(x, out, indices, lowest, with_indices):
             if (value > best) | (value != value):
                 best, best_at = value, i
         out[plane] = best
-        if with_indices:
+        if indices is not None:
             indices[plane] = best_at
 
 

@@ -54,21 +54,22 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
     """Window maxima and, if asked, their flat indices within the spatial plane."""
     shape = _out_shape(x, table, channels_last)
     out = np.empty(shape, x.dtype)
-    indices = np.empty(shape if with_indices else (1,) * len(shape), np.int64)
+    # None, not an array, compiles the kernels without their position bookkeeping.
+    indices = np.empty(shape, np.int64) if with_indices else None
     lowest = x.dtype.type(lowest)
     if not channels_last and table.is_whole_plane(x.shape[1:4]):
         launch(kernels.plane_max, x.reshape(x.shape[0], -1), out.reshape(-1),
-               indices.reshape(-1), lowest, with_indices)
-    elif block := _separable(x, table, channels_last, x.itemsize + 8):
+               None if indices is None else indices.reshape(-1), lowest)
+    elif block := _separable(x, table, channels_last, x.itemsize + 8 * with_indices):
         _launch_separable("max_pool", channels_last, block, x, out, indices, table.start,
-                          table.stop, table.step, lowest, with_indices)
+                          table.stop, table.step, lowest)
     elif channels_last:
         launch(kernels.max_pool_channels_last, x, out, indices, table.start, table.stop,
-               table.step, lowest, with_indices, _chunks(x, table))
+               table.step, lowest, _chunks(x, table))
     else:
         launch(kernels.max_pool_channels_first, x, out, indices, table.start, table.stop,
-               table.step, table.interior, lowest, with_indices, _chunks(x, table))
-    return out, (indices if with_indices else None)
+               table.step, table.interior, lowest, _chunks(x, table))
+    return out, indices
 
 
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
