@@ -237,6 +237,35 @@ def test_all_minus_inf_window_keeps_first_index():
         assert_array_equal(idx[0, 0], [[0, 2], [8, 15]])
 
 
+# (kernel, stride, dilation): the constant-stride interior sweeps of the
+# channels-first kernels, their stride-1 sweep (also dilated) and the generic one.
+INTERIOR_SWEEPS = [(2, 2, 1), (3, 2, 1), (3, 3, 1), (4, 4, 1), (3, 1, 1), (6, 1, 1),
+                   (3, 1, 2), (5, 4, 1), (2, 3, 2)]
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+@pytest.mark.parametrize("kernel, stride, dilation", INTERIOR_SWEEPS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+@pytest.mark.parametrize("separable", [False, True], ids=["direct", "separable"])
+def test_interior_sweeps(nd, kernel, stride, dilation, dtype, separable, rng, monkeypatch):
+    # Padding 1 and a ragged end leave edge windows on both sides of the interior;
+    # ties, NaN and -inf check torch's max rules inside the vectorised sweeps.
+    from fastpool.cpu import pooling
+    monkeypatch.setattr(pooling, "SEPARABLE_MIN_WINDOW", 1 if separable else 10**9)
+    x = make_input(rng, nd, 23, ties=True, dtype=dtype)
+    if x.dtype.kind == "f":
+        x[rng.random(x.shape) < 0.05] = np.nan
+        x[rng.random(x.shape) < 0.05] = -np.inf
+    kwargs = dict(kernel_size=kernel, stride=stride, padding=1, dilation=dilation)
+    check_all_backends("max_pool", nd, x, exact=True, **kwargs)
+    if dilation == 1 and x.dtype.kind == "f":
+        y = make_input(rng, nd, 23, dtype=dtype)
+        kwargs.pop("dilation")
+        check_all_backends("avg_pool", nd, y, exact=False, **kwargs)
+        kwargs.pop("padding")
+        check_all_backends("lp_pool", nd, np.abs(y), 2, exact=False, **kwargs)
+
+
 @pytest.fixture
 def separable_everywhere(monkeypatch):
     """Route every window through the separable CPU kernels (normally large ones only)."""

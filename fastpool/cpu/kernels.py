@@ -47,15 +47,16 @@ def _max_along_row(x_row, best, best_at, base, start, stop, step_w, first, last)
 
 
 @njit(inline="always")
-def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last):
-    """Add one input row's share to the window sums of outputs first..last-1."""
+def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last, assign=False):
+    """Add one input row's share to the window sums of outputs first..last-1 (or,
+    with ``assign``, store it)."""
     for ow in range(first, last):
         w, w1 = start[2, ow], stop[2, ow]
         row_total = zero
         while w < w1:
             row_total += _raise_to(x_row[w], power)
             w += step_w
-        total[ow] += row_total
+        total[ow] = row_total if assign else total[ow] + row_total
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -558,43 +559,48 @@ def count_outside(indices, size):
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_separable_channels_first(x, out, start, stop, step, divisor, scale, power):
+def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divisor, scale,
+                                      power, zero):
     planes, out_d, out_h, out_w = out.shape
     depth, height = x.shape[1], x.shape[2]
+    lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
+                                      interior[2, 3], interior[2, 4])
     for plane in prange(planes):
-        rows = np.empty((depth, height, out_w), np.float64)
+        rows = np.empty((depth, height, out_w), type(zero))
         for d in range(depth):
             for h in range(height):
-                x_row = x[plane, d, h]
-                for ow in range(out_w):
-                    total = 0.0
-                    w = start[2, ow]
-                    while w < stop[2, ow]:
-                        total += _raise_to(x_row[w], power)
-                        w += step[2]
-                    rows[d, h, ow] = total
-        total_row = np.empty(out_w, np.float64)
+                x_row, row = x[plane, d, h], rows[d, h]
+                row[lo:hi] = zero
+                if hi > lo and _fold_interior(_fold_sum, x_row, row, lo, hi, stride, offset,
+                                              kernel, step[2], power):
+                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, 0, lo, True)
+                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, hi, out_w,
+                                   True)
+                else:
+                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, 0, out_w,
+                                   True)
+        total = np.empty(out_w, type(zero))
         for od in range(out_d):
             for oh in range(out_h):
-                total_row[:] = 0.0
+                total[:] = zero
                 d = start[0, od]
                 while d < stop[0, od]:
                     h = start[1, oh]
                     while h < stop[1, oh]:
                         row = rows[d, h]
                         for ow in range(out_w):
-                            total_row[ow] += row[ow]
+                            total[ow] += row[ow]
                         h += step[1]
                     d += step[0]
                 row_divisor = divisor[0, od] * divisor[1, oh]
                 result = out[plane, od, oh]
                 for ow in range(out_w):
-                    result[ow] = _root(total_row[ow] * (scale / (row_divisor * divisor[2, ow])),
+                    result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])),
                                        power)
 
 
 @njit(**CPU_JIT_OPTIONS)
-def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, power,
+def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, power, zero,
                                      channel_block):
     batch, out_d, out_h, out_w, channels = out.shape
     depth, height = x.shape[1], x.shape[2]
@@ -602,52 +608,64 @@ def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, 
     for task in prange(batch * blocks):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
-        width = min(c0 + channel_block, channels) - c0
-        rows = np.zeros((depth, height, out_w, width), np.float64)
+        c1 = min(c0 + channel_block, channels)
+        rows = np.empty((depth, height, out_w, c1 - c0), type(zero))
         for d in range(depth):
             for h in range(height):
                 for ow in range(out_w):
                     total = rows[d, h, ow]
+                    total[:] = zero
                     w = start[2, ow]
                     while w < stop[2, ow]:
-                        values = x[n, d, h, w]
-                        for c in range(width):
-                            total[c] += _raise_to(values[c0 + c], power)
+                        values = x[n, d, h, w, c0:c1]
+                        for c in range(c1 - c0):
+                            total[c] += _raise_to(values[c], power)
                         w += step[2]
-        total_row = np.empty((out_w, width), np.float64)
+        totals = np.empty((out_w, c1 - c0), type(zero))
         for od in range(out_d):
             for oh in range(out_h):
-                total_row[:] = 0.0
+                totals[:] = zero
                 d = start[0, od]
                 while d < stop[0, od]:
                     h = start[1, oh]
                     while h < stop[1, oh]:
                         row = rows[d, h]
                         for ow in range(out_w):
-                            for c in range(width):
-                                total_row[ow, c] += row[ow, c]
+                            for c in range(c1 - c0):
+                                totals[ow, c] += row[ow, c]
                         h += step[1]
                     d += step[0]
                 row_divisor = divisor[0, od] * divisor[1, oh]
                 for ow in range(out_w):
                     factor = scale / (row_divisor * divisor[2, ow])
-                    result = out[n, od, oh, ow]
-                    for c in range(width):
-                        result[c0 + c] = _root(total_row[ow, c] * factor, power)
+                    result = out[n, od, oh, ow, c0:c1]
+                    for c in range(c1 - c0):
+                        result[c] = _root(totals[ow, c] * factor, power)
 
 
 @njit(**CPU_JIT_OPTIONS)
-def max_pool_separable_channels_first(x, out, indices, start, stop, step, lowest):
+def max_pool_separable_channels_first(x, out, indices, start, stop, step, interior, lowest):
     planes, out_d, out_h, out_w = out.shape
     depth, height, width = x.shape[1], x.shape[2], x.shape[3]
     positions = (depth, height, out_w) if indices is not None else (1, 1, 1)
+    # Without indices the W pass sweeps the interior windows (see _fold_interior).
+    lo, hi = (interior[2, 0], interior[2, 1]) if indices is None else (0, 0)
+    stride, offset, kernel = interior[2, 2], interior[2, 3], interior[2, 4]
     for plane in prange(planes):
         rows = np.empty((depth, height, out_w), x.dtype)
         rows_at = np.empty(positions, np.int64)
         for d in range(depth):
             for h in range(height):
                 x_row = x[plane, d, h]
+                if hi > lo:
+                    rows[d, h, lo:hi] = lowest
+                    if not _fold_interior(_fold_max, x_row, rows[d, h], lo, hi, stride, offset,
+                                          kernel, step[2], None):
+                        _fold_offsets(_fold_max, x_row, rows[d, h], lo, hi, stride, offset,
+                                      kernel, step[2], None)
                 for ow in range(out_w):
+                    if lo <= ow < hi:
+                        continue
                     best, best_at = lowest, start[2, ow]
                     w = start[2, ow]
                     while w < stop[2, ow]:

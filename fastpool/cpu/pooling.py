@@ -61,8 +61,7 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
         launch(kernels.plane_max, x.reshape(x.shape[0], -1), out.reshape(-1),
                None if indices is None else indices.reshape(-1), lowest)
     elif block := _separable(x, table, channels_last, x.itemsize + 8 * with_indices):
-        _launch_separable("max_pool", channels_last, block, x, out, indices, table.start,
-                          table.stop, table.step, lowest)
+        _launch_separable("max_pool", channels_last, block, (x, out, indices), table, lowest)
     elif channels_last:
         launch(kernels.max_pool_channels_last, x, out, indices, table.start, table.stop,
                table.step, lowest, _chunks(x, table))
@@ -82,9 +81,9 @@ def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
     if not channels_last and table.is_whole_plane(x.shape[1:4]):
         launch(kernels.plane_sum, x.reshape(x.shape[0], -1), out.reshape(-1),
                table.scale / float(np.prod(table.divisor[:, 0])), lp, zero)
-    elif block := _separable(x, table, channels_last, 8):
-        _launch_separable("sum_pool", channels_last, block, x, out, table.start, table.stop,
-                          table.step, table.divisor, table.scale, lp)
+    elif block := _separable(x, table, channels_last, np.dtype(type(zero)).itemsize):
+        _launch_separable("sum_pool", channels_last, block, (x, out), table, table.divisor,
+                          table.scale, lp, zero)
     else:
         _sum_pool_direct(x, out, table, channels_last, lp, zero)
     return out
@@ -101,12 +100,17 @@ def _sum_pool_direct(x, out, table, channels_last, lp, zero, grad=None) -> None:
                table.interior, table.divisor, table.scale, lp, zero, _chunks(x, table), grad)
 
 
-def _launch_separable(name: str, channels_last: bool, block: int, *arguments) -> None:
-    """Run ``name``'s separable kernel; channels-last ones take a channel block."""
+def _launch_separable(name: str, channels_last: bool, block: int, arrays: tuple,
+                      table: WindowTable, *arguments) -> None:
+    """Run ``name``'s separable kernel on ``arrays`` (input, output and, for max, the
+    indices): channels-first ones sweep the interior windows, channels-last ones
+    take a channel block."""
+    head = (*arrays, table.start, table.stop, table.step)
     if channels_last:
-        launch(getattr(kernels, f"{name}_separable_channels_last"), *arguments, block)
+        launch(getattr(kernels, f"{name}_separable_channels_last"), *head, *arguments, block)
     else:
-        launch(getattr(kernels, f"{name}_separable_channels_first"), *arguments)
+        launch(getattr(kernels, f"{name}_separable_channels_first"), *head, table.interior,
+               *arguments)
 
 
 # Windows up to this many elements sum float32 input in float32, as torch does;
