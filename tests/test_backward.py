@@ -219,3 +219,24 @@ def test_channels_last_max_backward_gather(nd, size, kwargs, rng, monkeypatch):
         return
     got = backward(grad, indices, x.shape, channels_last=True, backend="cpu", **window)
     assert_array_equal(got, torch_grad("max_pool", nd, x, grad, channels_last=True, **kwargs))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_max_backward_with_foreign_indices_scatters_like_torch(channels_last, rng,
+                                                              monkeypatch):
+    # Indices inside the plane but not in their own window (not this forward's):
+    # the gather would drop them, so the kernels scatter as torch's backward does.
+    from fastpool.cpu import pooling
+    monkeypatch.setattr(pooling, "GATHER_MIN_CHANNELS", 1)
+    x = make_input(rng, 2, 8, channels_last=channels_last, dtype=np.float64)
+    window = dict(kernel_size=2, stride=2)
+    out, indices = fastpool.max_pool2d(x, return_indices=True, channels_last=channels_last,
+                                       **window)
+    foreign = rng.integers(0, 64, indices.shape)
+    grad = rng.standard_normal(out.shape)
+    want = fastpool.max_pool2d_backward(grad, foreign, x.shape, channels_last=channels_last,
+                                        backend="numpy")
+    for kw in (window, {}):
+        got = fastpool.max_pool2d_backward(grad, foreign, x.shape,
+                                           channels_last=channels_last, backend="cpu", **kw)
+        assert_array_equal(got, want)

@@ -516,7 +516,12 @@ def sum_backward_channels_last(coefficient, x, grad_in, first_out, last_out, sta
 @njit(**CPU_JIT_OPTIONS)
 def max_backward_gather_channels_last(grad_out, indices, grad_in, first_out, last_out, start,
                                       stop, step):
+    """Each input element sums the gradients of the covering windows whose maximum
+    it is.  Returns how many (output, channel) indices were matched: fewer than
+    grad_out.size means some index lies outside its own window (not from this
+    forward), and the caller scatters instead, as torch would."""
     batch, depth, height, width, channels = grad_in.shape
+    matched = 0
     for row in prange(batch * depth * height):
         n, d, h = _row_coords(row, depth, height)
         for w in range(width):
@@ -536,26 +541,8 @@ def max_backward_gather_channels_last(grad_out, indices, grad_in, first_out, las
                         for c in range(channels):
                             if at[c] == here:
                                 total[c] += grads[c]
-
-
-@njit(**CPU_JIT_OPTIONS)
-def count_outside(indices, size):
-    outside = 0
-    for i in prange(indices.size):
-        if indices[i] < 0 or indices[i] >= size:
-            outside += 1
-    return outside
-
-
-# --------------------------------------------------------------------------
-# Separable forward for large windows: a W pass reduces each input row over
-# every output's W-window (into float64 sums, or maxima and their positions),
-# then a D/H pass reduces those row results over each output's D/H-window,
-# vectorised across the output row.  Cost per output: kw + kd*kh instead of
-# kd*kh*kw.  The max pass keeps torch's semantics: rows are visited in scan
-# order and each row's result is its first maximum (or last NaN), so the
-# winner is the first maximum (or last NaN) in (d, h, w) scan order.
-# --------------------------------------------------------------------------
+                                matched += 1
+    return matched
 
 
 @njit(**CPU_JIT_OPTIONS)

@@ -182,29 +182,33 @@ def sum_backward(grad_out, x, table: WindowTable, channels_last: bool, input_sha
 
 def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
                  table: WindowTable | None = None, stream=None):
-    """Gather (with the window table) or, for sliding windows given only their
-    indices, one ordered scatter per plane; never atomics."""
+    """Gather (given the window table, when every index lies in its own window) or
+    one ordered scatter per plane; never atomics."""
     in5 = input_shape if channels_last else input_shape + (1,)
     plane = in5[1] * in5[2] * in5[3]
-    outside = cuda.to_device(np.zeros(1, np.int32), stream=stream or 0)
     grad5 = _five_d(grad_out, channels_last)
     idx5 = _five_d(indices, channels_last)
-    if table is None:
-        grad_in = zeros((in5[0], plane, in5[4]), grad_out.dtype, stream)
-        flat_shape = (in5[0], grad5.size // (in5[0] * in5[4]) if grad5.size else 0, in5[4])
-        _configure(kernels.max_backward_by_plane, in5[0] * in5[4], stream)(
-            grad5.reshape(flat_shape), idx5.reshape(flat_shape), grad_in, outside)
-    else:
-        flat = idx5.reshape(idx5.size)
-        _configure(kernels.count_outside, flat.size, stream)(flat, plane, outside)
-        grad_in = empty(in5, grad_out.dtype, stream)
-        first, last = (cuda.to_device(a, stream=stream or 0)
-                       for a in table.covering_outputs(in5[1:4]))
+    if table is not None:
         start, stop, step, _ = _to_device(table, stream)
-        _configure(kernels.max_backward, grad_in.size, stream)(
-            grad5, idx5, grad_in, first, last, start, stop, step,
-            _accumulator_zero(grad_out.dtype) if grad_out.dtype != np.float16
-            else np.float16(0))
+        flag = cuda.to_device(np.zeros(1, np.int32), stream=stream or 0)
+        _configure(kernels.flag_outside_window, idx5.size, stream)(
+            idx5, start, stop, step, in5[2], in5[3], flag)
+        if not flag.copy_to_host()[0]:  # bound to stream; pageable copies wait for it
+            grad_in = empty(in5, grad_out.dtype, stream)
+            first, last = (cuda.to_device(a, stream=stream or 0)
+                           for a in table.covering_outputs(in5[1:4]))
+            _configure(kernels.max_backward, grad_in.size, stream)(
+                grad5, idx5, grad_in, first, last, start, stop, step,
+                _accumulator_zero(grad_out.dtype) if grad_out.dtype != np.float16
+                else np.float16(0))
+            return grad_in.reshape(input_shape), 0
+    # Without the window, or with indices that are not this window's maxima: scatter
+    # them, as torch would, counting those outside the plane.
+    outside = cuda.to_device(np.zeros(1, np.int32), stream=stream or 0)
+    grad_in = zeros((in5[0], plane, in5[4]), grad_out.dtype, stream)
+    flat_shape = (in5[0], grad5.size // (in5[0] * in5[4]) if grad5.size else 0, in5[4])
+    _configure(kernels.max_backward_by_plane, in5[0] * in5[4], stream)(
+        grad5.reshape(flat_shape), idx5.reshape(flat_shape), grad_in, outside)
     return grad_in.reshape(input_shape), int(outside.copy_to_host()[0])
 
 

@@ -195,13 +195,27 @@ def max_backward_by_plane(grad_out, indices, grad_in, outside):
         i += grid
 
 
+@cuda.jit(device=True, inline=True)
+def _in_window(position, o, start, stop, step, axis):
+    return start[axis, o] <= position < stop[axis, o] and \
+        (position - start[axis, o]) % step[axis] == 0
+
+
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def count_outside(indices, size, outside):
-    """Flag entries of the flat ``indices`` outside [0, size)."""
+def flag_outside_window(indices, start, stop, step, height, width, flag):
+    """Flag an index that is no element of its own output's window: the gather in
+    :func:`max_backward` would drop it, so the caller scatters instead."""
     i, grid = _first_and_stride()
     while i < indices.size:
-        if indices[i] < 0 or indices[i] >= size:
-            outside[0] = 1
+        n, od, oh, ow, c = _unravel(i, indices.shape)
+        at = indices[n, od, oh, ow, c]
+        d = at // (height * width)
+        h = (at // width) % height
+        w = at % width
+        if at < 0 or not (_in_window(d, od, start, stop, step, 0)
+                          and _in_window(h, oh, start, stop, step, 1)
+                          and _in_window(w, ow, start, stop, step, 2)):
+            flag[0] = 1
         i += grid
 
 

@@ -207,6 +207,23 @@ def test_out_of_range_indices_are_refused():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_max_backward_with_foreign_indices_scatters(channels_last):
+    # In-plane indices outside their own window: the gather would drop them.
+    x = _input(2, channels_last, dtype=np.float64)
+    window = dict(kernel_size=2, stride=2)
+    out, idx = fastpool.max_pool2d(x, return_indices=True, channels_last=channels_last,
+                                   **window)
+    plane = np.prod(x.shape[1:3] if channels_last else x.shape[2:])
+    foreign = np.random.default_rng(5).integers(0, plane, idx.shape)
+    grad = np.random.default_rng(2).standard_normal(out.shape)
+    want = fastpool.max_pool2d_backward(grad, foreign, x.shape, channels_last=channels_last,
+                                        backend="numpy")
+    got = fastpool.max_pool2d_backward(grad, foreign, x.shape, channels_last=channels_last,
+                                       backend="cuda", **window)
+    assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("nd", [1, 2, 3])
 def test_sliding_max_backward_gathers_with_the_window(nd, channels_last):
     x = _input(nd, channels_last, dtype=np.float64)
