@@ -9,6 +9,7 @@ with the same signatures; they are imported on first use.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
@@ -29,6 +30,7 @@ from fastpool._params import (
     check_dtype,
     check_mode,
     check_norm_type,
+    memoised_by_arguments,
 )
 
 _BACKEND_MODULES = {"cpu": "fastpool.cpu", "numpy": "fastpool.reference",
@@ -41,11 +43,16 @@ def _on_gpu(x: object) -> bool:
         "numba.cuda")
 
 
+@functools.cache
+def _backend_module(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
 def _backend(name: str | None, x: object, op: str):
     name = check_backend(name, op)
     if name is None:
         name = "cuda" if _on_gpu(x) else "cpu"
-    impl = importlib.import_module(_BACKEND_MODULES[name])
+    impl = _backend_module(name)
     if name == "cuda":
         return impl.require(op)
     if _on_gpu(x):
@@ -102,6 +109,13 @@ class _SlidingOp:
     @classmethod
     def from_args(cls, op, mode, nd, kernel_size, stride, padding, dilation, ceil_mode,
                   norm_type=None, count_include_pad=True, divisor_override=None):
+        return memoised_by_arguments(cls._from_args, _SLIDING_OPS, (
+            op, mode, nd, kernel_size, stride, padding, dilation, ceil_mode, norm_type,
+            count_include_pad, divisor_override))
+
+    @classmethod
+    def _from_args(cls, op, mode, nd, kernel_size, stride, padding, dilation, ceil_mode,
+                   norm_type, count_include_pad, divisor_override):
         mode = check_mode(mode, op)
         window = SlidingWindow.from_args(op, nd, kernel_size, stride, padding, dilation,
                                          ceil_mode)
@@ -134,6 +148,9 @@ class _SlidingOp:
         # torch's lp_pool: avg_pool(x**p) * prod(kernel_size), then the p-th root.
         scale = math.prod(self.window.kernel_size) if self.mode == "lp" else 1.0
         return self.window.table(self.op, layout.spatial, self.divisor, scale=scale)
+
+
+_SLIDING_OPS: dict = {}
 
 
 def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,

@@ -95,12 +95,8 @@ class SlidingWindow:
     def from_args(cls, op: str, nd: int, kernel_size, stride=None, padding=0,
                   dilation=1, ceil_mode=False) -> SlidingWindow:
         """Validate and normalise (memoised on the arguments and their types)."""
-        arguments = (op, nd, kernel_size, stride, padding, dilation, ceil_mode)
-        try:
-            key = _typed_key(arguments)
-        except TypeError:  # an unhashable oddity: validate without the cache
-            return cls._from_args(*arguments)
-        return _sliding_window(cls, key, arguments)
+        return memoised_by_arguments(cls._from_args, _WINDOWS,
+                                     (op, nd, kernel_size, stride, padding, dilation, ceil_mode))
 
     @classmethod
     def _from_args(cls, op: str, nd: int, kernel_size, stride=None, padding=0,
@@ -178,19 +174,26 @@ def _interior(size, n_out, kernel, stride, pad, dilation):
 
 def _typed_key(value):
     """A hashable key that tells 1 from True and (1,) from [1]."""
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_typed_key(v) for v in value))
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return kind, tuple(map(_typed_key, value))
     hash(value)
-    return (type(value).__name__, value)
+    return kind, value
 
 
-def _sliding_window(cls, key, arguments) -> SlidingWindow:
-    window = _WINDOWS.get(key)
-    if window is None:
-        window = cls._from_args(*arguments)
-        if len(_WINDOWS) < 1024:
-            _WINDOWS[key] = window
-    return window
+def memoised_by_arguments(build, cache: dict, arguments: tuple):
+    """``build(*arguments)``, remembered per typed argument tuple: a training loop
+    validates the same few argument sets over and over.  Failures are not cached."""
+    try:
+        key = _typed_key(arguments)
+    except TypeError:  # an unhashable oddity: validate without the cache
+        return build(*arguments)
+    result = cache.get(key)
+    if result is None:
+        result = build(*arguments)
+        if len(cache) < 1024:
+            cache[key] = result
+    return result
 
 
 _WINDOWS: dict = {}

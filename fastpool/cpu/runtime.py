@@ -100,11 +100,18 @@ def threading_layer() -> str:
     return _layer
 
 
+# The thread count this Python thread last gave numba (numba's setting is per
+# thread): asking numba each call costs more than a small kernel's setup.
+_applied = threading.local()
+
+
 def launch(kernel, *args):
     """Run a parallel kernel with fastpool's thread count, safely for this layer."""
-    threading_layer()
+    if _layer is None:
+        threading_layer()
     wanted = _threads.get_num_threads()
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)  # numba's setting is per calling thread
+    if getattr(_applied, "threads", None) != wanted:
+        numba.set_num_threads(wanted)
+        _applied.threads = wanted
     with _launch_lock or nullcontext():
         return kernel(*args)
