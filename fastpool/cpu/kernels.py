@@ -756,22 +756,23 @@ def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
 # --------------------------------------------------------------------------
 
 
+# Reassociation alone lets LLVM vectorise a contiguous sum (in its own order, as
+# torch's is in its own); without the other fast-math flags NaN and inf still
+# propagate.
+@njit(**{**CPU_JIT_OPTIONS, "parallel": False,
+         "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
+def _contiguous_sum(values, power, zero):
+    total = zero
+    for i in range(values.size):
+        total += _raise_to(values[i], power)
+    return total
+
+
 @njit(**CPU_JIT_OPTIONS)
 def plane_sum(x, out, factor, power, zero):
-    planes, size = x.shape
+    planes = x.shape[0]
     for plane in prange(planes):
-        values = x[plane]
-        # Four running sums: one sum is bound by the latency of each addition.
-        a0, a1, a2, a3 = zero, zero, zero, zero
-        body = size - size % 4
-        for i in range(0, body, 4):
-            a0 += _raise_to(values[i], power)
-            a1 += _raise_to(values[i + 1], power)
-            a2 += _raise_to(values[i + 2], power)
-            a3 += _raise_to(values[i + 3], power)
-        for i in range(body, size):
-            a0 += _raise_to(values[i], power)
-        out[plane] = _root(((a0 + a1) + (a2 + a3)) * factor, power)
+        out[plane] = _root(_contiguous_sum(x[plane], power, zero) * factor, power)
 
 
 @njit(**CPU_JIT_OPTIONS)
