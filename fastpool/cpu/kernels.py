@@ -18,6 +18,8 @@ from numba.extending import overload
 
 from fastpool._config import CPU_JIT_OPTIONS
 
+_SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+
 
 @njit(inline="always")
 def _row_coords(row, out_d, out_h):
@@ -44,6 +46,22 @@ def _max_along_row(x_row, best, best_at, base, start, stop, step_w, first, last)
                 row_best, row_at = value, base + w
             w += step_w
         best[ow], best_at[ow] = row_best, row_at
+
+
+# The interior sweeps compiled once per dtype as plain functions, not inlined
+# into every parallel kernel: that halves the kernels' first compile.
+@njit(**_SERIAL_JIT_OPTIONS)
+def _max_interior(x_row, acc, lo, hi, stride, offset, kernel, step):
+    """Fold the interior windows of one row into the running maxima ``acc``."""
+    if not _fold_interior(_fold_max, x_row, acc, lo, hi, stride, offset, kernel, step, None):
+        _fold_offsets(_fold_max, x_row, acc, lo, hi, stride, offset, kernel, step, None)
+
+
+@njit(**_SERIAL_JIT_OPTIONS)
+def _sum_interior(x_row, acc, lo, hi, stride, offset, kernel, step, power):
+    """Add the interior windows' sums of one row to ``acc``; False for strides
+    without a vectorising sweep (the caller's per-window loop does better)."""
+    return _fold_interior(_fold_sum, x_row, acc, lo, hi, stride, offset, kernel, step, power)
 
 
 @njit(inline="always")
@@ -92,10 +110,8 @@ def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest
                     x_row = x[plane, d, h]
                     base = (d * height + h) * width
                     _max_along_row(x_row, best, best_at, base, start, stop, step_w, 0, lo)
-                    if hi > lo and not _fold_interior(_fold_max, x_row, best, lo, hi, stride,
-                                                      offset, kernel, step_w, None):
-                        _fold_offsets(_fold_max, x_row, best, lo, hi, stride, offset, kernel,
-                                      step_w, None)
+                    if hi > lo:
+                        _max_interior(x_row, best, lo, hi, stride, offset, kernel, step_w)
                     _max_along_row(x_row, best, best_at, base, start, stop, step_w,
                                    max(lo, hi), out_w)
                     h += step_h
@@ -273,8 +289,8 @@ def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale,
                 h = h0
                 while h < h1:
                     x_row = x[plane, d, h]
-                    if hi > lo and _fold_interior(_fold_sum, x_row, total, lo, hi, stride,
-                                                  offset, kernel, step_w, power):
+                    if hi > lo and _sum_interior(x_row, total, lo, hi, stride, offset, kernel,
+                                                 step_w, power):
                         _sum_along_row(x_row, total, start, stop, step_w, power, zero, 0, lo)
                         _sum_along_row(x_row, total, start, stop, step_w, power, zero, hi, out_w)
                     else:
@@ -558,8 +574,8 @@ def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divis
             for h in range(height):
                 x_row, row = x[plane, d, h], rows[d, h]
                 row[lo:hi] = zero
-                if hi > lo and _fold_interior(_fold_sum, x_row, row, lo, hi, stride, offset,
-                                              kernel, step[2], power):
+                if hi > lo and _sum_interior(x_row, row, lo, hi, stride, offset, kernel,
+                                             step[2], power):
                     _sum_along_row(x_row, row, start, stop, step[2], power, zero, 0, lo, True)
                     _sum_along_row(x_row, row, start, stop, step[2], power, zero, hi, out_w,
                                    True)
@@ -646,10 +662,7 @@ def max_pool_separable_channels_first(x, out, indices, start, stop, step, interi
                 x_row = x[plane, d, h]
                 if hi > lo:
                     rows[d, h, lo:hi] = lowest
-                    if not _fold_interior(_fold_max, x_row, rows[d, h], lo, hi, stride, offset,
-                                          kernel, step[2], None):
-                        _fold_offsets(_fold_max, x_row, rows[d, h], lo, hi, stride, offset,
-                                      kernel, step[2], None)
+                    _max_interior(x_row, rows[d, h], lo, hi, stride, offset, kernel, step[2])
                 for ow in range(out_w):
                     if lo <= ow < hi:
                         continue
@@ -759,8 +772,7 @@ def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
 # Reassociation alone lets LLVM vectorise a contiguous sum (in its own order, as
 # torch's is in its own); without the other fast-math flags NaN and inf still
 # propagate.
-@njit(**{**CPU_JIT_OPTIONS, "parallel": False,
-         "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
+@njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
 def _contiguous_sum(values, power, zero):
     total = zero
     for i in range(values.size):
