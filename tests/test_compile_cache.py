@@ -12,9 +12,12 @@ import json, numpy as np, fastpool
 from fastpool.cpu import kernels
 x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
 fastpool.max_pool2d(x, 2)
+fastpool.avg_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2, channels_last=True)
+fastpool.adaptive_avg_pool2d(x, 1)
 stats = {name: getattr(kernels, name).stats for name in
-         ("max_pool_channels_first", "sum_pool_channels_last")}
+         ("max_pool_channels_first", "sum_pool_channels_first", "sum_pool_channels_last",
+          "plane_sum")}
 print(json.dumps({name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
                   for name, s in stats.items()}))
 """
