@@ -139,7 +139,7 @@ def _channel_block(batch: int, channels: int) -> int:
 # Channels-last max backward gathers (each input row sums the gradients of the
 # windows whose maximum it holds) when windows overlap little; the scatter is
 # faster for heavy overlap.  Measured with python -m bench.
-GATHER_MIN_CHANNELS = 16
+GATHER_MIN_CHANNELS = 32
 GATHER_MAX_COVER = 4
 
 
