@@ -561,6 +561,20 @@ def max_backward_gather_channels_last(grad_out, indices, grad_in, first_out, las
     return matched
 
 
+@njit(inline="always")
+def _sum_window_rows(rows, total, od, oh, start, stop, step, zero):
+    """The D/H pass of the separable sums: ``total`` = the sum of the W-pass rows
+    ``rows[d, h]`` over output (od, oh)'s D/H window (rows of any trailing shape)."""
+    total[...] = zero
+    d = start[0, od]
+    while d < stop[0, od]:
+        h = start[1, oh]
+        while h < stop[1, oh]:
+            total += rows[d, h]
+            h += step[1]
+        d += step[0]
+
+
 @njit(**CPU_JIT_OPTIONS)
 def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divisor, scale,
                                       power, zero):
@@ -585,16 +599,7 @@ def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divis
         total = np.empty(out_w, type(zero))
         for od in range(out_d):
             for oh in range(out_h):
-                total[:] = zero
-                d = start[0, od]
-                while d < stop[0, od]:
-                    h = start[1, oh]
-                    while h < stop[1, oh]:
-                        row = rows[d, h]
-                        for ow in range(out_w):
-                            total[ow] += row[ow]
-                        h += step[1]
-                    d += step[0]
+                _sum_window_rows(rows, total, od, oh, start, stop, step, zero)
                 row_divisor = divisor[0, od] * divisor[1, oh]
                 result = out[plane, od, oh]
                 for ow in range(out_w):
@@ -627,17 +632,7 @@ def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, 
         totals = np.empty((out_w, c1 - c0), type(zero))
         for od in range(out_d):
             for oh in range(out_h):
-                totals[:] = zero
-                d = start[0, od]
-                while d < stop[0, od]:
-                    h = start[1, oh]
-                    while h < stop[1, oh]:
-                        row = rows[d, h]
-                        for ow in range(out_w):
-                            for c in range(c1 - c0):
-                                totals[ow, c] += row[ow, c]
-                        h += step[1]
-                    d += step[0]
+                _sum_window_rows(rows, totals, od, oh, start, stop, step, zero)
                 row_divisor = divisor[0, od] * divisor[1, oh]
                 for ow in range(out_w):
                     factor = scale / (row_divisor * divisor[2, ow])

@@ -16,8 +16,13 @@ from fastpool.cpu.runtime import launch
 
 def _chunks(x: np.ndarray, table: WindowTable) -> int:
     """How many parallel tasks the output rows (batch, od, oh) are split into."""
-    rows = x.shape[0] * table.out_shape[0] * table.out_shape[1]
-    return max(1, min(rows, 16 * get_num_threads()))
+    return _task_count(x.shape[0] * table.out_shape[0] * table.out_shape[1])
+
+
+def _task_count(items: int) -> int:
+    """Tasks for ``items`` units of work: enough to balance the threads, few enough
+    that each one's scratch allocation is amortised."""
+    return max(1, min(items, 16 * get_num_threads()))
 
 
 def _out_shape(x: np.ndarray, table: WindowTable, channels_last: bool) -> tuple:
@@ -197,5 +202,5 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
         zero = accumulator_zero(grad_out.dtype, table, power)
         slabs = input_shape[0] * input_shape[1]
         launch(kernels.sum_backward_channels_first, *arguments, zero,
-               max(1, min(slabs, 16 * get_num_threads())))
+               _task_count(slabs))
     return grad_in
