@@ -48,13 +48,16 @@ def _backend_module(name: str):
     return importlib.import_module(_BACKEND_MODULES[name])
 
 
-def _backend(name: str | None, x: object, op: str):
+def _backend(name: str | None, x: object, op: str, stream=None):
     name = check_backend(name, op)
     if name is None:
         name = "cuda" if _on_gpu(x) else "cpu"
     impl = _backend_module(name)
     if name == "cuda":
         return impl.require(op)
+    if stream is not None:
+        raise ValueError(f"{op}: stream={stream!r} is only used by the cuda back end; the "
+                         f"{name!r} back end runs on the host (pass stream=None)")
     if _on_gpu(x):
         raise ValueError(f"{op}: backend={name!r} runs on the host, but the input is a GPU "
                          f"array ({type(x).__name__}); use backend='cuda' or None")
@@ -66,7 +69,8 @@ def _lowest(dtype: np.dtype):
     return -np.inf if dtype.kind == "f" else np.iinfo(dtype).min
 
 
-def _run(impl, mode: str, layout: Layout, array, table: WindowTable, *, power: float = 1.0,
+def _run(impl, mode: str, layout: Layout, array, table: WindowTable, *,
+         power: float | None = None,
          with_indices: bool = False, stream=None):
     out_spatial = table.out_shape[3 - len(layout.spatial):]
     result_shape = layout.result_shape(out_spatial)
@@ -103,7 +107,7 @@ class _SlidingOp:
     op: str
     mode: str
     window: SlidingWindow
-    power: float = 1.0
+    power: float | None = None  # Lp's norm_type; None for max and average
     divisor: str | int = "valid"
 
     @classmethod
@@ -135,7 +139,7 @@ class _SlidingOp:
         if norm_type is not None:
             raise ValueError(f"{op}: norm_type={norm_type!r} is only used by lp pooling")
         if mode == "avg":
-            return cls(op, mode, window, 1.0,
+            return cls(op, mode, window, None,
                        divisor_override or ("padded" if count_include_pad else "valid"))
         return cls(op, mode, window)
 
@@ -143,6 +147,12 @@ class _SlidingOp:
     def is_max_of_abs(self) -> bool:
         """torch computes lp_pool with norm_type=inf as max pooling of |x|."""
         return self.mode == "lp" and math.isinf(self.power)
+
+    @property
+    def forward_power(self) -> float | None:
+        """The power of the forward's window sums: None for a plain sum, which is also
+        Lp with p = 1 (its backward still needs p, for torch's chain rule at 0 and NaN)."""
+        return None if self.power == 1.0 else self.power
 
     def table(self, layout: Layout) -> WindowTable:
         # torch's lp_pool: avg_pool(x**p) * prod(kernel_size), then the p-th root.
@@ -164,7 +174,7 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
     return_indices = check_bool(return_indices, "return_indices", op)
     if spec.mode != "max" and return_indices:
         raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
-    impl = _backend(backend, x, op)
+    impl = _backend(backend, x, op, stream)
     array = impl.asarray(x, op, "x", stream)
     check_dtype(np.dtype(array.dtype), spec.mode, op, impl.FLOAT_DTYPES)
     layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
@@ -172,7 +182,8 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
         result = _run(impl, "max", layout, impl.absolute(array, stream), spec.table(layout),
                       stream=stream)
     else:
-        result = _run(impl, spec.mode, layout, array, spec.table(layout), power=spec.power,
+        result = _run(impl, spec.mode, layout, array, spec.table(layout),
+                      power=spec.forward_power,
                       with_indices=return_indices, stream=stream)
     return _wrap(impl, result, x)
 
@@ -194,7 +205,7 @@ def _adaptive(x, mode, nd, output_size, op, strict, return_indices, channels_las
     return_indices = check_bool(return_indices, "return_indices", op)
     if mode != "max" and return_indices:
         raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
-    impl = _backend(backend, x, op)
+    impl = _backend(backend, x, op, stream)
     array = impl.asarray(x, op, "x", stream)
     check_dtype(np.dtype(array.dtype), mode, op, impl.FLOAT_DTYPES)
     layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
@@ -278,7 +289,7 @@ def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="slidin
     ceil_mode) is optional for sliding windows; back ends that gather use it.
     """
     channels_last = check_bool(channels_last, "channels_last", op)
-    impl = _backend(backend, grad_output, op)
+    impl = _backend(backend, grad_output, op, stream)
     input_shape = _input_shape(input_shape, op)
     layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
     grad = _grad_array(impl, grad_output, op, stream)
@@ -316,7 +327,7 @@ def _unsqueeze_global(impl, array, layout: Layout, op: str, name="grad_output",
     return array
 
 
-def _sum_backward(impl, grad, x, layout: Layout, table: WindowTable, power: float,
+def _sum_backward(impl, grad, x, layout: Layout, table: WindowTable, power: float | None,
                   input_shape: tuple, op: str, stream=None):
     out_spatial = table.out_shape[3 - len(layout.spatial):]
     _check_grad_shape(grad, layout.result_shape(out_spatial), op)
@@ -338,7 +349,7 @@ def sliding_backward(grad_output, input_shape, mode, nd, kernel_size, stride=Non
     spec = _SlidingOp.from_args(op, mode, nd, kernel_size, stride, padding, 1, ceil_mode,
                                 norm_type, count_include_pad, divisor_override)
     channels_last = check_bool(channels_last, "channels_last", op)
-    impl = _backend(backend, grad_output, op)
+    impl = _backend(backend, grad_output, op, stream)
     grad = _grad_array(impl, grad_output, op, stream)
     if spec.mode == "lp":
         x = impl.asarray(x, op, "x", stream)
@@ -364,7 +375,7 @@ def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=Fal
                           channels_last=False, backend=None, stream=None):
     """Gradient of adaptive (or, with ``squeezed``, global) average pooling."""
     channels_last = check_bool(channels_last, "channels_last", op)
-    impl = _backend(backend, grad_output, op)
+    impl = _backend(backend, grad_output, op, stream)
     input_shape = _input_shape(input_shape, op)
     layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
     grad = _grad_array(impl, grad_output, op, stream)
@@ -374,7 +385,7 @@ def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=Fal
     if len(spatial) != nd or min(spatial) < 1:
         _check_grad_shape(grad, layout.result_shape((1,) * nd), op)
     table = adaptive_table(layout.spatial, tuple(spatial))
-    return _wrap(impl, _sum_backward(impl, grad, None, layout, table, 1.0, input_shape, op,
+    return _wrap(impl, _sum_backward(impl, grad, None, layout, table, None, input_shape, op,
                                      stream), grad_output)
 
 
@@ -429,7 +440,7 @@ def _conv_result(array, kind: str, channels_last: bool, nd: int):
 def _conv_inputs(op, nd, x, weight, bias, stride, padding, channels_last, backend, stream):
     window = ConvWindow.from_args(op, nd, stride, padding)
     channels_last = check_bool(channels_last, "channels_last", op)
-    impl = _backend(backend, x, op)
+    impl = _backend(backend, x, op, stream)
     array = impl.asarray(x, op, "x", stream)
     weights = impl.asarray(weight, op, "weight", stream)
     biases = None if bias is None else impl.asarray(bias, op, "bias", stream)

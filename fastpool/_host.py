@@ -49,7 +49,11 @@ def absolute(array: np.ndarray, stream=None) -> np.ndarray:
 
 
 def times_sign(values: np.ndarray, x: np.ndarray, stream=None) -> np.ndarray:
-    return values * np.sign(x).astype(values.dtype)
+    """``values * sign(x)`` with torch's sign(NaN) = 0 (NumPy's is NaN): the gradient
+    of ``|x|`` at NaN is 0 in torch."""
+    sign = np.sign(x).astype(values.dtype)
+    sign[np.isnan(sign)] = 0
+    return values * sign
 
 
 def wrap(result: np.ndarray, like: object) -> np.ndarray:

@@ -31,6 +31,9 @@ BACKENDS = ("cpu", "numpy", "cuda")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+MAX_WINDOW_INT = 2**31 - 1  # the largest kernel_size, stride, padding, dilation, output_size
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -62,6 +65,11 @@ def int_tuple(
         if not (_is_int(item) or (allow_none and item is None)):
             raise TypeError(f"{op}: {name} must be {expected}, got {value!r} "
                             f"(entry {item!r} is a {type(item).__name__})")
+        if item is not None and not -MAX_WINDOW_INT <= item <= MAX_WINDOW_INT:
+            # torch downcasts these to int32 too; beyond it the int64 window tables
+            # would overflow.
+            raise ValueError(f"{op}: {name} entries must lie within +-(2**31 - 1), got "
+                             f"{value!r}")
     return tuple(None if item is None else int(item) for item in items)
 
 

@@ -7,6 +7,7 @@ process-wide setting and applies it in whichever thread launches a kernel.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 
 _num_threads: int | None = None
@@ -43,8 +44,9 @@ def set_num_threads(n: int) -> None:
     if n is None:
         _num_threads = None
         return
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"set_num_threads: n must be an int, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"set_num_threads: n must be an int or None, got {n!r}")
+    n = int(n)  # NumPy integers too, as everywhere else in fastpool
     limit = _available_threads()
     if not 1 <= n <= limit:
         raise ValueError(f"set_num_threads: n must be between 1 and {limit} "

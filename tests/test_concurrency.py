@@ -63,3 +63,31 @@ def test_set_num_threads_applies_in_every_thread():
 def test_set_num_threads_rejects_bad_values(bad, error):
     with pytest.raises(error, match="set_num_threads"):
         fastpool.set_num_threads(bad)
+
+
+OMP_FORK_CHILD = """
+import multiprocessing, numba, numpy as np, fastpool
+x = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+fastpool.max_pool2d(x, 2)  # the parent runs a parallel kernel on omp
+assert numba.threading_layer() == "omp", numba.threading_layer()
+
+def work(i):
+    return float(fastpool.max_pool2d(x, 2).sum())
+
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    try:
+        pool.map(work, range(2))
+    except RuntimeError as error:
+        print(error)
+"""
+
+
+def test_fork_after_omp_raises_in_the_child_instead_of_hanging():
+    # GNU OpenMP's parallel code never returns in a child forked after the parent used
+    # it (the map hung forever); fastpool notes the omp parent at fork and refuses.
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "omp"}
+    done = subprocess.run([sys.executable, "-c", OMP_FORK_CHILD], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "forked from one running numba's 'omp' threading layer" in done.stdout
+    assert "'spawn'" in done.stdout and "fastpool[tbb]" in done.stdout

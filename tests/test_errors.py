@@ -1,5 +1,9 @@
 """Bad input raises ValueError or TypeError naming the argument and the value."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -87,6 +91,22 @@ BAD_CALLS = [
     (lambda: fastpool.max_pool1d({"a": 1}, 2), TypeError, r"x must be an array.*dict"),
     (lambda: fastpool.max_pool1d([[1.0, 2.0], [3.0]], 1), TypeError, r"x must be an array.*list"),
     (lambda: fastpool.global_avg_pool2d(X2, keepdims="no"), TypeError, r"keepdims.*'no'"),
+    # sizes beyond int32 (torch's limit too) name the op and argument, not OverflowError
+    (lambda: fastpool.max_pool2d(X2, 2, stride=2**70), ValueError,
+     r"max_pool2d: stride .*1180591620717411303424"),
+    (lambda: fastpool.avg_pool1d(X1, 2**40), ValueError,
+     r"avg_pool1d: kernel_size .*1099511627776"),
+    (lambda: fastpool.max_pool3d(X3, 2, dilation=(1, 1, -2**63)), ValueError,
+     r"max_pool3d: dilation .*-9223372036854775808"),
+    (lambda: fastpool.adaptive_max_pool2d(X2, (2, 2**31)), ValueError,
+     r"adaptive_max_pool2d: output_size .*2147483648"),
+    # a CUDA stream given to a host back end is a mistake, not silently ignored
+    (lambda: fastpool.max_pool2d(X2, 2, stream=object()), ValueError,
+     r"max_pool2d: stream=<object.* host"),
+    (lambda: fastpool.avg_pool2d_backward(X2[:, :, :4, :4], X2.shape, 2, stream=1),
+     ValueError, r"avg_pool2d_backward: stream=1 .* host"),
+    (lambda: fastpool.strided_conv1d(X1, np.ones((1, 3, 2), np.float32), stream=1),
+     ValueError, r"strided_conv1d: stream=1"),
 ]
 
 
@@ -112,3 +132,43 @@ def test_gpu_array_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="runs on the host"):
         fastpool.max_pool1d(FakeDeviceArray(), 2, backend="cpu")
     assert fastpool.cuda.is_available() is False
+
+
+def test_set_num_threads_takes_numpy_integers():
+    try:
+        fastpool.set_num_threads(np.int64(1))
+        assert fastpool.get_num_threads() == 1
+        assert type(fastpool.get_num_threads()) is int
+    finally:
+        fastpool.set_num_threads(None)
+
+
+def _run_without(module: str, code: str, **env) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where ``import module`` fails."""
+    program = f"import sys; sys.modules[{module!r}] = None\n{code}"
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+@pytest.mark.parametrize("simulator", ["0", "1"])
+def test_cuda_backend_without_numba_cuda_names_the_extra(simulator):
+    # numba 0.68 still ships a deprecated numba.cuda of its own: without numba-cuda it
+    # imports, and once said "no GPU, try NUMBA_ENABLE_CUDASIM=1", which then failed.
+    done = _run_without("numba_cuda", """
+import numpy as np, fastpool, fastpool.cuda
+assert fastpool.cuda.is_available() is False
+try:
+    fastpool.max_pool2d(np.zeros((1, 1, 4, 4)), 2, backend="cuda")
+except ValueError as error:
+    print(error)
+""", NUMBA_ENABLE_CUDASIM=simulator)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "max_pool2d: backend='cuda' needs the numba-cuda package" in done.stdout
+    assert 'pip install "fastpool[cuda]"' in done.stdout
+
+
+def test_fastpool_torch_without_torch_names_the_extra():
+    done = _run_without("torch", "import fastpool.torch")
+    assert done.returncode != 0
+    assert 'ImportError: fastpool.torch needs PyTorch, which is not installed: pip install ' \
+        '"fastpool[torch]"' in done.stderr

@@ -17,6 +17,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from fastpool._config import CPU_JIT_OPTIONS
+from fastpool._scalar import torch_power
 
 _SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
 
@@ -173,20 +174,11 @@ def _root(mean, power):
     """``mean ** (1/power)``: the Lp norm from its mean power, as torch's lp_pool."""
 
 
+_power = njit(inline="always")(torch_power)
+
+
 # Resolved by type at compile time, so averages and Lp norms get separate
 # specialisations and the averaging loops stay free of branches and pow calls.
-@njit(inline="always")
-def _power(value, power):
-    """``value ** power`` with the common integer powers multiplied out (pow is slow)."""
-    if power == 2.0:
-        return value * value
-    if power == 1.0:
-        return value
-    if power == 3.0:
-        return value * value * value
-    return value ** power
-
-
 @overload(_raise_to)
 def _raise_to_impl(value, power):
     if isinstance(power, types.NoneType):
@@ -198,7 +190,7 @@ def _raise_to_impl(value, power):
 def _root_impl(mean, power):
     if isinstance(power, types.NoneType):
         return lambda mean, power: mean
-    return lambda mean, power: np.sqrt(mean) if power == 2.0 else mean ** (1.0 / power)
+    return lambda mean, power: _power(mean, 1.0 / power)
 
 
 # --------------------------------------------------------------------------
@@ -408,7 +400,7 @@ def _lp_output_gradient(grad, window_sum, window_divisor, scale, power):
     # is root(u) / u: a square root, not a pow call, for the usual p = 2.
     mean = window_sum / window_divisor
     u = mean * scale
-    slope = _root(u, power) / u if 0.0 < u < np.inf else u ** (1.0 / power - 1.0)
+    slope = _root(u, power) / u if 0.0 < u < np.inf else _power(u, 1.0 / power - 1.0)
     grad_scaled = np.float64(grad) * (1.0 / power) * slope * scale
     if mean != mean:
         return 0.0 * grad_scaled  # torch.sign(nan) is 0

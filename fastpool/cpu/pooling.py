@@ -77,12 +77,12 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
 
 
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
-             power: float, stream=None) -> np.ndarray:
-    """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window."""
+             power: float | None, stream=None) -> np.ndarray:
+    """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window; power None
+    is the average (its own specialisation, free of pow calls)."""
     out = np.empty(_out_shape(x, table, channels_last), x.dtype)
-    # power None (not 1.0) selects the averaging specialisation, free of pow calls.
-    lp = None if power == 1.0 else float(power)
-    zero = accumulator_zero(x.dtype, table, power)
+    lp = None if power is None else float(power)
+    zero = accumulator_zero(x.dtype, table, lp)
     if not channels_last and table.is_whole_plane(x.shape[1:4]):
         launch(kernels.plane_sum, x.reshape(x.shape[0], -1), out.reshape(-1),
                table.scale / float(np.prod(table.divisor[:, 0])), lp, zero)
@@ -123,9 +123,9 @@ def _launch_separable(name: str, channels_last: bool, block: int, arrays: tuple,
 FLOAT32_SUM_LIMIT = 64
 
 
-def accumulator_zero(dtype, table: WindowTable, power: float = 1.0):
+def accumulator_zero(dtype, table: WindowTable, power: float | None = None):
     """The zero of the accumulator type: its type selects the kernel specialisation."""
-    if np.dtype(dtype) == np.float32 and power == 1.0 and \
+    if np.dtype(dtype) == np.float32 and power is None and \
             table.max_window_size <= FLOAT32_SUM_LIMIT:
         return np.float32(0)
     return np.float64(0)
@@ -174,10 +174,10 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
 
 
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
-                 channels_last: bool, input_shape: tuple, power: float,
+                 channels_last: bool, input_shape: tuple, power: float | None,
                  stream=None) -> np.ndarray:
     """Gradient of :func:`sum_pool` (x is needed for Lp only), as a gather."""
-    lp = None if power == 1.0 else float(power)
+    lp = None if power is None else float(power)
     if not channels_last and lp is None and table.is_whole_plane(input_shape[1:4]):
         grad_in = np.empty(input_shape, grad_out.dtype)
         launch(kernels.plane_broadcast, grad_out.reshape(-1),
@@ -199,7 +199,7 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
         launch(kernels.sum_backward_channels_last, *arguments,
                np.float64(0) if lp is not None else grad_out.dtype.type(0))
     else:
-        zero = accumulator_zero(grad_out.dtype, table, power)
+        zero = accumulator_zero(grad_out.dtype, table, lp)
         slabs = input_shape[0] * input_shape[1]
         launch(kernels.sum_backward_channels_first, *arguments, zero,
                _task_count(slabs))

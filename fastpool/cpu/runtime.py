@@ -8,7 +8,7 @@ layer      several Python threads    a forked child (DataLoader)
 ========== ========================= ==============================
 tbb        safe                      safe
 workqueue  aborts the process        safe
-omp (GNU)  safe                      aborts the child
+omp (GNU)  safe                      hangs in the child
 ========== ========================= ==============================
 
 fastpool's choice, made once before its first launch:
@@ -22,8 +22,10 @@ fastpool's choice, made once before its first launch:
 
 Whenever the layer in use is ``workqueue``, fastpool serialises its own
 launches with a lock (re-created in forked children), so concurrent calls from
-several threads wait instead of aborting.  With ``omp``, forked children that
-call fastpool abort: a documented limit of GNU OpenMP.
+several threads wait instead of aborting.  With ``omp`` (GNU OpenMP), parallel
+code in a child forked after the parent ran some never returns: a documented
+limit of GNU OpenMP.  fastpool notes at fork time that the parent runs ``omp``
+and raises :class:`RuntimeError` in such a child instead of hanging.
 """
 
 from __future__ import annotations
@@ -78,11 +80,23 @@ def _start_threading_layer() -> str:
     return numba.threading_layer()
 
 
+# Set in a child forked from a process whose numba threading layer was GNU OpenMP.
+_forked_from_omp = False
+
+
+def _runs_omp() -> bool:
+    """Whether numba's threading layer has started in this process, on omp."""
+    from numba.np.ufunc import parallel
+
+    return parallel._is_initialized and numba.threading_layer() == "omp"
+
+
 def _reset_after_fork() -> None:
-    global _launch_lock, _setup_lock
+    global _launch_lock, _setup_lock, _forked_from_omp
     _setup_lock = threading.Lock()
     if _launch_lock is not None:
         _launch_lock = threading.Lock()
+    _forked_from_omp = _forked_from_omp or _runs_omp()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -107,6 +121,14 @@ _applied = threading.local()
 
 def launch(kernel, *args):
     """Run a parallel kernel with fastpool's thread count, safely for this layer."""
+    if _forked_from_omp:
+        raise RuntimeError(
+            "fastpool: this process was forked from one running numba's 'omp' threading "
+            "layer (GNU OpenMP), whose parallel code hangs in a forked child. Use the tbb "
+            "layer (pip install \"fastpool[tbb]\"; unset NUMBA_THREADING_LAYER) or "
+            "NUMBA_THREADING_LAYER=workqueue, or start worker processes with the 'spawn' "
+            "or 'forkserver' method (multiprocessing, or DataLoader's "
+            "multiprocessing_context)")
     if _layer is None:
         threading_layer()
     wanted = _threads.get_num_threads()

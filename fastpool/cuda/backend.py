@@ -149,25 +149,25 @@ def max_pool(x, table: WindowTable, channels_last: bool, lowest, with_indices: b
                                           else None)
 
 
-def sum_pool(x, table: WindowTable, channels_last: bool, power: float, stream=None):
+def sum_pool(x, table: WindowTable, channels_last: bool, power: float | None, stream=None):
     x5 = _five_d(x, channels_last)
     shape = (x5.shape[0], *table.out_shape, x5.shape[4])
     out = empty(shape, x.dtype, stream)
     start, stop, step, divisor = _to_device(table, stream)
     _configure(kernels.sum_pool, out.size, stream)(
         x5, out, start, stop, step, divisor, table.scale,
-        None if power == 1.0 else float(power), _accumulator_zero(x.dtype))
+        None if power is None else float(power), _accumulator_zero(x.dtype))
     return out.reshape(shape if channels_last else shape[:4])
 
 
 def sum_backward(grad_out, x, table: WindowTable, channels_last: bool, input_shape: tuple,
-                 power: float, stream=None):
+                 power: float | None, stream=None):
     grad5 = _five_d(grad_out, channels_last)
     in5 = input_shape if channels_last else input_shape + (1,)
     zero = _accumulator_zero(grad_out.dtype)
     coefficient = empty(grad5.shape, np.dtype(type(zero)), stream)
     start, stop, step, divisor = _to_device(table, stream)
-    lp = None if power == 1.0 else float(power)
+    lp = None if power is None else float(power)
     x5 = coefficient if x is None else _five_d(x, channels_last)
     _configure(kernels.output_coefficients, grad5.size, stream)(
         grad5, x5, coefficient, start, stop, step, divisor, table.scale, lp, zero)

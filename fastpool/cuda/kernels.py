@@ -16,12 +16,16 @@ import numpy as np
 from numba import cuda
 
 from fastpool._config import CUDA_JIT_OPTIONS
+from fastpool._scalar import torch_power
 
 
 @cuda.jit(device=True, inline=True)
 def _first_and_stride():
     start = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
     return start, np.int64(cuda.gridDim.x) * cuda.blockDim.x
+
+
+_power = cuda.jit(device=True, inline=True)(torch_power)
 
 
 @cuda.jit(device=True, inline=True)
@@ -79,7 +83,7 @@ def _window_sum(x, n, c, d0, d1, h0, h1, w0, w1, step, power, total):
                 if power is None:
                     total += x[n, d, h, w, c]
                 else:
-                    total += x[n, d, h, w, c] ** power
+                    total += _power(x[n, d, h, w, c], power)
                 w += step[2]
             h += step[1]
         d += step[0]
@@ -98,7 +102,7 @@ def sum_pool(x, out, start, stop, step, divisor, scale, power, zero):
         if power is None:
             out[n, od, oh, ow, c] = mean
         else:
-            out[n, od, oh, ow, c] = mean ** (1.0 / power)
+            out[n, od, oh, ow, c] = _power(mean, 1.0 / power)
         i += grid
 
 
@@ -117,7 +121,7 @@ def output_coefficients(grad_out, x, coefficient, start, stop, step, divisor, sc
             total = _window_sum(x, n, c, start[0, od], stop[0, od], start[1, oh],
                                 stop[1, oh], start[2, ow], stop[2, ow], step, power, zero)
             mean = total / window_divisor
-            scaled = grad * (1.0 / power) * (mean * scale) ** (1.0 / power - 1.0) * scale
+            scaled = grad * (1.0 / power) * _power(mean * scale, 1.0 / power - 1.0) * scale
             if mean != mean:
                 scaled = 0.0 * scaled  # torch.sign(nan) is 0
             elif mean == 0.0:
@@ -151,7 +155,7 @@ def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step
         if power is None:
             grad_in[n, d, h, w, c] = total
         else:
-            grad_in[n, d, h, w, c] = total * (power * x[n, d, h, w, c] ** (power - 1.0))
+            grad_in[n, d, h, w, c] = total * (power * _power(x[n, d, h, w, c], power - 1.0))
         i += grid
 
 
@@ -237,16 +241,15 @@ def absolute(source, out):
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def times_sign(values, x):
+    """values * sign(x), with torch's sign(NaN) = 0 (the gradient of |x| at NaN)."""
     i, grid = _first_and_stride()
     while i < values.size:
         if x[i] > 0:
             sign = 1.0
         elif x[i] < 0:
             sign = -1.0
-        elif x[i] == 0:
-            sign = 0.0
         else:
-            sign = x[i] * 1.0  # NaN
+            sign = 0.0  # zero or NaN
         values[i] = values[i] * sign
         i += grid
 

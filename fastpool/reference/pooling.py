@@ -63,17 +63,30 @@ def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
     return best, (best_at.astype(np.int64) if with_indices else None)
 
 
+def _raise_to(values: np.ndarray, power: float | None) -> np.ndarray:
+    """``values ** power`` in float64 as torch's pow computes it (square roots for
+    +-0.5, which differ from pow at -inf and -0.0); power None is the identity."""
+    values = np.asarray(values, np.float64)
+    if power is None:
+        return values
+    if power == 0.5:  # torch takes sqrt and rsqrt for these: NaN at -inf, unlike pow
+        return np.sqrt(values)
+    if power == -0.5:
+        return 1.0 / np.sqrt(values)
+    return values ** power
+
+
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
-             power: float, stream=None) -> np.ndarray:
+             power: float | None, stream=None) -> np.ndarray:
     n_d, n_h, n_w = table.out_shape
     total = np.zeros((x.shape[0], n_d, n_h, n_w, *x.shape[4:]), np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         for values, valid, _ in _window_offsets(x, table, channels_last):
-            total += np.where(valid, values.astype(np.float64) ** power, 0.0)
+            total += np.where(valid, _raise_to(values, power), 0.0)
         divisor = (table.divisor[0, :n_d, None, None] * table.divisor[1, None, :n_h, None]
                    * table.divisor[2, None, None, :n_w])
         mean = total * (table.scale / _expand(divisor, channels_last))
-        result = mean if power == 1.0 else mean ** (1.0 / power)
+        result = mean if power is None else _raise_to(mean, 1.0 / power)
     return result.astype(x.dtype)
 
 
@@ -92,7 +105,7 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
 
 
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
-                 channels_last: bool, input_shape: tuple, power: float,
+                 channels_last: bool, input_shape: tuple, power: float | None,
                  stream=None) -> np.ndarray:
     n_d, n_h, n_w = table.out_shape
     divisor = _expand(table.divisor[0, :n_d, None, None] * table.divisor[1, None, :n_h, None]
@@ -100,22 +113,22 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
     grad = grad_out.astype(np.float64)
     source = np.zeros(input_shape) if x is None else x
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        if power == 1.0:
+        if power is None:
             per_output = grad * table.scale / divisor
         else:
             # torch's chain rule through (sign(m) * relu(|m|) * K) ** (1/p), m = avg(x**p)
             window_sum = np.zeros(grad.shape)
             for values, valid, _ in _window_offsets(source, table, channels_last):
-                window_sum += np.where(valid, values.astype(np.float64) ** power, 0.0)
+                window_sum += np.where(valid, _raise_to(values, power), 0.0)
             mean = window_sum / divisor
-            scaled = grad / power * (mean * table.scale) ** (1.0 / power - 1.0) * table.scale
+            scaled = grad / power * _raise_to(mean * table.scale, 1.0 / power - 1.0) * table.scale
             per_output = np.where(mean == 0, 0.0, scaled * np.sign(np.nan_to_num(mean))
                                   ** 2) / divisor
         grad_in = np.zeros(input_shape)
         positions = np.indices(input_shape[:1] + table.out_shape
                                + tuple(input_shape[4:]), sparse=True)
         for values, valid, flat in _window_offsets(source, table, channels_last):
-            factor = 1.0 if power == 1.0 else power * values.astype(np.float64) ** (power - 1)
+            factor = 1.0 if power is None else power * _raise_to(values, power - 1)
             contribution = np.where(valid, per_output * factor, 0.0)
             depth, height, width = input_shape[1:4]
             d, rest = np.divmod(np.broadcast_to(flat, contribution.shape), height * width)

@@ -12,6 +12,12 @@ channels-last kernels.
 Importing this module imports torch; ``import fastpool`` does not.
 """
 
-from fastpool.torch import functional, nn
+try:
+    import torch  # noqa: F401
+except ImportError as error:
+    raise ImportError('fastpool.torch needs PyTorch, which is not installed: '
+                      'pip install "fastpool[torch]"') from error
+
+from fastpool.torch import functional, nn  # noqa: E402
 
 __all__ = ["functional", "nn"]

@@ -106,6 +106,22 @@ def test_nan_and_inf_follow_torch():
                  getattr(fastpool, op)(x, 2, **kwargs), exact=op == "max_pool2d")
 
 
+@pytest.mark.parametrize("norm_type", [1.0, 0.5, 2.0, float("inf")])
+def test_lp_corner_values_follow_the_cpu_back_end(norm_type):
+    # Zero windows, NaN and -inf: torch's chain rule (checked on the CPU in
+    # tests/test_corners.py) gives 0 at a zero or NaN window for p = 1 and at NaN for
+    # p = inf, and pow(-inf, 0.5) is NaN.
+    nan, inf = np.nan, np.inf
+    x = np.array([[[0, 0, 1, nan, -3, 2, -inf, 4, inf, -inf, -0.0, 0.0]]])
+    grad = np.linspace(-1, 2, 6).reshape(1, 1, 6)
+    for backend_result in ("forward", "backward"):
+        def call(backend):
+            if backend_result == "forward":
+                return fastpool.lp_pool1d(x, norm_type, 2, backend=backend)
+            return fastpool.lp_pool1d_backward(grad, x, norm_type, 2, backend=backend)
+        assert_allclose(_host(call("cuda")), call("cpu"), rtol=1e-12, atol=0)
+
+
 def _backward_case(op, nd, channels_last, x, args, kwargs):
     function = getattr(fastpool, f"{op}{nd}d")
     backward = getattr(fastpool, f"{op}{nd}d_backward")
