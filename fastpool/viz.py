@@ -31,7 +31,7 @@ _MODES = ("max", "avg", "lp", "adaptive_max", "adaptive_avg")
 _INSTALL_HINT = 'pip install "fastpool[viz]"'
 # PNG text chunks matplotlib would otherwise write ("Software: Matplotlib version...")
 # make the bytes depend on the installed version; drop them.
-PNG_METADATA = {"Software": None}
+_PNG_METADATA = {"Software": None}
 # The grid (padding included) is drawn at most this many inches wide or high, and a
 # cell at most _MAX_CELL inches: a 128x128 input gives a 6-inch panel, not a 64-inch one.
 _MAX_PANEL = 6.0
@@ -68,7 +68,7 @@ def _figure(figsize):
 
 def _savefig(figure, path: str, dpi: int) -> None:
     """Save a PNG whose bytes depend only on the picture."""
-    figure.savefig(path, dpi=dpi, metadata=PNG_METADATA)
+    figure.savefig(path, dpi=dpi, metadata=_PNG_METADATA)
 
 
 @dataclass(frozen=True)
@@ -351,8 +351,10 @@ def _window_outlines(pooling: _Pooling, colors, linewidth: float):
     """
     oh, ow = np.indices(pooling.out.shape).reshape(2, -1)
     stagger = 2 * (oh % 2) + ow % 2 if pooling.overlapping() else np.zeros_like(oh)
-    return _boxes(pooling.top[oh], pooling.bottom[oh], pooling.left[ow], pooling.right[ow],
-                  0.06 + 0.05 * stagger, colors, linewidth)
+    outlines = _boxes(pooling.top[oh], pooling.bottom[oh], pooling.left[ow],
+                      pooling.right[ow], 0.06 + 0.05 * stagger, colors, linewidth)
+    outlines.set_gid("windows")
+    return outlines
 
 
 def plot_pooling(x: np.ndarray, mode: str = "max", kernel_size: int | Sequence[int] = 2,
@@ -425,7 +427,9 @@ def plot_pooling(x: np.ndarray, mode: str = "max", kernel_size: int | Sequence[i
         right.imshow(_tints(colors, 0.35).reshape(out_rows, out_cols, 3),
                      interpolation="nearest")
         oh, ow = np.indices(pooling.out.shape).reshape(2, -1)
-        right.add_collection(_boxes(oh, oh + 1, ow, ow + 1, 0.08, colors, layout.linewidth))
+        outputs = _boxes(oh, oh + 1, ow, ow + 1, 0.08, colors, layout.linewidth)
+        outputs.set_gid("outputs")
+        right.add_collection(outputs)
         _value_labels(right, pooling.out, fmt, layout.fontsize)
     else:  # too many windows for colours to link them: show the pooled image itself
         right.imshow(_greys(pooling.out, *_value_range(pooling.x), light=False),
