@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -44,8 +45,6 @@ _PROGRESS_FRAMES = 100
 
 def _require(module: str, what: str):
     """Import a plotting dependency, or fail with the install command of the extra."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as error:
@@ -242,22 +241,30 @@ def _grid_axes(ax, rows: range, cols: range, title: str, lines: bool) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     if lines:
-        xs, ys = np.arange(cols.start, cols.stop + 1) - 0.5, np.arange(rows.start, rows.stop + 1) - 0.5
+        xs = np.arange(cols.start, cols.stop + 1) - 0.5
+        ys = np.arange(rows.start, rows.stop + 1) - 0.5
         segments = [[(x, ys[0]), (x, ys[-1])] for x in xs] + \
             [[(xs[0], y), (xs[-1], y)] for y in ys]
         ax.add_collection(LineCollection(segments, colors="0.75", linewidths=0.6, zorder=1),
                           autolim=False)
 
 
-@functools.lru_cache(maxsize=4096)
 def _glyphs(text: str, fontsize: float):
     """``text`` as a path in points, centred on the origin horizontally and on the
-    middle of a digit vertically (so that every label shares one baseline)."""
+    middle of a digit vertically (so that every label shares one baseline), in
+    matplotlib's current default font."""
+    from matplotlib import rcParams
+
+    return _glyphs_in(text, fontsize, tuple(rcParams["font.family"]))
+
+
+@functools.lru_cache(maxsize=4096)  # a grid repeats few strings; a TextPath costs ~1 ms
+def _glyphs_in(text: str, fontsize: float, family: tuple[str, ...]):
     from matplotlib.font_manager import FontProperties
     from matplotlib.path import Path
     from matplotlib.textpath import TextPath
 
-    font = FontProperties(size=fontsize)
+    font = FontProperties(family=list(family), size=fontsize)
     path = TextPath((0, 0), text, prop=font)
     digit = TextPath((0, 0), "0", prop=font).vertices
     if not len(path.vertices):  # an empty string
