@@ -319,7 +319,7 @@ def _draw_input(ax, pooling: _Pooling, layout: _Layout, fmt: str, title: str) ->
     if pad_rows or pad_cols:
         # A hatched sheet under the whole padded grid; the input image covers its middle.
         ax.add_patch(Rectangle((-pad_cols - 0.5, -pad_rows - 0.5), cols + 2 * pad_cols,
-                               rows + 2 * pad_rows, facecolor="0.93", edgecolor="0.72",
+                               rows + 2 * pad_rows, facecolor="0.94", edgecolor="0.8",
                                hatch="///", linewidth=0, zorder=0))
         if layout.show_values:
             ring = np.ones(pooling.padded_shape, bool)
@@ -327,7 +327,8 @@ def _draw_input(ax, pooling: _Pooling, layout: _Layout, fmt: str, title: str) ->
             ring_rows, ring_cols = np.nonzero(ring)
             _labels(ax, [pooling.pad_label] * ring_rows.size,
                     np.column_stack([ring_cols - pad_cols, ring_rows - pad_rows]),
-                    layout.fontsize, gid="padding", color="0.3")
+                    # larger: the infinity sign is small beside digits
+                    1.25 * layout.fontsize, gid="padding", color="0.2")
     low, high = _value_range(x)
     ax.imshow(_greys(x, low, high, light=layout.show_values), interpolation="nearest",
               extent=(-0.5, cols - 0.5, rows - 0.5, -0.5), zorder=0.5)
