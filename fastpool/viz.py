@@ -20,7 +20,8 @@ from __future__ import annotations
 import colorsys
 import functools
 import importlib
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ _MAX_PANEL = 6.0
 _MAX_CELL = 0.5
 # Cells smaller than this (inches) are too small for their numbers to be legible.
 _MIN_LABELLED_CELL = 0.3
+_TITLE_SIZE = 10.0  # points
 # Animations with at least this many frames show a progress bar (when tqdm is there).
 _PROGRESS_FRAMES = 100
 
@@ -165,11 +167,13 @@ def _tints(colors: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _greys(values: np.ndarray, low: float, high: float, light: bool) -> np.ndarray:
-    """RGB greys for ``values``: the full black-to-white range, or (``light``) pale
-    greys that keep black numbers on top legible.  Non-finite values are white."""
+    """RGB greys for ``values`` from ``low`` to ``high``: black to white, as an image,
+    or (``light``) white to pale grey, darker for larger values, under black numbers
+    that stay legible.  Non-finite values are white."""
     finite = np.isfinite(values)
     span = high - low if high > low else 1.0
-    level = np.where(finite, (np.where(finite, values, low) - low) / span, 1.0)
+    # Clipped: an Lp output can exceed the input's largest value.
+    level = np.clip(np.where(finite, (np.where(finite, values, low) - low) / span, 1.0), 0, 1)
     if light:
         level = np.where(finite, 1.0 - 0.3 * level, 1.0)
     return np.repeat(level[..., None], 3, axis=-1)
@@ -237,7 +241,7 @@ def _grid_axes(ax, rows: range, cols: range, title: str, lines: bool) -> None:
 
     ax.set_xlim(cols.start - 0.5, cols.stop - 0.5)
     ax.set_ylim(rows.stop - 0.5, rows.start - 0.5)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=_TITLE_SIZE)
     ax.set_xticks([])
     ax.set_yticks([])
     if lines:
@@ -461,19 +465,21 @@ def _progress(frames: Iterable[int], total: int, show: bool | None):
     return tqdm(frames, total=total, desc="animate_pooling", unit="frame", leave=False)
 
 
-def _write_gif(frames: list, path: str, fps: int) -> None:
-    """Write RGB frames as a looping GIF with one palette, taken from the first and
-    last frames (the last holds every output colour), and no dithering: the bytes
-    depend only on the pixels."""
+def _write_gif(frames: Iterator, path: str, fps: int) -> None:
+    """Write RGB frames, as they come, as a looping GIF.
+
+    One palette, made from the first frame, which already holds every colour
+    (the output cells take the input's greys), and no dithering: the bytes depend
+    only on the pixels.  Frames are indexed as they come, so no RGB frame is kept.
+    """
     from PIL import Image
 
-    montage = Image.new("RGB", (frames[0].width, 2 * frames[0].height))
-    montage.paste(frames[0], (0, 0))
-    montage.paste(frames[-1], (0, frames[0].height))
-    palette = montage.quantize(colors=255, method=Image.Quantize.FASTOCTREE)
-    indexed = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
-    indexed[0].save(path, save_all=True, append_images=indexed[1:],
-                    duration=round(1000 / fps), loop=0)
+    first = next(frames)
+    palette = first.quantize(colors=255, method=Image.Quantize.FASTOCTREE)
+    indexed = (frame.quantize(palette=palette, dither=Image.Dither.NONE)
+               for frame in itertools.chain([first], frames))
+    next(indexed).save(path, save_all=True, append_images=indexed,
+                       duration=round(1000 / fps), loop=0)
 
 
 def animate_pooling(x: np.ndarray, mode: str = "max", kernel_size: int | Sequence[int] = 2,
@@ -549,7 +555,7 @@ def animate_pooling(x: np.ndarray, mode: str = "max", kernel_size: int | Sequenc
     # The title counts the frames; as glyph outlines it costs a fifth of a Text's
     # redraw, which was half of all the time spent on a frame.
     title_y = -pooling.padding[0] - 0.5 - 0.15 / layout.cell  # 0.15 in above the grid
-    counter = _labels(left, [""], [[(cols - 1) / 2, title_y]], 10.0, gid="counter")
+    counter = _labels(left, [""], [[(cols - 1) / 2, title_y]], _TITLE_SIZE, gid="counter")
     counter.set_clip_on(False)
     shades = _greys(out, *_value_range(pooling.x), light=layout.show_values)
     done = Rectangle((0, 0), 1, 1, linewidth=0, zorder=1)
@@ -565,35 +571,40 @@ def animate_pooling(x: np.ndarray, mode: str = "max", kernel_size: int | Sequenc
     figure.set_dpi(dpi)  # the frames are the canvas's pixels: draw at their resolution
     canvas = figure.canvas
     canvas.draw()
-    frames = []
-    for frame in _progress(range(len(positions)), len(positions), progress):
-        oh, ow = positions[frame]
-        # Output cells done so far stay in the still picture: redraw only the new one.
-        done.set_bounds(ow - 0.5, oh - 0.5, 1, 1)
-        done.set_facecolor(shades[oh, ow])
-        right.draw_artist(done)
-        if values is not None:
-            values.set_offsets(np.array([[ow, oh]], dtype=float))
-            values.set_paths([_glyphs(values.cell_labels[frame], layout.fontsize)])
-            right.draw_artist(values)
-        still = canvas.copy_from_bbox(figure.bbox)
-        top, bottom = pooling.top[oh], pooling.bottom[oh]
-        start, stop = pooling.left[ow], pooling.right[ow]
-        window.set_bounds(start - 0.5, top - 0.5, stop - start, bottom - top)
-        if picks:
-            row, col = divmod(int(pooling.argmax[oh, ow]), cols)
-            chosen.set_bounds(col - 0.5, row - 0.5, 1, 1)
-        else:
-            chosen.set_bounds(start - 0.5, top - 0.5, stop - start, bottom - top)
-        current.set_bounds(ow - 0.5, oh - 0.5, 1, 1)
-        counter.set_paths([_glyphs(f"input, window {frame + 1}/{len(positions)}", 10.0)])
-        for ax, artist in ((left, chosen), (left, window), (left, counter), (right, current)):
-            ax.draw_artist(artist)
-        # A copy (the canvas is drawn over next), unpacked straight to RGB.
-        frames.append(Image.frombytes("RGB", canvas.get_width_height(),
-                                      canvas.buffer_rgba(), "raw", "RGBX"))
-        canvas.restore_region(still)
-    _write_gif(frames, path, fps)
+
+    def frames():
+        """Each frame's picture: the still one, plus this frame's artists."""
+        for frame in _progress(range(len(positions)), len(positions), progress):
+            oh, ow = positions[frame]
+            # Output cells done so far stay in the still picture: redraw only the new one.
+            done.set_bounds(ow - 0.5, oh - 0.5, 1, 1)
+            done.set_facecolor(shades[oh, ow])
+            right.draw_artist(done)
+            if values is not None:
+                values.set_offsets(np.array([[ow, oh]], dtype=float))
+                values.set_paths([_glyphs(values.cell_labels[frame], layout.fontsize)])
+                right.draw_artist(values)
+            still = canvas.copy_from_bbox(figure.bbox)
+            top, bottom = pooling.top[oh], pooling.bottom[oh]
+            start, stop = pooling.left[ow], pooling.right[ow]
+            window.set_bounds(start - 0.5, top - 0.5, stop - start, bottom - top)
+            if picks:
+                row, col = divmod(int(pooling.argmax[oh, ow]), cols)
+                chosen.set_bounds(col - 0.5, row - 0.5, 1, 1)
+            else:
+                chosen.set_bounds(start - 0.5, top - 0.5, stop - start, bottom - top)
+            current.set_bounds(ow - 0.5, oh - 0.5, 1, 1)
+            counter.set_paths([_glyphs(f"input, window {frame + 1}/{len(positions)}",
+                                       _TITLE_SIZE)])
+            for ax, artist in ((left, chosen), (left, window), (left, counter), (right, current)):
+                ax.draw_artist(artist)
+            # A copy (the canvas is drawn over next), unpacked straight to RGB.
+            picture = Image.frombytes("RGB", canvas.get_width_height(),
+                                      canvas.buffer_rgba(), "raw", "RGBX")
+            canvas.restore_region(still)
+            yield picture
+
+    _write_gif(frames(), path, fps)
     return len(positions)
 
 
