@@ -413,6 +413,14 @@ def plot_pooling(x: np.ndarray, mode: str = "max", kernel_size: int | Sequence[i
     ImportError
         Without matplotlib; the message names the extra to install.
 
+    Notes
+    -----
+    Each layer is one artist, whatever the size of the grid: the cells are an
+    image, the window outlines one collection (gid ``"windows"``, and
+    ``"outputs"`` for the output cells' outlines), and the numbers glyph outlines
+    in one collection per panel (gid ``"values"``, ``"padding"`` for the pad
+    values) whose ``cell_labels`` attribute lists them in row-major order.
+
     Examples
     --------
     >>> import numpy as np
