@@ -58,10 +58,15 @@ def test_max_pool_property(problem, dtype):
     nd, x, kwargs = problem
     x = x.astype(dtype)
     want = torch_pool("max_pool", nd, x, return_indices=True, **kwargs)
+    # A dilated window wholly in the padding has no element: its index is a convention,
+    # and torch's two kernels differ (channels-first: the window's first position at or
+    # after 0, fastpool's choice; channels-last: another), and with one channel the
+    # oracle's tensor can look channels-last to torch.  Compare the others.
+    whole = np.isfinite(fastpool_op("max_pool", nd)(x.astype(np.float64), **kwargs))
     for backend in ("cpu", "numpy"):
         got = fastpool_op("max_pool", nd)(x, return_indices=True, backend=backend, **kwargs)
         assert_array_equal(got[0], want[0])
-        assert_array_equal(got[1], want[1])
+        assert_array_equal(got[1][whole], want[1][whole])
 
 
 @SETTINGS
@@ -152,6 +157,13 @@ def test_backward_property(problem, mode):
             got = backward(grad, x.shape, **kw, channels_last=kwargs["channels_last"],
                            backend=backend)
             assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+            # Invariant: linear in grad_output.
+            other = np.random.default_rng(8).integers(-3, 4, out.shape).astype(np.float64)
+            combined = backward(2 * grad - 3 * other, x.shape, **kw,
+                                channels_last=kwargs["channels_last"], backend=backend)
+            assert_allclose(combined, 2 * got - 3 * backward(
+                other, x.shape, **kw, channels_last=kwargs["channels_last"], backend=backend),
+                rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------
@@ -175,9 +187,11 @@ def _continuous(x):
 
 
 def _grads(out, seed=7):
-    """Two small-integer gradients of out's shape: sums of them are exact."""
+    """Two small-integer gradients of out's shape and float dtype (float64 for an
+    integer out): sums of them are exact."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(-3, 4, out.shape).astype(np.float64) for _ in range(2)]
+    dtype = out.dtype if out.dtype.kind == "f" else np.float64
+    return [rng.integers(-3, 4, out.shape).astype(dtype) for _ in range(2)]
 
 
 def _lp_kwargs(kwargs, nd):
@@ -420,6 +434,12 @@ def _layout_calls(nd, x, kwargs, layout_of):
         grad, indices, xl.shape, **kw)
     results["max_pool_backward(window)"] = getattr(fastpool, f"max_pool{nd}d_backward")(
         grad, indices, xl.shape, **window, **kw)
+    dilated = dict(window, dilation=kwargs["dilation"])
+    out, indices = fastpool_op("max_pool", nd)(xl, return_indices=True, **dilated, **kw)
+    results["max_pool(dilated)"] = (out, indices)
+    if np.isfinite(out).all():  # no window wholly in the padding (an open bug)
+        results["max_pool_backward(dilated)"] = getattr(fastpool, f"max_pool{nd}d_backward")(
+            layout_of(_grads(layout_of.back(out))[0]), indices, xl.shape, **dilated, **kw)
     out = fastpool_op("avg_pool", nd)(xl, **window, **kw)
     results["avg_pool"] = out
     results["avg_pool_backward"] = getattr(fastpool, f"avg_pool{nd}d_backward")(
@@ -468,14 +488,16 @@ class _Layout:
 
 
 @FEW
-@given(sliding_problems(dilation=False, wide=True))
-def test_channels_last_equals_channels_first_property(problem):
+@given(sliding_problems(dilation=True, wide=True), st.sampled_from([np.float64, np.float32]))
+def test_channels_last_equals_channels_first_property(problem, dtype):
     """Every op, forward and backward: channels-last == channels-first transposed
     (max results and indices bit for bit, sums to rounding)."""
     nd, x, kwargs = problem
     if kwargs["channels_last"]:
         x = to_channels_first(x, nd)
-    x = _continuous(x)
+    x = _continuous(x).astype(dtype)
+    tolerance = dict(rtol=1e-12, atol=1e-13) if dtype == np.float64 else \
+        dict(rtol=2e-6, atol=1e-6)
     first = _layout_calls(nd, x, kwargs, _Layout(nd, False))
     last = _layout_calls(nd, x, kwargs, _Layout(nd, True))
     assert first.keys() == last.keys()
@@ -486,4 +508,4 @@ def test_channels_last_equals_channels_first_property(problem):
                             want if isinstance(want, tuple) else (want,)):
                 assert_array_equal(g, w, err_msg=name)
         else:
-            assert_allclose(got, want, rtol=1e-12, atol=1e-13, err_msg=name)
+            assert_allclose(got, want, **tolerance, err_msg=name)
