@@ -294,16 +294,19 @@ def soak(calls: int = CALLS, threads: int = THREADS) -> dict:
         for thread in pool:
             thread.join()
 
-    warm = int(per_thread * WARM_FRACTION)
+    # Ten phases of 10% of the calls each; the threads join between phases, and the
+    # figures are taken then (RSS after every phase, to show its course).
+    bounds = [round(per_thread * i * WARM_FRACTION) for i in range(int(1 / WARM_FRACTION) + 1)]
     threads_started = time.perf_counter()
-    phase(0, warm)
-    gc.collect()
-    figures = {"rss_warm": rss_bytes(), "signatures_warm": compiled_signatures(),
-               "caches_warm": cache_sizes()}
-    phase(warm, per_thread)
-    gc.collect()
-    figures.update(rss_end=rss_bytes(), signatures_end=compiled_signatures(),
-                   caches_end=cache_sizes())
+    rss = []
+    for begin, end in zip(bounds, bounds[1:]):
+        phase(begin, end)
+        gc.collect()
+        rss.append(rss_bytes())
+        if begin == 0:
+            figures = {"signatures_warm": compiled_signatures(), "caches_warm": cache_sizes()}
+    figures.update(rss_warm=rss[0], rss_end=rss[-1], rss_mib=[round(r / 2**20, 1) for r in rss],
+                   signatures_end=compiled_signatures(), caches_end=cache_sizes())
     with open("/proc/self/status") as status:
         peak = next(line for line in status if line.startswith("VmHWM:"))
     figures.update(
