@@ -7,6 +7,7 @@
   whose examples use the CUDA back end runs in a subprocess on numba's CUDA simulator
   (``NUMBA_ENABLE_CUDASIM=1`` must be set before numba is imported).
 - The README's test command is the one CI runs (.ci/run), after .ci/wheel-smoke.
+- The API reference lists every public function.
 - The documentation site builds with warnings as errors.
 """
 
@@ -89,6 +90,12 @@ def test_readme_test_command_is_what_ci_runs():
           if line.strip() and not line.lstrip().startswith("#")]
     assert ci[-1] == command.strip(), "README's test command is not .ci/run's last line"
     assert "bash .ci/wheel-smoke" in ci, ".ci/run no longer checks the wheel"
+
+
+def test_api_reference_lists_every_public_function():
+    import fastpool
+    listed = set(re.findall(r"^ {3}(\S+)$", (DOCS / "api.md").read_text(), re.M))
+    assert set(fastpool.__all__) - {"__version__"} <= listed
 
 
 def test_docs_build_without_warnings(tmp_path):
