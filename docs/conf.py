@@ -8,6 +8,7 @@ import fastpool
 
 project = "fastpool"
 author = "the fastpool developers"
+copyright = "2026, fastpool developers"  # as in LICENSE (BSD-3-Clause)
 release = version = fastpool.__version__
 
 extensions = [
