@@ -91,3 +91,29 @@ def test_fork_after_omp_raises_in_the_child_instead_of_hanging():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "forked from one running numba's 'omp' threading layer" in done.stdout
     assert "'spawn'" in done.stdout and "fastpool[tbb]" in done.stdout
+
+
+def test_a_slow_first_launch_logs_once_that_fastpool_is_compiling(monkeypatch, caplog):
+    import time
+
+    from fastpool.cpu import runtime
+
+    monkeypatch.setattr(runtime, "_launched", set())
+    monkeypatch.setattr(runtime, "_noticed", threading.Event())
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_DELAY", 0.05)
+
+    def compiling(seconds):  # stands in for a first call that compiles
+        time.sleep(seconds)
+        return seconds
+
+    def quick():
+        return "done"
+
+    with caplog.at_level("WARNING", logger="fastpool"):
+        assert runtime.launch(quick) == "done"  # a fast first launch says nothing
+        time.sleep(0.2)
+        assert caplog.records == []
+        assert runtime.launch(compiling, 1.0) == 1.0
+        assert runtime.launch(lambda: compiling(1.0)) is not None  # once per process
+    messages = [r.getMessage() for r in caplog.records if r.name == "fastpool"]
+    assert len(messages) == 1 and "fastpool is compiling CPU kernels" in messages[0]

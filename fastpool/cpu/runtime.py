@@ -31,6 +31,7 @@ and raises :class:`RuntimeError` in such a child instead of hanging.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 from contextlib import nullcontext
@@ -39,6 +40,8 @@ from importlib import metadata
 import numba
 
 from fastpool import _threads
+
+logger = logging.getLogger("fastpool")
 
 _setup_lock = threading.Lock()
 _launch_lock: threading.Lock | None = None
@@ -136,4 +139,41 @@ def launch(kernel, *args):
         numba.set_num_threads(wanted)
         _applied.threads = wanted
     with _launch_lock or nullcontext():
-        return kernel(*args)
+        if kernel in _launched:
+            return kernel(*args)
+        with _compile_notice():
+            result = kernel(*args)
+        _launched.add(kernel)
+        return result
+
+
+# Kernels launched at least once in this process; a first launch may compile.
+_launched: set = set()
+_noticed = threading.Event()
+COMPILE_NOTICE_DELAY = 1.0  # seconds a first launch runs before fastpool says why
+
+
+class _compile_notice:
+    """Log once per process, while a first launch is still running after
+    :data:`COMPILE_NOTICE_DELAY` seconds, that fastpool is compiling kernels: a
+    first call takes seconds, and a silent one looks like a hang."""
+
+    def __enter__(self):
+        self._timer = None
+        if not _noticed.is_set():
+            self._timer = threading.Timer(COMPILE_NOTICE_DELAY, self._log)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def __exit__(self, *exc):
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @staticmethod
+    def _log():
+        if not _noticed.is_set():
+            _noticed.set()
+            logger.warning(
+                "fastpool is compiling CPU kernels for this call (a few seconds for the "
+                "first call of each op, dtype and layout; numba caches them on disk, so "
+                "later processes load them in well under a second)")
