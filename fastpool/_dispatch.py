@@ -31,6 +31,7 @@ from fastpool._params import (
     check_mode,
     check_norm_type,
     memoised_by_arguments,
+    padding_as_written,
 )
 
 _BACKEND_MODULES = {"cpu": "fastpool.cpu", "numpy": "fastpool.reference",
@@ -132,9 +133,11 @@ class _SlidingOp:
             raise ValueError(f"{op}: divisor_override={divisor_override} is only supported "
                              f"by avg pooling")
         if mode == "lp":
-            if any(p != 0 for p in window.padding):
-                raise ValueError(f"{op}: padding={window.padding} is not supported by lp "
-                                 f"pooling")
+            # torch's lp_pool has no padding; the TensorFlow/Flax forms pad with zeros.
+            if window.is_torch_style and any(before for before, _ in window.padding):
+                raise ValueError(f"{op}: padding={padding_as_written(window.padding)} is not "
+                                 f"supported by lp pooling "
+                                 f"(only 'valid', 'same' or (before, after) pairs are)")
             return cls(op, mode, window, check_norm_type(norm_type, op), "padded")
         if norm_type is not None:
             raise ValueError(f"{op}: norm_type={norm_type!r} is only used by lp pooling")

@@ -89,13 +89,20 @@ def check_bool(value: object, name: str, op: str) -> bool:
 # --------------------------------------------------------------------------
 
 
+Pads = tuple  # per axis, a (before, after) pair of ints
+
+
 @dataclass(frozen=True)
 class SlidingWindow:
-    """Validated sliding-window parameters, one entry per pooled axis."""
+    """Validated sliding-window parameters, one entry per pooled axis.
+
+    ``padding`` holds a ``(before, after)`` pair per axis, or ``"same"``, which
+    depends on the input size and is resolved by :meth:`pads`.
+    """
 
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
-    padding: tuple[int, ...]
+    padding: tuple[Pads, ...] | str
     dilation: tuple[int, ...]
     ceil_mode: bool
 
@@ -117,28 +124,40 @@ class SlidingWindow:
         else:
             strides = int_tuple(stride, nd, "stride", op)
             _check_positive(strides, "stride", op)
-        pads = int_tuple(padding, nd, "padding", op)
-        if any(p < 0 for p in pads):
-            raise ValueError(f"{op}: padding must be non-negative, got {pads}")
         dilations = int_tuple(dilation, nd, "dilation", op)
         _check_positive(dilations, "dilation", op)
-        # Pool.h checks both pad <= effective_kernel // 2 and pad <= kernel // 2;
-        # the second is the binding one.
-        if any(p > k // 2 for p, k in zip(pads, kernel)):
-            raise ValueError(f"{op}: padding must be at most half of kernel_size, "
-                             f"got padding={pads} and kernel_size={kernel}")
-        return cls(kernel, strides, pads, dilations, check_bool(ceil_mode, "ceil_mode", op))
+        ceil_mode = check_bool(ceil_mode, "ceil_mode", op)
+        pads = _padding(padding, nd, kernel, dilations, op)
+        if isinstance(padding, str) and ceil_mode:
+            raise ValueError(f"{op}: ceil_mode=True does not combine with "
+                             f"padding={padding!r}; pass explicit (before, after) pairs")
+        return cls(kernel, strides, pads, dilations, ceil_mode)
+
+    def pads(self, in_spatial: tuple[int, ...]) -> tuple[Pads, ...]:
+        """The (before, after) padding of each axis for input of this spatial size.
+
+        ``"same"`` is TensorFlow's rule: ``ceil(in / stride)`` outputs, the total
+        padding they need split with the extra element after.
+        """
+        if self.padding != "same":
+            return self.padding  # type: ignore[return-value]
+        pads = []
+        for size, k, s, d in zip(in_spatial, self.kernel_size, self.stride, self.dilation):
+            total = max(0, (-(-size // s) - 1) * s + (k - 1) * d + 1 - size)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
 
     def output_shape(self, op: str, in_spatial: tuple[int, ...]) -> tuple[int, ...]:
         out = tuple(
             pooling_output_size(size, k, p, s, d, self.ceil_mode)
-            for size, k, p, s, d in zip(in_spatial, self.kernel_size, self.padding,
+            for size, k, p, s, d in zip(in_spatial, self.kernel_size, self.pads(in_spatial),
                                         self.stride, self.dilation)
         )
         if any(o < 1 for o in out):
             raise ValueError(f"{op}: input spatial size {tuple(in_spatial)} is too small "
                              f"for kernel_size={self.kernel_size}, "
-                             f"dilation={self.dilation}, padding={self.padding}: "
+                             f"dilation={self.dilation}, "
+                             f"padding={padding_as_written(self.padding)!r}: "
                              f"calculated output size {out}")
         return out
 
@@ -150,34 +169,92 @@ class SlidingWindow:
         ``divisor`` is "padded" (count the padding, as count_include_pad=True),
         "valid" (count only input elements) or a nonzero int divisor_override.
         """
-        self.output_shape(op, tuple(in_spatial))  # raises with this op's name
-        return _sliding_table(self, tuple(in_spatial), divisor, scale)
+        in_spatial = tuple(in_spatial)
+        self.output_shape(op, in_spatial)  # raises with this op's name
+        table = _sliding_table(self, in_spatial, divisor, scale)
+        if not self.is_torch_style and table.has_empty_window:
+            raise ValueError(f"{op}: padding={padding_as_written(self.padding)!r} leaves a "
+                             f"window of kernel_size={self.kernel_size}, dilation="
+                             f"{self.dilation} wholly in the padding of input size "
+                             f"{in_spatial}")
+        return table
+
+    @property
+    def is_torch_style(self) -> bool:
+        """Symmetric padding of at most half the kernel, as torch allows."""
+        return self.padding != "same" and all(
+            before == after <= k // 2 for (before, after), k in zip(self.padding,
+                                                                    self.kernel_size))
 
     def _build_table(self, in_spatial: tuple[int, ...], divisor: str | int,
                      scale: float) -> WindowTable:
         out_spatial = self.output_shape("table", in_spatial)
-        axes = [
-            _sliding_axis(size, n_out, k, s, p, d, divisor)
-            for size, n_out, k, s, p, d in zip(in_spatial, out_spatial, self.kernel_size,
-                                               self.stride, self.padding, self.dilation)
-        ]
+        per_axis = list(zip(in_spatial, out_spatial, self.kernel_size, self.stride,
+                            self.pads(in_spatial), self.dilation))
+        axes = [_sliding_axis(*axis, divisor) for axis in per_axis]
         if _is_int(divisor):
             # divisor_override replaces the whole window's count: put it on one axis.
             axes = [(a[0], a[1], a[2], np.ones_like(a[3])) for a in axes]
             last = axes[-1]
             axes[-1] = (last[0], last[1], last[2], np.full_like(last[3], float(divisor)))
-        interior = [_interior(size, n_out, k, s, p, d) for size, n_out, k, s, p, d in zip(
-            in_spatial, out_spatial, self.kernel_size, self.stride, self.padding,
-            self.dilation)]
+        interior = [_interior(*axis) for axis in per_axis]
         return WindowTable.from_axes(axes, out_spatial, scale, interior)
 
 
-def _interior(size, n_out, kernel, stride, pad, dilation):
+def _padding(padding: object, nd: int, kernel: tuple, dilation: tuple, op: str
+             ) -> tuple[Pads, ...] | str:
+    """``padding`` as (before, after) pairs per axis, or "same".
+
+    torch's symmetric ints may pad at most half the kernel; "same" and explicit
+    pairs (TensorFlow's and Flax's forms) up to the effective kernel minus one
+    per side (a window wholly in the padding is refused per input size).
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * nd
+        if padding == "same":
+            return "same"
+        raise ValueError(f"{op}: padding must be an int, a sequence of {nd} ints, 'valid', "
+                         f"'same' or {nd} (before, after) pairs, got {padding!r}")
+    if isinstance(padding, (tuple, list)) and padding and all(
+            isinstance(p, (tuple, list)) for p in padding):
+        if len(padding) != nd or any(len(p) != 2 for p in padding):
+            raise ValueError(f"{op}: padding given as pairs needs {nd} (before, after) "
+                             f"pairs, got {padding!r}")
+        flat = int_tuple([v for p in padding for v in p], 2 * nd, "padding", op)
+        pairs = tuple(zip(flat[::2], flat[1::2]))
+        if any(v < 0 for v in flat):
+            raise ValueError(f"{op}: padding must be non-negative, got {pairs}")
+        effective = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+        if any(max(p) > e - 1 for p, e in zip(pairs, effective)):
+            raise ValueError(f"{op}: padding may be at most the effective kernel size minus "
+                             f"one per side ({tuple(e - 1 for e in effective)}), got {pairs}")
+        return pairs
+    pads = int_tuple(padding, nd, "padding", op)
+    if any(p < 0 for p in pads):
+        raise ValueError(f"{op}: padding must be non-negative, got {pads}")
+    # Pool.h checks both pad <= effective_kernel // 2 and pad <= kernel // 2;
+    # the second is the binding one.
+    if any(p > k // 2 for p, k in zip(pads, kernel)):
+        raise ValueError(f"{op}: padding must be at most half of kernel_size, "
+                         f"got padding={pads} and kernel_size={kernel}")
+    return tuple((p, p) for p in pads)
+
+
+def padding_as_written(padding) -> object:
+    """Padding as the user would write it: ints when symmetric."""
+    if padding == "same" or any(before != after for before, after in padding):
+        return padding
+    return tuple(before for before, _ in padding)
+
+
+def _interior(size, n_out, kernel, stride, pads, dilation):
     """[lo, hi, stride, offset, kernel]: outputs ``lo <= o < hi`` have whole windows
     inside the input, reading ``o*stride + offset + j*dilation`` for j < kernel."""
-    lo = min(n_out, -(-pad // stride))
-    hi = max(lo, min(n_out, (size - 1 - (kernel - 1) * dilation + pad) // stride + 1))
-    return (lo, hi, stride, -pad, kernel)
+    before = pads[0]
+    lo = min(n_out, -(-before // stride))
+    hi = max(lo, min(n_out, (size - 1 - (kernel - 1) * dilation + before) // stride + 1))
+    return (lo, hi, stride, -before, kernel)
 
 
 def _typed_key(value):
@@ -213,28 +290,32 @@ def _sliding_table(window: SlidingWindow, in_spatial: tuple[int, ...], divisor: 
     return window._build_table(in_spatial, divisor, scale)
 
 
-def pooling_output_size(size: int, kernel: int, pad: int, stride: int, dilation: int,
+def pooling_output_size(size: int, kernel: int, pad, stride: int, dilation: int,
                         ceil_mode: bool) -> int:
     """torch's ``pooling_output_shape``: windows that fit, ceil_mode rounding up.
 
-    In ceil mode the last window must still start inside the input or the
-    left padding, otherwise it is dropped.
+    ``pad`` is an int (both sides, as torch) or a (before, after) pair.  In
+    ceil mode the last window must still start inside the input or the
+    padding before it, otherwise it is dropped.
     """
-    span = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    before, after = (pad, pad) if _is_int(pad) else pad
+    span = size + before + after - dilation * (kernel - 1) - 1 + (
+        stride - 1 if ceil_mode else 0)
     out = span // stride + 1  # floor division, as torch's div_rtn
-    if ceil_mode and (out - 1) * stride >= size + pad:
+    if ceil_mode and (out - 1) * stride >= size + before:
         out -= 1
     return out
 
 
-def _sliding_axis(size, n_out, kernel, stride, pad, dilation, divisor):
-    origin = np.arange(n_out, dtype=np.int64) * stride - pad
+def _sliding_axis(size, n_out, kernel, stride, pads, dilation, divisor):
+    before, after = pads
+    origin = np.arange(n_out, dtype=np.int64) * stride - before
     # First position at or after 0 on the dilation grid of each window.
     start = origin + (np.maximum(-origin, 0) + dilation - 1) // dilation * dilation
     stop = np.minimum(origin + (kernel - 1) * dilation + 1, size)
     if divisor == "padded":
         # torch counts window positions inside the padded extent (avg_pool's pool_size).
-        count = np.minimum(origin + kernel, size + pad) - origin
+        count = np.minimum(origin + kernel, size + after) - origin
     else:
         count = np.maximum((stop - start + dilation - 1) // dilation, 0)
     return start, stop, dilation, count.astype(np.float64)
@@ -306,6 +387,12 @@ class WindowTable:
         """One output whose window is the whole input plane (global pooling)."""
         return (self.out_shape == (1, 1, 1) and not self.start[:, 0].any()
                 and tuple(self.stop[:, 0]) == tuple(in_spatial) and (self.step == 1).all())
+
+    @functools.cached_property
+    def has_empty_window(self) -> bool:
+        """Whether some window reads no input position (only padding)."""
+        return any(bool((self.stop[axis, :n] <= self.start[axis, :n]).any())
+                   for axis, n in enumerate(self.out_shape))
 
     @property
     def max_window_size(self) -> int:

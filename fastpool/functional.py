@@ -35,15 +35,22 @@ backend : {None, "cpu", "numpy", "cuda"}, default None
     run on "cpu", the Numba kernels; GPU arrays (``__cuda_array_interface__``:
     numba, CuPy, torch) on "cuda"; "numpy" is the pure-NumPy reference.
 stream : numba CUDA stream, optional
-    The stream the CUDA back end launches on (ignored on the host)."""
+    The stream the CUDA back end launches on (the host back ends refuse one)."""
 
 _PARAMETERS = {
     "x": "x : array_like\n    Input of shape {batched} or {unbatched}.",
     "kernel_size": "kernel_size : int or tuple of {nd} ints\n    Window size.",
     "stride": ("stride : int or tuple of {nd} ints, optional\n"
                "    Window step; defaults to kernel_size."),
-    "padding": ("padding : int or tuple of {nd} ints, default 0\n"
-                "    Implicit padding on both sides, at most half the kernel size."),
+    "padding": ("padding : int, tuple of {nd} ints, 'valid', 'same' or {nd} pairs, default 0\n"
+                "    Implicit padding. An int pads both sides (torch's form, at most half\n"
+                "    the kernel size). TensorFlow's and Flax's forms: ``'valid'`` (none),\n"
+                "    ``'same'`` (``ceil(in / stride)`` outputs; the total padding split\n"
+                "    with the extra element after) and ``((before, after), ...)`` per\n"
+                "    axis, each side at most the effective kernel size minus one.\n"
+                "    Averages count the padding as ``count_include_pad`` says: with\n"
+                "    ``'same'``, False is TensorFlow/Keras's average pooling and True\n"
+                "    Flax's."),
     "dilation": ("dilation : int or tuple of {nd} ints, default 1\n"
                  "    Spacing between window elements."),
     "ceil_mode": ("ceil_mode : bool, default False\n    Round the output size up, keeping a "
@@ -566,8 +573,9 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
         The reduction over each window.
     kernel_size : tuple of 1 to 3 ints
         Window size; its length sets how many axes are pooled.
-    stride, padding, dilation : int or tuple of ints, optional
-        As in :func:`max_pool2d`; dilation is for "max" only, padding not for "lp".
+    stride, padding, dilation : optional
+        As in :func:`max_pool2d`; dilation is for "max" only. "lp" takes padding
+        only as ``'valid'``, ``'same'`` or (before, after) pairs (zeros).
     ceil_mode : bool, default False
         Round the output size up (see :func:`max_pool2d`).
     norm_type : float, optional
@@ -591,6 +599,9 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
            [13, 15]], dtype=uint8)
     >>> fastpool.pool(img.astype(np.float64), "avg", (2, 2), stride=(1, 2)).shape
     (3, 2)
+    >>> fastpool.pool(img, "max", (3, 3), stride=2, padding="same")  # TensorFlow's rule
+    array([[10, 11],
+           [14, 15]], dtype=uint8)
     """
     op = "pool"
     nd = _spatial_dims(kernel_size, "kernel_size", op)

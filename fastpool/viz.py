@@ -133,7 +133,11 @@ def _pooling(x, mode: str, kernel_size, stride, padding, output_size,
         if kernel_size is None:
             raise ValueError(f"{op}: mode={mode!r} needs kernel_size")
         window = SlidingWindow.from_args(op, 2, kernel_size, stride, padding)
-        size, pads = window.kernel_size, window.padding
+        pairs = window.pads(x.shape)
+        if any(before != after for before, after in pairs):
+            raise ValueError(f"{op}: the picture draws symmetric padding only, got "
+                             f"padding={padding!r}")
+        size, pads = window.kernel_size, tuple(before for before, _ in pairs)
         out = fastpool.pool(x, mode, size, window.stride, pads,
                             norm_type=norm_type if mode == "lp" else None)
         if mode == "max":

@@ -1,0 +1,41 @@
+"""TensorFlow/Flax padding forms on the CUDA back end, against the CPU back end (itself
+checked against JAX in tests/test_padding.py)."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import fastpool
+
+
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else a
+
+
+@pytest.mark.parametrize("padding", ["same", ((0, 2), (1, 0))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_same_and_pairs_follow_the_cpu(padding, channels_last):
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 6))
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    kw = dict(channels_last=channels_last)
+    out, indices = fastpool.max_pool2d(x, 3, 2, padding, return_indices=True, **kw)
+    got = fastpool.max_pool2d(x, 3, 2, padding, return_indices=True, backend="cuda", **kw)
+    assert_array_equal(_host(got[0]), out)
+    assert_array_equal(_host(got[1]), indices)
+    grad = np.random.default_rng(1).standard_normal(out.shape)
+    assert_array_equal(
+        _host(fastpool.max_pool2d_backward(grad, indices, x.shape, kernel_size=3, stride=2,
+                                           padding=padding, backend="cuda", **kw)),
+        fastpool.max_pool2d_backward(grad, indices, x.shape, **kw))
+    for include in (False, True):
+        want = fastpool.avg_pool2d(x, 3, 2, padding, count_include_pad=include, **kw)
+        got = fastpool.avg_pool2d(x, 3, 2, padding, count_include_pad=include,
+                                  backend="cuda", **kw)
+        assert_allclose(_host(got), want, rtol=1e-12)
+        assert_allclose(
+            _host(fastpool.avg_pool2d_backward(grad, x.shape, 3, 2, padding,
+                                               count_include_pad=include, backend="cuda",
+                                               **kw)),
+            fastpool.avg_pool2d_backward(grad, x.shape, 3, 2, padding,
+                                         count_include_pad=include, **kw), rtol=1e-12)
