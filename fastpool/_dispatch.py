@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastpool._params import (
+    EXTREMES,
     ConvWindow,
     Layout,
     SlidingWindow,
@@ -82,10 +83,18 @@ def _run(impl, mode: str, layout: Layout, array, table: WindowTable, *,
     canonical = impl.canonical(array, layout.canonical_shape(), stream)
     if dtype == np.bool_:
         canonical = canonical.view(np.uint8)
-    if mode == "max":
+    if mode in EXTREMES:
+        # Min pooling is max pooling under an order-reversing bijection of the dtype
+        # (negation for floats, bitwise not for integers: exact at every extreme,
+        # unsigned included, where -max(-x) is not), so NaN still wins, ties keep the
+        # first element and the padding is the dtype's highest value.
+        if mode == "min":
+            canonical = impl.reverse_order(canonical, stream)
         out, indices = impl.max_pool(canonical, table, layout.channels_last,
                                      _lowest(np.dtype(canonical.dtype)), with_indices,
                                      stream=stream)
+        if mode == "min":
+            out = impl.reverse_order(out, stream)
         out = out.view(np.bool_) if dtype == np.bool_ else out
     else:
         out = impl.sum_pool(canonical, table, layout.channels_last, power, stream=stream)
@@ -126,9 +135,9 @@ class _SlidingOp:
                                          ceil_mode)
         count_include_pad = check_bool(count_include_pad, "count_include_pad", op)
         divisor_override = check_divisor_override(divisor_override, op)
-        if mode != "max" and any(d != 1 for d in window.dilation):
+        if mode not in EXTREMES and any(d != 1 for d in window.dilation):
             raise ValueError(f"{op}: dilation={window.dilation} is only supported by max "
-                             f"pooling")
+                             f"and min pooling")
         if mode != "avg" and divisor_override is not None:
             raise ValueError(f"{op}: divisor_override={divisor_override} is only supported "
                              f"by avg pooling")
@@ -175,8 +184,9 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
                                 ceil_mode, norm_type, count_include_pad, divisor_override)
     channels_last = check_bool(channels_last, "channels_last", op)
     return_indices = check_bool(return_indices, "return_indices", op)
-    if spec.mode != "max" and return_indices:
-        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    if spec.mode not in EXTREMES and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max and min "
+                         f"pooling")
     impl = _backend(backend, x, op, stream)
     array = impl.asarray(x, op, "x", stream)
     check_dtype(np.dtype(array.dtype), spec.mode, op, impl.FLOAT_DTYPES)
@@ -202,12 +212,13 @@ def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_ind
 def _adaptive(x, mode, nd, output_size, op, strict, return_indices, channels_last, backend,
               stream):
     """The back end used and the result, not yet wrapped as the input's kind."""
-    if mode not in ("max", "avg"):
-        raise ValueError(f"{op}: mode must be 'max' or 'avg', got {mode!r}")
+    if mode not in ("max", "min", "avg"):
+        raise ValueError(f"{op}: mode must be 'max', 'min' or 'avg', got {mode!r}")
     channels_last = check_bool(channels_last, "channels_last", op)
     return_indices = check_bool(return_indices, "return_indices", op)
-    if mode != "max" and return_indices:
-        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    if mode not in EXTREMES and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max and min "
+                         f"pooling")
     impl = _backend(backend, x, op, stream)
     array = impl.asarray(x, op, "x", stream)
     check_dtype(np.dtype(array.dtype), mode, op, impl.FLOAT_DTYPES)

@@ -1,7 +1,7 @@
 """Array handling shared by the host back ends (``cpu`` and ``numpy``).
 
 Each back end module exposes the same small array API that the dispatch layer
-uses: ``asarray``, ``canonical``, ``empty``, ``zeros``, ``absolute``,
+uses: ``asarray``, ``canonical``, ``empty``, ``zeros``, ``absolute``, ``reverse_order``,
 ``times_sign`` and ``wrap``; the CUDA back end has its own versions.
 """
 
@@ -11,8 +11,8 @@ import numpy as np
 
 from fastpool._params import FLOAT_DTYPES
 
-__all__ = ["FLOAT_DTYPES", "asarray", "canonical", "empty", "zeros", "absolute", "times_sign",
-           "wrap", "conv_bias_grad", "host_only"]
+__all__ = ["FLOAT_DTYPES", "asarray", "canonical", "empty", "zeros", "absolute",
+           "reverse_order", "times_sign", "wrap", "conv_bias_grad", "host_only"]
 
 
 def asarray(x: object, op: str, name: str = "x", stream=None) -> np.ndarray:
@@ -46,6 +46,13 @@ def zeros(shape: tuple, dtype, stream=None) -> np.ndarray:
 
 def absolute(array: np.ndarray, stream=None) -> np.ndarray:
     return np.abs(array)
+
+
+def reverse_order(array: np.ndarray, stream=None) -> np.ndarray:
+    """A new array under an order-reversing bijection of its dtype: negation for
+    floats (NaN stays NaN), bitwise not for integers (``~x`` is ``-x - 1`` for signed,
+    ``max - x`` for unsigned; it never overflows)."""
+    return np.negative(array) if array.dtype.kind == "f" else np.invert(array)
 
 
 def times_sign(values: np.ndarray, x: np.ndarray, stream=None) -> np.ndarray:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 CANONICAL_SPATIAL_DIMS = 3
-MODES = ("max", "avg", "lp")
+MODES = ("max", "min", "avg", "lp")
+EXTREMES = ("max", "min")  # the modes that pick an element (any dtype, indices)
 BACKENDS = ("cpu", "numpy", "cuda")
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -512,13 +513,13 @@ class Layout:
 
 def check_dtype(dtype: np.dtype, mode: str, op: str, floats=FLOAT_DTYPES,
                 name: str = "input") -> None:
-    """max accepts the back end's float types (``floats``), integers and bool;
-    averages and convolution ("conv") accept the float types."""
+    """max and min accept the back end's float types (``floats``), integers and
+    bool; averages and convolution ("conv") accept the float types."""
     dtype = dtype.newbyteorder("=")
-    if dtype in floats or (mode == "max" and dtype.kind in "iub"):
+    if dtype in floats or (mode in EXTREMES and dtype.kind in "iub"):
         return
     names = [f.name for f in floats]
-    supported = (f"{', '.join(names)}, the integer types and bool" if mode == "max"
+    supported = (f"{', '.join(names)}, the integer types and bool" if mode in EXTREMES
                  else " and ".join(names))
     what = "convolution" if mode == "conv" else f"{mode} pooling"
     raise TypeError(f"{op}: {name} dtype {dtype} is not supported; {what} takes {supported}")

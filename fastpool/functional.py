@@ -76,7 +76,7 @@ _RETURNS = {
 
 
 def _doc(summary: str, params: Sequence[str], nd: int, torch_name: str, example: str,
-         returns: str = "values") -> str:
+         returns: str = "values", see_also: str | None = None) -> str:
     spatial, batched, unbatched = _SHAPES[nd]
     fields = {"nd": nd, "batched": batched, "unbatched": unbatched, "spatial": spatial}
     parameters = "\n".join(_PARAMETERS[p].format(**fields) for p in params)
@@ -102,7 +102,7 @@ TypeError
 
 See Also
 --------
-{torch_name} : the PyTorch equivalent, which this matches exactly.
+{see_also or f"{torch_name} : the PyTorch equivalent, which this matches exactly."}
 
 Examples
 --------
@@ -112,24 +112,38 @@ Examples
 """
 
 
-def _max_pool(nd: int) -> Callable[..., Result]:
-    name = f"max_pool{nd}d"
+# Min pooling has no torch op; it equals torch's -max_pool(-x) on floats.
+_MIN_NOTE = ("\n\nA NaN wins, ties keep the first element in scan order, and padding\n"
+             "is the dtype's highest value; exact for unsigned integers and the\n"
+             "most negative integer too (unlike ``-max(-x)``).")
+
+
+def _see_also_min(torch_name: str) -> str:
+    return f"{torch_name} : torch's max pooling; ``-{torch_name}(-x)`` equals this on floats."
+
+
+def _max_pool(nd: int, reduction: str = "max") -> Callable[..., Result]:
+    name = f"{reduction}_pool{nd}d"
 
     def max_pool(x: ArrayLike, kernel_size: Size, stride: Size | None = None,
                  padding: Size = 0, dilation: Size = 1, ceil_mode: bool = False,
                  return_indices: bool = False, *, channels_last: bool = False,
                  backend: Backend | None = None, stream: object = None) -> Result:
         return _dispatch.sliding_pool(
-            x, "max", nd, kernel_size, stride, padding, dilation, ceil_mode, op=name,
+            x, reduction, nd, kernel_size, stride, padding, dilation, ceil_mode, op=name,
             strict=True, return_indices=return_indices, channels_last=channels_last,
             backend=backend, stream=stream)
 
+    torch_name = f"torch.nn.functional.max_pool{nd}d"
     max_pool.__doc__ = _doc(
-        "{nd}-D max pooling over the trailing spatial axes ({spatial}).",
+        f"{{nd}}-D {reduction} pooling over the trailing spatial axes ({{spatial}})."
+        + (_MIN_NOTE if reduction == "min" else ""),
         ["x", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
-        nd, f"torch.nn.functional.{name}",
-        ">>> fastpool.max_pool{nd}d(x, {kernel}).ravel()\n"
-        "array([5., 2., 4.], dtype=float32)", returns="indices")
+        nd, torch_name,
+        f">>> fastpool.{reduction}_pool{{nd}}d(x, {{kernel}}).ravel()\n"
+        + ("array([5., 2., 4.], dtype=float32)" if reduction == "max"
+           else "array([1., 0., 3.], dtype=float32)"),
+        returns="indices", see_also=_see_also_min(torch_name) if reduction == "min" else None)
     return _named(max_pool, name)
 
 
@@ -176,23 +190,27 @@ def _lp_pool(nd: int) -> Callable[..., np.ndarray]:
     return _named(lp_pool, name)
 
 
-def _adaptive_max_pool(nd: int) -> Callable[..., Result]:
-    name = f"adaptive_max_pool{nd}d"
+def _adaptive_max_pool(nd: int, reduction: str = "max") -> Callable[..., Result]:
+    name = f"adaptive_{reduction}_pool{nd}d"
 
     def adaptive_max_pool(x: ArrayLike, output_size: OptionalSize,
                           return_indices: bool = False, *, channels_last: bool = False,
                           backend: Backend | None = None, stream: object = None) -> Result:
         return _dispatch.adaptive_pool(
-            x, "max", nd, output_size, op=name, strict=True, return_indices=return_indices,
-            channels_last=channels_last, backend=backend, stream=stream)
+            x, reduction, nd, output_size, op=name, strict=True,
+            return_indices=return_indices, channels_last=channels_last, backend=backend,
+            stream=stream)
 
+    torch_name = f"torch.nn.functional.adaptive_max_pool{nd}d"
     adaptive_max_pool.__doc__ = _doc(
-        "{nd}-D adaptive max pooling to a given output size.\n\n"
+        f"{{nd}}-D adaptive {reduction} pooling to a given output size.\n\n"
         "Output ``i`` of an axis of input size ``n`` and output size ``m`` covers\n"
-        "``[floor(i*n/m), ceil((i+1)*n/m))``.",
-        ["x", "output_size", "return_indices"], nd, f"torch.nn.functional.{name}",
-        ">>> fastpool.adaptive_max_pool{nd}d(x, {kernel}).ravel()\n"
-        "array([5., 4.], dtype=float32)", returns="indices")
+        "``[floor(i*n/m), ceil((i+1)*n/m))``." + (_MIN_NOTE if reduction == "min" else ""),
+        ["x", "output_size", "return_indices"], nd, torch_name,
+        f">>> fastpool.adaptive_{reduction}_pool{{nd}}d(x, {{kernel}}).ravel()\n"
+        + ("array([5., 4.], dtype=float32)" if reduction == "max"
+           else "array([1., 0.], dtype=float32)"),
+        returns="indices", see_also=_see_also_min(torch_name) if reduction == "min" else None)
     return _named(adaptive_max_pool, name)
 
 
@@ -216,21 +234,25 @@ def _adaptive_avg_pool(nd: int) -> Callable[..., np.ndarray]:
     return _named(adaptive_avg_pool, name)
 
 
-def _global_max_pool(nd: int) -> Callable[..., Result]:
-    name = f"global_max_pool{nd}d"
+def _global_max_pool(nd: int, reduction: str = "max") -> Callable[..., Result]:
+    name = f"global_{reduction}_pool{nd}d"
 
     def global_max_pool(x: ArrayLike, keepdims: bool = False, return_indices: bool = False,
                         *, channels_last: bool = False,
                         backend: Backend | None = None, stream: object = None) -> Result:
         return _dispatch.global_pool(
-            x, "max", nd, op=name, keepdims=keepdims, return_indices=return_indices,
+            x, reduction, nd, op=name, keepdims=keepdims, return_indices=return_indices,
             channels_last=channels_last, backend=backend, stream=stream)
 
+    torch_name = f"torch.nn.functional.adaptive_max_pool{nd}d"
+    extreme = "Maximum" if reduction == "max" else "Minimum"
     global_max_pool.__doc__ = _doc(
-        "Maximum of each {nd}-D plane: {batched} -> (N, C), {unbatched} -> (C,).",
-        ["x", "keepdims", "return_indices"], nd,
-        f"torch.nn.functional.adaptive_max_pool{nd}d", ">>> fastpool.global_max_pool{nd}d(x)\n"
-        "array([5.], dtype=float32)", returns="indices")
+        f"{extreme} of each {{nd}}-D plane: {{batched}} -> (N, C), {{unbatched}} -> (C,)."
+        + (_MIN_NOTE if reduction == "min" else ""),
+        ["x", "keepdims", "return_indices"], nd, torch_name,
+        f">>> fastpool.global_{reduction}_pool{{nd}}d(x)\n"
+        + ("array([5.], dtype=float32)" if reduction == "max" else "array([0.], dtype=float32)"),
+        returns="indices", see_also=_see_also_min(torch_name) if reduction == "min" else None)
     return _named(global_max_pool, name)
 
 
@@ -297,7 +319,7 @@ Examples
 def _max_pool_backward(nd: int, forward: str) -> Callable[..., np.ndarray]:
     name = f"{forward}{nd}d_backward"
 
-    if forward == "max_pool":
+    if forward in ("max_pool", "min_pool"):
         def max_pool_backward(grad_output: ArrayLike, indices: ArrayLike,
                               input_shape: Sequence[int], *, kernel_size: Size | None = None,
                               stride: Size | None = None, padding: Size = 0,
@@ -316,7 +338,7 @@ def _max_pool_backward(nd: int, forward: str) -> Callable[..., np.ndarray]:
                               backend: Backend | None = None,
                               stream: object = None) -> np.ndarray:
             return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
-                                          kind=forward.split("_")[0],
+                                          kind=forward.split("_")[0],  # adaptive, global
                                           channels_last=channels_last, backend=backend,
                                           stream=stream)
 
@@ -324,8 +346,11 @@ def _max_pool_backward(nd: int, forward: str) -> Callable[..., np.ndarray]:
         "max_pool": ("{kernel}, return_indices=True", "[0., 1., 1., 0., 0., 1.]"),
         "adaptive_max_pool": ("{kernel}, return_indices=True", "[0., 1., 0., 0., 0., 1.]"),
         "global_max_pool": ("return_indices=True", "[0., 1., 0., 0., 0., 0.]"),
+        "min_pool": ("{kernel}, return_indices=True", "[1., 0., 0., 1., 1., 0.]"),
+        "adaptive_min_pool": ("{kernel}, return_indices=True", "[1., 0., 0., 1., 0., 0.]"),
+        "global_min_pool": ("return_indices=True", "[0., 0., 0., 1., 0., 0.]"),
     }[forward]
-    window_params = ["window"] if forward == "max_pool" else []
+    window_params = ["window"] if forward in ("max_pool", "min_pool") else []
     max_pool_backward.__doc__ = _backward_doc(
         f"{forward}{nd}d", ["grad_output", "indices", "input_shape", *window_params], nd,
         f">>> out, idx = fastpool.{forward}{{nd}}d(x, {call})\n"
@@ -522,6 +547,11 @@ global_max_pool1d, global_max_pool2d, global_max_pool3d = (
     _global_max_pool(nd) for nd in (1, 2, 3))
 global_avg_pool1d, global_avg_pool2d, global_avg_pool3d = (
     _global_avg_pool(nd) for nd in (1, 2, 3))
+min_pool1d, min_pool2d, min_pool3d = (_max_pool(nd, "min") for nd in (1, 2, 3))
+adaptive_min_pool1d, adaptive_min_pool2d, adaptive_min_pool3d = (
+    _adaptive_max_pool(nd, "min") for nd in (1, 2, 3))
+global_min_pool1d, global_min_pool2d, global_min_pool3d = (
+    _global_max_pool(nd, "min") for nd in (1, 2, 3))
 
 
 max_pool1d_backward, max_pool2d_backward, max_pool3d_backward = (
@@ -530,6 +560,12 @@ adaptive_max_pool1d_backward, adaptive_max_pool2d_backward, adaptive_max_pool3d_
     _max_pool_backward(nd, "adaptive_max_pool") for nd in (1, 2, 3))
 global_max_pool1d_backward, global_max_pool2d_backward, global_max_pool3d_backward = (
     _max_pool_backward(nd, "global_max_pool") for nd in (1, 2, 3))
+min_pool1d_backward, min_pool2d_backward, min_pool3d_backward = (
+    _max_pool_backward(nd, "min_pool") for nd in (1, 2, 3))
+adaptive_min_pool1d_backward, adaptive_min_pool2d_backward, adaptive_min_pool3d_backward = (
+    _max_pool_backward(nd, "adaptive_min_pool") for nd in (1, 2, 3))
+global_min_pool1d_backward, global_min_pool2d_backward, global_min_pool3d_backward = (
+    _max_pool_backward(nd, "global_min_pool") for nd in (1, 2, 3))
 avg_pool1d_backward, avg_pool2d_backward, avg_pool3d_backward = (
     _avg_pool_backward(nd) for nd in (1, 2, 3))
 lp_pool1d_backward, lp_pool2d_backward, lp_pool3d_backward = (
@@ -552,7 +588,7 @@ def _spatial_dims(kernel_or_output: object, name: str, op: str) -> int:
     return len(kernel_or_output)
 
 
-def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[int],
+def pool(x: ArrayLike, mode: Literal["max", "min", "avg", "lp"], kernel_size: Sequence[int],
          stride: Size | None = None, padding: Size = 0, dilation: Size = 1,
          ceil_mode: bool = False, *, norm_type: float | None = None,
          count_include_pad: bool = True, divisor_override: int | None = None,
@@ -569,12 +605,12 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
     x : array_like
         Input; its trailing ``len(kernel_size)`` axes are pooled (the axes
         before the last one when ``channels_last``).
-    mode : {"max", "avg", "lp"}
+    mode : {"max", "min", "avg", "lp"}
         The reduction over each window.
     kernel_size : tuple of 1 to 3 ints
         Window size; its length sets how many axes are pooled.
     stride, padding, dilation : optional
-        As in :func:`max_pool2d`; dilation is for "max" only. "lp" takes padding
+        As in :func:`max_pool2d`; dilation is for "max" and "min" only. "lp" takes padding
         only as ``'valid'``, ``'same'`` or (before, after) pairs (zeros).
     ceil_mode : bool, default False
         Round the output size up (see :func:`max_pool2d`).
@@ -583,12 +619,12 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
     count_include_pad, divisor_override : optional
         Divisor rules of "avg" pooling (see :func:`avg_pool2d`).
     return_indices : bool, default False
-        With "max", also return flat indices of the maxima.
+        With "max" or "min", also return flat indices of the extremes.
     GENERIC_TAIL
 
     See Also
     --------
-    max_pool2d, avg_pool2d, lp_pool2d : the torch-named entry points.
+    max_pool2d, min_pool2d, avg_pool2d, lp_pool2d : the torch-named entry points.
 
     Examples
     --------
@@ -612,7 +648,7 @@ def pool(x: ArrayLike, mode: Literal["max", "avg", "lp"], kernel_size: Sequence[
         channels_last=channels_last, backend=backend, stream=stream)
 
 
-def adaptive_pool(x: ArrayLike, mode: Literal["max", "avg"],
+def adaptive_pool(x: ArrayLike, mode: Literal["max", "min", "avg"],
                   output_size: Sequence[int | None], *, return_indices: bool = False,
                   channels_last: bool = False, backend: Backend | None = None,
                   stream: object = None) -> Result:
@@ -626,17 +662,17 @@ def adaptive_pool(x: ArrayLike, mode: Literal["max", "avg"],
     x : array_like
         Input; its trailing ``len(output_size)`` axes are pooled (the axes
         before the last one when ``channels_last``).
-    mode : {"max", "avg"}
+    mode : {"max", "min", "avg"}
         The reduction over each window.
     output_size : tuple of 1 to 3 ints or None
         Output size per pooled axis; None keeps that input size.
     return_indices : bool, default False
-        With "max", also return flat indices of the maxima.
+        With "max" or "min", also return flat indices of the extremes.
     GENERIC_TAIL
 
     See Also
     --------
-    adaptive_max_pool2d, adaptive_avg_pool2d : the torch-named entry points.
+    adaptive_max_pool2d, adaptive_min_pool2d, adaptive_avg_pool2d : the torch-named entry points.
 
     Examples
     --------

@@ -69,12 +69,22 @@ def zeros(shape: tuple, dtype, stream=None):
     return array
 
 
-def absolute(array, stream=None):
+def _elementwise(kernel, array, stream=None):
     source = canonical(array, (array.size,))
     out = empty(source.shape, source.dtype, stream)
     if out.size:
-        _configure(kernels.absolute, out.size, stream)(source, out)
+        _configure(kernel, out.size, stream)(source, out)
     return out.reshape(array.shape)
+
+
+def absolute(array, stream=None):
+    return _elementwise(kernels.absolute, array, stream)
+
+
+def reverse_order(array, stream=None):
+    """An order-reversing bijection of the dtype (see fastpool._host.reverse_order)."""
+    kernel = kernels.negate if np.dtype(array.dtype).kind == "f" else kernels.invert
+    return _elementwise(kernel, array, stream)
 
 
 def times_sign(values, x, stream=None):

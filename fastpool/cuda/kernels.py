@@ -232,6 +232,22 @@ def fill(array, value):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
+def negate(source, out):
+    i, grid = _first_and_stride()
+    while i < out.size:
+        out[i] = -source[i]
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def invert(source, out):
+    i, grid = _first_and_stride()
+    while i < out.size:
+        out[i] = ~source[i]
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
 def absolute(source, out):
     i, grid = _first_and_stride()
     while i < out.size:

@@ -1,5 +1,5 @@
-"""TensorFlow/Flax padding forms on the CUDA back end, against the CPU back end (itself
-checked against JAX in tests/test_padding.py)."""
+"""Padding forms and min pooling on the CUDA back end, against the CPU back end (itself
+checked against JAX in tests/test_padding.py and torch in tests/test_min_pool.py)."""
 
 import numpy as np
 import pytest
@@ -39,3 +39,26 @@ def test_same_and_pairs_follow_the_cpu(padding, channels_last):
                                                **kw)),
             fastpool.avg_pool2d_backward(grad, x.shape, 3, 2, padding,
                                          count_include_pad=include, **kw), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.int16, np.bool_])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_min_pool_follows_the_cpu(dtype, channels_last):
+    rng = np.random.default_rng(2)
+    if dtype == np.bool_:
+        x = rng.integers(0, 2, (2, 3, 6, 7)).astype(dtype)
+    elif np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        x = rng.choice(np.array([info.min, 0, info.max], dtype), (2, 3, 6, 7))
+    else:
+        x = rng.integers(-3, 4, (2, 3, 6, 7)).astype(dtype)
+        x[0, 0, 1, 1] = np.nan
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    kw = dict(channels_last=channels_last, return_indices=True)
+    for call in (lambda b: fastpool.min_pool2d(x, 3, 2, 1, backend=b, **kw),
+                 lambda b: fastpool.adaptive_min_pool2d(x, (4, 3), backend=b, **kw),
+                 lambda b: fastpool.global_min_pool2d(x, backend=b, **kw)):
+        got, want = call("cuda"), call(None)
+        assert_array_equal(_host(got[0]), want[0])
+        assert_array_equal(_host(got[1]), want[1])
