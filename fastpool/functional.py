@@ -13,7 +13,7 @@ from typing import Literal, Union
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fastpool import _dispatch
+from fastpool import _dispatch, _gem
 
 Size = Union[int, Sequence[int]]
 OptionalSize = Union[int, None, Sequence[Union[int, None]]]
@@ -530,6 +530,104 @@ Examples
     return _named(strided_conv_backward, name)
 
 
+def _gem_pool(nd: int) -> Callable[..., np.ndarray]:
+    name = f"gem_pool{nd}d"
+    spatial, batched, unbatched = _SHAPES[nd]
+
+    def gem_pool(x: ArrayLike, p: float | ArrayLike = 3.0, eps: float = 1e-6,
+                 output_size: OptionalSize = 1, *, kernel_size: Size | None = None,
+                 stride: Size | None = None, channels_last: bool = False,
+                 backend: Backend | None = None) -> np.ndarray:
+        return _gem.gem_pool(x, nd, p, eps, output_size, kernel_size, stride, op=name,
+                             channels_last=channels_last, backend=backend)
+
+    gem_pool.__doc__ = f"""{nd}-D generalized-mean (GeM) pooling: ``mean(max(x, eps) ** p) ** (1/p)``.
+
+The retrieval and fine-grained-recognition head of Radenovic et al.: p = 1 is
+average pooling, large p approaches max pooling. Global by default
+(``output_size=1``), adaptive for other output sizes, sliding windows when
+``kernel_size`` is given. Computed in the input's precision, float16 in float32,
+by the formula as written (as torch code would), so ``x ** p`` overflows to inf for
+large values and large p.
+
+Parameters
+----------
+x : array_like
+    Input of shape {batched} or {unbatched}; float16, float32 or float64.
+p : float or array_like of C floats, default 3.0
+    The power, one for all channels or one per channel (all positive).
+eps : float, default 1e-6
+    Values below eps count as eps (so the powers and logarithms are defined).
+output_size : int or tuple of {nd} ints (or None), default 1
+    Adaptive output size, as :func:`adaptive_avg_pool{nd}d`; unused with kernel_size.
+kernel_size, stride : int or tuple of {nd} ints, optional
+    Sliding windows instead of adaptive ones (stride defaults to kernel_size).
+channels_last : bool, default False
+    Input and output laid out as ``(N, *spatial, C)``.
+backend : {{None, "cpu", "numpy"}}, default None
+    The host back end whose average-pooling kernels take the window means.
+
+Returns
+-------
+out : numpy.ndarray
+    The pooled values, with the input's dtype.
+
+See Also
+--------
+gem_pool{nd}d_backward : gradients for x and for p.
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> x = np.array([1., 5., 2., 2., 3., 5.]).reshape({"1, " * nd}6)
+>>> fastpool.gem_pool{nd}d(x, p=1.0).ravel()  # the average
+array([3.])
+>>> np.round(fastpool.gem_pool{nd}d(x, p=50.0).ravel(), 2)  # approaching the max, 5
+array([4.89])
+"""
+    return _named(gem_pool, name)
+
+
+def _gem_pool_backward(nd: int) -> Callable[..., tuple]:
+    name = f"gem_pool{nd}d_backward"
+
+    def gem_pool_backward(grad_output: ArrayLike, x: ArrayLike, p: float | ArrayLike = 3.0,
+                          eps: float = 1e-6, output_size: OptionalSize = 1, *,
+                          kernel_size: Size | None = None, stride: Size | None = None,
+                          channels_last: bool = False,
+                          backend: Backend | None = None) -> tuple:
+        return _gem.gem_pool_backward(grad_output, x, nd, p, eps, output_size, kernel_size,
+                                      stride, op=name, channels_last=channels_last,
+                                      backend=backend)
+
+    gem_pool_backward.__doc__ = f"""Gradients of :func:`gem_pool{nd}d` for its input and for p.
+
+Parameters
+----------
+grad_output : array_like
+    Gradient of the loss with respect to the forward output.
+x, p, eps, output_size, kernel_size, stride, channels_last, backend
+    The forward call's arguments.
+
+Returns
+-------
+grad_input : numpy.ndarray
+    Of the input's shape and dtype (0 where x < eps, as torch's clamp).
+grad_p : numpy scalar or numpy.ndarray
+    A scalar for a scalar p, one value per channel for per-channel p.
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> x = np.array([1., 3.]).reshape({"1, " * nd}2)
+>>> g = np.ones_like(fastpool.gem_pool{nd}d(x, p=1.0))
+>>> grad_x, grad_p = fastpool.gem_pool{nd}d_backward(g, x, p=1.0)
+>>> grad_x.ravel()
+array([0.5, 0.5])
+"""
+    return _named(gem_pool_backward, name)
+
+
 def _named(function: Callable, name: str) -> Callable:
     function.__name__ = function.__qualname__ = name
     function.__module__ = "fastpool"
@@ -575,6 +673,10 @@ adaptive_avg_pool1d_backward, adaptive_avg_pool2d_backward, adaptive_avg_pool3d_
 global_avg_pool1d_backward, global_avg_pool2d_backward, global_avg_pool3d_backward = (
     _avg_backward_of(nd, "global_avg_pool") for nd in (1, 2, 3))
 
+
+gem_pool1d, gem_pool2d, gem_pool3d = (_gem_pool(nd) for nd in (1, 2, 3))
+gem_pool1d_backward, gem_pool2d_backward, gem_pool3d_backward = (
+    _gem_pool_backward(nd) for nd in (1, 2, 3))
 
 strided_conv1d, strided_conv2d, strided_conv3d = (_strided_conv(nd) for nd in (1, 2, 3))
 strided_conv1d_backward, strided_conv2d_backward, strided_conv3d_backward = (

@@ -45,6 +45,8 @@ def _run_ops(fastpool, np, check):
             call(f"adaptive_{extreme}_pool{nd}d_backward", np.ones_like(y), idx, x.shape)
             y, idx = forward(f"global_{extreme}_pool{nd}d", x, return_indices=True)
             call(f"global_{extreme}_pool{nd}d_backward", np.ones_like(y), idx, x.shape)
+        y = forward(f"gem_pool{nd}d", x)
+        call(f"gem_pool{nd}d_backward", np.ones_like(y), x)
         y = forward(f"global_avg_pool{nd}d", x)
         call(f"global_avg_pool{nd}d_backward", np.ones_like(y), x.shape)
         w = rng.standard_normal((3, 2) + (2,) * nd).astype(np.float32)
