@@ -33,6 +33,7 @@ from fastpool._params import (
     check_norm_type,
     memoised_by_arguments,
     padding_as_written,
+    unpool_output_shape,
 )
 
 _BACKEND_MODULES = {"cpu": "fastpool.cpu", "numpy": "fastpool.reference",
@@ -401,6 +402,87 @@ def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=Fal
     table = adaptive_table(layout.spatial, tuple(spatial))
     return _wrap(impl, _sum_backward(impl, grad, None, layout, table, None, input_shape, op,
                                      stream), grad_output)
+
+
+# --------------------------------------------------------------------------
+# Max unpooling
+# --------------------------------------------------------------------------
+
+
+def _unpool_indices(impl, indices, want_shape: tuple, op: str, stream=None):
+    indices = impl.asarray(indices, op, "indices", stream)
+    if np.dtype(indices.dtype).newbyteorder("=") != np.int64:
+        raise ValueError(f"{op}: indices must be int64 (as returned by max pooling with "
+                         f"return_indices=True), got dtype {indices.dtype}")
+    if tuple(indices.shape) != tuple(want_shape):
+        raise ValueError(f"{op}: indices has shape {tuple(indices.shape)}, but the pooled "
+                         f"input has shape {tuple(want_shape)}")
+    return indices
+
+
+def _refuse_outside(indices, size: int, op: str) -> None:
+    """Name the first index outside ``[0, size)`` (an error path: copies GPU indices)."""
+    flat = np.asarray(indices.copy_to_host() if hasattr(indices, "copy_to_host") else
+                      indices).reshape(-1)
+    first = int(np.flatnonzero((flat < 0) | (flat >= size))[0])
+    raise ValueError(f"{op}: indices[{first}] (flat position) is {int(flat[first])}, outside "
+                     f"the output plane [0, {size})")
+
+
+def max_unpool(x, indices, nd, kernel_size, stride=None, padding=0, output_size=None, *,
+               op: str, channels_last=False, backend=None, stream=None):
+    """torch's max_unpool: a zero plane per (batch, channel) with ``x`` scattered to its
+    ``indices``; among duplicate indices the last input in scan order wins."""
+    channels_last = check_bool(channels_last, "channels_last", op)
+    impl = _backend(backend, x, op, stream)
+    array = impl.asarray(x, op, "x", stream)
+    dtype = np.dtype(array.dtype).newbyteorder("=")
+    check_dtype(dtype, "max", op, impl.FLOAT_DTYPES)
+    layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict=True)
+    indices = _unpool_indices(impl, indices, array.shape, op, stream)
+    out_spatial = unpool_output_shape(op, nd, layout.spatial, kernel_size, stride, padding,
+                                      output_size)
+    if layout.is_empty():
+        return _wrap(impl, impl.zeros(layout.result_shape(out_spatial), dtype, stream), x)
+    batch, inputs = math.prod(layout.batch_shape), math.prod(layout.spatial)
+    shape = (batch, inputs, layout.channels) if channels_last else (batch, inputs)
+    canonical = impl.canonical(array, shape, stream)
+    if dtype == np.bool_:
+        canonical = canonical.view(np.uint8)
+    size = math.prod(out_spatial)
+    out, outside = impl.max_unpool(canonical, impl.canonical(indices, shape, stream), size,
+                                   channels_last, stream=stream)
+    if outside:
+        _refuse_outside(indices, size, op)
+    out = out.view(np.bool_) if dtype == np.bool_ else out
+    return _wrap(impl, out.reshape(layout.result_shape(out_spatial)), x)
+
+
+def max_unpool_backward(grad_output, indices, nd, *, op: str, channels_last=False,
+                        backend=None, stream=None):
+    """Gradient of :func:`max_unpool`: grad_output gathered at ``indices`` (torch's rule)."""
+    channels_last = check_bool(channels_last, "channels_last", op)
+    impl = _backend(backend, grad_output, op, stream)
+    grad = _grad_array(impl, grad_output, op, stream)
+    out_layout = Layout.of(tuple(grad.shape), nd, channels_last, op, strict=True)
+    index_array = impl.asarray(indices, op, "indices", stream)
+    layout = Layout.of(tuple(index_array.shape), nd, channels_last, op, strict=True)
+    if (layout.batch_shape, layout.channels) != (out_layout.batch_shape, out_layout.channels):
+        raise ValueError(f"{op}: indices of shape {tuple(index_array.shape)} do not fit "
+                         f"grad_output of shape {tuple(grad.shape)} (batch and channel axes "
+                         f"differ)")
+    indices = _unpool_indices(impl, index_array, index_array.shape, op, stream)
+    if layout.is_empty():
+        return _wrap(impl, impl.zeros(tuple(indices.shape), grad.dtype, stream), grad_output)
+    batch, channels = math.prod(layout.batch_shape), layout.channels or 1
+    size = math.prod(out_layout.spatial)
+    grad_in, outside = impl.max_unpool_backward(
+        impl.canonical(grad, (batch, size, channels), stream),
+        impl.canonical(indices, (batch, math.prod(layout.spatial), channels), stream),
+        stream=stream)
+    if outside:
+        _refuse_outside(indices, size, op)
+    return _wrap(impl, grad_in.reshape(tuple(indices.shape)), grad_output)
 
 
 # --------------------------------------------------------------------------

@@ -322,6 +322,41 @@ def _sliding_axis(size, n_out, kernel, stride, pads, dilation, divisor):
     return start, stop, dilation, count.astype(np.float64)
 
 
+def unpool_output_shape(op: str, nd: int, in_spatial: tuple[int, ...], kernel_size, stride,
+                        padding, output_size) -> tuple[int, ...]:
+    """torch's ``max_unpool`` size rule: ``(in - 1) * stride + kernel - 2 * padding`` per
+    axis, or ``output_size`` (``nd`` or ``nd + 2`` entries), each strictly within
+    ``stride`` of that default."""
+    kernel = int_tuple(kernel_size, nd, "kernel_size", op)
+    _check_positive(kernel, "kernel_size", op)
+    strides = kernel if stride is None else int_tuple(stride, nd, "stride", op)
+    _check_positive(strides, "stride", op)
+    pads = int_tuple(padding, nd, "padding", op)
+    if any(p < 0 for p in pads):
+        raise ValueError(f"{op}: padding must be non-negative, got {pads}")
+    default = tuple((size - 1) * s + k - 2 * p
+                    for size, k, s, p in zip(in_spatial, kernel, strides, pads))
+    if output_size is None:
+        sizes = default
+    else:
+        if isinstance(output_size, (tuple, list)) and len(output_size) == nd + 2:
+            output_size = tuple(output_size)[2:]
+        if not isinstance(output_size, (tuple, list)) or len(output_size) != nd:
+            raise ValueError(f"{op}: output_size must have {nd} or {nd + 2} entries, got "
+                             f"{output_size!r}")
+        sizes = int_tuple(output_size, nd, "output_size", op)
+        for size, want, s in zip(sizes, default, strides):
+            if not want - s < size < want + s:
+                raise ValueError(f"{op}: output_size {sizes} must lie strictly between "
+                                 f"{tuple(d - s for d, s in zip(default, strides))} and "
+                                 f"{tuple(d + s for d, s in zip(default, strides))} "
+                                 f"(the default {default} +- stride)")
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"{op}: the output size {sizes} (from input spatial size "
+                         f"{tuple(in_spatial)}) must be positive")
+    return sizes
+
+
 # --------------------------------------------------------------------------
 # Adaptive windows
 # --------------------------------------------------------------------------

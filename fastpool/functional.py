@@ -530,6 +530,82 @@ Examples
     return _named(strided_conv_backward, name)
 
 
+def _max_unpool(nd: int) -> Callable[..., np.ndarray]:
+    name = f"max_unpool{nd}d"
+    spatial, batched, unbatched = _SHAPES[nd]
+
+    def max_unpool(x: ArrayLike, indices: ArrayLike, kernel_size: Size,
+                   stride: Size | None = None, padding: Size = 0,
+                   output_size: Sequence[int] | None = None, *, channels_last: bool = False,
+                   backend: Backend | None = None, stream: object = None) -> np.ndarray:
+        return _dispatch.max_unpool(x, indices, nd, kernel_size, stride, padding, output_size,
+                                    op=name, channels_last=channels_last, backend=backend,
+                                    stream=stream)
+
+    kernel = "2" if nd == 1 else "(" + "1, " * (nd - 1) + "2)"
+    max_unpool.__doc__ = f"""Partial inverse of :func:`max_pool{nd}d`: each value back at its index.
+
+The output is zero except ``out[plane][indices] = x``. Among duplicate indices
+(overlapping windows) the last input in scan order wins, on every back end and
+at any thread count (torch's result depends on thread timing there).
+
+Parameters
+----------
+x : array_like
+    Pooled input of shape {batched} or {unbatched}: any dtype max pooling takes.
+indices : array_like of int64
+    The flat indices :func:`max_pool{nd}d` returned with ``return_indices=True``.
+kernel_size, stride, padding : int or tuple of {nd} ints
+    The pooling call's window (stride defaults to kernel_size).
+output_size : sequence of {nd} or {nd + 2} ints, optional
+    The output's spatial size; by default ``(in - 1) * stride + kernel - 2 * padding``
+    per axis, and any other choice must lie strictly within ``stride`` of it.
+{_COMMON_KEYWORDS}
+
+Returns
+-------
+out : numpy.ndarray
+    With the input's dtype.
+
+Raises
+------
+ValueError
+    For an output_size out of range, or an index outside the output plane (named).
+
+See Also
+--------
+torch.nn.functional.max_unpool{nd}d : the PyTorch equivalent.
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> x = np.array([1., 5., 2., 0., 3., 4.]).reshape({"1, " * nd}6)
+>>> out, idx = fastpool.max_pool{nd}d(x, {kernel}, return_indices=True)
+>>> fastpool.max_unpool{nd}d(out, idx, {kernel}).ravel()
+array([0., 5., 2., 0., 0., 4.])
+"""
+    return _named(max_unpool, name)
+
+
+def _max_unpool_backward(nd: int) -> Callable[..., np.ndarray]:
+    name = f"max_unpool{nd}d_backward"
+
+    def max_unpool_backward(grad_output: ArrayLike, indices: ArrayLike, *,
+                            channels_last: bool = False, backend: Backend | None = None,
+                            stream: object = None) -> np.ndarray:
+        return _dispatch.max_unpool_backward(grad_output, indices, nd, op=name,
+                                             channels_last=channels_last, backend=backend,
+                                             stream=stream)
+
+    max_unpool_backward.__doc__ = _backward_doc(
+        f"max_unpool{nd}d", ["grad_output", "indices"], nd,
+        ">>> out, idx = fastpool.max_pool{nd}d(x, {kernel}, return_indices=True)\n"
+        f">>> g = np.arange(6.0).reshape(x.shape)\n"
+        f">>> fastpool.{name}(g, idx).ravel()\n"
+        "array([1., 2., 5.])")
+    return _named(max_unpool_backward, name)
+
+
 def _gem_pool(nd: int) -> Callable[..., np.ndarray]:
     name = f"gem_pool{nd}d"
     spatial, batched, unbatched = _SHAPES[nd]
@@ -674,6 +750,9 @@ global_avg_pool1d_backward, global_avg_pool2d_backward, global_avg_pool3d_backwa
     _avg_backward_of(nd, "global_avg_pool") for nd in (1, 2, 3))
 
 
+max_unpool1d, max_unpool2d, max_unpool3d = (_max_unpool(nd) for nd in (1, 2, 3))
+max_unpool1d_backward, max_unpool2d_backward, max_unpool3d_backward = (
+    _max_unpool_backward(nd) for nd in (1, 2, 3))
 gem_pool1d, gem_pool2d, gem_pool3d = (_gem_pool(nd) for nd in (1, 2, 3))
 gem_pool1d_backward, gem_pool2d_backward, gem_pool3d_backward = (
     _gem_pool_backward(nd) for nd in (1, 2, 3))

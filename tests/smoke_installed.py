@@ -41,6 +41,10 @@ def _run_ops(fastpool, np, check):
         for extreme in ("max", "min"):
             y, idx = forward(f"{extreme}_pool{nd}d", x, 2, return_indices=True)
             call(f"{extreme}_pool{nd}d_backward", np.ones_like(y), idx, x.shape)
+            if extreme == "max":
+                restored = call(f"max_unpool{nd}d", y, idx, 2)
+                check(restored.shape == x.shape, f"max_unpool{nd}d: shape")
+                call(f"max_unpool{nd}d_backward", restored, idx)
             y, idx = forward(f"adaptive_{extreme}_pool{nd}d", x, 3, return_indices=True)
             call(f"adaptive_{extreme}_pool{nd}d_backward", np.ones_like(y), idx, x.shape)
             y, idx = forward(f"global_{extreme}_pool{nd}d", x, return_indices=True)

@@ -798,3 +798,65 @@ def plane_broadcast(grad_out, grad_in, factor):
         target = grad_in[plane]
         for i in range(size):
             target[i] = share
+
+
+# --------------------------------------------------------------------------
+# Max unpooling: out[plane, indices[plane, q]] = x[plane, q], zero elsewhere.  Each
+# task owns whole planes and writes them in scan order, so among duplicate indices
+# the last input wins at any thread count; the backward is the matching gather.
+# --------------------------------------------------------------------------
+
+
+@njit(**CPU_JIT_OPTIONS)
+def unpool_channels_first(x, indices, out):
+    """Scatter ``x`` (planes, inputs) into the zeroed ``out`` (planes, size); returns
+    how many indices were outside the plane (and skipped)."""
+    planes, inputs = x.shape
+    size = out.shape[1]
+    outside = 0
+    for plane in prange(planes):
+        out[plane, :] = 0
+        for q in range(inputs):
+            at = indices[plane, q]
+            if 0 <= at < size:
+                out[plane, at] = x[plane, q]
+            else:
+                outside += 1
+    return outside
+
+
+@njit(**CPU_JIT_OPTIONS)
+def unpool_channels_last(x, indices, out):
+    """As :func:`unpool_channels_first` over (batch, inputs, C) and (batch, size, C)."""
+    batch, inputs, channels = x.shape
+    size = out.shape[1]
+    outside = 0
+    for n in prange(batch):
+        out[n, :, :] = 0
+        for q in range(inputs):
+            for c in range(channels):
+                at = indices[n, q, c]
+                if 0 <= at < size:
+                    out[n, at, c] = x[n, q, c]
+                else:
+                    outside += 1
+    return outside
+
+
+@njit(**CPU_JIT_OPTIONS)
+def unpool_backward(grad_out, indices, grad_in):
+    """``grad_in[n, q, c] = grad_out[n, indices[n, q, c], c]`` (channels-first runs
+    with C = 1); returns how many indices were outside the plane (their gradient 0)."""
+    batch, inputs, channels = grad_in.shape
+    size = grad_out.shape[1]
+    outside = 0
+    for n in prange(batch):
+        for q in range(inputs):
+            for c in range(channels):
+                at = indices[n, q, c]
+                if 0 <= at < size:
+                    grad_in[n, q, c] = grad_out[n, at, c]
+                else:
+                    grad_in[n, q, c] = 0
+                    outside += 1
+    return outside

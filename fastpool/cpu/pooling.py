@@ -204,3 +204,20 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
         launch(kernels.sum_backward_channels_first, *arguments, zero,
                _task_count(slabs))
     return grad_in
+
+
+def max_unpool(x: np.ndarray, indices: np.ndarray, size: int, channels_last: bool,
+               stream=None) -> tuple[np.ndarray, int]:
+    """Scatter canonical ``x`` ((planes, inputs), or (batch, inputs, C)) to planes of
+    ``size`` elements: (out, indices outside the plane)."""
+    out = np.empty((x.shape[0], size, *x.shape[2:]), x.dtype)
+    kernel = kernels.unpool_channels_last if channels_last else kernels.unpool_channels_first
+    return out, int(launch(kernel, x, indices, out))
+
+
+def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
+                        stream=None) -> tuple[np.ndarray, int]:
+    """Gather canonical 3-D ``grad_out`` (batch, size, C) at ``indices`` (batch, inputs,
+    C): (grad_input, indices outside the plane)."""
+    grad_in = np.empty(indices.shape, grad_out.dtype)
+    return grad_in, int(launch(kernels.unpool_backward, grad_out, indices, grad_in))

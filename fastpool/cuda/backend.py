@@ -247,3 +247,31 @@ def conv_bias_grad(grad, stream=None):
     _configure(kernels.conv_bias_grad, grad_bias.size, stream)(
         grad, grad_bias, _accumulator_zero(grad.dtype))
     return grad_bias
+
+
+def _as_three_d(array):
+    return array.reshape(array.shape[0], array.shape[1],
+                         array.shape[2] if len(array.shape) == 3 else 1)
+
+
+def max_unpool(x, indices, size: int, channels_last: bool, stream=None):
+    """Scatter canonical ``x`` to planes of ``size``: (out, indices outside the plane)."""
+    x3, idx3 = _as_three_d(x), _as_three_d(indices)
+    shape = (x3.shape[0], size, x3.shape[2])
+    winner = empty(shape, np.int64, stream)
+    _configure(kernels.fill, winner.size, stream)(winner.reshape(winner.size), -1)
+    out = zeros(shape, x.dtype, stream)
+    outside = cuda.to_device(np.zeros(1, np.int64), stream=stream or 0)
+    _configure(kernels.unpool_claim, idx3.size, stream)(idx3, winner, outside)
+    _configure(kernels.unpool_write, x3.size, stream)(x3, idx3, winner, out)
+    result = out if channels_last else out.reshape(shape[:2])
+    return result, int(outside.copy_to_host()[0])
+
+
+def max_unpool_backward(grad_out, indices, stream=None):
+    """Gather canonical (batch, size, C) ``grad_out`` at (batch, inputs, C) ``indices``."""
+    grad_in = empty(indices.shape, grad_out.dtype, stream)
+    outside = cuda.to_device(np.zeros(1, np.int64), stream=stream or 0)
+    _configure(kernels.unpool_backward, grad_in.size, stream)(grad_out, indices, grad_in,
+                                                              outside)
+    return grad_in, int(outside.copy_to_host()[0])

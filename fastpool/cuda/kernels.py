@@ -362,3 +362,59 @@ def conv_bias_grad(grad, grad_bias, zero):
                         total += grad[n, i, od, oh, ow]
         grad_bias[i] = total
         i += grid
+
+
+# --------------------------------------------------------------------------
+# Max unpooling over (batch, inputs, C) (channels-first as C = 1).  Duplicate
+# indices keep the last input in scan order without depending on thread timing:
+# each input claims its target with an atomic maximum of its position, then only
+# the winner writes.
+# --------------------------------------------------------------------------
+
+
+@cuda.jit(device=True, inline=True)
+def _batch_input_channel(i, shape):
+    c = i % shape[2]
+    i //= shape[2]
+    return i // shape[1], i % shape[1], c
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def unpool_claim(indices, winner, outside):
+    i, grid = _first_and_stride()
+    size = winner.shape[1]
+    while i < indices.size:
+        n, q, c = _batch_input_channel(i, indices.shape)
+        at = indices[n, q, c]
+        if 0 <= at < size:
+            cuda.atomic.max(winner, (n, at, c), q)
+        else:
+            cuda.atomic.add(outside, 0, 1)
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def unpool_write(x, indices, winner, out):
+    i, grid = _first_and_stride()
+    size = out.shape[1]
+    while i < x.size:
+        n, q, c = _batch_input_channel(i, x.shape)
+        at = indices[n, q, c]
+        if 0 <= at < size and winner[n, at, c] == q:
+            out[n, at, c] = x[n, q, c]
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def unpool_backward(grad_out, indices, grad_in, outside):
+    i, grid = _first_and_stride()
+    size = grad_out.shape[1]
+    while i < grad_in.size:
+        n, q, c = _batch_input_channel(i, grad_in.shape)
+        at = indices[n, q, c]
+        if 0 <= at < size:
+            grad_in[n, q, c] = grad_out[n, at, c]
+        else:
+            grad_in[n, q, c] = 0
+            cuda.atomic.add(outside, 0, 1)
+        i += grid

@@ -10,7 +10,14 @@ NumPy baseline.
 from fastpool._host import *  # noqa: F403
 from fastpool._host import __all__ as _ARRAY_API
 from fastpool.reference.conv import conv, conv_backward
-from fastpool.reference.pooling import max_backward, max_pool, sum_backward, sum_pool
+from fastpool.reference.pooling import (
+    max_backward,
+    max_pool,
+    max_unpool,
+    max_unpool_backward,
+    sum_backward,
+    sum_pool,
+)
 
-__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "conv", "conv_backward",
-           *_ARRAY_API]
+__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "max_unpool",
+           "max_unpool_backward", "conv", "conv_backward", *_ARRAY_API]

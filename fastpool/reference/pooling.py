@@ -138,3 +138,31 @@ def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
                 index += (np.broadcast_to(positions[-1], contribution.shape),)
             np.add.at(grad_in, index, contribution)
     return grad_in.astype(grad_out.dtype)
+
+
+def _as_batch_inputs_channels(array: np.ndarray, channels_last: bool) -> np.ndarray:
+    return array.reshape(array.shape[0], -1, array.shape[-1] if channels_last else 1)
+
+
+def max_unpool(x: np.ndarray, indices: np.ndarray, size: int, channels_last: bool,
+               stream=None) -> tuple[np.ndarray, int]:
+    values = _as_batch_inputs_channels(x, channels_last)
+    at = _as_batch_inputs_channels(indices, channels_last)
+    out = np.zeros((values.shape[0], size, values.shape[2]), x.dtype)
+    inside = (at >= 0) & (at < size)
+    n, q, c = np.nonzero(inside)
+    # The last input in scan order wins: keep each target's last writer explicitly
+    # (NumPy does not promise an order for duplicate fancy-index assignments).
+    target = (n * size + at[n, q, c]) * values.shape[2] + c
+    _, last_from_end = np.unique(target[::-1], return_index=True)
+    keep = len(target) - 1 - last_from_end
+    out[n[keep], at[n, q, c][keep], c[keep]] = values[n[keep], q[keep], c[keep]]
+    shape = (x.shape[0], size, *x.shape[2:]) if channels_last else (x.shape[0], size)
+    return out.reshape(shape), int((~inside).sum())
+
+
+def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
+                        stream=None) -> tuple[np.ndarray, int]:
+    inside = (indices >= 0) & (indices < grad_out.shape[1])
+    gathered = np.take_along_axis(grad_out, np.where(inside, indices, 0), axis=1)
+    return np.where(inside, gathered, 0).astype(grad_out.dtype), int((~inside).sum())

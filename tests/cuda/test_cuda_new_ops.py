@@ -62,3 +62,26 @@ def test_min_pool_follows_the_cpu(dtype, channels_last):
         got, want = call("cuda"), call(None)
         assert_array_equal(_host(got[0]), want[0])
         assert_array_equal(_host(got[1]), want[1])
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_unpool_follows_the_cpu(nd, channels_last):
+    rng = np.random.default_rng(nd)
+    x = rng.integers(-3, 4, (1, 2) + (4,) * nd).astype(np.float32)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    kw = dict(channels_last=channels_last)
+    pool = getattr(fastpool, f"max_pool{nd}d")
+    unpool = getattr(fastpool, f"max_unpool{nd}d")
+    backward = getattr(fastpool, f"max_unpool{nd}d_backward")
+    out, indices = pool(x, 3, 1, 1, return_indices=True, **kw)  # overlapping: duplicates
+    want = unpool(out, indices, 3, 1, 1, **kw)
+    assert_array_equal(_host(unpool(out, indices, 3, 1, 1, backend="cuda", **kw)), want)
+    grad = rng.standard_normal(want.shape).astype(np.float32)
+    assert_array_equal(_host(backward(grad, indices, backend="cuda", **kw)),
+                       backward(grad, indices, **kw))
+    with pytest.raises(ValueError, match=r"indices\[0\] .* is 999"):
+        bad = indices.copy()
+        bad.flat[0] = 999
+        unpool(out, bad, 3, 1, 1, backend="cuda", **kw)
