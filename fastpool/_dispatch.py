@@ -31,6 +31,8 @@ from fastpool._params import (
     check_dtype,
     check_mode,
     check_norm_type,
+    fractional_output_shape,
+    fractional_starts,
     memoised_by_arguments,
     padding_as_written,
     unpool_output_shape,
@@ -402,6 +404,70 @@ def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=Fal
     table = adaptive_table(layout.spatial, tuple(spatial))
     return _wrap(impl, _sum_backward(impl, grad, None, layout, table, None, input_shape, op,
                                      stream), grad_output)
+
+
+# --------------------------------------------------------------------------
+# Fractional max pooling
+# --------------------------------------------------------------------------
+
+
+def _fractional_samples(samples, seed, layout: Layout, nd: int, dtype: np.dtype, op: str):
+    """(batch, C, nd) samples in [0, 1): the caller's (torch's ``_random_samples``, whose
+    first ``batch`` rows are used), or drawn from ``numpy.random.default_rng(seed)``."""
+    batch = math.prod(layout.batch_shape[:-1]) if not layout.channels_last else \
+        math.prod(layout.batch_shape)
+    channels = layout.channels if layout.channels_last else layout.batch_shape[-1]
+    precision = dtype if dtype.kind == "f" else np.dtype(np.float64)
+    if samples is None:
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        return rng.random((batch, channels, nd), dtype=precision)
+    samples = np.asarray(samples.cpu() if hasattr(samples, "cpu") else samples)
+    if samples.ndim != 3 or samples.shape[0] < batch or samples.shape[1:] != (channels, nd):
+        raise ValueError(f"{op}: _random_samples must have shape (N, C, {nd}) with N >= "
+                         f"{batch} and C = {channels}, got {samples.shape}")
+    if samples.dtype != precision:
+        raise TypeError(f"{op}: _random_samples must have the input's dtype {precision} "
+                        f"(as torch requires), got {samples.dtype}")
+    if not ((samples >= 0) & (samples < 1)).all():
+        raise ValueError(f"{op}: _random_samples must lie in [0, 1)")
+    return samples[:batch]
+
+
+def fractional_max_pool(x, nd, kernel_size, output_size=None, output_ratio=None, *,
+                        op: str, return_indices=False, samples=None, seed=None,
+                        channels_last=False, backend=None, stream=None):
+    """torch's fractional max pooling: windows of ``kernel_size`` at pseudo-random
+    starts fixed by one sample per (batch, channel) and axis."""
+    channels_last = check_bool(channels_last, "channels_last", op)
+    return_indices = check_bool(return_indices, "return_indices", op)
+    impl = _backend(backend, x, op, stream)
+    array = impl.asarray(x, op, "x", stream)
+    dtype = np.dtype(array.dtype).newbyteorder("=")
+    check_dtype(dtype, "max", op, impl.FLOAT_DTYPES)
+    layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict=True)
+    kernel, out_spatial = fractional_output_shape(op, nd, layout.spatial, kernel_size,
+                                                  output_size, output_ratio)
+    samples = _fractional_samples(samples, seed, layout, nd, dtype, op)
+    result_shape = layout.result_shape(out_spatial)
+    if layout.is_empty():
+        out = impl.empty(result_shape, dtype, stream)
+        result = (out, impl.empty(result_shape, np.int64, stream)) if return_indices else out
+        return _wrap(impl, result, x)
+    starts = fractional_starts(samples, layout.spatial, out_spatial, kernel)
+    pad = (1,) * (3 - nd)
+    canonical = layout.canonical_shape()
+    if not channels_last:  # one plane per (batch, channel): (planes, D, H, W, 1)
+        canonical = (*canonical, 1)
+        starts = starts.reshape(canonical[0], 1, *starts.shape[2:])
+    canonical = impl.canonical(array, canonical, stream)
+    if dtype == np.bool_:
+        canonical = canonical.view(np.uint8)
+    out, indices = impl.fractional_max_pool(
+        canonical, starts, np.array(pad + kernel, np.int64), pad + out_spatial,
+        _lowest(np.dtype(canonical.dtype)), stream=stream)
+    out = out.view(np.bool_) if dtype == np.bool_ else out
+    result = (out.reshape(result_shape), indices.reshape(result_shape))
+    return _wrap(impl, result if return_indices else result[0], x)
 
 
 # --------------------------------------------------------------------------

@@ -357,6 +357,60 @@ def unpool_output_shape(op: str, nd: int, in_spatial: tuple[int, ...], kernel_si
     return sizes
 
 
+def fractional_output_shape(op: str, nd: int, in_spatial: tuple[int, ...], kernel_size,
+                            output_size, output_ratio) -> tuple[tuple, tuple]:
+    """(kernel, output size) of torch's fractional max pooling: ``output_size``, or
+    ``int(in * output_ratio)`` per axis; every window must fit (``out + k - 1 <= in``)."""
+    kernel = int_tuple(kernel_size, nd, "kernel_size", op)
+    _check_positive(kernel, "kernel_size", op)
+    if output_size is not None:
+        sizes = int_tuple(output_size, nd, "output_size", op)
+    elif output_ratio is not None:
+        ratios = (output_ratio,) * nd if isinstance(output_ratio, numbers.Real) else \
+            tuple(output_ratio) if isinstance(output_ratio, (tuple, list)) else None
+        if ratios is None or len(ratios) != nd or not all(
+                isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 < r < 1
+                for r in ratios):
+            raise ValueError(f"{op}: output_ratio must be a float or {nd} floats in (0, 1), "
+                             f"got {output_ratio!r}")
+        sizes = tuple(int(size * r) for size, r in zip(in_spatial, ratios))
+    else:
+        raise ValueError(f"{op}: give output_size or output_ratio")
+    if any(o < 1 for o in sizes):
+        raise ValueError(f"{op}: output size {sizes} (for input spatial size "
+                         f"{tuple(in_spatial)}) must be positive")
+    # torch's own checks: out + k - 1 <= in in 2-D, but < in in 3-D.
+    strict = nd == 3
+    for axis, (size, k, o) in enumerate(zip(in_spatial, kernel, sizes)):
+        if o + k - 1 > size - strict:
+            raise ValueError(f"{op}: kernel_size {k} is too large for output size {o} on "
+                             f"axis {axis} of input size {size} (needs output + kernel - 1 "
+                             f"{'<' if strict else '<='} input, as torch)")
+    return kernel, sizes
+
+
+def fractional_starts(samples: np.ndarray, in_spatial: tuple[int, ...],
+                      out_spatial: tuple[int, ...], kernel: tuple[int, ...]) -> np.ndarray:
+    """Window starts per (batch, channel), canonical axis (D, H, W) and output position:
+    torch's ``generate_intervals``, in the samples' precision (alpha in float32 for
+    float32 input, as torch computes it).  ``samples`` is (batch, C, nd); sample 0
+    drives W and sample 1 H in 2-D, and T, H, W in order in 3-D."""
+    nd = len(in_spatial)
+    order = (1, 0) if nd == 2 else tuple(range(nd))  # which sample drives each axis
+    batch, channels = samples.shape[:2]
+    starts = np.zeros((batch, channels, CANONICAL_SPATIAL_DIMS, max(out_spatial)), np.int64)
+    for axis, (size, n_out, k) in enumerate(zip(in_spatial, out_spatial, kernel)):
+        row = CANONICAL_SPATIAL_DIMS - nd + axis
+        if n_out > 1:
+            u = samples[:, :, order[axis], None]
+            alpha = (samples.dtype.type(size - k) / samples.dtype.type(n_out - 1))
+            i = np.arange(n_out - 1, dtype=samples.dtype)
+            starts[:, :, row, :n_out - 1] = (((i + u) * alpha).astype(np.int64)
+                                            - (u * alpha).astype(np.int64))
+        starts[:, :, row, n_out - 1] = size - k
+    return starts
+
+
 # --------------------------------------------------------------------------
 # Adaptive windows
 # --------------------------------------------------------------------------

@@ -530,6 +530,91 @@ Examples
     return _named(strided_conv_backward, name)
 
 
+def _fractional_max_pool(nd: int) -> Callable[..., Result]:
+    name = f"fractional_max_pool{nd}d"
+    spatial, batched, unbatched = _SHAPES[nd]
+
+    def fractional_max_pool(x: ArrayLike, kernel_size: Size,
+                            output_size: Size | None = None,
+                            output_ratio: float | Sequence[float] | None = None,
+                            return_indices: bool = False, _random_samples: ArrayLike = None,
+                            *, seed: int | np.random.Generator | None = None,
+                            channels_last: bool = False, backend: Backend | None = None,
+                            stream: object = None) -> Result:
+        return _dispatch.fractional_max_pool(
+            x, nd, kernel_size, output_size, output_ratio, op=name,
+            return_indices=return_indices, samples=_random_samples, seed=seed,
+            channels_last=channels_last, backend=backend, stream=stream)
+
+    samples = "(N, C, 2)" if nd == 2 else "(N, C, 3)"
+    order = "sample 0 drives W and sample 1 H" if nd == 2 else "samples 0, 1, 2 drive T, H, W"
+    fractional_max_pool.__doc__ = f"""{nd}-D fractional max pooling (Graham, 2014), as torch computes it.
+
+Windows of ``kernel_size`` start at pseudo-random positions fixed by one sample
+``u`` in [0, 1) per (batch, channel) and axis: with ``alpha = (in - k) / (out - 1)``
+(in the input's precision), window ``i < out - 1`` starts at
+``int((i + u) * alpha) - int(u * alpha)`` and the last at ``in - k``; {order}.
+
+Parameters
+----------
+x : array_like
+    Input of shape {batched} or {unbatched}.
+kernel_size : int or tuple of {nd} ints
+    Window size.
+output_size : int or tuple of {nd} ints, optional
+    Output spatial size; or give
+output_ratio : float or tuple of {nd} floats in (0, 1), optional
+    Output size as ``int(in * ratio)``.
+return_indices : bool, default False
+    Also return the flat (int64) index of each maximum within its plane.
+_random_samples : array_like, optional
+    The samples, shape {samples} (N at least the batch size) in the input's dtype:
+    with torch's, the result equals torch's bit for bit.
+seed : int or numpy.random.Generator, optional
+    Without samples, they are drawn from ``numpy.random.default_rng(seed)``.
+{_COMMON_KEYWORDS}
+
+Returns
+-------
+{_RETURNS["indices"]}
+
+See Also
+--------
+torch.nn.functional.{name} : the PyTorch equivalent.
+fractional_max_pool{nd}d_backward : its gradient (a deterministic scatter).
+
+Examples
+--------
+>>> import numpy as np, fastpool
+>>> x = np.arange({8 ** nd}.0).reshape(1, 1, {"8, " * (nd - 1)}8)
+>>> fastpool.{name}(x, 2, output_size=4, seed=0).shape
+{(1, 1) + (4,) * nd}
+"""
+    return _named(fractional_max_pool, name)
+
+
+def _fractional_max_pool_backward(nd: int) -> Callable[..., np.ndarray]:
+    name = f"fractional_max_pool{nd}d_backward"
+
+    def fractional_max_pool_backward(grad_output: ArrayLike, indices: ArrayLike,
+                                     input_shape: Sequence[int], *,
+                                     channels_last: bool = False,
+                                     backend: Backend | None = None,
+                                     stream: object = None) -> np.ndarray:
+        # Windows are per plane: no shared table to gather through, so a scatter.
+        return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
+                                      kind="sliding", channels_last=channels_last,
+                                      backend=backend, stream=stream)
+
+    fractional_max_pool_backward.__doc__ = _backward_doc(
+        f"fractional_max_pool{nd}d", ["grad_output", "indices", "input_shape"], nd,
+        f">>> out, idx = fastpool.fractional_max_pool{{nd}}d(x, {(1,) * (nd - 1) + (6,)}, 1, "
+        "seed=0, return_indices=True)  # one window: the whole row\n"
+        f">>> fastpool.{name}(np.ones_like(out), idx, x.shape).ravel()\n"
+        "array([0., 1., 0., 0., 0., 0.])")
+    return _named(fractional_max_pool_backward, name)
+
+
 def _max_unpool(nd: int) -> Callable[..., np.ndarray]:
     name = f"max_unpool{nd}d"
     spatial, batched, unbatched = _SHAPES[nd]
@@ -750,6 +835,9 @@ global_avg_pool1d_backward, global_avg_pool2d_backward, global_avg_pool3d_backwa
     _avg_backward_of(nd, "global_avg_pool") for nd in (1, 2, 3))
 
 
+fractional_max_pool2d, fractional_max_pool3d = (_fractional_max_pool(nd) for nd in (2, 3))
+fractional_max_pool2d_backward, fractional_max_pool3d_backward = (
+    _fractional_max_pool_backward(nd) for nd in (2, 3))
 max_unpool1d, max_unpool2d, max_unpool3d = (_max_unpool(nd) for nd in (1, 2, 3))
 max_unpool1d_backward, max_unpool2d_backward, max_unpool3d_backward = (
     _max_unpool_backward(nd) for nd in (1, 2, 3))

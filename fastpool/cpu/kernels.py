@@ -860,3 +860,29 @@ def unpool_backward(grad_out, indices, grad_in):
                     grad_in[n, q, c] = 0
                     outside += 1
     return outside
+
+
+# --------------------------------------------------------------------------
+# Fractional max pooling: windows of a fixed size whose starts differ per (batch,
+# channel) plane, over (batch, D, H, W, C) (channels-first as C = 1).
+# --------------------------------------------------------------------------
+
+
+@njit(**CPU_JIT_OPTIONS)
+def fractional_max_pool(x, out, indices, starts, kernel, lowest):
+    batch, _, height, width, channels = x.shape
+    _, out_d, out_h, out_w, _ = out.shape
+    for row in prange(batch * out_d * out_h):
+        n, od, oh = _row_coords(row, out_d, out_h)
+        for ow in range(out_w):
+            for c in range(channels):
+                d0, h0, w0 = starts[n, c, 0, od], starts[n, c, 1, oh], starts[n, c, 2, ow]
+                best, best_at = lowest, (d0 * height + h0) * width + w0
+                for d in range(d0, d0 + kernel[0]):
+                    for h in range(h0, h0 + kernel[1]):
+                        for w in range(w0, w0 + kernel[2]):
+                            value = x[n, d, h, w, c]
+                            if value > best or value != value:
+                                best, best_at = value, (d * height + h) * width + w
+                out[n, od, oh, ow, c] = best
+                indices[n, od, oh, ow, c] = best_at

@@ -221,3 +221,13 @@ def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
     C): (grad_input, indices outside the plane)."""
     grad_in = np.empty(indices.shape, grad_out.dtype)
     return grad_in, int(launch(kernels.unpool_backward, grad_out, indices, grad_in))
+
+
+def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
+                        out_shape: tuple, lowest, stream=None):
+    """Canonical 5-D ``x`` (batch, D, H, W, C) pooled over windows of size ``kernel``
+    starting at ``starts`` (batch, C, 3, outputs): (values, flat plane indices)."""
+    shape = (x.shape[0], *out_shape, x.shape[4])
+    out, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
+    launch(kernels.fractional_max_pool, x, out, indices, starts, kernel, x.dtype.type(lowest))
+    return out, indices

@@ -275,3 +275,13 @@ def max_unpool_backward(grad_out, indices, stream=None):
     _configure(kernels.unpool_backward, grad_in.size, stream)(grad_out, indices, grad_in,
                                                               outside)
     return grad_in, int(outside.copy_to_host()[0])
+
+
+def fractional_max_pool(x, starts, kernel, out_shape: tuple, lowest, stream=None):
+    """See fastpool.cpu.pooling.fractional_max_pool."""
+    shape = (x.shape[0], *out_shape, x.shape[4])
+    out, indices = empty(shape, x.dtype, stream), empty(shape, np.int64, stream)
+    _configure(kernels.fractional_max_pool, out.size, stream)(
+        x, out, indices, cuda.to_device(starts, stream=stream or 0),
+        cuda.to_device(kernel, stream=stream or 0), np.dtype(x.dtype).type(lowest))
+    return out, indices

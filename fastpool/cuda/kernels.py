@@ -418,3 +418,26 @@ def unpool_backward(grad_out, indices, grad_in, outside):
             grad_in[n, q, c] = 0
             cuda.atomic.add(outside, 0, 1)
         i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def fractional_max_pool(x, out, indices, starts, kernel, lowest):
+    """One thread per output of (batch, D, H, W, C); windows of size ``kernel`` at
+    ``starts[n, c, axis, o]``."""
+    i, grid = _first_and_stride()
+    height, width = x.shape[2], x.shape[3]
+    while i < out.size:
+        n, od, oh, ow, c = _unravel(i, out.shape)
+        d0, h0, w0 = starts[n, c, 0, od], starts[n, c, 1, oh], starts[n, c, 2, ow]
+        best = lowest
+        best_at = (d0 * height + h0) * width + w0
+        for d in range(d0, d0 + kernel[0]):
+            for h in range(h0, h0 + kernel[1]):
+                for w in range(w0, w0 + kernel[2]):
+                    value = x[n, d, h, w, c]
+                    if value > best or value != value:
+                        best = value
+                        best_at = (d * height + h) * width + w
+        out[n, od, oh, ow, c] = best
+        indices[n, od, oh, ow, c] = best_at
+        i += grid

@@ -11,6 +11,7 @@ from fastpool._host import *  # noqa: F403
 from fastpool._host import __all__ as _ARRAY_API
 from fastpool.reference.conv import conv, conv_backward
 from fastpool.reference.pooling import (
+    fractional_max_pool,
     max_backward,
     max_pool,
     max_unpool,
@@ -19,5 +20,5 @@ from fastpool.reference.pooling import (
     sum_pool,
 )
 
-__all__ = ["max_pool", "sum_pool", "max_backward", "sum_backward", "max_unpool",
-           "max_unpool_backward", "conv", "conv_backward", *_ARRAY_API]
+__all__ = ["max_pool", "fractional_max_pool", "sum_pool", "max_backward", "sum_backward",
+           "max_unpool", "max_unpool_backward", "conv", "conv_backward", *_ARRAY_API]

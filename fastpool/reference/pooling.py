@@ -166,3 +166,22 @@ def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
     inside = (indices >= 0) & (indices < grad_out.shape[1])
     gathered = np.take_along_axis(grad_out, np.where(inside, indices, 0), axis=1)
     return np.where(inside, gathered, 0).astype(grad_out.dtype), int((~inside).sum())
+
+
+def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
+                        out_shape: tuple, lowest, stream=None):
+    batch, depth, height, width, channels = x.shape
+    n = np.arange(batch).reshape(-1, 1, 1, 1, 1)
+    c = np.arange(channels).reshape(1, 1, 1, 1, -1)
+    positions = [np.arange(size).reshape([-1 if a == axis else 1 for a in range(5)])
+                 for axis, size in enumerate(out_shape, start=1)]
+    d0, h0, w0 = (starts[n, c, row, o] for row, o in enumerate(positions))
+    best = np.full((batch, *out_shape, channels), lowest, x.dtype)
+    best_at = np.broadcast_to((d0 * height + h0) * width + w0, best.shape)
+    for jd, jh, jw in itertools.product(*(range(int(k)) for k in kernel)):
+        d, h, w = d0 + jd, h0 + jh, w0 + jw
+        values = x[n, d, h, w, c]
+        take = (values > best) | (values != values)
+        best = np.where(take, values, best)
+        best_at = np.where(take, (d * height + h) * width + w, best_at)
+    return best, best_at.astype(np.int64)

@@ -85,3 +85,19 @@ def test_max_unpool_follows_the_cpu(nd, channels_last):
         bad = indices.copy()
         bad.flat[0] = 999
         unpool(out, bad, 3, 1, 1, backend="cuda", **kw)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fractional_max_pool_follows_the_cpu(nd, channels_last):
+    rng = np.random.default_rng(nd)
+    x = rng.integers(-3, 4, (1, 2) + (6,) * nd).astype(np.float32)
+    samples = rng.random((1, 2, nd)).astype(np.float32)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    pool = getattr(fastpool, f"fractional_max_pool{nd}d")
+    kw = dict(output_size=3, return_indices=True, _random_samples=samples,
+              channels_last=channels_last)
+    got, want = pool(x, 2, backend="cuda", **kw), pool(x, 2, **kw)
+    assert_array_equal(_host(got[0]), want[0])
+    assert_array_equal(_host(got[1]), want[1])
