@@ -115,7 +115,10 @@ def test_dask_equals_in_memory_and_torch(problem):
         if kind.startswith("adaptive"):  # torch's 1-D ops take no None sizes
             spatial = x.shape[-nd - 1:-1] if kwargs["channels_last"] else x.shape[-nd:]
             args = (tuple(n if o is None else o for o, n in zip(args[0], spatial)),)
-        reference = torch_pool(f"{kind}_pool", nd, x, *args, **kwargs)
+        try:
+            reference = torch_pool(f"{kind}_pool", nd, x, *args, **kwargs)
+        except RuntimeError:  # torch rejects windows larger than the input
+            return
         reference = reference if isinstance(reference, tuple) else (reference,)
         assert_allclose(expected[0], reference[0], rtol=1e-12, atol=1e-12)
         if len(reference) == 2:

@@ -147,37 +147,58 @@ def _xp(array):
     return importlib.import_module(module)
 
 
-def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple):
+def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: bool = False):
     """Join ``blocks`` (C order over the pooled axes' block lists) into one piece.
 
     ``parts[i]`` lists (first, stop) slices of each block along ``axes[i]``;
-    ``extra[i]`` appends that many (never read) elements along it.
+    ``extra[i]`` appends that many (never read) zeros along it.  One block read
+    whole is returned as it is; otherwise the piece is allocated once and each
+    slice copied into place (one copy), into this thread's reused buffer with
+    ``scratch`` (valid until the thread's next scratch piece).
     """
     counts = [len(p) for p in parts]
-    pieces = []
-    for flat, combo in zip(blocks, itertools.product(*[range(c) for c in counts])):
-        index = [slice(None)] * flat.ndim
-        for axis, part, j in zip(axes, parts, combo):
-            a, b = part[j]
-            if a != 0 or b != flat.shape[axis]:
+    if len(blocks) == 1 and not any(extra):
+        block = blocks[0]
+        index = [slice(None)] * block.ndim
+        for axis, part in zip(axes, parts):
+            a, b = part[0]
+            if a != 0 or b != block.shape[axis]:
                 index[axis] = slice(a, b)
-        pieces.append(flat[tuple(index)])
-    xp = _xp(pieces[0])
-
-    def join(items, level):
-        if level == len(axes):
-            return items[0]
-        size = len(items) // counts[level]
-        parts_ = [join(items[i * size:(i + 1) * size], level + 1) for i in range(counts[level])]
-        return parts_[0] if len(parts_) == 1 else xp.concatenate(parts_, axis=axes[level])
-
-    piece = join(pieces, 0)
-    for axis, count in zip(axes, extra):
-        if count:
-            shape = list(piece.shape)
-            shape[axis] = count
-            piece = xp.concatenate([piece, xp.zeros(shape, piece.dtype)], axis=axis)
+        return block[tuple(index)]
+    xp = _xp(blocks[0])
+    shape = list(blocks[0].shape)
+    for axis, part, more in zip(axes, parts, extra):
+        shape[axis] = sum(b - a for a, b in part) + more
+    piece = _scratch(xp, tuple(shape), blocks[0].dtype) if scratch else \
+        xp.empty(tuple(shape), blocks[0].dtype)
+    if any(extra):
+        piece[...] = 0
+    offsets = [np.concatenate([[0], np.cumsum([b - a for a, b in part])]) for part in parts]
+    for block, combo in zip(blocks, itertools.product(*[range(c) for c in counts])):
+        source = [slice(None)] * block.ndim
+        target = [slice(None)] * block.ndim
+        for axis, part, offset, j in zip(axes, parts, offsets, combo):
+            a, b = part[j]
+            source[axis] = slice(a, b)
+            target[axis] = slice(int(offset[j]), int(offset[j + 1]))
+        piece[tuple(target)] = block[tuple(source)]
     return piece
+
+
+_local = threading.local()
+
+
+def _scratch(xp, shape: tuple, dtype):
+    """An uninitialised host array, reusing this thread's buffer: a fresh allocation
+    of a piece costs as much in page faults as copying into it.  (A task's piece is
+    dead once the task returns: the kernels' results never alias it.)"""
+    if xp is not np:
+        return xp.empty(shape, dtype)
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _local.buffer = np.empty(nbytes, np.uint8)
+    return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 def sub_table(table: WindowTable, rows: tuple, outputs: tuple, origins: tuple,
@@ -300,7 +321,7 @@ class PoolTask:
             return self._run(blocks)
 
     def _run(self, blocks):
-        piece = assemble(blocks, self.axes, self.parts, self.extra)
+        piece = assemble(blocks, self.axes, self.parts, self.extra, scratch=True)
         impl = _dispatch._backend(self.backend, piece, self.op)
         array = impl.asarray(piece, self.op, "x")
         layout = Layout.of(tuple(array.shape), self.nd, self.channels_last, self.op, False)
