@@ -233,7 +233,8 @@ def test_chunks_smaller_than_window_and_halo():
 
 def test_pyramid_levels_equal_repeated_pooling():
     x = np.random.default_rng(4).standard_normal((3, 40, 36)).astype(np.float32)
-    levels = fd.pyramid(da.from_array(x, chunks=(1, 16, 16)), 4, mode="avg", nd=2)
+    levels = fd.pyramid(da.from_array(x, chunks=(1, 16, 16)), 4, mode="avg", nd=2,
+                        chunks=16)
     assert [lv.shape for lv in levels] == [(3, 40, 36), (3, 20, 18), (3, 10, 9), (3, 5, 4)]
     want = x
     with dask.config.set(scheduler="sync"):
@@ -241,6 +242,13 @@ def test_pyramid_levels_equal_repeated_pooling():
             want = fastpool.avg_pool2d(want, 2)
             assert_array_equal(level.compute(), want)
             assert all(len(set(c[:-1])) <= 1 for c in level.chunks)  # regular, for Zarr
+    # by default a per-block map: each level's blocks are the previous level's, halved
+    levels = fd.pyramid(da.from_array(x, chunks=(1, 16, 16)), 3, nd=2)
+    assert levels[2].chunks[1:] == ((4, 4, 2), (4, 4, 1))
+    with dask.config.set(scheduler="sync"):
+        assert_array_equal(levels[2].compute(), fastpool.avg_pool2d(want_2 := fastpool.avg_pool2d(
+            x, 2), 2))
+    del want_2
 
 
 def test_dask_errors_name_op_argument_and_value():

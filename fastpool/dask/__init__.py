@@ -358,9 +358,12 @@ def pyramid(x, levels: int, mode: str = "avg", factor: int = 2, *, nd: int | Non
     ceil_mode : bool, default False
         Keep a partial last window on axes not divisible by ``factor``.
     chunks : int or tuple, optional
-        Output chunk size of every level on the pooled axes; default: the
-        input's first chunk size (clipped to the level's size), regular on
-        every level, as ``to_zarr`` needs.
+        Output chunk size of every level on the pooled axes (clipped to the
+        level's size): regular chunks of that size on every level, each task
+        joining several blocks of the level above.  Default: each level keeps
+        the blocks of the one above, halved (a plain per-block map, no data
+        movement; regular when the input's chunks are multiples of
+        ``factor ** (levels - 1)``).
 
     Returns
     -------
@@ -374,6 +377,8 @@ def pyramid(x, levels: int, mode: str = "avg", factor: int = 2, *, nd: int | Non
     >>> [level.shape for level in fastpool.dask.pyramid(x, 3)]
     [(64, 48), (32, 24), (16, 12)]
     >>> fastpool.dask.pyramid(x, 3)[2].chunks
+    ((4, 4, 4, 4), (4, 4, 4))
+    >>> fastpool.dask.pyramid(x, 3, chunks=16)[2].chunks
     ((16,), (12,))
     """
     import dask.array as da
@@ -390,9 +395,7 @@ def pyramid(x, levels: int, mode: str = "avg", factor: int = 2, *, nd: int | Non
                          f"{factor!r}")
     nd = min(3, x.ndim - int(channels_last)) if nd is None else nd
     axes = _core.pooled_axes(x.ndim, nd, channels_last)
-    if chunks is None:
-        chunks = tuple(x.chunks[a][0] for a in axes)
-    elif isinstance(chunks, int):
+    if isinstance(chunks, int):
         chunks = (chunks,) * nd
     result = [x]
     for _ in range(levels - 1):
@@ -405,7 +408,7 @@ def pyramid(x, levels: int, mode: str = "avg", factor: int = 2, *, nd: int | Non
             raise ValueError(f"fastpool.dask.pyramid: level {len(result)} of shape "
                              f"{prev.shape} is smaller than factor={factor}; ask for fewer "
                              f"levels")
-        size = tuple(min(c, o) for c, o in zip(chunks, out))
+        size = None if chunks is None else tuple(min(c, o) for c, o in zip(chunks, out))
         result.append(pool(prev, mode, (factor,) * nd, ceil_mode=ceil_mode,
                            channels_last=channels_last, out_chunks=size))
     return result
