@@ -312,28 +312,16 @@ def plan(x, op: str, *args, **kwargs) -> Plan:
     >>> p.is_map, p.axes[0].out_chunks, p.axes[0].halo
     (False, (8, 8, 8, 8), 1)
     """
-    captured = {}
-    original = _core.build_pool
-
-    def capture(x_, plan_, *rest, **kw):
-        captured["plan"] = plan_
-        raise _Captured
-
-    _core.build_pool = capture
-    try:
-        globals()[op](x, *args, **kwargs)
-    except _Captured:
-        return captured["plan"]
-    except KeyError:
+    function = globals().get(op)
+    if op not in __all__ or op.startswith("global_") or op.endswith("_backward") or \
+            not callable(function) or op in ("plan", "pyramid", "kernel_threads"):
         raise ValueError(f"fastpool.dask.plan: op must name a sliding or adaptive op, got "
-                         f"{op!r}") from None
+                         f"{op!r}")
+    _core.planning.active = True
+    try:
+        return function(x, *args, **kwargs)
     finally:
-        _core.build_pool = original
-    raise ValueError(f"fastpool.dask.plan: {op!r} has no chunk plan (global ops reduce)")
-
-
-class _Captured(Exception):
-    pass
+        _core.planning.active = False
 
 
 def pyramid(x, levels: int, mode: str = "avg", factor: int = 2, *, nd: int | None = None,

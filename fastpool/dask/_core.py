@@ -164,7 +164,13 @@ def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: boo
             a, b = part[0]
             if a != 0 or b != block.shape[axis]:
                 index[axis] = slice(a, b)
-        return block[tuple(index)]
+        piece = block[tuple(index)]
+        if scratch and _xp(piece) is np and not piece.flags.c_contiguous:
+            # the kernels want C order: copy into the reused buffer, not a fresh one
+            target = _scratch(np, piece.shape, piece.dtype)
+            target[...] = piece
+            return target
+        return piece
     xp = _xp(blocks[0])
     shape = list(blocks[0].shape)
     for axis, part, more in zip(axes, parts, extra):
@@ -359,6 +365,10 @@ class PoolTask:
 # --------------------------------------------------------------------------
 
 
+# Set by fastpool.dask.plan: the ops then return their plan instead of a graph.
+planning = threading.local()
+
+
 def make_plan(op: str, x, axes: tuple, table: WindowTable, anchors: list, align: str,
               out_chunks: tuple) -> Plan:
     plans = []
@@ -472,6 +482,8 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
     anchors = [np.arange(table.out_shape[3 - nd + i], dtype=np.int64) * window.stride[i]
                for i in range(nd)]
     plan = make_plan(op, x, axes, table, anchors, align, out_chunks)
+    if getattr(planning, "active", False):
+        return plan
     max_of_abs = spec.is_max_of_abs
     kernel_mode = "max" if spec.mode == "max" or max_of_abs else "sum"
     fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last,
@@ -503,6 +515,8 @@ def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
     axes = pooled_axes(x.ndim, nd, channels_last)
     anchors = [table.start[3 - nd + i, :out_spatial[i]] for i in range(nd)]
     plan = make_plan(op, x, axes, table, anchors, align, out_chunks)
+    if getattr(planning, "active", False):
+        return plan
     kernel_mode = "max" if mode == "max" else "sum"
     fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last, power=1.0,
                   max_of_abs=False, with_indices=return_indices, backend=backend,
