@@ -10,6 +10,7 @@ to the whole plane.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import multiprocessing
@@ -147,7 +148,8 @@ def _xp(array):
     return importlib.import_module(module)
 
 
-def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: bool = False):
+def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: bool = False,
+             presliced: tuple = ()):
     """Join ``blocks`` (C order over the pooled axes' block lists) into one piece.
 
     ``parts[i]`` lists (first, stop) slices of each block along ``axes[i]``;
@@ -162,7 +164,7 @@ def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: boo
         index = [slice(None)] * block.ndim
         for axis, part in zip(axes, parts):
             a, b = part[0]
-            if a != 0 or b != block.shape[axis]:
+            if (a != 0 or b != block.shape[axis]) and not presliced:
                 index[axis] = slice(a, b)
         piece = block[tuple(index)]
         if scratch and _xp(piece) is np and not piece.flags.c_contiguous:
@@ -180,18 +182,23 @@ def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: boo
     if any(extra):
         piece[...] = 0
     offsets = [np.concatenate([[0], np.cumsum([b - a for a, b in part])]) for part in parts]
-    for block, combo in zip(blocks, itertools.product(*[range(c) for c in counts])):
+    for k, (block, combo) in enumerate(zip(blocks, itertools.product(*[range(c) for c in counts]))):
         source = [slice(None)] * block.ndim
         target = [slice(None)] * block.ndim
         for axis, part, offset, j in zip(axes, parts, offsets, combo):
             a, b = part[j]
-            source[axis] = slice(a, b)
+            if not (presliced and presliced[k]):
+                source[axis] = slice(a, b)
             target[axis] = slice(int(offset[j]), int(offset[j + 1]))
         piece[tuple(target)] = block[tuple(source)]
     return piece
 
 
 _local = threading.local()
+
+
+def _copy_slice(block, where):
+    return block[where].copy()
 
 
 def _scratch(xp, shape: tuple, dtype):
@@ -321,13 +328,15 @@ class PoolTask:
     whole_spatial: tuple
     table: WindowTable
     separable: object
+    presliced: tuple = ()
 
     def __call__(self, blocks):
         with _threads.thread_cap(kernel_threads()):
             return self._run(blocks)
 
     def _run(self, blocks):
-        piece = assemble(blocks, self.axes, self.parts, self.extra, scratch=True)
+        piece = assemble(blocks, self.axes, self.parts, self.extra, scratch=True,
+                         presliced=self.presliced)
         impl = _dispatch._backend(self.backend, piece, self.op)
         array = impl.asarray(piece, self.op, "x")
         layout = Layout.of(tuple(array.shape), self.nd, self.channels_last, self.op, False)
@@ -423,6 +432,7 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
             extra=tuple(e[3] for e in entries), origins=origins,
             **{k: v for k, v in task_fields.items() if k not in ("table", "sliding")})
         block_lists = [[p[0] for p in e[0]] for e in entries]
+        part_lists = [[(p[1], p[2]) for p in e[0]] for e in entries]
         for rest in itertools.product(*other):
             index = [0] * x.ndim
             for axis, value in zip(other_axes, rest):
@@ -431,10 +441,25 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
             for axis, j in zip(axes, combo):
                 out_index[axis] = j
             deps = []
-            for blocks in itertools.product(*block_lists):
+            for blocks, slices in zip(itertools.product(*block_lists),
+                                      itertools.product(*part_lists)):
                 for axis, b in zip(axes, blocks):
                     index[axis] = b
-                deps.append((x.name, *index))
+                dep = (x.name, *index)
+                if any(2 * (b - a) <= x.chunks[axis][blk] for axis, blk, (a, b) in
+                       zip(axes, blocks, slices)):
+                    # A halo: a small copied slice, so that the block it comes from
+                    # is released as soon as its own output block is done.
+                    where = [slice(None)] * x.ndim
+                    for axis, (a, b) in zip(axes, slices):
+                        where[axis] = slice(a, b)
+                    halo = (f"{key}-halo", len(dsk))
+                    dsk[halo] = (_copy_slice, dep, tuple(where))
+                    dep = halo
+                deps.append(dep)
+            if any(isinstance(d[0], str) and d[0].endswith("-halo") for d in deps):
+                task = dataclasses.replace(task, presliced=tuple(
+                    d[0].endswith("-halo") for d in deps))
             dsk[(key, *out_index)] = (task, deps)
     chunks = list(x.chunks)
     for a in plan.axes:
