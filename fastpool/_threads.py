@@ -9,8 +9,11 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+import threading
+from contextlib import contextmanager
 
 _num_threads: int | None = None
+_local = threading.local()  # a per-thread cap (fastpool.dask's tasks set it)
 
 
 @functools.cache  # numba fixes its pool size when it starts; so do we
@@ -63,4 +66,16 @@ def get_num_threads() -> int:
     >>> fastpool.get_num_threads() >= 1
     True
     """
-    return _num_threads if _num_threads is not None else _available_threads()
+    threads = _num_threads if _num_threads is not None else _available_threads()
+    cap = getattr(_local, "cap", None)
+    return threads if cap is None else max(1, min(threads, cap))
+
+
+@contextmanager
+def thread_cap(n: int | None):
+    """Cap the kernels launched from this Python thread at ``n`` threads."""
+    previous, _local.cap = getattr(_local, "cap", None), n
+    try:
+        yield
+    finally:
+        _local.cap = previous

@@ -1,0 +1,173 @@
+"""fastpool.dask's benchmark: a 2-D pyramid and a 3-D max pool on 256 MB to GB inputs.
+
+``python -m bench.dask`` runs it with dask's threaded scheduler.  Each case is
+timed on an input held in memory (``da.from_array``; compared with in-memory
+fastpool on the same array: the ratio) while it fits under ``--in-memory-limit``,
+and on a lazily generated input of every size, pooled into a sink that drops
+the blocks (so nothing of the size of the array is held): throughput in GB/s
+of input and the process's peak memory above its baseline, which should stay a
+small multiple of the chunk size times the threads whatever the size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import fastpool
+
+GB = 1e9
+
+
+class _Peak:
+    """Peak memory allocated (NumPy arrays included) while in the block, from
+    tracemalloc: unlike the resident size it is not inflated by freed memory the
+    allocator keeps."""
+
+    def __enter__(self):
+        import tracemalloc
+
+        tracemalloc.start()
+        self.base = tracemalloc.get_traced_memory()[0]
+        return self
+
+    def __exit__(self, *exc):
+        import tracemalloc
+
+        self.peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+    @property
+    def above_base(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+class _Sink:
+    """A ``da.store`` target that drops what it is given."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype, self.ndim = shape, dtype, len(shape)
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def _lazy(shape, chunks, seed=0):
+    """A float32 dask array of ``shape`` whose blocks are copies of one random block."""
+    import dask.array as da
+
+    template = np.random.default_rng(seed).standard_normal(chunks).astype(np.float32)
+
+    def block(block_info=None):
+        shape_ = block_info[None]["chunk-shape"]
+        return template[tuple(slice(0, s) for s in shape_)].copy()
+
+    return da.map_blocks(block, chunks=da.core.normalize_chunks(chunks, shape),
+                         dtype=np.float32, meta=np.empty((0,) * len(shape), np.float32))
+
+
+def _cases(sizes_gb):
+    """(name, chunks, shape for a size, dask op, in-memory op) per case."""
+    import fastpool.dask as fd
+
+    def pyramid_2d(levels):
+        return (lambda x: fd.pyramid(x, 4, "avg", nd=2)[1:],
+                lambda x: _pyramid_in_memory(x, 4))
+
+    def shape_2d(size):
+        side = max(1, round((size * GB / 4) ** 0.5 / 2048)) * 2048
+        return (1, side, side)
+
+    def shape_3d(size):
+        side = 1024
+        depth = max(64, round(size * GB / 4 / side**2 / 64) * 64)
+        return (1, 1, depth, side, side)
+
+    return [
+        ("pyramid2d(avg, 4 levels)", (1, 2048, 2048), shape_2d, *pyramid_2d(4)),
+        ("max_pool3d(3, 2, 1)", (1, 1, 64, 256, 512), shape_3d,
+         lambda x: [fd.max_pool3d(x, 3, 2, 1)], lambda x: [fastpool.max_pool3d(x, 3, 2, 1)]),
+    ]
+
+
+def _pyramid_in_memory(x, levels):
+    out = []
+    for _ in range(levels - 1):
+        x = fastpool.avg_pool2d(x, 2)
+        out.append(x)
+    return out
+
+
+def _best(function, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None) -> list[dict]:
+    import dask
+    import dask.array as da
+
+    parser = argparse.ArgumentParser(prog="python -m bench.dask", description=__doc__)
+    parser.add_argument("--sizes", default="0.25,1,4",
+                        help="input sizes in GB (default 0.25,1,4)")
+    parser.add_argument("--in-memory-limit", type=float, default=1.0,
+                        help="largest size (GB) also run in memory for the ratio")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="dask threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    sizes = [float(s) for s in args.sizes.split(",")]
+    threads = args.threads or fastpool.get_num_threads()
+    print(f"fastpool.dask: threaded scheduler, {threads} dask threads on "
+          f"{fastpool.get_num_threads()} cores, float32; times best of {args.repeats}")
+    print("| case | input | chunk | in memory s | dask (from memory) s | ratio | "
+          "dask (lazy input) s | GB/s | peak MiB allocated |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    with dask.config.set(scheduler="threads", num_workers=threads):
+        for name, chunks, shape_of, dask_op, memory_op in _cases(sizes):
+            # warm up the kernels and the graph code
+            small = _lazy(tuple(min(c * 2, s) for c, s in zip(chunks, shape_of(0.25))), chunks)
+            dask.compute(*dask_op(small))
+            for size in sizes:
+                shape = shape_of(size)
+                nbytes = int(np.prod(shape)) * 4
+                chunk_mb = int(np.prod(chunks)) * 4 / 2**20
+                t_mem = t_from = ratio = None
+                if size <= args.in_memory_limit:
+                    x = _lazy(shape, chunks).compute()
+                    t_mem = _best(lambda: memory_op(x), args.repeats)
+                    lazy_x = da.from_array(x, chunks=chunks)
+                    t_from = _best(lambda: dask.compute(*dask_op(lazy_x)), args.repeats)
+                    ratio = t_from / t_mem
+                    del x, lazy_x
+                lazy = _lazy(shape, chunks)
+                outputs = dask_op(lazy)
+                sinks = [_Sink(o.shape, o.dtype) for o in outputs]
+                with _Peak() as peak:
+                    t_lazy = _best(lambda: da.store(outputs, sinks, lock=False),
+                                   args.repeats)
+                row = dict(case=name, shape=shape, gb=nbytes / GB, chunk_mb=chunk_mb,
+                           in_memory_s=t_mem, from_memory_s=t_from, ratio=ratio,
+                           lazy_s=t_lazy, gb_per_s=nbytes / GB / t_lazy,
+                           peak_mib=peak.above_base)
+                rows.append(row)
+                fmt = (lambda v, f: "-" if v is None else format(v, f))
+                print(f"| {name} | {row['gb']:.2f} GB {'x'.join(map(str, shape))} | "
+                      f"{chunk_mb:.0f} MiB | {fmt(t_mem, '.3f')} | {fmt(t_from, '.3f')} | "
+                      f"{fmt(ratio, '.2f')}x | {t_lazy:.3f} | {row['gb_per_s']:.2f} | "
+                      f"{row['peak_mib']:.0f} |", flush=True)
+    print("Lazy inputs are generated block by block (a copy of one random block), which "
+          "the lazy times include.", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,551 @@
+"""Graph construction and the per-block tasks of :mod:`fastpool.dask`.
+
+Each output block is one task: it slices the input blocks its windows read
+(see :mod:`fastpool.dask._plan`), joins them into one piece and runs the
+fastpool kernels on it with the slice of the *whole* array's window table that
+belongs to the block, so divisors, ceil_mode windows and padding follow the
+whole array's rules exactly.  Max indices are mapped from the piece's plane
+to the whole plane.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import multiprocessing
+import operator
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastpool import _dispatch, _threads
+from fastpool._params import (
+    FLOAT_DTYPES,
+    Layout,
+    WindowTable,
+    check_backend,
+    check_bool,
+    check_dtype,
+)
+from fastpool.dask._plan import ALIGNS, Plan, axis_plan, output_chunks
+
+# --------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------
+
+
+def check_dask_array(x: object, op: str, name: str = "x"):
+    import dask.array as da
+
+    if not isinstance(x, da.Array):
+        raise TypeError(f"fastpool.dask.{op}: {name} must be a dask array, got "
+                        f"{type(x).__name__}; wrap it with dask.array.from_array, or call "
+                        f"fastpool.{op} on in-memory arrays")
+    if any(math.isnan(c) for chunks in x.chunks for c in chunks):
+        raise ValueError(f"fastpool.dask.{op}: {name} has unknown chunk sizes "
+                         f"(chunks={x.chunks}); call {name}.compute_chunk_sizes() first")
+    return x
+
+
+def _float_dtypes(x) -> tuple:
+    if _dispatch._on_gpu(getattr(x, "_meta", None)):
+        return (np.dtype(np.float16), *FLOAT_DTYPES)
+    return FLOAT_DTYPES
+
+
+def _check_align(align: object, out_chunks: object, op: str) -> str:
+    if align not in ALIGNS:
+        raise ValueError(f"fastpool.dask.{op}: align must be one of {ALIGNS}, got {align!r}")
+    return "output" if out_chunks is not None else align
+
+
+def _out_chunk_arg(out_chunks, nd: int, op: str) -> tuple:
+    if out_chunks is None:
+        return (None,) * nd
+    if isinstance(out_chunks, (int, np.integer)) and not isinstance(out_chunks, bool):
+        items = (int(out_chunks),) * nd
+    elif isinstance(out_chunks, (tuple, list)) and len(out_chunks) == nd:
+        items = tuple(out_chunks)
+    else:
+        raise ValueError(f"fastpool.dask.{op}: out_chunks must be an int or a sequence of "
+                         f"{nd} entries (ints, or tuples of chunk sizes), got {out_chunks!r}")
+    for item in items:
+        sizes = item if isinstance(item, (tuple, list)) else (item,)
+        if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
+                   for s in sizes):
+            raise ValueError(f"fastpool.dask.{op}: out_chunks entries must be positive "
+                             f"ints, got {out_chunks!r}")
+    return items
+
+
+def pooled_axes(ndim: int, nd: int, channels_last: bool) -> tuple:
+    end = ndim - int(channels_last)
+    return tuple(range(end - nd, end))
+
+
+# --------------------------------------------------------------------------
+# Threads: numba threads x dask threads must not exceed the cores
+# --------------------------------------------------------------------------
+
+
+def dask_concurrency() -> int:
+    """How many tasks dask runs at once in this process, seen from inside a task."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        worker = None
+    if worker is not None:
+        threads = getattr(getattr(worker, "state", worker), "nthreads", None) or 1
+        # The nanny sets OMP_NUM_THREADS=1 in worker processes (dask's own rule for
+        # native thread pools); follow it.
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        if omp.isdigit() and int(omp) >= 1:
+            return max(threads, _threads.get_num_threads() // int(omp))
+        return threads
+    current = threading.current_thread()
+    if current is threading.main_thread():
+        if multiprocessing.parent_process() is None:
+            return 1  # the synchronous scheduler
+        from dask.system import CPU_COUNT  # a worker of the processes scheduler
+
+        return CPU_COUNT
+    try:
+        import dask.threaded as threaded
+
+        executors = [threaded.default_pool] + [e for pools in threaded.pools.values()
+                                               for e in pools.values()]
+        for executor in executors:
+            if executor is not None and current in getattr(executor, "_threads", ()):
+                return executor._max_workers
+    except (ImportError, AttributeError):
+        pass
+    from dask.system import CPU_COUNT
+
+    return CPU_COUNT
+
+
+def kernel_threads() -> int:
+    """Threads for one task's kernels: ``max(1, cores // dask's concurrent tasks)``."""
+    return max(1, _threads.get_num_threads() // dask_concurrency())
+
+
+# --------------------------------------------------------------------------
+# Pieces: the input a block reads, joined from slices of input blocks
+# --------------------------------------------------------------------------
+
+
+def _xp(array):
+    module = type(array).__module__.split(".")[0]
+    if module == "numpy":
+        return np
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: bool = False,
+             presliced: tuple = ()):
+    """Join ``blocks`` (C order over the pooled axes' block lists) into one piece.
+
+    ``parts[i]`` lists (first, stop) slices of each block along ``axes[i]``;
+    ``extra[i]`` appends that many (never read) zeros along it.  One block read
+    whole is returned as it is; otherwise the piece is allocated once and each
+    slice copied into place (one copy), into this thread's reused buffer with
+    ``scratch`` (valid until the thread's next scratch piece).
+    """
+    counts = [len(p) for p in parts]
+    if len(blocks) == 1 and not any(extra):
+        block = blocks[0]
+        index = [slice(None)] * block.ndim
+        for axis, part in zip(axes, parts):
+            a, b = part[0]
+            if (a != 0 or b != block.shape[axis]) and not presliced:
+                index[axis] = slice(a, b)
+        piece = block[tuple(index)]
+        if scratch and _xp(piece) is np and not piece.flags.c_contiguous:
+            # the kernels want C order: copy into the reused buffer, not a fresh one
+            target = _scratch(np, piece.shape, piece.dtype)
+            target[...] = piece
+            return target
+        return piece
+    xp = _xp(blocks[0])
+    shape = list(blocks[0].shape)
+    for axis, part, more in zip(axes, parts, extra):
+        shape[axis] = sum(b - a for a, b in part) + more
+    piece = _scratch(xp, tuple(shape), blocks[0].dtype) if scratch else \
+        xp.empty(tuple(shape), blocks[0].dtype)
+    if any(extra):
+        piece[...] = 0
+    offsets = [np.concatenate([[0], np.cumsum([b - a for a, b in part])]) for part in parts]
+    for k, (block, combo) in enumerate(zip(blocks, itertools.product(*[range(c) for c in counts]))):
+        source = [slice(None)] * block.ndim
+        target = [slice(None)] * block.ndim
+        for axis, part, offset, j in zip(axes, parts, offsets, combo):
+            a, b = part[j]
+            if not (presliced and presliced[k]):
+                source[axis] = slice(a, b)
+            target[axis] = slice(int(offset[j]), int(offset[j + 1]))
+        piece[tuple(target)] = block[tuple(source)]
+    return piece
+
+
+_local = threading.local()
+
+
+def _copy_slice(block, where):
+    return block[where].copy()
+
+
+def _scratch(xp, shape: tuple, dtype):
+    """An uninitialised host array, reusing this thread's buffer: a fresh allocation
+    of a piece costs as much in page faults as copying into it.  (A task's piece is
+    dead once the task returns: the kernels' results never alias it.)"""
+    if xp is not np:
+        return xp.empty(shape, dtype)
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _local.buffer = np.empty(nbytes, np.uint8)
+    return buffer[:nbytes].view(dtype).reshape(shape)
+
+
+def sub_table(table: WindowTable, rows: tuple, outputs: tuple, origins: tuple,
+              sliding: bool) -> WindowTable:
+    """The part of ``table`` for outputs ``outputs[i]`` on canonical rows ``rows[i]``,
+    shifted to a piece starting at ``origins[i]``."""
+    out_shape = list(table.out_shape)
+    for row, (o0, o1) in zip(rows, outputs):
+        out_shape[row] = o1 - o0
+    width = max(out_shape)
+    start = np.zeros((3, width), np.int64)
+    stop = np.zeros((3, width), np.int64)
+    divisor = np.ones((3, width), np.float64)
+    interior = table.interior.copy()
+    for row in range(3):
+        n = out_shape[row]
+        start[row, :n] = table.start[row, :n]
+        stop[row, :n] = table.stop[row, :n]
+        divisor[row, :n] = table.divisor[row, :n]
+    for row, (o0, o1), origin in zip(rows, outputs, origins):
+        n = o1 - o0
+        start[row, :n] = table.start[row, o0:o1] - origin
+        stop[row, :n] = table.stop[row, o0:o1] - origin
+        divisor[row, :n] = table.divisor[row, o0:o1]
+        if sliding:
+            lo, hi, stride, offset, kernel = (int(v) for v in table.interior[row])
+            new_lo = min(max(lo - o0, 0), n)
+            new_hi = max(new_lo, min(hi - o0, n))
+            interior[row] = (new_lo, new_hi, stride, offset + o0 * stride - origin, kernel)
+    sub = WindowTable(tuple(out_shape), start, stop, table.step.copy(), divisor, table.scale,
+                      interior)
+    # The whole table's window sizes choose the accumulator type (float32 or
+    # float64 sums): keep the whole array's choice on every block.
+    sub.__dict__["window_sizes"] = table.window_sizes
+    return sub
+
+
+def to_global_indices(indices, piece_spatial: tuple, origins: tuple, whole_spatial: tuple):
+    """Flat indices within a piece's plane -> flat indices within the whole plane."""
+    rest = indices.astype(np.int64, copy=False)
+    coords = []
+    for size in reversed(piece_spatial[1:]):
+        coords.append(rest % size)
+        rest = rest // size
+    coords.append(rest)
+    coords.reverse()
+    result = coords[0] + origins[0]
+    for coord, origin, size in zip(coords[1:], origins[1:], whole_spatial[1:]):
+        result = result * size + (coord + origin)
+    return result
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A stand-in with the shape of an array (for the CPU kernel choice)."""
+
+    shape: tuple
+
+
+def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype, power: float):
+    """The CPU back end's separable-or-direct choice for the *whole* array (None when it
+    is not the plain sliding-window path), so that every block sums in the same order."""
+    if mode == "max":
+        return None
+    from fastpool.cpu import pooling
+
+    canonical = layout.canonical_shape()
+    if not layout.channels_last and table.is_whole_plane(canonical[1:4]):
+        return "plane"  # one block reads the whole plane: the same call as in memory
+    zero = pooling.accumulator_zero(np.dtype(dtype), table, power)
+    return pooling._separable(_Shape(canonical), table, layout.channels_last,
+                              np.dtype(type(zero)).itemsize)
+
+
+def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: float,
+              separable):
+    from fastpool import cpu
+
+    if impl is not cpu or separable is None or separable == "plane":
+        return impl.sum_pool(canonical, table, channels_last, power)
+    from fastpool.cpu import pooling
+
+    # Never the whole-plane kernel (a block whose one window is the block): it sums in
+    # another order than the whole array's kernel.
+    out = np.empty(pooling._out_shape(canonical, table, channels_last), canonical.dtype)
+    lp = None if power == 1.0 else float(power)
+    zero = pooling.accumulator_zero(canonical.dtype, table, power)
+    if separable:
+        block = pooling._channel_block(canonical.shape[0], canonical.shape[4]) \
+            if channels_last else 1
+        pooling._launch_separable("sum_pool", channels_last, block, (canonical, out), table,
+                                  table.divisor, table.scale, lp, zero)
+    else:
+        pooling._sum_pool_direct(canonical, out, table, channels_last, lp, zero)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class PoolTask:
+    """Everything one output block's task needs besides its input blocks."""
+
+    op: str
+    mode: str  # "max" or "sum"
+    nd: int
+    channels_last: bool
+    power: float
+    max_of_abs: bool
+    with_indices: bool
+    backend: str | None
+    axes: tuple
+    parts: tuple
+    extra: tuple
+    origins: tuple
+    whole_spatial: tuple
+    table: WindowTable
+    separable: object
+    presliced: tuple = ()
+
+    def __call__(self, blocks):
+        with _threads.thread_cap(kernel_threads()):
+            return self._run(blocks)
+
+    def _run(self, blocks):
+        piece = assemble(blocks, self.axes, self.parts, self.extra, scratch=True,
+                         presliced=self.presliced)
+        impl = _dispatch._backend(self.backend, piece, self.op)
+        array = impl.asarray(piece, self.op, "x")
+        layout = Layout.of(tuple(array.shape), self.nd, self.channels_last, self.op, False)
+        out_spatial = self.table.out_shape[3 - self.nd:]
+        result_shape = layout.result_shape(out_spatial)
+        dtype = np.dtype(array.dtype)
+        if layout.is_empty():
+            out = impl.empty(result_shape, dtype)
+            result = (out, impl.empty(result_shape, np.int64)) if self.with_indices else out
+            return _dispatch._wrap(impl, result, piece)
+        if self.max_of_abs:
+            array = impl.absolute(array)
+        canonical = impl.canonical(array, layout.canonical_shape())
+        if dtype == np.bool_:
+            canonical = canonical.view(np.uint8)
+        if self.mode == "max":
+            out, indices = impl.max_pool(canonical, self.table, self.channels_last,
+                                         _dispatch._lowest(np.dtype(canonical.dtype)),
+                                         self.with_indices)
+            out = out.view(np.bool_) if dtype == np.bool_ else out
+        else:
+            out = _sum_pool(impl, canonical, self.table, self.channels_last, self.power,
+                            self.separable)
+            indices = None
+        out = out.reshape(result_shape)
+        if not self.with_indices:
+            return _dispatch._wrap(impl, out, piece)
+        indices = to_global_indices(indices.reshape(result_shape), layout.spatial,
+                                    self.origins, self.whole_spatial)
+        return _dispatch._wrap(impl, (out, indices), piece)
+
+
+# --------------------------------------------------------------------------
+# Graph construction
+# --------------------------------------------------------------------------
+
+
+# Set by fastpool.dask.plan: the ops then return their plan instead of a graph.
+planning = threading.local()
+
+
+def make_plan(op: str, x, axes: tuple, table: WindowTable, anchors: list, align: str,
+              out_chunks: tuple) -> Plan:
+    plans = []
+    nd = len(axes)
+    for i, axis in enumerate(axes):
+        row = 3 - nd + i
+        n_out = table.out_shape[row]
+        size = x.shape[axis]
+        chunks = output_chunks(op, axis, size, x.chunks[axis], anchors[i], align, out_chunks[i])
+        plans.append(axis_plan(axis, size, x.chunks[axis], table.start[row, :n_out],
+                               table.stop[row, :n_out], chunks))
+    return Plan(op, tuple(plans))
+
+
+def _meta(x, dtype, ndim):
+    from dask.array.utils import meta_from_array
+
+    return meta_from_array(x._meta, ndim=ndim, dtype=dtype)
+
+
+def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, name: str):
+    """One task per output block, reading the input blocks of its plan."""
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    axes = tuple(a.axis for a in plan.axes)
+    nd = len(axes)
+    token = tokenize(x, plan, sorted((k, repr(v)) for k, v in task_fields.items()
+                                     if k != "table"), with_indices)
+    key = f"{name}-{token}"
+    table = task_fields["table"]
+    rows = tuple(range(3 - nd, 3))
+    per_axis = []
+    for a in plan.axes:
+        entries = []
+        for chunk in range(len(a.out_chunks)):
+            lo, hi = a.ranges[chunk]
+            entries.append((a.blocks(chunk), a.outputs[chunk], lo, max(hi - a.size, 0)))
+        per_axis.append(entries)
+    other = [range(len(c)) for i, c in enumerate(x.chunks) if i not in axes]
+    other_axes = [i for i in range(x.ndim) if i not in axes]
+    dsk = {}
+    for combo in itertools.product(*[range(len(e)) for e in per_axis]):
+        entries = [per_axis[i][j] for i, j in enumerate(combo)]
+        outputs = tuple(e[1] for e in entries)
+        origins = tuple(e[2] for e in entries)
+        block_table = sub_table(table, rows, outputs, origins, task_fields["sliding"])
+        task = PoolTask(
+            table=block_table, axes=axes, parts=tuple(tuple((p[1], p[2]) for p in e[0])
+                                                      for e in entries),
+            extra=tuple(e[3] for e in entries), origins=origins,
+            **{k: v for k, v in task_fields.items() if k not in ("table", "sliding")})
+        block_lists = [[p[0] for p in e[0]] for e in entries]
+        part_lists = [[(p[1], p[2]) for p in e[0]] for e in entries]
+        for rest in itertools.product(*other):
+            index = [0] * x.ndim
+            for axis, value in zip(other_axes, rest):
+                index[axis] = value
+            out_index = list(index)
+            for axis, j in zip(axes, combo):
+                out_index[axis] = j
+            deps = []
+            for blocks, slices in zip(itertools.product(*block_lists),
+                                      itertools.product(*part_lists)):
+                for axis, b in zip(axes, blocks):
+                    index[axis] = b
+                dep = (x.name, *index)
+                if any(2 * (b - a) <= x.chunks[axis][blk] for axis, blk, (a, b) in
+                       zip(axes, blocks, slices)):
+                    # A halo: a small copied slice, so that the block it comes from
+                    # is released as soon as its own output block is done.
+                    where = [slice(None)] * x.ndim
+                    for axis, (a, b) in zip(axes, slices):
+                        where[axis] = slice(a, b)
+                    halo = (f"{key}-halo", len(dsk))
+                    dsk[halo] = (_copy_slice, dep, tuple(where))
+                    dep = halo
+                deps.append(dep)
+            if any(isinstance(d[0], str) and d[0].endswith("-halo") for d in deps):
+                task = dataclasses.replace(task, presliced=tuple(
+                    d[0].endswith("-halo") for d in deps))
+            dsk[(key, *out_index)] = (task, deps)
+    chunks = list(x.chunks)
+    for a in plan.axes:
+        chunks[a.axis] = a.out_chunks
+    chunks = tuple(chunks)
+    if not with_indices:
+        graph = HighLevelGraph.from_collections(key, dsk, dependencies=[x])
+        return da.Array(graph, key, chunks, meta=_meta(x, out_dtype, x.ndim))
+    layer = HighLevelGraph.from_collections(key, dsk, dependencies=[x])
+    results = []
+    for part, dtype, suffix in ((0, out_dtype, "values"), (1, np.int64, "indices")):
+        sub_key = f"{name}-{suffix}-{token}"
+        sub = {(sub_key, *k[1:]): (operator.getitem, k, part) for k in dsk}
+        graph = HighLevelGraph.from_collections(sub_key, sub, dependencies=[
+            da.Array(layer, key, chunks, meta=_meta(x, out_dtype, x.ndim))])
+        results.append(da.Array(graph, sub_key, chunks, meta=_meta(x, dtype, x.ndim)))
+    return tuple(results)
+
+
+# --------------------------------------------------------------------------
+# The forward ops
+# --------------------------------------------------------------------------
+
+
+def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
+                 ceil_mode=False, *, op, strict, norm_type=None, count_include_pad=True,
+                 divisor_override=None, return_indices=False, channels_last=False,
+                 backend=None, align="input", out_chunks=None):
+    x = check_dask_array(x, op)
+    spec = _dispatch._SlidingOp.from_args(op, mode, nd, kernel_size, stride, padding,
+                                          dilation, ceil_mode, norm_type, count_include_pad,
+                                          divisor_override)
+    channels_last = check_bool(channels_last, "channels_last", op)
+    return_indices = check_bool(return_indices, "return_indices", op)
+    if spec.mode != "max" and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    check_backend(backend, op)
+    check_dtype(np.dtype(x.dtype), spec.mode, op, _float_dtypes(x))
+    align = _check_align(align, out_chunks, op)
+    out_chunks = _out_chunk_arg(out_chunks, nd, op)
+    layout = Layout.of(tuple(x.shape), nd, channels_last, op, strict)
+    table = spec.table(layout)
+    axes = pooled_axes(x.ndim, nd, channels_last)
+    window = spec.window
+    anchors = [np.arange(table.out_shape[3 - nd + i], dtype=np.int64) * window.stride[i]
+               for i in range(nd)]
+    plan = make_plan(op, x, axes, table, anchors, align, out_chunks)
+    if getattr(planning, "active", False):
+        return plan
+    max_of_abs = spec.is_max_of_abs
+    kernel_mode = "max" if spec.mode == "max" or max_of_abs else "sum"
+    fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last,
+                  power=spec.power, max_of_abs=max_of_abs, with_indices=return_indices,
+                  backend=backend, whole_spatial=layout.spatial, table=table,
+                  separable=separable_choice(kernel_mode, layout, table, x.dtype, spec.power),
+                  sliding=True)
+    return build_pool(x, plan, fields, x.dtype, return_indices, op.replace("_", "-"))
+
+
+def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
+                  channels_last=False, backend=None, align="input", out_chunks=None):
+    from fastpool._params import adaptive_output_shape, adaptive_table
+
+    x = check_dask_array(x, op)
+    if mode not in ("max", "avg"):
+        raise ValueError(f"{op}: mode must be 'max' or 'avg', got {mode!r}")
+    channels_last = check_bool(channels_last, "channels_last", op)
+    return_indices = check_bool(return_indices, "return_indices", op)
+    if mode != "max" and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    check_backend(backend, op)
+    check_dtype(np.dtype(x.dtype), mode, op, _float_dtypes(x))
+    align = _check_align(align, out_chunks, op)
+    out_chunks = _out_chunk_arg(out_chunks, nd, op)
+    layout = Layout.of(tuple(x.shape), nd, channels_last, op, strict)
+    out_spatial = adaptive_output_shape(op, nd, output_size, layout.spatial)
+    table = adaptive_table(layout.spatial, out_spatial)
+    axes = pooled_axes(x.ndim, nd, channels_last)
+    anchors = [table.start[3 - nd + i, :out_spatial[i]] for i in range(nd)]
+    plan = make_plan(op, x, axes, table, anchors, align, out_chunks)
+    if getattr(planning, "active", False):
+        return plan
+    kernel_mode = "max" if mode == "max" else "sum"
+    fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last, power=1.0,
+                  max_of_abs=False, with_indices=return_indices, backend=backend,
+                  whole_spatial=layout.spatial, table=table,
+                  separable=separable_choice(kernel_mode, layout, table, x.dtype, 1.0),
+                  sliding=False)
+    return build_pool(x, plan, fields, x.dtype, return_indices, op.replace("_", "-"))
