@@ -331,3 +331,12 @@ def test_threaded_scheduler_caps_kernel_threads(layer, tmp_path):
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "workqueue"
+
+
+def test_min_pooling_through_pool_equals_in_memory():
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 17, 19)).astype(np.uint8)
+    d = da.from_array(x, chunks=(1, 2, 6, 7))
+    out, indices = fastpool.dask.pool(d, "min", (3, 3), 2, 1, return_indices=True)
+    want, want_indices = fastpool.pool(x, "min", (3, 3), 2, 1, return_indices=True)
+    np.testing.assert_array_equal(out.compute(), want)
+    np.testing.assert_array_equal(indices.compute(), want_indices)

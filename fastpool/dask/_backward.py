@@ -146,7 +146,7 @@ class _SumBackwardTask:
             impl = _dispatch._backend(self.backend, grad, self.op)
             grad = impl.asarray(grad, self.op, "grad_output")
             layout = Layout.of(self.block_shape, self.nd, self.channels_last, self.op, False)
-            result = _dispatch._sum_backward(impl, grad, None, layout, self.table, 1.0,
+            result = _dispatch._sum_backward(impl, grad, None, layout, self.table, None,
                                              self.block_shape, self.op)
             return _dispatch._wrap(impl, result, grad)
 

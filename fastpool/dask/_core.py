@@ -23,6 +23,7 @@ import numpy as np
 
 from fastpool import _dispatch, _threads
 from fastpool._params import (
+    EXTREMES,
     FLOAT_DTYPES,
     Layout,
     WindowTable,
@@ -271,10 +272,11 @@ class _Shape:
     shape: tuple
 
 
-def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype, power: float):
+def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype,
+                     power: float | None):
     """The CPU back end's separable-or-direct choice for the *whole* array (None when it
     is not the plain sliding-window path), so that every block sums in the same order."""
-    if mode == "max":
+    if mode in EXTREMES:
         return None
     from fastpool.cpu import pooling
 
@@ -286,7 +288,7 @@ def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype, power
                               np.dtype(type(zero)).itemsize)
 
 
-def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: float,
+def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: float | None,
               separable):
     from fastpool import cpu
 
@@ -297,8 +299,8 @@ def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: f
     # Never the whole-plane kernel (a block whose one window is the block): it sums in
     # another order than the whole array's kernel.
     out = np.empty(pooling._out_shape(canonical, table, channels_last), canonical.dtype)
-    lp = None if power == 1.0 else float(power)
-    zero = pooling.accumulator_zero(canonical.dtype, table, power)
+    lp = None if power is None else float(power)
+    zero = pooling.accumulator_zero(canonical.dtype, table, lp)
     if separable:
         block = pooling._channel_block(canonical.shape[0], canonical.shape[4]) \
             if channels_last else 1
@@ -314,10 +316,10 @@ class PoolTask:
     """Everything one output block's task needs besides its input blocks."""
 
     op: str
-    mode: str  # "max" or "sum"
+    mode: str  # "max", "min" or "sum"
     nd: int
     channels_last: bool
-    power: float
+    power: float | None  # of the window sums: None for averages (and Lp with p = 1)
     max_of_abs: bool
     with_indices: bool
     backend: str | None
@@ -352,10 +354,15 @@ class PoolTask:
         canonical = impl.canonical(array, layout.canonical_shape())
         if dtype == np.bool_:
             canonical = canonical.view(np.uint8)
-        if self.mode == "max":
+        if self.mode in EXTREMES:
+            # min is max under an order-reversing bijection, as in fastpool._dispatch
+            if self.mode == "min":
+                canonical = impl.reverse_order(canonical)
             out, indices = impl.max_pool(canonical, self.table, self.channels_last,
                                          _dispatch._lowest(np.dtype(canonical.dtype)),
                                          self.with_indices)
+            if self.mode == "min":
+                out = impl.reverse_order(out)
             out = out.view(np.bool_) if dtype == np.bool_ else out
         else:
             out = _sum_pool(impl, canonical, self.table, self.channels_last, self.power,
@@ -494,8 +501,9 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
                                           divisor_override)
     channels_last = check_bool(channels_last, "channels_last", op)
     return_indices = check_bool(return_indices, "return_indices", op)
-    if spec.mode != "max" and return_indices:
-        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    if spec.mode not in EXTREMES and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max and min "
+                         f"pooling")
     check_backend(backend, op)
     check_dtype(np.dtype(x.dtype), spec.mode, op, _float_dtypes(x))
     align = _check_align(align, out_chunks, op)
@@ -510,11 +518,12 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
     if getattr(planning, "active", False):
         return plan
     max_of_abs = spec.is_max_of_abs
-    kernel_mode = "max" if spec.mode == "max" or max_of_abs else "sum"
+    kernel_mode = "max" if max_of_abs else spec.mode if spec.mode in EXTREMES else "sum"
     fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last,
-                  power=spec.power, max_of_abs=max_of_abs, with_indices=return_indices,
-                  backend=backend, whole_spatial=layout.spatial, table=table,
-                  separable=separable_choice(kernel_mode, layout, table, x.dtype, spec.power),
+                  power=spec.forward_power, max_of_abs=max_of_abs,
+                  with_indices=return_indices, backend=backend, whole_spatial=layout.spatial,
+                  table=table, separable=separable_choice(kernel_mode, layout, table, x.dtype,
+                                                          spec.forward_power),
                   sliding=True)
     return build_pool(x, plan, fields, x.dtype, return_indices, op.replace("_", "-"))
 
@@ -543,9 +552,9 @@ def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
     if getattr(planning, "active", False):
         return plan
     kernel_mode = "max" if mode == "max" else "sum"
-    fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last, power=1.0,
+    fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last, power=None,
                   max_of_abs=False, with_indices=return_indices, backend=backend,
                   whole_spatial=layout.spatial, table=table,
-                  separable=separable_choice(kernel_mode, layout, table, x.dtype, 1.0),
+                  separable=separable_choice(kernel_mode, layout, table, x.dtype, None),
                   sliding=False)
     return build_pool(x, plan, fields, x.dtype, return_indices, op.replace("_", "-"))
