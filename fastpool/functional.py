@@ -608,7 +608,7 @@ def _fractional_max_pool_backward(nd: int) -> Callable[..., np.ndarray]:
 
     fractional_max_pool_backward.__doc__ = _backward_doc(
         f"fractional_max_pool{nd}d", ["grad_output", "indices", "input_shape"], nd,
-        f">>> cube = np.arange({2 ** nd}.0).reshape(1, 1, {", ".join(["2"] * nd)})\n"
+        f">>> cube = np.arange({2 ** nd}.0).reshape(1, 1, {', '.join(['2'] * nd)})\n"
         f">>> out, idx = fastpool.fractional_max_pool{{nd}}d(cube, 1, 1, seed=0, "
         "return_indices=True)  # one window, at in - k\n"
         f">>> fastpool.{name}(np.ones_like(out), idx, cube.shape).ravel()\n"
