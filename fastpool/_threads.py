@@ -6,11 +6,17 @@ process-wide setting and applies it in whichever thread launches a kernel.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
 import os
 
 _num_threads: int | None = None
+# A caller's default for its own calls (fastpool.torch: torch's thread count), used
+# while set_num_threads has not been called.
+_default: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastpool_threads",
+                                                                       default=None)
 
 
 @functools.cache  # numba fixes its pool size when it starts; so do we
@@ -63,4 +69,18 @@ def get_num_threads() -> int:
     >>> fastpool.get_num_threads() >= 1
     True
     """
-    return _num_threads if _num_threads is not None else _available_threads()
+    if _num_threads is not None:
+        return _num_threads
+    default = _default.get()
+    return min(default, _available_threads()) if default else _available_threads()
+
+
+@contextlib.contextmanager
+def default_threads(n: int):
+    """Within this block (in this thread or task), use ``n`` threads unless
+    set_num_threads was called."""
+    token = _default.set(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _default.reset(token)

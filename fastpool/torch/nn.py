@@ -26,6 +26,15 @@ _TORCH_MODULES = {
 }
 
 
+def _prepare_scriptable(self):
+    """torch.jit.script calls this first: fastpool's modules cannot be scripted."""
+    raise RuntimeError(
+        f"fastpool.torch.nn.{type(self).__name__} cannot be compiled by torch.jit.script "
+        f"(TorchScript is in maintenance mode and does not compile fastpool's Python "
+        f"wrappers); use torch.export.export to get a graph to save and deploy (fastpool's "
+        f"ops appear as torch.ops.fastpool.*), or torch.compile to speed the model up")
+
+
 def _module(family: str, nd: int, base: type) -> type:
     function = getattr(functional, f"{family}{nd}d")
     names = [name for name in inspect.signature(function).parameters if name != "input"]
@@ -36,12 +45,14 @@ def _module(family: str, nd: int, base: type) -> type:
 
     return type(base.__name__, (base,), {
         "forward": forward, "__module__": __name__,
+        "__prepare_scriptable__": _prepare_scriptable,
         "__doc__": f"torch.nn.{base.__name__} computed by fastpool's kernels."})
 
 
 class _GlobalPool(torch.nn.Module):
     family = ""
     nd = 0
+    __prepare_scriptable__ = _prepare_scriptable
 
     def __init__(self, keepdims: bool = False) -> None:
         super().__init__()
