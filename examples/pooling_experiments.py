@@ -54,7 +54,7 @@ def hand_written_max_pool2d(x: torch.Tensor, k: int = 2) -> torch.Tensor:
     return x.unfold(2, k, k).unfold(3, k, k).amax(dim=(-2, -1))
 
 
-def make_model(down: str, head: str, channels=(16, 32)) -> nn.Sequential:
+def make_model(down: str, head: str, channels=(16, 32, 64)) -> nn.Sequential:
     layers, cin = [], 1
     for cout in channels:
         layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]

@@ -198,3 +198,30 @@ def test_bad_dtype_under_fullgraph_names_the_op():
     with pytest.raises(Exception, match=r"avg_pool2d: input dtype torch.complex64"):
         compiled(torch.zeros(1, 1, 4, 4, dtype=torch.complex64))
 
+
+
+def test_strided_conv_ops():
+    for nd in NDS:
+        names = set(torch._C._dispatch_get_all_op_names())
+        assert {f"fastpool::strided_conv{nd}d", f"fastpool::strided_conv{nd}d_backward"} <= names
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 9, 8, generator=generator, dtype=torch.float64)
+    weight = torch.rand(4, 3, 2, 2, generator=generator, dtype=torch.float64)
+    bias = torch.rand(4, generator=generator, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        torch.library.opcheck(torch.ops.fastpool.strided_conv2d,
+                              (xl.requires_grad_(), weight.requires_grad_(), bias, [2, 2],
+                               [1, 0]))
+        grad = torch.rand(2, 4, 5, 4, generator=generator, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.fastpool.strided_conv2d_backward,
+                              (grad, xl.detach(), weight.detach(), [2, 2], [1, 0]))
+    model = torch.nn.Sequential(fnn.StridedConv2d(3, 4, 2), torch.nn.ReLU(),
+                                fnn.StridedConv2d(4, 2, 3, stride=1, padding=1)).double()
+    want = _run(model, x)
+    torch._dynamo.reset()
+    got = _run(torch.compile(model, backend="aot_eager", fullgraph=True), x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    reference = torch.nn.functional.conv2d(x, weight, bias, stride=2, padding=(1, 0))
+    torch.testing.assert_close(FF.strided_conv2d(x, weight, 2, (1, 0), bias), reference)

@@ -29,7 +29,7 @@ import torch
 
 import fastpool
 from fastpool import _threads
-from fastpool._params import SlidingWindow
+from fastpool._params import ConvWindow, SlidingWindow
 
 NAMESPACE = "fastpool"
 HALF = (torch.float16, torch.bfloat16)
@@ -419,3 +419,122 @@ def _register() -> None:
 
 
 _register()
+
+
+# --------------------------------------------------------------------------
+# Strided convolution
+# --------------------------------------------------------------------------
+
+
+def _conv_channels_last(x: torch.Tensor, nd: int) -> bool:
+    # The channels-last convolution kernels run on the host; a GPU tensor goes
+    # channels-first.
+    return is_channels_last(x, nd) and x.device.type == "cpu"
+
+
+def conv_out_shape(nd: int, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> tuple:
+    """The caller's shape of a strided convolution's result (symbolic sizes welcome)."""
+    name = f"strided_conv{nd}d"
+    window = ConvWindow.from_args(name, nd, tuple(stride), tuple(padding))
+    spatial = window.output_shape(name, tuple(x.shape[-nd:]), tuple(weight.shape[-nd:]))
+    if weight.dim() == nd:  # a plain image and filter
+        return spatial
+    return (*x.shape[:-nd - 1], weight.shape[0], *spatial)
+
+
+def _conv_impl(nd: int):
+    function = getattr(fastpool, f"strided_conv{nd}d")
+
+    def impl(x, weight, bias, stride, padding):
+        cl = _conv_channels_last(x, nd)
+        if x.device.type != "cpu":
+            x = x.contiguous()
+        with _torch_threads():
+            out = function(_host(x, cl), _host(weight, False), stride, padding,
+                           None if bias is None else _host(bias, False), channels_last=cl,
+                           stream=_stream(x))
+        return _tensor(out, cl, x.dtype, x)
+
+    def fake(x, weight, bias, stride, padding):
+        return _empty(conv_out_shape(nd, x, weight, stride, padding),
+                      _conv_channels_last(x, nd), x.dtype, x.device)
+
+    return impl, fake
+
+
+def _conv_backward_impl(nd: int):
+    function = getattr(fastpool, f"strided_conv{nd}d_backward")
+
+    def impl(grad, x, weight, stride, padding):
+        cl = _conv_channels_last(x, nd)
+        if x.device.type != "cpu":
+            grad, x = grad.contiguous(), x.contiguous()
+        with _torch_threads():
+            grad_in, grad_weight, grad_bias = function(
+                _host(grad, cl), _host(x, cl), _host(weight, False), stride, padding,
+                channels_last=cl, stream=_stream(x))
+        return (_tensor(grad_in, cl, x.dtype, grad),
+                _tensor(grad_weight, False, weight.dtype, weight),
+                _tensor(grad_bias, False, weight.dtype, weight))
+
+    def fake(grad, x, weight, stride, padding):
+        channels = weight.shape[0] if weight.dim() == nd + 2 else 1
+        return (_empty(x.shape, _conv_channels_last(x, nd), x.dtype, x.device),
+                torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
+                torch.empty((channels,), dtype=weight.dtype, device=weight.device))
+
+    return impl, fake
+
+
+def _conv_function(nd: int) -> type:
+    name = f"strided_conv{nd}d"
+
+    def forward(x, weight, bias, params):
+        return op(name)(x, weight, bias, *params)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, params = inputs
+        ctx.params, ctx.has_bias = params, bias is not None
+        ctx.save_for_backward(x, weight)
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_in, grad_weight, grad_bias = op(f"{name}_backward")(grad, x, weight, *ctx.params)
+        return grad_in, grad_weight, grad_bias if ctx.has_bias else None, None
+
+    return _function_type(name, forward, setup_context, backward)
+
+
+def _register_conv() -> None:
+    for nd in (1, 2, 3):
+        name = f"strided_conv{nd}d"
+        impl, fake = _conv_impl(nd)
+        forward = torch.library.custom_op(
+            f"{NAMESPACE}::{name}", impl, mutates_args=(), device_types=("cpu", "cuda"),
+            schema="(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding) "
+                   "-> Tensor")
+        forward.register_fake(fake)
+        impl, fake = _conv_backward_impl(nd)
+        backward = torch.library.custom_op(
+            f"{NAMESPACE}::{name}_backward", impl, mutates_args=(),
+            device_types=("cpu", "cuda"),
+            schema="(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding) "
+                   "-> (Tensor, Tensor, Tensor)")
+        backward.register_fake(fake)
+
+        def setup_context(ctx, inputs, output):
+            x, weight, bias, *params = inputs
+            ctx.params, ctx.has_bias = params, bias is not None
+            ctx.save_for_backward(x, weight)
+
+        def conv_backward(ctx, grad, name=name):
+            x, weight = ctx.saved_tensors
+            grads = op(f"{name}_backward")(grad, x, weight, *ctx.params)
+            return grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None
+
+        forward.register_autograd(conv_backward, setup_context=setup_context)
+        op_defs[name], op_defs[f"{name}_backward"] = forward, backward
+        FUNCTIONS[name] = _conv_function(nd)
+
+
+_register_conv()

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 import fastpool
-from fastpool._params import (Layout, SlidingWindow, check_bool, check_divisor_override,
-                              check_norm_type, int_tuple)
+from fastpool._params import (ConvWindow, Layout, SlidingWindow, check_bool,
+                              check_divisor_override, check_norm_type, int_tuple)
 from fastpool.torch import _ops
 
 FAMILIES = ("max_pool", "avg_pool", "lp_pool", "adaptive_max_pool", "adaptive_avg_pool",
@@ -55,15 +55,16 @@ def _to_tensor(array, channels_last: bool) -> torch.Tensor:
 _stream = _ops._stream
 
 
-def _check_input(input, mode: str, name: str) -> None:
+def _check_input(input, mode: str, name: str, label: str = "input") -> None:
     """fastpool's TypeErrors, raised before any op is traced or run."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+        raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype in _FLOATS or (mode == "max" and input.dtype in _INTEGERS):
         return
     floats = "float16, bfloat16, float32 and float64"
     supported = f"{floats}, the integer types and bool" if mode == "max" else floats
-    raise TypeError(f"{name}: input dtype {input.dtype} is not supported; {mode} pooling "
+    what = "convolution" if mode == "conv" else f"{mode} pooling"
+    raise TypeError(f"{name}: {label} dtype {input.dtype} is not supported; {what} "
                     f"takes {supported}")
 
 
@@ -209,43 +210,21 @@ for _family in FAMILIES:
         globals()[f"{_family}{_nd}d"] = _make(_family, _nd)
 
 
-class ConvFunction(torch.autograd.Function):
-    """Forward and backward of fastpool's strided convolution on tensors."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, nd, stride, padding):
-        # The channels-last kernels run on the host; a GPU tensor goes channels-first.
-        channels_last = _is_channels_last(input) and input.device.type == "cpu"
-        if input.device.type != "cpu":
-            input = input.contiguous()
-        function = getattr(fastpool, f"strided_conv{nd}d")
-        out = function(_to_numpy(input, channels_last), _to_numpy(weight, False), stride,
-                       padding, None if bias is None else _to_numpy(bias, False),
-                       channels_last=channels_last, stream=_stream(input))
-        ctx.save_for_backward(input, weight)
-        ctx.nd, ctx.stride, ctx.padding, ctx.channels_last = nd, stride, padding, channels_last
-        ctx.has_bias = bias is not None
-        return _to_tensor(out, channels_last)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        if input.device.type != "cpu":
-            grad_output = grad_output.contiguous()
-        function = getattr(fastpool, f"strided_conv{ctx.nd}d_backward")
-        grad_in, grad_weight, grad_bias = function(
-            _to_numpy(grad_output, ctx.channels_last), _to_numpy(input, ctx.channels_last),
-            _to_numpy(weight, False), ctx.stride, ctx.padding,
-            channels_last=ctx.channels_last, stream=_stream(input))
-        return (_to_tensor(grad_in, ctx.channels_last), _to_tensor(grad_weight, False),
-                _to_tensor(grad_bias, False) if ctx.has_bias else None, None, None, None)
-
-
 def _make_conv(nd: int):
+    name = f"strided_conv{nd}d"
+
     def strided_conv(input: torch.Tensor, weight: torch.Tensor, stride=2, padding=0,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-        return ConvFunction.apply(input, weight, bias, nd, stride, padding)
+        for label, value in (("input", input), ("weight", weight), ("bias", bias)):
+            if value is not None:
+                _check_input(value, "conv", name, label)
+        if weight.dtype != input.dtype:
+            raise TypeError(f"{name}: weight dtype {weight.dtype} differs from input dtype "
+                            f"{input.dtype}")
+        window = ConvWindow.from_args(name, nd, stride, padding)
+        params = (list(window.stride), list(window.padding))
+        _ops.conv_out_shape(nd, input, weight, *params)  # shape errors, here
+        return _FUNCTIONS[name].apply(input, weight, bias, params)
 
     strided_conv.__name__ = strided_conv.__qualname__ = f"strided_conv{nd}d"
     strided_conv.__doc__ = (f"``fastpool.strided_conv{nd}d`` on torch tensors, "
