@@ -103,7 +103,8 @@ class InceptionA(nn.Module):
         super().__init__()
         w = width
         self.branch1x1 = _conv(cin, w, 1)
-        self.branch5x5 = nn.Sequential(_conv(cin, 3 * w // 4, 1), _conv(3 * w // 4, w, 5, padding=2))
+        self.branch5x5 = nn.Sequential(_conv(cin, 3 * w // 4, 1),
+                                       _conv(3 * w // 4, w, 5, padding=2))
         self.branch3x3dbl = nn.Sequential(_conv(cin, w, 1), _conv(w, 3 * w // 2, 3, padding=1),
                                           _conv(3 * w // 2, 3 * w // 2, 3, padding=1))
         self.branch_pool = nn.Sequential(nn.AvgPool2d(3, 1, 1), _conv(cin, pool_features, 1))
@@ -119,7 +120,8 @@ class InceptionB(nn.Module):
     def __init__(self, cin, width=64):
         super().__init__()
         self.branch3x3 = _conv(cin, 6 * width, 3, 2)
-        self.branch3x3dbl = nn.Sequential(_conv(cin, width, 1), _conv(width, 3 * width // 2, 3, padding=1),
+        self.branch3x3dbl = nn.Sequential(_conv(cin, width, 1),
+                                          _conv(width, 3 * width // 2, 3, padding=1),
                                           _conv(3 * width // 2, 3 * width // 2, 3, 2))
         self.pool = nn.MaxPool2d(3, 2)
 

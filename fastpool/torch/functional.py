@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-import fastpool
 from fastpool._params import (ConvWindow, Layout, SlidingWindow, check_bool,
                               check_divisor_override, check_norm_type, int_tuple)
 from fastpool.torch import _ops

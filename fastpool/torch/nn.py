@@ -145,8 +145,10 @@ def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.MaxPool2d(2),
     ...                             torch.nn.AdaptiveAvgPool2d(1))
     >>> fast = fastpool.torch.convert(model)
-    >>> type(fast[1]).__module__, fast[1]
-    ('fastpool.torch.nn', MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False))
+    >>> type(fast[1]).__module__
+    'fastpool.torch.nn'
+    >>> fast[1]
+    MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False)
     >>> type(model[1]).__module__  # the original is unchanged
     'torch.nn.modules.pooling'
     >>> fast.load_state_dict(model.state_dict())
