@@ -215,6 +215,10 @@ def gather(grad_input: torch.Tensor, indices: torch.Tensor, nd: int) -> torch.Te
     return flat.reshape(indices.shape)
 
 
+# The formulas registered on the ops themselves (register_autograd): autograd of a
+# direct torch.ops.fastpool call, torch.library.opcheck, AOTAutograd.
+
+
 def setup_forward(family: str, nd: int):
     def setup_context(ctx, inputs, output):
         x, *params = inputs
@@ -398,9 +402,8 @@ def _register() -> None:
             forward.register_fake(_forward_fake(family, nd))
             forward.register_autograd(backward_forward(family, nd),
                                       setup_context=setup_forward(family, nd))
-            back_params = params if family != "adaptive_avg_pool" else ""
-            if family == "adaptive_max_pool":
-                back_params = ""
+            # Adaptive pooling's backward reads the output size off grad.
+            back_params = "" if family.startswith("adaptive") else params
             signature = ", ".join(p for p in ("Tensor grad, Tensor x",
                                               "Tensor indices" if with_indices else "",
                                               back_params) if p)
