@@ -6,6 +6,7 @@ process-wide setting and applies it in whichever thread launches a kernel.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import numbers
 import os
@@ -14,6 +15,10 @@ from contextlib import contextmanager
 
 _num_threads: int | None = None
 _local = threading.local()  # a per-thread cap (fastpool.dask's tasks set it)
+# A caller's default for its own calls (fastpool.torch: torch's thread count), used
+# while set_num_threads has not been called.
+_default: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastpool_threads",
+                                                                       default=None)
 
 
 @functools.cache  # numba fixes its pool size when it starts; so do we
@@ -66,7 +71,11 @@ def get_num_threads() -> int:
     >>> fastpool.get_num_threads() >= 1
     True
     """
-    threads = _num_threads if _num_threads is not None else _available_threads()
+    if _num_threads is not None:
+        threads = _num_threads
+    else:
+        default = _default.get()
+        threads = min(default, _available_threads()) if default else _available_threads()
     cap = getattr(_local, "cap", None)
     return threads if cap is None else max(1, min(threads, cap))
 
@@ -79,3 +88,14 @@ def thread_cap(n: int | None):
         yield
     finally:
         _local.cap = previous
+
+
+@contextmanager
+def default_threads(n: int):
+    """Within this block (in this thread or task), use ``n`` threads unless
+    set_num_threads was called."""
+    token = _default.set(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _default.reset(token)

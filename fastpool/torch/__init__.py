@@ -9,6 +9,11 @@ kernels through ``__cuda_array_interface__``, launched on torch's current
 stream; ``torch.channels_last`` and ``torch.channels_last_3d`` tensors use the
 channels-last kernels.
 
+Every op is registered with torch (``torch.ops.fastpool.*``), so models using
+these modules work with torch.compile, torch.export, torch.func and double
+backward; ``convert(model)`` swaps a model's torch.nn pooling modules for
+fastpool's.  See docs/torch.md.
+
 Importing this module imports torch; ``import fastpool`` does not.
 """
 
@@ -19,5 +24,6 @@ except ImportError as error:
                       'pip install "fastpool[torch]"') from error
 
 from fastpool.torch import functional, nn  # noqa: E402
+from fastpool.torch.nn import convert  # noqa: E402
 
-__all__ = ["functional", "nn"]
+__all__ = ["functional", "nn", "convert"]

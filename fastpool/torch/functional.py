@@ -10,7 +10,7 @@ comes from the tensor's memory format and the back end from its device.
 >>> y = F.max_pool2d(x, 2)
 >>> y
 tensor([[[[ 5.,  7.],
-          [13., 15.]]]], grad_fn=<PoolFunctionBackward>)
+          [13., 15.]]]], grad_fn=<MaxPool2dFunctionBackward>)
 >>> y.sum().backward()
 >>> x.grad[0, 0]
 tensor([[0., 0., 0., 0.],
@@ -21,23 +21,21 @@ tensor([[0., 0., 0., 0.],
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-
 import torch
 
-import fastpool
+from fastpool._params import (ConvWindow, Layout, SlidingWindow, check_bool,
+                              check_divisor_override, check_norm_type, int_tuple)
+from fastpool.torch import _ops
 
 FAMILIES = ("max_pool", "avg_pool", "lp_pool", "adaptive_max_pool", "adaptive_avg_pool",
             "global_max_pool", "global_avg_pool")
-_MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTEGERS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
     """A batched 4-D/5-D tensor stored channels-last (and not also channels-first)."""
-    memory_format = _MEMORY_FORMATS.get(t.dim())
-    return (memory_format is not None and t.size(1) > 1
-            and t.is_contiguous(memory_format=memory_format) and not t.is_contiguous())
+    return _ops.is_channels_last(t, t.dim() - 2)
 
 
 def _to_numpy(t: torch.Tensor, channels_last: bool):
@@ -53,105 +51,156 @@ def _to_tensor(array, channels_last: bool) -> torch.Tensor:
     return t.movedim(-1, 1) if channels_last else t
 
 
-def _stream(t: torch.Tensor):
-    """torch's current CUDA stream as a numba stream, so launches queue behind torch's."""
-    if t.device.type != "cuda":
-        return None
-    from numba import cuda
-    return cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
+_stream = _ops._stream
 
 
-@dataclass(frozen=True)
-class PoolOp:
-    """One call of a fastpool op: family, spatial dims and keyword arguments."""
-
-    family: str
-    nd: int
-    arguments: tuple
-
-    @property
-    def returns_indices(self) -> bool:
-        return "max" in self.family
-
-    def forward(self, x, channels_last: bool, stream=None):
-        function = getattr(fastpool, f"{self.family}{self.nd}d")
-        extra = {"return_indices": True} if self.returns_indices else {}
-        return function(x, **dict(self.arguments), **extra, channels_last=channels_last,
-                        stream=stream)
-
-    def backward(self, grad, x, indices, channels_last: bool, stream=None):
-        function = getattr(fastpool, f"{self.family}{self.nd}d_backward")
-        arguments = dict(self.arguments)
-        kw = dict(channels_last=channels_last, stream=stream)
-        if self.family == "max_pool":  # the window lets a GPU gather instead of scatter
-            window = {k: arguments[k] for k in ("kernel_size", "stride", "padding",
-                                                "dilation", "ceil_mode")}
-            return function(grad, indices, x.shape, **window, **kw)
-        if self.returns_indices:
-            return function(grad, indices, x.shape, **kw)
-        if self.family == "lp_pool":
-            return function(grad, x, arguments.pop("norm_type"), **arguments, **kw)
-        arguments.pop("output_size", None)
-        arguments.pop("keepdims", None)
-        return function(grad, x.shape, **arguments, **kw)
+def _check_input(input, mode: str, name: str, label: str = "input") -> None:
+    """fastpool's TypeErrors, raised before any op is traced or run."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype in _FLOATS or (mode == "max" and input.dtype in _INTEGERS):
+        return
+    floats = "float16, bfloat16, float32 and float64"
+    supported = f"{floats}, the integer types and bool" if mode == "max" else floats
+    what = "convolution" if mode == "conv" else f"{mode} pooling"
+    raise TypeError(f"{name}: {label} dtype {input.dtype} is not supported; {what} "
+                    f"takes {supported}")
 
 
-class PoolFunction(torch.autograd.Function):
-    """Forward and backward of any fastpool op on a CPU tensor."""
+def _check_shape(input, nd: int, name: str) -> None:
+    Layout.of(tuple(input.shape), nd, False, name, strict=True)
 
-    @staticmethod
-    def forward(ctx, input: torch.Tensor, op: PoolOp):
-        channels_last = _is_channels_last(input)
-        x = _to_numpy(input, channels_last)
-        result = op.forward(x, channels_last, _stream(input))
-        ctx.op, ctx.channels_last = op, channels_last
-        if op.returns_indices:
-            out, indices = result
-            ctx.indices = indices
-            ctx.save_for_backward(input)
-            indices_tensor = _to_tensor(indices, channels_last)
-            ctx.mark_non_differentiable(indices_tensor)
-            return _to_tensor(out, channels_last), indices_tensor
-        ctx.save_for_backward(input)
-        return _to_tensor(result, channels_last)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor, *unused):
-        (input,) = ctx.saved_tensors
-        x = _to_numpy(input, ctx.channels_last)
-        grad = _to_numpy(grad_output, ctx.channels_last)
-        grad_in = ctx.op.backward(grad, x, getattr(ctx, "indices", None), ctx.channels_last,
-                                  _stream(input))
-        return _to_tensor(grad_in, ctx.channels_last), None
+_FUNCTIONS = _ops.FUNCTIONS
+
+
+def _window(name, nd, kernel_size, stride, padding, dilation, ceil_mode) -> SlidingWindow:
+    # Not SlidingWindow.from_args: Dynamo cannot guard on the keys of its memo.
+    return SlidingWindow._from_args(name, nd, kernel_size, stride, padding, dilation,
+                                    ceil_mode)
+
+
+def _sliding(name, nd, input, family, params):
+    _check_shape(input, nd, name)
+    _ops.out_spatial(family, nd, input, params)  # the "input too small" error, here
+    return _FUNCTIONS[f"{family}{nd}d"].apply(input, tuple(params))
+
+
+def _max_pool(nd: int):
+    name = f"max_pool{nd}d"
+
+    def max_pool(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
+                 ceil_mode: bool = False, return_indices: bool = False):
+        _check_input(input, "max", name)
+        w = _window(name, nd, kernel_size, stride, padding, dilation, ceil_mode)
+        return_indices = check_bool(return_indices, "return_indices", name)
+        out, indices = _sliding(name, nd, input, "max_pool", [
+            list(w.kernel_size), list(w.stride), list(w.padding), list(w.dilation),
+            w.ceil_mode])
+        return (out, indices) if return_indices else out
+
+    return max_pool
+
+
+def _avg_pool(nd: int):
+    name = f"avg_pool{nd}d"
+
+    def avg_pool(input: torch.Tensor, kernel_size, stride=None, padding=0,
+                 ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override=None) -> torch.Tensor:
+        _check_input(input, "avg", name)
+        w = _window(name, nd, kernel_size, stride, padding, 1, ceil_mode)
+        return _sliding(name, nd, input, "avg_pool", [
+            list(w.kernel_size), list(w.stride), list(w.padding), w.ceil_mode,
+            check_bool(count_include_pad, "count_include_pad", name),
+            check_divisor_override(divisor_override, name)])
+
+    return avg_pool
+
+
+def _lp_pool(nd: int):
+    name = f"lp_pool{nd}d"
+
+    def lp_pool(input: torch.Tensor, norm_type: float, kernel_size, stride=None,
+                ceil_mode: bool = False) -> torch.Tensor:
+        _check_input(input, "lp", name)
+        w = _window(name, nd, kernel_size, stride, 0, 1, ceil_mode)
+        return _sliding(name, nd, input, "lp_pool", [
+            check_norm_type(norm_type, name), list(w.kernel_size), list(w.stride),
+            w.ceil_mode])
+
+    return lp_pool
+
+
+def _adaptive(family: str, nd: int, name: str, input, output_size):
+    mode = "max" if "max" in family else "avg"
+    _check_input(input, mode, name)
+    _check_shape(input, nd, name)
+    sizes = int_tuple(output_size, nd, "output_size", name, allow_none=True)
+    if any(s is not None and s <= 0 for s in sizes):
+        raise ValueError(f"{name}: output_size must be positive, got {sizes}")
+    spatial = input.shape[-nd:]
+    resolved = [spatial[i] if s is None else s for i, s in enumerate(sizes)]
+    return _FUNCTIONS[f"adaptive_{mode}_pool{nd}d"].apply(input, (resolved,))
+
+
+def _adaptive_max_pool(nd: int):
+    name = f"adaptive_max_pool{nd}d"
+
+    def adaptive_max_pool(input: torch.Tensor, output_size, return_indices: bool = False):
+        return_indices = check_bool(return_indices, "return_indices", name)
+        out, indices = _adaptive("adaptive_max_pool", nd, name, input, output_size)
+        return (out, indices) if return_indices else out
+
+    return adaptive_max_pool
+
+
+def _adaptive_avg_pool(nd: int):
+    name = f"adaptive_avg_pool{nd}d"
+
+    def adaptive_avg_pool(input: torch.Tensor, output_size) -> torch.Tensor:
+        return _adaptive("adaptive_avg_pool", nd, name, input, output_size)
+
+    return adaptive_avg_pool
+
+
+def _squeeze(t: torch.Tensor, nd: int) -> torch.Tensor:
+    return t.reshape(t.shape[:-nd])
+
+
+def _global_max_pool(nd: int):
+    name = f"global_max_pool{nd}d"
+
+    def global_max_pool(input: torch.Tensor, keepdims: bool = False,
+                        return_indices: bool = False):
+        keepdims = check_bool(keepdims, "keepdims", name)
+        return_indices = check_bool(return_indices, "return_indices", name)
+        out, indices = _adaptive("adaptive_max_pool", nd, name, input, 1)
+        if not keepdims:
+            out, indices = _squeeze(out, nd), _squeeze(indices, nd)
+        return (out, indices) if return_indices else out
+
+    return global_max_pool
+
+
+def _global_avg_pool(nd: int):
+    name = f"global_avg_pool{nd}d"
+
+    def global_avg_pool(input: torch.Tensor, keepdims: bool = False) -> torch.Tensor:
+        keepdims = check_bool(keepdims, "keepdims", name)
+        out = _adaptive("adaptive_avg_pool", nd, name, input, 1)
+        return out if keepdims else _squeeze(out, nd)
+
+    return global_avg_pool
 
 
 def _make(family: str, nd: int):
-    base = getattr(fastpool, f"{family}{nd}d")
-    parameters = [p for name, p in inspect.signature(base).parameters.items()
-                  if name not in ("channels_last", "backend", "stream")]
-    parameters[0] = parameters[0].replace(name="input", annotation=torch.Tensor)
-    signature = inspect.Signature(parameters)
-
-    def function(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        input = arguments.pop("input")
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{family}{nd}d: input must be a torch.Tensor, got "
-                            f"{type(input).__name__}")
-        return_indices = arguments.pop("return_indices", False)
-        result = PoolFunction.apply(input, PoolOp(family, nd, tuple(arguments.items())))
-        if "max" in family and not return_indices:
-            return result[0]
-        return result
-
-    function.__signature__ = signature
+    function = globals()[f"_{family}"](nd)
     function.__name__ = function.__qualname__ = f"{family}{nd}d"
     function.__doc__ = (f"``fastpool.{family}{nd}d`` on torch tensors, autograd-aware.\n\n"
                         f"Same arguments and result as torch.nn.functional's function of the "
-                        f"same name.")
+                        f"same name; runs ``torch.ops.fastpool.{function.__name__}`` (see "
+                        f"docs/torch.md).")
     return function
 
 
@@ -160,43 +209,21 @@ for _family in FAMILIES:
         globals()[f"{_family}{_nd}d"] = _make(_family, _nd)
 
 
-class ConvFunction(torch.autograd.Function):
-    """Forward and backward of fastpool's strided convolution on tensors."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, nd, stride, padding):
-        # The channels-last kernels run on the host; a GPU tensor goes channels-first.
-        channels_last = _is_channels_last(input) and input.device.type == "cpu"
-        if input.device.type != "cpu":
-            input = input.contiguous()
-        function = getattr(fastpool, f"strided_conv{nd}d")
-        out = function(_to_numpy(input, channels_last), _to_numpy(weight, False), stride,
-                       padding, None if bias is None else _to_numpy(bias, False),
-                       channels_last=channels_last, stream=_stream(input))
-        ctx.save_for_backward(input, weight)
-        ctx.nd, ctx.stride, ctx.padding, ctx.channels_last = nd, stride, padding, channels_last
-        ctx.has_bias = bias is not None
-        return _to_tensor(out, channels_last)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        if input.device.type != "cpu":
-            grad_output = grad_output.contiguous()
-        function = getattr(fastpool, f"strided_conv{ctx.nd}d_backward")
-        grad_in, grad_weight, grad_bias = function(
-            _to_numpy(grad_output, ctx.channels_last), _to_numpy(input, ctx.channels_last),
-            _to_numpy(weight, False), ctx.stride, ctx.padding,
-            channels_last=ctx.channels_last, stream=_stream(input))
-        return (_to_tensor(grad_in, ctx.channels_last), _to_tensor(grad_weight, False),
-                _to_tensor(grad_bias, False) if ctx.has_bias else None, None, None, None)
-
-
 def _make_conv(nd: int):
+    name = f"strided_conv{nd}d"
+
     def strided_conv(input: torch.Tensor, weight: torch.Tensor, stride=2, padding=0,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-        return ConvFunction.apply(input, weight, bias, nd, stride, padding)
+        for label, value in (("input", input), ("weight", weight), ("bias", bias)):
+            if value is not None:
+                _check_input(value, "conv", name, label)
+        if weight.dtype != input.dtype:
+            raise TypeError(f"{name}: weight dtype {weight.dtype} differs from input dtype "
+                            f"{input.dtype}")
+        window = ConvWindow.from_args(name, nd, stride, padding)
+        params = (list(window.stride), list(window.padding))
+        _ops.conv_out_shape(nd, input, weight, *params)  # shape errors, here
+        return _FUNCTIONS[name].apply(input, weight, bias, params)
 
     strided_conv.__name__ = strided_conv.__qualname__ = f"strided_conv{nd}d"
     strided_conv.__doc__ = (f"``fastpool.strided_conv{nd}d`` on torch tensors, "

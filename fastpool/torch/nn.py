@@ -14,6 +14,7 @@ torch.Size([8, 64, 56, 56])
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -26,6 +27,15 @@ _TORCH_MODULES = {
 }
 
 
+def _prepare_scriptable(self):
+    """torch.jit.script calls this first: fastpool's modules cannot be scripted."""
+    raise RuntimeError(
+        f"fastpool.torch.nn.{type(self).__name__} cannot be compiled by torch.jit.script "
+        f"(TorchScript is in maintenance mode and does not compile fastpool's Python "
+        f"wrappers); use torch.export.export to get a graph to save and deploy (fastpool's "
+        f"ops appear as torch.ops.fastpool.*), or torch.compile to speed the model up")
+
+
 def _module(family: str, nd: int, base: type) -> type:
     function = getattr(functional, f"{family}{nd}d")
     names = [name for name in inspect.signature(function).parameters if name != "input"]
@@ -36,12 +46,14 @@ def _module(family: str, nd: int, base: type) -> type:
 
     return type(base.__name__, (base,), {
         "forward": forward, "__module__": __name__,
+        "__prepare_scriptable__": _prepare_scriptable,
         "__doc__": f"torch.nn.{base.__name__} computed by fastpool's kernels."})
 
 
 class _GlobalPool(torch.nn.Module):
     family = ""
     nd = 0
+    __prepare_scriptable__ = _prepare_scriptable
 
     def __init__(self, keepdims: bool = False) -> None:
         super().__init__()
@@ -93,4 +105,65 @@ def _conv_module(nd: int) -> type:
 StridedConv1d, StridedConv2d, StridedConv3d = (_conv_module(nd) for nd in (1, 2, 3))
 
 __all__ = [f"{stem}{nd}d" for stem in (*_TORCH_MODULES.values(), "GlobalMaxPool",
-                                       "GlobalAvgPool", "StridedConv") for nd in (1, 2, 3)]
+                                       "GlobalAvgPool", "StridedConv") for nd in (1, 2, 3)] + [
+    "convert"]
+
+
+def _replacements() -> dict:
+    return {getattr(torch.nn, f"{stem}{nd}d"): globals()[f"{stem}{nd}d"]
+            for stem in _TORCH_MODULES.values() for nd in (1, 2, 3)}
+
+
+def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    """Replace every torch.nn pooling module of a model by fastpool's equivalent.
+
+    The pattern of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: each
+    ``torch.nn.{Max,Avg,LP,AdaptiveMax,AdaptiveAvg}Pool{1,2,3}d`` (exactly that
+    class, not a subclass, whose ``forward`` may differ) becomes the
+    ``fastpool.torch.nn`` class of the same name with the same configuration,
+    hooks and training flag.  Pooling modules hold no parameters or buffers, so
+    the state dict is unchanged and stays loadable either way.  Pooling written
+    as ``torch.nn.functional`` calls inside a ``forward`` is not converted.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A model, or a single pooling module.
+    inplace : bool
+        Convert ``module`` itself; by default a deep copy is converted and
+        ``module`` is left as it was.
+
+    Returns
+    -------
+    torch.nn.Module
+        The converted model (``module`` itself when ``inplace``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import fastpool.torch
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.MaxPool2d(2),
+    ...                             torch.nn.AdaptiveAvgPool2d(1))
+    >>> fast = fastpool.torch.convert(model)
+    >>> type(fast[1]).__module__
+    'fastpool.torch.nn'
+    >>> fast[1]
+    MaxPool2d(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False)
+    >>> type(model[1]).__module__  # the original is unchanged
+    'torch.nn.modules.pooling'
+    >>> fast.load_state_dict(model.state_dict())
+    <All keys matched successfully>
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"convert: module must be a torch.nn.Module, got "
+                        f"{type(module).__name__}")
+    if not inplace:
+        module = copy.deepcopy(module)
+    replacements = _replacements()
+    for submodule in module.modules():
+        replacement = replacements.get(type(submodule))
+        if replacement is not None:
+            # fastpool's class subclasses torch's and adds no state: the same
+            # object, with fastpool's forward.
+            submodule.__class__ = replacement
+    return module

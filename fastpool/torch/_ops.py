@@ -1,0 +1,543 @@
+"""fastpool's pooling kernels registered with torch as custom operators.
+
+Each op is a ``torch.library.custom_op`` in the ``fastpool`` namespace
+(``torch.ops.fastpool.max_pool2d``, ``torch.ops.fastpool.max_pool2d_backward``,
+...), with
+
+- one implementation for CPU and CUDA tensors, which calls fastpool's kernels on
+  zero-copy views (NumPy for CPU tensors; CUDA tensors on torch's current
+  stream), computing float16 and bfloat16 in float32;
+- a fake (meta) implementation from fastpool's own shape rules (``_params``), so
+  torch.compile, torch.export and dynamic shapes trace through without running
+  a kernel;
+- an autograd formula (``register_autograd``) whose backward is the
+  ``*_backward`` op; the backward ops of max, average and adaptive pooling are
+  linear in ``grad``, and their own backward is the forward's gather or window
+  sum, so double backward works;
+- a vmap rule that folds the vmapped dimension into the batch dimension.
+
+Parameters arrive normalised (``fastpool.torch.functional`` validates them with
+fastpool's messages before calling an op): lists of ints for the window, the
+resolved output size for adaptive pooling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import fastpool
+from fastpool import _threads
+from fastpool._params import ConvWindow, SlidingWindow
+
+NAMESPACE = "fastpool"
+HALF = (torch.float16, torch.bfloat16)
+_MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+# family: (forward parameters, whether the forward also returns indices,
+#          backward parameters after (grad, x[, indices]))
+_WINDOW = "int[] kernel_size, int[] stride, int[] padding"
+FAMILIES = {
+    "max_pool": (f"{_WINDOW}, int[] dilation, bool ceil_mode", True),
+    "avg_pool": (f"{_WINDOW}, bool ceil_mode, bool count_include_pad, int? divisor_override",
+                 False),
+    "lp_pool": ("float norm_type, int[] kernel_size, int[] stride, bool ceil_mode", False),
+    "adaptive_max_pool": ("SymInt[] output_size", True),
+    "adaptive_avg_pool": ("SymInt[] output_size", False),
+}
+
+
+def is_channels_last(t: torch.Tensor, nd: int) -> bool:
+    """A batched 4-D/5-D tensor stored channels-last (and not also channels-first)."""
+    memory_format = _MEMORY_FORMATS.get(t.dim())
+    return (memory_format is not None and t.dim() == nd + 2 and t.size(1) > 1
+            and t.is_contiguous(memory_format=memory_format) and not t.is_contiguous())
+
+
+def _host(t: torch.Tensor, channels_last: bool):
+    """A zero-copy view for fastpool (halves converted to float32): NumPy for CPU
+    tensors; CUDA tensors pass as themselves (fastpool reads their
+    ``__cuda_array_interface__``)."""
+    t = t.detach()
+    if t.dtype in HALF:
+        t = t.float()
+    t = t.movedim(1, -1) if channels_last else t
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+def _host_shape(t: torch.Tensor, channels_last: bool) -> tuple[int, ...]:
+    shape = tuple(t.shape)
+    return (shape[0], *shape[2:], shape[1]) if channels_last else shape
+
+
+def _tensor(array, channels_last: bool, dtype: torch.dtype, like: torch.Tensor):
+    """fastpool's result as a tensor in the input's layout and ``dtype``; never a view
+    of ``like`` (a custom op's output must not alias its input)."""
+    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+    t = t.movedim(-1, 1) if channels_last else t
+    if t.dtype != dtype:
+        t = t.to(dtype)  # keeps the channels-last strides
+    else:
+        start, size = like.untyped_storage().data_ptr(), like.untyped_storage().nbytes()
+        if start <= t.data_ptr() < start + max(size, 1):
+            t = t.clone()
+    return t
+
+
+def _empty(shape, channels_last: bool, dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty tensor with the shape, dtype and strides the implementation returns."""
+    shape = tuple(shape)
+    if channels_last:
+        return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype,
+                           device=device).movedim(-1, 1)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _stream(t: torch.Tensor):
+    """torch's current CUDA stream as a numba stream, so launches queue behind torch's."""
+    if t.device.type != "cuda":
+        return None
+    from numba import cuda
+    return cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
+
+
+@contextlib.contextmanager
+def _torch_threads():
+    """Run fastpool's CPU kernels on torch's intra-op thread count, unless
+    ``fastpool.set_num_threads`` was called (see docs/torch.md)."""
+    with _threads.default_threads(torch.get_num_threads()):
+        yield
+
+
+def out_spatial(family: str, nd: int, x: torch.Tensor, params) -> tuple:
+    """The output's spatial shape, by fastpool's shape rules (works on symbolic sizes;
+    not memoised: Dynamo cannot guard on the memo's keys)."""
+    name = f"{family}{nd}d"
+    spatial = tuple(x.shape[-nd:])
+    if family.startswith("adaptive"):
+        return tuple(params[0])
+    if family == "lp_pool":
+        _, kernel, stride, ceil_mode = params
+        window = SlidingWindow._from_args(name, nd, tuple(kernel), tuple(stride), 0, 1,
+                                          ceil_mode)
+    else:
+        kernel, stride, padding = (tuple(p) for p in params[:3])
+        dilation, ceil_mode = (tuple(params[3]), params[4]) if family == "max_pool" else (
+            1, params[3])
+        window = SlidingWindow._from_args(name, nd, kernel, stride, padding, dilation,
+                                          ceil_mode)
+    return window.output_shape(name, spatial)
+
+
+# --------------------------------------------------------------------------
+# Implementations
+# --------------------------------------------------------------------------
+
+
+def _forward_impl(family: str, nd: int):
+    function = getattr(fastpool, f"{family}{nd}d")
+    with_indices = FAMILIES[family][1]
+
+    def impl(x, *params):
+        cl = is_channels_last(x, nd)
+        extra = {"return_indices": True} if with_indices else {}
+        with _torch_threads():
+            result = function(_host(x, cl), *params, **extra, channels_last=cl,
+                              stream=_stream(x))
+        if with_indices:
+            out, indices = result
+            return (_tensor(out, cl, x.dtype, x), _tensor(indices, cl, torch.int64, x))
+        return _tensor(result, cl, x.dtype, x)
+
+    return impl
+
+
+def _forward_fake(family: str, nd: int):
+    with_indices = FAMILIES[family][1]
+
+    def fake(x, *params):
+        cl = is_channels_last(x, nd)
+        shape = (*x.shape[:-nd], *out_spatial(family, nd, x, params))
+        out = _empty(shape, cl, x.dtype, x.device)
+        return (out, _empty(shape, cl, torch.int64, x.device)) if with_indices else out
+
+    return fake
+
+
+def _backward_impl(family: str, nd: int):
+    function = getattr(fastpool, f"{family}{nd}d_backward")
+    with_indices = FAMILIES[family][1]
+
+    def impl(grad, x, *rest):
+        cl = is_channels_last(x, nd)
+        g, stream = _host(grad, cl), _stream(x)
+        with _torch_threads():
+            if family == "max_pool":
+                indices, kernel, stride, padding, dilation, ceil_mode = rest
+                result = function(g, _host(indices, cl), _host_shape(x, cl),
+                                  kernel_size=kernel, stride=stride, padding=padding,
+                                  dilation=dilation, ceil_mode=ceil_mode, channels_last=cl,
+                                  stream=stream)
+            elif with_indices:
+                result = function(g, _host(rest[0], cl), _host_shape(x, cl),
+                                  channels_last=cl, stream=stream)
+            elif family == "lp_pool":
+                result = function(g, _host(x, cl), *rest, channels_last=cl, stream=stream)
+            else:
+                result = function(g, _host_shape(x, cl), *rest, channels_last=cl,
+                                  stream=stream)
+        return _tensor(result, cl, x.dtype, grad)
+
+    return impl
+
+
+def _backward_fake(family: str, nd: int):
+    def fake(grad, x, *rest):
+        return _empty(x.shape, is_channels_last(x, nd), x.dtype, x.device)
+
+    return fake
+
+
+# --------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------
+
+
+def op(name: str):
+    """The OpOverload ``torch.ops.fastpool.<name>.default``."""
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+def gather(grad_input: torch.Tensor, indices: torch.Tensor, nd: int) -> torch.Tensor:
+    """Max pooling's forward applied to a gradient: each output reads its argmax."""
+    flat = grad_input.flatten(-nd).gather(-1, indices.flatten(-nd))
+    return flat.reshape(indices.shape)
+
+
+# The formulas registered on the ops themselves (register_autograd): autograd of a
+# direct torch.ops.fastpool call, torch.library.opcheck, AOTAutograd.
+
+
+def setup_forward(family: str, nd: int):
+    def setup_context(ctx, inputs, output):
+        x, *params = inputs
+        ctx.n_params = len(params)
+        ctx.params = [] if family.startswith("adaptive") else params
+        if FAMILIES[family][1]:
+            ctx.mark_non_differentiable(output[1])
+            ctx.save_for_backward(x, output[1])
+        else:
+            ctx.save_for_backward(x)
+
+    return setup_context
+
+
+def backward_forward(family: str, nd: int):
+    """The backward of a forward op: its ``*_backward`` op."""
+    name = f"{family}{nd}d_backward"
+
+    def backward(ctx, grad, *unused):
+        saved = ctx.saved_tensors
+        grad_input = op(name)(grad, *saved, *ctx.params)
+        return (grad_input, *(None for _ in range(ctx.n_params)))
+
+    return backward
+
+
+def _setup_backward(family: str, nd: int):
+    def setup_context(ctx, inputs, output):
+        grad, x, *rest = inputs
+        ctx.n_inputs = len(inputs)
+        ctx.params = rest[1:] if FAMILIES[family][1] else rest
+        ctx.out_spatial = list(grad.shape[-nd:])
+        ctx.save_for_backward(rest[0] if FAMILIES[family][1] else None)
+
+    return setup_context
+
+
+def _backward_backward(family: str, nd: int):
+    """The backward of a ``*_backward`` op with respect to ``grad`` (the op is linear
+    in it): the forward's gather for max, the forward itself for averages."""
+
+    def backward(ctx, grad_grad):
+        if family == "lp_pool":
+            raise NotImplementedError(
+                f"fastpool: {family}{nd}d has no double backward (its backward is not "
+                f"linear in the gradient); max, average, adaptive and global pooling have one")
+        (indices,) = ctx.saved_tensors
+        if FAMILIES[family][1]:
+            result = gather(grad_grad, indices, nd)
+        elif family == "adaptive_avg_pool":
+            result = op(f"{family}{nd}d")(grad_grad, ctx.out_spatial)
+        else:
+            result = op(f"{family}{nd}d")(grad_grad, *ctx.params)
+        return (result, *(None for _ in range(ctx.n_inputs - 1)))
+
+    return backward
+
+
+# --------------------------------------------------------------------------
+# autograd.Functions that fastpool.torch applies: torch.func's transforms need a
+# Function with its own setup_context (an op's register_autograd is not enough
+# there), and each backward goes through the next Function, so double backward
+# works under autograd and torch.func alike.  The parameters come as one tuple:
+# Dynamo matches forward's arity to the call's.
+# --------------------------------------------------------------------------
+
+
+def _forward_function(family: str, nd: int) -> type:
+    name = f"{family}{nd}d"
+    with_indices = FAMILIES[family][1]
+    adaptive = family.startswith("adaptive")
+
+    def forward(x, params):
+        return op(name)(x, *params)
+
+    def setup_context(ctx, inputs, output):
+        x, params = inputs
+        ctx.params = () if adaptive else params
+        if with_indices:
+            ctx.mark_non_differentiable(output[1])
+            ctx.save_for_backward(x, output[1])
+        else:
+            ctx.save_for_backward(x)
+
+    def backward(ctx, grad, *unused):
+        x, *indices = ctx.saved_tensors
+        return FUNCTIONS[f"{name}_backward"].apply(
+            grad, x, indices[0] if indices else None, ctx.params), None
+
+    return _function_type(name, forward, setup_context, backward)
+
+
+def _backward_function(family: str, nd: int) -> type:
+    name = f"{family}{nd}d_backward"
+
+    def forward(grad, x, indices, params):
+        if indices is None:
+            return op(name)(grad, x, *params)
+        return op(name)(grad, x, indices, *params)
+
+    def setup_context(ctx, inputs, output):
+        grad, x, indices, params = inputs
+        ctx.params = params
+        ctx.out_spatial = list(grad.shape[-nd:])
+        ctx.save_for_backward(indices)
+
+    def backward(ctx, grad_grad):
+        if family == "lp_pool":
+            raise NotImplementedError(
+                f"fastpool: {family}{nd}d has no double backward (its backward is not "
+                f"linear in the gradient); max, average, adaptive and global pooling have one")
+        (indices,) = ctx.saved_tensors
+        if indices is not None:
+            result = gather(grad_grad, indices, nd)
+        elif family == "adaptive_avg_pool":
+            result = FUNCTIONS[f"{family}{nd}d"].apply(grad_grad, (ctx.out_spatial,))
+        else:
+            result = FUNCTIONS[f"{family}{nd}d"].apply(grad_grad, ctx.params)
+        return result, None, None, None
+
+    return _function_type(name, forward, setup_context, backward)
+
+
+def _function_type(name, forward, setup_context, backward) -> type:
+    stem = "".join(w[:1].upper() + w[1:] for w in name.split("_"))
+    return type(f"{stem}Function", (torch.autograd.Function,), {
+        "generate_vmap_rule": True, "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
+        "__module__": __name__, "__qualname__": f"{stem}Function"})
+
+
+FUNCTIONS: dict = {}
+for _family in FAMILIES:
+    for _nd in (1, 2, 3):
+        FUNCTIONS[f"{_family}{_nd}d"] = _forward_function(_family, _nd)
+        FUNCTIONS[f"{_family}{_nd}d_backward"] = _backward_function(_family, _nd)
+
+
+# --------------------------------------------------------------------------
+# vmap: fold the vmapped dimension into the batch dimension
+# --------------------------------------------------------------------------
+
+
+def _vmap_rule(nd: int, n_outputs: int):
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        batched = None
+        moved = []
+        for arg, dim in zip(args, in_dims):
+            if isinstance(arg, torch.Tensor):
+                arg = arg.movedim(dim, 0) if dim is not None else arg.expand(size, *arg.shape)
+                if batched is None:
+                    batched = arg.dim() - 1 == nd + 2  # (B, N, C, *spatial)
+                if batched:
+                    arg = arg.flatten(0, 1)
+            moved.append(arg)
+        result = op_defs[rule.name](*moved)
+        if batched:
+            result = tuple(r.unflatten(0, (size, -1)) for r in result) if n_outputs > 1 \
+                else result.unflatten(0, (size, -1))
+        return result, ((0,) * n_outputs if n_outputs > 1 else 0)
+
+    return rule
+
+
+# --------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------
+
+op_defs: dict = {}
+
+
+def _register() -> None:
+    for family, (params, with_indices) in FAMILIES.items():
+        for nd in (1, 2, 3):
+            name = f"{family}{nd}d"
+            outputs = "(Tensor, Tensor)" if with_indices else "Tensor"
+            forward = torch.library.custom_op(
+                f"{NAMESPACE}::{name}", _forward_impl(family, nd), mutates_args=(),
+                device_types=("cpu", "cuda"), schema=f"(Tensor x, {params}) -> {outputs}")
+            forward.register_fake(_forward_fake(family, nd))
+            forward.register_autograd(backward_forward(family, nd),
+                                      setup_context=setup_forward(family, nd))
+            # Adaptive pooling's backward reads the output size off grad.
+            back_params = "" if family.startswith("adaptive") else params
+            signature = ", ".join(p for p in ("Tensor grad, Tensor x",
+                                              "Tensor indices" if with_indices else "",
+                                              back_params) if p)
+            backward = torch.library.custom_op(
+                f"{NAMESPACE}::{name}_backward", _backward_impl(family, nd), mutates_args=(),
+                device_types=("cpu", "cuda"), schema=f"({signature}) -> Tensor")
+            backward.register_fake(_backward_fake(family, nd))
+            backward.register_autograd(_backward_backward(family, nd),
+                                       setup_context=_setup_backward(family, nd))
+            for op_name, definition, n_out in ((name, forward, 1 + with_indices),
+                                               (f"{name}_backward", backward, 1)):
+                op_defs[op_name] = definition
+                rule = _vmap_rule(nd, n_out)
+                rule.name = op_name
+                definition.register_vmap(rule)
+
+
+_register()
+
+
+# --------------------------------------------------------------------------
+# Strided convolution
+# --------------------------------------------------------------------------
+
+
+def _conv_channels_last(x: torch.Tensor, nd: int) -> bool:
+    # The channels-last convolution kernels run on the host; a GPU tensor goes
+    # channels-first.
+    return is_channels_last(x, nd) and x.device.type == "cpu"
+
+
+def conv_out_shape(nd: int, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> tuple:
+    """The caller's shape of a strided convolution's result (symbolic sizes welcome)."""
+    name = f"strided_conv{nd}d"
+    window = ConvWindow.from_args(name, nd, tuple(stride), tuple(padding))
+    spatial = window.output_shape(name, tuple(x.shape[-nd:]), tuple(weight.shape[-nd:]))
+    if weight.dim() == nd:  # a plain image and filter
+        return spatial
+    return (*x.shape[:-nd - 1], weight.shape[0], *spatial)
+
+
+def _conv_impl(nd: int):
+    function = getattr(fastpool, f"strided_conv{nd}d")
+
+    def impl(x, weight, bias, stride, padding):
+        cl = _conv_channels_last(x, nd)
+        if x.device.type != "cpu":
+            x = x.contiguous()
+        with _torch_threads():
+            out = function(_host(x, cl), _host(weight, False), stride, padding,
+                           None if bias is None else _host(bias, False), channels_last=cl,
+                           stream=_stream(x))
+        return _tensor(out, cl, x.dtype, x)
+
+    def fake(x, weight, bias, stride, padding):
+        return _empty(conv_out_shape(nd, x, weight, stride, padding),
+                      _conv_channels_last(x, nd), x.dtype, x.device)
+
+    return impl, fake
+
+
+def _conv_backward_impl(nd: int):
+    function = getattr(fastpool, f"strided_conv{nd}d_backward")
+
+    def impl(grad, x, weight, stride, padding):
+        cl = _conv_channels_last(x, nd)
+        if x.device.type != "cpu":
+            grad, x = grad.contiguous(), x.contiguous()
+        with _torch_threads():
+            grad_in, grad_weight, grad_bias = function(
+                _host(grad, cl), _host(x, cl), _host(weight, False), stride, padding,
+                channels_last=cl, stream=_stream(x))
+        return (_tensor(grad_in, cl, x.dtype, grad),
+                _tensor(grad_weight, False, weight.dtype, weight),
+                _tensor(grad_bias, False, weight.dtype, weight))
+
+    def fake(grad, x, weight, stride, padding):
+        channels = weight.shape[0] if weight.dim() == nd + 2 else 1
+        return (_empty(x.shape, _conv_channels_last(x, nd), x.dtype, x.device),
+                torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
+                torch.empty((channels,), dtype=weight.dtype, device=weight.device))
+
+    return impl, fake
+
+
+def _conv_function(nd: int) -> type:
+    name = f"strided_conv{nd}d"
+
+    def forward(x, weight, bias, params):
+        return op(name)(x, weight, bias, *params)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, params = inputs
+        ctx.params, ctx.has_bias = params, bias is not None
+        ctx.save_for_backward(x, weight)
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_in, grad_weight, grad_bias = op(f"{name}_backward")(grad, x, weight, *ctx.params)
+        return grad_in, grad_weight, grad_bias if ctx.has_bias else None, None
+
+    return _function_type(name, forward, setup_context, backward)
+
+
+def _register_conv() -> None:
+    for nd in (1, 2, 3):
+        name = f"strided_conv{nd}d"
+        impl, fake = _conv_impl(nd)
+        forward = torch.library.custom_op(
+            f"{NAMESPACE}::{name}", impl, mutates_args=(), device_types=("cpu", "cuda"),
+            schema="(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding) "
+                   "-> Tensor")
+        forward.register_fake(fake)
+        impl, fake = _conv_backward_impl(nd)
+        backward = torch.library.custom_op(
+            f"{NAMESPACE}::{name}_backward", impl, mutates_args=(),
+            device_types=("cpu", "cuda"),
+            schema="(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding) "
+                   "-> (Tensor, Tensor, Tensor)")
+        backward.register_fake(fake)
+
+        def setup_context(ctx, inputs, output):
+            x, weight, bias, *params = inputs
+            ctx.params, ctx.has_bias = params, bias is not None
+            ctx.save_for_backward(x, weight)
+
+        def conv_backward(ctx, grad, name=name):
+            x, weight = ctx.saved_tensors
+            grads = op(f"{name}_backward")(grad, x, weight, *ctx.params)
+            return grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None
+
+        forward.register_autograd(conv_backward, setup_context=setup_context)
+        op_defs[name], op_defs[f"{name}_backward"] = forward, backward
+        FUNCTIONS[name] = _conv_function(nd)
+
+
+_register_conv()
