@@ -76,8 +76,18 @@ _FUNCTIONS = _ops.FUNCTIONS
 
 def _window(name, nd, kernel_size, stride, padding, dilation, ceil_mode) -> SlidingWindow:
     # Not SlidingWindow.from_args: Dynamo cannot guard on the keys of its memo.
-    return SlidingWindow._from_args(name, nd, kernel_size, stride, padding, dilation,
-                                    ceil_mode)
+    window = SlidingWindow._from_args(name, nd, kernel_size, stride, padding, dilation,
+                                      ceil_mode)
+    if not window.is_torch_style:
+        raise ValueError(f"{name}: fastpool.torch takes torch's int padding (at most half "
+                         f"the kernel), got padding={padding!r}; 'same', 'valid' and "
+                         f"(before, after) pairs run on arrays through fastpool.{name}")
+    return window
+
+
+def _pads(window: SlidingWindow) -> list[int]:
+    """The symmetric int padding of a torch-style window, as the ops' schemas take it."""
+    return [before for before, _ in window.padding]
 
 
 def _sliding(name, nd, input, family, params):
@@ -95,7 +105,7 @@ def _max_pool(nd: int):
         w = _window(name, nd, kernel_size, stride, padding, dilation, ceil_mode)
         return_indices = check_bool(return_indices, "return_indices", name)
         out, indices = _sliding(name, nd, input, "max_pool", [
-            list(w.kernel_size), list(w.stride), list(w.padding), list(w.dilation),
+            list(w.kernel_size), list(w.stride), _pads(w), list(w.dilation),
             w.ceil_mode])
         return (out, indices) if return_indices else out
 
@@ -111,7 +121,7 @@ def _avg_pool(nd: int):
         _check_input(input, "avg", name)
         w = _window(name, nd, kernel_size, stride, padding, 1, ceil_mode)
         return _sliding(name, nd, input, "avg_pool", [
-            list(w.kernel_size), list(w.stride), list(w.padding), w.ceil_mode,
+            list(w.kernel_size), list(w.stride), _pads(w), w.ceil_mode,
             check_bool(count_include_pad, "count_include_pad", name),
             check_divisor_override(divisor_override, name)])
 
