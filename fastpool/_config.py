@@ -4,6 +4,8 @@ Read once from the environment at import:
 
 ``FASTPOOL_DISABLE_CACHE=1``
     compile without numba's on-disk cache (``cache=True`` otherwise).
+``FASTPOOL_CUDA_CHECK_INDICES=1``
+    make the GPU max backward check its indices (a host synchronisation; below).
 ``FASTPOOL_FASTMATH=1``
     let LLVM reorder float arithmetic.  Off by default: results then match
     PyTorch's bit for bit in max pooling and to rounding in averages.
@@ -28,6 +30,12 @@ CPU_JIT_OPTIONS: dict = {
 
 # numba-cuda kernels; its simulator (NUMBA_ENABLE_CUDASIM=1) ignores the cache.
 CUDA_JIT_OPTIONS: dict = {"cache": not _flag("FASTPOOL_DISABLE_CACHE")}
+
+# FASTPOOL_CUDA_CHECK_INDICES=1: max pooling's backward on the GPU copies back a
+# device flag (a host synchronisation) to raise on indices outside the input plane,
+# as the host back ends do.  Off by default: such indices are then dropped, and no
+# forward or backward call synchronises with the host.
+CUDA_CHECK_INDICES = _flag("FASTPOOL_CUDA_CHECK_INDICES")
 
 # Threads per block for CUDA launches: the most a launch uses; small outputs get
 # fewer (a multiple of the warp size).  Tests lower it so that tiny inputs span

@@ -15,8 +15,20 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from numba import config
+
 from fastpool._config import CUDA_JIT_OPTIONS
 from fastpool._scalar import torch_power
+
+if config.ENABLE_CUDASIM:  # the simulator has no libdevice; the same bit casts in NumPy
+    def _int_as_float(bits):
+        return np.array(bits, np.int64).astype(np.uint32).view(np.float32)[()]
+
+    def _float_as_int(value):
+        return np.array(value, np.float32).view(np.int32)[()]
+else:
+    from numba.cuda.libdevice import float_as_int as _float_as_int
+    from numba.cuda.libdevice import int_as_float as _int_as_float
 
 
 @cuda.jit(device=True, inline=True)
@@ -26,6 +38,43 @@ def _first_and_stride():
 
 
 _power = cuda.jit(device=True, inline=True)(torch_power)
+
+
+# Half precision: float16 and bfloat16 are loaded, widened to float32 in registers,
+# computed on in float32 and rounded once on the store (torch's rule), so no kernel
+# uses half arithmetic (numba-cuda would leave it to a linked C++ shim).  bfloat16
+# travels as its uint16 bits, marked by ``bf16`` (None for every other dtype, which
+# specialises those branches away).  ``zero`` is 0 in the compute type: subtracting
+# +0.0 is exact for every float, -0.0 and NaN included.
+
+
+@cuda.jit(device=True, inline=True)
+def _load(array, index, zero, bf16):
+    """``array[index]`` in the compute type of ``zero``."""
+    if bf16 is None:
+        return array[index] - zero
+    bits = np.int64(array[index]) << 16
+    if bits >= 0x80000000:
+        bits -= 0x100000000
+    return _int_as_float(np.int32(bits))
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_bits(value):
+    """float32 to bfloat16 bits, rounding to nearest even; NaN is 0x7FC0 (as in c10)."""
+    if value != value:
+        return np.uint16(0x7FC0)
+    bits = np.int64(_float_as_int(np.float32(value))) & 0xFFFFFFFF
+    return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+
+
+@cuda.jit(device=True, inline=True)
+def _store(array, index, value, bf16):
+    """``array[index] = value``, rounded once to the array's dtype."""
+    if bf16 is None:
+        array[index] = value
+    else:
+        array[index] = _bf16_bits(value)
 
 
 @cuda.jit(device=True, inline=True)
@@ -42,7 +91,7 @@ def _unravel(i, shape):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def max_pool(x, out, indices, start, stop, step, lowest, with_indices):
+def max_pool(x, out, indices, start, stop, step, lowest, with_indices, zero, bf16):
     height, width = x.shape[2], x.shape[3]
     i, grid = _first_and_stride()
     while i < out.size:
@@ -58,7 +107,7 @@ def max_pool(x, out, indices, start, stop, step, lowest, with_indices):
             while h < h1:
                 w = w0
                 while w < w1:
-                    value = x[n, d, h, w, c]
+                    value = _load(x, (n, d, h, w, c), zero, bf16)
                     # torch's update: a NaN always wins, ties keep the first.
                     if value > best or value != value:
                         best = value
@@ -66,14 +115,15 @@ def max_pool(x, out, indices, start, stop, step, lowest, with_indices):
                     w += step[2]
                 h += step[1]
             d += step[0]
-        out[n, od, oh, ow, c] = best
+        _store(out, (n, od, oh, ow, c), best, bf16)
         if with_indices:
             indices[n, od, oh, ow, c] = best_at
         i += grid
 
 
 @cuda.jit(device=True, inline=True)
-def _window_sum(x, n, c, d0, d1, h0, h1, w0, w1, step, power, total):
+def _window_sum(x, n, c, d0, d1, h0, h1, w0, w1, step, power, total, bf16):
+    zero = total - total
     d = d0
     while d < d1:
         h = h0
@@ -81,9 +131,9 @@ def _window_sum(x, n, c, d0, d1, h0, h1, w0, w1, step, power, total):
             w = w0
             while w < w1:
                 if power is None:
-                    total += x[n, d, h, w, c]
+                    total += _load(x, (n, d, h, w, c), zero, bf16)
                 else:
-                    total += _power(x[n, d, h, w, c], power)
+                    total += _power(_load(x, (n, d, h, w, c), zero, bf16), power)
                 w += step[2]
             h += step[1]
         d += step[0]
@@ -91,35 +141,36 @@ def _window_sum(x, n, c, d0, d1, h0, h1, w0, w1, step, power, total):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def sum_pool(x, out, start, stop, step, divisor, scale, power, zero):
+def sum_pool(x, out, start, stop, step, divisor, scale, power, zero, bf16):
     """Averages (power None) or Lp norms; ``zero`` sets the accumulator type."""
     i, grid = _first_and_stride()
     while i < out.size:
         n, od, oh, ow, c = _unravel(i, out.shape)
         total = _window_sum(x, n, c, start[0, od], stop[0, od], start[1, oh], stop[1, oh],
-                            start[2, ow], stop[2, ow], step, power, zero)
+                            start[2, ow], stop[2, ow], step, power, zero, bf16)
         mean = total * (scale / (divisor[0, od] * divisor[1, oh] * divisor[2, ow]))
         if power is None:
-            out[n, od, oh, ow, c] = mean
+            _store(out, (n, od, oh, ow, c), mean, bf16)
         else:
-            out[n, od, oh, ow, c] = _power(mean, 1.0 / power)
+            _store(out, (n, od, oh, ow, c), _power(mean, 1.0 / power), bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def output_coefficients(grad_out, x, coefficient, start, stop, step, divisor, scale, power,
-                        zero):
+                        zero, bf16):
     """d loss / d (window sum of x**p) per output, by torch's avg/lp_pool chain rule."""
     i, grid = _first_and_stride()
     while i < grad_out.size:
         n, od, oh, ow, c = _unravel(i, grad_out.shape)
         window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
-        grad = grad_out[n, od, oh, ow, c] * (zero + 1)
+        grad = _load(grad_out, (n, od, oh, ow, c), zero, bf16)
         if power is None:
             coefficient[n, od, oh, ow, c] = grad * scale / window_divisor
         else:
             total = _window_sum(x, n, c, start[0, od], stop[0, od], start[1, oh],
-                                stop[1, oh], start[2, ow], stop[2, ow], step, power, zero)
+                                stop[1, oh], start[2, ow], stop[2, ow], step, power, zero,
+                                bf16)
             mean = total / window_divisor
             scaled = grad * (1.0 / power) * _power(mean * scale, 1.0 / power - 1.0) * scale
             if mean != mean:
@@ -139,7 +190,7 @@ def _covers(position, o, start, stop, step, axis):
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step, power,
-                 zero):
+                 zero, bf16):
     """grad_in[i] = factor(x[i]) * sum of the coefficients of the windows covering i."""
     i, grid = _first_and_stride()
     while i < grad_in.size:
@@ -153,15 +204,22 @@ def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step
                             if _covers(w, ow, start, stop, step, 2):
                                 total += coefficient[n, od, oh, ow, c]
         if power is None:
-            grad_in[n, d, h, w, c] = total
+            _store(grad_in, (n, d, h, w, c), total, bf16)
         else:
-            grad_in[n, d, h, w, c] = total * (power * _power(x[n, d, h, w, c], power - 1.0))
+            _store(grad_in, (n, d, h, w, c), total * (power * _power(
+                _load(x, (n, d, h, w, c), zero, bf16), power - 1.0)), bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, step, zero):
-    """grad_in[i] = sum of grad_out over the covering windows whose maximum is i."""
+def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, step, zero,
+                 bf16, flag):
+    """grad_in[i] = sum of grad_out over the covering windows whose maximum is i.
+
+    Skipped (every thread exits at once) when ``flag[0]`` is set: some index lay
+    outside its own window, and :func:`max_backward_by_plane` scatters instead."""
+    if flag[0] != 0:
+        return
     height, width = grad_in.shape[2], grad_in.shape[3]
     i, grid = _first_and_stride()
     while i < grad_in.size:
@@ -175,27 +233,36 @@ def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, s
                         for ow in range(first_out[2, w], last_out[2, w]):
                             if (_covers(w, ow, start, stop, step, 2)
                                     and indices[n, od, oh, ow, c] == here):
-                                total += grad_out[n, od, oh, ow, c]
-        grad_in[n, d, h, w, c] = total
+                                total += _load(grad_out, (n, od, oh, ow, c), zero, bf16)
+        _store(grad_in, (n, d, h, w, c), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def max_backward_by_plane(grad_out, indices, grad_in, outside):
+def max_backward_by_plane(grad_out, indices, grad_in, total, outside, zero, bf16, flag,
+                          when):
     """Scatter without window information: one thread per (batch, channel) plane,
-    adding in output order (deterministic, no atomics)."""
+    adding in output order into ``total`` (the compute type; deterministic, no
+    atomics), then rounding each plane into ``grad_in`` once.  Runs only when
+    ``flag[0] == when`` (the gather's check decides on the device)."""
+    if flag[0] != when:
+        return
     batch, outputs, channels = grad_out.shape
     size = grad_in.shape[1]
     i, grid = _first_and_stride()
     while i < batch * channels:
         n = i // channels
         c = i % channels
+        for p in range(size):
+            total[n, p, c] = zero
         for q in range(outputs):
             at = indices[n, q, c]
             if 0 <= at < size:
-                grad_in[n, at, c] += grad_out[n, q, c]
+                total[n, at, c] += _load(grad_out, (n, q, c), zero, bf16)
             else:
                 outside[0] = 1
+        for p in range(size):
+            _store(grad_in, (n, p, c), total[n, p, c], bf16)
         i += grid
 
 
@@ -208,7 +275,7 @@ def _in_window(position, o, start, stop, step, axis):
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def flag_outside_window(indices, start, stop, step, height, width, flag):
     """Flag an index that is no element of its own output's window: the gather in
-    :func:`max_backward` would drop it, so the caller scatters instead."""
+    :func:`max_backward` would drop it, so the scatter runs instead."""
     i, grid = _first_and_stride()
     while i < indices.size:
         n, od, oh, ow, c = _unravel(i, indices.shape)
@@ -232,25 +299,26 @@ def fill(array, value):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def absolute(source, out):
+def absolute(source, out, zero, bf16):
     i, grid = _first_and_stride()
     while i < out.size:
-        out[i] = abs(source[i])
+        _store(out, i, abs(_load(source, i, zero, bf16)), bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def times_sign(values, x):
+def times_sign(values, x, zero, bf16):
     """values * sign(x), with torch's sign(NaN) = 0 (the gradient of |x| at NaN)."""
     i, grid = _first_and_stride()
     while i < values.size:
-        if x[i] > 0:
+        value = _load(x, i, zero, bf16)
+        if value > 0:
             sign = 1.0
-        elif x[i] < 0:
+        elif value < 0:
             sign = -1.0
         else:
             sign = 0.0  # zero or NaN
-        values[i] = values[i] * sign
+        _store(values, i, _load(values, i, zero, bf16) * (zero + sign), bf16)
         i += grid
 
 
@@ -268,12 +336,12 @@ def _source(position, pad, kernel_offset, stride, size):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_forward(x, weight, bias, out, stride, pad, zero):
+def conv_forward(x, weight, bias, out, stride, pad, zero, bf16):
     """One thread per output element."""
     i, grid = _first_and_stride()
     while i < out.size:
         n, co, od, oh, ow = _unravel(i, out.shape)
-        total = zero + bias[co]
+        total = _load(bias, co, zero, bf16)
         for ci in range(x.shape[1]):
             for kd in range(weight.shape[2]):
                 d = od * stride[0] - pad[0] + kd
@@ -284,13 +352,14 @@ def conv_forward(x, weight, bias, out, stride, pad, zero):
                             for kw in range(weight.shape[4]):
                                 w = ow * stride[2] - pad[2] + kw
                                 if 0 <= w < x.shape[4]:
-                                    total += x[n, ci, d, h, w] * weight[co, ci, kd, kh, kw]
-        out[n, co, od, oh, ow] = total
+                                    total += (_load(x, (n, ci, d, h, w), zero, bf16)
+                                              * _load(weight, (co, ci, kd, kh, kw), zero, bf16))
+        _store(out, (n, co, od, oh, ow), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_backward_input(grad, weight, grad_in, stride, pad, zero):
+def conv_backward_input(grad, weight, grad_in, stride, pad, zero, bf16):
     """One thread per input element, gathering from the outputs it fed."""
     i, grid = _first_and_stride()
     while i < grad_in.size:
@@ -306,13 +375,14 @@ def conv_backward_input(grad, weight, grad_in, stride, pad, zero):
                             for kw in range(weight.shape[4]):
                                 ow = _source(w, pad[2], kw, stride[2], grad.shape[4])
                                 if ow >= 0:
-                                    total += grad[n, co, od, oh, ow] * weight[co, ci, kd, kh, kw]
-        grad_in[n, ci, d, h, w] = total
+                                    total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
+                                              * _load(weight, (co, ci, kd, kh, kw), zero, bf16))
+        _store(grad_in, (n, ci, d, h, w), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_backward_weight(grad, x, grad_weight, stride, pad, zero):
+def conv_backward_weight(grad, x, grad_weight, stride, pad, zero, bf16):
     """One thread per weight element, summing over batch and outputs in order."""
     i, grid = _first_and_stride()
     while i < grad_weight.size:
@@ -328,13 +398,14 @@ def conv_backward_weight(grad, x, grad_weight, stride, pad, zero):
                             for ow in range(grad.shape[4]):
                                 w = ow * stride[2] - pad[2] + kw
                                 if 0 <= w < x.shape[4]:
-                                    total += grad[n, co, od, oh, ow] * x[n, ci, d, h, w]
-        grad_weight[co, ci, kd, kh, kw] = total
+                                    total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
+                                              * _load(x, (n, ci, d, h, w), zero, bf16))
+        _store(grad_weight, (co, ci, kd, kh, kw), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_bias_grad(grad, grad_bias, zero):
+def conv_bias_grad(grad, grad_bias, zero, bf16):
     """One thread per output channel."""
     i, grid = _first_and_stride()
     while i < grad_bias.size:
@@ -343,6 +414,6 @@ def conv_bias_grad(grad, grad_bias, zero):
             for od in range(grad.shape[2]):
                 for oh in range(grad.shape[3]):
                     for ow in range(grad.shape[4]):
-                        total += grad[n, i, od, oh, ow]
-        grad_bias[i] = total
+                        total += _load(grad, (n, i, od, oh, ow), zero, bf16)
+        _store(grad_bias, i, total, bf16)
         i += grid
