@@ -97,11 +97,11 @@ def _library(x: object) -> str:
 
 
 def _bits(array):
-    """The numba array a kernel takes, and its ``bf16`` marker (None, or True for
-    bfloat16 bits)."""
+    """The numba array a kernel takes, and its ``half`` marker: None for all but the
+    half types, False for float16, True for bfloat16 (given as its uint16 bits)."""
     if isinstance(array, Bfloat16Array):
         return array.bits, True
-    return array, None
+    return array, (False if np.dtype(array.dtype) == np.float16 else None)
 
 
 def _compute_zero(dtype):
@@ -224,8 +224,9 @@ def wrap(result, like: object):
 # Launches
 # --------------------------------------------------------------------------
 
-# Called as hook(kernel, arguments) before every launch when set: the compiler
-# check (tests/cuda/test_compiler.py) records the specialisations the API launches.
+# Called as hook(kernel, arguments) before every launch when set; the launch is
+# skipped if it returns False.  The compiler check (tests/cuda/test_compiler.py)
+# records the specialisations the API launches with it.
 launch_hook = None
 
 
@@ -250,8 +251,8 @@ def _configure(kernel, n: int, stream):
         return configured
 
     def launch(*arguments):
-        launch_hook(kernel, arguments)
-        return configured(*arguments)
+        if launch_hook(kernel, arguments) is not False:
+            configured(*arguments)
     return launch
 
 
@@ -311,6 +312,20 @@ def _five_d(array, channels_last: bool):
     return array if channels_last else array.reshape(array.shape + (1,))
 
 
+def _flat(array):
+    return array.reshape(array.size)
+
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def _narrow(*arrays):
+    """The kernels' index specialisation: True (32-bit index arithmetic) when every
+    array of the launch has at most 2**31 - 1 elements (torch's
+    canUse32BitIndexMath), None (64-bit) otherwise."""
+    return True if all(a.size <= _INT32_LIMIT for a in arrays if a is not None) else None
+
+
 def max_pool(x, table: WindowTable, channels_last: bool, lowest, with_indices: bool,
              stream=None):
     stream = _stream_of(stream, x)
@@ -323,7 +338,8 @@ def max_pool(x, table: WindowTable, channels_last: bool, lowest, with_indices: b
     bits, bf16 = _bits(x5)
     lowest = zero.dtype.type(-np.inf) if zero.dtype.kind == "f" else zero.dtype.type(lowest)
     _configure(kernels.max_pool, out.size, stream)(
-        bits, _bits(out)[0], indices, start, stop, step, lowest, with_indices, zero, bf16)
+        _flat(bits), _flat(_bits(out)[0]), _flat(indices), _triple(x5.shape), _triple(shape), start,
+        stop, step, lowest, with_indices, zero, bf16, _narrow(x5, out))
     canonical_shape = shape if channels_last else shape[:4]
     return out.reshape(canonical_shape), (indices.reshape(canonical_shape) if with_indices
                                           else None)
@@ -334,11 +350,16 @@ def sum_pool(x, table: WindowTable, channels_last: bool, power: float | None, st
     x5 = _five_d(x, channels_last)
     shape = (x5.shape[0], *table.out_shape, x5.shape[4])
     out = empty(shape, x.dtype, stream)
-    start, stop, step, divisor = _to_device(table, stream)
+    start, stop, step, _ = _to_device(table, stream)
     bits, bf16 = _bits(x5)
+    # Divisors, scale and powers in the accumulate type (torch's on the GPU).
+    zero = _accumulator_zero(x.dtype)
+    divisor, = _cached(table, ("divisor", zero.dtype.str),
+                       lambda: (table.divisor.astype(zero.dtype),), stream)
     _configure(kernels.sum_pool, out.size, stream)(
-        bits, _bits(out)[0], start, stop, step, divisor, table.scale,
-        None if power is None else float(power), _accumulator_zero(x.dtype), bf16)
+        _flat(bits), _flat(_bits(out)[0]), _triple(x5.shape), _triple(shape), start, stop, step,
+        divisor, zero.dtype.type(table.scale),
+        None if power is None else zero.dtype.type(power), zero, bf16, _narrow(x5, out))
     return out.reshape(shape if channels_last else shape[:4])
 
 
@@ -354,13 +375,15 @@ def sum_backward(grad_out, x, table: WindowTable, channels_last: bool, input_sha
     grad_bits, bf16 = _bits(grad5)
     x5 = coefficient if x is None else _bits(_five_d(x, channels_last))[0]
     _configure(kernels.output_coefficients, grad5.size, stream)(
-        grad_bits, x5, coefficient, start, stop, step, divisor, table.scale, lp, zero, bf16)
+        _flat(grad_bits), _flat(x5), _flat(coefficient), _triple(in5), _triple(grad5.shape),
+        start, stop, step, divisor, table.scale, lp, zero, bf16,
+        _narrow(grad5, x5, coefficient))
     grad_in = empty(in5, grad_out.dtype, stream)
     first, last = _covering(table, in5[1:4], stream)
     in_bits = _bits(grad_in)[0]
     _configure(kernels.sum_backward, grad_in.size, stream)(
         coefficient, x5 if x is not None else in_bits, in_bits, first, last, start, stop,
-        step, lp, zero, bf16)
+        step, lp, zero, bf16, _narrow(coefficient, grad_in))
     return grad_in.reshape(input_shape)
 
 
@@ -386,10 +409,11 @@ def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
     if table is not None:
         start, stop, step, _ = _to_device(table, stream)
         _configure(kernels.flag_outside_window, idx5.size, stream)(
-            idx5, start, stop, step, in5[2], in5[3], flag)
+            idx5, start, stop, step, in5[1], in5[2], in5[3], flag, _narrow(idx5, grad_in))
         first, last = _covering(table, in5[1:4], stream)
         _configure(kernels.max_backward, grad_in.size, stream)(
-            grad_bits, idx5, in_bits, first, last, start, stop, step, zero, bf16, flag)
+            grad_bits, idx5, in_bits, first, last, start, stop, step, zero, bf16, flag,
+            _narrow(grad5, grad_in))
         when = 1  # the scatter below runs only if the flag was raised
     else:
         when = 0  # no window: always scatter
@@ -403,7 +427,7 @@ def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
     flat_shape = (in5[0], grad5.size // (in5[0] * in5[4]) if grad5.size else 0, in5[4])
     _configure(kernels.max_backward_by_plane, in5[0] * in5[4], stream)(
         grad_bits.reshape(flat_shape), idx5.reshape(flat_shape),
-        scattered, total, outside, zero, bf16, flag, when)
+        scattered, total, outside, zero, bf16, flag, when, _narrow(grad5, grad_in))
     count = int(outside.copy_to_host(stream=stream or 0)[0]) \
         if _config.CUDA_CHECK_INDICES else 0
     return grad_in.reshape(input_shape), count
@@ -419,7 +443,7 @@ def conv(x, weight, bias, out_shape, stride, pad, stream=None):
     x_bits, bf16 = _bits(x)
     _configure(kernels.conv_forward, out.size, stream)(
         x_bits, _bits(weight)[0], _bits(bias)[0], _bits(out)[0], _triple(stride),
-        _triple(pad), _accumulator_zero(x.dtype), bf16)
+        _triple(pad), _accumulator_zero(x.dtype), bf16, _narrow(x, weight, out))
     return out
 
 
@@ -430,11 +454,11 @@ def conv_backward(grad, x, weight, stride, pad, stream=None):
     grad_in = empty(x.shape, grad.dtype, stream)
     _configure(kernels.conv_backward_input, grad_in.size, stream)(
         grad_bits, _bits(weight)[0], _bits(grad_in)[0], _triple(stride), _triple(pad), zero,
-        bf16)
+        bf16, _narrow(grad, weight, grad_in))
     grad_weight = empty(weight.shape, grad.dtype, stream)
     _configure(kernels.conv_backward_weight, grad_weight.size, stream)(
         grad_bits, _bits(x)[0], _bits(grad_weight)[0], _triple(stride), _triple(pad), zero,
-        bf16)
+        bf16, _narrow(grad, x))
     return grad_in, grad_weight
 
 
