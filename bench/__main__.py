@@ -1,10 +1,11 @@
 """fastpool's benchmark report: fastpool (cpu) against the NumPy reference and torch.
 
 ``python -m bench`` runs the quick set (a few seconds); ``--full`` runs the whole
-suite.  ``--backend cuda`` times the CUDA back end against torch's CUDA pooling
-instead (bench/gpu.py: CUDA events, L2 flushed, GB/s and % of peak bandwidth).  Each case is timed forward and backward, channels-first and
+suite.  Each case is timed forward and backward, channels-first and
 channels-last, for every back end in the same run, with torch given fastpool's
 thread count.  Prints a table, and writes JSON and a PNG chart.
+``--backend cuda`` times the CUDA back end against torch's CUDA pooling instead
+(bench/gpu.py: CUDA events, L2 flushed, GB/s and % of peak bandwidth).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 import fastpool
 from fastpool.cuda import backend
-from tests.cuda.test_cuda import BACKWARD, FORWARD, _backward_case, _host, _input
+from tests.cuda.test_cuda import BACKWARD, FORWARD, _host, _input
 
 BF16 = backend.BFLOAT16
 HALF = [np.dtype(np.float16), BF16]
