@@ -4,6 +4,8 @@
 suite.  Each case is timed forward and backward, channels-first and
 channels-last, for every back end in the same run, with torch given fastpool's
 thread count.  Prints a table, and writes JSON and a PNG chart.
+``--backend cuda`` times the CUDA back end against torch's CUDA pooling instead
+(bench/gpu.py: CUDA events, L2 flushed, GB/s and % of peak bandwidth).
 """
 
 from __future__ import annotations
@@ -42,7 +44,17 @@ def main(argv=None) -> list[dict]:
                         help="also write the report as Markdown (docs/benchmarks.md)")
     parser.add_argument("--compile-cost", action="store_true",
                         help="also time each op's first call, cold and warm cache")
+    parser.add_argument("--backend", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU benchmark against torch's CUDA pooling")
+    parser.add_argument("--dtype", action="append", choices=("float32", "float16",
+                                                             "bfloat16"),
+                        help="--backend cuda: dtypes to time (repeatable; float32)")
     args = parser.parse_args(argv)
+    args.directions = ("forward", "backward") if args.direction == "both" else \
+        (args.direction,)
+    args.dtypes = tuple(args.dtype or ("float32",))
+    if args.backend == "cuda":
+        return _cuda(args)
 
     import torch
     fastpool.set_num_threads(args.threads)
@@ -93,6 +105,17 @@ def main(argv=None) -> list[dict]:
         report.write_markdown(args.markdown, rows, costs, command.strip(), relative)
         print(f"wrote {args.markdown}")
     return rows
+
+
+def _cuda(args) -> list[dict]:
+    from bench import gpu
+
+    pattern = re.compile(args.filter)
+    cases = [case for case in (FULL if args.full else QUICK)
+             if pattern.search(f"{case.label} {'x'.join(map(str, case.shape))} {case.tag}")]
+    if args.json == "bench-results.json":
+        args.json = "bench-gpu-results.json"
+    return gpu.main(args, cases)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def _backend(name: str | None, x: object, op: str, stream=None):
 
 def _lowest(dtype: np.dtype):
     """The value that loses every max comparison: torch's initial maximum."""
-    return -np.inf if dtype.kind == "f" else np.iinfo(dtype).min
+    return -np.inf if dtype.kind == "f" or dtype.name == "bfloat16" else np.iinfo(dtype).min
 
 
 def _run(impl, mode: str, layout: Layout, array, table: WindowTable, *,

@@ -6,8 +6,10 @@ thread per output element and backward kernels one thread per *input*
 element, gathering from the outputs whose windows cover it: every element is
 written once, with no atomics, so gradients are bit-identical run to run.
 Consecutive threads take consecutive elements of the innermost axis (W, or C
-channels-last), so global memory accesses coalesce.  All index arithmetic is
-64-bit and every kernel is a grid-stride loop.
+channels-last), so global memory accesses coalesce.  Every kernel is a
+grid-stride loop, specialised by ``narrow``: True when every array of the launch
+has fewer than 2**31 elements, and then a thread's position is unravelled with
+32-bit unsigned divisions (none for unit axes); None otherwise (64-bit).
 """
 
 from __future__ import annotations
@@ -15,8 +17,20 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from numba import config
+
 from fastpool._config import CUDA_JIT_OPTIONS
 from fastpool._scalar import torch_power
+
+if config.ENABLE_CUDASIM:  # the simulator has no libdevice; the same bit casts in NumPy
+    def _int_as_float(bits):
+        return np.array(bits, np.int64).astype(np.uint32).view(np.float32)[()]
+
+    def _float_as_int(value):
+        return np.array(value, np.float32).view(np.int32)[()]
+else:
+    from numba.cuda.libdevice import float_as_int as _float_as_int
+    from numba.cuda.libdevice import int_as_float as _int_as_float
 
 
 @cuda.jit(device=True, inline=True)
@@ -28,105 +42,195 @@ def _first_and_stride():
 _power = cuda.jit(device=True, inline=True)(torch_power)
 
 
+# Half precision: float16 and bfloat16 are loaded, widened to float32 in registers,
+# computed on in float32 and rounded once on the store (torch's rule), so no kernel
+# uses half arithmetic (numba-cuda would leave it to a linked C++ shim).  ``half``
+# marks the array: None for every other dtype (the branches specialise away, and
+# the load is a plain load), False for float16, True for bfloat16, which travels as
+# its uint16 bits.  ``zero`` is 0 in the compute type: subtracting +0.0 converts
+# float16 exactly (-0.0 and NaN included).
+
+
 @cuda.jit(device=True, inline=True)
-def _unravel(i, shape):
-    """(n, d, h, w, c) of flat index i in a C-ordered array of 5-D ``shape``."""
-    c = i % shape[4]
-    i //= shape[4]
-    w = i % shape[3]
-    i //= shape[3]
-    h = i % shape[2]
-    i //= shape[2]
-    d = i % shape[1]
-    return i // shape[1], d, h, w, c
+def _load(array, index, zero, half):
+    """``array[index]`` in the compute type of ``zero``."""
+    if half is None:
+        return array[index]
+    if not half:
+        return array[index] - zero
+    bits = np.int64(array[index]) << 16
+    if bits >= 0x80000000:
+        bits -= 0x100000000
+    return _int_as_float(np.int32(bits))
+
+
+@cuda.jit(device=True, inline=True)
+def _bf16_bits(value):
+    """float32 to bfloat16 bits, rounding to nearest even; NaN is 0x7FC0 (as in c10)."""
+    if value != value:
+        return np.uint16(0x7FC0)
+    bits = np.int64(_float_as_int(np.float32(value))) & 0xFFFFFFFF
+    return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+
+
+@cuda.jit(device=True, inline=True)
+def _store(array, index, value, half):
+    """``array[index] = value``, rounded once to the array's dtype."""
+    if half is None or not half:
+        array[index] = value
+    else:
+        array[index] = _bf16_bits(value)
+
+
+@cuda.jit(device=True, inline=True)
+def _ix(value, narrow):
+    """``value`` in the index type: int32 when ``narrow`` (every array of the launch
+    has fewer than 2**31 elements, torch's canUse32BitIndexMath), int64 when None."""
+    if narrow is None:
+        return np.int64(value)
+    return np.int32(value)
+
+
+@cuda.jit(device=True, inline=True)
+def _split(i, size, narrow):
+    """(i // size, i % size) for 0 <= i: unsigned, so no floor fix-ups, and 32-bit
+    when ``narrow`` (the truncation lets LLVM emit div.u32)."""
+    if narrow is None:
+        q = np.uint64(i) // np.uint64(size)
+        return np.int64(q), np.int64(np.uint64(i) - q * np.uint64(size))
+    q32 = np.uint32(np.uint32(i) // np.uint32(size))
+    return np.int32(q32), np.int32(np.uint32(np.uint32(i) - q32 * np.uint32(size)))
+
+
+@cuda.jit(device=True, inline=True)
+def _output_position(i, out_shape, narrow):
+    """(n, od, oh, ow, c) of flat output index ``i`` of ``out_shape`` (N, D, H, W, C);
+    no division for channels-first (C == 1) or for 1-D/2-D's unit axes."""
+    c = _ix(0, narrow)
+    rest = _ix(i, narrow)
+    if out_shape[4] != 1:
+        rest, c = _split(rest, out_shape[4], narrow)
+    rest, ow = _split(rest, out_shape[3], narrow)
+    oh = _ix(0, narrow)
+    if out_shape[2] != 1:
+        rest, oh = _split(rest, out_shape[2], narrow)
+    od = _ix(0, narrow)
+    if out_shape[1] != 1:
+        rest, od = _split(rest, out_shape[1], narrow)
+    return rest, od, oh, ow, c
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def max_pool(x, out, indices, start, stop, step, lowest, with_indices):
-    height, width = x.shape[2], x.shape[3]
+def max_pool(x, out, indices, in_shape, out_shape, start, stop, step, lowest, with_indices,
+             zero, bf16, narrow):
+    """One thread per output element over flat arrays: ``x`` (N, D, H, W, C) and
+    ``out``/``indices`` (N, oD, oH, oW, C) given as shapes; consecutive threads take
+    consecutive elements of the innermost axis (W channels-first, C channels-last).
+    The per-output index arithmetic (divisions) is in the index type; the window
+    loop advances a flat 64-bit offset by strides."""
+    depth, height, width, channels = in_shape[1], in_shape[2], in_shape[3], in_shape[4]
+    w_stride = step[2] * channels
     i, grid = _first_and_stride()
     while i < out.size:
-        n, od, oh, ow, c = _unravel(i, out.shape)
+        n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         d0, d1 = start[0, od], stop[0, od]
         h0, h1 = start[1, oh], stop[1, oh]
         w0, w1 = start[2, ow], stop[2, ow]
+        base = n * depth * height * width * channels + c
         best = lowest
         best_at = (d0 * height + h0) * width + w0
         d = d0
         while d < d1:
             h = h0
             while h < h1:
+                at = base + ((d * height + h) * width + w0) * channels
                 w = w0
                 while w < w1:
-                    value = x[n, d, h, w, c]
+                    value = _load(x, np.uint64(at), zero, bf16)
                     # torch's update: a NaN always wins, ties keep the first.
                     if value > best or value != value:
                         best = value
                         best_at = (d * height + h) * width + w
                     w += step[2]
+                    at += w_stride
                 h += step[1]
             d += step[0]
-        out[n, od, oh, ow, c] = best
+        _store(out, i, best, bf16)
         if with_indices:
-            indices[n, od, oh, ow, c] = best_at
+            indices[i] = best_at
         i += grid
 
 
 @cuda.jit(device=True, inline=True)
-def _window_sum(x, n, c, d0, d1, h0, h1, w0, w1, step, power, total):
+def _window_sum(x, base, d0, d1, h0, h1, w0, w1, in_shape, step, power, total, bf16):
+    """The sum over one window (of x**power unless power is None), flat offsets
+    advanced by strides in 64-bit (the adds are as cheap as 32-bit ones here)."""
+    zero = total - total
+    height, width, channels = in_shape[2], in_shape[3], in_shape[4]
+    w_stride = step[2] * channels
     d = d0
     while d < d1:
         h = h0
         while h < h1:
+            at = base + ((d * height + h) * width + w0) * channels
             w = w0
             while w < w1:
                 if power is None:
-                    total += x[n, d, h, w, c]
+                    total += _load(x, np.uint64(at), zero, bf16)
                 else:
-                    total += _power(x[n, d, h, w, c], power)
+                    total += _power(_load(x, np.uint64(at), zero, bf16), power)
                 w += step[2]
+                at += w_stride
             h += step[1]
         d += step[0]
     return total
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def sum_pool(x, out, start, stop, step, divisor, scale, power, zero):
-    """Averages (power None) or Lp norms; ``zero`` sets the accumulator type."""
+def sum_pool(x, out, in_shape, out_shape, start, stop, step, divisor, scale, power, zero,
+             bf16, narrow):
+    """Averages (power None) or Lp norms; ``zero`` sets the accumulate type, which
+    ``divisor``, ``scale`` and ``power`` share (float32 for float32 and half input:
+    torch's accscalar_t on the GPU).  Flat arrays, as in :func:`max_pool`."""
+    plane = in_shape[1] * in_shape[2] * in_shape[3] * in_shape[4]
     i, grid = _first_and_stride()
     while i < out.size:
-        n, od, oh, ow, c = _unravel(i, out.shape)
-        total = _window_sum(x, n, c, start[0, od], stop[0, od], start[1, oh], stop[1, oh],
-                            start[2, ow], stop[2, ow], step, power, zero)
+        n, od, oh, ow, c = _output_position(i, out_shape, narrow)
+        total = _window_sum(x, n * plane + c, start[0, od], stop[0, od], start[1, oh],
+                            stop[1, oh], start[2, ow], stop[2, ow], in_shape, step, power,
+                            zero, bf16)
         mean = total * (scale / (divisor[0, od] * divisor[1, oh] * divisor[2, ow]))
         if power is None:
-            out[n, od, oh, ow, c] = mean
+            _store(out, i, mean, bf16)
         else:
-            out[n, od, oh, ow, c] = _power(mean, 1.0 / power)
+            _store(out, i, _power(mean, (zero + 1) / power), bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def output_coefficients(grad_out, x, coefficient, start, stop, step, divisor, scale, power,
-                        zero):
-    """d loss / d (window sum of x**p) per output, by torch's avg/lp_pool chain rule."""
+def output_coefficients(grad_out, x, coefficient, in_shape, out_shape, start, stop, step,
+                        divisor, scale, power, zero, bf16, narrow):
+    """d loss / d (window sum of x**p) per output, by torch's avg/lp_pool chain rule.
+    Flat arrays, as in :func:`max_pool`."""
     i, grid = _first_and_stride()
     while i < grad_out.size:
-        n, od, oh, ow, c = _unravel(i, grad_out.shape)
+        n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
-        grad = grad_out[n, od, oh, ow, c] * (zero + 1)
+        grad = _load(grad_out, i, zero, bf16)
         if power is None:
-            coefficient[n, od, oh, ow, c] = grad * scale / window_divisor
+            coefficient[i] = grad * scale / window_divisor
         else:
-            total = _window_sum(x, n, c, start[0, od], stop[0, od], start[1, oh],
-                                stop[1, oh], start[2, ow], stop[2, ow], step, power, zero)
+            base = n * in_shape[1] * in_shape[2] * in_shape[3] * in_shape[4] + c
+            total = _window_sum(x, base, start[0, od], stop[0, od], start[1, oh],
+                                stop[1, oh], start[2, ow], stop[2, ow], in_shape, step, power,
+                                zero, bf16)
             mean = total / window_divisor
             scaled = grad * (1.0 / power) * _power(mean * scale, 1.0 / power - 1.0) * scale
             if mean != mean:
                 scaled = 0.0 * scaled  # torch.sign(nan) is 0
             elif mean == 0.0:
                 scaled = 0.0  # relu's gradient at 0
-            coefficient[n, od, oh, ow, c] = scaled / window_divisor
+            coefficient[i] = scaled / window_divisor
         i += grid
 
 
@@ -139,11 +243,11 @@ def _covers(position, o, start, stop, step, axis):
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step, power,
-                 zero):
+                 zero, bf16, narrow):
     """grad_in[i] = factor(x[i]) * sum of the coefficients of the windows covering i."""
     i, grid = _first_and_stride()
     while i < grad_in.size:
-        n, d, h, w, c = _unravel(i, grad_in.shape)
+        n, d, h, w, c = _output_position(i, grad_in.shape, narrow)
         total = zero
         for od in range(first_out[0, d], last_out[0, d]):
             if _covers(d, od, start, stop, step, 0):
@@ -153,19 +257,26 @@ def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step
                             if _covers(w, ow, start, stop, step, 2):
                                 total += coefficient[n, od, oh, ow, c]
         if power is None:
-            grad_in[n, d, h, w, c] = total
+            _store(grad_in, (n, d, h, w, c), total, bf16)
         else:
-            grad_in[n, d, h, w, c] = total * (power * _power(x[n, d, h, w, c], power - 1.0))
+            _store(grad_in, (n, d, h, w, c), total * (power * _power(
+                _load(x, (n, d, h, w, c), zero, bf16), power - 1.0)), bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, step, zero):
-    """grad_in[i] = sum of grad_out over the covering windows whose maximum is i."""
+def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, step, zero,
+                 bf16, flag, narrow):
+    """grad_in[i] = sum of grad_out over the covering windows whose maximum is i.
+
+    Skipped (every thread exits at once) when ``flag[0]`` is set: some index lay
+    outside its own window, and :func:`max_backward_by_plane` scatters instead."""
+    if flag[0] != 0:
+        return
     height, width = grad_in.shape[2], grad_in.shape[3]
     i, grid = _first_and_stride()
     while i < grad_in.size:
-        n, d, h, w, c = _unravel(i, grad_in.shape)
+        n, d, h, w, c = _output_position(i, grad_in.shape, narrow)
         here = (d * height + h) * width + w
         total = zero
         for od in range(first_out[0, d], last_out[0, d]):
@@ -175,27 +286,35 @@ def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, s
                         for ow in range(first_out[2, w], last_out[2, w]):
                             if (_covers(w, ow, start, stop, step, 2)
                                     and indices[n, od, oh, ow, c] == here):
-                                total += grad_out[n, od, oh, ow, c]
-        grad_in[n, d, h, w, c] = total
+                                total += _load(grad_out, (n, od, oh, ow, c), zero, bf16)
+        _store(grad_in, (n, d, h, w, c), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def max_backward_by_plane(grad_out, indices, grad_in, outside):
+def max_backward_by_plane(grad_out, indices, grad_in, total, outside, zero, bf16, flag,
+                          when, narrow):
     """Scatter without window information: one thread per (batch, channel) plane,
-    adding in output order (deterministic, no atomics)."""
+    adding in output order into ``total`` (the compute type; deterministic, no
+    atomics), then rounding each plane into ``grad_in`` once.  Runs only when
+    ``flag[0] == when`` (the gather's check decides on the device)."""
+    if flag[0] != when:
+        return
     batch, outputs, channels = grad_out.shape
     size = grad_in.shape[1]
     i, grid = _first_and_stride()
     while i < batch * channels:
-        n = i // channels
-        c = i % channels
+        n, c = _split(i, channels, narrow)
+        for p in range(size):
+            total[n, p, c] = zero
         for q in range(outputs):
             at = indices[n, q, c]
             if 0 <= at < size:
-                grad_in[n, at, c] += grad_out[n, q, c]
+                total[n, at, c] += _load(grad_out, (n, q, c), zero, bf16)
             else:
                 outside[0] = 1
+        for p in range(size):
+            _store(grad_in, (n, p, c), total[n, p, c], bf16)
         i += grid
 
 
@@ -206,20 +325,22 @@ def _in_window(position, o, start, stop, step, axis):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def flag_outside_window(indices, start, stop, step, height, width, flag):
+def flag_outside_window(indices, start, stop, step, depth, height, width, flag, narrow):
     """Flag an index that is no element of its own output's window: the gather in
-    :func:`max_backward` would drop it, so the caller scatters instead."""
+    :func:`max_backward` would drop it, so the scatter runs instead."""
     i, grid = _first_and_stride()
     while i < indices.size:
-        n, od, oh, ow, c = _unravel(i, indices.shape)
+        n, od, oh, ow, c = _output_position(i, indices.shape, narrow)
         at = indices[n, od, oh, ow, c]
-        d = at // (height * width)
-        h = (at // width) % height
-        w = at % width
-        if at < 0 or not (_in_window(d, od, start, stop, step, 0)
-                          and _in_window(h, oh, start, stop, step, 1)
-                          and _in_window(w, ow, start, stop, step, 2)):
+        if at < 0 or at >= depth * height * width:
             flag[0] = 1
+        else:
+            rest, w = _split(at, width, narrow)
+            d, h = _split(rest, height, narrow)
+            if not (_in_window(d, od, start, stop, step, 0)
+                    and _in_window(h, oh, start, stop, step, 1)
+                    and _in_window(w, ow, start, stop, step, 2)):
+                flag[0] = 1
         i += grid
 
 
@@ -232,10 +353,10 @@ def fill(array, value):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def negate(source, out):
+def negate(source, out, zero, bf16):
     i, grid = _first_and_stride()
     while i < out.size:
-        out[i] = -source[i]
+        _store(out, i, -_load(source, i, zero, bf16), bf16)
         i += grid
 
 
@@ -248,25 +369,26 @@ def invert(source, out):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def absolute(source, out):
+def absolute(source, out, zero, bf16):
     i, grid = _first_and_stride()
     while i < out.size:
-        out[i] = abs(source[i])
+        _store(out, i, abs(_load(source, i, zero, bf16)), bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def times_sign(values, x):
+def times_sign(values, x, zero, bf16):
     """values * sign(x), with torch's sign(NaN) = 0 (the gradient of |x| at NaN)."""
     i, grid = _first_and_stride()
     while i < values.size:
-        if x[i] > 0:
+        value = _load(x, i, zero, bf16)
+        if value > 0:
             sign = 1.0
-        elif x[i] < 0:
+        elif value < 0:
             sign = -1.0
         else:
             sign = 0.0  # zero or NaN
-        values[i] = values[i] * sign
+        _store(values, i, _load(values, i, zero, bf16) * (zero + sign), bf16)
         i += grid
 
 
@@ -284,12 +406,12 @@ def _source(position, pad, kernel_offset, stride, size):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_forward(x, weight, bias, out, stride, pad, zero):
+def conv_forward(x, weight, bias, out, stride, pad, zero, bf16, narrow):
     """One thread per output element."""
     i, grid = _first_and_stride()
     while i < out.size:
-        n, co, od, oh, ow = _unravel(i, out.shape)
-        total = zero + bias[co]
+        n, co, od, oh, ow = _output_position(i, out.shape, narrow)
+        total = _load(bias, co, zero, bf16)
         for ci in range(x.shape[1]):
             for kd in range(weight.shape[2]):
                 d = od * stride[0] - pad[0] + kd
@@ -300,17 +422,18 @@ def conv_forward(x, weight, bias, out, stride, pad, zero):
                             for kw in range(weight.shape[4]):
                                 w = ow * stride[2] - pad[2] + kw
                                 if 0 <= w < x.shape[4]:
-                                    total += x[n, ci, d, h, w] * weight[co, ci, kd, kh, kw]
-        out[n, co, od, oh, ow] = total
+                                    total += (_load(x, (n, ci, d, h, w), zero, bf16)
+                                              * _load(weight, (co, ci, kd, kh, kw), zero, bf16))
+        _store(out, (n, co, od, oh, ow), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_backward_input(grad, weight, grad_in, stride, pad, zero):
+def conv_backward_input(grad, weight, grad_in, stride, pad, zero, bf16, narrow):
     """One thread per input element, gathering from the outputs it fed."""
     i, grid = _first_and_stride()
     while i < grad_in.size:
-        n, ci, d, h, w = _unravel(i, grad_in.shape)
+        n, ci, d, h, w = _output_position(i, grad_in.shape, narrow)
         total = zero
         for co in range(grad.shape[1]):
             for kd in range(weight.shape[2]):
@@ -322,17 +445,18 @@ def conv_backward_input(grad, weight, grad_in, stride, pad, zero):
                             for kw in range(weight.shape[4]):
                                 ow = _source(w, pad[2], kw, stride[2], grad.shape[4])
                                 if ow >= 0:
-                                    total += grad[n, co, od, oh, ow] * weight[co, ci, kd, kh, kw]
-        grad_in[n, ci, d, h, w] = total
+                                    total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
+                                              * _load(weight, (co, ci, kd, kh, kw), zero, bf16))
+        _store(grad_in, (n, ci, d, h, w), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_backward_weight(grad, x, grad_weight, stride, pad, zero):
+def conv_backward_weight(grad, x, grad_weight, stride, pad, zero, bf16, narrow):
     """One thread per weight element, summing over batch and outputs in order."""
     i, grid = _first_and_stride()
     while i < grad_weight.size:
-        co, ci, kd, kh, kw = _unravel(i, grad_weight.shape)
+        co, ci, kd, kh, kw = _output_position(i, grad_weight.shape, narrow)
         total = zero
         for n in range(grad.shape[0]):
             for od in range(grad.shape[2]):
@@ -344,13 +468,14 @@ def conv_backward_weight(grad, x, grad_weight, stride, pad, zero):
                             for ow in range(grad.shape[4]):
                                 w = ow * stride[2] - pad[2] + kw
                                 if 0 <= w < x.shape[4]:
-                                    total += grad[n, co, od, oh, ow] * x[n, ci, d, h, w]
-        grad_weight[co, ci, kd, kh, kw] = total
+                                    total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
+                                              * _load(x, (n, ci, d, h, w), zero, bf16))
+        _store(grad_weight, (co, ci, kd, kh, kw), total, bf16)
         i += grid
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_bias_grad(grad, grad_bias, zero):
+def conv_bias_grad(grad, grad_bias, zero, bf16):
     """One thread per output channel."""
     i, grid = _first_and_stride()
     while i < grad_bias.size:
@@ -359,8 +484,8 @@ def conv_bias_grad(grad, grad_bias, zero):
             for od in range(grad.shape[2]):
                 for oh in range(grad.shape[3]):
                     for ow in range(grad.shape[4]):
-                        total += grad[n, i, od, oh, ow]
-        grad_bias[i] = total
+                        total += _load(grad, (n, i, od, oh, ow), zero, bf16)
+        _store(grad_bias, i, total, bf16)
         i += grid
 
 
@@ -374,9 +499,9 @@ def conv_bias_grad(grad, grad_bias, zero):
 
 @cuda.jit(device=True, inline=True)
 def _batch_input_channel(i, shape):
-    c = i % shape[2]
-    i //= shape[2]
-    return i // shape[1], i % shape[1], c
+    rest, c = _split(i, shape[2], None)
+    n, q = _split(rest, shape[1], None)
+    return n, q, c
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -421,23 +546,23 @@ def unpool_backward(grad_out, indices, grad_in, outside):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def fractional_max_pool(x, out, indices, starts, kernel, lowest):
+def fractional_max_pool(x, out, indices, starts, kernel, lowest, zero, bf16):
     """One thread per output of (batch, D, H, W, C); windows of size ``kernel`` at
-    ``starts[n, c, axis, o]``."""
+    ``starts[n, c, axis, o]``; half types compared in float32."""
     i, grid = _first_and_stride()
     height, width = x.shape[2], x.shape[3]
-    while i < out.size:
-        n, od, oh, ow, c = _unravel(i, out.shape)
+    while i < indices.size:
+        n, od, oh, ow, c = _output_position(i, indices.shape, None)
         d0, h0, w0 = starts[n, c, 0, od], starts[n, c, 1, oh], starts[n, c, 2, ow]
         best = lowest
         best_at = (d0 * height + h0) * width + w0
         for d in range(d0, d0 + kernel[0]):
             for h in range(h0, h0 + kernel[1]):
                 for w in range(w0, w0 + kernel[2]):
-                    value = x[n, d, h, w, c]
+                    value = _load(x, (n, d, h, w, c), zero, bf16)
                     if value > best or value != value:
                         best = value
                         best_at = (d * height + h) * width + w
-        out[n, od, oh, ow, c] = best
+        _store(out, (n, od, oh, ow, c), best, bf16)
         indices[n, od, oh, ow, c] = best_at
         i += grid
