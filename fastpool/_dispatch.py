@@ -417,7 +417,10 @@ def _fractional_samples(samples, seed, layout: Layout, nd: int, dtype: np.dtype,
     batch = math.prod(layout.batch_shape[:-1]) if not layout.channels_last else \
         math.prod(layout.batch_shape)
     channels = layout.channels if layout.channels_last else layout.batch_shape[-1]
-    precision = dtype if dtype.kind == "f" else np.dtype(np.float64)
+    # The input's float type (torch's rule); float32 for the half types, whose samples
+    # NumPy cannot draw; float64 for integers.
+    precision = dtype if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else \
+        np.dtype(np.float64 if dtype.kind in "iub" else np.float32)
     if samples is None:
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         return rng.random((batch, channels, nd), dtype=precision)

@@ -501,7 +501,7 @@ def max_unpool(x, indices, size: int, channels_last: bool, stream=None):
     winner = empty(shape, np.int64, stream)
     _configure(kernels.fill, winner.size, stream)(winner.reshape(winner.size), -1)
     out = zeros(shape, x.dtype, stream)
-    outside = zeros((1,), np.int64, stream)
+    outside = cuda.to_device(np.zeros(1, np.int64), stream=stream or 0)  # read back below
     _configure(kernels.unpool_claim, idx3.size, stream)(idx3, winner, outside)
     _configure(kernels.unpool_write, x3.size, stream)(x3, idx3, winner, _bits(out)[0])
     result = out if channels_last else out.reshape(shape[:2])
@@ -512,7 +512,7 @@ def max_unpool_backward(grad_out, indices, stream=None):
     """Gather canonical (batch, size, C) ``grad_out`` at (batch, inputs, C) ``indices``."""
     stream = _stream_of(stream, grad_out, indices)
     grad_in = empty(indices.shape, grad_out.dtype, stream)
-    outside = zeros((1,), np.int64, stream)
+    outside = cuda.to_device(np.zeros(1, np.int64), stream=stream or 0)  # read back below
     _configure(kernels.unpool_backward, grad_in.size, stream)(
         _bits(grad_out)[0], indices, _bits(grad_in)[0], outside)
     return grad_in, int(outside.copy_to_host()[0])

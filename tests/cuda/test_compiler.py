@@ -100,15 +100,27 @@ def exercise():
                 x = _input(nd, cl, dtype)
                 for op, args in ((f"max_pool{nd}d", (3, 2, 1)),
                                  (f"adaptive_max_pool{nd}d", (2,)),
-                                 (f"global_max_pool{nd}d", ())):
+                                 (f"global_max_pool{nd}d", ()),
+                                 (f"min_pool{nd}d", (3, 2, 1)),
+                                 (f"adaptive_min_pool{nd}d", (2,)),
+                                 (f"global_min_pool{nd}d", ())):
                     getattr(f, op)(x, *args, **kw)
                     out, idx = getattr(f, op)(x, *args, return_indices=True, **kw)
                     grad = _grad(out.shape, dtype)
                     backward = getattr(f, f"{op}_backward")
                     backward(grad, idx, x.shape, **kw)
-                    if op.startswith("max"):
+                    if op.startswith(("max", "min")):
                         window = dict(kernel_size=3, stride=2, padding=1)
                         backward(grad, idx, x.shape, **window, **kw)
+                    if op.startswith("max_pool"):
+                        # launches are skipped: valid indices from the host, not idx
+                        zeros = np.zeros(out.shape, np.int64)
+                        restored = getattr(f, f"max_unpool{nd}d")(
+                            np.zeros(out.shape, x.dtype), zeros, 3, 2, 1, **kw)
+                        getattr(f, f"max_unpool{nd}d_backward")(
+                            _grad(restored.shape, dtype), zeros, **kw)
+                if nd > 1:
+                    getattr(f, f"fractional_max_pool{nd}d")(x, 2, 2, seed=0, **kw)
             for dtype in _dtypes("avg"):
                 x = _input(nd, cl, dtype)
                 for args in ((3, 2, 1), (2,)):
