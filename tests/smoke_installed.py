@@ -50,7 +50,7 @@ def _run_ops(fastpool, np, check):
             y, idx = forward(f"global_{extreme}_pool{nd}d", x, return_indices=True)
             call(f"global_{extreme}_pool{nd}d_backward", np.ones_like(y), idx, x.shape)
         if nd > 1:
-            y, idx = forward(f"fractional_max_pool{nd}d", x, 2, output_size=3, seed=0,
+            y, idx = forward(f"fractional_max_pool{nd}d", x, 2, output_size=2, seed=0,
                              return_indices=True)
             call(f"fractional_max_pool{nd}d_backward", np.ones_like(y), idx, x.shape)
         y = forward(f"gem_pool{nd}d", x)
