@@ -309,15 +309,26 @@ def max_pool_backward(grad_output, indices, input_shape, nd, *, op, kernel_size=
 def adaptive_max_pool_backward(grad_output, indices, input_shape, nd, *, op,
                                channels_last=False, backend=None, chunks=None,
                                squeezed=False):
+    return _adaptive_backward(grad_output, indices, input_shape, nd, op=op,
+                              channels_last=channels_last, backend=backend, chunks=chunks,
+                              squeezed=squeezed)
+
+
+def _adaptive_backward(grad_output, indices, input_shape, nd, *, op, channels_last, backend,
+                       chunks, squeezed):
+    """Adaptive (or, ``squeezed``, global) backward: max given ``indices``, else avg."""
     grad = check_dask_array(grad_output, op, "grad_output")
     input_shape = _input_shape(input_shape, op)
     channels_last = check_bool(channels_last, "channels_last", op)
     layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
-    indices = check_dask_array(indices, op, "indices")
+    if indices is not None:
+        indices = check_dask_array(indices, op, "indices")
     if squeezed:
-        grad, indices = (_unsqueeze(a, layout, nd, channels_last, op, name)
-                         for a, name in ((grad, "grad_output"), (indices, "indices")))
-    indices = _indices_check(indices, grad, op)
+        grad = _unsqueeze(grad, layout, nd, channels_last, op, "grad_output")
+        if indices is not None:
+            indices = _unsqueeze(indices, layout, nd, channels_last, op, "indices")
+    if indices is not None:
+        indices = _indices_check(indices, grad, op)
     out_spatial = tuple(grad.shape[a] for a in pooled_axes(len(input_shape), nd,
                                                              channels_last))
     _check_grad(grad, "grad_output", op, input_shape, nd, channels_last, out_spatial)
@@ -339,10 +350,9 @@ def _unsqueeze(array, layout, nd, channels_last, op, name):
         raise ValueError(f"fastpool.dask.{op}: {name} has shape {tuple(array.shape)}, but the "
                          f"forward op on this input_shape gives {flat} (or {keep} with "
                          f"keepdims)")
-    index = (Ellipsis,) + (None,) * nd + ((slice(None),) if channels_last else ())
     if channels_last:
-        index = (slice(None),) * len(layout.batch_shape) + (None,) * nd + (slice(None),)
-    return array[index]
+        return array[(slice(None),) * len(layout.batch_shape) + (None,) * nd + (slice(None),)]
+    return array[(Ellipsis,) + (None,) * nd]
 
 
 def avg_pool_backward(grad_output, input_shape, nd, kernel_size, stride=None, padding=0,
@@ -364,22 +374,9 @@ def avg_pool_backward(grad_output, input_shape, nd, kernel_size, stride=None, pa
 
 def adaptive_avg_pool_backward(grad_output, input_shape, nd, *, op, channels_last=False,
                                backend=None, chunks=None, squeezed=False):
-    grad = check_dask_array(grad_output, op, "grad_output")
-    input_shape = _input_shape(input_shape, op)
-    channels_last = check_bool(channels_last, "channels_last", op)
-    layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
-    if squeezed:
-        grad = _unsqueeze(grad, layout, nd, channels_last, op, "grad_output")
-    out_spatial = tuple(grad.shape[a] for a in pooled_axes(len(input_shape), nd,
-                                                             channels_last))
-    _check_grad(grad, "grad_output", op, input_shape, nd, channels_last, out_spatial)
-    table = adaptive_table(layout.spatial, out_spatial)
-    anchors = [table.start[3 - nd + i, :out_spatial[i]] for i in range(nd)]
-    if squeezed and chunks is None:
-        chunks = _auto_chunks(grad, input_shape, nd, channels_last)
-    return backward(op, nd, "adaptive", grad, None, input_shape, table=table,
-                    anchors=anchors, channels_last=channels_last, backend=backend,
-                    chunks=chunks)
+    return _adaptive_backward(grad_output, None, input_shape, nd, op=op,
+                              channels_last=channels_last, backend=backend, chunks=chunks,
+                              squeezed=squeezed)
 
 
 def _auto_chunks(grad, input_shape, nd, channels_last):
