@@ -256,15 +256,19 @@ def _setup_backward(family: str, nd: int):
     return setup_context
 
 
+def _refuse_double_backward(family: str, nd: int) -> None:
+    if family == "lp_pool":
+        raise NotImplementedError(
+            f"fastpool: {family}{nd}d has no double backward (its backward is not "
+            f"linear in the gradient); max, average, adaptive and global pooling have one")
+
+
 def _backward_backward(family: str, nd: int):
     """The backward of a ``*_backward`` op with respect to ``grad`` (the op is linear
     in it): the forward's gather for max, the forward itself for averages."""
 
     def backward(ctx, grad_grad):
-        if family == "lp_pool":
-            raise NotImplementedError(
-                f"fastpool: {family}{nd}d has no double backward (its backward is not "
-                f"linear in the gradient); max, average, adaptive and global pooling have one")
+        _refuse_double_backward(family, nd)
         (indices,) = ctx.saved_tensors
         if FAMILIES[family][1]:
             result = gather(grad_grad, indices, nd)
@@ -326,10 +330,7 @@ def _backward_function(family: str, nd: int) -> type:
         ctx.save_for_backward(indices)
 
     def backward(ctx, grad_grad):
-        if family == "lp_pool":
-            raise NotImplementedError(
-                f"fastpool: {family}{nd}d has no double backward (its backward is not "
-                f"linear in the gradient); max, average, adaptive and global pooling have one")
+        _refuse_double_backward(family, nd)
         (indices,) = ctx.saved_tensors
         if indices is not None:
             result = gather(grad_grad, indices, nd)
