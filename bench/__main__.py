@@ -1,9 +1,13 @@
 """fastpool's benchmark report: fastpool (cpu) against the NumPy reference and torch.
 
-``python -m bench`` runs the quick set (a few seconds); ``--full`` runs the whole
-suite.  Each case is timed forward and backward, channels-first and
-channels-last, for every back end in the same run, with torch given fastpool's
-thread count.  Prints a table, and writes JSON and a PNG chart.
+``python -m bench`` runs the quick set (a few seconds once the kernels are
+compiled and cached); ``--full`` runs the whole suite (layers of ResNet, DenseNet,
+Inception, YOLO, SSD, PSPNet, 3D U-Net, C3D, PointNet, M5, ...).  Each case is
+timed forward and backward, channels-first and channels-last, for every back end
+in the same run, with torch given fastpool's thread count.  Prints a table (the
+min / median / max of each library's timed calls, speed-ups from the minima, and
+a noise flag where other processes took CPU time during the row), and writes
+JSON and a PNG chart.
 ``--backend cuda`` times the CUDA back end against torch's CUDA pooling instead
 (bench/gpu.py: CUDA events, L2 flushed, GB/s and % of peak bandwidth).
 """
@@ -11,13 +15,14 @@ thread count.  Prints a table, and writes JSON and a PNG chart.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
 import fastpool
 from bench import report
 from bench.cases import FULL, QUICK
-from bench.runner import BACKENDS, copy_bandwidth, measure
+from bench.runner import BACKENDS, copy_bandwidth, kernel_cache_is_cold, measure
 
 
 def _progress(total: int):
@@ -26,6 +31,15 @@ def _progress(total: int):
         return tqdm(total=total, file=sys.stderr, leave=False, unit="case")
     except ImportError:
         return None
+
+
+def _say(progress, line: str) -> None:
+    """Print above the progress bar (tqdm's write keeps the bar on the last line)."""
+    if progress is not None:
+        progress.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(line, flush=True)
 
 
 def main(argv=None) -> list[dict]:
@@ -67,17 +81,34 @@ def main(argv=None) -> list[dict]:
             for direction in directions for channels_last in case.layouts]
     backends = tuple(b for b in BACKENDS if not (args.no_numpy and b == "numpy"))
 
-    print(f"fastpool {fastpool.__version__}: {fastpool.get_num_threads()} threads, float32, "
-          f"times in ms (best of {args.repeats}; NumPy once)")
+    print(f"fastpool {fastpool.__version__} against torch {torch.__version__}: "
+          f"{fastpool.get_num_threads()} threads for both, float32")
+    for line in report.legend(args.repeats):
+        print(f"  {line}")
     rows = []
     progress = _progress(len(jobs))
-    print(report.COLUMNS)
+    noticed = []
+
+    def compiling(seconds: float) -> None:
+        if not noticed:
+            noticed.append(seconds)
+            _say(progress, f"(a first call took {seconds:.1f} s: numba compiles each kernel "
+                           "on first use and caches it on disk for later runs; the warm-up "
+                           "call keeps it out of the times)")
+
+    if jobs and kernel_cache_is_cold():
+        noticed.append(0.0)
+        _say(progress, "first run: compiling kernels (cached for later runs)..."
+             if not os.environ.get("FASTPOOL_DISABLE_CACHE") else
+             "compiling kernels (FASTPOOL_DISABLE_CACHE is set: every run compiles)...")
+    width = report.widths([case for case, _, _ in jobs])
+    _say(progress, report.columns(width))
     for case, channels_last, direction in jobs:
-        m = measure(case, channels_last, direction, args.repeats, backends)
+        m = measure(case, channels_last, direction, args.repeats, backends, compiling)
         rows.append(report.row(m, copy_bandwidth(m.nbytes)))
         if progress is not None:
             progress.update()
-        print(report.format_row(rows[-1]), flush=True)
+        _say(progress, report.format_row(rows[-1], width))
     if progress is not None:
         progress.close()
     for line in report.summary(rows):
@@ -98,7 +129,6 @@ def main(argv=None) -> list[dict]:
     except ImportError:
         print(f"wrote {args.json} (install matplotlib for the chart)")
     if args.markdown:
-        import os
         relative = os.path.relpath(chart, os.path.dirname(args.markdown) or ".") if chart \
             else None
         command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])

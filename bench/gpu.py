@@ -108,11 +108,11 @@ def calls(case: Case, channels_last: bool, direction: str, dtype):
                  "torch": lambda: torch_forward(x_torch, *case.args, **case.kwargs)},
                 (x_fast.numel() + out.numel()) * size)
     backward = getattr(fastpool, f"{case.name}_backward")
-    result = forward(x_fast, *case.args, return_indices=True, **kw) if is_max else \
-        forward(x_fast, *case.args, **kw)
+    result = forward(x_fast, *case.args, return_indices=True, **kw, **case.kwargs) if is_max \
+        else forward(x_fast, *case.args, **kw, **case.kwargs)
     out = result[0] if is_max else result
     grad = torch.randn_like(out)
-    window = {}
+    window = {} if is_max else dict(case.kwargs)  # ceil_mode, count_include_pad, ...
     if case.op == "max_pool":
         names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
         window = {**dict(zip(names, case.args)), **case.kwargs}

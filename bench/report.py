@@ -7,15 +7,87 @@ import math
 import platform
 
 import fastpool
-from bench.runner import Measurement
+from bench.noise import THRESHOLD_CORES
+from bench.runner import Measurement, spread
 
-COLUMNS = (f"{'op':<30}{'shape':<22}{'layout':<7}{'dir':<5}{'fastpool':>10}{'numpy':>10}"
-           f"{'torch':>10}{'vs torch':>10}{'vs numpy':>10}{'GB/s':>7}{'copy':>7}{'% copy':>8}")
+SPEEDUP_BASIS = "ratio of the minima: the other library's fastest timed call / fastpool's"
+
+
+def legend(repeats: int | None = None) -> list[str]:
+    """What the table's columns mean: printed above it and written into the Markdown."""
+    runs = f"{repeats} timed calls" if repeats else "the timed calls"
+    return [
+        f"times in ms: min / median / max of {runs} after a warm-up call "
+        "(NumPy: one call, no warm-up)",
+        "layout: cf = channels-first (N, C, *spatial), cl = channels-last "
+        "(N, *spatial, C); dir: fwd = forward, bwd = backward (the input's gradient)",
+        f"vs torch, vs numpy: speed-up, {SPEEDUP_BASIS}; > 1 = fastpool faster, "
+        "< 1 = slower",
+        "GB/s: bytes fastpool's kernels read + write per second (at its minimum time); "
+        "memcpy: GB/s of a parallel copy of as many bytes, timed in the same run; "
+        "copy%: fastpool's GB/s as % of memcpy's",
+        "noise: cores' worth of CPU other processes used while the row ran (/proc/stat); "
+        f"'!' = over {THRESHOLD_CORES:g} of a core, the row's times are suspect",
+    ]
+
+
+def widths(items) -> dict:
+    """Column widths for the op and shape of these rows or cases (the table is printed
+    row by row, so they are fixed from the list of jobs up front; the tag comes last)."""
+    widths = {"op": 2, "shape": 5}
+    for item in items:
+        op, shape = (item["op"], item["shape"]) if isinstance(item, dict) \
+            else (item.label, item.shape)
+        widths["op"] = max(widths["op"], len(op))
+        widths["shape"] = max(widths["shape"], len("x".join(map(str, shape))))
+    return widths
+
+
+_DEFAULT_WIDTHS = {"op": 30, "shape": 18}
+
+
+def columns(width: dict | None = None) -> str:
+    """The printed table's header, aligned with :func:`format_row` for the same widths."""
+    w = {k: v + 2 for k, v in (width or _DEFAULT_WIDTHS).items()}
+    return (f"{'op':<{w['op']}}{'shape':<{w['shape']}}{'lay':<4}{'dir':<3}"
+            f"{'fastpool min/med/max':>21}{'torch min/med/max':>21}{'numpy':>8}"
+            f"{'vs torch':>9}{'vs numpy':>9}{'GB/s':>6}{'memcpy':>7}{'copy%':>6}{'noise':>7}"
+            "  tag")
+
+
+COLUMNS = columns()
+
+
+def _ms(value: float | None, width: int = 6) -> str:
+    """About four significant digits of a time in ms, right-aligned."""
+    if value is None:
+        return f"{'-':>{width}}"
+    digits = 3 if value < 1 else 2 if value < 100 else 1 if value < 1000 else 0
+    return f"{value:{width}.{digits}f}"
+
+
+def _layout(r: dict) -> str:
+    return "cl" if r["layout"] == "channels-last" else "cf"
+
+
+def _direction(r: dict) -> str:
+    return "fwd" if r["direction"] == "forward" else "bwd"
+
+
+def noise_cell(r: dict, width: int = 7) -> str:
+    noise = r.get("noise")
+    if not noise:
+        return f"{'-':>{width}}"
+    text = f"{noise['other_cores']:.2f}" + ("!" if noise["flagged"] else " ")
+    return f"{text:>{width}}"
 
 
 def row(m: Measurement, copy_rate: float) -> dict:
     s = m.seconds
     rate = m.nbytes / s["fastpool"]
+    spreads = {k: {key: (v * 1e3 if key != "n" else v) for key, v in spread(t).items()}
+               for k, t in (m.samples or {k: [v] for k, v in s.items()}).items()}
+    medians = {k: v["median"] for k, v in spreads.items()}
     return {
         "op": m.case.label, "shape": list(m.case.shape), "tag": m.case.tag,
         "layout": m.layout, "direction": m.direction,
@@ -24,23 +96,35 @@ def row(m: Measurement, copy_rate: float) -> dict:
         "speedup_vs_numpy": s["numpy"] / s["fastpool"] if "numpy" in s else None,
         "gb_per_s": rate / 1e9, "copy_gb_per_s": copy_rate / 1e9,
         "percent_of_copy": 100 * rate / copy_rate,
+        # Added: the spread of every back end's timed calls (ms), the speed-up from the
+        # medians for comparison, and the other processes' load while the row ran.
+        "spread_ms": spreads,
+        "speedup_vs_torch_median": medians["torch"] / medians["fastpool"]
+        if "torch" in medians else None,
+        "noise": m.noise,
     }
 
 
-def format_row(r: dict) -> str:
-    ms = r["ms"]
+def _three(r: dict, backend: str) -> str:
+    """min, median and max of a back end's times, 3 + 3 x 6 characters."""
+    spread_ms = r.get("spread_ms", {}).get(backend)
+    if spread_ms is None:  # rows from before the spread was recorded: the minimum only
+        return f"   {_ms(r['ms'].get(backend))}{'':12}"
+    return "   " + "".join(_ms(spread_ms[k]) for k in ("min", "median", "max"))
 
-    def cell(key, width, digits):
-        return f"{ms[key]:{width}.{digits}f}" if key in ms else " " * (width - 1) + "-"
+
+def format_row(r: dict, width: dict | None = None) -> str:
+    w = {k: v + 2 for k, v in (width or _DEFAULT_WIDTHS).items()}
 
     def ratio(value):
-        return f"{value:9.2f}x" if value is not None else " " * 9 + "-"
+        return f"{value:8.2f}x" if value is not None else " " * 8 + "-"
 
-    return (f"{r['op']:<30}{'x'.join(map(str, r['shape'])):<22}"
-            f"{'cl' if r['layout'] == 'channels-last' else 'cf':<7}{r['direction'][:3]:<5}"
-            f"{cell('fastpool', 10, 2)}{cell('numpy', 10, 1)}{cell('torch', 10, 2)}"
+    return (f"{r['op']:<{w['op']}}{'x'.join(map(str, r['shape'])):<{w['shape']}}"
+            f"{_layout(r):<4}{_direction(r):<3}{_three(r, 'fastpool')}{_three(r, 'torch')}"
+            f"{_ms(r['ms'].get('numpy'), 8)}"
             f"{ratio(r['speedup_vs_torch'])}{ratio(r['speedup_vs_numpy'])}"
-            f"{r['gb_per_s']:7.1f}{r['copy_gb_per_s']:7.1f}{r['percent_of_copy']:7.0f}%")
+            f"{r['gb_per_s']:6.1f}{r['copy_gb_per_s']:7.1f}{r['percent_of_copy']:5.0f}%"
+            f"{noise_cell(r)}  {r['tag']}").rstrip()
 
 
 def geometric_mean(values) -> float:
@@ -64,12 +148,30 @@ def summary(rows: list[dict]) -> list[str]:
     if rows:
         worst = min(rows, key=lambda r: r["speedup_vs_torch"] or float("inf"))
         lines.append(f"worst case: {worst['op']} {worst['layout']} {worst['direction']} "
-                     f"at {worst['speedup_vs_torch']:.2f}x")
+                     f"at {worst['speedup_vs_torch']:.2f}x"
+                     + (f" ({worst['tag']})" if worst.get("tag") else ""))
     if convolutions:
         lines.append(f"strided convolution (direct loops, no speed bar): geometric-mean "
                      f"{geometric_mean([r['speedup_vs_torch'] for r in convolutions]):.2f}x "
                      f"of torch over {len(convolutions)} rows")
-    return lines
+    return lines + noise_summary(rows + convolutions)
+
+
+def noise_summary(rows: list[dict]) -> list[str]:
+    """One line on the machine's quiet: a warning naming how many rows were flagged."""
+    measured = [r for r in rows if r.get("noise")]
+    if not rows:
+        return []
+    if not measured:
+        return ["noise: not measured (no /proc/stat on this system)"]
+    flagged = [r for r in measured if r["noise"]["flagged"]]
+    worst = max(r["noise"]["other_cores"] for r in measured)
+    if not flagged:
+        return [f"noise: no row flagged; other processes used at most {worst:.2f} cores "
+                "during a row"]
+    return [f"WARNING: noisy run: {len(flagged)} of {len(measured)} rows flagged '!' (other "
+            f"processes used over {THRESHOLD_CORES:g} of a core while they ran, up to "
+            f"{worst:.2f} cores); rerun them on a quieter machine before trusting them"]
 
 
 def _processor() -> str:
@@ -95,32 +197,133 @@ def machine() -> dict:
 
 def write_json(path, rows, compile_costs) -> None:
     with open(path, "w") as handle:
-        json.dump({"machine": machine(), "rows": rows, "compile_seconds": compile_costs},
-                  handle, indent=1)
+        json.dump({"machine": machine(), "rows": rows, "compile_seconds": compile_costs,
+                   "speedup_basis": SPEEDUP_BASIS,
+                   "noise_threshold_cores": THRESHOLD_CORES}, handle, indent=1)
+
+
+_COLOURS = {"forward": "#3b7dd8", "backward": "#e0823d"}
+_HATCHES = {"channels-first": "", "channels-last": "////"}
+
+
+def _op_family(r: dict) -> str:
+    return r["op"].split("(", 1)[0]
+
+
+def chart_layout(rows: list[dict]):
+    """Rows grouped by op (first-seen order), cases within a group in first-seen order,
+    and each case's bars (fwd cf, fwd cl, bwd cf, bwd cl) side by side.
+
+    Returns ``(bars, cases, groups)``: ``bars`` is ``[(y, row)]``, ``cases`` is
+    ``[(y_centre, label)]`` and ``groups`` is ``[(name, y_top, y_bottom)]``."""
+    families: dict = {}
+    for r in rows:
+        case = (r.get("tag", ""), r["op"], tuple(r["shape"]))
+        families.setdefault(_op_family(r), {}).setdefault(case, []).append(r)
+    order = {(d, lay): i for i, (d, lay) in enumerate(
+        (d, lay) for d in ("forward", "backward") for lay in ("channels-first",
+                                                                "channels-last"))}
+    # The convolutions (no speed bar, a different kind of op) go last.
+    names = sorted(families, key=lambda name: name.startswith("strided_conv"))
+    bars, cases, groups, y = [], [], [], 0.0
+    for name in names:
+        family = families[name]
+        top = y
+        y += 1.4  # a row of its own for the group's title
+        for (tag, op, shape), members in family.items():
+            members = sorted(members, key=lambda r: order.get((r["direction"], r["layout"]), 9))
+            first = y
+            for r in members:
+                bars.append((y, r))
+                y += 1
+            label = f"{op} {'x'.join(map(str, shape))}" + (f"\n{tag}" if tag else "")
+            cases.append(((first + y - 1) / 2, label))
+            y += 0.6  # a gap between cases
+        groups.append((name, top, y))
+        y += 0.4
+    return bars, cases, groups
 
 
 def write_chart(path, rows) -> None:
+    """A horizontal bar per row from 1.0x to its speed-up over torch, log x-axis: bars to
+    the left of the line are slower than torch, to the right faster.  Colour is the
+    direction, hatching the layout; cases are grouped by op under a title each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.transforms import blended_transform_factory
 
-    labels = [f"{r['op']} {'x'.join(map(str, r['shape']))} "
-              f"{'cl' if r['layout'] == 'channels-last' else 'cf'} {r['direction'][:3]}"
-              for r in rows]
-    speedups = [r["speedup_vs_torch"] for r in rows]
-    colors = [{"forward": "#3b7dd8", "backward": "#e0823d"}[r["direction"]] for r in rows]
-    figure, axes = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
-    axes.barh(range(len(rows)), speedups, color=colors)
-    axes.axvline(1.0, color="black", linewidth=1)
+    rows = [r for r in rows if r.get("speedup_vs_torch")]
+    bars, cases, groups = chart_layout(rows)
+    height = max(3.0, 0.16 * (bars[-1][0] if bars else 0) + 2.2)
+    figure, axes = plt.subplots(figsize=(11, height))
+    speedups = [r["speedup_vs_torch"] for _, r in bars]
+    low = min(speedups + [1.0]) / 1.8
+    high = max(speedups + [1.0]) * 3.0  # room for the value labels
+    for y, r in bars:
+        value = r["speedup_vs_torch"]
+        axes.barh(y, value - 1.0, left=1.0, height=0.85, color=_COLOURS[r["direction"]],
+                  hatch=_HATCHES[r["layout"]], edgecolor="white", linewidth=0.4)
+        flagged = bool(r.get("noise") and r["noise"].get("flagged"))
+        text = f"{value:.2f}x" + (" !" if flagged else "")
+        axes.text(value * (1.04 if value >= 1 else 1 / 1.04), y, text, va="center",
+                  ha="left" if value >= 1 else "right", fontsize=6)
     axes.set_xscale("log")
-    axes.set_yticks(range(len(rows)), labels, fontsize=7)
-    axes.invert_yaxis()
-    axes.set_xlabel("speed-up over torch (time_torch / time_fastpool, log scale)")
+    axes.set_xlim(low, high)
+    decades = math.log10(high / low)  # label 1-2-5 steps while they fit
+    subs = (1.0, 2.0, 5.0) if decades <= 3 else (1.0, 3.0) if decades <= 4.5 else (1.0,)
+    axes.xaxis.set_major_locator(LogLocator(subs=subs))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.axvline(1.0, color="black", linewidth=1.2, zorder=3)
+    axes.set_yticks([c[0] for c in cases], [c[1] for c in cases], fontsize=6.5)
+    axes.tick_params(axis="y", length=0)
+    axes.set_ylim(bars[-1][0] + 1 if bars else 1, -0.5)
+    across = blended_transform_factory(axes.transAxes, axes.transData)
+    for index, (name, top, bottom) in enumerate(groups):
+        if index:
+            axes.axhline(top - 0.2, color="grey", linewidth=0.6)
+        axes.text(0.005, top + 0.5, name, transform=across, fontsize=8, fontweight="bold",
+                  va="center", ha="left", zorder=4,
+                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+    up = blended_transform_factory(axes.transData, axes.transAxes)
+    axes.text(1.0 / 1.03, 1.005, "\u2190 slower than torch", ha="right", va="bottom",
+              fontsize=8, color="dimgrey", transform=up)
+    axes.text(1.03, 1.005, "faster than torch \u2192", ha="left", va="bottom", fontsize=8,
+              color="dimgrey", transform=up)
+    axes.grid(axis="x", which="major", color="lightgrey", linewidth=0.5)
+    axes.set_axisbelow(True)
+    axes.set_xlabel("speed-up over torch: torch's fastest call / fastpool's (log scale; "
+                    "> 1 = fastpool faster)")
     axes.set_title(f"fastpool {fastpool.__version__} vs torch, float32, "
-                   f"{fastpool.get_num_threads()} threads (blue forward, orange backward)")
-    figure.tight_layout()
+                   f"{fastpool.get_num_threads()} threads", fontsize=10, pad=16)
+    handles = [Patch(facecolor=_COLOURS[d], hatch=_HATCHES[lay], edgecolor="white",
+                     label=f"{d}, {lay}")
+               for d in ("forward", "backward") for lay in ("channels-first", "channels-last")]
+    if any(r.get("noise") and r["noise"].get("flagged") for r in rows):
+        handles.append(Patch(color="none", label="! = noisy row (other processes busy)"))
+    # Below the axis, where it can hide no bar.
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7,
+                  frameon=False)
+    figure.tight_layout(rect=(0, 0.35 / height, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def repeats_of(rows: list[dict]) -> int | None:
+    counts = [r["spread_ms"]["fastpool"]["n"] for r in rows
+              if r.get("spread_ms", {}).get("fastpool")]
+    return max(counts) if counts else None
+
+
+def _markdown_spread(r: dict, backend: str) -> str:
+    spread_ms = r.get("spread_ms", {}).get(backend)
+    if spread_ms is None:
+        value = r["ms"].get(backend)
+        return "-" if value is None else _ms(value).strip()
+    return " / ".join(_ms(spread_ms[k]).strip() for k in ("min", "median", "max"))
 
 
 def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -> None:
@@ -132,12 +335,18 @@ def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -
         f"Produced by `{command}` on {info['processor']} ({info['machine']}, "
         f"{info['cores']} cores), {info['threads']} threads for fastpool and torch alike, "
         f"Python {info['python']}, "
-        f"numba {info['numba']}, fastpool {info['fastpool']}. float32. Times are the best "
-        "of several runs after a warm-up (the NumPy reference: one run). Speed-ups are "
-        "`time_torch / time_fastpool` and `time_numpy / time_fastpool` from the same run; "
-        "GB/s counts the bytes fastpool's kernels read plus write, and `% copy` compares "
-        "that with a parallel copy of the same number of bytes timed in the same run. "
-        "The machine is shared and noisy: trust the ratios more than the milliseconds.",
+        f"numba {info['numba']}, fastpool {info['fastpool']}. float32. Every back end is "
+        "timed in the same run, row by row, so the speed-ups compare times taken seconds "
+        "apart. Speed-ups are computed from the minima (noise on a shared machine only "
+        "adds time, so the fastest call is the least disturbed); the median and maximum "
+        "show how much the times spread. The machine is shared: rows marked `!` ran while "
+        "other processes took CPU time, and even unmarked rows drift, so trust the ratios "
+        "more than the milliseconds.",
+        "",
+        "How to read the table:",
+        "",
+        *[f"- {line}".replace("*", "\\*") for line in legend(repeats_of(rows))],
+        "- tag: the network and layer the shape comes from",
         "",
         "## Summary",
         "",
@@ -147,18 +356,20 @@ def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -
     if chart:
         lines += [f"![speed-up over torch]({chart})", ""]
     lines += ["## Full table", "",
-              "| op | shape | layout | dir | fastpool ms | numpy ms | torch ms | vs torch "
-              "| vs numpy | GB/s | copy GB/s | % copy |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| tag | op | shape | layout | dir | fastpool ms (min / med / max) "
+              "| torch ms (min / med / max) | numpy ms | vs torch | vs numpy | GB/s "
+              "| memcpy GB/s | copy% | noise |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ms = r["ms"]
         vs_numpy = f"{r['speedup_vs_numpy']:.1f}x" if r["speedup_vs_numpy"] else "-"
+        numpy = f"{ms['numpy']:.1f}" if "numpy" in ms else "-"
         lines.append(
-            f"| {r['op']} | {'x'.join(map(str, r['shape']))} | "
-            f"{'cl' if r['layout'] == 'channels-last' else 'cf'} | {r['direction']} | "
-            f"{ms['fastpool']:.2f} | {ms.get('numpy', float('nan')):.1f} | "
-            f"{ms['torch']:.2f} | {r['speedup_vs_torch']:.2f}x | {vs_numpy} | "
-            f"{r['gb_per_s']:.1f} | {r['copy_gb_per_s']:.1f} | {r['percent_of_copy']:.0f}% |")
+            f"| {r.get('tag', '')} | {r['op']} | {'x'.join(map(str, r['shape']))} | "
+            f"{_layout(r)} | {_direction(r)} | {_markdown_spread(r, 'fastpool')} | "
+            f"{_markdown_spread(r, 'torch')} | {numpy} | {r['speedup_vs_torch']:.2f}x | "
+            f"{vs_numpy} | {r['gb_per_s']:.1f} | {r['copy_gb_per_s']:.1f} | "
+            f"{r['percent_of_copy']:.0f}% | {noise_cell(r).strip() or '-'} |")
     if compile_costs:
         lines += ["", "## Compile cost (first call in a fresh process)", "",
                   "| op | empty cache (compiles) | warm on-disk cache |", "|---|---:|---:|"]

@@ -1,20 +1,26 @@
 """Timing fastpool, the NumPy reference and torch on the same arrays.
 
-Every measurement is the best of ``repeats`` runs after a warm-up call (which
-also compiles).  Times of different back ends are taken in the same run, so
-the speed-ups are ratios of times measured minutes apart at most; absolute
-times on a shared machine drift.
+Every measurement keeps all ``repeats`` timed calls made after a warm-up call
+(which also compiles; the NumPy reference: one call, no warm-up): the report
+shows their minimum, median and maximum and computes speed-ups from the minima
+(the least disturbed run of each; noise on a shared machine only ever adds
+time).  Times of different back ends are taken in the same run, so the
+speed-ups are ratios of times measured seconds apart; absolute times on a shared
+machine drift.  Each row also records how much CPU
+other processes took while it ran (bench/noise.py).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import fastpool
 from bench.cases import Case
+from bench.noise import Watch
 
 BACKENDS = ("fastpool", "numpy", "torch")
 
@@ -24,22 +30,46 @@ class Measurement:
     case: Case
     channels_last: bool
     direction: str
-    seconds: dict  # back end -> best time
+    seconds: dict  # back end -> best (minimum) time
     nbytes: int  # bytes read plus written by fastpool's kernels
+    samples: dict = field(default_factory=dict)  # back end -> every timed call, seconds
+    noise: dict | None = None  # bench.noise.other_load over the row, None off Linux
+    warmup: dict = field(default_factory=dict)  # back end -> seconds of the first call
 
     @property
     def layout(self) -> str:
         return "channels-last" if self.channels_last else "channels-first"
 
 
-def best_time(call, repeats: int) -> float:
-    call()
+def sample_times(call, repeats: int, warm_up: bool = True) -> tuple[float, list[float]]:
+    """The warm-up call's seconds (0 without one) and those of ``repeats`` timed calls
+    after it."""
+    warmup = 0.0
+    if warm_up:
+        start = time.perf_counter()
+        call()
+        warmup = time.perf_counter() - start
     times = []
     for _ in range(max(repeats, 1)):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return warmup, times
+
+
+def best_time(call, repeats: int) -> float:
+    return min(sample_times(call, repeats)[1])
+
+
+def spread(times) -> dict:
+    """min, quartiles, median and max of a list of times (same unit), and the count."""
+    times = sorted(times)
+    if len(times) > 1:
+        q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q1 = median = q3 = times[0]
+    return {"min": times[0], "q1": q1, "median": median, "q3": q3, "max": times[-1],
+            "n": len(times)}
 
 
 def _torch_function(case: Case, x: np.ndarray, channels_last: bool, requires_grad=False):
@@ -113,11 +143,11 @@ def _backward(case: Case, x: np.ndarray, channels_last: bool):
     backward = getattr(fastpool, f"{case.name}_backward")
     kw = dict(channels_last=channels_last)
     is_max = "max" in case.op
-    result = forward(x, *case.args, return_indices=is_max, **kw) if is_max else \
-        forward(x, *case.args, **kw)
+    result = forward(x, *case.args, return_indices=is_max, **kw, **case.kwargs) if is_max \
+        else forward(x, *case.args, **kw, **case.kwargs)
     out = result[0] if is_max else result
     grad = np.random.default_rng(1).standard_normal(out.shape, dtype=np.float32)
-    window = {}
+    window = {} if is_max else dict(case.kwargs)  # ceil_mode, count_include_pad, ...
     if case.op == "max_pool":  # the optional window lets the kernels gather
         names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
         window = {**dict(zip(names, case.args)), **case.kwargs}
@@ -141,14 +171,49 @@ def _backward(case: Case, x: np.ndarray, channels_last: bool):
 
 
 def measure(case: Case, channels_last: bool, direction: str, repeats: int,
-            backends=BACKENDS) -> Measurement:
+            backends=BACKENDS, on_slow_first_call=None) -> Measurement:
+    """Time one row.  ``on_slow_first_call(seconds)``, if given, is called when setting
+    the row up (fastpool's first call) or a warm-up call took over a second: a compile,
+    most likely."""
     x = case.make_input(channels_last)
+    start = time.perf_counter()
     calls, nbytes = (_forward if direction == "forward" else _backward)(case, x, channels_last)
-    seconds = {}
-    for name in backends:
-        # The reference is slow by design: fewer repeats keep the suite short.
-        seconds[name] = best_time(calls[name], repeats if name != "numpy" else 1)
-    return Measurement(case, channels_last, direction, seconds, nbytes)
+    setup = time.perf_counter() - start
+    if on_slow_first_call is not None and setup > 1.0:
+        on_slow_first_call(setup)
+    samples, warmup = {}, {}
+    with Watch() as watch:
+        for name in backends:
+            # The reference is slow by design, and pure NumPy (nothing to compile): one
+            # call without a warm-up keeps the suite short.
+            reference = name == "numpy"
+            warmup[name], samples[name] = sample_times(
+                calls[name], 1 if reference else repeats, warm_up=not reference)
+            if on_slow_first_call is not None and warmup[name] > 1.0 and name == "fastpool":
+                on_slow_first_call(warmup[name])
+    seconds = {name: min(times) for name, times in samples.items()}
+    return Measurement(case, channels_last, direction, seconds, nbytes, samples,
+                       watch.result, warmup)
+
+
+def kernel_cache_is_cold() -> bool:
+    """Whether numba's on-disk cache holds none of fastpool's CPU kernels (a fresh
+    clone, a cleared cache or FASTPOOL_DISABLE_CACHE=1): the first calls will compile.
+
+    Asks numba where each kernel's cache index lives and whether it loads for the
+    current source; False whenever it cannot tell (numba's internals moved)."""
+    try:
+        from numba.core.registry import CPUDispatcher
+
+        from fastpool.cpu import kernels
+        dispatchers = [f for f in vars(kernels).values() if isinstance(f, CPUDispatcher)]
+        caches = [d._cache for d in dispatchers if getattr(d, "_cache", None) is not None]
+        files = [c._cache_file for c in caches if hasattr(c, "_cache_file")]
+        if not files:
+            return bool(dispatchers)  # njit without cache=True: everything compiles
+        return not any(f._load_index() for f in files)
+    except Exception:
+        return False
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:

@@ -1,0 +1,218 @@
+"""The benchmark's own logic, on synthetic data: the noise estimate from /proc/stat
+samples, the spread of timings, the table's rows, the Markdown and the chart.  No
+kernel is timed here (bench/test_bench.py times them under pytest-benchmark)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from bench import noise, report
+from bench.cases import FULL, QUICK, Case
+from bench.runner import Measurement, spread
+
+STAT = """cpu  {u} 0 {s} {i} 10 0 5 {st} 0 0
+cpu0 {u0} 0 {s0} 500 5 0 2 0 0 0
+cpu1 {u1} 0 100 {i1} 5 0 3 {st} 0 0
+intr 12345 0 0
+ctxt 999
+"""
+
+
+def stat(u0=1000, u1=2000, s0=100, i1=500, st=0):
+    return STAT.format(u=u0 + u1, s=s0 + 100, i=500 + i1, st=st, u0=u0, u1=u1, s0=s0,
+                       i1=i1)
+
+
+def test_parse_proc_stat_sums_the_chosen_cpus():
+    both = noise.parse_proc_stat(stat())
+    assert both == noise.CpuTicks(busy=3000 + 200 + 5 + 0, total=3205 + 1000 + 10, cpus=2)
+    one = noise.parse_proc_stat(stat(st=7), cpus={1})
+    # user 2000 + system 100 + softirq 3 + steal 7; idle 500 and iowait 5 are not busy
+    assert one == noise.CpuTicks(busy=2110, total=2615, cpus=1)
+    assert noise.parse_proc_stat("intr 1 2 3\n") is None
+    assert noise.parse_proc_stat(stat(), cpus={7}) is None
+
+
+def test_other_load_flags_other_processes_not_our_own_threads():
+    before = noise.parse_proc_stat(stat())
+    # 2 s of wall time on 2 CPUs; the machine was busy 3.9 s and we used 3.8 s of it.
+    quiet = noise.parse_proc_stat(stat(u0=1000 + 195, u1=2000 + 195))
+    result = noise.other_load(before, quiet, own_seconds=3.8, wall_seconds=2.0)
+    assert result["other_cores"] == pytest.approx(0.05)
+    assert not result["flagged"]
+    # Someone else kept one core busy for the whole row.
+    busy = noise.parse_proc_stat(stat(u0=1000 + 195, u1=2000 + 195, i1=500 - 200))
+    busy = dataclasses.replace(busy, busy=busy.busy + 200)
+    result = noise.other_load(before, busy, own_seconds=3.8, wall_seconds=2.0)
+    assert result["other_cores"] == pytest.approx(1.05)
+    assert result["flagged"]
+    # Hypervisor steal counts as taken from us too.
+    stolen = noise.parse_proc_stat(stat(u0=1000 + 100, u1=2000 + 100, st=80))
+    assert noise.other_load(before, stolen, 1.9, 1.0)["flagged"]
+
+
+def test_other_load_allows_one_tick_per_cpu_on_a_short_row():
+    before = noise.parse_proc_stat(stat())
+    after = noise.parse_proc_stat(stat(u0=1001, u1=2001))  # 2 ticks = 20 ms
+    result = noise.other_load(before, after, own_seconds=0.0, wall_seconds=0.02)
+    assert result["other_cores"] == pytest.approx(1.0)  # the raw estimate says a core...
+    assert not result["flagged"]  # ...but that is within the counters' granularity
+    assert noise.other_load(None, after, 0.0, 1.0) is None
+    assert noise.other_load(before, after, 0.0, 0.0) is None
+
+
+def test_watch_reads_the_file_and_skips_gracefully_without_it(tmp_path):
+    path = tmp_path / "stat"
+    path.write_text(stat())
+    with noise.Watch(str(path)) as watch:
+        sum(range(10000))
+    assert watch.result == {"other_cores": 0.0, "flagged": False} or \
+        watch.result is None  # None only when no CPU of our affinity set is listed
+    with noise.Watch(str(tmp_path / "missing")) as watch:
+        pass
+    assert watch.result is None
+
+
+def test_spread_of_timings():
+    s = spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["min"], s["q1"], s["median"], s["q3"], s["max"], s["n"]) == \
+        (1.0, 2.0, 3.0, 4.0, 5.0, 5)
+    assert spread([2.0]) == {"min": 2.0, "q1": 2.0, "median": 2.0, "q3": 2.0, "max": 2.0,
+                             "n": 1}
+
+
+def _measurement(case, channels_last=False, direction="forward", fast=(1e-3, 2e-3, 4e-3),
+                 torch=(3e-3, 3e-3, 9e-3), flagged=False):
+    samples = {"fastpool": list(fast), "torch": list(torch), "numpy": [0.1]}
+    return Measurement(case, channels_last, direction,
+                       {k: min(v) for k, v in samples.items()}, nbytes=10**6,
+                       samples=samples,
+                       noise={"other_cores": 0.6 if flagged else 0.01, "flagged": flagged})
+
+
+def _rows():
+    case_a = Case("max_pool", (2, 3, 8, 8), (2,), tag="net-a")
+    case_b = Case("avg_pool", (2, 3, 8, 8), (3, 1, 1), {"count_include_pad": False},
+                  tag="net-b-pool-branch")
+    rows = []
+    for case in (case_a, case_b):
+        for direction in ("forward", "backward"):
+            for channels_last in (False, True):
+                slow = case is case_b and direction == "backward"
+                rows.append(report.row(_measurement(
+                    case, channels_last, direction,
+                    fast=(5e-3, 6e-3, 7e-3) if slow else (1e-3, 2e-3, 4e-3),
+                    flagged=channels_last and slow), copy_rate=2e9))
+    return rows
+
+
+def test_row_keeps_the_old_keys_and_adds_the_spread_and_noise():
+    r = _rows()[0]
+    assert {"op", "shape", "tag", "layout", "direction", "ms", "speedup_vs_torch",
+            "speedup_vs_numpy", "gb_per_s", "copy_gb_per_s", "percent_of_copy"} <= set(r)
+    assert r["ms"]["fastpool"] == pytest.approx(1.0)  # the minimum, in ms
+    assert r["speedup_vs_torch"] == pytest.approx(3.0)  # ratio of the minima
+    assert r["speedup_vs_torch_median"] == pytest.approx(1.5)  # 3 ms / 2 ms
+    assert r["spread_ms"]["fastpool"] == {"min": 1.0, "q1": 1.5, "median": 2.0, "q3": 3.0,
+                                          "max": 4.0, "n": 3}
+    assert r["noise"] == {"other_cores": 0.01, "flagged": False}
+    assert r["gb_per_s"] == pytest.approx(1.0)
+    assert r["percent_of_copy"] == pytest.approx(50)
+    json.dumps(r)
+
+
+def noise_cell_text(r):
+    return f"{r['noise']['other_cores']:.2f}"
+
+
+def test_table_lines_line_up_and_flag_noise():
+    rows = _rows()
+    width = report.widths(rows)
+    header = report.columns(width)
+    lines = [report.format_row(r, width) for r in rows]
+    for r, line in zip(rows, lines):  # every column lines up, the tag last
+        assert line[header.index("tag"):] == r["tag"]
+        assert line[:header.index("noise") + 5].rstrip("! ").endswith(noise_cell_text(r))
+    assert lines[0].split()[:4] == ["max_pool2d(2)", "2x3x8x8", "cf", "fwd"]
+    assert lines[0].split()[4:11] == ["1.00", "2.00", "4.00", "3.00", "3.00", "9.00", "100.0"]
+    assert "3.00x" in lines[0]
+    assert "0.60!  net-b-pool-branch" in lines[-1]  # the flagged row
+    assert lines[0].endswith("0.01   net-a")
+    assert report.widths(QUICK)["op"] == max(len(c.label) for c in QUICK)
+    text = "\n".join(report.legend(5))
+    for needle in ("cf = channels-first", "cl = channels-last", "fwd = forward",
+                   "bwd = backward", "> 1 = fastpool faster", "copy%", "min / median / max",
+                   "ratio of the minima"):
+        assert needle in text
+
+
+def test_summary_warns_about_a_noisy_run():
+    rows = _rows()
+    lines = report.summary(rows)
+    assert lines[-1].startswith("WARNING: noisy run: 1 of 8 rows flagged")
+    quiet = [{**r, "noise": {"other_cores": 0.0, "flagged": False}} for r in rows]
+    assert report.summary(quiet)[-1].startswith("noise: no row flagged")
+    unmeasured = [{**r, "noise": None} for r in rows]
+    assert report.summary(unmeasured)[-1] == \
+        "noise: not measured (no /proc/stat on this system)"
+
+
+def test_markdown_and_json(tmp_path):
+    rows = _rows()
+    report.write_markdown(tmp_path / "b.md", rows, None, "python -m bench", "b.png")
+    text = (tmp_path / "b.md").read_text()
+    assert "- vs torch, vs numpy: speed-up, ratio of the minima" in text
+    assert "| net-a | max_pool2d(2) | 2x3x8x8 | cf | fwd | 1.00 / 2.00 / 4.00 | " \
+           "3.00 / 3.00 / 9.00 | 100.0 | 3.00x | 100.0x |" in text
+    assert "0.60! |" in text
+    report.write_json(tmp_path / "b.json", rows, None)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert {"machine", "rows", "compile_seconds", "speedup_basis"} <= set(data)
+
+
+def test_chart_groups_by_op_and_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = _rows()
+    bars, cases, groups = report.chart_layout(rows)
+    assert [g[0] for g in groups] == ["max_pool2d", "avg_pool2d"]
+    assert len(cases) == 2 and len(bars) == 8
+    assert [(r["direction"], r["layout"]) for _, r in bars[:4]] == [
+        ("forward", "channels-first"), ("forward", "channels-last"),
+        ("backward", "channels-first"), ("backward", "channels-last")]
+    path = tmp_path / "chart.png"
+    report.write_chart(path, rows)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+    image = imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 800
+
+
+def test_suite_cases_name_their_network_and_are_distinct():
+    keys = [(c.tag, c.label, c.shape) for c in FULL]
+    assert len(set(keys)) == len(keys)
+    assert all(c.tag for c in FULL + QUICK)
+    assert len([c for c in FULL if any(ch.isdigit() for ch in c.tag)]) >= 10
+
+
+@pytest.mark.parametrize("case", [c for c in FULL if c.kwargs], ids=lambda c: c.tag)
+def test_keyword_cases_backward_matches_torch(case):
+    """The runner passes a case's keywords (ceil_mode, count_include_pad) to the
+    forward and backward calls of both libraries, on a small input of the same kind."""
+    torch = pytest.importorskip("torch")
+    from bench.runner import _backward, _forward
+
+    small = dataclasses.replace(case, shape=(2, 3) + (9,) * case.nd)
+    for channels_last in small.layouts:
+        x = small.make_input(channels_last)
+        calls, _ = _forward(small, x, channels_last)
+        expected = calls["torch"]()
+        expected = expected.movedim(1, -1) if channels_last else expected
+        np.testing.assert_allclose(calls["fastpool"](), expected.numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        calls, _ = _backward(small, x, channels_last)
+        (grad,) = calls["torch"]()
+        grad = grad.movedim(1, -1) if channels_last else grad
+        np.testing.assert_allclose(calls["fastpool"](), grad.numpy(), rtol=1e-5, atol=1e-6)
+        assert torch.is_tensor(grad)
