@@ -170,27 +170,49 @@ def _backward(case: Case, x: np.ndarray, channels_last: bool):
     return calls, nbytes + x.nbytes
 
 
+class _CompileEvents:
+    """Counts numba's compilations (not its loads from the on-disk cache) in a ``with``
+    block: ``.count``, None where numba's event API is missing."""
+
+    def __enter__(self):
+        self.count, self._recorder = None, None
+        try:
+            from numba.core import event
+            self._recorder = event.install_recorder("numba:compile")
+            self._listener = self._recorder.__enter__()
+        except Exception:
+            self._recorder = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+            self.count = len(self._listener.buffer)
+        return False
+
+
 def measure(case: Case, channels_last: bool, direction: str, repeats: int,
             backends=BACKENDS, on_slow_first_call=None) -> Measurement:
-    """Time one row.  ``on_slow_first_call(seconds)``, if given, is called when setting
-    the row up (fastpool's first call) or a warm-up call took over a second: a compile,
-    most likely."""
+    """Time one row.  ``on_slow_first_call(seconds)``, if given, is called when
+    fastpool's first calls of the row (setting it up, the warm-up) took over a second
+    and numba compiled meanwhile (a load from its on-disk cache is no compile)."""
     x = case.make_input(channels_last)
-    start = time.perf_counter()
-    calls, nbytes = (_forward if direction == "forward" else _backward)(case, x, channels_last)
-    setup = time.perf_counter() - start
-    if on_slow_first_call is not None and setup > 1.0:
-        on_slow_first_call(setup)
-    samples, warmup = {}, {}
-    with Watch() as watch:
-        for name in backends:
-            # The reference is slow by design, and pure NumPy (nothing to compile): one
-            # call without a warm-up keeps the suite short.
-            reference = name == "numpy"
-            warmup[name], samples[name] = sample_times(
-                calls[name], 1 if reference else repeats, warm_up=not reference)
-            if on_slow_first_call is not None and warmup[name] > 1.0 and name == "fastpool":
-                on_slow_first_call(warmup[name])
+    with _CompileEvents() as compiles:
+        start = time.perf_counter()
+        calls, nbytes = (_forward if direction == "forward" else _backward)(
+            case, x, channels_last)
+        setup = time.perf_counter() - start
+        samples, warmup = {}, {}
+        with Watch() as watch:
+            for name in backends:
+                # The reference is slow by design, and pure NumPy (nothing to compile):
+                # one call without a warm-up keeps the suite short.
+                reference = name == "numpy"
+                warmup[name], samples[name] = sample_times(
+                    calls[name], 1 if reference else repeats, warm_up=not reference)
+    first = setup + warmup.get("fastpool", 0.0)
+    if on_slow_first_call is not None and first > 1.0 and compiles.count != 0:
+        on_slow_first_call(first)
     seconds = {name: min(times) for name, times in samples.items()}
     return Measurement(case, channels_last, direction, seconds, nbytes, samples,
                        watch.result, warmup)

@@ -216,3 +216,19 @@ def test_keyword_cases_backward_matches_torch(case):
         grad = grad.movedim(1, -1) if channels_last else grad
         np.testing.assert_allclose(calls["fastpool"](), grad.numpy(), rtol=1e-5, atol=1e-6)
         assert torch.is_tensor(grad)
+
+
+def test_compile_events_count_compiles_not_calls():
+    """The "compiling" note rests on numba's compile events: a call that compiles counts,
+    a later call of the same signature does not."""
+    from numba import njit
+
+    from bench.runner import _CompileEvents
+
+    add_one = njit(lambda a: a + 1)
+    with _CompileEvents() as events:
+        add_one(1)
+    assert events.count >= 1
+    with _CompileEvents() as events:
+        add_one(2)
+    assert events.count == 0
