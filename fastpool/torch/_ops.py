@@ -24,6 +24,7 @@ resolved output size for adaptive pooling.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -35,17 +36,42 @@ NAMESPACE = "fastpool"
 HALF = (torch.float16, torch.bfloat16)
 _MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
-# family: (forward parameters, whether the forward also returns indices,
-#          backward parameters after (grad, x[, indices]))
+
+class Family(NamedTuple):
+    """A pooling family's ops: ``<family><nd>d(x, *params)`` and
+    ``<family><nd>d_backward(grad, x[, indices][, *params])``."""
+
+    params: str  # the forward's parameters after x, as schema text
+    with_indices: bool  # the forward also returns indices (and backward takes them)
+    nds: tuple = (1, 2, 3)
+    # The backward op takes the forward's parameters (adaptive and fractional pooling
+    # read everything off grad and the indices).
+    backward_params: bool = True
+    # Names by which fastpool's function takes the parameters (None: positionally).
+    keywords: tuple | None = None
+
+
 _WINDOW = "int[] kernel_size, int[] stride, int[] padding"
+_MAX_WINDOW = f"{_WINDOW}, int[] dilation, bool ceil_mode"
 FAMILIES = {
-    "max_pool": (f"{_WINDOW}, int[] dilation, bool ceil_mode", True),
-    "avg_pool": (f"{_WINDOW}, bool ceil_mode, bool count_include_pad, int? divisor_override",
-                 False),
-    "lp_pool": ("float norm_type, int[] kernel_size, int[] stride, bool ceil_mode", False),
-    "adaptive_max_pool": ("SymInt[] output_size", True),
-    "adaptive_avg_pool": ("SymInt[] output_size", False),
+    "max_pool": Family(_MAX_WINDOW, True),
+    "avg_pool": Family(
+        f"{_WINDOW}, bool ceil_mode, bool count_include_pad, int? divisor_override", False),
+    "lp_pool": Family("float norm_type, int[] kernel_size, int[] stride, bool ceil_mode",
+                      False),
+    "adaptive_max_pool": Family("SymInt[] output_size", True, backward_params=False),
+    "adaptive_avg_pool": Family("SymInt[] output_size", False, backward_params=False),
+    "min_pool": Family(_MAX_WINDOW, True),
+    "adaptive_min_pool": Family("SymInt[] output_size", True, backward_params=False),
+    # The samples (N, C, nd) are drawn by the caller (fastpool.torch.functional, from
+    # torch's generator), so the op is deterministic.
+    "fractional_max_pool": Family("int[] kernel_size, SymInt[] output_size, Tensor samples",
+                                  True, nds=(2, 3), backward_params=False,
+                                  keywords=("kernel_size", "output_size", "_random_samples")),
 }
+# Families whose backward op is not linear in grad: no double backward.
+_FIRST_ORDER = ("lp_pool", "gem_pool")
+_SLIDING_EXTREMES = ("max_pool", "min_pool")
 
 
 def is_channels_last(t: torch.Tensor, nd: int) -> bool:
@@ -117,14 +143,16 @@ def out_spatial(family: str, nd: int, x: torch.Tensor, params) -> tuple:
     spatial = tuple(x.shape[-nd:])
     if family.startswith("adaptive"):
         return tuple(params[0])
+    if family == "fractional_max_pool":
+        return tuple(params[1])
     if family == "lp_pool":
         _, kernel, stride, ceil_mode = params
         window = SlidingWindow._from_args(name, nd, tuple(kernel), tuple(stride), 0, 1,
                                           ceil_mode)
     else:
         kernel, stride, padding = (tuple(p) for p in params[:3])
-        dilation, ceil_mode = (tuple(params[3]), params[4]) if family == "max_pool" else (
-            1, params[3])
+        dilation, ceil_mode = ((tuple(params[3]), params[4]) if family in _SLIDING_EXTREMES
+                               else (1, params[3]))
         window = SlidingWindow._from_args(name, nd, kernel, stride, padding, dilation,
                                           ceil_mode)
     return window.output_shape(name, spatial)
@@ -137,11 +165,16 @@ def out_spatial(family: str, nd: int, x: torch.Tensor, params) -> tuple:
 
 def _forward_impl(family: str, nd: int):
     function = getattr(fastpool, f"{family}{nd}d")
-    with_indices = FAMILIES[family][1]
+    spec = FAMILIES[family]
+    with_indices = spec.with_indices
 
     def impl(x, *params):
         cl = is_channels_last(x, nd)
         extra = {"return_indices": True} if with_indices else {}
+        params = [_host(p, False) if isinstance(p, torch.Tensor) else p for p in params]
+        if spec.keywords:
+            extra.update(zip(spec.keywords, params))
+            params = []
         with _torch_threads():
             result = function(_host(x, cl), *params, **extra, channels_last=cl,
                               stream=_stream(x))
@@ -154,7 +187,7 @@ def _forward_impl(family: str, nd: int):
 
 
 def _forward_fake(family: str, nd: int):
-    with_indices = FAMILIES[family][1]
+    with_indices = FAMILIES[family].with_indices
 
     def fake(x, *params):
         cl = is_channels_last(x, nd)
@@ -167,13 +200,13 @@ def _forward_fake(family: str, nd: int):
 
 def _backward_impl(family: str, nd: int):
     function = getattr(fastpool, f"{family}{nd}d_backward")
-    with_indices = FAMILIES[family][1]
+    with_indices = FAMILIES[family].with_indices
 
     def impl(grad, x, *rest):
         cl = is_channels_last(x, nd)
         g, stream = _host(grad, cl), _stream(x)
         with _torch_threads():
-            if family == "max_pool":
+            if family in _SLIDING_EXTREMES:
                 indices, kernel, stride, padding, dilation, ceil_mode = rest
                 result = function(g, _host(indices, cl), _host_shape(x, cl),
                                   kernel_size=kernel, stride=stride, padding=padding,
@@ -223,8 +256,8 @@ def setup_forward(family: str, nd: int):
     def setup_context(ctx, inputs, output):
         x, *params = inputs
         ctx.n_params = len(params)
-        ctx.params = [] if family.startswith("adaptive") else params
-        if FAMILIES[family][1]:
+        ctx.params = params if FAMILIES[family].backward_params else []
+        if FAMILIES[family].with_indices:
             ctx.mark_non_differentiable(output[1])
             ctx.save_for_backward(x, output[1])
         else:
@@ -249,18 +282,20 @@ def _setup_backward(family: str, nd: int):
     def setup_context(ctx, inputs, output):
         grad, x, *rest = inputs
         ctx.n_inputs = len(inputs)
-        ctx.params = rest[1:] if FAMILIES[family][1] else rest
+        with_indices = FAMILIES[family].with_indices
+        ctx.params = rest[1:] if with_indices else rest
         ctx.out_spatial = list(grad.shape[-nd:])
-        ctx.save_for_backward(rest[0] if FAMILIES[family][1] else None)
+        ctx.save_for_backward(rest[0] if with_indices else None)
 
     return setup_context
 
 
 def _refuse_double_backward(family: str, nd: int) -> None:
-    if family == "lp_pool":
+    if family in _FIRST_ORDER:
         raise NotImplementedError(
             f"fastpool: {family}{nd}d has no double backward (its backward is not "
-            f"linear in the gradient); max, average, adaptive and global pooling have one")
+            f"linear in the gradient); max, min, average, adaptive, global, fractional "
+            f"and unpooling have one")
 
 
 def _backward_backward(family: str, nd: int):
@@ -270,7 +305,7 @@ def _backward_backward(family: str, nd: int):
     def backward(ctx, grad_grad):
         _refuse_double_backward(family, nd)
         (indices,) = ctx.saved_tensors
-        if FAMILIES[family][1]:
+        if FAMILIES[family].with_indices:
             result = gather(grad_grad, indices, nd)
         elif family == "adaptive_avg_pool":
             result = op(f"{family}{nd}d")(grad_grad, ctx.out_spatial)
@@ -292,15 +327,15 @@ def _backward_backward(family: str, nd: int):
 
 def _forward_function(family: str, nd: int) -> type:
     name = f"{family}{nd}d"
-    with_indices = FAMILIES[family][1]
-    adaptive = family.startswith("adaptive")
+    with_indices = FAMILIES[family].with_indices
+    backward_params = FAMILIES[family].backward_params
 
     def forward(x, params):
         return op(name)(x, *params)
 
     def setup_context(ctx, inputs, output):
         x, params = inputs
-        ctx.params = () if adaptive else params
+        ctx.params = params if backward_params else ()
         if with_indices:
             ctx.mark_non_differentiable(output[1])
             ctx.save_for_backward(x, output[1])
@@ -352,8 +387,8 @@ def _function_type(name, forward, setup_context, backward) -> type:
 
 
 FUNCTIONS: dict = {}
-for _family in FAMILIES:
-    for _nd in (1, 2, 3):
+for _family, _spec in FAMILIES.items():
+    for _nd in _spec.nds:
         FUNCTIONS[f"{_family}{_nd}d"] = _forward_function(_family, _nd)
         FUNCTIONS[f"{_family}{_nd}d_backward"] = _backward_function(_family, _nd)
 
@@ -363,20 +398,24 @@ for _family in FAMILIES:
 # --------------------------------------------------------------------------
 
 
-def _vmap_rule(nd: int, n_outputs: int):
+def _vmap_rule(name: str, nd: int, n_outputs: int, samples: int | None = None):
+    """Fold the vmapped dimension into the batch dimension.  ``samples``: the position
+    of a per-batch (N, C, nd) tensor argument, whose leading N is folded whether or
+    not the input is batched."""
+
     def rule(info, in_dims, *args):
         size = info.batch_size
         batched = None
         moved = []
-        for arg, dim in zip(args, in_dims):
+        for i, (arg, dim) in enumerate(zip(args, in_dims)):
             if isinstance(arg, torch.Tensor):
                 arg = arg.movedim(dim, 0) if dim is not None else arg.expand(size, *arg.shape)
                 if batched is None:
                     batched = arg.dim() - 1 == nd + 2  # (B, N, C, *spatial)
-                if batched:
+                if batched or i == samples:
                     arg = arg.flatten(0, 1)
             moved.append(arg)
-        result = op_defs[rule.name](*moved)
+        result = op_defs[name](*moved)
         if batched:
             result = tuple(r.unflatten(0, (size, -1)) for r in result) if n_outputs > 1 \
                 else result.unflatten(0, (size, -1))
@@ -392,37 +431,312 @@ def _vmap_rule(nd: int, n_outputs: int):
 op_defs: dict = {}
 
 
+def _define(name: str, schema: str, impl, fake, *, autograd=None, vmap=None,
+            device_types=("cpu", "cuda")):
+    """Register ``torch.ops.fastpool.<name>``: its implementation, fake (meta)
+    implementation and, where given, its autograd formula ((backward, setup_context))
+    and vmap rule."""
+    definition = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(),
+                                         device_types=device_types, schema=schema)
+    definition.register_fake(fake)
+    if autograd is not None:
+        backward, setup_context = autograd
+        definition.register_autograd(backward, setup_context=setup_context)
+    if vmap is not None:
+        definition.register_vmap(vmap)
+    op_defs[name] = definition
+    return definition
+
+
 def _register() -> None:
-    for family, (params, with_indices) in FAMILIES.items():
-        for nd in (1, 2, 3):
+    for family, spec in FAMILIES.items():
+        params, with_indices = spec.params, spec.with_indices
+        samples = 3 if family == "fractional_max_pool" else None  # x, kernel, size, samples
+        for nd in spec.nds:
             name = f"{family}{nd}d"
             outputs = "(Tensor, Tensor)" if with_indices else "Tensor"
-            forward = torch.library.custom_op(
-                f"{NAMESPACE}::{name}", _forward_impl(family, nd), mutates_args=(),
-                device_types=("cpu", "cuda"), schema=f"(Tensor x, {params}) -> {outputs}")
-            forward.register_fake(_forward_fake(family, nd))
-            forward.register_autograd(backward_forward(family, nd),
-                                      setup_context=setup_forward(family, nd))
-            # Adaptive pooling's backward reads the output size off grad.
-            back_params = "" if family.startswith("adaptive") else params
+            _define(name, f"(Tensor x, {params}) -> {outputs}", _forward_impl(family, nd),
+                    _forward_fake(family, nd),
+                    autograd=(backward_forward(family, nd), setup_forward(family, nd)),
+                    vmap=_vmap_rule(name, nd, 1 + with_indices, samples))
             signature = ", ".join(p for p in ("Tensor grad, Tensor x",
                                               "Tensor indices" if with_indices else "",
-                                              back_params) if p)
-            backward = torch.library.custom_op(
-                f"{NAMESPACE}::{name}_backward", _backward_impl(family, nd), mutates_args=(),
-                device_types=("cpu", "cuda"), schema=f"({signature}) -> Tensor")
-            backward.register_fake(_backward_fake(family, nd))
-            backward.register_autograd(_backward_backward(family, nd),
-                                       setup_context=_setup_backward(family, nd))
-            for op_name, definition, n_out in ((name, forward, 1 + with_indices),
-                                               (f"{name}_backward", backward, 1)):
-                op_defs[op_name] = definition
-                rule = _vmap_rule(nd, n_out)
-                rule.name = op_name
-                definition.register_vmap(rule)
+                                              params if spec.backward_params else "") if p)
+            _define(f"{name}_backward", f"({signature}) -> Tensor", _backward_impl(family, nd),
+                    _backward_fake(family, nd),
+                    autograd=(_backward_backward(family, nd), _setup_backward(family, nd)),
+                    vmap=_vmap_rule(f"{name}_backward", nd, 1))
 
 
 _register()
+
+
+# --------------------------------------------------------------------------
+# Max unpooling: max_unpool<nd>d(x, indices, window, output_size), whose backward
+# max_unpool<nd>d_backward(grad, indices, window) gathers grad at the indices; that is
+# linear in grad, and its own backward is the unpooling again (to grad's size).
+# --------------------------------------------------------------------------
+
+_UNPOOL_WINDOW = "int[] kernel_size, int[] stride, int[] padding"
+
+
+def _unpool_ops(nd: int):
+    name = f"max_unpool{nd}d"
+    forward_function = getattr(fastpool, name)
+    backward_function = getattr(fastpool, f"{name}_backward")
+
+    def impl(x, indices, kernel_size, stride, padding, output_size):
+        cl = is_channels_last(x, nd)
+        with _torch_threads():
+            out = forward_function(_host(x, cl), _host(indices, cl), kernel_size, stride,
+                                   padding, output_size, channels_last=cl, stream=_stream(x))
+        return _tensor(out, cl, x.dtype, x)
+
+    def fake(x, indices, kernel_size, stride, padding, output_size):
+        return _empty((*x.shape[:-nd], *output_size), is_channels_last(x, nd), x.dtype,
+                      x.device)
+
+    # The gradient takes the layout of the indices (those of the pooled input).
+    def backward_impl(grad, indices, *window):
+        cl = is_channels_last(indices, nd)
+        with _torch_threads():
+            out = backward_function(_host(grad, cl), _host(indices, cl), channels_last=cl,
+                                    stream=_stream(grad))
+        return _tensor(out, cl, grad.dtype, grad)
+
+    def backward_fake(grad, indices, *window):
+        return _empty(indices.shape, is_channels_last(indices, nd), grad.dtype, grad.device)
+
+    def setup_context(ctx, inputs, output):
+        x, indices, *params = inputs
+        ctx.window = params[:3]
+        ctx.save_for_backward(indices)
+
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return op(f"{name}_backward")(grad, indices, *ctx.window), None, None, None, None, None
+
+    def setup_backward(ctx, inputs, output):
+        grad, indices, *window = inputs
+        ctx.window, ctx.out_spatial = window, list(grad.shape[-nd:])
+        ctx.save_for_backward(indices)
+
+    def backward_backward(ctx, grad_grad):
+        (indices,) = ctx.saved_tensors
+        return op(name)(grad_grad, indices, *ctx.window, ctx.out_spatial), None, None, None, None
+
+    return (impl, fake, backward_impl, backward_fake, (backward, setup_context),
+            (backward_backward, setup_backward))
+
+
+def _unpool_function(nd: int) -> type:
+    name = f"max_unpool{nd}d"
+
+    def forward(x, indices, params):
+        return op(name)(x, indices, *params)
+
+    def setup_context(ctx, inputs, output):
+        x, indices, params = inputs
+        ctx.window = params[:3]
+        ctx.save_for_backward(indices)
+
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return FUNCTIONS[f"{name}_backward"].apply(grad, indices, ctx.window), None, None
+
+    return _function_type(name, forward, setup_context, backward)
+
+
+def _unpool_backward_function(nd: int) -> type:
+    name = f"max_unpool{nd}d"
+
+    def forward(grad, indices, window):
+        return op(f"{name}_backward")(grad, indices, *window)
+
+    def setup_context(ctx, inputs, output):
+        grad, indices, window = inputs
+        ctx.params = (*window, list(grad.shape[-nd:]))
+        ctx.save_for_backward(indices)
+
+    def backward(ctx, grad_grad):
+        (indices,) = ctx.saved_tensors
+        return FUNCTIONS[name].apply(grad_grad, indices, ctx.params), None, None
+
+    return _function_type(f"{name}_backward", forward, setup_context, backward)
+
+
+def _register_unpool() -> None:
+    for nd in (1, 2, 3):
+        name = f"max_unpool{nd}d"
+        impl, fake, backward_impl, backward_fake, autograd, autograd_backward = \
+            _unpool_ops(nd)
+        _define(name, f"(Tensor x, Tensor indices, {_UNPOOL_WINDOW}, SymInt[] output_size) "
+                      f"-> Tensor", impl, fake, autograd=autograd, vmap=_vmap_rule(name, nd, 1))
+        _define(f"{name}_backward", f"(Tensor grad, Tensor indices, {_UNPOOL_WINDOW}) -> Tensor",
+                backward_impl, backward_fake, autograd=autograd_backward,
+                vmap=_vmap_rule(f"{name}_backward", nd, 1))
+        FUNCTIONS[name] = _unpool_function(nd)
+        FUNCTIONS[f"{name}_backward"] = _unpool_backward_function(nd)
+
+
+_register_unpool()
+
+
+# --------------------------------------------------------------------------
+# Generalized-mean (GeM) pooling: gem_pool<nd>d(x, p, eps, output_size, kernel_size,
+# stride), p a 0-d tensor or one per channel; the backward op returns the gradients
+# for x and p and has no backward of its own.  Host (CPU) tensors only: fastpool
+# computes GeM with NumPy around its average-pooling kernels.
+# --------------------------------------------------------------------------
+
+_GEM = "float eps, SymInt[] output_size, int[]? kernel_size, int[]? stride"
+
+
+def gem_out_spatial(nd: int, x: torch.Tensor, output_size, kernel_size, stride) -> tuple:
+    """GeM's output spatial shape: adaptive (``output_size``, resolved) without a
+    kernel, sliding windows (no padding) with one."""
+    if kernel_size is None:
+        return tuple(output_size)
+    name = f"gem_pool{nd}d"
+    window = SlidingWindow._from_args(name, nd, tuple(kernel_size), tuple(stride), 0, 1,
+                                      False)
+    return window.output_shape(name, tuple(x.shape[-nd:]))
+
+
+def _gem_p(p: torch.Tensor):
+    """p as fastpool takes it: a float, or float64 values per channel."""
+    return float(p) if p.dim() == 0 else p.detach().to(torch.float64).numpy()
+
+
+def _gem_ops(nd: int):
+    name = f"gem_pool{nd}d"
+    forward_function = getattr(fastpool, name)
+    backward_function = getattr(fastpool, f"{name}_backward")
+
+    def arguments(x, p, eps, output_size, kernel_size, stride):
+        return dict(p=_gem_p(p), eps=eps, output_size=output_size if kernel_size is None
+                    else 1, kernel_size=kernel_size, stride=stride,
+                    channels_last=is_channels_last(x, nd))
+
+    def impl(x, p, *params):
+        kw = arguments(x, p, *params)
+        with _torch_threads():
+            out = forward_function(_host(x, kw["channels_last"]), **kw)
+        return _tensor(out, kw["channels_last"], x.dtype, x)
+
+    def fake(x, p, eps, output_size, kernel_size, stride):
+        spatial = gem_out_spatial(nd, x, output_size, kernel_size, stride)
+        return _empty((*x.shape[:-nd], *spatial), is_channels_last(x, nd), x.dtype, x.device)
+
+    def backward_impl(grad, x, p, *params):
+        kw = arguments(x, p, *params)
+        cl = kw["channels_last"]
+        with _torch_threads():
+            grad_x, grad_p = backward_function(_host(grad, cl), _host(x, cl), **kw)
+        return (_tensor(grad_x, cl, x.dtype, grad),
+                torch.tensor(grad_p, dtype=p.dtype).reshape(p.shape))
+
+    def backward_fake(grad, x, p, *params):
+        return _empty(x.shape, is_channels_last(x, nd), x.dtype, x.device), p.new_empty(p.shape)
+
+    def setup_context(ctx, inputs, output):
+        x, p, *params = inputs
+        ctx.params = params
+        ctx.save_for_backward(x, p)
+
+    def backward(ctx, grad):
+        x, p = ctx.saved_tensors
+        grad_x, grad_p = op(f"{name}_backward")(grad, x, p, *ctx.params)
+        return (grad_x, grad_p, *(None for _ in ctx.params))
+
+    def setup_backward(ctx, inputs, output):
+        pass
+
+    def backward_backward(ctx, *grads):
+        _refuse_double_backward("gem_pool", nd)
+
+    return (impl, fake, backward_impl, backward_fake, (backward, setup_context),
+            (backward_backward, setup_backward))
+
+
+def _gem_vmap_rule(nd: int, backward: bool):
+    """vmap of a GeM op: the vmapped dimension joins the channel dimension, p becoming
+    one per (slice, channel); so p may be shared or vmapped, and the backward's grad_p
+    comes back per slice."""
+    name = f"gem_pool{nd}d{'_backward' if backward else ''}"
+    n_tensors = 3 if backward else 2  # ([grad,] x, p)
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        *spatial, p = (a.movedim(d, 0) if d is not None else a.expand(size, *a.shape)
+                       for a, d in zip(args[:n_tensors], in_dims[:n_tensors]))
+        unbatched = spatial[-1].dim() - 1 == nd + 1  # (B, C, *spatial)
+        spatial = [t.unsqueeze(1) if unbatched else t for t in spatial]  # (B, N, C, ...)
+        channels = spatial[-1].shape[2]
+        scalar_p = p.dim() == 1
+        p = (p[:, None].expand(size, channels) if scalar_p else p).flatten()
+        result = op_defs[name](*(t.transpose(0, 1).flatten(1, 2) for t in spatial), p,
+                               *args[n_tensors:])
+        out = (result[0] if backward else result).unflatten(1, (size, channels))
+        out = out.transpose(0, 1)
+        out = out.squeeze(1) if unbatched else out
+        if not backward:
+            return out, 0
+        grad_p = result[1].reshape(size, channels)
+        return (out, grad_p.sum(1) if scalar_p else grad_p), (0, 0)
+
+    return rule
+
+
+def _gem_function(nd: int) -> type:
+    name = f"gem_pool{nd}d"
+
+    def forward(x, p, params):
+        return op(name)(x, p, *params)
+
+    def setup_context(ctx, inputs, output):
+        x, p, params = inputs
+        ctx.params = params
+        ctx.save_for_backward(x, p)
+
+    def backward(ctx, grad):
+        x, p = ctx.saved_tensors
+        grad_x, grad_p = FUNCTIONS[f"{name}_backward"].apply(grad, x, p, ctx.params)
+        return grad_x, grad_p, None
+
+    return _function_type(name, forward, setup_context, backward)
+
+
+def _gem_backward_function(nd: int) -> type:
+    name = f"gem_pool{nd}d_backward"
+
+    def forward(grad, x, p, params):
+        return op(name)(grad, x, p, *params)
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        _refuse_double_backward("gem_pool", nd)
+
+    return _function_type(name, forward, setup_context, backward)
+
+
+def _register_gem() -> None:
+    for nd in (1, 2, 3):
+        name = f"gem_pool{nd}d"
+        impl, fake, backward_impl, backward_fake, autograd, autograd_backward = _gem_ops(nd)
+        _define(name, f"(Tensor x, Tensor p, {_GEM}) -> Tensor", impl, fake,
+                autograd=autograd, vmap=_gem_vmap_rule(nd, False), device_types=("cpu",))
+        _define(f"{name}_backward", f"(Tensor grad, Tensor x, Tensor p, {_GEM}) "
+                                    f"-> (Tensor, Tensor)", backward_impl, backward_fake,
+                autograd=autograd_backward, vmap=_gem_vmap_rule(nd, True),
+                device_types=("cpu",))
+        FUNCTIONS[name] = _gem_function(nd)
+        FUNCTIONS[f"{name}_backward"] = _gem_backward_function(nd)
+
+
+_register_gem()
 
 
 # --------------------------------------------------------------------------
@@ -512,19 +826,6 @@ def _conv_function(nd: int) -> type:
 def _register_conv() -> None:
     for nd in (1, 2, 3):
         name = f"strided_conv{nd}d"
-        impl, fake = _conv_impl(nd)
-        forward = torch.library.custom_op(
-            f"{NAMESPACE}::{name}", impl, mutates_args=(), device_types=("cpu", "cuda"),
-            schema="(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding) "
-                   "-> Tensor")
-        forward.register_fake(fake)
-        impl, fake = _conv_backward_impl(nd)
-        backward = torch.library.custom_op(
-            f"{NAMESPACE}::{name}_backward", impl, mutates_args=(),
-            device_types=("cpu", "cuda"),
-            schema="(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding) "
-                   "-> (Tensor, Tensor, Tensor)")
-        backward.register_fake(fake)
 
         def setup_context(ctx, inputs, output):
             x, weight, bias, *params = inputs
@@ -536,8 +837,11 @@ def _register_conv() -> None:
             grads = op(f"{name}_backward")(grad, x, weight, *ctx.params)
             return grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None
 
-        forward.register_autograd(conv_backward, setup_context=setup_context)
-        op_defs[name], op_defs[f"{name}_backward"] = forward, backward
+        _define(name, "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding) "
+                      "-> Tensor", *_conv_impl(nd), autograd=(conv_backward, setup_context))
+        _define(f"{name}_backward", "(Tensor grad, Tensor x, Tensor weight, int[] stride, "
+                                    "int[] padding) -> (Tensor, Tensor, Tensor)",
+                *_conv_backward_impl(nd))
         FUNCTIONS[name] = _conv_function(nd)
 
 

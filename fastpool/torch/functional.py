@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import torch
 
+from fastpool import _gem
 from fastpool._params import (ConvWindow, Layout, SlidingWindow, check_bool,
-                              check_divisor_override, check_norm_type, int_tuple)
+                              check_divisor_override, check_norm_type,
+                              fractional_output_shape, int_tuple, unpool_output_shape)
 from fastpool.torch import _ops
 
 FAMILIES = ("max_pool", "avg_pool", "lp_pool", "adaptive_max_pool", "adaptive_avg_pool",
-            "global_max_pool", "global_avg_pool")
+            "global_max_pool", "global_avg_pool", "min_pool", "adaptive_min_pool",
+            "global_min_pool", "max_unpool", "gem_pool")
+# Families whose functions exist in 2-D and 3-D only (as in torch).
+_NDS = {"fractional_max_pool": (2, 3)}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGERS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -54,15 +59,19 @@ def _to_tensor(array, channels_last: bool) -> torch.Tensor:
 _stream = _ops._stream
 
 
+# Modes that take the integer types and bool as well as the float types.
+_EXTREMES = ("max", "min", "max unpooling")
+
+
 def _check_input(input, mode: str, name: str, label: str = "input") -> None:
     """fastpool's TypeErrors, raised before any op is traced or run."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype in _FLOATS or (mode == "max" and input.dtype in _INTEGERS):
+    if input.dtype in _FLOATS or (mode in _EXTREMES and input.dtype in _INTEGERS):
         return
     floats = "float16, bfloat16, float32 and float64"
-    supported = f"{floats}, the integer types and bool" if mode == "max" else floats
-    what = "convolution" if mode == "conv" else f"{mode} pooling"
+    supported = f"{floats}, the integer types and bool" if mode in _EXTREMES else floats
+    what = {"conv": "convolution", "max unpooling": mode}.get(mode, f"{mode} pooling")
     raise TypeError(f"{name}: {label} dtype {input.dtype} is not supported; {what} "
                     f"takes {supported}")
 
@@ -96,15 +105,15 @@ def _sliding(name, nd, input, family, params):
     return _FUNCTIONS[f"{family}{nd}d"].apply(input, tuple(params))
 
 
-def _max_pool(nd: int):
-    name = f"max_pool{nd}d"
+def _max_pool(nd: int, reduction: str = "max"):
+    name = f"{reduction}_pool{nd}d"
 
     def max_pool(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                  ceil_mode: bool = False, return_indices: bool = False):
-        _check_input(input, "max", name)
+        _check_input(input, reduction, name)
         w = _window(name, nd, kernel_size, stride, padding, dilation, ceil_mode)
         return_indices = check_bool(return_indices, "return_indices", name)
-        out, indices = _sliding(name, nd, input, "max_pool", [
+        out, indices = _sliding(name, nd, input, f"{reduction}_pool", [
             list(w.kernel_size), list(w.stride), _pads(w), list(w.dilation),
             w.ceil_mode])
         return (out, indices) if return_indices else out
@@ -143,7 +152,7 @@ def _lp_pool(nd: int):
 
 
 def _adaptive(family: str, nd: int, name: str, input, output_size):
-    mode = "max" if "max" in family else "avg"
+    mode = family.split("_")[1]  # adaptive_<mode>_pool
     _check_input(input, mode, name)
     _check_shape(input, nd, name)
     sizes = int_tuple(output_size, nd, "output_size", name, allow_none=True)
@@ -154,12 +163,12 @@ def _adaptive(family: str, nd: int, name: str, input, output_size):
     return _FUNCTIONS[f"adaptive_{mode}_pool{nd}d"].apply(input, (resolved,))
 
 
-def _adaptive_max_pool(nd: int):
-    name = f"adaptive_max_pool{nd}d"
+def _adaptive_max_pool(nd: int, reduction: str = "max"):
+    name = f"adaptive_{reduction}_pool{nd}d"
 
     def adaptive_max_pool(input: torch.Tensor, output_size, return_indices: bool = False):
         return_indices = check_bool(return_indices, "return_indices", name)
-        out, indices = _adaptive("adaptive_max_pool", nd, name, input, output_size)
+        out, indices = _adaptive(f"adaptive_{reduction}_pool", nd, name, input, output_size)
         return (out, indices) if return_indices else out
 
     return adaptive_max_pool
@@ -178,14 +187,14 @@ def _squeeze(t: torch.Tensor, nd: int) -> torch.Tensor:
     return t.reshape(t.shape[:-nd])
 
 
-def _global_max_pool(nd: int):
-    name = f"global_max_pool{nd}d"
+def _global_max_pool(nd: int, reduction: str = "max"):
+    name = f"global_{reduction}_pool{nd}d"
 
     def global_max_pool(input: torch.Tensor, keepdims: bool = False,
                         return_indices: bool = False):
         keepdims = check_bool(keepdims, "keepdims", name)
         return_indices = check_bool(return_indices, "return_indices", name)
-        out, indices = _adaptive("adaptive_max_pool", nd, name, input, 1)
+        out, indices = _adaptive(f"adaptive_{reduction}_pool", nd, name, input, 1)
         if not keepdims:
             out, indices = _squeeze(out, nd), _squeeze(indices, nd)
         return (out, indices) if return_indices else out
@@ -204,18 +213,159 @@ def _global_avg_pool(nd: int):
     return global_avg_pool
 
 
+def _min_pool(nd: int):
+    return _max_pool(nd, "min")
+
+
+def _adaptive_min_pool(nd: int):
+    return _adaptive_max_pool(nd, "min")
+
+
+def _global_min_pool(nd: int):
+    return _global_max_pool(nd, "min")
+
+
+def _check_indices(indices, like: torch.Tensor, name: str) -> None:
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name}: indices must be a torch.Tensor, got "
+                        f"{type(indices).__name__}")
+    if indices.dtype != torch.int64:
+        raise ValueError(f"{name}: indices must be int64 (as returned by max pooling with "
+                         f"return_indices=True), got dtype {indices.dtype}")
+    if indices.shape != like.shape or indices.device != like.device:
+        raise ValueError(f"{name}: indices (shape {tuple(indices.shape)}, on "
+                         f"{indices.device}) must have the input's shape "
+                         f"{tuple(like.shape)} and device {like.device}")
+
+
+def _max_unpool(nd: int):
+    name = f"max_unpool{nd}d"
+
+    def max_unpool(input: torch.Tensor, indices: torch.Tensor, kernel_size, stride=None,
+                   padding=0, output_size=None) -> torch.Tensor:
+        _check_input(input, "max unpooling", name)
+        _check_shape(input, nd, name)
+        _check_indices(indices, input, name)
+        kernel = int_tuple(kernel_size, nd, "kernel_size", name)
+        strides = kernel if stride is None else int_tuple(stride, nd, "stride", name)
+        pads = int_tuple(padding, nd, "padding", name)
+        sizes = unpool_output_shape(name, nd, tuple(input.shape[-nd:]), kernel, strides,
+                                    pads, output_size)
+        return _FUNCTIONS[name].apply(input, indices, (list(kernel), list(strides),
+                                                       list(pads), list(sizes)))
+
+    return max_unpool
+
+
+def _fractional_max_pool(nd: int):
+    name = f"fractional_max_pool{nd}d"
+
+    def fractional_max_pool(input: torch.Tensor, kernel_size, output_size=None,
+                            output_ratio=None, return_indices: bool = False,
+                            _random_samples: torch.Tensor | None = None):
+        _check_input(input, "fractional max", name)
+        _check_shape(input, nd, name)
+        return_indices = check_bool(return_indices, "return_indices", name)
+        kernel, sizes = fractional_output_shape(name, nd, tuple(input.shape[-nd:]),
+                                                kernel_size, output_size, output_ratio)
+        batch = 1 if input.dim() == nd + 1 else input.size(0)
+        channels = input.size(-nd - 1)
+        if _random_samples is None:  # torch's draw, so torch.manual_seed reproduces it
+            samples = torch.rand(batch, channels, nd, dtype=input.dtype, device=input.device)
+        else:
+            samples = _random_samples
+            if not isinstance(samples, torch.Tensor):
+                raise TypeError(f"{name}: _random_samples must be a torch.Tensor, got "
+                                f"{type(samples).__name__}")
+            if (samples.dim() != 3 or samples.size(0) < batch
+                    or tuple(samples.shape[1:]) != (channels, nd)):
+                raise ValueError(f"{name}: _random_samples must have shape (N, C, {nd}) with "
+                                 f"N >= {batch} and C = {channels}, got "
+                                 f"{tuple(samples.shape)}")
+            if samples.dtype != input.dtype or samples.device != input.device:
+                raise TypeError(f"{name}: _random_samples must have the input's dtype "
+                                f"{input.dtype} and device {input.device} (as torch "
+                                f"requires), got {samples.dtype} on {samples.device}")
+            samples = samples[:batch]
+        out, indices = _FUNCTIONS[name].apply(input, (list(kernel), list(sizes),
+                                                      samples.detach()))
+        return (out, indices) if return_indices else out
+
+    return fractional_max_pool
+
+
+def _gem_pool(nd: int):
+    name = f"gem_pool{nd}d"
+
+    def gem_pool(input: torch.Tensor, p=3.0, eps: float = 1e-6, output_size=1, *,
+                 kernel_size=None, stride=None) -> torch.Tensor:
+        _check_input(input, "GeM", name)
+        _check_shape(input, nd, name)
+        if input.device.type != "cpu":
+            raise ValueError(f"{name}: GeM pooling runs on the host (fastpool computes it "
+                             f"with NumPy around its CPU kernels), got a tensor on "
+                             f"{input.device}; move it with .cpu() or use the plain-torch "
+                             f"formula x.clamp(min=eps).pow(p).mean(...).pow(1 / p) there")
+        eps = _gem._check_eps(eps, name)
+        channels = input.size(-nd - 1)
+        if isinstance(p, torch.Tensor):
+            if p.dtype not in _FLOATS:
+                raise TypeError(f"{name}: p must be a float tensor, got dtype {p.dtype}")
+            if p.device != input.device:
+                raise ValueError(f"{name}: p is on {p.device} but the input on {input.device}")
+            if p.shape == (1,):  # a learned scalar, as retrieval models hold it
+                p = p.reshape(())
+            elif p.dim() != 0 and tuple(p.shape) != (channels,):
+                raise TypeError(f"{name}: p must be a positive float or one per channel "
+                                f"(shape ({channels},)), got a tensor of shape "
+                                f"{tuple(p.shape)}")
+        else:
+            p = torch.tensor(_gem._check_p(p, channels, name), dtype=torch.float64)
+        if kernel_size is None:
+            sizes = int_tuple(output_size, nd, "output_size", name, allow_none=True)
+            if any(s is not None and s <= 0 for s in sizes):
+                raise ValueError(f"{name}: output_size must be positive, got {sizes}")
+            spatial = input.shape[-nd:]
+            params = (eps, [spatial[i] if s is None else s for i, s in enumerate(sizes)],
+                      None, None)
+        else:
+            w = SlidingWindow._from_args(name, nd, kernel_size, stride, 0, 1, False)
+            params = (eps, [], list(w.kernel_size), list(w.stride))
+            _ops.gem_out_spatial(nd, input, *params[1:])  # the "input too small" error
+        return _FUNCTIONS[name].apply(input, p, params)
+
+    return gem_pool
+
+
+_DOCS = {
+    "min_pool": "the arguments and result of torch.nn.functional's ``max_pool{nd}d``, "
+                "with the minimum (torch has no min pooling)",
+    "adaptive_min_pool": "the arguments and result of torch.nn.functional's "
+                         "``adaptive_max_pool{nd}d``, with the minimum",
+    "global_min_pool": "the minimum of each plane, as ``global_max_pool{nd}d``",
+    "gem_pool": "the arguments of ``fastpool.gem_pool{nd}d`` (CPU tensors only); ``p`` is a "
+                "float, a sequence of one float per channel, or a tensor (0-d, shape (1,) "
+                "or (C,)) that receives a gradient",
+    "fractional_max_pool": "same arguments and result as torch.nn.functional's function "
+                           "of the same name; without ``_random_samples`` they are drawn "
+                           "with ``torch.rand`` as torch draws them, so ``torch.manual_seed`` "
+                           "reproduces torch's result",
+}
+
+
 def _make(family: str, nd: int):
     function = globals()[f"_{family}"](nd)
     function.__name__ = function.__qualname__ = f"{family}{nd}d"
+    about = _DOCS.get(family, "same arguments and result as torch.nn.functional's function "
+                              "of the same name").format(nd=nd)
     function.__doc__ = (f"``fastpool.{family}{nd}d`` on torch tensors, autograd-aware.\n\n"
-                        f"Same arguments and result as torch.nn.functional's function of the "
-                        f"same name; runs ``torch.ops.fastpool.{function.__name__}`` (see "
-                        f"docs/torch.md).")
+                        f"{about[0].upper()}{about[1:]}; runs "
+                        f"``torch.ops.fastpool.{function.__name__}`` (see docs/torch.md).")
     return function
 
 
-for _family in FAMILIES:
-    for _nd in (1, 2, 3):
+for _family in (*FAMILIES, *_NDS):
+    for _nd in _NDS.get(_family, (1, 2, 3)):
         globals()[f"{_family}{_nd}d"] = _make(_family, _nd)
 
 
@@ -243,5 +393,6 @@ def _make_conv(nd: int):
 
 strided_conv1d, strided_conv2d, strided_conv3d = (_make_conv(nd) for nd in (1, 2, 3))
 
-__all__ = [f"{family}{nd}d" for family in FAMILIES for nd in (1, 2, 3)] + [
+__all__ = [f"{family}{nd}d" for family in (*FAMILIES, *_NDS)
+           for nd in _NDS.get(family, (1, 2, 3))] + [
     "strided_conv1d", "strided_conv2d", "strided_conv3d"]

@@ -1,7 +1,11 @@
 """Drop-in replacements for torch.nn's pooling modules, on fastpool's kernels.
 
-Each class subclasses torch's own module (same constructor, attributes and
-repr) and only replaces ``forward``.
+Each class with a torch.nn name subclasses torch's own module (same
+constructor, attributes and repr) and only replaces ``forward``.  fastpool's
+own: ``Global{Max,Avg,Min}Pool{1,2,3}d``, ``MinPool{1,2,3}d`` and
+``AdaptiveMinPool{1,2,3}d`` (torch's max-pooling constructors, with the
+minimum), ``StridedConv{1,2,3}d`` and ``GeneralizedMeanPooling{1,2,3}d`` (alias
+``GeM`` for the 2-D one), generalized-mean pooling with a learnable ``p``.
 
 >>> import torch
 >>> from fastpool.torch import nn
@@ -18,13 +22,21 @@ import copy
 import inspect
 
 import torch
+from torch.nn.modules import pooling as _torch_pooling
 
 from fastpool.torch import functional
 
+# family: torch.nn's class name stem (each in 1, 2 and 3 dimensions unless _NDS says)
 _TORCH_MODULES = {
     "max_pool": "MaxPool", "avg_pool": "AvgPool", "lp_pool": "LPPool",
     "adaptive_max_pool": "AdaptiveMaxPool", "adaptive_avg_pool": "AdaptiveAvgPool",
+    "fractional_max_pool": "FractionalMaxPool", "max_unpool": "MaxUnpool",
 }
+_NDS = {"fractional_max_pool": (2, 3)}
+# fastpool's min pooling, on the constructors of torch's max pooling (their private
+# bases, so an isinstance check for torch's max pooling does not match).
+_MIN_MODULES = {"min_pool": ("MinPool", _torch_pooling._MaxPoolNd),
+                "adaptive_min_pool": ("AdaptiveMinPool", _torch_pooling._AdaptiveMaxPoolNd)}
 
 
 def _prepare_scriptable(self):
@@ -36,18 +48,28 @@ def _prepare_scriptable(self):
         f"ops appear as torch.ops.fastpool.*), or torch.compile to speed the model up")
 
 
-def _module(family: str, nd: int, base: type) -> type:
+def _module(family: str, nd: int, base: type, name: str | None = None) -> type:
     function = getattr(functional, f"{family}{nd}d")
-    names = [name for name in inspect.signature(function).parameters if name != "input"]
+    # max_unpool's indices and output_size come with each call.
+    skip = ("input", "indices", "output_size") if family == "max_unpool" else ("input",)
+    names = [arg for arg in inspect.signature(function).parameters if arg not in skip]
 
     def forward(self, input: torch.Tensor):
         return function(input, **{name: getattr(self, name) for name in names
                                    if hasattr(self, name)})
 
-    return type(base.__name__, (base,), {
-        "forward": forward, "__module__": __name__,
-        "__prepare_scriptable__": _prepare_scriptable,
-        "__doc__": f"torch.nn.{base.__name__} computed by fastpool's kernels."})
+    def unpool_forward(self, input: torch.Tensor, indices: torch.Tensor,
+                       output_size=None) -> torch.Tensor:
+        return function(input, indices, **{name: getattr(self, name) for name in names},
+                        output_size=output_size)
+
+    doc = (f"torch.nn.{base.__name__} computed by fastpool's kernels." if name is None else
+           f"{name}: {family.replace('_', ' ')}ing with the constructor of torch.nn."
+           f"{name.replace('Min', 'Max')}.")
+    return type(name or base.__name__, (base,), {
+        "forward": unpool_forward if family == "max_unpool" else forward,
+        "__module__": __name__, "__prepare_scriptable__": _prepare_scriptable,
+        "__doc__": doc})
 
 
 class _GlobalPool(torch.nn.Module):
@@ -67,7 +89,7 @@ class _GlobalPool(torch.nn.Module):
 
 
 def _global_module(family: str, nd: int) -> type:
-    name = f"Global{'Max' if 'max' in family else 'Avg'}Pool{nd}d"
+    name = f"Global{family.split('_')[1].capitalize()}Pool{nd}d"
     return type(name, (_GlobalPool,), {
         "family": family, "nd": nd, "__module__": __name__,
         "__doc__": f"Pool each {nd}-D plane to one value: (N, C), or (N, C, 1, ...) with "
@@ -75,12 +97,74 @@ def _global_module(family: str, nd: int) -> type:
 
 
 for _family, _stem in _TORCH_MODULES.items():
-    for _nd in (1, 2, 3):
+    for _nd in _NDS.get(_family, (1, 2, 3)):
         globals()[f"{_stem}{_nd}d"] = _module(_family, _nd, getattr(torch.nn, f"{_stem}{_nd}d"))
-for _family in ("global_max_pool", "global_avg_pool"):
+for _family, (_stem, _base) in _MIN_MODULES.items():
+    for _nd in (1, 2, 3):
+        globals()[f"{_stem}{_nd}d"] = _module(_family, _nd, _base, f"{_stem}{_nd}d")
+for _family in ("global_max_pool", "global_avg_pool", "global_min_pool"):
     for _nd in (1, 2, 3):
         _cls = _global_module(_family, _nd)
         globals()[_cls.__name__] = _cls
+
+
+class _GeneralizedMeanPooling(torch.nn.Module):
+    nd = 0
+    __prepare_scriptable__ = _prepare_scriptable
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, per_channel: int | None = None,
+                 output_size=1, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if per_channel is not None and (isinstance(per_channel, bool)
+                                        or not isinstance(per_channel, int)
+                                        or per_channel < 1):
+            raise ValueError(f"{type(self).__name__}: per_channel must be None or the "
+                             f"number of channels, got {per_channel!r}")
+        self.eps, self.per_channel, self.output_size = eps, per_channel, output_size
+        # Shape (1,) for one p, as retrieval models (cnnimageretrieval's GeM) hold it.
+        self.p = torch.nn.Parameter(torch.full((per_channel or 1,), float(p), device=device,
+                                               dtype=dtype))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return getattr(functional, f"gem_pool{self.nd}d")(input, self.p, self.eps,
+                                                          self.output_size)
+
+    def extra_repr(self) -> str:
+        if self.per_channel is not None:
+            p = f"per_channel={self.per_channel}"
+        else:  # the current (learned) p
+            p = "p=?" if self.p.device.type == "meta" else f"p={self.p.item():.4g}"
+        size = "" if self.output_size == 1 else f", output_size={self.output_size}"
+        return f"{p}, eps={self.eps}{size}"
+
+
+def _gem_module(nd: int) -> type:
+    return type(f"GeneralizedMeanPooling{nd}d", (_GeneralizedMeanPooling,), {
+        "nd": nd, "__module__": __name__,
+        "__doc__": f"""Generalized-mean (GeM) pooling of {nd}-D planes with a learnable power p.
+
+``mean(clamp(x, min=eps) ** p) ** (1/p)`` over each plane (``output_size=1``: the
+global pool of retrieval and fine-grained models, output (N, C{', 1' * nd})), or to
+another adaptive ``output_size``. ``p`` is an ``nn.Parameter``, initialised to
+``p``: one value (shape (1,)), or one per channel with ``per_channel=C``.  CPU
+tensors only (fastpool computes GeM on the host).
+
+Parameters
+----------
+p : float, default 3.0
+    The initial power.
+eps : float, default 1e-6
+    Values below eps count as eps.
+per_channel : int, optional
+    The number of channels, to learn one p per channel.
+output_size : int or tuple of {nd} ints (or None), default 1
+    The adaptive output size.
+"""})
+
+
+GeneralizedMeanPooling1d, GeneralizedMeanPooling2d, GeneralizedMeanPooling3d = (
+    _gem_module(nd) for nd in (1, 2, 3))
+GeneralizedMeanPooling = GeM = GeneralizedMeanPooling2d
 
 
 
@@ -104,25 +188,30 @@ def _conv_module(nd: int) -> type:
 
 StridedConv1d, StridedConv2d, StridedConv3d = (_conv_module(nd) for nd in (1, 2, 3))
 
-__all__ = [f"{stem}{nd}d" for stem in (*_TORCH_MODULES.values(), "GlobalMaxPool",
-                                       "GlobalAvgPool", "StridedConv") for nd in (1, 2, 3)] + [
-    "convert"]
+__all__ = [f"{stem}{nd}d" for family, stem in _TORCH_MODULES.items()
+           for nd in _NDS.get(family, (1, 2, 3))] + [
+    f"{stem}{nd}d" for stem in ("MinPool", "AdaptiveMinPool", "GlobalMaxPool",
+                                "GlobalAvgPool", "GlobalMinPool", "StridedConv",
+                                "GeneralizedMeanPooling") for nd in (1, 2, 3)] + [
+    "GeneralizedMeanPooling", "GeM", "convert"]
 
 
 def _replacements() -> dict:
     return {getattr(torch.nn, f"{stem}{nd}d"): globals()[f"{stem}{nd}d"]
-            for stem in _TORCH_MODULES.values() for nd in (1, 2, 3)}
+            for family, stem in _TORCH_MODULES.items() for nd in _NDS.get(family, (1, 2, 3))}
 
 
 def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """Replace every torch.nn pooling module of a model by fastpool's equivalent.
 
     The pattern of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: each
-    ``torch.nn.{Max,Avg,LP,AdaptiveMax,AdaptiveAvg}Pool{1,2,3}d`` (exactly that
-    class, not a subclass, whose ``forward`` may differ) becomes the
-    ``fastpool.torch.nn`` class of the same name with the same configuration,
-    hooks and training flag.  Pooling modules hold no parameters or buffers, so
-    the state dict is unchanged and stays loadable either way.  Pooling written
+    ``torch.nn.{Max,Avg,LP,AdaptiveMax,AdaptiveAvg}Pool{1,2,3}d``,
+    ``torch.nn.MaxUnpool{1,2,3}d`` and ``torch.nn.FractionalMaxPool{2,3}d``
+    (exactly that class, not a subclass, whose ``forward`` may differ) becomes
+    the ``fastpool.torch.nn`` class of the same name with the same configuration,
+    hooks and training flag.  These modules hold no parameters (a fractional
+    pool's fixed ``_random_samples`` buffer stays as it is), so the state dict is
+    unchanged and stays loadable either way.  Pooling written
     as ``torch.nn.functional`` calls inside a ``forward`` is not converted.
 
     Parameters
