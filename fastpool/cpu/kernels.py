@@ -123,6 +123,8 @@ def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest
 
 @njit(**CPU_JIT_OPTIONS)
 def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
+    """Window maxima over (batch, D, H, W, C), vectorised over channels.  Each
+    output row accumulates in place, one input row of its windows at a time."""
     batch, out_d, out_h, out_w, channels = out.shape
     height, width = x.shape[2], x.shape[3]
     step_d, step_h, step_w = step[0], step[1], step[2]
@@ -132,28 +134,129 @@ def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
             d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-            for ow in range(out_w):
-                w0, w1 = start[2, ow], stop[2, ow]
-                best = out[n, od, oh, ow]
-                best[:] = lowest
-                if indices is not None:
-                    indices[n, od, oh, ow, :] = (d0 * height + h0) * width + w0
-                d = d0
-                while d < d1:
-                    h = h0
-                    while h < h1:
-                        w = w0
-                        while w < w1:
-                            values = x[n, d, h, w]
-                            if indices is None:
-                                for c in range(channels):
-                                    best[c] = _fold_max(best[c], values[c], None)
-                            else:
-                                _max_with_position(best, indices[n, od, oh, ow], values,
-                                                   (d * height + h) * width + w)
-                            w += step_w
-                        h += step_h
-                    d += step_d
+            best = out[n, od, oh]
+            best[:] = lowest
+            if indices is not None:
+                for ow in range(out_w):
+                    indices[n, od, oh, ow, :] = (d0 * height + h0) * width + start[2, ow]
+            if indices is None:
+                _fold_window_rows(_fold_max, best, x, n, od, oh, start, stop, step, None)
+                continue
+            d = d0
+            while d < d1:
+                h = h0
+                while h < h1:
+                    x_row = x[n, d, h]
+                    for ow in range(out_w):
+                        _max_channels_with_position(best[ow], indices[n, od, oh, ow], x_row,
+                                                    start[2, ow], stop[2, ow], step_w,
+                                                    (d * height + h) * width)
+                    h += step_h
+                d += step_d
+
+
+# Channels-last windows fold a run of input columns into a channel vector.  For
+# the short contiguous runs of common windows the run length is a literal at the
+# call site: the column loop unrolls inside the channel loop, which vectorises
+# with one load and store of the accumulator per run instead of per column.
+
+
+@njit(inline="always")
+def _fold_columns(fold, acc, x_row, w0, columns, power):
+    for c in range(acc.size):
+        kept = acc[c]
+        for j in range(columns):
+            kept = fold(kept, x_row[w0 + j, c], power)
+        acc[c] = kept
+
+
+@njit(inline="always")
+def _fold_columns_of_rows(fold, acc, x_row, x_next_row, w0, columns, power):
+    for c in range(acc.size):
+        kept = acc[c]
+        for j in range(columns):
+            kept = fold(kept, x_row[w0 + j, c], power)
+        for j in range(columns):
+            kept = fold(kept, x_next_row[w0 + j, c], power)
+        acc[c] = kept
+
+
+@njit(inline="always")
+def _fold_channels_of_rows(fold, acc, x_row, x_next_row, w0, w1, step_w, power):
+    """:func:`_fold_channels` of two input rows, in that order."""
+    if step_w == 1 and w1 - w0 == 2:
+        _fold_columns_of_rows(fold, acc, x_row, x_next_row, w0, 2, power)
+    elif step_w == 1 and w1 - w0 == 3:
+        _fold_columns_of_rows(fold, acc, x_row, x_next_row, w0, 3, power)
+    else:
+        _fold_channels(fold, acc, x_row, w0, w1, step_w, power)
+        _fold_channels(fold, acc, x_next_row, w0, w1, step_w, power)
+
+
+@njit(inline="always")
+def _fold_window_rows(fold, totals, x, n, od, oh, start, stop, step, power):
+    """Fold output row (od, oh)'s windows into ``totals`` (W_out, C), two input rows
+    at a time where the window has them (half the accumulator traffic)."""
+    d = start[0, od]
+    while d < stop[0, od]:
+        h = start[1, oh]
+        while h < stop[1, oh]:
+            x_row = x[n, d, h]
+            if h + step[1] < stop[1, oh]:
+                x_next_row = x[n, d, h + step[1]]
+                for ow in range(totals.shape[0]):
+                    _fold_channels_of_rows(fold, totals[ow], x_row, x_next_row, start[2, ow],
+                                           stop[2, ow], step[2], power)
+                h += 2 * step[1]
+            else:
+                for ow in range(totals.shape[0]):
+                    _fold_channels(fold, totals[ow], x_row, start[2, ow], stop[2, ow], step[2],
+                                   power)
+                h += step[1]
+        d += step[0]
+
+
+@njit(inline="always")
+def _fold_channels(fold, acc, x_row, w0, w1, step_w, power):
+    """Fold columns w0, w0 + step_w, ... < w1 of ``x_row`` (W, C) into ``acc`` (C)."""
+    if step_w == 1 and w1 - w0 == 2:
+        _fold_columns(fold, acc, x_row, w0, 2, power)
+    elif step_w == 1 and w1 - w0 == 3:
+        _fold_columns(fold, acc, x_row, w0, 3, power)
+    elif step_w == 1 and w1 - w0 == 4:
+        _fold_columns(fold, acc, x_row, w0, 4, power)
+    else:
+        w = w0
+        while w < w1:
+            values = x_row[w]
+            for c in range(acc.size):
+                acc[c] = fold(acc[c], values[c], power)
+            w += step_w
+
+
+@njit(inline="always")
+def _max_columns_with_position(best, best_at, x_row, w0, columns, base):
+    for c in range(best.size):
+        kept, kept_at = best[c], best_at[c]
+        for j in range(columns):
+            value = x_row[w0 + j, c]
+            if (value > kept) | (value != value):
+                kept, kept_at = value, base + w0 + j
+        best[c], best_at[c] = kept, kept_at
+
+
+@njit(inline="always")
+def _max_channels_with_position(best, best_at, x_row, w0, w1, step_w, base):
+    """As :func:`_fold_channels` for maxima, with their positions ``base + w``."""
+    if step_w == 1 and w1 - w0 == 2:
+        _max_columns_with_position(best, best_at, x_row, w0, 2, base)
+    elif step_w == 1 and w1 - w0 == 3:
+        _max_columns_with_position(best, best_at, x_row, w0, 3, base)
+    else:
+        w = w0
+        while w < w1:
+            _max_with_position(best, best_at, x_row[w], base + w)
+            w += step_w
 
 
 @njit(inline="always")
@@ -305,35 +408,21 @@ def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale,
 @njit(**CPU_JIT_OPTIONS)
 def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
                            grad=None):
-    """As :func:`sum_pool_channels_first`, vectorised over channels."""
+    """As :func:`sum_pool_channels_first`, vectorised over channels (the loop order
+    of :func:`max_pool_channels_last`)."""
     batch, out_d, out_h, out_w, channels = out.shape
     step_d, step_h, step_w = step[0], step[1], step[2]
     rows = batch * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in prange(chunks):
-        scratch = np.empty(channels, type(zero))
+        totals = np.empty((out_w, channels), type(zero))
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
-            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+            totals[...] = zero
+            _fold_window_rows(_fold_sum, totals, x, n, od, oh, start, stop, step, power)
             row_divisor = divisor[0, od] * divisor[1, oh]
-            total = scratch
             for ow in range(out_w):
-                w0, w1 = start[2, ow], stop[2, ow]
-                for c in range(channels):
-                    total[c] = zero
-                d = d0
-                while d < d1:
-                    h = h0
-                    while h < h1:
-                        w = w0
-                        while w < w1:
-                            values = x[n, d, h, w]
-                            for c in range(channels):
-                                total[c] += _raise_to(values[c], power)
-                            w += step_w
-                        h += step_h
-                    d += step_d
-                result = out[n, od, oh, ow]
+                total, result = totals[ow], out[n, od, oh, ow]
                 if grad is None:
                     factor = scale / (row_divisor * divisor[2, ow])
                     for c in range(channels):
@@ -774,19 +863,67 @@ def plane_sum(x, out, factor, power, zero):
         out[plane] = _root(_contiguous_sum(x[plane], power, zero) * factor, power)
 
 
+# A running maximum is a chain of dependent selects.  Plane maxima keep
+# MAX_LANES independent ones (lane j folds elements j, j + MAX_LANES, ...): the
+# lane loop vectorises, and merging the lanes afterwards gives exactly the
+# sequential fold's answer (see _merge_lanes).
+MAX_LANES = 16
+
+
+@njit(inline="always")
+def _merge_lanes(best, best_at, lowest):
+    """The sequential fold's (value, index) from per-lane folds: the last NaN if
+    any lane saw one, else the maximum at its first index."""
+    value, at, nan_value, nan_at = lowest, -1, lowest, -1
+    for j in range(best.size):
+        if best[j] != best[j]:
+            if best_at[j] > nan_at:
+                nan_value, nan_at = best[j], best_at[j]
+        elif best_at[j] >= 0 and (best[j] > value or (best[j] == value and
+                                                      (at < 0 or best_at[j] < at))):
+            value, at = best[j], best_at[j]
+    return (nan_value, nan_at) if nan_at >= 0 else (value, at)
+
+
 @njit(**CPU_JIT_OPTIONS)
 def plane_max(x, out, indices, lowest):
     planes, size = x.shape
+    full = size - size % MAX_LANES
     for plane in prange(planes):
         values = x[plane]
-        best, best_at = lowest, 0
-        for i in range(size):
-            value = values[i]
-            if (value > best) | (value != value):
-                best, best_at = value, i
-        out[plane] = best
-        if indices is not None:
-            indices[plane] = best_at
+        best = np.full(MAX_LANES, lowest, x.dtype)
+        # -1: the lane has seen nothing above lowest yet (a plane of lowest
+        # values answers index 0, as the sequential fold does).
+        best_at = np.full(MAX_LANES if indices is not None else 1, -1, np.int64)
+        for i in range(0, full, MAX_LANES):
+            block = values[i:i + MAX_LANES]
+            # Selects, not branches: conditional stores would not vectorise.
+            for j in range(MAX_LANES):
+                value, kept = block[j], best[j]
+                take = (value > kept) | (value != value)
+                best[j] = value if take else kept
+                if indices is not None:
+                    best_at[j] = i + j if take else best_at[j]
+        for i in range(full, size):
+            j = i - full
+            if (values[i] > best[j]) | (values[i] != values[i]):
+                best[j] = values[i]
+                if indices is not None:
+                    best_at[j] = i
+        if indices is None:
+            out[plane] = _merge_lane_values(best)
+        else:
+            value, at = _merge_lanes(best, best_at, lowest)
+            out[plane], indices[plane] = value, max(at, 0)
+
+
+@njit(inline="always")
+def _merge_lane_values(best):
+    """The sequential fold's value from per-lane folds (the max, or a NaN)."""
+    value = best[0]
+    for j in range(1, best.size):
+        value = _fold_max(value, best[j], None)
+    return value
 
 
 @njit(**CPU_JIT_OPTIONS)

@@ -1,0 +1,59 @@
+"""The CPU back end's specialised paths against torch: channels-last windows
+folded a run of columns at a time, and whole-plane maxima kept in lanes."""
+
+import numpy as np
+import pytest
+
+import fastpool
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 47, 130])
+@pytest.mark.parametrize("fill", ["ties", "nan", "lowest"])
+def test_plane_max_lanes_match_the_sequential_fold(size, fill):
+    rng = np.random.default_rng(size)
+    x = rng.integers(-2, 3, (1, 6, size)).astype(np.float32)
+    if fill == "nan":
+        x[rng.random(x.shape) < 0.1] = np.nan
+    elif fill == "lowest":
+        x[:, ::2] = -np.inf
+    for return_indices in (False, True):
+        got = fastpool.adaptive_max_pool1d(x, 1, return_indices=return_indices)
+        want = F.adaptive_max_pool1d(torch.from_numpy(x), 1, return_indices=return_indices)
+        if return_indices:
+            np.testing.assert_array_equal(got[1], want[1].numpy())
+            got, want = got[0], want[0]
+        np.testing.assert_array_equal(got, want.numpy())
+
+
+WINDOWS = [(2,), (3, 2, 1), (3, 1, 1), (4, 4), (5, 1, 2)]
+
+
+@pytest.mark.parametrize("op, args", [("max", a) for a in WINDOWS + [(2, 2, 0, 2),
+                                                                     (3, 2, 1, 1, True)]]
+                         + [(op, a) for op in ("avg", "lp") for a in WINDOWS])
+def test_channels_last_column_runs(op, args):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 9, 11, 20)).astype(np.float32)
+    if op == "max":
+        x[0, 3, 4, 5] = np.nan
+        x[1, :, :, 3] = 0.5  # ties
+    t = torch.from_numpy(x).movedim(-1, 1)
+    if op == "max":
+        got = fastpool.max_pool2d(x, *args, return_indices=True, channels_last=True)
+        want = F.max_pool2d(t, *args, return_indices=True)
+        np.testing.assert_array_equal(got[0], want[0].movedim(1, -1).numpy())
+        np.testing.assert_array_equal(got[1], want[1].movedim(1, -1).numpy())
+        np.testing.assert_array_equal(fastpool.max_pool2d(x, *args, channels_last=True),
+                                      got[0])
+        return
+    if op == "lp":
+        x, t = np.abs(x), t.abs()
+        got = fastpool.lp_pool2d(x, 2, *args[:2], channels_last=True)
+        want = F.lp_pool2d(t, 2, *args[:2])
+    else:
+        got = fastpool.avg_pool2d(x, *args, channels_last=True)
+        want = F.avg_pool2d(t, *args)
+    np.testing.assert_allclose(got, want.movedim(1, -1).numpy(), rtol=1e-5, atol=1e-6)
