@@ -139,18 +139,15 @@ def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
             if indices is not None:
                 for ow in range(out_w):
                     indices[n, od, oh, ow, :] = (d0 * height + h0) * width + start[2, ow]
-            if indices is None:
-                _fold_window_rows(_fold_max, best, x, n, od, oh, start, stop, step, None)
-                continue
             d = d0
             while d < d1:
                 h = h0
                 while h < h1:
-                    x_row = x[n, d, h]
-                    for ow in range(out_w):
-                        _max_channels_with_position(best[ow], indices[n, od, oh, ow], x_row,
-                                                    start[2, ow], stop[2, ow], step_w,
-                                                    (d * height + h) * width)
+                    if indices is None:
+                        _max_into_row(best, x[n, d, h], start, stop, step_w)
+                    else:
+                        _max_with_positions_into_row(best, indices[n, od, oh], x[n, d, h], start,
+                                                     stop, step_w, (d * height + h) * width)
                     h += step_h
                 d += step_d
 
@@ -170,50 +167,28 @@ def _fold_columns(fold, acc, x_row, w0, columns, power):
         acc[c] = kept
 
 
-@njit(inline="always")
-def _fold_columns_of_rows(fold, acc, x_row, x_next_row, w0, columns, power):
-    for c in range(acc.size):
-        kept = acc[c]
-        for j in range(columns):
-            kept = fold(kept, x_row[w0 + j, c], power)
-        for j in range(columns):
-            kept = fold(kept, x_next_row[w0 + j, c], power)
-        acc[c] = kept
+# Compiled once per dtype as plain functions called once per input row: inlined
+# into the parallel kernels, their unrolled variants multiplied compile time.
+@njit(**_SERIAL_JIT_OPTIONS)
+def _max_into_row(best, x_row, start, stop, step_w):
+    """Fold input row ``x_row`` (W, C) into the running maxima ``best`` (W_out, C)."""
+    for ow in range(best.shape[0]):
+        _fold_channels(_fold_max, best[ow], x_row, start[2, ow], stop[2, ow], step_w, None)
 
 
-@njit(inline="always")
-def _fold_channels_of_rows(fold, acc, x_row, x_next_row, w0, w1, step_w, power):
-    """:func:`_fold_channels` of two input rows, in that order."""
-    if step_w == 1 and w1 - w0 == 2:
-        _fold_columns_of_rows(fold, acc, x_row, x_next_row, w0, 2, power)
-    elif step_w == 1 and w1 - w0 == 3:
-        _fold_columns_of_rows(fold, acc, x_row, x_next_row, w0, 3, power)
-    else:
-        _fold_channels(fold, acc, x_row, w0, w1, step_w, power)
-        _fold_channels(fold, acc, x_next_row, w0, w1, step_w, power)
+@njit(**_SERIAL_JIT_OPTIONS)
+def _sum_into_row(totals, x_row, start, stop, step_w, power):
+    """Add input row ``x_row``'s share (of powers) to the window sums ``totals``."""
+    for ow in range(totals.shape[0]):
+        _fold_channels(_fold_sum, totals[ow], x_row, start[2, ow], stop[2, ow], step_w, power)
 
 
-@njit(inline="always")
-def _fold_window_rows(fold, totals, x, n, od, oh, start, stop, step, power):
-    """Fold output row (od, oh)'s windows into ``totals`` (W_out, C), two input rows
-    at a time where the window has them (half the accumulator traffic)."""
-    d = start[0, od]
-    while d < stop[0, od]:
-        h = start[1, oh]
-        while h < stop[1, oh]:
-            x_row = x[n, d, h]
-            if h + step[1] < stop[1, oh]:
-                x_next_row = x[n, d, h + step[1]]
-                for ow in range(totals.shape[0]):
-                    _fold_channels_of_rows(fold, totals[ow], x_row, x_next_row, start[2, ow],
-                                           stop[2, ow], step[2], power)
-                h += 2 * step[1]
-            else:
-                for ow in range(totals.shape[0]):
-                    _fold_channels(fold, totals[ow], x_row, start[2, ow], stop[2, ow], step[2],
-                                   power)
-                h += step[1]
-        d += step[0]
+@njit(**_SERIAL_JIT_OPTIONS)
+def _max_with_positions_into_row(best, best_at, x_row, start, stop, step_w, base):
+    """:func:`_max_into_row`, keeping the positions ``base + w`` of the maxima."""
+    for ow in range(best.shape[0]):
+        _max_channels_with_position(best[ow], best_at[ow], x_row, start[2, ow], stop[2, ow],
+                                    step_w, base)
 
 
 @njit(inline="always")
@@ -419,7 +394,13 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zer
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
             totals[...] = zero
-            _fold_window_rows(_fold_sum, totals, x, n, od, oh, start, stop, step, power)
+            d = start[0, od]
+            while d < stop[0, od]:
+                h = start[1, oh]
+                while h < stop[1, oh]:
+                    _sum_into_row(totals, x[n, d, h], start, stop, step_w, power)
+                    h += step_h
+                d += step_d
             row_divisor = divisor[0, od] * divisor[1, oh]
             for ow in range(out_w):
                 total, result = totals[ow], out[n, od, oh, ow]
