@@ -142,10 +142,14 @@ def _channel_block(batch: int, channels: int) -> int:
 
 
 # Channels-last max backward gathers (each input row sums the gradients of the
-# windows whose maximum it holds) when windows overlap little; the scatter is
-# faster for heavy overlap.  Measured with python -m bench.
+# windows whose maximum it holds) only for windows that do not overlap, and only
+# when the batch is too small to give each task whole images: the scatter's
+# channel slices are then the slower choice.  Otherwise the scatter wins, by 2x
+# for ResNet's overlapping 3x3 stride-2 windows (both paths timed on the
+# benchmark's channels-last shapes, one thread, process CPU time).
 GATHER_MIN_CHANNELS = 32
-GATHER_MAX_COVER = 4
+GATHER_MAX_COVER = 1
+GATHER_MAX_BATCH_PER_THREAD = 3
 
 
 def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
@@ -155,6 +159,7 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
     batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
     tail = input_shape[4:]
     if channels_last and table is not None and tail[0] >= GATHER_MIN_CHANNELS and \
+            batch <= GATHER_MAX_BATCH_PER_THREAD * get_num_threads() and \
             table.max_cover(input_shape[1:4]) <= GATHER_MAX_COVER:
         first, last = table.covering_outputs(input_shape[1:4])
         grad_in = np.empty(input_shape, grad_out.dtype)
