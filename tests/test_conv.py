@@ -68,19 +68,29 @@ def test_unbatched_plain_and_channels_last():
     assert_allclose(gb, rb, rtol=1e-12)
 
 
-def test_backward_is_deterministic_across_thread_counts():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_backward_is_deterministic(channels_last):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 8, 17, 19)).astype(np.float32)
     w = rng.standard_normal((6, 8, 5, 5)).astype(np.float32)
     grad = rng.standard_normal(fastpool.strided_conv2d(x, w, 1, 2).shape).astype(np.float32)
-    first = fastpool.strided_conv2d_backward(grad, x, w, 1, 2)
+    if channels_last:
+        x, grad = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, grad))
+
+    def run():
+        return fastpool.strided_conv2d_backward(grad, x, w, 1, 2, channels_last=channels_last)
+
+    first = run()
     try:
-        fastpool.set_num_threads(1)
-        again = fastpool.strided_conv2d_backward(grad, x, w, 1, 2)
+        fastpool.set_num_threads(1)  # BLAS too: its sums may split differently
+        single = run()
+        for a, b in zip(single, run()):
+            assert_array_equal(a, b)
     finally:
         fastpool.set_num_threads(None)
-    for a, b in zip(first, again):
+    for a, b, c in zip(first, run(), single):
         assert_array_equal(a, b)
+        assert_allclose(a, c, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("call, error, pattern", [
@@ -231,3 +241,21 @@ def test_empty_and_channel_free_inputs(channels_last):
     out = fastpool.strided_conv2d(put(np.ones((2, 0, 9, 10))), np.ones((4, 0, 3, 3)), 2, 1,
                                   np.arange(4.0), channels_last=channels_last)
     assert_array_equal(put(np.broadcast_to(np.arange(4.0)[:, None, None], (2, 4, 5, 5))), out)
+
+
+def test_blas_follows_fastpool_thread_count():
+    pytest.importorskip("threadpoolctl")
+    fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))  # finds NumPy's BLAS
+
+    def blas_threads():
+        libraries = CPU_CONV._blas_libraries
+        return {lib.num_threads for lib in libraries.lib_controllers} if libraries else set()
+
+    before = blas_threads()
+    try:
+        fastpool.set_num_threads(1)
+        with CPU_CONV._blas_threads():
+            assert blas_threads() <= {1}
+    finally:
+        fastpool.set_num_threads(None)
+    assert blas_threads() == before

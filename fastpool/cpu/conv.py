@@ -37,6 +37,8 @@ on the thread count.
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import nullcontext
 
 import numpy as np
 from numba import njit, prange
@@ -263,6 +265,36 @@ def col2im_last(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride
 # Drivers
 # --------------------------------------------------------------------------
 
+_blas_lock = threading.Lock()
+_blas_libraries = None  # threadpoolctl's BLAS controllers, once looked up; False without it
+
+
+def _blas_threads():
+    """A context that holds BLAS to fastpool's thread count during the GEMMs.
+
+    NumPy's BLAS keeps its own thread pool, sized to all cores; without this, a
+    lower :func:`fastpool.set_num_threads` (or fastpool.dask's per-task cap) would
+    bind the im2col kernels but not the products.  It lowers BLAS only, never
+    raises it over a limit the user set, and needs ``threadpoolctl`` (optional:
+    without it BLAS runs as configured).
+    """
+    global _blas_libraries
+    if _blas_libraries is None:
+        with _blas_lock:
+            if _blas_libraries is None:
+                try:
+                    from threadpoolctl import ThreadpoolController
+                    libraries = ThreadpoolController().select(user_api="blas")
+                    _blas_libraries = libraries if libraries.lib_controllers else False
+                except Exception:  # not installed, or it cannot inspect this process
+                    _blas_libraries = False
+    wanted = _threads.get_num_threads()
+    if not _blas_libraries or all(lib.num_threads <= wanted
+                                  for lib in _blas_libraries.lib_controllers):
+        return nullcontext()
+    return _blas_libraries.limit(limits=wanted)
+
+
 
 class _Geometry:
     """The sizes one convolution call needs, from its canonical arrays.
@@ -431,23 +463,36 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
     out = np.empty(out_shape, x.dtype)
     if out.size == 0:
         return out
-    matrix = g.matrix_weight(weight)
-    if channels_last:
-        rows = out.reshape(-1, g.c_out)
-        patches = g.patches(x)
-        if patches is not None:  # the input already is the cols matrix
-            np.matmul(patches, matrix.T, out=rows)
+    with _blas_threads():
+        if channels_last:
+            _forward_last(g, x, g.matrix_weight(weight), out.reshape(-1, g.c_out))
         else:
-            scratch = g.scratch(x.dtype)
-            for n0, images, v0, units in g.chunks(x.itemsize):
-                cols = g.cols(scratch, images, units)
-                g.im2col(x, cols, n0, images, v0, units)
-                first = (n0 * g.units_per_image + v0) * g.out_size[2]
-                np.matmul(cols, matrix.T, out=rows[first:first + cols.shape[0]])
-        if bias.any():
-            rows += bias
-        return out
-    planes = out.reshape(g.batch, g.c_out, g.positions)
+            _forward_first(g, x, g.matrix_weight(weight),
+                           out.reshape(g.batch, g.c_out, g.positions))
+    if bias.any():  # the dispatch layer passes zeros for "no bias": skip that pass
+        if channels_last:
+            out.reshape(-1, g.c_out)[...] += bias
+        else:
+            out.reshape(g.batch, g.c_out, g.positions)[...] += bias[:, None]
+    return out
+
+
+def _forward_last(g, x, matrix, rows):
+    """Channels-last forward into ``rows``, the output as ``(N*L, C_out)``."""
+    patches = g.patches(x)
+    if patches is not None:  # the input already is the cols matrix
+        np.matmul(patches, matrix.T, out=rows)
+        return
+    scratch = g.scratch(x.dtype)
+    for n0, images, v0, units in g.chunks(x.itemsize):
+        cols = g.cols(scratch, images, units)
+        g.im2col(x, cols, n0, images, v0, units)
+        first = (n0 * g.units_per_image + v0) * g.out_size[2]
+        np.matmul(cols, matrix.T, out=rows[first:first + cols.shape[0]])
+
+
+def _forward_first(g, x, matrix, planes):
+    """Channels-first forward into ``planes``, the output as ``(N, C_out, L)``."""
     scratch = g.scratch(x.dtype)
     for n0, images, v0, units in g.chunks(x.itemsize):
         cols = g.cols(scratch, images, units)
@@ -456,15 +501,12 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
         if images == 1:  # straight into the output plane (a BLAS-ready strided view)
             np.matmul(matrix, cols, out=planes[n0, :, start:start + span])
         else:
-            # One GEMM for the chunk's images, whose columns are (image, position):
-            # its (C_out, images, L) result is copied to (images, C_out, L).  That copy
-            # is C_out/K of the im2col traffic; per-image GEMMs would need contiguous
-            # per-image cols, which NumPy's matmul would otherwise copy itself.
+            # One GEMM for the chunk's images, whose columns are (image, position),
+            # then its (C_out, images, L) result copied to (images, C_out, L): a pass
+            # C_out/K the size of the im2col's.  (Per-image GEMMs on strided cols
+            # would make NumPy copy each image's cols instead.)
             planes[n0:n0 + images] = (matrix @ cols).reshape(
                 g.c_out, images, span).transpose(1, 0, 2)
-    if bias.any():
-        planes += bias[:, None]
-    return out
 
 
 def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None):
@@ -482,51 +524,69 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
     Returns
     -------
     grad_in : numpy.ndarray
-        Of ``x``'s shape.
+        Of ``x``'s shape, and ``grad``'s dtype (as torch's).
     grad_weight : numpy.ndarray
-        Of ``weight``'s shape.
+        Of ``weight``'s shape, and ``grad``'s dtype.
     """
     out_size = grad.shape[1:4] if channels_last else grad.shape[2:5]
     g = _Geometry(x.shape, weight.shape, out_size, stride, pad, channels_last)
-    dtype = grad.dtype  # the gradients' dtype, as torch's (x may differ)
+    dtype = grad.dtype
     x = x.astype(dtype, copy=False)
     matrix = g.matrix_weight(weight.astype(dtype, copy=False))
     grad_matrix = np.zeros((g.c_out, g.k), dtype)
     if grad.size == 0 or x.size == 0:
         return np.zeros(x.shape, dtype), g.tensor_weight(grad_matrix)
-    if channels_last:
-        rows = grad.reshape(-1, g.c_out)
-        patches = g.patches(x)
-        if patches is not None:
-            # No window overlaps another: the input gradient is grad @ W written
-            # straight into its windows, with zeros where no window reaches.
-            covered = all(o * k == s for o, k, s in zip(g.out_size, g.kernel, g.spatial))
-            grad_in = (np.empty if covered else np.zeros)(x.shape, dtype)
-            np.matmul(rows.T, patches, out=grad_matrix)
-            np.matmul(rows, matrix, out=g.patches(grad_in))
-            return grad_in, g.tensor_weight(grad_matrix)
-    grad_in = np.zeros(x.shape, dtype)
-    scratch = g.scratch(dtype)
-    for n0, images, v0, units in g.chunks(dtype.itemsize):
+    with _blas_threads():
+        if channels_last:
+            grad_in = _backward_last(g, grad.reshape(-1, g.c_out), x, matrix, grad_matrix)
+        else:
+            grad_in = _backward_first(g, grad.reshape(g.batch, g.c_out, g.positions), x,
+                                      matrix, grad_matrix)
+    return grad_in, g.tensor_weight(grad_matrix)
+
+
+def _backward_last(g, rows, x, matrix, grad_matrix):
+    """Channels-last gradients: ``rows`` is grad as ``(N*L, C_out)``; adds the weight
+    gradient into ``grad_matrix`` and returns the input gradient."""
+    patches = g.patches(x)
+    if patches is not None:
+        # No two windows overlap: the input gradient is grad @ W written straight
+        # into its windows, with zeros where no window reaches.
+        covered = all(o * k == s for o, k, s in zip(g.out_size, g.kernel, g.spatial))
+        grad_in = (np.empty if covered else np.zeros)(x.shape, x.dtype)
+        np.matmul(rows.T, patches, out=grad_matrix)
+        np.matmul(rows, matrix, out=g.patches(grad_in))
+        return grad_in
+    grad_in = np.zeros(x.shape, x.dtype)
+    scratch = g.scratch(x.dtype)
+    for n0, images, v0, units in g.chunks(x.itemsize):
         cols = g.cols(scratch, images, units)
         g.im2col(x, cols, n0, images, v0, units)
-        span = units * g.out_size[2]
-        if channels_last:
-            first = (n0 * g.units_per_image + v0) * g.out_size[2]
-            chunk = rows[first:first + cols.shape[0]]  # (M, C_out)
-            grad_matrix += chunk.T @ cols
-            np.matmul(chunk, matrix, out=cols)
-        else:
-            # The chunk's gradient as one (C_out, M) matrix, columns in cols' order,
-            # so each product below is a single GEMM (a copy only across images).
-            start = v0 * g.out_size[2]
-            planes = grad.reshape(g.batch, g.c_out, g.positions)
-            if images == 1:
-                chunk = planes[n0, :, start:start + span]
-            else:
-                chunk = np.ascontiguousarray(planes[n0:n0 + images].transpose(1, 0, 2)) \
-                    .reshape(g.c_out, images * span)
-            grad_matrix += chunk @ cols.T
-            np.matmul(matrix.T, chunk, out=cols)
+        first = (n0 * g.units_per_image + v0) * g.out_size[2]
+        chunk = rows[first:first + cols.shape[0]]  # (M, C_out)
+        grad_matrix += chunk.T @ cols
+        np.matmul(chunk, matrix, out=cols)  # cols now holds the cols' gradient
         g.col2im(cols, grad_in, n0, images, v0, units)
-    return grad_in, g.tensor_weight(grad_matrix)
+    return grad_in
+
+
+def _backward_first(g, planes, x, matrix, grad_matrix):
+    """Channels-first gradients: ``planes`` is grad as ``(N, C_out, L)``; as
+    :func:`_backward_last`."""
+    grad_in = np.zeros(x.shape, x.dtype)
+    scratch = g.scratch(x.dtype)
+    for n0, images, v0, units in g.chunks(x.itemsize):
+        cols = g.cols(scratch, images, units)
+        g.im2col(x, cols, n0, images, v0, units)
+        start, span = v0 * g.out_size[2], units * g.out_size[2]
+        # The chunk's gradient as one (C_out, M) matrix, its columns in cols' order,
+        # so each product is one GEMM (a copy when the chunk spans images).
+        if images == 1:
+            chunk = planes[n0, :, start:start + span]
+        else:
+            chunk = np.ascontiguousarray(planes[n0:n0 + images].transpose(1, 0, 2)) \
+                .reshape(g.c_out, images * span)
+        grad_matrix += chunk @ cols.T
+        np.matmul(matrix.T, chunk, out=cols)  # cols now holds the cols' gradient
+        g.col2im(cols, grad_in, n0, images, v0, units)
+    return grad_in
