@@ -1,37 +1,40 @@
 """Strided convolution on the CPU: im2col kernels (Numba) around BLAS GEMMs (NumPy).
 
 A convolution is one matrix product once each output position's receptive field
-is copied out as a column ("im2col"): for an input with ``C_in`` channels and a
-``KD x KH x KW`` kernel, ``K = C_in*KD*KH*KW`` values per output position.  BLAS
-then does the arithmetic at near peak speed, where direct loops ran at a few
-percent of it.  The three products:
+is copied out as a row of a matrix ("im2col", here the *cols*): for an input
+with ``C_in`` channels and a ``KD x KH x KW`` kernel, ``K = KD*KH*KW*C_in``
+values per output position.  BLAS then does the arithmetic near the machine's
+peak, where direct loops ran at a few percent of it.  With ``M`` output
+positions, cols ``(M, K)`` and the weight as a ``(C_out, K)`` matrix ``W``:
 
-=================  ==================================  ==================================
-                   channels-first (cols ``(K, M)``)    channels-last (cols ``(M, K)``)
-=================  ==================================  ==================================
-output             ``W @ cols``                        ``cols @ W.T``
-input gradient     ``col2im(W.T @ grad)``              ``col2im(grad @ W)``
-weight gradient    ``grad @ cols.T`` (summed)          ``grad.T @ cols`` (summed)
-=================  ==================================  ==================================
+=================  ======================================
+output             ``cols @ W.T``, ``(M, C_out)``
+input gradient     ``col2im(grad @ W)``
+weight gradient    ``grad.T @ cols``, summed over chunks
+=================  ======================================
 
-``M`` counts output positions.  Each layout gets the cols orientation whose
-copy is cheap: channels-first copies contiguous runs of one input row into a
-cols row; channels-last copies a pixel's ``C_in`` contiguous channels into a
-cols row, whose ``K`` axis is then ordered ``(kd, kh, kw, c)``, and whose
-products land in channels-last order, so no transpose of the input or output
-is ever made.
+The cols are laid out channels-last: a row holds, per kernel offset
+``(kd, kh, kw)``, one input pixel's ``C_in`` contiguous channels, so im2col is
+a run of small contiguous copies (near memcpy speed) and the products land in
+channels-last order.  Channels-last input therefore needs no transpose at all;
+channels-first input is transposed per chunk of images (NumPy's blocked copy,
+cheaper than a strided im2col: with stride 2 that one gathered every other
+element and ran at a third of the copy speed), and its output transposed back.
 
 Canonical arrays: input ``(N, C_in, D, H, W)`` or, channels-last,
 ``(N, D, H, W, C_in)``; weight ``(C_out, C_in, KD, KH, KW)`` in both layouts;
 1-D and 2-D run with size-1 leading spatial axes.  The output positions are
-grouped in *units*: one ``(n, od, oh)`` row of ``OW`` outputs.  The cols
-scratch is bounded by :data:`CHUNK_BYTES`: the work runs over chunks of whole
-images, or, when one image's cols are larger, over runs of units of one image.
+grouped in *units*: one ``(n, od, oh)`` row of ``OW`` outputs.  The scratch is
+bounded by :data:`CHUNK_BYTES`: the work runs over chunks of whole images, or,
+when one image's cols are larger, over runs of units of one image.  When the
+windows tile the input (kernel == stride, no padding), the cols are a reshape
+of the channels-last input: no im2col at all where strides can express it.
 
 Sums run in the input's dtype (float32 stays float32 in BLAS, as in torch).
 col2im gathers: each input element is summed by one thread in a fixed order,
-and the chunks run in a fixed order, so results are race-free and do not depend
-on the thread count.
+and the chunks run in a fixed order, so results are race-free and repeat
+bit for bit (BLAS's own sums depend on its thread count, which follows
+fastpool's: see :func:`_blas_threads`).
 """
 
 from __future__ import annotations
@@ -47,10 +50,13 @@ from fastpool import _threads
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool.cpu.runtime import launch
 
-# The most bytes of cols scratch one chunk may use.  Large enough that one chunk
-# covers a typical batch (fewer, larger GEMMs), small enough to bound the memory a
-# big input needs.  The tests lower it to exercise the chunking.
-CHUNK_BYTES = 64 * 2**20
+# The most bytes of cols one chunk may fill.  Small enough that the cols stay in
+# the last-level cache between im2col writing them and the GEMM reading them (on a
+# 2-core Zen 3, 4 MiB chunks ran a 3-D convolution whose cols total 43 MB in 15 ms
+# where one 64 MiB chunk took 23), large enough that each GEMM still has a few
+# thousand rows.  It also bounds the scratch memory of a big input.  The tests
+# lower it to exercise the chunking.
+CHUNK_BYTES = 4 * 2**20
 
 # Fewer parallel tasks than this many per thread and the kernels also split the
 # last spatial axis, so that a lone long 1-D signal still uses every core.
@@ -76,159 +82,54 @@ def _source(position, pad, offset, stride, size):
     return t // stride
 
 
-@njit(inline="always")
-def _piece(b, blocks, length):
-    """Block ``b`` of ``length`` items cut into ``blocks`` near-equal pieces."""
-    size = (length + blocks - 1) // blocks
-    return min(b * size, length), min((b + 1) * size, length)
-
-
-@njit(inline="always")
-def _gather(target, start, source, first, step, count):
-    """``target[start + t] = source[first + t*step]`` for ``t < count``, the
-    common steps 1 and 2 as constants so that LLVM vectorises their loads."""
-    target = target[start:start + count]
-    if step == 1:
-        source = source[first:first + count]
-        for t in range(count):
-            target[t] = source[t]
-    elif step == 2:
-        source = source[first:first + 2 * count - 1]
-        for t in range(count):
-            target[t] = source[2 * t]
-    else:
-        for t in range(count):
-            target[t] = source[first + t * step]
-
-
 @njit(**CPU_JIT_OPTIONS)
-def im2col_first(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad, blocks):
-    """Channels-first im2col: ``cols[(c, kd, kh, kw), (i, v - v0, ow)]``.
+def im2col(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad, width):
+    """im2col of channels-last ``x``: ``cols[(i, v - v0, ow), (kd, kh, kw, c)]``.
 
+    ``x`` comes as ``(N, D, H, W*C_in)``, its input rows flat (``width`` is ``W``).
     Covers images ``n0 + i`` and, in each, units ``v0 .. v0 + units_per_image - 1``
-    (a unit ``v`` is the output row ``(od, oh) = divmod(v, OH)``).  A task fills
-    one cols row for one image, unit by unit: a copy of part of one input row,
-    zeros where the window is in the padding.  With ``blocks > 1`` the task is
-    one of that many pieces of the image's units (or, with a single unit, of its
-    ``OW`` outputs): parallel work for few rows, such as a 1-channel signal.
+    (a unit ``v`` is the output row ``(od, oh) = divmod(v, OH)``).  Each task fills
+    one cols row (one output position).  For each ``(kd, kh)`` its ``KW`` pixels
+    are adjacent in the input row, so they go as one contiguous copy of
+    ``KW*C_in`` values (zeros where the window is in the padding): far fewer,
+    longer copies than one per pixel, which matters when ``C_in`` is small.
     """
-    depth, height, width = x.shape[2], x.shape[3], x.shape[4]
+    depth, height = x.shape[1], x.shape[2]
     out_h, out_w = out_size[1], out_size[2]
     k_d, k_h, k_w = kernel
-    images = cols.shape[1] // max(units_per_image * out_w, 1)
-    for task in prange(cols.shape[0] * images * blocks):
-        b = task % blocks
-        i = task // blocks % images
-        row = task // (blocks * images)
-        kw = row % k_w
-        kh = row // k_w % k_h
-        kd = row // (k_w * k_h) % k_d
-        c = row // (k_w * k_h * k_d)
-        n = n0 + i
-        if units_per_image > 1:
-            j0, j1 = _piece(b, blocks, units_per_image)
-            ow0, ow1 = 0, out_w
-        else:
-            j0, j1 = 0, 1
-            ow0, ow1 = _piece(b, blocks, out_w)
-        inside_lo, inside_hi = _span(kw, stride[2], pad[2], 0, width, out_w)
-        lo, hi = min(max(inside_lo, ow0), ow1), max(min(inside_hi, ow1), ow0)
-        for j in range(j0, j1):
-            v = v0 + j
-            d = (v // out_h) * stride[0] - pad[0] + kd
-            h = (v % out_h) * stride[1] - pad[1] + kh
-            base = (i * units_per_image + j) * out_w
-            if d < 0 or d >= depth or h < 0 or h >= height:
-                for ow in range(ow0, ow1):
-                    cols[row, base + ow] = 0
-                continue
-            for ow in range(ow0, lo):
-                cols[row, base + ow] = 0
-            _gather(cols[row], base + lo, x[n, c, d, h], lo * stride[2] + kw - pad[2],
-                    stride[2], hi - lo)
-            for ow in range(hi, ow1):
-                cols[row, base + ow] = 0
-
-
-@njit(**CPU_JIT_OPTIONS)
-def im2col_last(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad):
-    """Channels-last im2col: ``cols[(i, v - v0, ow), (kd, kh, kw, c)]``.
-
-    Each task fills one cols row (one output position) with ``KD*KH*KW``
-    contiguous ``C_in``-channel copies; zeros where the window leaves the input.
-    """
-    depth, height, width, c_in = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
-    out_h, out_w = out_size[1], out_size[2]
-    k_d, k_h, k_w = kernel
+    c_in = cols.shape[1] // (k_d * k_h * k_w)
+    run = k_w * c_in
     for m in prange(cols.shape[0]):
         j, ow = m // out_w, m % out_w
         n, v = n0 + j // units_per_image, v0 + j % units_per_image
+        row = cols[m]
+        w0 = ow * stride[2] - pad[2]
+        # The window's pixels inside the row, as offsets [a, b) into the run.
+        a, b = max(0, -w0) * c_in, max(min(k_w, width - w0), 0) * c_in
+        base = 0
         for kd in range(k_d):
             d = (v // out_h) * stride[0] - pad[0] + kd
             for kh in range(k_h):
                 h = (v % out_h) * stride[1] - pad[1] + kh
-                for kw in range(k_w):
-                    w = ow * stride[2] - pad[2] + kw
-                    base = ((kd * k_h + kh) * k_w + kw) * c_in
-                    if 0 <= d < depth and 0 <= h < height and 0 <= w < width:
-                        for c in range(c_in):
-                            cols[m, base + c] = x[n, d, h, w, c]
-                    else:
-                        for c in range(c_in):
-                            cols[m, base + c] = 0
+                if 0 <= d < depth and 0 <= h < height and a < b:
+                    row[base:base + a] = 0
+                    row[base + a:base + b] = x[n, d, h, w0 * c_in + a:w0 * c_in + b]
+                    row[base + b:base + run] = 0
+                else:
+                    row[base:base + run] = 0
+                base += run
 
 
 @njit(**CPU_JIT_OPTIONS)
-def col2im_first(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad,
-                 blocks):
-    """Channels-first col2im: add ``cols`` (laid out as :func:`im2col_first`'s) into
-    ``grad_in``.
+def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad, blocks):
+    """Add ``cols`` (laid out as :func:`im2col`'s) into channels-last ``grad_in``.
 
-    A task owns one input plane ``(n, c)`` (or, with ``blocks > 1``, one of that
-    many pieces of its rows, or of its columns when it has a single row) and adds
-    every cols entry that lands in it, in the fixed order (kernel offset, unit,
-    ``ow``): no two threads write one element, and each element's sum runs in the
-    same order whatever the number of blocks or threads.
+    A gather: a task owns one input row ``(n, d, h)`` (or, with ``blocks > 1``,
+    one of that many pieces of it: parallel work for a lone 1-D signal) and adds
+    every cols entry whose window covered it, in the fixed order (kernel offset,
+    ``ow``): no two threads write one element, and each element's sum runs in
+    the same order whatever the number of blocks or threads.
     """
-    c_in, depth, height, width = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
-                                  grad_in.shape[4])
-    out_h, out_w = out_size[1], out_size[2]
-    k_d, k_h, k_w = kernel
-    images = cols.shape[1] // max(units_per_image * out_w, 1)
-    for task in prange(images * c_in * blocks):
-        b = task % blocks
-        c = task // blocks % c_in
-        i = task // (blocks * c_in)
-        n = n0 + i
-        if depth * height > 1:
-            r0, r1 = _piece(b, blocks, depth * height)
-            w0, w1 = 0, width
-        else:
-            r0, r1 = 0, 1
-            w0, w1 = _piece(b, blocks, width)
-        for kd in range(k_d):
-            for kh in range(k_h):
-                for kw in range(k_w):
-                    row = ((c * k_d + kd) * k_h + kh) * k_w + kw
-                    lo, hi = _span(kw, stride[2], pad[2], w0, w1, out_w)
-                    shift = kw - pad[2]
-                    for j in range(units_per_image):
-                        v = v0 + j
-                        d = (v // out_h) * stride[0] - pad[0] + kd
-                        h = (v % out_h) * stride[1] - pad[1] + kh
-                        r = d * height + h
-                        if d < 0 or d >= depth or h < 0 or h >= height or r < r0 or r >= r1:
-                            continue
-                        base = (i * units_per_image + j) * out_w
-                        for ow in range(lo, hi):
-                            grad_in[n, c, d, h, ow * stride[2] + shift] += cols[row, base + ow]
-
-
-@njit(**CPU_JIT_OPTIONS)
-def col2im_last(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad,
-                blocks):
-    """Channels-last col2im: add ``cols`` (laid out as :func:`im2col_last`'s) into
-    ``grad_in``; a gather over input rows ``(n, d, h)`` as :func:`col2im_first`."""
     depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
                                   grad_in.shape[4])
     out_d, out_h, out_w = out_size
@@ -297,7 +198,7 @@ def _blas_threads():
 
 
 class _Geometry:
-    """The sizes one convolution call needs, from its canonical arrays.
+    """The sizes one convolution call needs, and its chunks.
 
     Parameters
     ----------
@@ -312,10 +213,13 @@ class _Geometry:
         Three each.
     channels_last : bool
         The layout of the input, the output and their gradients.
+    dtype : numpy.dtype
+        The dtype the products run in.
     """
 
-    def __init__(self, x_shape, weight_shape, out_size, stride, pad, channels_last):
+    def __init__(self, x_shape, weight_shape, out_size, stride, pad, channels_last, dtype):
         self.channels_last = channels_last
+        self.dtype = np.dtype(dtype)
         self.batch = x_shape[0]
         self.c_out, self.c_in = weight_shape[0], weight_shape[1]
         self.spatial = tuple(x_shape[1:4] if channels_last else x_shape[2:5])
@@ -323,16 +227,20 @@ class _Geometry:
         self.out_size = tuple(int(o) for o in out_size)
         self.stride = tuple(int(s) for s in stride)
         self.pad = tuple(int(p) for p in pad)
-        self.k = self.c_in * math.prod(self.kernel)  # a cols column's length
+        self.k = self.c_in * math.prod(self.kernel)  # a cols row's length
         self.units_per_image = self.out_size[0] * self.out_size[1]
         self.positions = self.units_per_image * self.out_size[2]  # L: outputs per image
 
-    def chunks(self, itemsize):
+    def chunks(self):
         """``(n0, images, v0, units)`` per chunk: images ``n0 .. n0+images-1``, and in
-        each the units ``v0 .. v0+units-1``.  Whole images while one image's cols fit
-        in :data:`CHUNK_BYTES`, else runs of units of one image."""
+        each the units ``v0 .. v0+units-1``.  Whole images while one image's cols (and,
+        channels-first, its channels-last copy) fit in :data:`CHUNK_BYTES`, else runs
+        of units of one image."""
+        itemsize = self.dtype.itemsize
         unit_bytes = max(self.k * self.out_size[2] * itemsize, 1)
         image_bytes = unit_bytes * self.units_per_image
+        if not self.channels_last:
+            image_bytes = max(image_bytes, self.c_in * math.prod(self.spatial) * itemsize)
         if image_bytes <= CHUNK_BYTES:
             step = max(1, CHUNK_BYTES // image_bytes)
             for n0 in range(0, self.batch, step):
@@ -343,63 +251,60 @@ class _Geometry:
             for v0 in range(0, self.units_per_image, step):
                 yield n, 1, v0, min(step, self.units_per_image - v0)
 
-    def scratch(self, dtype):
-        """One flat cols buffer, for the largest chunk (the first)."""
-        _, images, _, units = next(self.chunks(dtype.itemsize), (0, 0, 0, 0))
-        return np.empty(images * units * self.out_size[2] * self.k, dtype)
+    def whole(self, v0, units):
+        """Whether a chunk covers its images whole."""
+        return v0 == 0 and units == self.units_per_image
 
     def cols(self, scratch, images, units):
-        """The chunk's cols: ``(K, M)`` channels-first, ``(M, K)`` channels-last."""
+        """The chunk's ``(M, K)`` cols in ``scratch`` (allocated by the first chunk,
+        the largest), as a list of one array so that the caller keeps it."""
         m = images * units * self.out_size[2]
-        flat = scratch[:m * self.k]
-        return flat.reshape(m, self.k) if self.channels_last else flat.reshape(self.k, m)
+        if not scratch:
+            scratch.append(np.empty(m * self.k, self.dtype))
+        return scratch[0][:m * self.k].reshape(m, self.k)
 
     def matrix_weight(self, weight):
-        """The weight as ``(C_out, K)``, ``K`` ordered as the layout's cols."""
-        if self.channels_last:
-            weight = np.ascontiguousarray(np.moveaxis(weight, 1, -1))
-        return weight.reshape(self.c_out, self.k)
+        """The weight as ``(C_out, K)``, ``K`` ordered ``(kd, kh, kw, c)`` as cols'."""
+        return np.ascontiguousarray(np.moveaxis(weight, 1, -1)).reshape(self.c_out, self.k)
 
     def tensor_weight(self, matrix):
         """The inverse of :meth:`matrix_weight`."""
-        if not self.channels_last:
-            return matrix.reshape(self.c_out, self.c_in, *self.kernel)
         shaped = matrix.reshape(self.c_out, *self.kernel, self.c_in)
         return np.ascontiguousarray(np.moveaxis(shaped, -1, 1))
 
     def blocks(self, tasks, length):
         """How many pieces to cut each of ``tasks`` parallel tasks into (along an axis of
-        ``length``) so that every thread has work: a lone long 1-D signal, one plane."""
+        ``length``) so that every thread has work: a lone long 1-D signal."""
         wanted = _TASKS_PER_THREAD * _threads.get_num_threads()
         if tasks >= wanted or length <= 1:
             return 1
         return max(1, min(-(-wanted // max(tasks, 1)), length))
 
-    def im2col(self, x, cols, n0, images, v0, units):
-        args = (n0, v0, units, self.out_size, self.kernel, self.stride, self.pad)
-        if self.channels_last:
-            launch(im2col_last, x, cols, *args)
-        else:
-            launch(im2col_first, x, cols, *args,
-                   self.blocks(self.k * images, units if units > 1 else self.out_size[2]))
+    def im2col(self, source, first, images, v0, units, scratch):
+        """The chunk's cols from channels-last ``source`` (its images from index
+        ``first``), and whether they are a view of ``source`` (the windows tile it)
+        rather than filled in :meth:`cols`' buffer."""
+        if self.whole(v0, units):
+            patches = self.patches(source[first:first + images])
+            if patches is not None:
+                return patches, True
+        cols = self.cols(scratch, images, units)
+        rows = source.reshape(*source.shape[:3], source.shape[3] * source.shape[4])
+        launch(im2col, rows, cols, first, v0, units, self.out_size, self.kernel,
+               self.stride, self.pad, self.spatial[2])
+        return cols, False
 
-    def col2im(self, cols, grad_in, n0, images, v0, units):
-        args = (n0, v0, units, self.out_size, self.kernel, self.stride, self.pad)
-        rows = self.spatial[0] * self.spatial[1]
-        if self.channels_last:
-            launch(col2im_last, cols, grad_in, *args,
-                   self.blocks(images * rows, self.spatial[2]))
-        else:
-            launch(col2im_first, cols, grad_in, *args,
-                   self.blocks(images * self.c_in, rows if rows > 1 else self.spatial[2]))
+    def col2im(self, cols, target, first, images, v0, units):
+        """Add the cols' gradient into channels-last ``target``."""
+        rows = images * self.spatial[0] * self.spatial[1]
+        launch(col2im, cols, target, first, v0, units, self.out_size, self.kernel,
+               self.stride, self.pad, self.blocks(rows, self.spatial[2]))
 
     def patches(self, array):
         """Non-overlapping windows (kernel == stride, no padding) of a channels-last
         array as the ``(M, K)`` cols matrix itself, a view; None when that is not
         expressible with strides (or the windows overlap or pad)."""
-        if not self.channels_last or self.kernel != self.stride or any(self.pad):
-            return None
-        if array.size == 0:
+        if self.kernel != self.stride or any(self.pad) or array.size == 0:
             return None
         (od, oh, ow), (kd, kh, kw) = self.out_size, self.kernel
         view = array[:, :od * kd, :oh * kh, :ow * kw].reshape(
@@ -431,6 +336,27 @@ def _as_matrix(view, split):
     return np.lib.stride_tricks.as_strided(view, (rows, columns), (row_stride, column_stride))
 
 
+def _channels_last(array):
+    """A channels-last copy of channels-first ``array`` (NumPy's blocked transpose)."""
+    out = np.empty((array.shape[0], *array.shape[2:], array.shape[1]), array.dtype)
+    np.copyto(out, np.moveaxis(array, 1, -1))
+    return out
+
+
+def _sources(g, x):
+    """Per chunk, ``(n0, images, v0, units, source, first)``: the channels-last array
+    holding the chunk's images from index ``first``: ``x`` itself, or, channels-first,
+    a copy of the chunk's images (made once per image for runs of units)."""
+    source = x
+    for n0, images, v0, units in g.chunks():
+        if g.channels_last:
+            yield n0, images, v0, units, x, n0
+            continue
+        if v0 == 0:
+            source = _channels_last(x[n0:n0 + images])
+        yield n0, images, v0, units, source, 0
+
+
 def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=None):
     """The convolution's output, ``(N, C_out, OD, OH, OW)`` or, with
     ``channels_last``, ``(N, OD, OH, OW, C_out)`` (``out_shape``).
@@ -459,54 +385,30 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
         The output, of ``x``'s dtype.
     """
     out_size = out_shape[1:4] if channels_last else out_shape[2:5]
-    g = _Geometry(x.shape, weight.shape, out_size, stride, pad, channels_last)
+    g = _Geometry(x.shape, weight.shape, out_size, stride, pad, channels_last, x.dtype)
     out = np.empty(out_shape, x.dtype)
     if out.size == 0:
         return out
+    matrix = g.matrix_weight(weight)
+    rows = out.reshape(-1, g.c_out) if channels_last else None
+    planes = None if channels_last else out.reshape(g.batch, g.c_out, g.positions)
+    scratch = []
     with _blas_threads():
-        if channels_last:
-            _forward_last(g, x, g.matrix_weight(weight), out.reshape(-1, g.c_out))
-        else:
-            _forward_first(g, x, g.matrix_weight(weight),
-                           out.reshape(g.batch, g.c_out, g.positions))
+        for n0, images, v0, units, source, first in _sources(g, x):
+            cols, _ = g.im2col(source, first, images, v0, units, scratch)
+            if channels_last:
+                start = (n0 * g.units_per_image + v0) * g.out_size[2]
+                np.matmul(cols, matrix.T, out=rows[start:start + len(cols)])
+            else:  # (M, C_out) rows, transposed into the chunk's output planes
+                start, stop = v0 * g.out_size[2], (v0 + units) * g.out_size[2]
+                planes[n0:n0 + images, :, start:stop] = (cols @ matrix.T).reshape(
+                    images, stop - start, g.c_out).transpose(0, 2, 1)
     if bias.any():  # the dispatch layer passes zeros for "no bias": skip that pass
         if channels_last:
-            out.reshape(-1, g.c_out)[...] += bias
+            rows += bias
         else:
-            out.reshape(g.batch, g.c_out, g.positions)[...] += bias[:, None]
+            planes += bias[:, None]
     return out
-
-
-def _forward_last(g, x, matrix, rows):
-    """Channels-last forward into ``rows``, the output as ``(N*L, C_out)``."""
-    patches = g.patches(x)
-    if patches is not None:  # the input already is the cols matrix
-        np.matmul(patches, matrix.T, out=rows)
-        return
-    scratch = g.scratch(x.dtype)
-    for n0, images, v0, units in g.chunks(x.itemsize):
-        cols = g.cols(scratch, images, units)
-        g.im2col(x, cols, n0, images, v0, units)
-        first = (n0 * g.units_per_image + v0) * g.out_size[2]
-        np.matmul(cols, matrix.T, out=rows[first:first + cols.shape[0]])
-
-
-def _forward_first(g, x, matrix, planes):
-    """Channels-first forward into ``planes``, the output as ``(N, C_out, L)``."""
-    scratch = g.scratch(x.dtype)
-    for n0, images, v0, units in g.chunks(x.itemsize):
-        cols = g.cols(scratch, images, units)
-        g.im2col(x, cols, n0, images, v0, units)
-        start, span = v0 * g.out_size[2], units * g.out_size[2]
-        if images == 1:  # straight into the output plane (a BLAS-ready strided view)
-            np.matmul(matrix, cols, out=planes[n0, :, start:start + span])
-        else:
-            # One GEMM for the chunk's images, whose columns are (image, position),
-            # then its (C_out, images, L) result copied to (images, C_out, L): a pass
-            # C_out/K the size of the im2col's.  (Per-image GEMMs on strided cols
-            # would make NumPy copy each image's cols instead.)
-            planes[n0:n0 + images] = (matrix @ cols).reshape(
-                g.c_out, images, span).transpose(1, 0, 2)
 
 
 def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None):
@@ -529,64 +431,37 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
         Of ``weight``'s shape, and ``grad``'s dtype.
     """
     out_size = grad.shape[1:4] if channels_last else grad.shape[2:5]
-    g = _Geometry(x.shape, weight.shape, out_size, stride, pad, channels_last)
+    g = _Geometry(x.shape, weight.shape, out_size, stride, pad, channels_last, grad.dtype)
     dtype = grad.dtype
     x = x.astype(dtype, copy=False)
     matrix = g.matrix_weight(weight.astype(dtype, copy=False))
     grad_matrix = np.zeros((g.c_out, g.k), dtype)
+    # Channels-first, every image's gradient is copied in whole from a channels-last
+    # one; channels-last, col2im adds into this array.
+    grad_in = (np.empty if grad.size and not channels_last else np.zeros)(x.shape, dtype)
     if grad.size == 0 or x.size == 0:
-        return np.zeros(x.shape, dtype), g.tensor_weight(grad_matrix)
+        return grad_in, g.tensor_weight(grad_matrix)
+    rows = grad.reshape(-1, g.c_out) if channels_last else None
+    planes = None if channels_last else grad.reshape(g.batch, g.c_out, g.positions)
+    scratch = []
     with _blas_threads():
-        if channels_last:
-            grad_in = _backward_last(g, grad.reshape(-1, g.c_out), x, matrix, grad_matrix)
-        else:
-            grad_in = _backward_first(g, grad.reshape(g.batch, g.c_out, g.positions), x,
-                                      matrix, grad_matrix)
+        for n0, images, v0, units, source, first in _sources(g, x):
+            cols, view = g.im2col(source, first, images, v0, units, scratch)
+            if channels_last:
+                start = (n0 * g.units_per_image + v0) * g.out_size[2]
+                chunk, target = rows[start:start + len(cols)], grad_in
+            else:  # the chunk's gradient as (M, C_out) rows, in the cols' order
+                start, stop = v0 * g.out_size[2], (v0 + units) * g.out_size[2]
+                chunk = np.ascontiguousarray(planes[n0:n0 + images, :, start:stop]
+                                             .transpose(0, 2, 1)).reshape(-1, g.c_out)
+                if v0 == 0:  # the images' gradient, channels-last until they are done
+                    target = np.zeros(source.shape, dtype)
+            grad_matrix += chunk.T @ cols
+            if view:  # windows that tile the input: their gradient lands in place
+                np.matmul(chunk, matrix, out=g.patches(target[first:first + images]))
+            else:  # the cols are spent: their buffer takes the cols' gradient
+                np.matmul(chunk, matrix, out=cols)
+                g.col2im(cols, target, first, images, v0, units)
+            if not channels_last and v0 + units == g.units_per_image:
+                grad_in[n0:n0 + images] = np.moveaxis(target, -1, 1)
     return grad_in, g.tensor_weight(grad_matrix)
-
-
-def _backward_last(g, rows, x, matrix, grad_matrix):
-    """Channels-last gradients: ``rows`` is grad as ``(N*L, C_out)``; adds the weight
-    gradient into ``grad_matrix`` and returns the input gradient."""
-    patches = g.patches(x)
-    if patches is not None:
-        # No two windows overlap: the input gradient is grad @ W written straight
-        # into its windows, with zeros where no window reaches.
-        covered = all(o * k == s for o, k, s in zip(g.out_size, g.kernel, g.spatial))
-        grad_in = (np.empty if covered else np.zeros)(x.shape, x.dtype)
-        np.matmul(rows.T, patches, out=grad_matrix)
-        np.matmul(rows, matrix, out=g.patches(grad_in))
-        return grad_in
-    grad_in = np.zeros(x.shape, x.dtype)
-    scratch = g.scratch(x.dtype)
-    for n0, images, v0, units in g.chunks(x.itemsize):
-        cols = g.cols(scratch, images, units)
-        g.im2col(x, cols, n0, images, v0, units)
-        first = (n0 * g.units_per_image + v0) * g.out_size[2]
-        chunk = rows[first:first + cols.shape[0]]  # (M, C_out)
-        grad_matrix += chunk.T @ cols
-        np.matmul(chunk, matrix, out=cols)  # cols now holds the cols' gradient
-        g.col2im(cols, grad_in, n0, images, v0, units)
-    return grad_in
-
-
-def _backward_first(g, planes, x, matrix, grad_matrix):
-    """Channels-first gradients: ``planes`` is grad as ``(N, C_out, L)``; as
-    :func:`_backward_last`."""
-    grad_in = np.zeros(x.shape, x.dtype)
-    scratch = g.scratch(x.dtype)
-    for n0, images, v0, units in g.chunks(x.itemsize):
-        cols = g.cols(scratch, images, units)
-        g.im2col(x, cols, n0, images, v0, units)
-        start, span = v0 * g.out_size[2], units * g.out_size[2]
-        # The chunk's gradient as one (C_out, M) matrix, its columns in cols' order,
-        # so each product is one GEMM (a copy when the chunk spans images).
-        if images == 1:
-            chunk = planes[n0, :, start:start + span]
-        else:
-            chunk = np.ascontiguousarray(planes[n0:n0 + images].transpose(1, 0, 2)) \
-                .reshape(g.c_out, images * span)
-        grad_matrix += chunk @ cols.T
-        np.matmul(matrix.T, chunk, out=cols)  # cols now holds the cols' gradient
-        g.col2im(cols, grad_in, n0, images, v0, units)
-    return grad_in
