@@ -248,8 +248,7 @@ def test_blas_follows_fastpool_thread_count():
     fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))  # finds NumPy's BLAS
 
     def blas_threads():
-        libraries = CPU_CONV._blas_libraries
-        return {lib.num_threads for lib in libraries.lib_controllers} if libraries else set()
+        return {library.num_threads for library in CPU_CONV._blas_libraries_found()}
 
     before = blas_threads()
     try:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import numpy as np
 from numba import njit, prange
@@ -167,34 +167,50 @@ def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad
 # --------------------------------------------------------------------------
 
 _blas_lock = threading.Lock()
-_blas_libraries = None  # threadpoolctl's BLAS controllers, once looked up; False without it
+_blas_libraries = None  # threadpoolctl's BLAS controllers, once looked up
 
 
-def _blas_threads():
-    """A context that holds BLAS to fastpool's thread count during the GEMMs.
-
-    NumPy's BLAS keeps its own thread pool, sized to all cores; without this, a
-    lower :func:`fastpool.set_num_threads` (or fastpool.dask's per-task cap) would
-    bind the im2col kernels but not the products.  It lowers BLAS only, never
-    raises it over a limit the user set, and needs ``threadpoolctl`` (optional:
-    without it BLAS runs as configured).
-    """
+def _blas_libraries_found() -> list:
+    """NumPy's BLAS (and any other loaded by the first call) as threadpoolctl
+    controllers; empty without threadpoolctl."""
     global _blas_libraries
     if _blas_libraries is None:
         with _blas_lock:
             if _blas_libraries is None:
                 try:
                     from threadpoolctl import ThreadpoolController
-                    libraries = ThreadpoolController().select(user_api="blas")
-                    _blas_libraries = libraries if libraries.lib_controllers else False
+                    found = ThreadpoolController().select(user_api="blas").lib_controllers
                 except Exception:  # not installed, or it cannot inspect this process
-                    _blas_libraries = False
-    wanted = _threads.get_num_threads()
-    if not _blas_libraries or all(lib.num_threads <= wanted
-                                  for lib in _blas_libraries.lib_controllers):
-        return nullcontext()
-    return _blas_libraries.limit(limits=wanted)
+                    found = []
+                _blas_libraries = list(found)
+    return _blas_libraries
 
+
+@contextmanager
+def _blas_threads():
+    """Hold BLAS to fastpool's thread count during the GEMMs.
+
+    NumPy's BLAS keeps its own thread pool, sized to all cores; without this, a
+    lower :func:`fastpool.set_num_threads` (fastpool.torch's torch thread count,
+    fastpool.dask's per-task cap) would bind the im2col kernels but not the
+    products, and oversubscribe the cores.  It only lowers BLAS, never raising it
+    over a limit the user set, and restores it after; it needs ``threadpoolctl``
+    (optional: without it BLAS runs as configured).  The libraries' own setters,
+    not ``threadpoolctl.threadpool_limits``: that costs ~40 us a call, as much
+    as a small convolution.
+    """
+    wanted = _threads.get_num_threads()
+    lowered = []
+    try:
+        for library in _blas_libraries_found():
+            threads = library.num_threads
+            if threads > wanted:
+                library.set_num_threads(wanted)
+                lowered.append((library, threads))
+        yield
+    finally:
+        for library, threads in lowered:
+            library.set_num_threads(threads)
 
 
 class _Geometry:
@@ -223,10 +239,11 @@ class _Geometry:
         self.batch = x_shape[0]
         self.c_out, self.c_in = weight_shape[0], weight_shape[1]
         self.spatial = tuple(x_shape[1:4] if channels_last else x_shape[2:5])
-        self.kernel = tuple(int(k) for k in weight_shape[2:])
-        self.out_size = tuple(int(o) for o in out_size)
-        self.stride = tuple(int(s) for s in stride)
-        self.pad = tuple(int(p) for p in pad)
+        # Python ints: numba compiles the kernels once for int64 tuples.
+        self.kernel = tuple(map(int, weight_shape[2:]))
+        self.out_size = tuple(map(int, out_size))
+        self.stride = tuple(map(int, stride))
+        self.pad = tuple(map(int, pad))
         self.k = self.c_in * math.prod(self.kernel)  # a cols row's length
         self.units_per_image = self.out_size[0] * self.out_size[1]
         self.positions = self.units_per_image * self.out_size[2]  # L: outputs per image
@@ -265,12 +282,12 @@ class _Geometry:
 
     def matrix_weight(self, weight):
         """The weight as ``(C_out, K)``, ``K`` ordered ``(kd, kh, kw, c)`` as cols'."""
-        return np.ascontiguousarray(np.moveaxis(weight, 1, -1)).reshape(self.c_out, self.k)
+        return np.ascontiguousarray(weight.transpose(0, 2, 3, 4, 1)).reshape(self.c_out, self.k)
 
     def tensor_weight(self, matrix):
         """The inverse of :meth:`matrix_weight`."""
         shaped = matrix.reshape(self.c_out, *self.kernel, self.c_in)
-        return np.ascontiguousarray(np.moveaxis(shaped, -1, 1))
+        return np.ascontiguousarray(shaped.transpose(0, 4, 1, 2, 3))
 
     def blocks(self, tasks, length):
         """How many pieces to cut each of ``tasks`` parallel tasks into (along an axis of
@@ -339,7 +356,7 @@ def _as_matrix(view, split):
 def _channels_last(array):
     """A channels-last copy of channels-first ``array`` (NumPy's blocked transpose)."""
     out = np.empty((array.shape[0], *array.shape[2:], array.shape[1]), array.dtype)
-    np.copyto(out, np.moveaxis(array, 1, -1))
+    np.copyto(out, array.transpose(0, 2, 3, 4, 1))
     return out
 
 
@@ -463,5 +480,5 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
                 np.matmul(chunk, matrix, out=cols)
                 g.col2im(cols, target, first, images, v0, units)
             if not channels_last and v0 + units == g.units_per_image:
-                grad_in[n0:n0 + images] = np.moveaxis(target, -1, 1)
+                grad_in[n0:n0 + images] = target.transpose(0, 4, 1, 2, 3)
     return grad_in, g.tensor_weight(grad_matrix)
