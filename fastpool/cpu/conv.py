@@ -162,6 +162,45 @@ def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad
                             grad_in[n, d, h, w, c] += cols[row + ow, base + c]
 
 
+# Spatial positions per task of the layout transposes: a tile of 64 positions by all
+# channels stays in L1 while one side is read or written contiguously.
+_TILE = 64
+
+
+@njit(**CPU_JIT_OPTIONS)
+def to_channels_last(source, target):
+    """``target[n, s, c] = source[n, c, s]``, tiled (channels-first input).
+
+    NumPy's strided copy reads the channels of one position at the channel stride;
+    with a power-of-two-like stride (a 16x56x56 volume's) those reads collide in
+    the cache and the copy ran at a fifth of its usual speed.  Tiles read each
+    channel's run of positions contiguously instead, and run in parallel.
+    """
+    batch, channels, size = source.shape
+    tiles = (size + _TILE - 1) // _TILE
+    for task in prange(batch * tiles):
+        n = task // tiles
+        first = task % tiles * _TILE
+        stop = min(first + _TILE, size)
+        for c in range(channels):
+            for s in range(first, stop):
+                target[n, s, c] = source[n, c, s]
+
+
+@njit(**CPU_JIT_OPTIONS)
+def to_channels_first(source, target):
+    """``target[n, c, s] = source[n, s, c]``, tiled as :func:`to_channels_last`."""
+    batch, size, channels = source.shape
+    tiles = (size + _TILE - 1) // _TILE
+    for task in prange(batch * tiles):
+        n = task // tiles
+        first = task % tiles * _TILE
+        stop = min(first + _TILE, size)
+        for c in range(channels):
+            for s in range(first, stop):
+                target[n, c, s] = source[n, s, c]
+
+
 # --------------------------------------------------------------------------
 # Drivers
 # --------------------------------------------------------------------------
@@ -354,9 +393,11 @@ def _as_matrix(view, split):
 
 
 def _channels_last(array):
-    """A channels-last copy of channels-first ``array`` (NumPy's blocked transpose)."""
-    out = np.empty((array.shape[0], *array.shape[2:], array.shape[1]), array.dtype)
-    np.copyto(out, array.transpose(0, 2, 3, 4, 1))
+    """A channels-last copy of channels-first 5-D ``array``."""
+    (batch, channels), size = array.shape[:2], math.prod(array.shape[2:])
+    out = np.empty((batch, *array.shape[2:], channels), array.dtype)
+    launch(to_channels_last, array.reshape(batch, channels, size),
+           out.reshape(batch, size, channels))
     return out
 
 
@@ -418,8 +459,8 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
                 np.matmul(cols, matrix.T, out=rows[start:start + len(cols)])
             else:  # (M, C_out) rows, transposed into the chunk's output planes
                 start, stop = v0 * g.out_size[2], (v0 + units) * g.out_size[2]
-                planes[n0:n0 + images, :, start:stop] = (cols @ matrix.T).reshape(
-                    images, stop - start, g.c_out).transpose(0, 2, 1)
+                launch(to_channels_first, (cols @ matrix.T).reshape(images, -1, g.c_out),
+                       planes[n0:n0 + images, :, start:stop])
     if bias.any():  # the dispatch layer passes zeros for "no bias": skip that pass
         if channels_last:
             rows += bias
@@ -469,8 +510,9 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
                 chunk, target = rows[start:start + len(cols)], grad_in
             else:  # the chunk's gradient as (M, C_out) rows, in the cols' order
                 start, stop = v0 * g.out_size[2], (v0 + units) * g.out_size[2]
-                chunk = np.ascontiguousarray(planes[n0:n0 + images, :, start:stop]
-                                             .transpose(0, 2, 1)).reshape(-1, g.c_out)
+                chunk = np.empty((images, stop - start, g.c_out), dtype)
+                launch(to_channels_last, planes[n0:n0 + images, :, start:stop], chunk)
+                chunk = chunk.reshape(-1, g.c_out)
                 if v0 == 0:  # the images' gradient, channels-last until they are done
                     target = np.zeros(source.shape, dtype)
             grad_matrix += chunk.T @ cols
@@ -480,5 +522,7 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
                 np.matmul(chunk, matrix, out=cols)
                 g.col2im(cols, target, first, images, v0, units)
             if not channels_last and v0 + units == g.units_per_image:
-                grad_in[n0:n0 + images] = target.transpose(0, 4, 1, 2, 3)
+                size = math.prod(g.spatial)
+                launch(to_channels_first, target.reshape(images, size, g.c_in),
+                       grad_in[n0:n0 + images].reshape(images, g.c_in, size))
     return grad_in, g.tensor_weight(grad_matrix)
