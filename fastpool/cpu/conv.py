@@ -14,16 +14,18 @@ weight gradient    ``grad.T @ cols``, summed over chunks
 =================  ======================================
 
 The cols are laid out channels-last: a row holds, per kernel offset
-``(kd, kh, kw)``, one input pixel's ``C_in`` contiguous channels, so im2col is
-a run of small contiguous copies (near memcpy speed) and the products land in
-channels-last order.  Channels-last input therefore needs no transpose at all;
-channels-first input is transposed per chunk of images (NumPy's blocked copy,
-cheaper than a strided im2col: with stride 2 that one gathered every other
-element and ran at a third of the copy speed), and its output transposed back.
+``(kd, kh, kw)``, one input pixel's ``C_in`` contiguous channels (and the
+``KW`` pixels of one kernel row are adjacent, so one copy), so im2col runs
+near memcpy speed and the products land in channels-last order.
+Channels-last input therefore needs no transpose at all; channels-first
+input, output and gradients are transposed once each way by a tiled kernel,
+which costs less than a channels-first im2col (with stride 2 that gathered
+every other element and ran at a third of the copy speed).
 
 Canonical arrays: input ``(N, C_in, D, H, W)`` or, channels-last,
-``(N, D, H, W, C_in)``; weight ``(C_out, C_in, KD, KH, KW)`` in both layouts;
-1-D and 2-D run with size-1 leading spatial axes.  The output positions are
+``(N, D, H, W, C_in)``; weight ``(C_out, C_in, KD, KH, KW)`` in both layouts
+(reordered to the cols' ``(C_out, KD, KH, KW, C_in)``, small); 1-D and 2-D run
+with size-1 leading spatial axes.  The output positions are
 grouped in *units*: one ``(n, od, oh)`` row of ``OW`` outputs.  The scratch is
 bounded by :data:`CHUNK_BYTES`: the work runs over chunks of whole images, or,
 when one image's cols are larger, over runs of units of one image.  When the
@@ -258,26 +260,22 @@ class _Geometry:
     Parameters
     ----------
     x_shape : tuple of int
-        The canonical input shape, ``(N, C_in, D, H, W)`` or, with
-        ``channels_last``, ``(N, D, H, W, C_in)``.
+        The canonical channels-last input shape, ``(N, D, H, W, C_in)``.
     weight_shape : tuple of int
         ``(C_out, C_in, KD, KH, KW)``.
     out_size : tuple of int
         The output's spatial size ``(OD, OH, OW)``.
     stride, pad : tuple of int
         Three each.
-    channels_last : bool
-        The layout of the input, the output and their gradients.
     dtype : numpy.dtype
         The dtype the products run in.
     """
 
-    def __init__(self, x_shape, weight_shape, out_size, stride, pad, channels_last, dtype):
-        self.channels_last = channels_last
+    def __init__(self, x_shape, weight_shape, out_size, stride, pad, dtype):
         self.dtype = np.dtype(dtype)
         self.batch = x_shape[0]
         self.c_out, self.c_in = weight_shape[0], weight_shape[1]
-        self.spatial = tuple(x_shape[1:4] if channels_last else x_shape[2:5])
+        self.spatial = tuple(x_shape[1:4])
         # Python ints: numba compiles the kernels once for int64 tuples.
         self.kernel = tuple(map(int, weight_shape[2:]))
         self.out_size = tuple(map(int, out_size))
@@ -289,14 +287,10 @@ class _Geometry:
 
     def chunks(self):
         """``(n0, images, v0, units)`` per chunk: images ``n0 .. n0+images-1``, and in
-        each the units ``v0 .. v0+units-1``.  Whole images while one image's cols (and,
-        channels-first, its channels-last copy) fit in :data:`CHUNK_BYTES`, else runs
-        of units of one image."""
-        itemsize = self.dtype.itemsize
-        unit_bytes = max(self.k * self.out_size[2] * itemsize, 1)
+        each the units ``v0 .. v0+units-1``.  Whole images while one image's cols fit in
+        :data:`CHUNK_BYTES`, else runs of units of one image."""
+        unit_bytes = max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
         image_bytes = unit_bytes * self.units_per_image
-        if not self.channels_last:
-            image_bytes = max(image_bytes, self.c_in * math.prod(self.spatial) * itemsize)
         if image_bytes <= CHUNK_BYTES:
             step = max(1, CHUNK_BYTES // image_bytes)
             for n0 in range(0, self.batch, step):
@@ -392,27 +386,23 @@ def _as_matrix(view, split):
     return np.lib.stride_tricks.as_strided(view, (rows, columns), (row_stride, column_stride))
 
 
-def _channels_last(array):
-    """A channels-last copy of channels-first 5-D ``array``."""
-    (batch, channels), size = array.shape[:2], math.prod(array.shape[2:])
-    out = np.empty((batch, *array.shape[2:], channels), array.dtype)
-    launch(to_channels_last, array.reshape(batch, channels, size),
-           out.reshape(batch, size, channels))
+def _channels_moved(array, last):
+    """A C-contiguous copy of 5-D ``array`` with its channels moved from axis 1 to
+    the end (``last``), or from the end back to axis 1."""
+    batch = array.shape[0]
+    if last:
+        channels, spatial = array.shape[1], array.shape[2:]
+        out = np.empty((batch, *spatial, channels), array.dtype)
+        size = math.prod(spatial)
+        launch(to_channels_last, array.reshape(batch, channels, size),
+               out.reshape(batch, size, channels))
+    else:
+        channels, spatial = array.shape[-1], array.shape[1:-1]
+        out = np.empty((batch, channels, *spatial), array.dtype)
+        size = math.prod(spatial)
+        launch(to_channels_first, array.reshape(batch, size, channels),
+               out.reshape(batch, channels, size))
     return out
-
-
-def _sources(g, x):
-    """Per chunk, ``(n0, images, v0, units, source, first)``: the channels-last array
-    holding the chunk's images from index ``first``: ``x`` itself, or, channels-first,
-    a copy of the chunk's images (made once per image for runs of units)."""
-    source = x
-    for n0, images, v0, units in g.chunks():
-        if g.channels_last:
-            yield n0, images, v0, units, x, n0
-            continue
-        if v0 == 0:
-            source = _channels_last(x[n0:n0 + images])
-        yield n0, images, v0, units, source, 0
 
 
 def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=None):
@@ -442,30 +432,27 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
     numpy.ndarray
         The output, of ``x``'s dtype.
     """
-    out_size = out_shape[1:4] if channels_last else out_shape[2:5]
-    g = _Geometry(x.shape, weight.shape, out_size, stride, pad, channels_last, x.dtype)
+    if not channels_last:
+        # Through channels-last copies: one tiled transpose each way costs less than
+        # a channels-first im2col (a strided gather at stride > 1), and one kernel
+        # family serves both layouts.  Each transpose is one parallel launch.
+        shape = (out_shape[0], *out_shape[2:], out_shape[1])
+        out = conv(_channels_moved(x, True), weight, bias, shape, stride, pad, True)
+        return _channels_moved(out, False)
+    g = _Geometry(x.shape, weight.shape, out_shape[1:4], stride, pad, x.dtype)
     out = np.empty(out_shape, x.dtype)
     if out.size == 0:
         return out
     matrix = g.matrix_weight(weight)
-    rows = out.reshape(-1, g.c_out) if channels_last else None
-    planes = None if channels_last else out.reshape(g.batch, g.c_out, g.positions)
+    rows = out.reshape(-1, g.c_out)
     scratch = []
     with _blas_threads():
-        for n0, images, v0, units, source, first in _sources(g, x):
-            cols, _ = g.im2col(source, first, images, v0, units, scratch)
-            if channels_last:
-                start = (n0 * g.units_per_image + v0) * g.out_size[2]
-                np.matmul(cols, matrix.T, out=rows[start:start + len(cols)])
-            else:  # (M, C_out) rows, transposed into the chunk's output planes
-                start, stop = v0 * g.out_size[2], (v0 + units) * g.out_size[2]
-                launch(to_channels_first, (cols @ matrix.T).reshape(images, -1, g.c_out),
-                       planes[n0:n0 + images, :, start:stop])
+        for n0, images, v0, units in g.chunks():
+            cols, _ = g.im2col(x, n0, images, v0, units, scratch)
+            start = (n0 * g.units_per_image + v0) * g.out_size[2]
+            np.matmul(cols, matrix.T, out=rows[start:start + len(cols)])
     if bias.any():  # the dispatch layer passes zeros for "no bias": skip that pass
-        if channels_last:
-            rows += bias
-        else:
-            planes += bias[:, None]
+        rows += bias
     return out
 
 
@@ -488,41 +475,30 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
     grad_weight : numpy.ndarray
         Of ``weight``'s shape, and ``grad``'s dtype.
     """
-    out_size = grad.shape[1:4] if channels_last else grad.shape[2:5]
-    g = _Geometry(x.shape, weight.shape, out_size, stride, pad, channels_last, grad.dtype)
     dtype = grad.dtype
     x = x.astype(dtype, copy=False)
+    if not channels_last:  # through channels-last copies, as conv's
+        grad_in, grad_weight = conv_backward(
+            _channels_moved(grad, True), _channels_moved(x, True), weight,
+            stride, pad, True)
+        return _channels_moved(grad_in, False), grad_weight
+    g = _Geometry(x.shape, weight.shape, grad.shape[1:4], stride, pad, dtype)
     matrix = g.matrix_weight(weight.astype(dtype, copy=False))
     grad_matrix = np.zeros((g.c_out, g.k), dtype)
-    # Channels-first, every image's gradient is copied in whole from a channels-last
-    # one; channels-last, col2im adds into this array.
-    grad_in = (np.empty if grad.size and not channels_last else np.zeros)(x.shape, dtype)
+    grad_in = np.zeros(x.shape, dtype)  # col2im adds into it
     if grad.size == 0 or x.size == 0:
         return grad_in, g.tensor_weight(grad_matrix)
-    rows = grad.reshape(-1, g.c_out) if channels_last else None
-    planes = None if channels_last else grad.reshape(g.batch, g.c_out, g.positions)
+    rows = grad.reshape(-1, g.c_out)
     scratch = []
     with _blas_threads():
-        for n0, images, v0, units, source, first in _sources(g, x):
-            cols, view = g.im2col(source, first, images, v0, units, scratch)
-            if channels_last:
-                start = (n0 * g.units_per_image + v0) * g.out_size[2]
-                chunk, target = rows[start:start + len(cols)], grad_in
-            else:  # the chunk's gradient as (M, C_out) rows, in the cols' order
-                start, stop = v0 * g.out_size[2], (v0 + units) * g.out_size[2]
-                chunk = np.empty((images, stop - start, g.c_out), dtype)
-                launch(to_channels_last, planes[n0:n0 + images, :, start:stop], chunk)
-                chunk = chunk.reshape(-1, g.c_out)
-                if v0 == 0:  # the images' gradient, channels-last until they are done
-                    target = np.zeros(source.shape, dtype)
+        for n0, images, v0, units in g.chunks():
+            cols, view = g.im2col(x, n0, images, v0, units, scratch)
+            start = (n0 * g.units_per_image + v0) * g.out_size[2]
+            chunk = rows[start:start + len(cols)]  # the chunk's gradient, (M, C_out)
             grad_matrix += chunk.T @ cols
             if view:  # windows that tile the input: their gradient lands in place
-                np.matmul(chunk, matrix, out=g.patches(target[first:first + images]))
+                np.matmul(chunk, matrix, out=g.patches(grad_in[n0:n0 + images]))
             else:  # the cols are spent: their buffer takes the cols' gradient
                 np.matmul(chunk, matrix, out=cols)
-                g.col2im(cols, target, first, images, v0, units)
-            if not channels_last and v0 + units == g.units_per_image:
-                size = math.prod(g.spatial)
-                launch(to_channels_first, target.reshape(images, size, g.c_in),
-                       grad_in[n0:n0 + images].reshape(images, g.c_in, size))
+                g.col2im(cols, grad_in, n0, images, v0, units)
     return grad_in, g.tensor_weight(grad_matrix)
