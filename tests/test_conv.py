@@ -1,6 +1,7 @@
 """Strided convolution against torch.nn.functional.conv{1,2,3}d and the NumPy reference."""
 
 import importlib
+import threading
 
 import numpy as np
 import pytest
@@ -258,3 +259,29 @@ def test_blas_follows_fastpool_thread_count():
     finally:
         fastpool.set_num_threads(None)
     assert blas_threads() == before
+
+
+def test_blas_count_restored_after_concurrent_capped_calls():
+    pytest.importorskip("threadpoolctl")
+    from fastpool import _threads
+
+    x, w = np.ones((2, 3, 9, 10)), np.ones((4, 3, 3, 3))
+    fastpool.strided_conv2d(x, w)
+    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
+    errors = []
+
+    def work(cap):
+        try:
+            with _threads.thread_cap(cap):
+                for _ in range(20):
+                    fastpool.strided_conv2d_backward(np.ones((2, 4, 4, 4)), x, w)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(cap,)) for cap in (1, None, 1, None)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before

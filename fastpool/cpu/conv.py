@@ -53,11 +53,12 @@ from fastpool._config import CPU_JIT_OPTIONS
 from fastpool.cpu.runtime import launch
 
 # The most bytes of cols one chunk may fill.  Small enough that the cols stay in
-# the last-level cache between im2col writing them and the GEMM reading them (on a
-# 2-core Zen 3, 4 MiB chunks ran a 3-D convolution whose cols total 43 MB in 15 ms
-# where one 64 MiB chunk took 23), large enough that each GEMM still has a few
-# thousand rows.  It also bounds the scratch memory of a big input.  The tests
-# lower it to exercise the chunking.
+# cache between im2col writing them and the GEMM reading them (on the 2-core Zen 3
+# benchmark machine, one thread, a 3-D convolution whose cols total 43 MB ran in
+# 12-15 ms in 4 MiB chunks, 20-23 ms in one 64 MiB chunk; the 8x64x56x56 2-D case
+# 6.4 against 8.3 ms), large enough that each GEMM still has a few thousand rows.
+# It also bounds the scratch memory of a big input.  The tests lower it to
+# exercise the chunking.
 CHUNK_BYTES = 4 * 2**20
 
 # Fewer parallel tasks than this many per thread and the kernels also split the
@@ -227,6 +228,10 @@ def _blas_libraries_found() -> list:
     return _blas_libraries
 
 
+_blas_holders = 0  # calls now holding BLAS lowered, and the counts to restore after
+_blas_saved: list = []
+
+
 @contextmanager
 def _blas_threads():
     """Hold BLAS to fastpool's thread count during the GEMMs.
@@ -235,23 +240,33 @@ def _blas_threads():
     lower :func:`fastpool.set_num_threads` (fastpool.torch's torch thread count,
     fastpool.dask's per-task cap) would bind the im2col kernels but not the
     products, and oversubscribe the cores.  It only lowers BLAS, never raising it
-    over a limit the user set, and restores it after; it needs ``threadpoolctl``
-    (optional: without it BLAS runs as configured).  The libraries' own setters,
-    not ``threadpoolctl.threadpool_limits``: that costs ~40 us a call, as much
-    as a small convolution.
+    over a limit the user set, and needs ``threadpoolctl`` (optional: without it
+    BLAS runs as configured).  The libraries' own setters, not
+    ``threadpoolctl.threadpool_limits``: that costs ~40 us a call, as much as a
+    small convolution.  BLAS's count is process-wide, so concurrent calls share
+    one lowering: the last to finish restores the counts the first one found.
     """
+    global _blas_holders, _blas_saved
     wanted = _threads.get_num_threads()
-    lowered = []
-    try:
-        for library in _blas_libraries_found():
-            threads = library.num_threads
-            if threads > wanted:
+    libraries = _blas_libraries_found()
+    if all(library.num_threads <= wanted for library in libraries):
+        yield  # nothing to lower (the usual case: both use every core)
+        return
+    with _blas_lock:
+        if _blas_holders == 0:
+            _blas_saved = [(library, library.num_threads) for library in libraries]
+        _blas_holders += 1
+        for library in libraries:
+            if library.num_threads > wanted:
                 library.set_num_threads(wanted)
-                lowered.append((library, threads))
+    try:
         yield
     finally:
-        for library, threads in lowered:
-            library.set_num_threads(threads)
+        with _blas_lock:
+            _blas_holders -= 1
+            if _blas_holders == 0:
+                for library, threads in _blas_saved:
+                    library.set_num_threads(threads)
 
 
 class _Geometry:
@@ -283,7 +298,6 @@ class _Geometry:
         self.pad = tuple(map(int, pad))
         self.k = self.c_in * math.prod(self.kernel)  # a cols row's length
         self.units_per_image = self.out_size[0] * self.out_size[1]
-        self.positions = self.units_per_image * self.out_size[2]  # L: outputs per image
 
     def chunks(self):
         """``(n0, images, v0, units)`` per chunk: images ``n0 .. n0+images-1``, and in
