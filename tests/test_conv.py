@@ -1,6 +1,7 @@
 """Strided convolution against torch.nn.functional.conv{1,2,3}d and the NumPy reference."""
 
 import importlib
+import os
 import threading
 
 import numpy as np
@@ -285,3 +286,27 @@ def test_blas_count_restored_after_concurrent_capped_calls():
         thread.join()
     assert not errors
     assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_undoes_a_lowering_in_flight_at_fork():
+    pytest.importorskip("threadpoolctl")
+    fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))
+    libraries = CPU_CONV._blas_libraries_found()
+    if not libraries or max(library.num_threads for library in libraries) < 2:
+        pytest.skip("needs a multi-threaded BLAS")
+    before = [library.num_threads for library in libraries]
+    try:
+        fastpool.set_num_threads(1)
+        with CPU_CONV._blas_threads():  # a call in flight while the process forks
+            pid = os.fork()
+            if pid == 0:  # the child: its next call restores the parent's counts
+                fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))
+                fastpool.set_num_threads(None)
+                with CPU_CONV._blas_threads():
+                    pass
+                os._exit(0 if [lib.num_threads for lib in libraries] == before else 1)
+    finally:
+        fastpool.set_num_threads(None)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert [library.num_threads for library in libraries] == before

@@ -42,6 +42,7 @@ fastpool's: see :func:`_blas_threads`).
 from __future__ import annotations
 
 import math
+import os
 import threading
 from contextlib import contextmanager
 
@@ -230,6 +231,20 @@ def _blas_libraries_found() -> list:
 
 _blas_holders = 0  # calls now holding BLAS lowered, and the counts to restore after
 _blas_saved: list = []
+_blas_stale: list = []  # in a forked child: the counts the parent's calls had lowered
+
+
+def _reset_after_fork() -> None:
+    """A forked child starts with no call in flight: a fresh lock (the parent's may
+    have been held), and the parent's lowering to undo at the child's next call
+    (not here: BLAS has its own fork handlers, which may not have run yet)."""
+    global _blas_lock, _blas_holders, _blas_stale
+    _blas_lock = threading.Lock()
+    if _blas_holders:
+        _blas_holders, _blas_stale = 0, _blas_saved
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 @contextmanager
@@ -246,9 +261,14 @@ def _blas_threads():
     small convolution.  BLAS's count is process-wide, so concurrent calls share
     one lowering: the last to finish restores the counts the first one found.
     """
-    global _blas_holders, _blas_saved
+    global _blas_holders, _blas_saved, _blas_stale
     wanted = _threads.get_num_threads()
     libraries = _blas_libraries_found()
+    if _blas_stale:
+        with _blas_lock:
+            for library, threads in _blas_stale:
+                library.set_num_threads(threads)
+            _blas_stale = []
     if all(library.num_threads <= wanted for library in libraries):
         yield  # nothing to lower (the usual case: both use every core)
         return
