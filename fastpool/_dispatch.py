@@ -592,14 +592,27 @@ def _conv_result_shape(batch: int, channels: int, spatial: tuple, kind: str,
     return shape[1:] if kind == "unbatched" else shape
 
 
-def _conv_result(array, kind: str, channels_last: bool, nd: int):
-    """From canonical (N, C, D, H, W) back to the caller's layout."""
-    array = array.reshape(array.shape[:2] + array.shape[5 - nd:])
-    if channels_last and kind != "plain":
-        array = np.ascontiguousarray(np.moveaxis(array, 1, -1))
+def _conv_result(array, kind: str, channels_last: bool, nd: int, native: bool):
+    """From the back end's canonical 5-D array back to the caller's layout.
+
+    ``native``: the back end computed channels-last itself, so ``array`` is
+    ``(N, D, H, W, C)`` already; else it is ``(N, C, D, H, W)``.
+    """
+    if native:
+        array = array.reshape(array.shape[:1] + array.shape[4 - nd:])
+    else:
+        array = array.reshape(array.shape[:2] + array.shape[5 - nd:])
+        if channels_last and kind != "plain":
+            array = np.ascontiguousarray(np.moveaxis(array, 1, -1))
     if kind == "plain":
         return array[0, 0]
     return array[0] if kind == "unbatched" else array
+
+
+def _channels_last_native(impl, kind: str, channels_last: bool) -> bool:
+    """Whether ``impl`` takes channels-last arrays as they are (``conv_channels_last``:
+    the CPU back end, whose GEMMs work in either layout) rather than transposed."""
+    return channels_last and kind != "plain" and getattr(impl, "conv_channels_last", False)
 
 
 def _conv_inputs(op, nd, x, weight, bias, stride, padding, channels_last, backend, stream):
@@ -616,45 +629,59 @@ def _conv_inputs(op, nd, x, weight, bias, stride, padding, channels_last, backen
         raise TypeError(f"{op}: weight dtype {weights.dtype} differs from input dtype "
                         f"{array.dtype}")
     kind, x5, w5 = _conv_layout(op, nd, array, weights, biases, channels_last)
-    if channels_last and kind != "plain":
+    native = _channels_last_native(impl, kind, channels_last)
+    if native:
+        x5 = (x5[0], *x5[2:], x5[1])
+    elif channels_last and kind != "plain":
         if not hasattr(impl, "host_only"):
             raise ValueError(f"{op}: channels_last convolution runs on the host back ends only")
         array = np.moveaxis(array if kind == "batched" else array[None], -1, 1)
     return window, impl, kind, impl.canonical(array, x5, stream), \
-        impl.canonical(weights, w5, stream), biases, channels_last
+        impl.canonical(weights, w5, stream), biases, channels_last, native
+
+
+def _conv_shape(batch: int, channels: int, spatial: tuple, nd: int, native: bool) -> tuple:
+    """A canonical 5-D shape of a convolution result, in the back end's layout."""
+    spatial = (*((1,) * (3 - nd)), *spatial)
+    return (batch, *spatial, channels) if native else (batch, channels, *spatial)
 
 
 def conv(x, weight, nd, stride=2, padding=0, bias=None, *, op: str, channels_last=False,
          backend=None, stream=None):
     """Strided cross-correlation, torch.nn.functional.conv{nd}d's semantics."""
-    window, impl, kind, x5, w5, biases, channels_last = _conv_inputs(
+    window, impl, kind, x5, w5, biases, channels_last, native = _conv_inputs(
         op, nd, x, weight, bias, stride, padding, channels_last, backend, stream)
     kernel = w5.shape[5 - nd:]
-    out_spatial = window.output_shape(op, x5.shape[5 - nd:], kernel)
-    out_shape = (x5.shape[0], w5.shape[0], *((1,) * (3 - nd)), *out_spatial)
+    spatial = x5.shape[4 - nd:4] if native else x5.shape[5 - nd:]
+    out_spatial = window.output_shape(op, spatial, kernel)
+    out_shape = _conv_shape(x5.shape[0], w5.shape[0], out_spatial, nd, native)
     if biases is None:
         biases = impl.zeros((w5.shape[0],), x5.dtype, stream)
     stride3, pad3 = window.canonical()
-    out = impl.conv(x5, w5, biases, out_shape, stride3, pad3, stream=stream)
-    return _wrap(impl, _conv_result(out, kind, channels_last, nd), x)
+    layout = {"channels_last": True} if native else {}
+    out = impl.conv(x5, w5, biases, out_shape, stride3, pad3, stream=stream, **layout)
+    return _wrap(impl, _conv_result(out, kind, channels_last, nd, native), x)
 
 
 def conv_backward(grad_output, x, weight, nd, stride=2, padding=0, *, op: str,
                   channels_last=False, backend=None, stream=None):
     """Gradients of :func:`conv`: (grad_input, grad_weight, grad_bias)."""
-    window, impl, kind, x5, w5, _, channels_last = _conv_inputs(
+    window, impl, kind, x5, w5, _, channels_last, native = _conv_inputs(
         op, nd, x, weight, None, stride, padding, channels_last, backend, stream)
-    out_spatial = window.output_shape(op, x5.shape[5 - nd:], w5.shape[5 - nd:])
+    spatial = x5.shape[4 - nd:4] if native else x5.shape[5 - nd:]
+    out_spatial = window.output_shape(op, spatial, w5.shape[5 - nd:])
     grad = _grad_array(impl, grad_output, op, stream)
     _check_grad_shape(grad, _conv_result_shape(x5.shape[0], w5.shape[0], out_spatial, kind,
                                                channels_last), op)
-    if channels_last and kind != "plain":
+    if channels_last and kind != "plain" and not native:
         grad = np.moveaxis(grad if kind == "batched" else grad[None], -1, 1)
-    grad5 = impl.canonical(grad, (x5.shape[0], w5.shape[0], *((1,) * (3 - nd)),
-                                  *out_spatial), stream)
+    grad5 = impl.canonical(grad, _conv_shape(x5.shape[0], w5.shape[0], out_spatial, nd,
+                                             native), stream)
     stride3, pad3 = window.canonical()
-    grad_in, grad_weight = impl.conv_backward(grad5, x5, w5, stride3, pad3, stream=stream)
-    grad_bias = impl.conv_bias_grad(grad5, stream)
-    grad_in = _conv_result(grad_in, kind, channels_last, nd)
+    layout = {"channels_last": True} if native else {}
+    grad_in, grad_weight = impl.conv_backward(grad5, x5, w5, stride3, pad3, stream=stream,
+                                              **layout)
+    grad_bias = impl.conv_bias_grad(grad5, stream, **layout)
+    grad_in = _conv_result(grad_in, kind, channels_last, nd, native)
     grad_weight = grad_weight.reshape(tuple(weight.shape))
     return tuple(_wrap(impl, g, grad_output) for g in (grad_in, grad_weight, grad_bias))

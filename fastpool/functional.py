@@ -499,9 +499,10 @@ def _strided_conv_backward(nd: int) -> Callable[..., tuple]:
 
     strided_conv_backward.__doc__ = f"""Gradients of :func:`strided_conv{nd}d`.
 
-Every output of the three is owned by one thread (input elements gather from
-the outputs they fed; weight elements sum over batch and outputs): race-free
-and bit-identical at any thread count.
+On the CPU the products run in BLAS (NumPy's ``matmul``) and the input
+gradient is then gathered, each input element summed by one thread in a
+fixed order: race-free, and bit-identical from run to run at a given thread
+count (BLAS may split its sums differently at another).
 
 Parameters
 ----------

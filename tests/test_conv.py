@@ -1,5 +1,9 @@
 """Strided convolution against torch.nn.functional.conv{1,2,3}d and the NumPy reference."""
 
+import importlib
+import os
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -66,19 +70,29 @@ def test_unbatched_plain_and_channels_last():
     assert_allclose(gb, rb, rtol=1e-12)
 
 
-def test_backward_is_deterministic_across_thread_counts():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_backward_is_deterministic(channels_last):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 8, 17, 19)).astype(np.float32)
     w = rng.standard_normal((6, 8, 5, 5)).astype(np.float32)
     grad = rng.standard_normal(fastpool.strided_conv2d(x, w, 1, 2).shape).astype(np.float32)
-    first = fastpool.strided_conv2d_backward(grad, x, w, 1, 2)
+    if channels_last:
+        x, grad = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, grad))
+
+    def run():
+        return fastpool.strided_conv2d_backward(grad, x, w, 1, 2, channels_last=channels_last)
+
+    first = run()
     try:
-        fastpool.set_num_threads(1)
-        again = fastpool.strided_conv2d_backward(grad, x, w, 1, 2)
+        fastpool.set_num_threads(1)  # BLAS too: its sums may split differently
+        single = run()
+        for a, b in zip(single, run()):
+            assert_array_equal(a, b)
     finally:
         fastpool.set_num_threads(None)
-    for a, b in zip(first, again):
+    for a, b, c in zip(first, run(), single):
         assert_array_equal(a, b)
+        assert_allclose(a, c, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("call, error, pattern", [
@@ -116,3 +130,183 @@ def test_torch_module_and_gradcheck():
         assert torch.autograd.gradcheck(lambda a, c, d: conv(a, c, 2, 1, d), (xs, w, b))
     channels_last = x.detach().contiguous(memory_format=torch.channels_last)
     assert torch.allclose(ours(channels_last), theirs(x))
+
+
+# --------------------------------------------------------------------------
+# The CPU back end's GEMM paths: the non-overlapping fast path, chunking of the
+# cols scratch, channels-last straight through, the kernels' extra blocks.
+# --------------------------------------------------------------------------
+
+CPU_CONV = importlib.import_module("fastpool.cpu.conv")  # fastpool.cpu.conv is the function
+
+
+def _check_against_torch(nd, shape, c_out, kernel, stride, padding, channels_last,
+                         dtype=np.float64, seed=0):
+    """fastpool's CPU forward and backward against torch's, in either layout."""
+    rng = np.random.default_rng(seed)
+    kernel = (kernel,) * nd if np.isscalar(kernel) else tuple(kernel)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((c_out, shape[1], *kernel)).astype(dtype)
+    b = rng.standard_normal(c_out).astype(dtype)
+    out = getattr(F, f"conv{nd}d")(torch.from_numpy(x), torch.from_numpy(w), None,
+                                   stride, padding).numpy()
+    grad = rng.standard_normal(out.shape).astype(dtype)
+    want = _torch(nd, x, w, b, stride, padding, grad)
+    if channels_last:  # the same data, channels moved last: fastpool's NHWC arrays
+        x, grad = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, grad))
+    got_out = getattr(fastpool, f"strided_conv{nd}d")(x, w, stride, padding, b,
+                                                      channels_last=channels_last)
+    got = getattr(fastpool, f"strided_conv{nd}d_backward")(grad, x, w, stride, padding,
+                                                           channels_last=channels_last)
+    got = [got_out, *got]
+    if channels_last:
+        got[0], got[1] = (np.moveaxis(a, -1, 1) for a in got[:2])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    for g, t in zip(got, want):
+        assert g.dtype == dtype and g.shape == t.shape
+        assert_allclose(g, t, **tol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("nd, shape, kernel", [
+    (1, (2, 3, 12), 4),            # windows tile the input: cl cols is the input itself
+    (1, (2, 3, 14), 4),            # two columns no window covers (gradient 0)
+    (1, (1, 3, 14), 4),            # ... a single image: still a strided view in cl
+    (2, (2, 3, 8, 9), (2, 3)),     # cl needs a copy: the im2col kernel
+    (3, (2, 2, 4, 6, 5), 2),
+])
+def test_non_overlapping_windows(nd, shape, kernel, channels_last):
+    stride = kernel
+    _check_against_torch(nd, shape, 5, kernel, stride, 0, channels_last)
+
+
+def test_non_overlapping_channels_last_uses_the_input_as_cols(monkeypatch):
+    calls = []
+    monkeypatch.setattr(CPU_CONV, "launch", lambda *args: calls.append(args[0]))
+    x = np.ones((2, 12, 3))
+    fastpool.strided_conv1d(x, np.ones((5, 3, 4)), 4, channels_last=True)
+    fastpool.strided_conv1d_backward(np.ones((2, 3, 5)), x, np.ones((5, 3, 4)), 4,
+                                      channels_last=True)
+    assert calls == []  # no im2col, no col2im: a reshape of the input and of grad_in
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 12000],
+                         ids=["one-unit", "units-of-one-image", "whole-images"])
+def test_chunked_cols_match_torch(monkeypatch, chunk_bytes, channels_last):
+    monkeypatch.setattr(CPU_CONV, "CHUNK_BYTES", chunk_bytes)
+    # cols of one image: 3*3*3 * 5*5 * 8 bytes = 5400
+    _check_against_torch(2, (5, 3, 9, 10), 4, 3, 2, 1, channels_last)
+    _check_against_torch(3, (3, 2, 5, 6, 7), 3, (2, 3, 2), (1, 2, 3), (1, 0, 1),
+                         channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("nd, shape, kernel, stride, padding", [
+    (1, (3, 4, 23), 5, 3, 2),
+    (2, (2, 3, 11, 8), (3, 2), (2, 1), (1, 0)),
+    (3, (2, 3, 6, 7, 5), 3, (1, 2, 2), 1),
+    (1, (1, 1, 3000), 7, 2, 3),       # one long 1-channel signal: blocks along the axis
+    (2, (1, 1, 40, 33), 3, 1, 1),     # one plane: blocks of rows
+])
+def test_both_layouts_match_torch(nd, shape, kernel, stride, padding, dtype, channels_last):
+    _check_against_torch(nd, shape, 3, kernel, stride, padding, channels_last, dtype)
+
+
+def test_gradient_dtype_follows_grad_output():
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 3, 9, 10)), rng.standard_normal((4, 3, 3, 3))
+    grad = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    got = fastpool.strided_conv2d_backward(grad, x, w, 2, 1)
+    want = fastpool.strided_conv2d_backward(grad, x, w, 2, 1, backend="numpy")
+    for g, r in zip(got, want):
+        assert g.dtype == np.float32
+        assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_empty_and_channel_free_inputs(channels_last):
+    def put(a):
+        return np.ascontiguousarray(np.moveaxis(a, 1, -1)) if channels_last else a
+
+    w = np.ones((4, 3, 3, 3))
+    out = fastpool.strided_conv2d(put(np.ones((0, 3, 9, 10))), w, 2, 1,
+                                  channels_last=channels_last)
+    assert out.shape == put(np.ones((0, 4, 5, 5))).shape
+    gx, gw, gb = fastpool.strided_conv2d_backward(out, put(np.ones((0, 3, 9, 10))), w, 2, 1,
+                                                  channels_last=channels_last)
+    assert gx.shape == put(np.ones((0, 3, 9, 10))).shape
+    assert_array_equal(gw, 0)
+    assert_array_equal(gb, 0)
+    # No input channels: the output is the bias alone.
+    out = fastpool.strided_conv2d(put(np.ones((2, 0, 9, 10))), np.ones((4, 0, 3, 3)), 2, 1,
+                                  np.arange(4.0), channels_last=channels_last)
+    assert_array_equal(put(np.broadcast_to(np.arange(4.0)[:, None, None], (2, 4, 5, 5))), out)
+
+
+def test_blas_follows_fastpool_thread_count():
+    pytest.importorskip("threadpoolctl")
+    fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))  # finds NumPy's BLAS
+
+    def blas_threads():
+        return {library.num_threads for library in CPU_CONV._blas_libraries_found()}
+
+    before = blas_threads()
+    try:
+        fastpool.set_num_threads(1)
+        with CPU_CONV._blas_threads():
+            assert blas_threads() <= {1}
+    finally:
+        fastpool.set_num_threads(None)
+    assert blas_threads() == before
+
+
+def test_blas_count_restored_after_concurrent_capped_calls():
+    pytest.importorskip("threadpoolctl")
+    from fastpool import _threads
+
+    x, w = np.ones((2, 3, 9, 10)), np.ones((4, 3, 3, 3))
+    fastpool.strided_conv2d(x, w)
+    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
+    errors = []
+
+    def work(cap):
+        try:
+            with _threads.thread_cap(cap):
+                for _ in range(20):
+                    fastpool.strided_conv2d_backward(np.ones((2, 4, 4, 4)), x, w)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(cap,)) for cap in (1, None, 1, None)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_undoes_a_lowering_in_flight_at_fork():
+    pytest.importorskip("threadpoolctl")
+    fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))
+    libraries = CPU_CONV._blas_libraries_found()
+    if not libraries or max(library.num_threads for library in libraries) < 2:
+        pytest.skip("needs a multi-threaded BLAS")
+    before = [library.num_threads for library in libraries]
+    try:
+        fastpool.set_num_threads(1)
+        with CPU_CONV._blas_threads():  # a call in flight while the process forks
+            pid = os.fork()
+            if pid == 0:  # the child: its next call restores the parent's counts
+                fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))
+                fastpool.set_num_threads(None)
+                with CPU_CONV._blas_threads():
+                    pass
+                os._exit(0 if [lib.num_threads for lib in libraries] == before else 1)
+    finally:
+        fastpool.set_num_threads(None)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert [library.num_threads for library in libraries] == before

@@ -18,5 +18,9 @@ from fastpool.cpu.pooling import (
     sum_pool,
 )
 
+# conv and conv_backward take channels-last arrays as they are (channels_last=True):
+# their GEMMs work in either layout, so the dispatch layer transposes nothing.
+conv_channels_last = True
+
 __all__ = ["max_pool", "fractional_max_pool", "sum_pool", "max_backward", "sum_backward",
            "max_unpool", "max_unpool_backward", "conv", "conv_backward", *_ARRAY_API]

@@ -1,126 +1,538 @@
-"""Strided convolution on the CPU: Numba kernels and their drivers.
+"""Strided convolution on the CPU: im2col kernels (Numba) around BLAS GEMMs (NumPy).
 
-Canonical arrays: input ``(N, C_in, D, H, W)``, weight ``(C_out, C_in, KD, KH,
-KW)``, output ``(N, C_out, OD, OH, OW)``; 1-D and 2-D run with size-1 axes.
-Sums accumulate in float64.  Every kernel owns disjoint outputs (output rows,
-input rows, weight planes), so results are race-free and deterministic.
+A convolution is one matrix product once each output position's receptive field
+is copied out as a row of a matrix ("im2col", here the *cols*): for an input
+with ``C_in`` channels and a ``KD x KH x KW`` kernel, ``K = KD*KH*KW*C_in``
+values per output position.  BLAS then does the arithmetic near the machine's
+peak, where direct loops ran at a few percent of it.  With ``M`` output
+positions, cols ``(M, K)`` and the weight as a ``(C_out, K)`` matrix ``W``:
+
+=================  ======================================
+output             ``cols @ W.T``, ``(M, C_out)``
+input gradient     ``col2im(grad @ W)``
+weight gradient    ``grad.T @ cols``, summed over chunks
+=================  ======================================
+
+The cols are laid out channels-last: a row holds, per kernel offset
+``(kd, kh, kw)``, one input pixel's ``C_in`` contiguous channels (and the
+``KW`` pixels of one kernel row are adjacent, so one copy), so im2col runs
+near memcpy speed and the products land in channels-last order.
+Channels-last input therefore needs no transpose at all; channels-first
+input, output and gradients are transposed once each way by a tiled kernel,
+which costs less than a channels-first im2col (with stride 2 that gathered
+every other element and ran at a third of the copy speed).
+
+Canonical arrays: input ``(N, C_in, D, H, W)`` or, channels-last,
+``(N, D, H, W, C_in)``; weight ``(C_out, C_in, KD, KH, KW)`` in both layouts
+(reordered to the cols' ``(C_out, KD, KH, KW, C_in)``, small); 1-D and 2-D run
+with size-1 leading spatial axes.  The output positions are
+grouped in *units*: one ``(n, od, oh)`` row of ``OW`` outputs.  The scratch is
+bounded by :data:`CHUNK_BYTES`: the work runs over chunks of whole images, or,
+when one image's cols are larger, over runs of units of one image.  When the
+windows tile the input (kernel == stride, no padding), the cols are a reshape
+of the channels-last input: no im2col at all where strides can express it.
+
+Sums run in the input's dtype (float32 stays float32 in BLAS, as in torch).
+col2im gathers: each input element is summed by one thread in a fixed order,
+and the chunks run in a fixed order, so results are race-free and repeat
+bit for bit (BLAS's own sums depend on its thread count, which follows
+fastpool's: see :func:`_blas_threads`).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 from numba import njit, prange
 
+from fastpool import _threads
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool.cpu.runtime import launch
 
+# The most bytes of cols one chunk may fill.  Small enough that the cols stay in
+# cache between im2col writing them and the GEMM reading them (on the 2-core Zen 3
+# benchmark machine, one thread, a 3-D convolution whose cols total 43 MB ran in
+# 12-15 ms in 4 MiB chunks, 20-23 ms in one 64 MiB chunk; the 8x64x56x56 2-D case
+# 6.4 against 8.3 ms), large enough that each GEMM still has a few thousand rows.
+# It also bounds the scratch memory of a big input.  The tests lower it to
+# exercise the chunking.
+CHUNK_BYTES = 4 * 2**20
 
-@njit(inline="always")
-def _split4(row, second, third, fourth):
-    """(i, j, k, m) of row = ((i*second + j)*third + k)*fourth + m."""
-    last = row % fourth
-    row //= fourth
-    k = row % third
-    row //= third
-    return row // second, row % second, k, last
-
-
-@njit(**CPU_JIT_OPTIONS)
-def conv_forward(x, weight, bias, out, stride, pad):
-    batch, c_out, out_d, out_h, out_w = out.shape
-    c_in, depth, height, width = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
-    k_d, k_h, k_w = weight.shape[2], weight.shape[3], weight.shape[4]
-    for row in prange(batch * c_out * out_d * out_h):
-        n, co, od, oh = _split4(row, c_out, out_d, out_h)
-        for ow in range(out_w):
-            total = np.float64(bias[co])
-            for ci in range(c_in):
-                for kd in range(k_d):
-                    d = od * stride[0] - pad[0] + kd
-                    if d < 0 or d >= depth:
-                        continue
-                    for kh in range(k_h):
-                        h = oh * stride[1] - pad[1] + kh
-                        if h < 0 or h >= height:
-                            continue
-                        for kw in range(k_w):
-                            w = ow * stride[2] - pad[2] + kw
-                            if 0 <= w < width:
-                                total += np.float64(x[n, ci, d, h, w]) * weight[co, ci, kd, kh, kw]
-            out[n, co, od, oh, ow] = total
+# Fewer parallel tasks than this many per thread and the kernels also split the
+# last spatial axis, so that a lone long 1-D signal still uses every core.
+_TASKS_PER_THREAD = 4
 
 
 @njit(inline="always")
-def _source(position, pad, kernel_offset, stride, size):
-    """The output index whose window puts ``kernel_offset`` on ``position``, or -1."""
-    t = position + pad - kernel_offset
+def _span(offset, stride, pad, first, stop, count):
+    """The outputs ``o`` in ``[lo, hi)``, within ``[0, count)``, whose input index
+    ``o*stride - pad + offset`` lies in ``[first, stop)``."""
+    lo = -((pad - offset + first) // -stride)  # ceil division
+    hi = (stop - 1 + pad - offset) // stride + 1
+    lo = min(max(lo, 0), count)
+    return lo, max(min(hi, count), lo)
+
+
+@njit(inline="always")
+def _source(position, pad, offset, stride, size):
+    """The output index whose window puts kernel ``offset`` on input ``position``, or -1."""
+    t = position + pad - offset
     if t < 0 or t % stride != 0 or t // stride >= size:
         return -1
     return t // stride
 
 
 @njit(**CPU_JIT_OPTIONS)
-def conv_backward_input(grad, weight, grad_in, stride, pad):
-    """Gather: each input element sums grad * weight over the outputs it fed."""
-    batch, c_in, depth, height, width = grad_in.shape
-    c_out, out_d, out_h, out_w = grad.shape[1], grad.shape[2], grad.shape[3], grad.shape[4]
-    k_d, k_h, k_w = weight.shape[2], weight.shape[3], weight.shape[4]
-    for row in prange(batch * c_in * depth * height):
-        n, ci, d, h = _split4(row, c_in, depth, height)
-        for w in range(width):
-            total = 0.0
-            for co in range(c_out):
-                for kd in range(k_d):
-                    od = _source(d, pad[0], kd, stride[0], out_d)
-                    if od < 0:
-                        continue
-                    for kh in range(k_h):
-                        oh = _source(h, pad[1], kh, stride[1], out_h)
-                        if oh < 0:
-                            continue
-                        for kw in range(k_w):
-                            ow = _source(w, pad[2], kw, stride[2], out_w)
-                            if ow >= 0:
-                                total += np.float64(grad[n, co, od, oh, ow]) * \
-                                    weight[co, ci, kd, kh, kw]
-            grad_in[n, ci, d, h, w] = total
+def im2col(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad, width):
+    """im2col of channels-last ``x``: ``cols[(i, v - v0, ow), (kd, kh, kw, c)]``.
+
+    ``x`` comes as ``(N, D, H, W*C_in)``, its input rows flat (``width`` is ``W``).
+    Covers images ``n0 + i`` and, in each, units ``v0 .. v0 + units_per_image - 1``
+    (a unit ``v`` is the output row ``(od, oh) = divmod(v, OH)``).  Each task fills
+    one cols row (one output position).  For each ``(kd, kh)`` its ``KW`` pixels
+    are adjacent in the input row, so they go as one contiguous copy of
+    ``KW*C_in`` values (zeros where the window is in the padding): far fewer,
+    longer copies than one per pixel, which matters when ``C_in`` is small.
+    """
+    depth, height = x.shape[1], x.shape[2]
+    out_h, out_w = out_size[1], out_size[2]
+    k_d, k_h, k_w = kernel
+    c_in = cols.shape[1] // (k_d * k_h * k_w)
+    run = k_w * c_in
+    for m in prange(cols.shape[0]):
+        j, ow = m // out_w, m % out_w
+        n, v = n0 + j // units_per_image, v0 + j % units_per_image
+        row = cols[m]
+        w0 = ow * stride[2] - pad[2]
+        # The window's pixels inside the row, as offsets [a, b) into the run.
+        a, b = max(0, -w0) * c_in, max(min(k_w, width - w0), 0) * c_in
+        base = 0
+        for kd in range(k_d):
+            d = (v // out_h) * stride[0] - pad[0] + kd
+            for kh in range(k_h):
+                h = (v % out_h) * stride[1] - pad[1] + kh
+                if 0 <= d < depth and 0 <= h < height and a < b:
+                    row[base:base + a] = 0
+                    row[base + a:base + b] = x[n, d, h, w0 * c_in + a:w0 * c_in + b]
+                    row[base + b:base + run] = 0
+                else:
+                    row[base:base + run] = 0
+                base += run
 
 
 @njit(**CPU_JIT_OPTIONS)
-def conv_backward_weight(grad, x, grad_weight, stride, pad):
-    """Each weight element sums grad * input over the batch and the outputs."""
-    c_out, c_in, k_d, k_h, k_w = grad_weight.shape
-    batch, out_d, out_h, out_w = grad.shape[0], grad.shape[2], grad.shape[3], grad.shape[4]
-    depth, height, width = x.shape[2], x.shape[3], x.shape[4]
-    for task in prange(c_out * c_in * k_d * k_h):
-        co, ci, kd, kh = _split4(task, c_in, k_d, k_h)
-        for kw in range(k_w):
-            total = 0.0
-            for n in range(batch):
-                for od in range(out_d):
-                    d = od * stride[0] - pad[0] + kd
-                    if d < 0 or d >= depth:
-                        continue
-                    for oh in range(out_h):
-                        h = oh * stride[1] - pad[1] + kh
-                        if h < 0 or h >= height:
-                            continue
-                        for ow in range(out_w):
-                            w = ow * stride[2] - pad[2] + kw
-                            if 0 <= w < width:
-                                total += np.float64(grad[n, co, od, oh, ow]) * x[n, ci, d, h, w]
-            grad_weight[co, ci, kd, kh, kw] = total
+def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad, blocks):
+    """Add ``cols`` (laid out as :func:`im2col`'s) into channels-last ``grad_in``.
+
+    A gather: a task owns one input row ``(n, d, h)`` (or, with ``blocks > 1``,
+    one of that many pieces of it: parallel work for a lone 1-D signal) and adds
+    every cols entry whose window covered it, in the fixed order (kernel offset,
+    ``ow``): no two threads write one element, and each element's sum runs in
+    the same order whatever the number of blocks or threads.
+    """
+    depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
+                                  grad_in.shape[4])
+    out_d, out_h, out_w = out_size
+    k_d, k_h, k_w = kernel
+    images = cols.shape[0] // max(units_per_image * out_w, 1)
+    block = (width + blocks - 1) // blocks
+    for task in prange(images * depth * height * blocks):
+        b = task % blocks
+        h = task // blocks % height
+        d = task // (blocks * height) % depth
+        i = task // (blocks * height * depth)
+        first, stop = b * block, min(width, (b + 1) * block)
+        n = n0 + i
+        for kd in range(k_d):
+            od = _source(d, pad[0], kd, stride[0], out_d)
+            if od < 0:
+                continue
+            for kh in range(k_h):
+                oh = _source(h, pad[1], kh, stride[1], out_h)
+                v = od * out_h + oh - v0
+                if oh < 0 or v < 0 or v >= units_per_image:
+                    continue
+                row = (i * units_per_image + v) * out_w
+                for kw in range(k_w):
+                    base = ((kd * k_h + kh) * k_w + kw) * c_in
+                    lo, hi = _span(kw, stride[2], pad[2], first, stop, out_w)
+                    for ow in range(lo, hi):
+                        w = ow * stride[2] - pad[2] + kw
+                        for c in range(c_in):
+                            grad_in[n, d, h, w, c] += cols[row + ow, base + c]
 
 
-def conv(x, weight, bias, out_shape, stride, pad, stream=None):
-    out = np.empty(out_shape, x.dtype)
-    launch(conv_forward, x, weight, bias, out, stride, pad)
+# Spatial positions per task of the layout transposes: a tile of 64 positions by all
+# channels stays in L1 while one side is read or written contiguously.
+_TILE = 64
+
+
+@njit(**CPU_JIT_OPTIONS)
+def to_channels_last(source, target):
+    """``target[n, s, c] = source[n, c, s]``, tiled (channels-first input).
+
+    NumPy's strided copy reads the channels of one position at the channel stride;
+    with a power-of-two-like stride (a 16x56x56 volume's) those reads collide in
+    the cache and the copy ran at a fifth of its usual speed.  Tiles read each
+    channel's run of positions contiguously instead, and run in parallel.
+    """
+    batch, channels, size = source.shape
+    tiles = (size + _TILE - 1) // _TILE
+    for task in prange(batch * tiles):
+        n = task // tiles
+        first = task % tiles * _TILE
+        stop = min(first + _TILE, size)
+        for c in range(channels):
+            for s in range(first, stop):
+                target[n, s, c] = source[n, c, s]
+
+
+@njit(**CPU_JIT_OPTIONS)
+def to_channels_first(source, target):
+    """``target[n, c, s] = source[n, s, c]``, tiled as :func:`to_channels_last`."""
+    batch, size, channels = source.shape
+    tiles = (size + _TILE - 1) // _TILE
+    for task in prange(batch * tiles):
+        n = task // tiles
+        first = task % tiles * _TILE
+        stop = min(first + _TILE, size)
+        for c in range(channels):
+            for s in range(first, stop):
+                target[n, c, s] = source[n, s, c]
+
+
+# --------------------------------------------------------------------------
+# Drivers
+# --------------------------------------------------------------------------
+
+_blas_lock = threading.Lock()
+_blas_libraries = None  # threadpoolctl's BLAS controllers, once looked up
+
+
+def _blas_libraries_found() -> list:
+    """NumPy's BLAS (and any other loaded by the first call) as threadpoolctl
+    controllers; empty without threadpoolctl."""
+    global _blas_libraries
+    if _blas_libraries is None:
+        with _blas_lock:
+            if _blas_libraries is None:
+                try:
+                    from threadpoolctl import ThreadpoolController
+                    found = ThreadpoolController().select(user_api="blas").lib_controllers
+                except Exception:  # not installed, or it cannot inspect this process
+                    found = []
+                _blas_libraries = list(found)
+    return _blas_libraries
+
+
+_blas_holders = 0  # calls now holding BLAS lowered, and the counts to restore after
+_blas_saved: list = []
+_blas_stale: list = []  # in a forked child: the counts the parent's calls had lowered
+
+
+def _reset_after_fork() -> None:
+    """A forked child starts with no call in flight: a fresh lock (the parent's may
+    have been held), and the parent's lowering to undo at the child's next call
+    (not here: BLAS has its own fork handlers, which may not have run yet)."""
+    global _blas_lock, _blas_holders, _blas_stale
+    _blas_lock = threading.Lock()
+    if _blas_holders:
+        _blas_holders, _blas_stale = 0, _blas_saved
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+@contextmanager
+def _blas_threads():
+    """Hold BLAS to fastpool's thread count during the GEMMs.
+
+    NumPy's BLAS keeps its own thread pool, sized to all cores; without this, a
+    lower :func:`fastpool.set_num_threads` (fastpool.torch's torch thread count,
+    fastpool.dask's per-task cap) would bind the im2col kernels but not the
+    products, and oversubscribe the cores.  It only lowers BLAS, never raising it
+    over a limit the user set, and needs ``threadpoolctl`` (optional: without it
+    BLAS runs as configured).  The libraries' own setters, not
+    ``threadpoolctl.threadpool_limits``: that costs ~40 us a call, as much as a
+    small convolution.  BLAS's count is process-wide, so concurrent calls share
+    one lowering: the last to finish restores the counts the first one found.
+    """
+    global _blas_holders, _blas_saved, _blas_stale
+    wanted = _threads.get_num_threads()
+    libraries = _blas_libraries_found()
+    if _blas_stale:
+        with _blas_lock:
+            for library, threads in _blas_stale:
+                library.set_num_threads(threads)
+            _blas_stale = []
+    if all(library.num_threads <= wanted for library in libraries):
+        yield  # nothing to lower (the usual case: both use every core)
+        return
+    with _blas_lock:
+        if _blas_holders == 0:
+            _blas_saved = [(library, library.num_threads) for library in libraries]
+        _blas_holders += 1
+        for library in libraries:
+            if library.num_threads > wanted:
+                library.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_holders -= 1
+            if _blas_holders == 0:
+                for library, threads in _blas_saved:
+                    library.set_num_threads(threads)
+
+
+class _Geometry:
+    """The sizes one convolution call needs, and its chunks.
+
+    Parameters
+    ----------
+    x_shape : tuple of int
+        The canonical channels-last input shape, ``(N, D, H, W, C_in)``.
+    weight_shape : tuple of int
+        ``(C_out, C_in, KD, KH, KW)``.
+    out_size : tuple of int
+        The output's spatial size ``(OD, OH, OW)``.
+    stride, pad : tuple of int
+        Three each.
+    dtype : numpy.dtype
+        The dtype the products run in.
+    """
+
+    def __init__(self, x_shape, weight_shape, out_size, stride, pad, dtype):
+        self.dtype = np.dtype(dtype)
+        self.batch = x_shape[0]
+        self.c_out, self.c_in = weight_shape[0], weight_shape[1]
+        self.spatial = tuple(x_shape[1:4])
+        # Python ints: numba compiles the kernels once for int64 tuples.
+        self.kernel = tuple(map(int, weight_shape[2:]))
+        self.out_size = tuple(map(int, out_size))
+        self.stride = tuple(map(int, stride))
+        self.pad = tuple(map(int, pad))
+        self.k = self.c_in * math.prod(self.kernel)  # a cols row's length
+        self.units_per_image = self.out_size[0] * self.out_size[1]
+
+    def chunks(self):
+        """``(n0, images, v0, units)`` per chunk: images ``n0 .. n0+images-1``, and in
+        each the units ``v0 .. v0+units-1``.  Whole images while one image's cols fit in
+        :data:`CHUNK_BYTES`, else runs of units of one image."""
+        unit_bytes = max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
+        image_bytes = unit_bytes * self.units_per_image
+        if image_bytes <= CHUNK_BYTES:
+            step = max(1, CHUNK_BYTES // image_bytes)
+            for n0 in range(0, self.batch, step):
+                yield n0, min(step, self.batch - n0), 0, self.units_per_image
+            return
+        step = max(1, CHUNK_BYTES // unit_bytes)
+        for n in range(self.batch):
+            for v0 in range(0, self.units_per_image, step):
+                yield n, 1, v0, min(step, self.units_per_image - v0)
+
+    def whole(self, v0, units):
+        """Whether a chunk covers its images whole."""
+        return v0 == 0 and units == self.units_per_image
+
+    def cols(self, scratch, images, units):
+        """The chunk's ``(M, K)`` cols in ``scratch`` (allocated by the first chunk,
+        the largest), as a list of one array so that the caller keeps it."""
+        m = images * units * self.out_size[2]
+        if not scratch:
+            scratch.append(np.empty(m * self.k, self.dtype))
+        return scratch[0][:m * self.k].reshape(m, self.k)
+
+    def matrix_weight(self, weight):
+        """The weight as ``(C_out, K)``, ``K`` ordered ``(kd, kh, kw, c)`` as cols'."""
+        return np.ascontiguousarray(weight.transpose(0, 2, 3, 4, 1)).reshape(self.c_out, self.k)
+
+    def tensor_weight(self, matrix):
+        """The inverse of :meth:`matrix_weight`."""
+        shaped = matrix.reshape(self.c_out, *self.kernel, self.c_in)
+        return np.ascontiguousarray(shaped.transpose(0, 4, 1, 2, 3))
+
+    def blocks(self, tasks, length):
+        """How many pieces to cut each of ``tasks`` parallel tasks into (along an axis of
+        ``length``) so that every thread has work: a lone long 1-D signal."""
+        wanted = _TASKS_PER_THREAD * _threads.get_num_threads()
+        if tasks >= wanted or length <= 1:
+            return 1
+        return max(1, min(-(-wanted // max(tasks, 1)), length))
+
+    def im2col(self, source, first, images, v0, units, scratch):
+        """The chunk's cols from channels-last ``source`` (its images from index
+        ``first``), and whether they are a view of ``source`` (the windows tile it)
+        rather than filled in :meth:`cols`' buffer."""
+        if self.whole(v0, units):
+            patches = self.patches(source[first:first + images])
+            if patches is not None:
+                return patches, True
+        cols = self.cols(scratch, images, units)
+        rows = source.reshape(*source.shape[:3], source.shape[3] * source.shape[4])
+        launch(im2col, rows, cols, first, v0, units, self.out_size, self.kernel,
+               self.stride, self.pad, self.spatial[2])
+        return cols, False
+
+    def col2im(self, cols, target, first, images, v0, units):
+        """Add the cols' gradient into channels-last ``target``."""
+        rows = images * self.spatial[0] * self.spatial[1]
+        launch(col2im, cols, target, first, v0, units, self.out_size, self.kernel,
+               self.stride, self.pad, self.blocks(rows, self.spatial[2]))
+
+    def patches(self, array):
+        """Non-overlapping windows (kernel == stride, no padding) of a channels-last
+        array as the ``(M, K)`` cols matrix itself, a view; None when that is not
+        expressible with strides (or the windows overlap or pad)."""
+        if self.kernel != self.stride or any(self.pad) or array.size == 0:
+            return None
+        (od, oh, ow), (kd, kh, kw) = self.out_size, self.kernel
+        view = array[:, :od * kd, :oh * kh, :ow * kw].reshape(
+            array.shape[0], od, kd, oh, kh, ow, kw, array.shape[-1])
+        return _as_matrix(view.transpose(0, 1, 3, 5, 2, 4, 6, 7), 4)  # (n,od,oh,ow),(kd,kh,kw,c)
+
+
+def _as_matrix(view, split):
+    """``view`` as a 2-D array (axes ``[:split]`` the rows, the rest the columns)
+    sharing its memory, or None when that needs a copy or the columns are not
+    contiguous (BLAS wants unit stride along one axis)."""
+    merged = []
+    for axes in (range(split), range(split, view.ndim)):
+        size, stride, expected = 1, view.itemsize, None
+        for axis in reversed(axes):  # innermost first
+            length, step = view.shape[axis], view.strides[axis]
+            if length == 1:
+                continue
+            if expected is None:
+                stride = step
+            elif step != expected:
+                return None
+            expected = step * length
+            size *= length
+        merged.append((size, stride))
+    (rows, row_stride), (columns, column_stride) = merged
+    if column_stride != view.itemsize or rows * columns == 0:
+        return None
+    return np.lib.stride_tricks.as_strided(view, (rows, columns), (row_stride, column_stride))
+
+
+def _channels_moved(array, last):
+    """A C-contiguous copy of 5-D ``array`` with its channels moved from axis 1 to
+    the end (``last``), or from the end back to axis 1."""
+    batch = array.shape[0]
+    if last:
+        channels, spatial = array.shape[1], array.shape[2:]
+        out = np.empty((batch, *spatial, channels), array.dtype)
+        size = math.prod(spatial)
+        launch(to_channels_last, array.reshape(batch, channels, size),
+               out.reshape(batch, size, channels))
+    else:
+        channels, spatial = array.shape[-1], array.shape[1:-1]
+        out = np.empty((batch, channels, *spatial), array.dtype)
+        size = math.prod(spatial)
+        launch(to_channels_first, array.reshape(batch, size, channels),
+               out.reshape(batch, channels, size))
     return out
 
 
-def conv_backward(grad, x, weight, stride, pad, stream=None):
-    grad_in = np.empty(x.shape, grad.dtype)
-    grad_weight = np.empty(weight.shape, grad.dtype)
-    launch(conv_backward_input, grad, weight, grad_in, stride, pad)
-    launch(conv_backward_weight, grad, x, grad_weight, stride, pad)
-    return grad_in, grad_weight
+def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=None):
+    """The convolution's output, ``(N, C_out, OD, OH, OW)`` or, with
+    ``channels_last``, ``(N, OD, OH, OW, C_out)`` (``out_shape``).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        The canonical input, C-contiguous: ``(N, C_in, D, H, W)``, or
+        ``(N, D, H, W, C_in)`` with ``channels_last``.
+    weight : numpy.ndarray
+        ``(C_out, C_in, KD, KH, KW)``, of ``x``'s dtype.
+    bias : numpy.ndarray
+        ``(C_out,)``; all zeros when the caller has none.
+    out_shape : tuple of int
+        The output's shape, in ``x``'s layout.
+    stride, pad : tuple of int
+        Three each, for ``(D, H, W)``.
+    channels_last : bool, optional
+        The layout of ``x`` and of the result.
+    stream : None
+        Unused (the CUDA back end's argument).
+
+    Returns
+    -------
+    numpy.ndarray
+        The output, of ``x``'s dtype.
+    """
+    if not channels_last:
+        # Through channels-last copies: one tiled transpose each way costs less than
+        # a channels-first im2col (a strided gather at stride > 1), and one kernel
+        # family serves both layouts.  Each transpose is one parallel launch.
+        shape = (out_shape[0], *out_shape[2:], out_shape[1])
+        out = conv(_channels_moved(x, True), weight, bias, shape, stride, pad, True)
+        return _channels_moved(out, False)
+    g = _Geometry(x.shape, weight.shape, out_shape[1:4], stride, pad, x.dtype)
+    out = np.empty(out_shape, x.dtype)
+    if out.size == 0:
+        return out
+    matrix = g.matrix_weight(weight)
+    rows = out.reshape(-1, g.c_out)
+    scratch = []
+    with _blas_threads():
+        for n0, images, v0, units in g.chunks():
+            cols, _ = g.im2col(x, n0, images, v0, units, scratch)
+            start = (n0 * g.units_per_image + v0) * g.out_size[2]
+            np.matmul(cols, matrix.T, out=rows[start:start + len(cols)])
+    if bias.any():  # the dispatch layer passes zeros for "no bias": skip that pass
+        rows += bias
+    return out
+
+
+def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None):
+    """Gradients of :func:`conv` with respect to its input and weight.
+
+    Parameters
+    ----------
+    grad : numpy.ndarray
+        The output's gradient, C-contiguous, in the layout of ``x``.
+    x, weight, stride, pad, channels_last
+        As :func:`conv`'s.
+    stream : None
+        Unused.
+
+    Returns
+    -------
+    grad_in : numpy.ndarray
+        Of ``x``'s shape, and ``grad``'s dtype (as torch's).
+    grad_weight : numpy.ndarray
+        Of ``weight``'s shape, and ``grad``'s dtype.
+    """
+    dtype = grad.dtype
+    x = x.astype(dtype, copy=False)
+    if not channels_last:  # through channels-last copies, as conv's
+        grad_in, grad_weight = conv_backward(
+            _channels_moved(grad, True), _channels_moved(x, True), weight,
+            stride, pad, True)
+        return _channels_moved(grad_in, False), grad_weight
+    g = _Geometry(x.shape, weight.shape, grad.shape[1:4], stride, pad, dtype)
+    matrix = g.matrix_weight(weight.astype(dtype, copy=False))
+    grad_matrix = np.zeros((g.c_out, g.k), dtype)
+    grad_in = np.zeros(x.shape, dtype)  # col2im adds into it
+    if grad.size == 0 or x.size == 0:
+        return grad_in, g.tensor_weight(grad_matrix)
+    rows = grad.reshape(-1, g.c_out)
+    scratch = []
+    with _blas_threads():
+        for n0, images, v0, units in g.chunks():
+            cols, view = g.im2col(x, n0, images, v0, units, scratch)
+            start = (n0 * g.units_per_image + v0) * g.out_size[2]
+            chunk = rows[start:start + len(cols)]  # the chunk's gradient, (M, C_out)
+            grad_matrix += chunk.T @ cols
+            if view:  # windows that tile the input: their gradient lands in place
+                np.matmul(chunk, matrix, out=g.patches(grad_in[n0:n0 + images]))
+            else:  # the cols are spent: their buffer takes the cols' gradient
+                np.matmul(chunk, matrix, out=cols)
+                g.col2im(cols, grad_in, n0, images, v0, units)
+    return grad_in, g.tensor_weight(grad_matrix)
