@@ -217,6 +217,49 @@ def times_sign(values, x, stream=None):
     return values
 
 
+def scaled_sum(a, b, scale: float, stream=None):
+    """``scale * (a + b)`` (0.5: timm's avgmax head), half types computed in float32."""
+    stream = _stream_of(stream, a)
+    flat_a = canonical(a, (a.size,))
+    out = empty(flat_a.shape, flat_a.dtype, stream)
+    if out.size:
+        bits, bf16 = _bits(flat_a)
+        zero = _compute_zero(flat_a.dtype)
+        _configure(kernels.scaled_sum, out.size, stream)(
+            bits, _bits(canonical(b, (b.size,)))[0], _bits(out)[0], zero + scale, zero, bf16)
+    return out.reshape(a.shape)
+
+
+def _copy_rows(source, out, width, source_offset, out_offset, stream):
+    rows = source.shape[0]
+    if rows * width:
+        bits, out_bits = _bits(canonical(source, (source.size,)))[0], \
+            _bits(canonical(out, (out.size,)))[0]
+        _configure(kernels.copy_rows, rows * width, stream)(
+            bits, out_bits, width, source.shape[1], source_offset, out.shape[1], out_offset)
+
+
+def concat_rows(a, b, stream=None):
+    """Two (rows, C) arrays side by side: (rows, 2C), ``a`` first."""
+    stream = _stream_of(stream, a)
+    rows, width = a.shape
+    out = empty((rows, 2 * width), a.dtype, stream)
+    _copy_rows(a, out, width, 0, 0, stream)
+    _copy_rows(b, out, width, 0, width, stream)
+    return out
+
+
+def split_rows(array, stream=None):
+    """The inverse of :func:`concat_rows`: (rows, 2C) as two (rows, C) arrays."""
+    stream = _stream_of(stream, array)
+    rows, width = array.shape[0], array.shape[1] // 2
+    halves = (empty((rows, width), array.dtype, stream),
+              empty((rows, width), array.dtype, stream))
+    for offset, half in zip((0, width), halves):
+        _copy_rows(array, half, width, offset, 0, stream)
+    return halves
+
+
 def wrap(result, like: object):
     """``result`` (a numba device array) as the kind of array ``like`` is."""
     if _is_device_array(like):

@@ -392,6 +392,30 @@ def times_sign(values, x, zero, bf16):
         i += grid
 
 
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def scaled_sum(a, b, out, scale, zero, bf16):
+    """out = scale * (a + b), computed in the compute type and rounded once."""
+    i, grid = _first_and_stride()
+    while i < out.size:
+        _store(out, i, (_load(a, i, zero, bf16) + _load(b, i, zero, bf16)) * scale, bf16)
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def copy_rows(source, out, width, source_row, source_offset, out_row, out_offset):
+    """For each of the rows: ``width`` elements from ``source`` (rows of ``source_row``,
+    starting at ``source_offset``) to ``out`` (rows of ``out_row``, at ``out_offset``).
+    A plain copy of the bits: concatenates and splits channel blocks."""
+    i, grid = _first_and_stride()
+    n = (source.size // source_row) * width
+    while i < n:
+        row = i // width
+        column = i - row * width
+        out[row * out_row + out_offset + column] = source[row * source_row + source_offset
+                                                          + column]
+        i += grid
+
+
 # --------------------------------------------------------------------------
 # Strided convolution: input (N, C_in, D, H, W), weight (C_out, C_in, KD, KH, KW).
 # --------------------------------------------------------------------------

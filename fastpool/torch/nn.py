@@ -2,7 +2,8 @@
 
 Each class with a torch.nn name subclasses torch's own module (same
 constructor, attributes and repr) and only replaces ``forward``.  fastpool's
-own: ``Global{Max,Avg,Min}Pool{1,2,3}d``, ``MinPool{1,2,3}d`` and
+own: ``Global{Max,Avg,Min}Pool{1,2,3}d``, ``GlobalPool{1,2,3}d(mode)`` (timm's
+avgmax and catavgmax heads too), ``MinPool{1,2,3}d`` and
 ``AdaptiveMinPool{1,2,3}d`` (torch's max-pooling constructors, with the
 minimum), ``StridedConv{1,2,3}d`` and ``GeneralizedMeanPooling{1,2,3}d`` (alias
 ``GeM`` for the 2-D one), generalized-mean pooling with a learnable ``p``.
@@ -108,6 +109,42 @@ for _family in ("global_max_pool", "global_avg_pool", "global_min_pool"):
         globals()[_cls.__name__] = _cls
 
 
+class _GlobalPoolByMode(torch.nn.Module):
+    nd = 0
+    __prepare_scriptable__ = _prepare_scriptable
+
+    def __init__(self, mode: str = "avg", keepdims: bool = False) -> None:
+        super().__init__()
+        if mode not in ("avg", "max", "min", "avgmax", "catavgmax"):
+            raise ValueError(f"{type(self).__name__}: mode must be one of ('avg', 'max', "
+                             f"'min', 'avgmax', 'catavgmax'), got {mode!r}")
+        self.mode, self.keepdims = mode, keepdims
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return getattr(functional, f"global_pool{self.nd}d")(input, self.mode, self.keepdims)
+
+    def feat_mult(self) -> int:
+        """The channel multiplier, as timm's ``SelectAdaptivePool2d.feat_mult``."""
+        return 2 if self.mode == "catavgmax" else 1
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, keepdims={self.keepdims}"
+
+
+def _global_mode_module(nd: int) -> type:
+    return type(f"GlobalPool{nd}d", (_GlobalPoolByMode,), {
+        "nd": nd, "__module__": __name__,
+        "__doc__": f"""Global pooling of {nd}-D planes by mode, timm's heads included.
+
+``mode``: "avg", "max", "min", "avgmax" (``0.5 * (avg + max)``) or "catavgmax"
+(average then maximum on the channel axis: 2C channels, ``feat_mult() == 2``).
+Output (N, C) or (N, C{', 1' * nd}) with keepdims (timm's ``flatten=False``).
+"""})
+
+
+GlobalPool1d, GlobalPool2d, GlobalPool3d = (_global_mode_module(nd) for nd in (1, 2, 3))
+
+
 class _GeneralizedMeanPooling(torch.nn.Module):
     nd = 0
     __prepare_scriptable__ = _prepare_scriptable
@@ -191,7 +228,7 @@ StridedConv1d, StridedConv2d, StridedConv3d = (_conv_module(nd) for nd in (1, 2,
 __all__ = [f"{stem}{nd}d" for family, stem in _TORCH_MODULES.items()
            for nd in _NDS.get(family, (1, 2, 3))] + [
     f"{stem}{nd}d" for stem in ("MinPool", "AdaptiveMinPool", "GlobalMaxPool",
-                                "GlobalAvgPool", "GlobalMinPool", "StridedConv",
+                                "GlobalAvgPool", "GlobalMinPool", "GlobalPool", "StridedConv",
                                 "GeneralizedMeanPooling") for nd in (1, 2, 3)] + [
     "GeneralizedMeanPooling", "GeM", "convert"]
 

@@ -137,6 +137,11 @@ def exercise():
                 out = getattr(f, f"global_avg_pool{nd}d")(x, **kw)
                 getattr(f, f"global_avg_pool{nd}d_backward")(_grad(out.shape, dtype),
                                                              x.shape, **kw)
+                for mode in ("avgmax", "catavgmax"):  # timm's heads: pair sums, row copies
+                    out, idx = getattr(f, f"global_pool{nd}d")(x, mode, return_indices=True,
+                                                               **kw)
+                    getattr(f, f"global_pool{nd}d_backward")(_grad(out.shape, dtype), idx,
+                                                             x.shape, mode, **kw)
                 if not cl:  # channels-last convolution is host-only
                     w = np.ones((2, 2) + (2,) * nd, dtype)
                     b = np.ones(2, dtype)

@@ -101,3 +101,26 @@ def test_fractional_max_pool_follows_the_cpu(nd, channels_last):
     got, want = pool(x, 2, backend="cuda", **kw), pool(x, 2, **kw)
     assert_array_equal(_host(got[0]), want[0])
     assert_array_equal(_host(got[1]), want[1])
+
+
+@pytest.mark.parametrize("mode", ["avgmax", "catavgmax"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_global_heads_follow_the_cpu(mode, channels_last, dtype):
+    x = np.random.default_rng(2).standard_normal((2, 3, 5, 4)).astype(dtype)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    kw = dict(channels_last=channels_last)
+    host = x.astype(np.float64) if dtype == np.float16 else x
+    out, indices = fastpool.global_pool2d(host, mode, return_indices=True, **kw)
+    got, got_indices = fastpool.global_pool2d(x, mode, return_indices=True, backend="cuda",
+                                              **kw)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == np.float16 else dict(rtol=1e-6)
+    assert_allclose(_host(got).astype(np.float64), out, **tol)
+    assert_array_equal(_host(got_indices), indices)
+    grad = np.random.default_rng(3).standard_normal(out.shape)
+    want = fastpool.global_pool2d_backward(grad, indices, x.shape, mode, **kw)
+    got = fastpool.global_pool2d_backward(grad.astype(np.float32 if dtype == np.float16
+                                                      else dtype), indices, x.shape, mode,
+                                          backend="cuda", **kw)
+    assert_allclose(_host(got).astype(np.float64), want, rtol=1e-5, atol=1e-6)
