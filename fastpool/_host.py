@@ -13,7 +13,8 @@ import numpy as np
 from fastpool._params import FLOAT_DTYPES
 
 __all__ = ["FLOAT_DTYPES", "asarray", "canonical", "empty", "zeros", "absolute",
-           "reverse_order", "times_sign", "scaled_sum", "concat_rows", "split_rows", "wrap", "conv_bias_grad", "host_only"]
+           "reverse_order", "times_sign", "scaled_sum", "concat_rows", "split_rows", "wrap",
+           "conv_bias_grad", "host_only"]
 
 
 def asarray(x: object, op: str, name: str = "x", stream=None) -> np.ndarray:

@@ -786,13 +786,14 @@ kernel_size, stride : int or tuple of {nd} ints, optional
     Sliding windows instead of adaptive ones (stride defaults to kernel_size).
 channels_last : bool, default False
     Input and output laid out as ``(N, *spatial, C)``.
-backend : {{None, "cpu", "numpy"}}, default None
-    The host back end whose average-pooling kernels take the window means.
+backend : {{None, "cpu", "numpy", "cuda"}}, default None
+    The back end whose average-pooling kernels take the window means; GPU arrays
+    run on "cuda" (element-wise kernels around them, the half types in float32).
 
 Returns
 -------
 out : numpy.ndarray
-    The pooled values, with the input's dtype.
+    The pooled values, with the input's dtype (the input's kind of array on "cuda").
 
 See Also
 --------
@@ -834,9 +835,11 @@ x, p, eps, output_size, kernel_size, stride, channels_last, backend
 Returns
 -------
 grad_input : numpy.ndarray
-    Of the input's shape and dtype (0 where x < eps, as torch's clamp).
+    Of the input's shape and dtype (0 where x < eps, as torch's clamp); on "cuda",
+    the input's kind of array.
 grad_p : numpy scalar or numpy.ndarray
-    A scalar for a scalar p, one value per channel for per-channel p.
+    A scalar for a scalar p, one value per channel for per-channel p (on the host
+    for every back end).
 
 Examples
 --------
