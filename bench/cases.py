@@ -44,8 +44,8 @@ class Case:
 
     def make_input(self, channels_last: bool, seed: int = 0) -> np.ndarray:
         x = np.random.default_rng(seed).standard_normal(self.shape, dtype=np.float32)
-        if self.op == "lp_pool":
-            np.abs(x, out=x)  # keep the p-th powers real for every norm_type
+        if self.op in ("lp_pool", "gem_pool"):
+            np.abs(x, out=x)  # keep the p-th powers real (GeM: post-ReLU features)
         return np.ascontiguousarray(np.moveaxis(x, 1, -1)) if channels_last else x
 
 
@@ -100,6 +100,15 @@ FULL = [
     # Audio: M5 (Dai et al. 2017) on raw 8 kHz waveforms, the max pool after its
     # stride-4 first convolution (128 channels, 8000 steps for 4 s).
     Case("max_pool", (32, 128, 8000), (4, 4), tag="m5-raw-audio-pool1"),
+    # The newer ops against torch's equivalents: min pooling (torch: -max_pool(-x)),
+    # unpooling a 2x2 max pool (SegNet's decoder), fractional max pooling (torch's
+    # samples given to both) and GeM, the global head of retrieval models (torch:
+    # adaptive_avg_pool(x.clamp(min=eps) ** p) ** (1 / p); args are p and eps).
+    Case("min_pool", (32, 64, 112, 112), (3, 2, 1), tag="min-resnet-stem"),
+    Case("max_unpool", (16, 64, 56, 56), (2, 2), tag="segnet-decoder-unpool"),
+    Case("fractional_max_pool", (32, 64, 56, 56), (3,), {"output_ratio": (0.5, 0.5)},
+         tag="fractional-3x3-half"),
+    Case("gem_pool", (64, 2048, 7, 7), (3.0, 1e-6), tag="gem-global-resnet50-head"),
     # Strided convolution, the learnable alternative to pooling (no speed bar):
     # args are (out_channels, kernel_size, stride, padding).
     Case("strided_conv", (8, 64, 56, 56), (64, 3, 2, 1), tag="strided-conv"),

@@ -72,14 +72,68 @@ def spread(times) -> dict:
             "n": len(times)}
 
 
-def _torch_function(case: Case, x: np.ndarray, channels_last: bool, requires_grad=False):
+def _unpool_indices(case: Case, channels_last: bool) -> np.ndarray:
+    """Valid indices for unpooling the case's input: one position per (non-overlapping,
+    kernel = stride) window of the output, drawn at random within it."""
+    kernel = case.args[0]
+    rng = np.random.default_rng(3)
+    spatial = case.shape[2:]
+    out_spatial = tuple(kernel * s for s in spatial)
+    flat = np.zeros(case.shape, np.int64)
+    for axis, size in enumerate(spatial):
+        position = (np.arange(size) * kernel).reshape((-1,) + (1,) * (len(spatial) - axis - 1))
+        offset = rng.integers(0, kernel, case.shape)
+        flat = flat * out_spatial[axis] + position + offset
+    return np.ascontiguousarray(np.moveaxis(flat, 1, -1)) if channels_last else flat
+
+
+def _extras(case: Case, channels_last: bool) -> dict:
+    """The op's other inputs, NumPy arrays in the case's layout: (array, spatial) per
+    keyword, spatial ones laid out like x (torch gets them channels-first views)."""
+    if case.op == "max_unpool":
+        return {"indices": (_unpool_indices(case, channels_last), True)}
+    if case.op == "fractional_max_pool":
+        samples = np.random.default_rng(4).random(case.shape[:2] + (case.nd,), np.float32)
+        return {"_random_samples": (samples, False)}
+    return {}
+
+
+def _torch_gem(F, t, case: Case):
+    """GeM as models write it: mean(clamp(x, eps) ** p) ** (1 / p) over each plane."""
+    p, eps = case.args
+    pool = getattr(F, f"adaptive_avg_pool{case.nd}d")
+    return pool(t.clamp(min=eps).pow(p), 1).pow(1.0 / p)
+
+
+# torch's equivalent of each op that torch.nn.functional has under another name or
+# with other inputs: (F, input tensor, case, extra tensors by keyword) -> output.
+_TORCH_OPS = {
+    "min_pool": lambda F, t, case, e: -getattr(F, f"max_pool{case.nd}d")(
+        -t, *case.args, **case.kwargs),
+    "max_unpool": lambda F, t, case, e: getattr(F, case.name)(
+        t, e["indices"], *case.args, **case.kwargs),
+    "fractional_max_pool": lambda F, t, case, e: getattr(F, case.name)(
+        t, *case.args, _random_samples=e["_random_samples"], **case.kwargs),
+    "gem_pool": lambda F, t, case, e: _torch_gem(F, t, case),
+}
+
+
+def _torch_function(case: Case, x: np.ndarray, channels_last: bool, requires_grad=False,
+                    extras=None):
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(x)
-    if channels_last:
-        t = t.movedim(-1, 1)  # an NCHW view with channels-last strides: torch's own format
+    def as_torch(a, spatial=True):
+        t = torch.from_numpy(a)
+        # an NCHW view with channels-last strides: torch's own format
+        return t.movedim(-1, 1) if channels_last and spatial else t
+
+    t = as_torch(x)
     t.requires_grad_(requires_grad)
+    tensors = {k: as_torch(a, spatial) for k, (a, spatial) in (extras or {}).items()}
+    if case.op in _TORCH_OPS:
+        special = _TORCH_OPS[case.op]
+        return t, lambda: special(F, t, case, tensors)
     function = getattr(F, case.name)
     return t, lambda: function(t, *case.args, **case.kwargs)
 
@@ -122,16 +176,32 @@ def _conv_calls(case: Case, x: np.ndarray, channels_last: bool, direction: str):
     return calls, grad.nbytes + 2 * x.nbytes + 2 * weight.nbytes
 
 
+def _fastpool_inputs(case: Case, x: np.ndarray, extras: dict) -> tuple[tuple, dict]:
+    """fastpool's forward arguments before case.args, and extra keywords."""
+    if case.op == "max_unpool":
+        return (x, extras["indices"][0]), {}
+    if case.op == "fractional_max_pool":
+        return (x,), {"_random_samples": extras["_random_samples"][0]}
+    return (x,), {}
+
+
+_EXTREMES = ("max_pool", "adaptive_max_pool", "min_pool", "fractional_max_pool")
+_GATHERING = ("max_pool", "min_pool")  # their backward takes the window, to gather
+
+
 def _forward(case: Case, x: np.ndarray, channels_last: bool):
     if case.op == "strided_conv":
         return _conv_calls(case, x, channels_last, "forward")
     function = getattr(fastpool, case.name)
-    calls = {name: (lambda b=backend: function(x, *case.args, channels_last=channels_last,
-                                               backend=b, **case.kwargs))
+    extras = _extras(case, channels_last)
+    inputs, extra_kw = _fastpool_inputs(case, x, extras)
+    calls = {name: (lambda b=backend: function(*inputs, *case.args,
+                                               channels_last=channels_last, backend=b,
+                                               **case.kwargs, **extra_kw))
              for name, backend in (("fastpool", "cpu"), ("numpy", "numpy"))}
-    calls["torch"] = _torch_function(case, x, channels_last)[1]
+    calls["torch"] = _torch_function(case, x, channels_last, extras=extras)[1]
     out = calls["fastpool"]()
-    return calls, x.nbytes + out.nbytes
+    return calls, x.nbytes + out.nbytes + sum(a.nbytes for a, _ in extras.values())
 
 
 def _backward(case: Case, x: np.ndarray, channels_last: bool):
@@ -142,18 +212,24 @@ def _backward(case: Case, x: np.ndarray, channels_last: bool):
     forward = getattr(fastpool, case.name)
     backward = getattr(fastpool, f"{case.name}_backward")
     kw = dict(channels_last=channels_last)
-    is_max = "max" in case.op
-    result = forward(x, *case.args, return_indices=is_max, **kw, **case.kwargs) if is_max \
-        else forward(x, *case.args, **kw, **case.kwargs)
+    extras = _extras(case, channels_last)
+    inputs, extra_kw = _fastpool_inputs(case, x, extras)
+    is_max = case.op in _EXTREMES
+    result = forward(*inputs, *case.args, return_indices=is_max, **kw, **case.kwargs,
+                     **extra_kw) if is_max else \
+        forward(*inputs, *case.args, **kw, **case.kwargs, **extra_kw)
     out = result[0] if is_max else result
     grad = np.random.default_rng(1).standard_normal(out.shape, dtype=np.float32)
     window = {} if is_max else dict(case.kwargs)  # ceil_mode, count_include_pad, ...
-    if case.op == "max_pool":  # the optional window lets the kernels gather
+    if case.op in _GATHERING:  # the optional window lets the kernels gather
         names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
         window = {**dict(zip(names, case.args)), **case.kwargs}
     if is_max:
         arguments, nbytes = (grad, result[1], x.shape), grad.nbytes + result[1].nbytes
-    elif case.op == "lp_pool":
+    elif case.op == "max_unpool":
+        indices = extras["indices"][0]
+        arguments, nbytes, window = (grad, indices), grad.nbytes + indices.nbytes, {}
+    elif case.op in ("lp_pool", "gem_pool"):
         arguments, nbytes = (grad, x, *case.args), grad.nbytes + x.nbytes
     elif case.op == "avg_pool":
         arguments, nbytes = (grad, x.shape, *case.args), grad.nbytes
@@ -161,7 +237,8 @@ def _backward(case: Case, x: np.ndarray, channels_last: bool):
         arguments, nbytes = (grad, x.shape), grad.nbytes
     calls = {name: (lambda b=backend: backward(*arguments, backend=b, **kw, **window))
              for name, backend in (("fastpool", "cpu"), ("numpy", "numpy"))}
-    t, torch_forward = _torch_function(case, x, channels_last, requires_grad=True)
+    t, torch_forward = _torch_function(case, x, channels_last, requires_grad=True,
+                                       extras=extras)
     y = torch_forward()
     y = y[0] if isinstance(y, tuple) else y
     g = torch.from_numpy(grad)

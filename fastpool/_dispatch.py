@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastpool._params import (
+    COMBINED_MODES,
     EXTREMES,
+    GLOBAL_MODES,
     ConvWindow,
     Layout,
     SlidingWindow,
@@ -234,17 +236,56 @@ def _adaptive(x, mode, nd, output_size, op, strict, return_indices, channels_las
 
 def global_pool(x, mode, nd, *, op: str, keepdims=False, return_indices=False,
                 channels_last=False, backend=None, stream=None):
-    """Pool each plane to one value: ``(N, C)``, or ``(N, C, 1, ...)`` with keepdims."""
+    """Pool each plane to one value: ``(N, C)``, or ``(N, C, 1, ...)`` with keepdims.
+
+    ``mode`` is one of GLOBAL_MODES; "avgmax" and "catavgmax" (timm's heads) compose the
+    global average and maximum, and their indices are the maximum's."""
     keepdims = check_bool(keepdims, "keepdims", op)
-    impl, result = _adaptive(x, mode, nd, 1, op, True, return_indices, channels_last, backend,
-                             stream)
+    if mode in COMBINED_MODES:
+        impl, result = _global_combined(x, mode, nd, op, return_indices, channels_last,
+                                        backend, stream)
+    elif mode in GLOBAL_MODES:
+        impl, result = _adaptive(x, mode, nd, 1, op, True, return_indices, channels_last,
+                                 backend, stream)
+    else:
+        raise ValueError(f"{op}: mode must be one of {GLOBAL_MODES}, got {mode!r}")
     if not keepdims:
-        first = result[0] if return_indices else result
-        shape = first.shape[:-nd - 1] + first.shape[-1:] if channels_last else \
-            first.shape[:-nd]
-        result = tuple(r.reshape(shape) for r in result) if return_indices else \
-            result.reshape(shape)
+        def squeeze(r):
+            return r.reshape(r.shape[:-nd - 1] + r.shape[-1:] if channels_last else
+                             r.shape[:-nd])
+        result = tuple(map(squeeze, result)) if return_indices else squeeze(result)
     return _wrap(impl, result, x)
+
+
+def _rows(layout: Layout) -> tuple[int, int]:
+    """The (rows, channels) view of a global result (keepdims or not)."""
+    if layout.channels_last:
+        return math.prod(layout.batch_shape), layout.channels
+    return math.prod(layout.batch_shape[:-1]), layout.batch_shape[-1]
+
+
+def _doubled_channels(shape: tuple, layout: Layout) -> tuple:
+    """``shape`` (a global result's) with twice the channels: catavgmax's result."""
+    axis = len(shape) - 1 if layout.channels_last else len(layout.batch_shape) - 1
+    return shape[:axis] + (2 * shape[axis],) + shape[axis + 1:]
+
+
+def _global_combined(x, mode, nd, op, return_indices, channels_last, backend, stream):
+    """timm's avgmax (0.5 * (avg + max)) or catavgmax (avg then max on the channel axis)
+    from the global average and maximum (keepdims shapes; not yet wrapped)."""
+    return_indices = check_bool(return_indices, "return_indices", op)
+    impl, avg = _adaptive(x, "avg", nd, 1, op, True, False, channels_last, backend, stream)
+    _, (top, indices) = _adaptive(x, "max", nd, 1, op, True, True, channels_last, backend,
+                                  stream)
+    layout = Layout.of(tuple(avg.shape), nd, channels_last, op, strict=True)
+    if mode == "avgmax":
+        out = impl.scaled_sum(avg, top, 0.5, stream) if avg.size else avg
+    else:
+        rows, channels = _rows(layout)
+        out = impl.concat_rows(impl.canonical(avg, (rows, channels), stream),
+                               impl.canonical(top, (rows, channels), stream), stream)
+        out = out.reshape(_doubled_channels(tuple(avg.shape), layout))
+    return impl, ((out, indices) if return_indices else out)
 
 
 # --------------------------------------------------------------------------
@@ -404,6 +445,49 @@ def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=Fal
     table = adaptive_table(layout.spatial, tuple(spatial))
     return _wrap(impl, _sum_backward(impl, grad, None, layout, table, None, input_shape, op,
                                      stream), grad_output)
+
+
+def global_combined_backward(grad_output, indices, input_shape, mode, nd, *, op: str,
+                             channels_last=False, backend=None, stream=None):
+    """Gradient of the avgmax / catavgmax global heads: 0.5 * (the average's gradient +
+    the maximum's) for avgmax; catavgmax's gradient splits into the average's channels
+    and the maximum's.  ``indices`` are the forward's (the maximum's)."""
+    if mode not in COMBINED_MODES:
+        raise ValueError(f"{op}: mode must be one of {COMBINED_MODES}, got {mode!r}")
+    channels_last = check_bool(channels_last, "channels_last", op)
+    impl = _backend(backend, grad_output, op, stream)
+    input_shape = _input_shape(input_shape, op)
+    layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
+    grad = _grad_array(impl, grad_output, op, stream)
+    keepdims = layout.result_shape((1,) * nd)
+    flat = layout.batch_shape + ((layout.channels,) if channels_last else ())
+    if mode == "avgmax":
+        grad_avg = grad_max = grad
+    else:
+        if grad.shape not in (_doubled_channels(keepdims, layout),
+                              _doubled_channels(flat, layout)):
+            raise ValueError(f"{op}: grad_output has shape {grad.shape}, but the forward op "
+                             f"on this input_shape gives {_doubled_channels(flat, layout)} "
+                             f"(or {_doubled_channels(keepdims, layout)} with keepdims)")
+        rows, channels = _rows(layout)
+        if rows * channels == 0:
+            return _wrap(impl, impl.zeros(input_shape, grad.dtype, stream), grad_output)
+        grad_avg, grad_max = impl.split_rows(
+            impl.canonical(grad, (rows, 2 * channels), stream), stream)
+        grad_avg = impl.canonical(grad_avg, keepdims, stream)
+        grad_max = impl.canonical(grad_max, keepdims, stream)
+    from_avg = adaptive_avg_backward(grad_avg, input_shape, nd, op=op, squeezed=True,
+                                     channels_last=channels_last, backend=backend,
+                                     stream=stream)
+    from_max = max_backward(grad_max, indices, input_shape, nd, op=op, kind="global",
+                            channels_last=channels_last, backend=backend, stream=stream)
+    from_avg = impl.asarray(from_avg, op, stream=stream)
+    from_max = impl.asarray(from_max, op, stream=stream)
+    if mode == "avgmax":
+        result = impl.scaled_sum(from_avg, from_max, 0.5, stream) if from_avg.size else from_avg
+    else:  # the two halves touch the input independently: their gradients add
+        result = impl.scaled_sum(from_avg, from_max, 1.0, stream) if from_avg.size else from_avg
+    return _wrap(impl, result, grad_output)
 
 
 # --------------------------------------------------------------------------

@@ -4,11 +4,13 @@
 al.): p = 1 is average pooling, large p approaches max pooling.  The window
 means run on fastpool's average-pooling kernels (adaptive windows, or sliding
 ones when a kernel size is given), through the same dispatch as every op; the
-element-wise powers around them are NumPy's, so GeM runs on the host back ends.
+element-wise powers around them are NumPy's on the host back ends and the CUDA
+back end's ``gem_*`` kernels on GPU arrays (computing the half types in float32).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -46,9 +48,6 @@ class _GeM:
     def __init__(self, x, nd, p, eps, output_size, kernel_size, stride, op, channels_last,
                  backend):
         impl = _dispatch._backend(backend, x, op)
-        if impl.__name__.startswith("fastpool.cuda"):
-            raise ValueError(f"{op}: GeM pooling runs on the host back ends ('cpu', 'numpy'); "
-                             f"copy the array to the host first")
         array = impl.asarray(x, op, "x")
         dtype = np.dtype(array.dtype)
         if dtype.newbyteorder("=") != _HALF:
@@ -93,16 +92,99 @@ class _GeM:
         return self.mean ** (1.0 / self._p())
 
 
+def _on_device(x, backend, op):
+    """The CUDA back end's module when GeM runs there, else None."""
+    impl = _dispatch._backend(backend, x, op)
+    return impl if not getattr(impl, "host_only", False) else None
+
+
+class _DeviceGeM:
+    """GeM on the CUDA back end: the element-wise steps in its ``gem_*`` kernels, the
+    window means on its average-pooling kernels (as :class:`_GeM` on the host)."""
+
+    def __init__(self, impl, x, nd, p, eps, output_size, kernel_size, stride, op,
+                 channels_last, with_log=False):
+        array = impl.asarray(x, op, "x")
+        check_dtype(np.dtype(array.dtype), "avg", op, impl.FLOAT_DTYPES)
+        self.impl, self.dtype = impl, np.dtype(array.dtype).newbyteorder("=")
+        self.compute = impl.compute_dtype(self.dtype)
+        shape = tuple(array.shape)
+        self.x = impl.canonical(array, shape)
+        self.layout = Layout.of(shape, nd, channels_last, op, strict=True)
+        self.p = _check_p(p, shape[-1 if channels_last else -nd - 1], op)
+        self.powers = np.atleast_1d(np.asarray(self.p, np.float64))
+        self.eps = _check_eps(eps, op)
+        self.nd, self.op, self.channels_last = nd, op, channels_last
+        self.output_size, self.kernel_size, self.stride = output_size, kernel_size, stride
+        self.plane = 1 if channels_last else math.prod(self.layout.spatial)
+        self.powered, self.logged = impl.gem_powers(self.x, self.powers, self.plane,
+                                                    self.eps, with_log)
+        self.mean = self.pool(self.powered)
+        self.out_plane = 1 if channels_last else math.prod(tuple(self.mean.shape)[-nd:])
+
+    def pool(self, values):
+        kw = dict(op=self.op, channels_last=self.channels_last, backend="cuda")
+        if self.kernel_size is None:
+            return _dispatch.adaptive_pool(values, "avg", self.nd, self.output_size,
+                                           strict=True, **kw)
+        return _dispatch.sliding_pool(values, "avg", self.nd, self.kernel_size, self.stride,
+                                      strict=True, **kw)
+
+    def pool_backward(self, grad):
+        kw = dict(op=self.op, channels_last=self.channels_last, backend="cuda")
+        shape = tuple(self.x.shape)
+        if self.kernel_size is None:
+            return _dispatch.adaptive_avg_backward(grad, shape, self.nd, **kw)
+        return _dispatch.sliding_backward(grad, shape, "avg", self.nd, self.kernel_size,
+                                          self.stride, **kw)
+
+
+def _sum_grad_p(grad_p: np.ndarray, p, nd: int, channels_last: bool):
+    """p's gradient from its per-output terms: a sum, or one per channel."""
+    if isinstance(p, float):
+        return grad_p.sum(dtype=np.float64)
+    channel_axis = grad_p.ndim - 1 if channels_last else grad_p.ndim - nd - 1
+    axes = tuple(a for a in range(grad_p.ndim) if a != channel_axis)
+    return grad_p.sum(axis=axes, dtype=np.float64)
+
+
 def gem_pool(x, nd: int, p, eps, output_size, kernel_size, stride, *, op: str,
              channels_last=False, backend=None):
     """GeM pooling over the trailing ``nd`` spatial axes (see :mod:`fastpool._gem`)."""
+    device = _on_device(x, backend, op)
+    if device is not None:
+        gem = _DeviceGeM(device, x, nd, p, eps, output_size, kernel_size, stride, op,
+                         channels_last)
+        out = device.gem_root(gem.mean, gem.powers, gem.out_plane, gem.dtype)
+        return device.wrap(out, x)
     gem = _GeM(x, nd, p, eps, output_size, kernel_size, stride, op, channels_last, backend)
     return gem.result().astype(gem.dtype)
+
+
+def _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_size, stride,
+                     op, channels_last):
+    gem = _DeviceGeM(device, x, nd, p, eps, output_size, kernel_size, stride, op,
+                     channels_last, with_log=True)
+    grad = device.asarray(grad_output, op, "grad_output")
+    if tuple(grad.shape) != tuple(gem.mean.shape):
+        raise ValueError(f"{op}: grad_output has shape {tuple(grad.shape)}, but the forward "
+                         f"op on this input gives {tuple(gem.mean.shape)}")
+    grad = device.canonical(grad, tuple(grad.shape))
+    grad_mean, grad_p = device.gem_output_grads(grad, gem.mean, gem.pool(gem.logged),
+                                                gem.powers, gem.out_plane, gem.dtype)
+    grad_x = device.gem_input_grad(gem.pool_backward(grad_mean), gem.x, gem.powered,
+                                   gem.powers, gem.plane, gem.eps)
+    grad_p = _sum_grad_p(device.to_host(grad_p), gem.p, nd, channels_last)
+    return device.wrap(grad_x, x), np.asarray(grad_p).astype(gem.compute)[()]
 
 
 def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size, stride, *,
                       op: str, channels_last=False, backend=None):
     """Gradients of :func:`gem_pool` for ``x`` and for ``p`` (a float, or one per channel)."""
+    device = _on_device(x, backend, op)
+    if device is not None:
+        return _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_size,
+                                stride, op, channels_last)
     gem = _GeM(x, nd, p, eps, output_size, kernel_size, stride, op, channels_last, backend)
     y = gem.result()
     grad = np.asarray(grad_output, gem.compute)
@@ -120,10 +202,5 @@ def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size,
         # dy/dp = y (mean(c ** p ln c) / (p m) - ln m / p ** 2)
         log_mean = gem.pool(gem.powered * np.log(gem.clamped))
         grad_p = grad * y * (log_mean / (p * gem.mean) - np.log(gem.mean) / p ** 2)
-    if isinstance(gem.p, float):
-        grad_p = grad_p.sum(dtype=np.float64)
-    else:
-        channel_axis = grad_p.ndim - 1 if channels_last else grad_p.ndim - nd - 1
-        axes = tuple(a for a in range(grad_p.ndim) if a != channel_axis)
-        grad_p = grad_p.sum(axis=axes, dtype=np.float64)
+    grad_p = _sum_grad_p(grad_p, gem.p, nd, channels_last)
     return grad_x.astype(gem.dtype), np.asarray(grad_p).astype(gem.compute)[()]

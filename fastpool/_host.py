@@ -2,7 +2,8 @@
 
 Each back end module exposes the same small array API that the dispatch layer
 uses: ``asarray``, ``canonical``, ``empty``, ``zeros``, ``absolute``, ``reverse_order``,
-``times_sign`` and ``wrap``; the CUDA back end has its own versions.
+``times_sign``, ``scaled_sum``, ``concat_rows``, ``split_rows`` and ``wrap``; the CUDA
+back end has its own versions.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 from fastpool._params import FLOAT_DTYPES
 
 __all__ = ["FLOAT_DTYPES", "asarray", "canonical", "empty", "zeros", "absolute",
-           "reverse_order", "times_sign", "wrap", "conv_bias_grad", "host_only"]
+           "reverse_order", "times_sign", "scaled_sum", "concat_rows", "split_rows", "wrap",
+           "conv_bias_grad", "host_only"]
 
 
 def asarray(x: object, op: str, name: str = "x", stream=None) -> np.ndarray:
@@ -61,6 +63,26 @@ def times_sign(values: np.ndarray, x: np.ndarray, stream=None) -> np.ndarray:
     sign = np.sign(x).astype(values.dtype)
     sign[np.isnan(sign)] = 0
     return values * sign
+
+
+def scaled_sum(a: np.ndarray, b: np.ndarray, scale: float, stream=None) -> np.ndarray:
+    """``scale * (a + b)`` in ``a``'s dtype (0.5: timm's avgmax head)."""
+    out = np.add(a, b)
+    if scale != 1:
+        out *= out.dtype.type(scale)
+    return out
+
+
+def concat_rows(a: np.ndarray, b: np.ndarray, stream=None) -> np.ndarray:
+    """Two (rows, C) arrays side by side: (rows, 2C), ``a`` first."""
+    return np.concatenate((a, b), axis=1)
+
+
+def split_rows(array: np.ndarray, stream=None) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`concat_rows`: a (rows, 2C) array as two C-contiguous
+    (rows, C) arrays."""
+    half = array.shape[1] // 2
+    return np.ascontiguousarray(array[:, :half]), np.ascontiguousarray(array[:, half:])
 
 
 def wrap(result: np.ndarray, like: object) -> np.ndarray:

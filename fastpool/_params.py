@@ -26,6 +26,10 @@ import numpy as np
 
 CANONICAL_SPATIAL_DIMS = 3
 MODES = ("max", "min", "avg", "lp")
+# Global pooling also takes timm's two heads, compositions of the global average and
+# maximum: "avgmax" (their mean) and "catavgmax" (both, concatenated on the channels).
+GLOBAL_MODES = ("max", "min", "avg", "avgmax", "catavgmax")
+COMBINED_MODES = ("avgmax", "catavgmax")
 EXTREMES = ("max", "min")  # the modes that pick an element (any dtype, indices)
 BACKENDS = ("cpu", "numpy", "cuda")
 

@@ -271,6 +271,66 @@ def _global_avg_pool(nd: int) -> Callable[..., np.ndarray]:
     return _named(global_avg_pool, name)
 
 
+def _global_pool(nd: int) -> Callable[..., Result]:
+    name = f"global_pool{nd}d"
+
+    def global_pool(x: ArrayLike,
+                    mode: Literal["avg", "max", "min", "avgmax", "catavgmax"] = "avg",
+                    keepdims: bool = False, return_indices: bool = False, *,
+                    channels_last: bool = False, backend: Backend | None = None,
+                    stream: object = None) -> Result:
+        return _dispatch.global_pool(
+            x, mode, nd, op=name, keepdims=keepdims, return_indices=return_indices,
+            channels_last=channels_last, backend=backend, stream=stream)
+
+    global_pool.__doc__ = _doc(
+        "Global pooling of each {nd}-D plane by ``mode``, timm's heads included.\n\n"
+        "``mode`` is \"avg\", \"max\", \"min\" (as ``global_<mode>_pool{nd}d``),\n"
+        "\"avgmax\" (``0.5 * (avg + max)``, timm's ``adaptive_avgmax_pool``) or\n"
+        "\"catavgmax\" (the average's channels, then the maximum's: 2C channels,\n"
+        "timm's ``adaptive_catavgmax_pool``).  Compositions of the global average\n"
+        "and maximum on every back end; return_indices gives the maximum's indices\n"
+        "(C channels), which :func:`global_pool{nd}d_backward` takes.",
+        ["x", "keepdims", "return_indices"], nd,
+        f"torch.nn.functional.adaptive_avg_pool{nd}d",
+        ">>> fastpool.global_pool{nd}d(x, \"avgmax\")\narray([3.75], dtype=float32)\n"
+        ">>> fastpool.global_pool{nd}d(x, \"catavgmax\")\narray([2.5, 5. ], dtype=float32)",
+        returns="indices",
+        see_also="timm.layers.adaptive_avgmax_pool : the timm heads this matches.")
+    return _named(global_pool, name)
+
+
+def _global_pool_backward(nd: int) -> Callable[..., np.ndarray]:
+    name = f"global_pool{nd}d_backward"
+
+    def global_pool_backward(grad_output: ArrayLike, indices: ArrayLike | None,
+                             input_shape: Sequence[int],
+                             mode: Literal["avg", "max", "min", "avgmax", "catavgmax"] = "avg",
+                             *, channels_last: bool = False, backend: Backend | None = None,
+                             stream: object = None) -> np.ndarray:
+        common = dict(channels_last=channels_last, backend=backend, stream=stream)
+        if mode == "avg":
+            return _dispatch.adaptive_avg_backward(grad_output, input_shape, nd, op=name,
+                                                   squeezed=True, **common)
+        if mode in ("max", "min"):
+            return _dispatch.max_backward(grad_output, indices, input_shape, nd, op=name,
+                                          kind="global", **common)
+        return _dispatch.global_combined_backward(grad_output, indices, input_shape, mode, nd,
+                                                  op=name, **common)
+
+    global_pool_backward.__doc__ = _backward_doc(
+        f"global_pool{nd}d", ["grad_output", "indices", "input_shape"], nd,
+        ">>> out, i = fastpool.global_pool{nd}d(x, \"avgmax\", return_indices=True)\n"
+        ">>> fastpool.global_pool{nd}d_backward(np.ones_like(out), i, x.shape, "
+        "\"avgmax\").ravel().round(4)\n"
+        "array([0.0833, 0.5833, 0.0833, 0.0833, 0.0833, 0.0833])").replace(
+        "Parameters\n----------\n",
+        "Parameters\n----------\nmode : {\"avg\", \"max\", \"min\", \"avgmax\", "
+        "\"catavgmax\"}\n    The forward's mode (after input_shape; indices may be None "
+        "for \"avg\").\n")
+    return _named(global_pool_backward, name)
+
+
 _BACKWARD_PARAMETERS = {
     "grad_output": ("grad_output : array_like\n    Gradient of the loss with respect to the "
                     "forward output\n    (float32 or float64)."),
@@ -727,13 +787,14 @@ kernel_size, stride : int or tuple of {nd} ints, optional
     Sliding windows instead of adaptive ones (stride defaults to kernel_size).
 channels_last : bool, default False
     Input and output laid out as ``(N, *spatial, C)``.
-backend : {{None, "cpu", "numpy"}}, default None
-    The host back end whose average-pooling kernels take the window means.
+backend : {{None, "cpu", "numpy", "cuda"}}, default None
+    The back end whose average-pooling kernels take the window means; GPU arrays
+    run on "cuda" (element-wise kernels around them, the half types in float32).
 
 Returns
 -------
 out : numpy.ndarray
-    The pooled values, with the input's dtype.
+    The pooled values, with the input's dtype (the input's kind of array on "cuda").
 
 See Also
 --------
@@ -775,9 +836,11 @@ x, p, eps, output_size, kernel_size, stride, channels_last, backend
 Returns
 -------
 grad_input : numpy.ndarray
-    Of the input's shape and dtype (0 where x < eps, as torch's clamp).
+    Of the input's shape and dtype (0 where x < eps, as torch's clamp); on "cuda",
+    the input's kind of array.
 grad_p : numpy scalar or numpy.ndarray
-    A scalar for a scalar p, one value per channel for per-channel p.
+    A scalar for a scalar p, one value per channel for per-channel p (on the host
+    for every back end).
 
 Examples
 --------
@@ -808,6 +871,9 @@ global_max_pool1d, global_max_pool2d, global_max_pool3d = (
     _global_max_pool(nd) for nd in (1, 2, 3))
 global_avg_pool1d, global_avg_pool2d, global_avg_pool3d = (
     _global_avg_pool(nd) for nd in (1, 2, 3))
+global_pool1d, global_pool2d, global_pool3d = (_global_pool(nd) for nd in (1, 2, 3))
+global_pool1d_backward, global_pool2d_backward, global_pool3d_backward = (
+    _global_pool_backward(nd) for nd in (1, 2, 3))
 min_pool1d, min_pool2d, min_pool3d = (_max_pool(nd, "min") for nd in (1, 2, 3))
 adaptive_min_pool1d, adaptive_min_pool2d, adaptive_min_pool3d = (
     _adaptive_max_pool(nd, "min") for nd in (1, 2, 3))

@@ -57,6 +57,8 @@ def _run_ops(fastpool, np, check):
         call(f"gem_pool{nd}d_backward", np.ones_like(y), x)
         y = forward(f"global_avg_pool{nd}d", x)
         call(f"global_avg_pool{nd}d_backward", np.ones_like(y), x.shape)
+        y, idx = forward(f"global_pool{nd}d", x, "catavgmax", return_indices=True)
+        call(f"global_pool{nd}d_backward", np.ones_like(y), idx, x.shape, "catavgmax")
         w = rng.standard_normal((3, 2) + (2,) * nd).astype(np.float32)
         y = forward(f"strided_conv{nd}d", x, w)
         grads = call(f"strided_conv{nd}d_backward", np.ones_like(y), x, w)

@@ -232,3 +232,33 @@ def test_compile_events_count_compiles_not_calls():
     with _CompileEvents() as events:
         add_one(2)
     assert events.count == 0
+
+
+@pytest.mark.parametrize("case", [
+    Case("min_pool", (2, 3, 9, 9), (3, 2, 1)),
+    Case("max_unpool", (2, 3, 5, 4), (2, 2)),
+    Case("fractional_max_pool", (2, 3, 12, 12), (3,), {"output_size": 5}),
+    Case("gem_pool", (2, 3, 7, 7), (3.0, 1e-6)),
+], ids=lambda case: case.op)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_new_ops_rows_time_what_torch_computes(case, channels_last):
+    """The rows of the newer ops call torch equivalents that give fastpool's results."""
+    pytest.importorskip("torch")
+    from bench.runner import _backward, _forward
+    assert any(row.op == case.op for row in FULL)
+    x = case.make_input(channels_last)
+
+    def first(value):
+        value = value[0] if isinstance(value, tuple) else value
+        value = value.detach().numpy() if hasattr(value, "detach") else value
+        return value
+
+    def ours_and_torch(direction):
+        calls, _ = (_forward if direction == "forward" else _backward)(case, x,
+                                                                      channels_last)
+        theirs = first(calls["torch"]())
+        return first(calls["fastpool"]()), (np.moveaxis(theirs, 1, -1) if channels_last
+                                             else theirs)
+    for direction in ("forward", "backward"):
+        ours, theirs = ours_and_torch(direction)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)

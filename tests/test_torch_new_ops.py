@@ -242,8 +242,8 @@ def test_gem_module_learns_p():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), fnn.GeM(),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 2))
     gem = model[2]
-    assert fnn.GeM is fnn.GeneralizedMeanPooling is fnn.GeneralizedMeanPooling2d
-    assert repr(gem) == "GeneralizedMeanPooling2d(p=3, eps=1e-06)"
+    assert fnn.GeM is fnn.GeneralizedMeanPooling is fnn.GeneralizedMeanPooling2d is fnn.GeM2d
+    assert repr(gem) == "GeM2d(p=3, eps=1e-06)"
     assert isinstance(gem.p, torch.nn.Parameter) and gem.p.shape == (1,)
     assert list(model.state_dict()) == ["0.weight", "0.bias", "2.p", "4.weight", "4.bias"]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -254,7 +254,7 @@ def test_gem_module_learns_p():
     optimizer.step()
     assert gem.p.item() != 3.0
     per_channel = fnn.GeneralizedMeanPooling3d(p=2.0, per_channel=4, output_size=(1, 2, 1))
-    assert repr(per_channel) == ("GeneralizedMeanPooling3d(per_channel=4, eps=1e-06, "
+    assert repr(per_channel) == ("GeM3d(per_channel=4, eps=1e-06, "
                                  "output_size=(1, 2, 1))")
     y = per_channel(torch.rand(2, 4, 3, 4, 5))
     assert y.shape == (2, 4, 1, 2, 1)
@@ -262,6 +262,37 @@ def test_gem_module_learns_p():
     assert per_channel.p.grad.shape == (4,)
     with pytest.raises(ValueError, match="per_channel"):
         fnn.GeM(per_channel=0)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_gem_modules_by_the_issue_names(nd):
+    cls = getattr(fnn, f"GeM{nd}d")
+    assert cls is getattr(fnn, f"GeneralizedMeanPooling{nd}d")
+    x = torch.rand((2, 3) + (4,) * nd) + 0.1
+    learned = cls()
+    assert [name for name, _ in learned.named_parameters()] == ["p"]
+    fixed = cls(p=2.0, learn_p=False)
+    assert list(fixed.parameters()) == [] and list(fixed.state_dict()) == ["p"]
+    assert repr(fixed) == f"GeM{nd}d(p=2, eps=1e-06, learn_p=False)"
+    torch.testing.assert_close(fixed(x), FF.__dict__[f"gem_pool{nd}d"](x, 2.0))
+    assert not fixed(x).requires_grad
+    # per_channel: False (one p) or the channel count C
+    shared = cls(per_channel=False)
+    assert shared.p.shape == (1,)
+    per_channel = cls(p=2.5, per_channel=3)
+    assert per_channel.p.shape == (3,)
+    y = per_channel(x.requires_grad_(True))
+    assert y.shape == (2, 3) + (1,) * nd
+    torch.testing.assert_close(y, FF.__dict__[f"gem_pool{nd}d"](x, [2.5, 2.5, 2.5]))
+    y.sum().backward()
+    assert per_channel.p.grad.shape == (3,) and x.grad.shape == x.shape
+    fixed_per_channel = cls(per_channel=3, learn_p=False)
+    assert list(fixed_per_channel.parameters()) == []
+    assert fixed_per_channel.p.shape == (3,)
+    with pytest.raises(ValueError, match="needs the number of channels"):
+        cls(per_channel=True)
+    with pytest.raises(TypeError, match="learn_p must be a bool"):
+        cls(learn_p=1)
 
 
 def test_gem_errors():

@@ -217,6 +217,49 @@ def times_sign(values, x, stream=None):
     return values
 
 
+def scaled_sum(a, b, scale: float, stream=None):
+    """``scale * (a + b)`` (0.5: timm's avgmax head), half types computed in float32."""
+    stream = _stream_of(stream, a)
+    flat_a = canonical(a, (a.size,))
+    out = empty(flat_a.shape, flat_a.dtype, stream)
+    if out.size:
+        bits, bf16 = _bits(flat_a)
+        zero = _compute_zero(flat_a.dtype)
+        _configure(kernels.scaled_sum, out.size, stream)(
+            bits, _bits(canonical(b, (b.size,)))[0], _bits(out)[0], zero + scale, zero, bf16)
+    return out.reshape(a.shape)
+
+
+def _copy_rows(source, out, width, source_offset, out_offset, stream):
+    rows = source.shape[0]
+    if rows * width:
+        bits, out_bits = _bits(canonical(source, (source.size,)))[0], \
+            _bits(canonical(out, (out.size,)))[0]
+        _configure(kernels.copy_rows, rows * width, stream)(
+            bits, out_bits, width, source.shape[1], source_offset, out.shape[1], out_offset)
+
+
+def concat_rows(a, b, stream=None):
+    """Two (rows, C) arrays side by side: (rows, 2C), ``a`` first."""
+    stream = _stream_of(stream, a)
+    rows, width = a.shape
+    out = empty((rows, 2 * width), a.dtype, stream)
+    _copy_rows(a, out, width, 0, 0, stream)
+    _copy_rows(b, out, width, 0, width, stream)
+    return out
+
+
+def split_rows(array, stream=None):
+    """The inverse of :func:`concat_rows`: (rows, 2C) as two (rows, C) arrays."""
+    stream = _stream_of(stream, array)
+    rows, width = array.shape[0], array.shape[1] // 2
+    halves = (empty((rows, width), array.dtype, stream),
+              empty((rows, width), array.dtype, stream))
+    for offset, half in zip((0, width), halves):
+        _copy_rows(array, half, width, offset, 0, stream)
+    return halves
+
+
 def wrap(result, like: object):
     """``result`` (a numba device array) as the kind of array ``like`` is."""
     if _is_device_array(like):
@@ -530,3 +573,83 @@ def fractional_max_pool(x, starts, kernel, out_shape: tuple, lowest, stream=None
         bits, _bits(out)[0], indices, cuda.to_device(starts, stream=stream or 0),
         cuda.to_device(kernel, stream=stream or 0), lowest, zero, half)
     return out, indices
+
+
+# --------------------------------------------------------------------------
+# Generalized-mean (GeM) pooling's element-wise steps (fastpool._gem composes them
+# with the average-pooling kernels).  Arrays are C-contiguous in the caller's layout;
+# ``plane`` is the elements per channel plane (1 channels-last), ``p`` a host array of
+# one power per channel or one for all.
+# --------------------------------------------------------------------------
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype GeM computes in: float32 for the half types, else the dtype."""
+    return np.dtype(_compute_zero(dtype).dtype)
+
+
+def _flat_bits(array):
+    return _bits(canonical(array, (array.size,)))
+
+
+def _powers(p, dtype, stream):
+    return cuda.to_device(np.ascontiguousarray(p, dtype=compute_dtype(dtype)),
+                          stream=stream or 0)
+
+
+def gem_powers(x, p, plane: int, eps: float, with_log: bool, stream=None):
+    """``max(x, eps) ** p`` in the compute type (and, with_log, times ``log max(x, eps)``)."""
+    stream = _stream_of(stream, x)
+    dtype = compute_dtype(x.dtype)
+    powered = cuda.device_array(x.shape, dtype, stream=stream or 0)
+    logged = cuda.device_array(x.shape if with_log else (1,), dtype, stream=stream or 0)
+    if x.size:
+        bits, half = _flat_bits(x)
+        zero = _compute_zero(x.dtype)
+        _configure(kernels.gem_powers, x.size, stream)(
+            bits, _powers(p, x.dtype, stream), plane, len(p), zero + eps,
+            powered.reshape(x.size), logged.reshape(logged.size), with_log, zero, half)
+    return powered, (logged if with_log else None)
+
+
+def gem_root(mean, p, plane: int, dtype, stream=None):
+    """``mean ** (1 / p)``, rounded to ``dtype`` (the input's)."""
+    stream = _stream_of(stream, mean)
+    out = empty(mean.shape, dtype, stream)
+    if out.size:
+        _configure(kernels.gem_root, out.size, stream)(
+            canonical(mean, (mean.size,)), _powers(p, dtype, stream), plane, len(p),
+            _flat_bits(out)[0], _bits(out)[1])
+    return out
+
+
+def gem_output_grads(grad, mean, log_mean, p, plane: int, dtype, stream=None):
+    """The window means' gradient and the per-element terms of p's gradient."""
+    stream = _stream_of(stream, mean)
+    grad_mean = cuda.device_array(mean.shape, mean.dtype, stream=stream or 0)
+    grad_p = cuda.device_array(mean.shape, mean.dtype, stream=stream or 0)
+    if mean.size:
+        bits, half = _flat_bits(grad)
+        _configure(kernels.gem_output_grads, mean.size, stream)(
+            bits, canonical(mean, (mean.size,)), canonical(log_mean, (log_mean.size,)),
+            _powers(p, dtype, stream), plane, len(p), grad_mean.reshape(mean.size),
+            grad_p.reshape(mean.size), _compute_zero(grad.dtype), half)
+    return grad_mean, grad_p
+
+
+def gem_input_grad(pooled, x, powered, p, plane: int, eps: float, stream=None):
+    """The input's gradient from the window means' gradient spread over the input."""
+    stream = _stream_of(stream, x)
+    grad_x = empty(x.shape, x.dtype, stream)
+    if x.size:
+        bits, half = _flat_bits(x)
+        zero = _compute_zero(x.dtype)
+        _configure(kernels.gem_input_grad, x.size, stream)(
+            canonical(pooled, (pooled.size,)), bits, canonical(powered, (powered.size,)),
+            _powers(p, x.dtype, stream), plane, len(p), zero + eps,
+            _flat_bits(grad_x)[0], zero, half)
+    return grad_x
+
+
+def to_host(array):
+    return array.copy_to_host()

@@ -14,6 +14,8 @@ has fewer than 2**31 elements, and then a thread's position is unravelled with
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import cuda
 
@@ -389,6 +391,102 @@ def times_sign(values, x, zero, bf16):
         else:
             sign = 0.0  # zero or NaN
         _store(values, i, _load(values, i, zero, bf16) * (zero + sign), bf16)
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def scaled_sum(a, b, out, scale, zero, bf16):
+    """out = scale * (a + b), computed in the compute type and rounded once."""
+    i, grid = _first_and_stride()
+    while i < out.size:
+        _store(out, i, (_load(a, i, zero, bf16) + _load(b, i, zero, bf16)) * scale, bf16)
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def copy_rows(source, out, width, source_row, source_offset, out_row, out_offset):
+    """For each of the rows: ``width`` elements from ``source`` (rows of ``source_row``,
+    starting at ``source_offset``) to ``out`` (rows of ``out_row``, at ``out_offset``).
+    A plain copy of the bits: concatenates and splits channel blocks."""
+    i, grid = _first_and_stride()
+    n = (source.size // source_row) * width
+    while i < n:
+        row = i // width
+        column = i - row * width
+        out[row * out_row + out_offset + column] = source[row * source_row + source_offset
+                                                          + column]
+        i += grid
+
+
+# --------------------------------------------------------------------------
+# Generalized-mean (GeM) pooling: the element-wise steps around average pooling
+# (fastpool._gem runs the window means on sum_pool / sum_backward).  ``p`` holds one
+# power per channel (or one for all, channels = 1) in the compute type; element i of
+# an array with ``plane`` elements per channel plane (1 channels-last) is of channel
+# (i // plane) % channels.
+# --------------------------------------------------------------------------
+
+
+@cuda.jit(device=True, inline=True)
+def _channel_power(p, i, plane, channels):
+    return p[(i // plane) % channels]
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def gem_powers(x, p, plane, channels, eps, powered, logged, with_log, zero, half):
+    """powered = max(x, eps) ** p (NaN stays NaN, as torch's clamp); with_log also
+    logged = powered * log(max(x, eps)), the p-derivative's window terms."""
+    i, grid = _first_and_stride()
+    while i < powered.size:
+        value = _load(x, i, zero, half)
+        clamped = eps if value < eps else value
+        power = _channel_power(p, i, plane, channels)
+        raised = _power(clamped, power)
+        powered[i] = raised
+        if with_log:
+            logged[i] = raised * math.log(clamped)
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def gem_root(mean, p, plane, channels, out, half):
+    """out = mean ** (1 / p), rounded once to out's dtype."""
+    i, grid = _first_and_stride()
+    while i < out.size:
+        power = _channel_power(p, i, plane, channels)
+        _store(out, i, _power(mean[i], 1 / power), half)
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def gem_output_grads(grad, mean, log_mean, p, plane, channels, grad_mean, grad_p, zero,
+                     half):
+    """With y = mean ** (1/p): grad_mean = grad y / (p mean), the window means'
+    gradient; grad_p = grad y (log_mean / (p mean) - log(mean) / p**2), summed per
+    channel on the host."""
+    i, grid = _first_and_stride()
+    while i < grad_mean.size:
+        power = _channel_power(p, i, plane, channels)
+        m = mean[i]
+        y = _power(m, 1 / power)
+        g = _load(grad, i, zero, half) * y
+        grad_mean[i] = g / (power * m)
+        grad_p[i] = g * (log_mean[i] / (power * m) - math.log(m) / (power * power))
+        i += grid
+
+
+@cuda.jit(**CUDA_JIT_OPTIONS)
+def gem_input_grad(pooled, x, powered, p, plane, channels, eps, grad_x, zero, half):
+    """grad_x = pooled p max(x, eps) ** p / max(x, eps) where x >= eps, else 0 (the
+    gradient passes the clamp at eps itself, as torch's does)."""
+    i, grid = _first_and_stride()
+    while i < pooled.size:
+        value = _load(x, i, zero, half)
+        result = zero
+        if value >= eps:
+            power = _channel_power(p, i, plane, channels)
+            result = pooled[i] * (power * powered[i] / value)
+        _store(grad_x, i, result, half)
         i += grid
 
 

@@ -6,8 +6,9 @@ unpooling) plus fastpool's min pooling and generalized-mean (GeM) pooling;
 ``fastpool.torch.nn`` has torch.nn's pooling modules (subclasses of torch's own,
 so constructors, reprs and ``isinstance`` checks are unchanged) plus
 ``Global{Max,Avg,Min}Pool{1,2,3}d``, ``MinPool{1,2,3}d``,
-``AdaptiveMinPool{1,2,3}d`` and ``GeneralizedMeanPooling{1,2,3}d`` (``GeM``, with
-a learnable p).  CPU tensors reach
+``AdaptiveMinPool{1,2,3}d``, ``GlobalPool{1,2,3}d`` (timm's avgmax and catavgmax
+heads) and ``GeM{1,2,3}d`` (alias ``GeneralizedMeanPooling{1,2,3}d``, with a learnable
+or fixed p).  CPU tensors reach
 the Numba kernels through zero-copy NumPy views and CUDA tensors the CUDA
 kernels through ``__cuda_array_interface__``, launched on torch's current
 stream; ``torch.channels_last`` and ``torch.channels_last_3d`` tensors use the

@@ -31,7 +31,7 @@ from fastpool.torch import _ops
 
 FAMILIES = ("max_pool", "avg_pool", "lp_pool", "adaptive_max_pool", "adaptive_avg_pool",
             "global_max_pool", "global_avg_pool", "min_pool", "adaptive_min_pool",
-            "global_min_pool", "max_unpool", "gem_pool")
+            "global_min_pool", "max_unpool", "gem_pool", "global_pool")
 # Families whose functions exist in 2-D and 3-D only (as in torch).
 _NDS = {"fractional_max_pool": (2, 3)}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -213,6 +213,28 @@ def _global_avg_pool(nd: int):
     return global_avg_pool
 
 
+def _global_pool(nd: int):
+    """timm's global heads over fastpool's global average and maximum (autograd through
+    torch's own mean, cat and the two ops' registered formulas)."""
+    name = f"global_pool{nd}d"
+
+    def global_pool(input: torch.Tensor, mode: str = "avg",
+                    keepdims: bool = False) -> torch.Tensor:
+        keepdims = check_bool(keepdims, "keepdims", name)
+        if mode in ("avg", "max", "min"):
+            return globals()[f"global_{mode}_pool{nd}d"](input, keepdims)
+        if mode not in ("avgmax", "catavgmax"):
+            raise ValueError(f"{name}: mode must be one of ('avg', 'max', 'min', 'avgmax', "
+                             f"'catavgmax'), got {mode!r}")
+        avg = globals()[f"global_avg_pool{nd}d"](input, keepdims)
+        top = globals()[f"global_max_pool{nd}d"](input, keepdims)
+        if mode == "avgmax":
+            return 0.5 * (avg + top)
+        return torch.cat([avg, top], dim=0 if input.dim() == nd + 1 else 1)
+
+    return global_pool
+
+
 def _min_pool(nd: int):
     return _max_pool(nd, "min")
 
@@ -343,6 +365,10 @@ _DOCS = {
     "adaptive_min_pool": "the arguments and result of torch.nn.functional's "
                          "``adaptive_max_pool{nd}d``, with the minimum",
     "global_min_pool": "the minimum of each plane, as ``global_max_pool{nd}d``",
+    "global_pool": "the arguments of ``fastpool.global_pool{nd}d`` (no return_indices): "
+                   "``mode`` 'avg', 'max', 'min', 'avgmax' (timm's ``0.5 * (avg + max)``) "
+                   "or 'catavgmax' (timm's ``torch.cat([avg, max], 1)``), composed from "
+                   "``global_avg_pool{nd}d`` and ``global_max_pool{nd}d``",
     "gem_pool": "the arguments of ``fastpool.gem_pool{nd}d`` (CPU tensors only); ``p`` is a "
                 "float, a sequence of one float per channel, or a tensor (0-d, shape (1,) "
                 "or (C,)) that receives a gradient",

@@ -2,10 +2,12 @@
 
 Each class with a torch.nn name subclasses torch's own module (same
 constructor, attributes and repr) and only replaces ``forward``.  fastpool's
-own: ``Global{Max,Avg,Min}Pool{1,2,3}d``, ``MinPool{1,2,3}d`` and
+own: ``Global{Max,Avg,Min}Pool{1,2,3}d``, ``GlobalPool{1,2,3}d(mode)`` (timm's
+avgmax and catavgmax heads too), ``MinPool{1,2,3}d`` and
 ``AdaptiveMinPool{1,2,3}d`` (torch's max-pooling constructors, with the
-minimum), ``StridedConv{1,2,3}d`` and ``GeneralizedMeanPooling{1,2,3}d`` (alias
-``GeM`` for the 2-D one), generalized-mean pooling with a learnable ``p``.
+minimum), ``StridedConv{1,2,3}d`` and ``GeM{1,2,3}d`` (long names
+``GeneralizedMeanPooling{1,2,3}d``; ``GeM`` is the 2-D one), generalized-mean pooling
+with a learnable (or, with ``learn_p=False``, fixed) ``p``.
 
 >>> import torch
 >>> from fastpool.torch import nn
@@ -108,46 +110,95 @@ for _family in ("global_max_pool", "global_avg_pool", "global_min_pool"):
         globals()[_cls.__name__] = _cls
 
 
+class _GlobalPoolByMode(torch.nn.Module):
+    nd = 0
+    __prepare_scriptable__ = _prepare_scriptable
+
+    def __init__(self, mode: str = "avg", keepdims: bool = False) -> None:
+        super().__init__()
+        if mode not in ("avg", "max", "min", "avgmax", "catavgmax"):
+            raise ValueError(f"{type(self).__name__}: mode must be one of ('avg', 'max', "
+                             f"'min', 'avgmax', 'catavgmax'), got {mode!r}")
+        self.mode, self.keepdims = mode, keepdims
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return getattr(functional, f"global_pool{self.nd}d")(input, self.mode, self.keepdims)
+
+    def feat_mult(self) -> int:
+        """The channel multiplier, as timm's ``SelectAdaptivePool2d.feat_mult``."""
+        return 2 if self.mode == "catavgmax" else 1
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, keepdims={self.keepdims}"
+
+
+def _global_mode_module(nd: int) -> type:
+    return type(f"GlobalPool{nd}d", (_GlobalPoolByMode,), {
+        "nd": nd, "__module__": __name__,
+        "__doc__": f"""Global pooling of {nd}-D planes by mode, timm's heads included.
+
+``mode``: "avg", "max", "min", "avgmax" (``0.5 * (avg + max)``) or "catavgmax"
+(average then maximum on the channel axis: 2C channels, ``feat_mult() == 2``).
+Output (N, C) or (N, C{', 1' * nd}) with keepdims (timm's ``flatten=False``).
+"""})
+
+
+GlobalPool1d, GlobalPool2d, GlobalPool3d = (_global_mode_module(nd) for nd in (1, 2, 3))
+
+
 class _GeneralizedMeanPooling(torch.nn.Module):
     nd = 0
     __prepare_scriptable__ = _prepare_scriptable
 
-    def __init__(self, p: float = 3.0, eps: float = 1e-6, per_channel: int | None = None,
-                 output_size=1, *, device=None, dtype=None) -> None:
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learn_p: bool = True,
+                 per_channel: int | bool | None = False, output_size=1, *, device=None,
+                 dtype=None) -> None:
         super().__init__()
-        if per_channel is not None and (isinstance(per_channel, bool)
-                                        or not isinstance(per_channel, int)
-                                        or per_channel < 1):
-            raise ValueError(f"{type(self).__name__}: per_channel must be None or the "
-                             f"number of channels, got {per_channel!r}")
+        name = type(self).__name__
+        if per_channel is None or per_channel is False:
+            per_channel = False
+        elif per_channel is True:
+            raise ValueError(f"{name}: a per-channel p needs the number of channels: pass "
+                             f"per_channel=C (an int), not True")
+        elif not isinstance(per_channel, int) or per_channel < 1:
+            raise ValueError(f"{name}: per_channel must be False or the number of channels "
+                             f"C (a positive int), got {per_channel!r}")
+        if not isinstance(learn_p, bool):
+            raise TypeError(f"{name}: learn_p must be a bool, got {learn_p!r}")
         self.eps, self.per_channel, self.output_size = eps, per_channel, output_size
+        self.learn_p = learn_p
         # Shape (1,) for one p, as retrieval models (cnnimageretrieval's GeM) hold it.
-        self.p = torch.nn.Parameter(torch.full((per_channel or 1,), float(p), device=device,
-                                               dtype=dtype))
+        p = torch.full((per_channel or 1,), float(p), device=device, dtype=dtype)
+        if learn_p:
+            self.p = torch.nn.Parameter(p)
+        else:  # fixed: in the state dict, not in parameters()
+            self.register_buffer("p", p)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return getattr(functional, f"gem_pool{self.nd}d")(input, self.p, self.eps,
                                                           self.output_size)
 
     def extra_repr(self) -> str:
-        if self.per_channel is not None:
+        if self.per_channel:
             p = f"per_channel={self.per_channel}"
         else:  # the current (learned) p
             p = "p=?" if self.p.device.type == "meta" else f"p={self.p.item():.4g}"
+        fixed = "" if self.learn_p else ", learn_p=False"
         size = "" if self.output_size == 1 else f", output_size={self.output_size}"
-        return f"{p}, eps={self.eps}{size}"
+        return f"{p}, eps={self.eps}{fixed}{size}"
 
 
 def _gem_module(nd: int) -> type:
-    return type(f"GeneralizedMeanPooling{nd}d", (_GeneralizedMeanPooling,), {
+    return type(f"GeM{nd}d", (_GeneralizedMeanPooling,), {
         "nd": nd, "__module__": __name__,
         "__doc__": f"""Generalized-mean (GeM) pooling of {nd}-D planes with a learnable power p.
 
 ``mean(clamp(x, min=eps) ** p) ** (1/p)`` over each plane (``output_size=1``: the
 global pool of retrieval and fine-grained models, output (N, C{', 1' * nd})), or to
-another adaptive ``output_size``. ``p`` is an ``nn.Parameter``, initialised to
-``p``: one value (shape (1,)), or one per channel with ``per_channel=C``.  CPU
-tensors only (fastpool computes GeM on the host).
+another adaptive ``output_size``. ``p`` is an ``nn.Parameter`` (a buffer with
+``learn_p=False``), initialised to ``p``: one value (shape (1,)), or one per channel
+with ``per_channel=C``.  CPU tensors only (fastpool computes GeM on the host).
+``GeneralizedMeanPooling{nd}d`` is the same class.
 
 Parameters
 ----------
@@ -155,16 +206,22 @@ p : float, default 3.0
     The initial power.
 eps : float, default 1e-6
     Values below eps count as eps.
-per_channel : int, optional
-    The number of channels, to learn one p per channel.
+learn_p : bool, default True
+    Learn p (an ``nn.Parameter``); False keeps it fixed, a buffer (saved in the state
+    dict, absent from ``parameters()``).
+per_channel : False or int, default False
+    False: one p for every channel.  A per-channel p needs the channel count, so pass
+    ``per_channel=C``, the number of input channels (True is refused).
 output_size : int or tuple of {nd} ints (or None), default 1
     The adaptive output size.
 """})
 
 
+GeM1d, GeM2d, GeM3d = (_gem_module(nd) for nd in (1, 2, 3))
+# The long names, the same classes.
 GeneralizedMeanPooling1d, GeneralizedMeanPooling2d, GeneralizedMeanPooling3d = (
-    _gem_module(nd) for nd in (1, 2, 3))
-GeneralizedMeanPooling = GeM = GeneralizedMeanPooling2d
+    GeM1d, GeM2d, GeM3d)
+GeneralizedMeanPooling = GeM = GeM2d
 
 
 
@@ -191,8 +248,8 @@ StridedConv1d, StridedConv2d, StridedConv3d = (_conv_module(nd) for nd in (1, 2,
 __all__ = [f"{stem}{nd}d" for family, stem in _TORCH_MODULES.items()
            for nd in _NDS.get(family, (1, 2, 3))] + [
     f"{stem}{nd}d" for stem in ("MinPool", "AdaptiveMinPool", "GlobalMaxPool",
-                                "GlobalAvgPool", "GlobalMinPool", "StridedConv",
-                                "GeneralizedMeanPooling") for nd in (1, 2, 3)] + [
+                                "GlobalAvgPool", "GlobalMinPool", "GlobalPool", "StridedConv",
+                                "GeneralizedMeanPooling", "GeM") for nd in (1, 2, 3)] + [
     "GeneralizedMeanPooling", "GeM", "convert"]
 
 

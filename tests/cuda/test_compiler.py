@@ -137,6 +137,17 @@ def exercise():
                 out = getattr(f, f"global_avg_pool{nd}d")(x, **kw)
                 getattr(f, f"global_avg_pool{nd}d_backward")(_grad(out.shape, dtype),
                                                              x.shape, **kw)
+                for p, size in ((3.0, {}), ([2.0, 4.0], dict(kernel_size=2))):  # GeM
+                    out = getattr(f, f"gem_pool{nd}d")(x, p, channels_last=cl,
+                                                       backend="cuda", **size)
+                    getattr(f, f"gem_pool{nd}d_backward")(_grad(out.shape, dtype), x, p,
+                                                          channels_last=cl, backend="cuda",
+                                                          **size)
+                for mode in ("avgmax", "catavgmax"):  # timm's heads: pair sums, row copies
+                    out, idx = getattr(f, f"global_pool{nd}d")(x, mode, return_indices=True,
+                                                               **kw)
+                    getattr(f, f"global_pool{nd}d_backward")(_grad(out.shape, dtype), idx,
+                                                             x.shape, mode, **kw)
                 if not cl:  # channels-last convolution is host-only
                     w = np.ones((2, 2) + (2,) * nd, dtype)
                     b = np.ones(2, dtype)
@@ -179,7 +190,9 @@ def test_every_launched_specialisation_compiles_without_spills(tmp_path, monkeyp
     assert {name for name, _ in launches} >= {
         "max_pool", "sum_pool", "output_coefficients", "sum_backward", "max_backward",
         "max_backward_by_plane", "flag_outside_window", "fill", "absolute", "times_sign",
-        "conv_forward", "conv_backward_input", "conv_backward_weight", "conv_bias_grad"}
+        "conv_forward", "conv_backward_input", "conv_backward_weight", "conv_bias_grad",
+        "scaled_sum", "copy_rows", "gem_powers", "gem_root", "gem_output_grads",
+        "gem_input_grad"}
     (tmp_path / "launches.pkl").write_bytes(pickle.dumps(launches))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

@@ -101,3 +101,81 @@ def test_fractional_max_pool_follows_the_cpu(nd, channels_last):
     got, want = pool(x, 2, backend="cuda", **kw), pool(x, 2, **kw)
     assert_array_equal(_host(got[0]), want[0])
     assert_array_equal(_host(got[1]), want[1])
+
+
+@pytest.mark.parametrize("mode", ["avgmax", "catavgmax"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_global_heads_follow_the_cpu(mode, channels_last, dtype):
+    x = np.random.default_rng(2).standard_normal((2, 3, 5, 4)).astype(dtype)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    kw = dict(channels_last=channels_last)
+    host = x.astype(np.float64) if dtype == np.float16 else x
+    out, indices = fastpool.global_pool2d(host, mode, return_indices=True, **kw)
+    got, got_indices = fastpool.global_pool2d(x, mode, return_indices=True, backend="cuda",
+                                              **kw)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == np.float16 else dict(rtol=1e-6)
+    assert_allclose(_host(got).astype(np.float64), out, **tol)
+    assert_array_equal(_host(got_indices), indices)
+    grad = np.random.default_rng(3).standard_normal(out.shape)
+    want = fastpool.global_pool2d_backward(grad, indices, x.shape, mode, **kw)
+    got = fastpool.global_pool2d_backward(grad.astype(np.float32 if dtype == np.float16
+                                                      else dtype), indices, x.shape, mode,
+                                          backend="cuda", **kw)
+    assert_allclose(_host(got).astype(np.float64), want, rtol=1e-5, atol=1e-6)
+
+
+def _gem_dtypes():
+    from fastpool.cuda import backend
+    return [np.float64, np.float32, np.float16] + (
+        [backend.BFLOAT16] if backend.BFLOAT16 is not None else [])
+
+
+@pytest.mark.parametrize("window", [{}, {"output_size": (2, 1)}, {"kernel_size": 2}],
+                         ids=["global", "adaptive", "sliding"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", _gem_dtypes(), ids=lambda d: np.dtype(d).name)
+def test_gem_follows_the_cpu(window, per_channel, channels_last, dtype):
+    """GeM on the CUDA back end (its gem_* kernels around the average pooling) against
+    the host back end on the same values in float64; half types computed in float32."""
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_normal((2, 3, 5, 4)))
+    x[0, 0, 0, :2] = (0.0, 1e-7)  # below eps: clamped, no gradient
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    x = x.astype(dtype)
+    host = x.astype(np.float64)
+    p = np.array([1.5, 3.0, 5.0]) if per_channel else 3.0
+    kw = dict(channels_last=channels_last, **window)
+    want = fastpool.gem_pool2d(host, p, **kw)
+    got = fastpool.gem_pool2d(x, p, backend="cuda", **kw)
+    got = _host(got)
+    assert got.dtype == np.dtype(dtype) and got.shape == want.shape
+    half = np.dtype(dtype).itemsize == 2
+    tol = dict(rtol=2e-2 if np.dtype(dtype).name == "bfloat16" else 2e-3) if half else \
+        dict(rtol=1e-5 if dtype == np.float32 else 1e-12)
+    assert_allclose(got.astype(np.float64), want, **tol)
+    grad = rng.standard_normal(want.shape)
+    want_x, want_p = fastpool.gem_pool2d_backward(grad, host, p, **kw)
+    got_x, got_p = fastpool.gem_pool2d_backward(grad.astype(dtype), x, p, backend="cuda",
+                                                **kw)
+    got_x = _host(got_x)
+    assert got_x.dtype == np.dtype(dtype) and got_x[0, 0, 0, 0] == 0
+    scale = np.abs(want_x).max()
+    assert_allclose(got_x.astype(np.float64), want_x, rtol=tol["rtol"],
+                    atol=tol["rtol"] * scale)
+    assert np.shape(got_p) == np.shape(want_p)
+    assert_allclose(got_p, want_p, rtol=tol["rtol"] * 10, atol=tol["rtol"] * 10)
+
+
+def test_gem_keeps_device_arrays_on_the_device():
+    from numba import cuda
+    x = cuda.to_device(np.abs(np.random.default_rng(6).standard_normal((2, 3, 4, 4))))
+    out = fastpool.gem_pool2d(x)  # no backend: a GPU array picks the CUDA back end
+    assert not isinstance(out, np.ndarray) and out.shape == (2, 3, 1, 1)
+    grad_x, grad_p = fastpool.gem_pool2d_backward(np.ones((2, 3, 1, 1)), x)
+    assert not isinstance(grad_x, np.ndarray) and np.ndim(grad_p) == 0
+    with pytest.raises(ValueError, match="runs on the host"):
+        fastpool.gem_pool2d(x, backend="cpu")
