@@ -413,6 +413,49 @@ def _meta(x, dtype, ndim):
     return meta_from_array(x._meta, ndim=ndim, dtype=dtype)
 
 
+def _token(*_):
+    return None
+
+
+def _order_tokens(plan: Plan, outs: list, name: str, dsk: dict) -> dict:
+    """Steer dask.order through the output blocks in the halos' direction.
+
+    A graph whose keys all feed one final task (``dask.compute``'s and
+    ``da.store``'s ``finalize``) is ordered by dask.order output block after
+    output block, most (transitive) dependencies first: interior blocks before
+    those on the faces, ties broken by key name.  With halos that visits a
+    block's neighbours long before the block itself, so each input block, loaded
+    for its neighbours' halos, waits for its own output block to the end: memory
+    grows with the array.  A chain of empty tasks, one per output block, each
+    output depending on the link as far from the chain's end as it is from the
+    first output block in the halos' direction, makes the blocks' dependency
+    counts fall along that direction: dask.order then visits them in it, and
+    every block's neighbours that feed it halos come first.  The links hold None
+    and run in microseconds.
+    """
+    # per pooled axis: +1 (ascending) unless the halos only come from later blocks
+    signs = []
+    for a in plan.axes:
+        left = right = False
+        for chunk in range(len(a.out_chunks)):
+            parts = a.blocks(chunk)
+            main = max(parts, key=lambda p: p[2] - p[1])[0]
+            left |= any(p[0] < main for p in parts)
+            right |= any(p[0] > main for p in parts)
+        signs.append(-1 if right and not left else 1)
+    axes = [a.axis for a in plan.axes]
+
+    def rank(index):
+        return tuple(-i if axis in axes and signs[axes.index(axis)] < 0 else i
+                     for axis, i in enumerate(index))
+
+    order = sorted((out_index for out_index, _, _ in outs), key=rank)
+    n = len(order)
+    for t in range(n):
+        dsk[(name, t)] = (_token, (name, t - 1)) if t else (_token,)
+    return {index: (name, n - 1 - r) for r, index in enumerate(order)}
+
+
 def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, name: str):
     """One task per output block, reading the input blocks of its plan."""
     import dask.array as da
@@ -486,12 +529,15 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
     halo_key = f"{name}-halo-{token}"
     dsk = {(halo_key, *source): (_copy_slices, (x.name, *source), tuple(wheres))
            for source, wheres in edges.items()}
+    tokens = _order_tokens(plan, outs, f"{name}-order-{token}", dsk) if edges else {}
     for out_index, task, reads in outs:
         deps = [(x.name, *source) if pick is None else (halo_key, *source)
                 for source, pick in reads]
         picks = tuple(pick for _, pick in reads)
         after = [(halo_key, *source) for source, pick in reads
                  if pick is None and source in edges]
+        if out_index in tokens:
+            after.append(tokens[out_index])
         if any(p is not None for p in picks):
             task = dataclasses.replace(task, picks=picks)
         dsk[(key, *out_index)] = (task, deps, after) if after else (task, deps)
