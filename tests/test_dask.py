@@ -340,3 +340,48 @@ def test_min_pooling_through_pool_equals_in_memory():
     want, want_indices = fastpool.pool(x, "min", (3, 3), 2, 1, return_indices=True)
     np.testing.assert_array_equal(out.compute(), want)
     np.testing.assert_array_equal(indices.compute(), want_indices)
+
+
+def _live_input_blocks(y, x) -> int:
+    """Most input blocks held at once when y's graph runs one task at a time in
+    dask.order's order, with the single final task dask.compute adds."""
+    from dask._task_spec import convert_legacy_graph
+    from dask.core import get_deps
+    from dask.order import order
+
+    dsk = dict(y.__dask_graph__())
+    dsk["finalize"] = (list, list(y.__dask_keys__()))  # one leaf, as compute and store
+    dsk = convert_legacy_graph(dsk)
+    deps, dependents = get_deps(dsk)
+    left = {k: len(v) for k, v in dependents.items()}
+    held = most = 0
+    for key in sorted(dsk, key=order(dsk).get):
+        held += isinstance(key, tuple) and key[0] == x.name
+        most = max(most, held)
+        for dep in deps[key]:
+            left[dep] -= 1
+            held -= left[dep] == 0 and isinstance(dep, tuple) and dep[0] == x.name
+    return most
+
+
+@pytest.mark.parametrize("args", [(3, 2, 1), (3, 2, 0), (2, 2, 0)])
+def test_halo_graph_reads_few_blocks_and_memory_is_independent_of_the_size(args):
+    """Each output task depends on at most 2 input blocks per pooled axis (its own
+    block, halo slices of the neighbours); and dask.order keeps a bounded number
+    of input blocks in memory however deep the array (no compute: graph only)."""
+    held = []
+    for depth in (4, 8, 16):
+        x = da.zeros((1, 1, 4 * depth, 16, 16), dtype=np.float32, chunks=(1, 1, 4, 8, 8))
+        y = fd.max_pool3d(x, *args)
+        dsk = dict(y.__dask_graph__())
+        from dask.core import get_dependencies
+
+        outputs = [k for k in dsk if isinstance(k, tuple) and k[0] == y.name]
+        for key in outputs:
+            # input blocks read, directly or through their halo-cutting task
+            sources = {dep[1:] for dep in get_dependencies(dsk, key)
+                       if dep[0] == x.name or "halo" in dep[0]}
+            assert len(sources) <= 2 ** 3
+        assert not any("rechunk" in n or "overlap" in n for n in y.dask.layers)
+        held.append(_live_input_blocks(y, x))
+    assert held[0] == held[1] == held[2] <= 12, held

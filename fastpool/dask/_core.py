@@ -198,8 +198,9 @@ def assemble(blocks: list, axes: tuple, parts: tuple, extra: tuple, scratch: boo
 _local = threading.local()
 
 
-def _copy_slice(block, where):
-    return block[where].copy()
+def _copy_slices(block, wheres: tuple) -> tuple:
+    """Copies of the slices ``wheres`` of ``block`` (the halos its neighbours read)."""
+    return tuple(block[where].copy() for where in wheres)
 
 
 def _scratch(xp, shape: tuple, dtype):
@@ -330,15 +331,22 @@ class PoolTask:
     whole_spatial: tuple
     table: WindowTable
     separable: object
-    presliced: tuple = ()
+    # Per input block read: None (the block itself), or which of the halos its
+    # "edges" task copied out is read (a slice already cut to size).
+    picks: tuple = ()
 
-    def __call__(self, blocks):
+    def __call__(self, blocks, after=None):
+        # ``after``: the halo tasks of the blocks read whole, only there to run
+        # them first (see build_pool)
+        if self.picks:
+            blocks = [b if p is None else b[p] for b, p in zip(blocks, self.picks)]
         with _threads.thread_cap(kernel_threads()):
             return self._run(blocks)
 
     def _run(self, blocks):
+        presliced = tuple(p is not None for p in self.picks)
         piece = assemble(blocks, self.axes, self.parts, self.extra, scratch=True,
-                         presliced=self.presliced)
+                         presliced=presliced)
         impl = _dispatch._backend(self.backend, piece, self.op)
         array = impl.asarray(piece, self.op, "x")
         layout = Layout.of(tuple(array.shape), self.nd, self.channels_last, self.op, False)
@@ -405,6 +413,49 @@ def _meta(x, dtype, ndim):
     return meta_from_array(x._meta, ndim=ndim, dtype=dtype)
 
 
+def _token(*_):
+    return None
+
+
+def _order_tokens(plan: Plan, outs: list, name: str, dsk: dict) -> dict:
+    """Steer dask.order through the output blocks in the halos' direction.
+
+    A graph whose keys all feed one final task (``dask.compute``'s and
+    ``da.store``'s ``finalize``) is ordered by dask.order output block after
+    output block, most (transitive) dependencies first: interior blocks before
+    those on the faces, ties broken by key name.  With halos that visits a
+    block's neighbours long before the block itself, so each input block, loaded
+    for its neighbours' halos, waits for its own output block to the end: memory
+    grows with the array.  A chain of empty tasks, one per output block, each
+    output depending on the link as far from the chain's end as it is from the
+    first output block in the halos' direction, makes the blocks' dependency
+    counts fall along that direction: dask.order then visits them in it, and
+    every block's neighbours that feed it halos come first.  The links hold None
+    and run in microseconds.
+    """
+    # per pooled axis: +1 (ascending) unless the halos only come from later blocks
+    signs = []
+    for a in plan.axes:
+        left = right = False
+        for chunk in range(len(a.out_chunks)):
+            parts = a.blocks(chunk)
+            main = max(parts, key=lambda p: p[2] - p[1])[0]
+            left |= any(p[0] < main for p in parts)
+            right |= any(p[0] > main for p in parts)
+        signs.append(-1 if right and not left else 1)
+    axes = [a.axis for a in plan.axes]
+
+    def rank(index):
+        return tuple(-i if axis in axes and signs[axes.index(axis)] < 0 else i
+                     for axis, i in enumerate(index))
+
+    order = sorted((out_index for out_index, _, _ in outs), key=rank)
+    n = len(order)
+    for t in range(n):
+        dsk[(name, t)] = (_token, (name, t - 1)) if t else (_token,)
+    return {index: (name, n - 1 - r) for r, index in enumerate(order)}
+
+
 def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, name: str):
     """One task per output block, reading the input blocks of its plan."""
     import dask.array as da
@@ -427,7 +478,10 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
         per_axis.append(entries)
     other = [range(len(c)) for i, c in enumerate(x.chunks) if i not in axes]
     other_axes = [i for i in range(x.ndim) if i not in axes]
-    dsk = {}
+    # First pass: per output block, the input blocks it reads and whether each is a
+    # halo (a thin slice, copied out by the block's "edges" task) or read directly.
+    outs = []
+    edges = {}  # input block index -> list of the slices its neighbours read
     for combo in itertools.product(*[range(len(e)) for e in per_axis]):
         entries = [per_axis[i][j] for i, j in enumerate(combo)]
         outputs = tuple(e[1] for e in entries)
@@ -447,27 +501,46 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
             out_index = list(index)
             for axis, j in zip(axes, combo):
                 out_index[axis] = j
-            deps = []
+            reads = []
             for blocks, slices in zip(itertools.product(*block_lists),
                                       itertools.product(*part_lists)):
                 for axis, b in zip(axes, blocks):
                     index[axis] = b
-                dep = (x.name, *index)
+                source = tuple(index)
                 if any(2 * (b - a) <= x.chunks[axis][blk] for axis, blk, (a, b) in
                        zip(axes, blocks, slices)):
-                    # A halo: a small copied slice, so that the block it comes from
-                    # is released as soon as its own output block is done.
                     where = [slice(None)] * x.ndim
                     for axis, (a, b) in zip(axes, slices):
                         where[axis] = slice(a, b)
-                    halo = (f"{key}-halo", len(dsk))
-                    dsk[halo] = (_copy_slice, dep, tuple(where))
-                    dep = halo
-                deps.append(dep)
-            if any(isinstance(d[0], str) and d[0].endswith("-halo") for d in deps):
-                task = dataclasses.replace(task, presliced=tuple(
-                    d[0].endswith("-halo") for d in deps))
-            dsk[(key, *out_index)] = (task, deps)
+                    wheres = edges.setdefault(source, [])
+                    where = tuple(where)
+                    if where not in wheres:
+                        wheres.append(where)
+                    reads.append((source, wheres.index(where)))
+                else:
+                    reads.append((source, None))
+            outs.append((tuple(out_index), task, reads))
+    # The halos: one task per input block that copies out every slice its
+    # neighbours read (so the block itself is not kept for them), run before the
+    # block's own output tasks, which list it as a dependency they do not read.
+    # Then every input block is released as soon as its own outputs are done,
+    # whatever order dask runs the blocks in: memory stays a few blocks per
+    # thread, whatever the array's size.
+    halo_key = f"{name}-halo-{token}"
+    dsk = {(halo_key, *source): (_copy_slices, (x.name, *source), tuple(wheres))
+           for source, wheres in edges.items()}
+    tokens = _order_tokens(plan, outs, f"{name}-order-{token}", dsk) if edges else {}
+    for out_index, task, reads in outs:
+        deps = [(x.name, *source) if pick is None else (halo_key, *source)
+                for source, pick in reads]
+        picks = tuple(pick for _, pick in reads)
+        after = [(halo_key, *source) for source, pick in reads
+                 if pick is None and source in edges]
+        if out_index in tokens:
+            after.append(tokens[out_index])
+        if any(p is not None for p in picks):
+            task = dataclasses.replace(task, picks=picks)
+        dsk[(key, *out_index)] = (task, deps, after) if after else (task, deps)
     chunks = list(x.chunks)
     for a in plan.axes:
         chunks[a.axis] = a.out_chunks
@@ -479,7 +552,7 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
     results = []
     for part, dtype, suffix in ((0, out_dtype, "values"), (1, np.int64, "indices")):
         sub_key = f"{name}-{suffix}-{token}"
-        sub = {(sub_key, *k[1:]): (operator.getitem, k, part) for k in dsk}
+        sub = {(sub_key, *k[1:]): (operator.getitem, k, part) for k in dsk if k[0] == key}
         graph = HighLevelGraph.from_collections(sub_key, sub, dependencies=[
             da.Array(layer, key, chunks, meta=_meta(x, out_dtype, x.ndim))])
         results.append(da.Array(graph, sub_key, chunks, meta=_meta(x, dtype, x.ndim)))
