@@ -5,9 +5,10 @@ runtime dependencies (numba, numpy), run from outside the source tree.
 
 Checks that fastpool is imported from the environment's site-packages, calls every
 public function once (forward and backward, tiny float32 arrays, forward results
-against the NumPy reference), and that the optional parts, with their extras absent,
-fail with an error naming the extra to install.  Prints one line per failed check and
-exits 1 if any failed.  Not a pytest module (pytest imports it for doctests only).
+against the NumPy reference), that ``python -m fastpool.precompile --list`` runs, and
+that the optional parts, with their extras absent, fail with an error naming the extra
+to install.  Prints one line per failed check and exits 1 if any failed.  Not a pytest
+module (pytest imports it for doctests only).
 """
 
 import sys
@@ -75,6 +76,16 @@ def _run_ops(fastpool, np, check):
     check(not missed, f"public functions not called by the smoke test: {sorted(missed)}")
 
 
+def _check_precompile_command(check):
+    """The wheel ships ``python -m fastpool.precompile`` (listing its groups compiles
+    nothing)."""
+    import subprocess
+    listed = subprocess.run([sys.executable, "-m", "fastpool.precompile", "--list"],
+                            capture_output=True, text=True)
+    check(listed.returncode == 0 and listed.stdout.startswith("max "),
+          f"python -m fastpool.precompile --list failed: {listed.stderr[-1000:]}")
+
+
 def _error_names_extra(check, what, extra, action):
     try:
         action()
@@ -103,6 +114,7 @@ def main() -> int:
     print(f"fastpool {fastpool.__version__} from {where.parent}", flush=True)
 
     _run_ops(fastpool, np, check)
+    _check_precompile_command(check)
 
     def import_torch_adapter():
         import fastpool.torch  # noqa: F401

@@ -27,7 +27,7 @@ PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 # ``` fences with their info string, and the blocks they open.
 _FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 # Info strings a page may use; anything else (say "py") would silently not run.
-_KNOWN = {"python", "pycon", "bash", "{eval-rst}", "{toctree}"}
+_KNOWN = {"python", "pycon", "bash", "dockerfile", "{eval-rst}", "{toctree}"}
 # Doctests run only from docs/ (pytest's testpaths); README.md has none.
 _DOCTEST_PAGES = {p for p in PAGES if p.parent == DOCS}
 
