@@ -413,6 +413,18 @@ def _meta(x, dtype, ndim):
     return meta_from_array(x._meta, ndim=ndim, dtype=dtype)
 
 
+def _distributed_client() -> bool:
+    """Whether a dask.distributed client is the default (the order tokens' chain
+    would then cost a scheduler round trip per link, before the first output)."""
+    try:
+        from distributed import default_client
+
+        default_client()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
 def _token(*_):
     return None
 
@@ -529,7 +541,8 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
     halo_key = f"{name}-halo-{token}"
     dsk = {(halo_key, *source): (_copy_slices, (x.name, *source), tuple(wheres))
            for source, wheres in edges.items()}
-    tokens = _order_tokens(plan, outs, f"{name}-order-{token}", dsk) if edges else {}
+    tokens = _order_tokens(plan, outs, f"{name}-order-{token}", dsk) \
+        if edges and not _distributed_client() else {}
     for out_index, task, reads in outs:
         deps = [(x.name, *source) if pick is None else (halo_key, *source)
                 for source, pick in reads]
