@@ -262,19 +262,40 @@ def _typed_key(value):
     """A hashable key that tells 1 from True and (1,) from [1]."""
     kind = type(value)
     if kind is tuple or kind is list:
-        return kind, tuple(map(_typed_key, value))
+        kinds = tuple(map(type, value))
+        if tuple in kinds or list in kinds:
+            return kind, tuple(map(_typed_key, value))
+        return kind, kinds, tuple(value)  # flat: its items' types, made in C, and the items
     hash(value)
     return kind, value
+
+
+def arguments_key(arguments: tuple) -> tuple:
+    """A hashable key for a tuple of user arguments that tells 1 from True and 1.0,
+    and (1,) from [1], at any depth: equal keys mean arguments that validate alike.
+
+    Raises TypeError, here or when hashed, for an unhashable argument.  The
+    arguments' types are part of the key, and sequences among them are replaced
+    by their :func:`_typed_key`.  (Not marshal, which would be quicker: it encodes
+    NumPy scalars and arrays as their raw bytes, so np.True_ would key like
+    np.int8(1).)
+    """
+    kinds = tuple(map(type, arguments))
+    if tuple in kinds or list in kinds:
+        arguments = tuple([_typed_key(value) if kind is tuple or kind is list else value
+                           for value, kind in zip(arguments, kinds)])
+    # Types first: keys are compared in order, and only values of one type meet.
+    return kinds, arguments
 
 
 def memoised_by_arguments(build, cache: dict, arguments: tuple):
     """``build(*arguments)``, remembered per typed argument tuple: a training loop
     validates the same few argument sets over and over.  Failures are not cached."""
     try:
-        key = _typed_key(arguments)
+        key = arguments_key(arguments)
+        result = cache.get(key)
     except TypeError:  # an unhashable oddity: validate without the cache
         return build(*arguments)
-    result = cache.get(key)
     if result is None:
         result = build(*arguments)
         if len(cache) < 1024:
@@ -463,6 +484,12 @@ class WindowTable:
     # regularly spaced windows (sliding tables; empty for adaptive ones).
     interior: np.ndarray  # (3, 5) int64
 
+    def __post_init__(self):
+        # Tables are memoised and shared by every call and thread that uses them
+        # (and held by cached call plans); kernels only read them.
+        for array in (self.start, self.stop, self.step, self.divisor, self.interior):
+            array.flags.writeable = False
+
     @functools.cached_property
     def window_sizes(self) -> tuple[int, int, int]:
         """Per axis, the most input positions any window reads."""
@@ -512,6 +539,7 @@ class WindowTable:
             position = np.arange(size)
             first[axis, :size] = np.searchsorted(self.stop[axis, :n_out], position, "right")
             last[axis, :size] = np.searchsorted(self.start[axis, :n_out], position, "right")
+        first.flags.writeable = last.flags.writeable = False  # shared, as the table is
         return first, last
 
     @classmethod

@@ -112,15 +112,21 @@ def conv_backward_weight(grad, x, grad_weight, stride, pad):
             grad_weight[co, ci, kd, kh, kw] = total
 
 
+def _work(grad_or_out, weight) -> int:
+    """About the multiply-adds of a convolution, or of either of its gradients."""
+    return grad_or_out.size * (weight.size // weight.shape[0])
+
+
 def conv(x, weight, bias, out_shape, stride, pad, stream=None):
     out = np.empty(out_shape, x.dtype)
-    launch(conv_forward, x, weight, bias, out, stride, pad)
+    launch(conv_forward, x, weight, bias, out, stride, pad, work=_work(out, weight))
     return out
 
 
 def conv_backward(grad, x, weight, stride, pad, stream=None):
     grad_in = np.empty(x.shape, grad.dtype)
     grad_weight = np.empty(weight.shape, grad.dtype)
-    launch(conv_backward_input, grad, weight, grad_in, stride, pad)
-    launch(conv_backward_weight, grad, x, grad_weight, stride, pad)
+    work = _work(grad, weight)
+    launch(conv_backward_input, grad, weight, grad_in, stride, pad, work=work)
+    launch(conv_backward_weight, grad, x, grad_weight, stride, pad, work=work)
     return grad_in, grad_weight
