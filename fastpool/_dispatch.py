@@ -105,8 +105,11 @@ class PlanCache:
     """A bounded LRU map from a call's key to its plan, shared by every thread.
 
     Plans are immutable and their arrays read-only, so threads share them
-    freely; the lock guards the map and its order (and is made anew in a forked
-    child, where another thread of the parent may have held it).
+    freely.  A lookup is two single operations on the OrderedDict (each atomic,
+    as the map's C methods are), with no lock: it costs a small call more than
+    the lookup.  Changes that take several operations (store, then evict) hold
+    the lock, which is made anew in a forked child, where another thread of the
+    parent may have held it.
     """
 
     def __init__(self, size: int):
@@ -117,11 +120,13 @@ class PlanCache:
 
     def get(self, key):
         """The plan under ``key``, or None; TypeError for an unhashable key."""
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-            return plan
+        plan = self._plans.get(key)
+        if plan is not None:
+            try:
+                self._plans.move_to_end(key)  # the most recently used
+            except KeyError:  # evicted by another thread since
+                pass
+        return plan
 
     def put(self, key, plan) -> None:
         with self._lock:
@@ -149,7 +154,7 @@ PLANS = PlanCache(PLAN_CACHE_SIZE)
 _HOST_BACKENDS = ("cpu", "numpy")
 
 
-def _call(build: Callable, arrays: tuple, backend, stream, *arguments):
+def _call(build: Callable, arrays: tuple, backend, stream, arguments: tuple):
     """Run a planned call: ``build(arrays, backend, stream, *arguments)`` validates
     everything and returns the plan and the arrays as its back end takes them;
     the plan, called with those arrays and the stream, returns the result, which
@@ -173,12 +178,10 @@ def _call(build: Callable, arrays: tuple, backend, stream, *arguments):
             if type(array) is not np.ndarray and array is not None:
                 break
         else:
-            key = [build, _backend_module(backend or "cpu")]
-            for array in arrays:
-                key += (None, None) if array is None else (array.shape, array.dtype)
             try:
-                key.append(arguments_key(arguments))
-                key = tuple(key)
+                key = (build, backend, *arguments_key(arguments),
+                       *[None if array is None else (array.shape, array.dtype)
+                         for array in arrays])
                 plan = PLANS.get(key)
             except TypeError:  # an unhashable argument: plan without the cache
                 key = plan = None
@@ -342,9 +345,9 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
                  count_include_pad=True, divisor_override=None, return_indices=False,
                  channels_last=False, backend=None, stream=None):
     """Max, average or Lp pooling over the trailing ``nd`` spatial axes."""
-    return _call(_sliding_plan, (x,), backend, stream, op, strict, mode, nd, kernel_size,
-                 stride, padding, dilation, ceil_mode, norm_type, count_include_pad,
-                 divisor_override, return_indices, channels_last)
+    return _call(_sliding_plan, (x,), backend, stream, (
+        op, strict, mode, nd, kernel_size, stride, padding, dilation, ceil_mode, norm_type,
+        count_include_pad, divisor_override, return_indices, channels_last))
 
 
 def _sliding_plan(arrays, backend, stream, op, strict, mode, nd, kernel_size, stride, padding,
@@ -374,8 +377,8 @@ def _sliding_plan(arrays, backend, stream, op, strict, mode, nd, kernel_size, st
 def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_indices=False,
                   channels_last=False, backend=None, stream=None):
     """Adaptive max or average pooling to ``output_size`` over ``nd`` spatial axes."""
-    return _call(_adaptive_plan, (x,), backend, stream, op, strict, mode, nd, output_size,
-                 return_indices, channels_last, None)
+    return _call(_adaptive_plan, (x,), backend, stream, (
+        op, strict, mode, nd, output_size, return_indices, channels_last, None))
 
 
 def _adaptive_plan(arrays, backend, stream, op, strict, mode, nd, output_size, return_indices,
@@ -408,8 +411,8 @@ def _adaptive_plan(arrays, backend, stream, op, strict, mode, nd, output_size, r
 def global_pool(x, mode, nd, *, op: str, keepdims=False, return_indices=False,
                 channels_last=False, backend=None, stream=None):
     """Pool each plane to one value: ``(N, C)``, or ``(N, C, 1, ...)`` with keepdims."""
-    return _call(_adaptive_plan, (x,), backend, stream, op, True, mode, nd, 1, return_indices,
-                 channels_last, keepdims)
+    return _call(_adaptive_plan, (x,), backend, stream, (
+        op, True, mode, nd, 1, return_indices, channels_last, keepdims))
 
 
 # --------------------------------------------------------------------------
@@ -501,8 +504,8 @@ def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="slidin
     ``window`` (the forward call's kernel_size, stride, padding, dilation and
     ceil_mode) is optional for sliding windows; back ends that gather use it.
     """
-    return _call(_max_backward_call_plan, (grad_output, indices), backend, stream, op, nd,
-                 kind, window, input_shape, channels_last)
+    return _call(_max_backward_call_plan, (grad_output, indices), backend, stream, (
+        op, nd, kind, window, input_shape, channels_last))
 
 
 def _max_backward_call_plan(arrays, backend, stream, op, nd, kind, window, input_shape,
@@ -619,9 +622,9 @@ def sliding_backward(grad_output, input_shape, mode, nd, kernel_size, stride=Non
                      count_include_pad=True, divisor_override=None, channels_last=False,
                      backend=None, stream=None):
     """Gradient of avg or lp pooling (lp needs the forward input ``x``)."""
-    return _call(_sliding_backward_plan, (grad_output, x), backend, stream, op, mode, nd,
-                 kernel_size, stride, padding, ceil_mode, input_shape, norm_type,
-                 count_include_pad, divisor_override, channels_last)
+    return _call(_sliding_backward_plan, (grad_output, x), backend, stream, (
+        op, mode, nd, kernel_size, stride, padding, ceil_mode, input_shape, norm_type,
+        count_include_pad, divisor_override, channels_last))
 
 
 def _sliding_backward_plan(arrays, backend, stream, op, mode, nd, kernel_size, stride,
@@ -655,8 +658,8 @@ def _sliding_backward_plan(arrays, backend, stream, op, mode, nd, kernel_size, s
 def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=False,
                           channels_last=False, backend=None, stream=None):
     """Gradient of adaptive (or, with ``squeezed``, global) average pooling."""
-    return _call(_adaptive_avg_backward_plan, (grad_output, None), backend, stream, op, nd,
-                 squeezed, input_shape, channels_last)
+    return _call(_adaptive_avg_backward_plan, (grad_output, None), backend, stream, (
+        op, nd, squeezed, input_shape, channels_last))
 
 
 def _adaptive_avg_backward_plan(arrays, backend, stream, op, nd, squeezed, input_shape,

@@ -270,22 +270,35 @@ def _typed_key(value):
     return kind, value
 
 
+_SEQUENCES = (tuple, list)
+
+
 def arguments_key(arguments: tuple) -> tuple:
     """A hashable key for a tuple of user arguments that tells 1 from True and 1.0,
     and (1,) from [1], at any depth: equal keys mean arguments that validate alike.
 
-    Raises TypeError, here or when hashed, for an unhashable argument.  The
-    arguments' types are part of the key, and sequences among them are replaced
-    by their :func:`_typed_key`.  (Not marshal, which would be quicker: it encodes
-    NumPy scalars and arrays as their raw bytes, so np.True_ would key like
-    np.int8(1).)
+    Raises TypeError, here or when hashed, for an unhashable argument.  The key
+    holds the arguments' types, then (when some arguments are tuples of scalars,
+    as shapes and kernel sizes are) their items' types, then the arguments; lists
+    and deeper nesting take :func:`_typed_key`.  It is built on every call, so
+    the common cases stay in C as far as they can.  (Not marshal, which would be
+    quicker: it encodes NumPy scalars and arrays as their raw bytes, so np.True_
+    would key like np.int8(1).)
     """
     kinds = tuple(map(type, arguments))
-    if tuple in kinds or list in kinds:
-        arguments = tuple([_typed_key(value) if kind is tuple or kind is list else value
-                           for value, kind in zip(arguments, kinds)])
-    # Types first: keys are compared in order, and only values of one type meet.
-    return kinds, arguments
+    if tuple not in kinds and list not in kinds:
+        return kinds, arguments
+    if list not in kinds:
+        item_kinds = []
+        for value, kind in zip(arguments, kinds):
+            if kind is tuple:
+                item_kinds += map(type, value)
+        if tuple not in item_kinds and list not in item_kinds:
+            # Equal arguments have their tuples at the same places and of the same
+            # lengths, so equal item types, in order, give each item its type.
+            return kinds, tuple(item_kinds), arguments
+    return kinds, tuple([_typed_key(value) if kind in _SEQUENCES else value
+                         for value, kind in zip(arguments, kinds)])
 
 
 def memoised_by_arguments(build, cache: dict, arguments: tuple):

@@ -238,7 +238,7 @@ def test_the_cache_is_a_bounded_lru(monkeypatch):
         fastpool.max_pool1d(row, 1)
         fastpool.max_pool1d(rows[0], 1)  # kept recent: never evicted
         assert len(_dispatch.PLANS) <= 4
-    assert rows[0].shape in list(_dispatch.PLANS._plans)[-1]  # the most recent
+    assert (rows[0].shape, rows[0].dtype) in list(_dispatch.PLANS._plans)[-1]  # most recent
 
 
 def test_cached_tables_are_read_only():
