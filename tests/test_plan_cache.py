@@ -391,3 +391,10 @@ def test_serial_twins_have_their_own_disk_cache_entries(tmp_path):
                        "kernels.max_pool_channels_first.serial"]
     warm = run()  # each build loads its own machine code, compiling nothing
     assert warm == {"parallel": [1, 0, True], "serial": [1, 0, False]}, warm
+
+
+def test_work_estimates_take_empty_operands():
+    x = np.ones((1, 2, 5, 5), np.float32)
+    assert fastpool.strided_conv2d(x, np.ones((0, 2, 3, 3), np.float32), 1).shape == \
+        (1, 0, 3, 3)
+    assert fastpool.max_pool2d(np.ones((0, 2, 4, 4)), 2).shape == (0, 2, 2, 2)

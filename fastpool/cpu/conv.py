@@ -114,7 +114,7 @@ def conv_backward_weight(grad, x, grad_weight, stride, pad):
 
 def _work(grad_or_out, weight) -> int:
     """About the multiply-adds of a convolution, or of either of its gradients."""
-    return grad_or_out.size * (weight.size // weight.shape[0])
+    return grad_or_out.size * (weight.size // max(weight.shape[0], 1))
 
 
 def conv(x, weight, bias, out_shape, stride, pad, stream=None):
