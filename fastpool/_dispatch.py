@@ -5,14 +5,27 @@ the ``backend`` argument or the input's type, canonicalises the input array
 (C-contiguous, native byte order, 4-D or 5-D) and reshapes the back end's
 result to the caller's layout.  Back ends export ``max_pool`` and ``sum_pool``
 with the same signatures; they are imported on first use.
+
+Pooling calls and their gradients are *planned*: everything that follows from
+the arguments, the input's shape and dtype and the back end (the validated
+parameters, the window table, the shapes, the kernel and its non-array
+arguments) is worked out once into a plan, which then only canonicalises,
+launches and reshapes.  Calls with NumPy arrays on the host back ends keep
+their plans in :data:`PLANS`, so a repeated small call skips straight to the
+kernel; see :func:`_call`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
 import numbers
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +40,7 @@ from fastpool._params import (
     WindowTable,
     adaptive_output_shape,
     adaptive_table,
+    arguments_key,
     check_backend,
     check_bool,
     check_divisor_override,
@@ -39,6 +53,7 @@ from fastpool._params import (
     padding_as_written,
     unpool_output_shape,
 )
+from fastpool._threads import get_num_threads
 
 _BACKEND_MODULES = {"cpu": "fastpool.cpu", "numpy": "fastpool.reference",
                     "cuda": "fastpool.cuda"}
@@ -76,43 +91,190 @@ def _lowest(dtype: np.dtype):
     return -np.inf if dtype.kind == "f" or dtype.name == "bfloat16" else np.iinfo(dtype).min
 
 
-def _run(impl, mode: str, layout: Layout, array, table: WindowTable, *,
-         power: float | None = None,
-         with_indices: bool = False, stream=None):
-    out_spatial = table.out_shape[3 - len(layout.spatial):]
-    result_shape = layout.result_shape(out_spatial)
-    dtype = np.dtype(array.dtype).newbyteorder("=")
-    if layout.is_empty():
-        out = impl.empty(result_shape, dtype, stream)
-        return (out, impl.empty(result_shape, np.int64, stream)) if with_indices else out
-    canonical = impl.canonical(array, layout.canonical_shape(), stream)
-    if dtype == np.bool_:
-        canonical = canonical.view(np.uint8)
-    if mode in EXTREMES:
-        # Min pooling is max pooling under an order-reversing bijection of the dtype
-        # (negation for floats, bitwise not for integers: exact at every extreme,
-        # unsigned included, where -max(-x) is not), so NaN still wins, ties keep the
-        # first element and the padding is the dtype's highest value.
-        if mode == "min":
-            canonical = impl.reverse_order(canonical, stream)
-        out, indices = impl.max_pool(canonical, table, layout.channels_last,
-                                     _lowest(np.dtype(canonical.dtype)), with_indices,
-                                     stream=stream)
-        if mode == "min":
-            out = impl.reverse_order(out, stream)
-        out = out.view(np.bool_) if dtype == np.bool_ else out
-    else:
-        out = impl.sum_pool(canonical, table, layout.channels_last, power, stream=stream)
-        indices = None
-    out = out.reshape(result_shape)
-    return (out, indices.reshape(result_shape)) if with_indices else out
-
-
 def _wrap(impl, result, like):
     """The result as the input's kind of array (numba, CuPy, torch or NumPy)."""
     if isinstance(result, tuple):
         return tuple(impl.wrap(r, like) for r in result)
     return impl.wrap(result, like)
+
+
+# --------------------------------------------------------------------------
+# Call plans and their cache
+# --------------------------------------------------------------------------
+
+
+class PlanCache:
+    """A bounded LRU map from a call's key to its plan, shared by every thread.
+
+    Plans are immutable and their arrays read-only, so threads share them
+    freely.  A lookup is two single operations on the OrderedDict (each atomic,
+    as the map's C methods are), with no lock: it costs a small call more than
+    the lookup.  Changes that take several operations (store, then evict) hold
+    the lock, which is made anew in a forked child, where another thread of the
+    parent may have held it.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._plans: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._new_lock)
+
+    def get(self, key):
+        """The plan under ``key``, or None; TypeError for an unhashable key."""
+        plan = self._plans.get(key)
+        if plan is not None:
+            try:
+                self._plans.move_to_end(key)  # the most recently used
+            except KeyError:  # evicted by another thread since
+                pass
+        return plan
+
+    def put(self, key, plan) -> None:
+        with self._lock:
+            self._plans[key] = plan
+            self._plans.move_to_end(key)
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
+
+
+# Enough for every layer of a large network, forward and backward, at a few
+# input shapes; a plan holds its window table and a few closures.
+PLAN_CACHE_SIZE = 512
+PLANS = PlanCache(PLAN_CACHE_SIZE)
+
+_HOST_BACKENDS = ("cpu", "numpy")
+
+
+def _call(build: Callable, arrays: tuple, backend, stream, arguments: tuple):
+    """Run a planned call: ``build(arrays, backend, stream, *arguments)`` validates
+    everything and returns the plan and the arrays as its back end takes them;
+    the plan, called with those arrays and the stream, returns the result, which
+    is then wrapped as the first array's kind.
+
+    Calls whose arrays are all NumPy arrays (or None), on the default or a host
+    back end, without a stream, look their plan up in :data:`PLANS` first, keyed
+    on ``build``, the arguments (by value and type), the back end and each
+    array's shape and dtype: everything a plan is computed from, but for the
+    thread count that a parallel CPU plan splits its work for, which is checked
+    on a hit (small calls run serially, whatever the count).  Their arrays need
+    no resolving and their results no wrapping, so every check that can fail is
+    in the plan's build, and a call that fails stores nothing and fails again
+    the same way.  Checks of array *values* (indices inside the plane, say) run
+    in the plan, every call.  Other calls (GPU arrays, lists, torch tensors,
+    streams) build their plan each time, in the order the checks have always run.
+    """
+    if stream is None and (backend is None or (
+            type(backend) is str and backend in _HOST_BACKENDS)):
+        for array in arrays:
+            if type(array) is not np.ndarray and array is not None:
+                break
+        else:
+            try:
+                key = (build, backend, *arguments_key(arguments),
+                       *[None if array is None else (array.shape, array.dtype)
+                         for array in arrays])
+                plan = PLANS.get(key)
+            except TypeError:  # an unhashable argument: plan without the cache
+                key = plan = None
+            if plan is not None and plan.threads is not None and \
+                    plan.threads != get_num_threads():
+                plan = None  # planned for another thread count: plan afresh
+            if plan is None:
+                plan, _ = build(arrays, backend, stream, *arguments)
+                if key is not None:
+                    PLANS.put(key, plan)
+            return plan(*arrays, None)  # the host back ends' results are NumPy arrays
+    plan, arrays_of_impl = build(arrays, backend, stream, *arguments)
+    return _wrap(plan.impl, plan(*arrays_of_impl, stream), arrays[0])
+
+
+def _unplanned(function: Callable, *arguments) -> Callable:
+    """A back end's function without a planned form, with its arguments after the
+    arrays fixed: the runner of a plan, taking the arrays and the stream."""
+    def run(*arrays_and_stream):
+        return function(*arrays_and_stream[:-1], *arguments, stream=arrays_and_stream[-1])
+
+    return run
+
+
+@dataclass(frozen=True, slots=True)
+class _PoolPlan:
+    """A forward pooling call, planned for one input shape and dtype on one back end."""
+
+    impl: object
+    picks: bool  # max or min pooling: pool returns (values, indices)
+    reverses: bool  # min pooling (max pooling of the order-reversed input)
+    canonical_shape: tuple  # the input as the kernels take it
+    result_shape: tuple  # the caller's layout of the result
+    empty: bool  # no batch or channel elements: nothing to launch
+    dtype: np.dtype  # the input's, in native byte order
+    with_indices: bool
+    of_absolute: bool  # pool |x| (lp_pool with norm_type=inf: max pooling of |x|)
+    as_bytes: bool  # bool input, pooled as uint8
+    pool: Callable | None  # canonical array -> values (and indices, for max)
+    threads: int | None  # the thread count pool splits its work for; None: any
+
+    def __call__(self, array, stream=None):
+        impl = self.impl
+        if self.empty:
+            out = impl.empty(self.result_shape, self.dtype, stream)
+            return (out, impl.empty(self.result_shape, np.int64, stream)) \
+                if self.with_indices else out
+        if self.of_absolute:
+            array = impl.absolute(array, stream)
+        canonical = impl.canonical(array, self.canonical_shape, stream)
+        if not self.picks:
+            return self.pool(canonical, stream).reshape(self.result_shape)
+        if self.as_bytes:
+            canonical = canonical.view(np.uint8)
+        # Min pooling is max pooling under an order-reversing bijection of the dtype
+        # (negation for floats, bitwise not for integers: exact at every extreme,
+        # unsigned included, where -max(-x) is not), so NaN still wins, ties keep the
+        # first element and the padding is the dtype's highest value.
+        if self.reverses:
+            canonical = impl.reverse_order(canonical, stream)
+        out, indices = self.pool(canonical, stream)
+        if self.reverses:
+            out = impl.reverse_order(out, stream)
+        if self.as_bytes:
+            out = out.view(np.bool_)
+        out = out.reshape(self.result_shape)
+        return (out, indices.reshape(self.result_shape)) if self.with_indices else out
+
+
+def _pool_plan(impl, mode: str, layout: Layout, dtype, table: WindowTable, *,
+               power: float | None = None, with_indices: bool = False,
+               of_absolute: bool = False) -> _PoolPlan:
+    """The plan of pooling ``layout``'s input of ``dtype`` over ``table``."""
+    dtype = np.dtype(dtype).newbyteorder("=")
+    result_shape = layout.result_shape(table.out_shape[3 - len(layout.spatial):])
+    as_bytes = dtype == np.bool_
+    pool = None
+    if not layout.is_empty():
+        canonical = layout.canonical_shape()
+        kernel_dtype = np.dtype(np.uint8) if as_bytes else dtype
+        if mode in EXTREMES:
+            arguments = (table, layout.channels_last, _lowest(kernel_dtype), with_indices)
+            planner, function = getattr(impl, "plan_max_pool", None), impl.max_pool
+        else:
+            arguments = (table, layout.channels_last, power)
+            planner, function = getattr(impl, "plan_sum_pool", None), impl.sum_pool
+        pool = planner(canonical, kernel_dtype, *arguments) if planner else \
+            _unplanned(function, *arguments)
+    return _PoolPlan(impl, mode in EXTREMES, mode == "min", layout.canonical_shape(),
+                     result_shape, layout.is_empty(), dtype, with_indices, of_absolute,
+                     as_bytes, pool, getattr(pool, "threads", None))
 
 
 @dataclass(frozen=True)
@@ -185,6 +347,15 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
                  count_include_pad=True, divisor_override=None, return_indices=False,
                  channels_last=False, backend=None, stream=None):
     """Max, average or Lp pooling over the trailing ``nd`` spatial axes."""
+    return _call(_sliding_plan, (x,), backend, stream, (
+        op, strict, mode, nd, kernel_size, stride, padding, dilation, ceil_mode, norm_type,
+        count_include_pad, divisor_override, return_indices, channels_last))
+
+
+def _sliding_plan(arrays, backend, stream, op, strict, mode, nd, kernel_size, stride, padding,
+                  dilation, ceil_mode, norm_type, count_include_pad, divisor_override,
+                  return_indices, channels_last):
+    (x,) = arrays
     spec = _SlidingOp.from_args(op, mode, nd, kernel_size, stride, padding, dilation,
                                 ceil_mode, norm_type, count_include_pad, divisor_override)
     channels_last = check_bool(channels_last, "channels_last", op)
@@ -197,26 +368,27 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
     check_dtype(np.dtype(array.dtype), spec.mode, op, impl.FLOAT_DTYPES)
     layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
     if spec.is_max_of_abs:
-        result = _run(impl, "max", layout, impl.absolute(array, stream), spec.table(layout),
-                      stream=stream)
+        plan = _pool_plan(impl, "max", layout, array.dtype, spec.table(layout),
+                          of_absolute=True)
     else:
-        result = _run(impl, spec.mode, layout, array, spec.table(layout),
-                      power=spec.forward_power,
-                      with_indices=return_indices, stream=stream)
-    return _wrap(impl, result, x)
+        plan = _pool_plan(impl, spec.mode, layout, array.dtype, spec.table(layout),
+                          power=spec.forward_power, with_indices=return_indices)
+    return plan, (array,)
 
 
 def adaptive_pool(x, mode, nd, output_size, *, op: str, strict: bool, return_indices=False,
                   channels_last=False, backend=None, stream=None):
     """Adaptive max or average pooling to ``output_size`` over ``nd`` spatial axes."""
-    impl, result = _adaptive(x, mode, nd, output_size, op, strict, return_indices,
-                             channels_last, backend, stream)
-    return _wrap(impl, result, x)
+    return _call(_adaptive_plan, (x,), backend, stream, (
+        op, strict, mode, nd, output_size, return_indices, channels_last, None))
 
 
-def _adaptive(x, mode, nd, output_size, op, strict, return_indices, channels_last, backend,
-              stream):
-    """The back end used and the result, not yet wrapped as the input's kind."""
+def _adaptive_plan(arrays, backend, stream, op, strict, mode, nd, output_size, return_indices,
+                   channels_last, keepdims):
+    """Adaptive pooling's plan; global pooling's too (``keepdims`` a bool, not None)."""
+    (x,) = arrays
+    if keepdims is not None:
+        keepdims = check_bool(keepdims, "keepdims", op)
     if mode not in ("max", "min", "avg"):
         raise ValueError(f"{op}: mode must be 'max', 'min' or 'avg', got {mode!r}")
     channels_last = check_bool(channels_last, "channels_last", op)
@@ -230,8 +402,12 @@ def _adaptive(x, mode, nd, output_size, op, strict, return_indices, channels_las
     layout = Layout.of(tuple(array.shape), nd, channels_last, op, strict)
     out_spatial = adaptive_output_shape(op, nd, output_size, layout.spatial)
     table = adaptive_table(layout.spatial, out_spatial)
-    return impl, _run(impl, mode, layout, array, table, with_indices=return_indices,
-                      stream=stream)
+    plan = _pool_plan(impl, mode, layout, array.dtype, table, with_indices=return_indices)
+    if keepdims is False:  # global pooling's (N, C) result: the pooled axes dropped
+        shape = plan.result_shape
+        plan = dataclasses.replace(plan, result_shape=shape[:-nd - 1] + shape[-1:]
+                                   if channels_last else shape[:-nd])
+    return plan, (array,)
 
 
 def global_pool(x, mode, nd, *, op: str, keepdims=False, return_indices=False,
@@ -241,20 +417,28 @@ def global_pool(x, mode, nd, *, op: str, keepdims=False, return_indices=False,
     ``mode`` is one of GLOBAL_MODES; "avgmax" and "catavgmax" (timm's heads) compose the
     global average and maximum, and their indices are the maximum's."""
     keepdims = check_bool(keepdims, "keepdims", op)
-    if mode in COMBINED_MODES:
-        impl, result = _global_combined(x, mode, nd, op, return_indices, channels_last,
-                                        backend, stream)
-    elif mode in GLOBAL_MODES:
-        impl, result = _adaptive(x, mode, nd, 1, op, True, return_indices, channels_last,
-                                 backend, stream)
-    else:
+    if mode not in GLOBAL_MODES:
         raise ValueError(f"{op}: mode must be one of {GLOBAL_MODES}, got {mode!r}")
+    if mode not in COMBINED_MODES:
+        return _call(_adaptive_plan, (x,), backend, stream, (
+            op, True, mode, nd, 1, return_indices, channels_last, keepdims))
+    impl, result = _global_combined(x, mode, nd, op, return_indices, channels_last, backend,
+                                    stream)
     if not keepdims:
         def squeeze(r):
             return r.reshape(r.shape[:-nd - 1] + r.shape[-1:] if channels_last else
                              r.shape[:-nd])
         result = tuple(map(squeeze, result)) if return_indices else squeeze(result)
     return _wrap(impl, result, x)
+
+
+def _adaptive(x, mode, nd, output_size, op, strict, return_indices, channels_last, backend,
+              stream):
+    """The back end used and the adaptive pooling's result, not yet wrapped as the
+    input's kind (for compositions of several results)."""
+    plan, arrays = _adaptive_plan((x,), backend, stream, op, strict, mode, nd, output_size,
+                                  return_indices, channels_last, None)
+    return plan.impl, plan(*arrays, stream)
 
 
 def _rows(layout: Layout) -> tuple[int, int]:
@@ -316,8 +500,50 @@ def _check_grad_shape(grad: np.ndarray, want: tuple, op: str, name: str = "grad_
                          f"input_shape gives {tuple(want)}")
 
 
-def _max_backward(impl, grad, indices: object, layout: Layout, input_shape: tuple, op: str,
-                  table: WindowTable | None = None, stream=None):
+@dataclass(frozen=True, slots=True)
+class _MaxBackwardPlan:
+    """Max pooling's gradient, planned for one gradient shape and dtype."""
+
+    impl: object
+    op: str
+    input_shape: tuple
+    spatial: tuple  # the input's spatial shape, which indices address
+    empty: bool
+    out_shape: tuple  # the gradient as the kernels take it
+    backward: Callable | None  # canonical grad, indices -> (grad_input, indices outside)
+    threads: int | None  # the thread count backward splits its work for; None: any
+
+    def __call__(self, grad, indices, stream=None):
+        impl = self.impl
+        if self.empty:
+            return impl.zeros(self.input_shape, grad.dtype, stream)
+        grad_in, outside = self.backward(impl.canonical(grad, self.out_shape, stream),
+                                         impl.canonical(indices, self.out_shape, stream),
+                                         stream)
+        if outside:
+            raise ValueError(f"{self.op}: indices hold {outside} values outside [0, "
+                             f"{math.prod(self.spatial)}), the positions of input_shape's "
+                             f"spatial plane {self.spatial}")
+        return grad_in.reshape(self.input_shape)
+
+
+def _max_backward_plan(impl, grad, layout: Layout, input_shape: tuple, op: str,
+                       table: WindowTable | None) -> _MaxBackwardPlan:
+    """The plan for a gradient of ``grad``'s shape and dtype (indices already checked)."""
+    out_shape = layout.canonical_out_shape(grad.shape[len(layout.batch_shape):][
+        : len(layout.spatial)])
+    backward = None
+    if not layout.is_empty():
+        arguments = (layout.canonical_shape(), layout.channels_last, table)
+        planner = getattr(impl, "plan_max_backward", None)
+        backward = planner(out_shape, np.dtype(grad.dtype).newbyteorder("="), *arguments) \
+            if planner else _unplanned(impl.max_backward, *arguments)
+    return _MaxBackwardPlan(impl, op, input_shape, layout.spatial, layout.is_empty(),
+                            out_shape, backward, getattr(backward, "threads", None))
+
+
+def _max_indices(impl, grad, indices: object, op: str, stream=None):
+    """``indices`` as the back end's array, checked against ``grad``."""
     indices = impl.asarray(indices, op, "indices", stream)
     if np.dtype(indices.dtype).newbyteorder("=") != np.int64:
         raise ValueError(f"{op}: indices must be int64 (as returned by the forward op with "
@@ -325,18 +551,7 @@ def _max_backward(impl, grad, indices: object, layout: Layout, input_shape: tupl
     if indices.shape != grad.shape:
         raise ValueError(f"{op}: indices has shape {indices.shape} but grad_output has "
                          f"shape {grad.shape}")
-    if layout.is_empty():
-        return impl.zeros(input_shape, grad.dtype, stream)
-    out_shape = layout.canonical_out_shape(grad.shape[len(layout.batch_shape):][
-        : len(layout.spatial)])
-    grad_in, outside = impl.max_backward(
-        impl.canonical(grad, out_shape, stream), impl.canonical(indices, out_shape, stream),
-        layout.canonical_shape(), layout.channels_last, table, stream=stream)
-    if outside:
-        plane = math.prod(layout.spatial)
-        raise ValueError(f"{op}: indices hold {outside} values outside [0, {plane}), the "
-                         f"positions of input_shape's spatial plane {layout.spatial}")
-    return grad_in.reshape(input_shape)
+    return indices
 
 
 def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="sliding",
@@ -346,6 +561,13 @@ def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="slidin
     ``window`` (the forward call's kernel_size, stride, padding, dilation and
     ceil_mode) is optional for sliding windows; back ends that gather use it.
     """
+    return _call(_max_backward_call_plan, (grad_output, indices), backend, stream, (
+        op, nd, kind, window, input_shape, channels_last))
+
+
+def _max_backward_call_plan(arrays, backend, stream, op, nd, kind, window, input_shape,
+                            channels_last):
+    grad_output, indices = arrays
     channels_last = check_bool(channels_last, "channels_last", op)
     impl = _backend(backend, grad_output, op, stream)
     input_shape = _input_shape(input_shape, op)
@@ -369,8 +591,8 @@ def max_backward(grad_output, indices, input_shape, nd, *, op: str, kind="slidin
         _check_grad_shape(grad, layout.result_shape(table.out_shape[3 - nd:]), op)
     else:
         table = None
-    return _wrap(impl, _max_backward(impl, grad, indices, layout, input_shape, op, table,
-                                     stream), grad_output)
+    indices = _max_indices(impl, grad, indices, op, stream)
+    return _max_backward_plan(impl, grad, layout, input_shape, op, table), (grad, indices)
 
 
 def _unsqueeze_global(impl, array, layout: Layout, op: str, name="grad_output",
@@ -385,18 +607,71 @@ def _unsqueeze_global(impl, array, layout: Layout, op: str, name="grad_output",
     return array
 
 
-def _sum_backward(impl, grad, x, layout: Layout, table: WindowTable, power: float | None,
-                  input_shape: tuple, op: str, stream=None):
+@dataclass(frozen=True, slots=True)
+class _SumBackwardPlan:
+    """The gradient of average (or Lp) pooling, planned for one gradient shape and dtype."""
+
+    impl: object
+    input_shape: tuple
+    empty: bool
+    out_shape: tuple  # the gradient as the kernels take it
+    canonical_shape: tuple  # the input (Lp's x) as the kernels take it
+    backward: Callable | None  # canonical grad, x (or None) -> canonical grad_input
+    threads: int | None  # the thread count backward splits its work for; None: any
+
+    def __call__(self, grad, x=None, stream=None):
+        impl = self.impl
+        if self.empty:
+            return impl.zeros(self.input_shape, grad.dtype, stream)
+        grad_in = self.backward(
+            impl.canonical(grad, self.out_shape, stream),
+            None if x is None else impl.canonical(x, self.canonical_shape, stream), stream)
+        return grad_in.reshape(self.input_shape)
+
+
+def _sum_backward_plan(impl, grad, layout: Layout, table: WindowTable, power: float | None,
+                       input_shape: tuple, op: str) -> _SumBackwardPlan:
     out_spatial = table.out_shape[3 - len(layout.spatial):]
     _check_grad_shape(grad, layout.result_shape(out_spatial), op)
-    if layout.is_empty():
-        return impl.zeros(input_shape, grad.dtype, stream)
+    out_shape = layout.canonical_out_shape(out_spatial)
     canonical = layout.canonical_shape()
-    grad_in = impl.sum_backward(
-        impl.canonical(grad, layout.canonical_out_shape(out_spatial), stream),
-        None if x is None else impl.canonical(x, canonical, stream), table,
-        layout.channels_last, canonical, power, stream=stream)
-    return grad_in.reshape(input_shape)
+    backward = None
+    if not layout.is_empty():
+        arguments = (table, layout.channels_last, canonical, power)
+        planner = getattr(impl, "plan_sum_backward", None)
+        backward = planner(out_shape, np.dtype(grad.dtype).newbyteorder("="), *arguments) \
+            if planner else _unplanned(impl.sum_backward, *arguments)
+    return _SumBackwardPlan(impl, input_shape, layout.is_empty(), out_shape, canonical,
+                            backward, getattr(backward, "threads", None))
+
+
+def _sum_backward(impl, grad, x, layout: Layout, table: WindowTable, power: float | None,
+                  input_shape: tuple, op: str, stream=None):
+    """The gradient of a window sum over ``table``, planned and run at once."""
+    return _sum_backward_plan(impl, grad, layout, table, power, input_shape, op)(
+        grad, x, stream)
+
+
+@dataclass(frozen=True, slots=True)
+class _AbsMaxBackwardPlan:
+    """lp_pool with norm_type=inf is max pooling of |x|: its gradient runs that forward
+    for the indices, then max pooling's backward, times sign(x)."""
+
+    forward: _PoolPlan
+    backward: _MaxBackwardPlan
+
+    @property
+    def impl(self):
+        return self.forward.impl
+
+    @property
+    def threads(self) -> int | None:
+        return self.forward.threads if self.forward.threads is not None else \
+            self.backward.threads
+
+    def __call__(self, grad, x, stream=None):
+        _, indices = self.forward(x, stream)
+        return self.impl.times_sign(self.backward(grad, indices, stream), x, stream)
 
 
 def sliding_backward(grad_output, input_shape, mode, nd, kernel_size, stride=None,
@@ -404,6 +679,15 @@ def sliding_backward(grad_output, input_shape, mode, nd, kernel_size, stride=Non
                      count_include_pad=True, divisor_override=None, channels_last=False,
                      backend=None, stream=None):
     """Gradient of avg or lp pooling (lp needs the forward input ``x``)."""
+    return _call(_sliding_backward_plan, (grad_output, x), backend, stream, (
+        op, mode, nd, kernel_size, stride, padding, ceil_mode, input_shape, norm_type,
+        count_include_pad, divisor_override, channels_last))
+
+
+def _sliding_backward_plan(arrays, backend, stream, op, mode, nd, kernel_size, stride,
+                           padding, ceil_mode, input_shape, norm_type, count_include_pad,
+                           divisor_override, channels_last):
+    grad_output, x = arrays
     spec = _SlidingOp.from_args(op, mode, nd, kernel_size, stride, padding, 1, ceil_mode,
                                 norm_type, count_include_pad, divisor_override)
     channels_last = check_bool(channels_last, "channels_last", op)
@@ -418,20 +702,26 @@ def sliding_backward(grad_output, input_shape, mode, nd, kernel_size, stride=Non
     layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
     table = spec.table(layout)
     if spec.is_max_of_abs:
-        _, indices = _run(impl, "max", layout, impl.absolute(x, stream), table,
-                          with_indices=True, stream=stream)
-        _check_grad_shape(grad, indices.shape, op)
-        grad_in = _max_backward(impl, grad, indices, layout, input_shape, op, table, stream)
-        grad_in = impl.times_sign(grad_in, x, stream)
+        forward = _pool_plan(impl, "max", layout, x.dtype, table, with_indices=True,
+                             of_absolute=True)
+        _check_grad_shape(grad, forward.result_shape, op)
+        plan = _AbsMaxBackwardPlan(forward, _max_backward_plan(impl, grad, layout,
+                                                               input_shape, op, table))
     else:
-        grad_in = _sum_backward(impl, grad, x, layout, table, spec.power, input_shape, op,
-                                stream)
-    return _wrap(impl, grad_in, grad_output)
+        plan = _sum_backward_plan(impl, grad, layout, table, spec.power, input_shape, op)
+    return plan, (grad, x)
 
 
 def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=False,
                           channels_last=False, backend=None, stream=None):
     """Gradient of adaptive (or, with ``squeezed``, global) average pooling."""
+    return _call(_adaptive_avg_backward_plan, (grad_output, None), backend, stream, (
+        op, nd, squeezed, input_shape, channels_last))
+
+
+def _adaptive_avg_backward_plan(arrays, backend, stream, op, nd, squeezed, input_shape,
+                                channels_last):
+    grad_output, _ = arrays
     channels_last = check_bool(channels_last, "channels_last", op)
     impl = _backend(backend, grad_output, op, stream)
     input_shape = _input_shape(input_shape, op)
@@ -443,8 +733,7 @@ def adaptive_avg_backward(grad_output, input_shape, nd, *, op: str, squeezed=Fal
     if len(spatial) != nd or min(spatial) < 1:
         _check_grad_shape(grad, layout.result_shape((1,) * nd), op)
     table = adaptive_table(layout.spatial, tuple(spatial))
-    return _wrap(impl, _sum_backward(impl, grad, None, layout, table, None, input_shape, op,
-                                     stream), grad_output)
+    return _sum_backward_plan(impl, grad, layout, table, None, input_shape, op), (grad, None)
 
 
 def global_combined_backward(grad_output, indices, input_shape, mode, nd, *, op: str,

@@ -34,6 +34,8 @@ def asarray(x: object, op: str, name: str = "x", stream=None) -> np.ndarray:
 def canonical(array: np.ndarray, shape: tuple, stream=None) -> np.ndarray:
     """``array`` reshaped to ``shape``, C-contiguous and in native byte order
     (a view when it already is)."""
+    if array.flags.c_contiguous and array.dtype.isnative:  # the common case, quickly
+        return array.reshape(shape)
     dtype = array.dtype if array.dtype.isnative else array.dtype.newbyteorder("=")
     return np.ascontiguousarray(array.reshape(shape), dtype=dtype)
 

@@ -266,19 +266,53 @@ def _typed_key(value):
     """A hashable key that tells 1 from True and (1,) from [1]."""
     kind = type(value)
     if kind is tuple or kind is list:
-        return kind, tuple(map(_typed_key, value))
+        kinds = tuple(map(type, value))
+        if tuple in kinds or list in kinds:
+            return kind, tuple(map(_typed_key, value))
+        return kind, kinds, tuple(value)  # flat: its items' types, made in C, and the items
     hash(value)
     return kind, value
+
+
+_SEQUENCES = (tuple, list)
+
+
+def arguments_key(arguments: tuple) -> tuple:
+    """A hashable key for a tuple of user arguments that tells 1 from True and 1.0,
+    and (1,) from [1], at any depth: equal keys mean arguments that validate alike.
+
+    Raises TypeError, here or when hashed, for an unhashable argument.  The key
+    holds the arguments' types, then (when some arguments are tuples of scalars,
+    as shapes and kernel sizes are) their items' types, then the arguments; lists
+    and deeper nesting take :func:`_typed_key`.  It is built on every call, so
+    the common cases stay in C as far as they can.  (Not marshal, which would be
+    quicker: it encodes NumPy scalars and arrays as their raw bytes, so np.True_
+    would key like np.int8(1).)
+    """
+    kinds = tuple(map(type, arguments))
+    if tuple not in kinds and list not in kinds:
+        return kinds, arguments
+    if list not in kinds:
+        item_kinds = []
+        for value, kind in zip(arguments, kinds):
+            if kind is tuple:
+                item_kinds += map(type, value)
+        if tuple not in item_kinds and list not in item_kinds:
+            # Equal arguments have their tuples at the same places and of the same
+            # lengths, so equal item types, in order, give each item its type.
+            return kinds, tuple(item_kinds), arguments
+    return kinds, tuple([_typed_key(value) if kind in _SEQUENCES else value
+                         for value, kind in zip(arguments, kinds)])
 
 
 def memoised_by_arguments(build, cache: dict, arguments: tuple):
     """``build(*arguments)``, remembered per typed argument tuple: a training loop
     validates the same few argument sets over and over.  Failures are not cached."""
     try:
-        key = _typed_key(arguments)
+        key = arguments_key(arguments)
+        result = cache.get(key)
     except TypeError:  # an unhashable oddity: validate without the cache
         return build(*arguments)
-    result = cache.get(key)
     if result is None:
         result = build(*arguments)
         if len(cache) < 1024:
@@ -467,6 +501,12 @@ class WindowTable:
     # regularly spaced windows (sliding tables; empty for adaptive ones).
     interior: np.ndarray  # (3, 5) int64
 
+    def __post_init__(self):
+        # Tables are memoised and shared by every call and thread that uses them
+        # (and held by cached call plans); kernels only read them.
+        for array in (self.start, self.stop, self.step, self.divisor, self.interior):
+            array.flags.writeable = False
+
     @functools.cached_property
     def window_sizes(self) -> tuple[int, int, int]:
         """Per axis, the most input positions any window reads."""
@@ -516,6 +556,7 @@ class WindowTable:
             position = np.arange(size)
             first[axis, :size] = np.searchsorted(self.stop[axis, :n_out], position, "right")
             last[axis, :size] = np.searchsorted(self.start[axis, :n_out], position, "right")
+        first.flags.writeable = last.flags.writeable = False  # shared, as the table is
         return first, last
 
     @classmethod

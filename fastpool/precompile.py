@@ -298,6 +298,26 @@ def _namespace(layout: str) -> dict:
     return namespace
 
 
+def _both_builds():
+    """Run the loop body twice: every CPU launch parallel, then every one serial.
+
+    Small calls run a kernel's serial twin, large ones the parallel kernel (see
+    :func:`fastpool.cpu.runtime.launch`); each is its own build, and the tiny
+    inputs here would otherwise compile the twins alone.  Plans remember the
+    build they chose, so the plan cache is emptied before and after each pass."""
+    from fastpool import _dispatch
+    from fastpool.cpu import runtime
+    limit = runtime.SERIAL_WORK_LIMIT
+    try:
+        for forced in (0, 1 << 62):
+            runtime.SERIAL_WORK_LIMIT = forced
+            _dispatch.PLANS.clear()
+            yield forced
+    finally:
+        runtime.SERIAL_WORK_LIMIT = limit
+        _dispatch.PLANS.clear()
+
+
 def _run_task(task: _Task, namespaces: dict) -> None:
     import numpy as np
     case, layout = task.case, task.layout
@@ -316,9 +336,10 @@ def _run_task(task: _Task, namespaces: dict) -> None:
              "w": np.ones((3, case.channels, 3, 3), dtype), "b": np.ones(3, dtype),
              "i0": np.zeros(x.shape, np.int64)}
     try:
-        exec(case.forward, scope)
-        if case.backward and dtype.kind == "f":
-            exec(case.backward, scope)
+        for _ in _both_builds():
+            exec(case.forward, scope)
+            if case.backward and dtype.kind == "f":
+                exec(case.backward, scope)
     except Exception as error:
         raise RuntimeError(f"fastpool.precompile: {task.label()} failed: "
                            f"{type(error).__name__}: {error}") from error

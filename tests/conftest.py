@@ -6,6 +6,16 @@ import pytest
 from tests.oracle import to_channels_last
 
 
+@pytest.fixture(autouse=True)
+def no_cached_plans():
+    """Start every test with an empty plan cache: plans freeze the CPU back end's
+    tuning constants (SEPARABLE_MIN_WINDOW, GATHER_*, SERIAL_WORK_LIMIT, ...) when
+    built, and tests monkeypatch those."""
+    from fastpool import _dispatch
+
+    _dispatch.PLANS.clear()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261122)

@@ -9,13 +9,15 @@ import pytest
 
 SCRIPT = """
 import json, numpy as np, fastpool
-from fastpool.cpu import kernels
+from fastpool.cpu import kernels, runtime
 x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
 fastpool.max_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2, channels_last=True)
 fastpool.adaptive_avg_pool2d(x, 1)
-stats = {name: getattr(kernels, name).stats for name in
+# Calls this small run the kernels' serial twins (see tests/test_plan_cache.py for a
+# parallel kernel and its twin side by side).
+stats = {name: runtime.serial_twin(getattr(kernels, name)).stats for name in
          ("max_pool_channels_first", "sum_pool_channels_first", "sum_pool_channels_last",
           "plane_sum")}
 print(json.dumps({name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]

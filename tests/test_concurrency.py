@@ -39,7 +39,8 @@ def test_scenario(scenario, config):
 
 
 def test_set_num_threads_applies_in_every_thread():
-    x = np.random.default_rng(0).standard_normal((4, 8, 16, 16))
+    # Large enough for a parallel launch (small calls run serially, on no threads).
+    x = np.random.default_rng(0).standard_normal((4, 8, 64, 64))
     seen = []
 
     def worker():
@@ -67,14 +68,18 @@ def test_set_num_threads_rejects_bad_values(bad, error):
 
 OMP_FORK_CHILD = """
 import multiprocessing, numba, numpy as np, fastpool
-x = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+x = np.random.default_rng(0).standard_normal((4, 8, 64, 64))  # large: a parallel launch
 fastpool.max_pool2d(x, 2)  # the parent runs a parallel kernel on omp
 assert numba.threading_layer() == "omp", numba.threading_layer()
 
 def work(i):
     return float(fastpool.max_pool2d(x, 2).sum())
 
+def small_work(i):  # small calls run serially, on no threads: fine in the child
+    return float(fastpool.max_pool2d(x[:1, :2, :8, :8], 2).sum())
+
 with multiprocessing.get_context("fork").Pool(2) as pool:
+    assert pool.map(small_work, range(2)) == [small_work(0)] * 2
     try:
         pool.map(work, range(2))
     except RuntimeError as error:

@@ -45,6 +45,7 @@ RSS_TOLERANCE = 0.05
 # The bounds of fastpool's memoisation caches (checked against the code below).
 WINDOW_SPECS_BOUND = 1024  # _params._WINDOWS and _dispatch._SLIDING_OPS
 TABLE_CACHE_BOUND = 256  # _params._sliding_table and _params.adaptive_table
+PLAN_CACHE_BOUND = 512  # _dispatch.PLANS, whose plans hold window tables too
 
 
 # --------------------------------------------------------------------------
@@ -228,6 +229,7 @@ def cache_sizes() -> dict:
     sizes = {
         "_params._WINDOWS": [len(_params._WINDOWS), WINDOW_SPECS_BOUND],
         "_dispatch._SLIDING_OPS": [len(_dispatch._SLIDING_OPS), WINDOW_SPECS_BOUND],
+        "_dispatch.PLANS": [len(_dispatch.PLANS), PLAN_CACHE_BOUND],
     }
     for name, cached in (("_params._sliding_table", _params._sliding_table),
                          ("_params.adaptive_table", _params.adaptive_table),
@@ -248,10 +250,11 @@ def compiled_signatures() -> int:
     """How many specialisations of fastpool's CPU kernels numba holds."""
     from numba.core.registry import CPUDispatcher
 
-    from fastpool.cpu import conv, kernels
+    from fastpool.cpu import conv, kernels, runtime
 
     return sum(len(value.signatures) for module in (kernels, conv)
-               for value in vars(module).values() if isinstance(value, CPUDispatcher))
+               for value in vars(module).values() if isinstance(value, CPUDispatcher)) + \
+        sum(len(twin.signatures) for twin in list(runtime._twins.values()))
 
 
 # --------------------------------------------------------------------------
@@ -359,8 +362,10 @@ def test_soak_threads_bit_identical_flat_memory_bounded_caches(config):
     # The sliding-table cache was full and evicting while the threads ran.
     assert figures["caches_end"]["_params._sliding_table"][0] == TABLE_CACHE_BOUND
     assert figures["table_cache_misses"]["_sliding_table"] > 2 * TABLE_CACHE_BOUND
-    # Live tables: those the two caches hold, plus a few in flight or in recipes.
-    assert figures["caches_end"]["live WindowTable objects"][0] <= 2 * TABLE_CACHE_BOUND + 64
+    # Live tables: those the two table caches and the plans hold, plus a few in flight
+    # or in recipes.
+    assert figures["caches_end"]["live WindowTable objects"][0] <= \
+        2 * TABLE_CACHE_BOUND + PLAN_CACHE_BOUND + 64
 
 
 # --------------------------------------------------------------------------
@@ -371,6 +376,7 @@ def test_soak_threads_bit_identical_flat_memory_bounded_caches(config):
 def test_cache_bounds_match_the_code():
     assert _params._sliding_table.cache_info().maxsize == TABLE_CACHE_BOUND
     assert _params.adaptive_table.cache_info().maxsize == TABLE_CACHE_BOUND
+    assert _dispatch.PLANS.size == PLAN_CACHE_BOUND
 
 
 def test_table_caches_stay_bounded_under_new_shapes():
@@ -387,10 +393,11 @@ def test_table_caches_stay_bounded_under_new_shapes():
     for name in ("_params._sliding_table", "_params.adaptive_table"):
         size, bound = sizes[name]
         assert size == bound == TABLE_CACHE_BOUND, (name, size, bound)
+    assert sizes["_dispatch.PLANS"][0] == PLAN_CACHE_BOUND
     assert sizes["WindowTable._covering (most in one table)"][0] <= 1
     gc.collect()
     assert len([o for o in gc.get_objects() if type(o) is _params.WindowTable]) <= \
-        2 * TABLE_CACHE_BOUND + before["live WindowTable objects"]
+        2 * TABLE_CACHE_BOUND + PLAN_CACHE_BOUND + before["live WindowTable objects"]
 
 
 def _max_and_grad(row):

@@ -62,7 +62,7 @@ def launches(monkeypatch):
 
 
 def test_threads_follow_torch_unless_set(launches):
-    x = torch.rand(1, 2, 8, 8)
+    x = torch.rand(4, 8, 64, 64)  # large enough for parallel launches (small ones are serial)
     torch.set_num_threads(1)
     FF.max_pool2d(x, 2)
     assert launches and set(launches) == {1}

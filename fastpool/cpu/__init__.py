@@ -14,6 +14,10 @@ from fastpool.cpu.pooling import (
     max_pool,
     max_unpool,
     max_unpool_backward,
+    plan_max_backward,
+    plan_max_pool,
+    plan_sum_backward,
+    plan_sum_pool,
     sum_backward,
     sum_pool,
 )
@@ -23,4 +27,5 @@ from fastpool.cpu.pooling import (
 conv_channels_last = True
 
 __all__ = ["max_pool", "fractional_max_pool", "sum_pool", "max_backward", "sum_backward",
-           "max_unpool", "max_unpool_backward", "conv", "conv_backward", *_ARRAY_API]
+           "max_unpool", "max_unpool_backward", "conv", "conv_backward", "plan_max_pool",
+           "plan_sum_pool", "plan_max_backward", "plan_sum_backward", *_ARRAY_API]

@@ -6,17 +6,35 @@ or 5-D channels-last) with a validated :class:`~fastpool._params.WindowTable`.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 
 from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
 from fastpool.cpu import kernels
-from fastpool.cpu.runtime import launch
+from fastpool.cpu.runtime import bind, launch, runs_serially
+
+# Each driver is split in two: ``plan_<op>`` makes every choice that follows from
+# the shapes, dtype and window table (the kernel, serial or parallel, and its
+# non-array arguments) and returns a runner that only allocates and launches.
+# The dispatch layer caches the runners per call signature; ``<op>`` itself plans
+# and runs at once.  Runners hold the tuning constants below as they were when
+# planned (tests that change them clear fastpool._dispatch.PLANS).
 
 
-def _chunks(x: np.ndarray, table: WindowTable) -> int:
-    """How many parallel tasks the output rows (batch, od, oh) are split into."""
-    return _task_count(x.shape[0] * table.out_shape[0] * table.out_shape[1])
+def _runner(run: Callable, serial: bool) -> Callable:
+    """``run``, marked with the thread count its launches split the work for
+    (``run.threads``; None when they run serially, for any thread count)."""
+    run.threads = None if serial else get_num_threads()
+    return run
+
+
+def _chunks(shape: tuple, table: WindowTable, serial: bool = False) -> int:
+    """How many tasks the output rows (batch, od, oh) are split into: one for a
+    serial launch, which gains nothing from splitting them."""
+    return 1 if serial else _task_count(shape[0] * table.out_shape[0] * table.out_shape[1])
 
 
 def _task_count(items: int) -> int:
@@ -25,9 +43,14 @@ def _task_count(items: int) -> int:
     return max(1, min(items, 16 * get_num_threads()))
 
 
-def _out_shape(x: np.ndarray, table: WindowTable, channels_last: bool) -> tuple:
-    return (x.shape[0], *table.out_shape, *x.shape[4:5]) if channels_last else (
-        x.shape[0], *table.out_shape)
+def _out_shape(shape: tuple, table: WindowTable, channels_last: bool) -> tuple:
+    return (shape[0], *table.out_shape, *shape[4:5]) if channels_last else (
+        shape[0], *table.out_shape)
+
+
+def _pool_work(out_shape: tuple, table: WindowTable) -> int:
+    """About the element reads of a forward pooling call."""
+    return math.prod(out_shape) * table.max_window_size
 
 
 # Windows of at least this many elements take the separable kernels (a W pass,
@@ -37,19 +60,20 @@ SEPARABLE_MIN_WINDOW = 9
 SEPARABLE_MAX_BUFFER = 64 << 20
 
 
-def _separable(x: np.ndarray, table: WindowTable, channels_last: bool,
-               bytes_per_entry: int) -> int:
-    """0 for the direct kernels, else the channel block of the separable ones."""
+def _separable(shape: tuple, table: WindowTable, channels_last: bool,
+               bytes_per_entry: int, serial: bool = False) -> int:
+    """0 for the direct kernels, else the channel block of the separable ones
+    (``shape``: the canonical input's)."""
     if table.max_window_size < SEPARABLE_MIN_WINDOW:
         return 0
-    depth, height = x.shape[1:3]
+    depth, height = shape[1:3]
     out_d, out_h, out_w = table.out_shape
     size_d, size_h, size_w = table.window_sizes
     direct = out_d * out_h * out_w * size_d * size_h * size_w
     separable = depth * height * out_w * size_w + out_d * out_h * out_w * size_d * size_h
     if SEPARABLE_MIN_WINDOW > 1 and 2 * separable > direct:
         return 0
-    block = _channel_block(x.shape[0], x.shape[4]) if channels_last else 1
+    block = _channel_block(shape[0], shape[4], serial) if channels_last else 1
     fits = depth * height * table.out_shape[2] * block * bytes_per_entry <= SEPARABLE_MAX_BUFFER
     return block if fits else 0
 
@@ -57,65 +81,131 @@ def _separable(x: np.ndarray, table: WindowTable, channels_last: bool,
 def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
              with_indices: bool, stream=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Window maxima and, if asked, their flat indices within the spatial plane."""
-    shape = _out_shape(x, table, channels_last)
-    out = np.empty(shape, x.dtype)
-    # None, not an array, compiles the kernels without their position bookkeeping.
-    indices = np.empty(shape, np.int64) if with_indices else None
-    lowest = x.dtype.type(lowest)
-    if not channels_last and table.is_whole_plane(x.shape[1:4]):
-        launch(kernels.plane_max, x.reshape(x.shape[0], -1), out.reshape(-1),
-               None if indices is None else indices.reshape(-1), lowest)
-    elif block := _separable(x, table, channels_last, x.itemsize + 8 * with_indices):
-        _launch_separable("max_pool", channels_last, block, (x, out, indices), table, lowest)
+    return plan_max_pool(x.shape, x.dtype, table, channels_last, lowest, with_indices)(x)
+
+
+def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_last: bool,
+                  lowest, with_indices: bool) -> Callable:
+    """:func:`max_pool` planned for canonical input of ``shape`` and ``dtype``: a
+    function of that input (and an ignored stream) returning (out, indices)."""
+    dtype = np.dtype(dtype)
+    out_shape = _out_shape(shape, table, channels_last)
+    work = _pool_work(out_shape, table)
+    serial = runs_serially(work)
+    lowest = dtype.type(lowest)
+    flat_input = None  # the whole-plane kernel reads (planes, plane size)
+    if not channels_last and table.is_whole_plane(shape[1:4]):
+        flat_input = (shape[0], -1)
+        launcher = bind(kernels.plane_max, lowest, work=work)
+    elif block := _separable(shape, table, channels_last, dtype.itemsize + 8 * with_indices,
+                             serial):
+        launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,), work)
     elif channels_last:
-        launch(kernels.max_pool_channels_last, x, out, indices, table.start, table.stop,
-               table.step, lowest, _chunks(x, table))
+        launcher = bind(kernels.max_pool_channels_last, table.start, table.stop, table.step,
+                        lowest, _chunks(shape, table, serial), work=work)
     else:
-        launch(kernels.max_pool_channels_first, x, out, indices, table.start, table.stop,
-               table.step, table.interior, lowest, _chunks(x, table))
-    return out, indices
+        launcher = bind(kernels.max_pool_channels_first, table.start, table.stop,
+                        table.step, table.interior, lowest, _chunks(shape, table, serial),
+                        work=work)
+
+    def run_max_pool(x: np.ndarray, stream=None):
+        out = np.empty(out_shape, dtype)
+        # None, not an array, compiles the kernels without their position bookkeeping.
+        indices = np.empty(out_shape, np.int64) if with_indices else None
+        if flat_input is None:
+            launcher(x, out, indices)
+        else:
+            launcher(x.reshape(flat_input), out.reshape(-1),
+                     None if indices is None else indices.reshape(-1))
+        return out, indices
+
+    return _runner(run_max_pool, serial)
 
 
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
              power: float | None, stream=None) -> np.ndarray:
     """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window; power None
     is the average (its own specialisation, free of pow calls)."""
-    out = np.empty(_out_shape(x, table, channels_last), x.dtype)
+    return plan_sum_pool(x.shape, x.dtype, table, channels_last, power)(x)
+
+
+def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_last: bool,
+                  power: float | None) -> Callable:
+    """:func:`sum_pool` planned for canonical input of ``shape`` and ``dtype``: a
+    function of that input (and an ignored stream) returning the output."""
+    dtype = np.dtype(dtype)
+    out_shape = _out_shape(shape, table, channels_last)
+    work = _pool_work(out_shape, table)
+    serial = runs_serially(work)
     lp = None if power is None else float(power)
-    zero = accumulator_zero(x.dtype, table, lp)
-    if not channels_last and table.is_whole_plane(x.shape[1:4]):
-        launch(kernels.plane_sum, x.reshape(x.shape[0], -1), out.reshape(-1),
-               table.scale / float(np.prod(table.divisor[:, 0])), lp, zero)
-    elif block := _separable(x, table, channels_last, np.dtype(type(zero)).itemsize):
-        _launch_separable("sum_pool", channels_last, block, (x, out), table, table.divisor,
-                          table.scale, lp, zero)
+    zero = accumulator_zero(dtype, table, lp)
+    flat_input = None
+    if not channels_last and table.is_whole_plane(shape[1:4]):
+        flat_input = (shape[0], -1)
+        launcher = bind(kernels.plane_sum, table.scale / float(np.prod(table.divisor[:, 0])),
+                        lp, zero, work=work)
+    elif block := _separable(shape, table, channels_last, np.dtype(type(zero)).itemsize,
+                             serial):
+        launcher = _bind_separable("sum_pool", channels_last, block, table,
+                                   (table.divisor, table.scale, lp, zero), work)
     else:
-        _sum_pool_direct(x, out, table, channels_last, lp, zero)
-    return out
+        launcher = bind(*_sum_pool_direct_call(shape, table, channels_last, lp, zero, serial),
+                        None, work=work)
+
+    def run_sum_pool(x: np.ndarray, stream=None):
+        out = np.empty(out_shape, dtype)
+        if flat_input is None:
+            launcher(x, out)
+        else:
+            launcher(x.reshape(flat_input), out.reshape(-1))
+        return out
+
+    return _runner(run_sum_pool, serial)
 
 
-def _sum_pool_direct(x, out, table, channels_last, lp, zero, grad=None) -> None:
+def _sum_pool_direct_call(shape, table, channels_last, lp, zero, serial=False) -> tuple:
+    """The direct sum kernel and its arguments after (x, out), up to the optional
+    ``grad`` (given, the window sums are finished as the Lp backward's coefficients)."""
+    if channels_last:
+        return (kernels.sum_pool_channels_last, table.start, table.stop, table.step,
+                table.divisor, table.scale, lp, zero, _chunks(shape, table, serial))
+    return (kernels.sum_pool_channels_first, table.start, table.stop, table.step,
+            table.interior, table.divisor, table.scale, lp, zero,
+            _chunks(shape, table, serial))
+
+
+def _sum_pool_direct(x, out, table, channels_last, lp, zero, grad=None, work=None) -> None:
     """The direct sum kernels: window sums finished as norms, or as the Lp backward's
     coefficients when ``grad`` is given."""
+    serial = work is not None and runs_serially(work)
+    kernel, *arguments = _sum_pool_direct_call(x.shape, table, channels_last, lp, zero,
+                                               serial)
+    launch(kernel, x, out, *arguments, grad, work=work)
+
+
+def _separable_arguments(name: str, channels_last: bool, block: int, table: WindowTable,
+                         arguments: tuple) -> tuple:
+    """``name``'s separable kernel and its arguments after the arrays (input, output
+    and, for max, the indices): channels-first ones sweep the interior windows,
+    channels-last ones take a channel block."""
+    head = (table.start, table.stop, table.step)
     if channels_last:
-        launch(kernels.sum_pool_channels_last, x, out, table.start, table.stop, table.step,
-               table.divisor, table.scale, lp, zero, _chunks(x, table), grad)
-    else:
-        launch(kernels.sum_pool_channels_first, x, out, table.start, table.stop, table.step,
-               table.interior, table.divisor, table.scale, lp, zero, _chunks(x, table), grad)
+        return (getattr(kernels, f"{name}_separable_channels_last"), *head, *arguments,
+                block)
+    return (getattr(kernels, f"{name}_separable_channels_first"), *head, table.interior,
+            *arguments)
+
+
+def _bind_separable(name, channels_last, block, table, arguments, work):
+    kernel, *tail = _separable_arguments(name, channels_last, block, table, arguments)
+    return bind(kernel, *tail, work=work)
 
 
 def _launch_separable(name: str, channels_last: bool, block: int, arrays: tuple,
                       table: WindowTable, *arguments) -> None:
-    """Run ``name``'s separable kernel on ``arrays`` (input, output and, for max, the
-    indices): channels-first ones sweep the interior windows, channels-last ones
-    take a channel block."""
-    head = (*arrays, table.start, table.stop, table.step)
-    if channels_last:
-        launch(getattr(kernels, f"{name}_separable_channels_last"), *head, *arguments, block)
-    else:
-        launch(getattr(kernels, f"{name}_separable_channels_first"), *head, table.interior,
-               *arguments)
+    """Run ``name``'s separable kernel on ``arrays`` (in parallel)."""
+    kernel, *tail = _separable_arguments(name, channels_last, block, table, arguments)
+    launch(kernel, *arrays, *tail)
 
 
 # Windows up to this many elements sum float32 input in float32, as torch does;
@@ -131,11 +221,12 @@ def accumulator_zero(dtype, table: WindowTable, power: float | None = None):
     return np.float64(0)
 
 
-def _channel_block(batch: int, channels: int) -> int:
-    """Channels per task of a channels-last backward: whole images when there are
-    enough of them to keep every thread busy, else channel slices of them."""
+def _channel_block(batch: int, channels: int, serial: bool = False) -> int:
+    """Channels per task of a channels-last kernel: whole images when there are
+    enough of them to keep every thread busy (or for a serial launch), else
+    channel slices of them."""
     tasks_wanted = 4 * get_num_threads()
-    if batch >= tasks_wanted:
+    if serial or batch >= tasks_wanted:
         return max(channels, 1)
     slices = -(-tasks_wanted // max(batch, 1))
     return max(16, -(-channels // slices))
@@ -156,59 +247,99 @@ def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
                  channels_last: bool, table: WindowTable | None = None,
                  stream=None) -> tuple[np.ndarray, int]:
     """Gradients to the maxima's positions: (grad_input, indices outside the plane)."""
-    batch, spatial = input_shape[0], int(np.prod(input_shape[1:4]))
+    return plan_max_backward(grad_out.shape, grad_out.dtype, input_shape, channels_last,
+                             table)(grad_out, indices)
+
+
+def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
+                      channels_last: bool, table: WindowTable | None = None) -> Callable:
+    """:func:`max_backward` planned for canonical gradients of ``out_shape`` and
+    ``dtype``: a function of (grad_out, indices[, stream])."""
+    dtype = np.dtype(dtype)
+    batch, spatial = input_shape[0], math.prod(input_shape[1:4])
     tail = input_shape[4:]
+    work = math.prod(out_shape) + math.prod(input_shape)
+    gather = None
     if channels_last and table is not None and tail[0] >= GATHER_MIN_CHANNELS and \
             batch <= GATHER_MAX_BATCH_PER_THREAD * get_num_threads() and \
             table.max_cover(input_shape[1:4]) <= GATHER_MAX_COVER:
         first, last = table.covering_outputs(input_shape[1:4])
-        grad_in = np.empty(input_shape, grad_out.dtype)
-        matched = launch(kernels.max_backward_gather_channels_last, grad_out, indices, grad_in,
-                         first, last, table.start, table.stop, table.step)
-        if matched == grad_out.size:
-            return grad_in, 0
-    grad_in = np.empty((batch, spatial, *tail), grad_out.dtype)  # zeroed by the kernels
-    shape = (batch, -1, *tail)
+        gather = bind(kernels.max_backward_gather_channels_last, first, last, table.start,
+                      table.stop, table.step, work=work)
+    rows = (batch, -1, *tail)
     if channels_last:
-        outside = launch(kernels.max_backward_channels_last, grad_out.reshape(shape),
-                         indices.reshape(shape), grad_in, _channel_block(batch, tail[0]))
+        block = _channel_block(batch, tail[0], runs_serially(work))
+        scatter = bind(kernels.max_backward_channels_last, block, work=work)
     else:
-        outside = launch(kernels.max_backward_channels_first, grad_out.reshape(shape),
-                         indices.reshape(shape), grad_in)
-    return grad_in.reshape(input_shape), int(outside)
+        scatter = bind(kernels.max_backward_channels_first, work=work)
+
+    def run_max_backward(grad_out: np.ndarray, indices: np.ndarray, stream=None):
+        if gather is not None:
+            grad_in = np.empty(input_shape, dtype)
+            if gather(grad_out, indices, grad_in) == grad_out.size:
+                return grad_in, 0
+            # Some maximum lies outside its window (indices not from this forward):
+            # the scatter takes any in-plane index and counts the others.
+        grad_in = np.empty((batch, spatial, *tail), dtype)  # zeroed by the kernels
+        outside = scatter(grad_out.reshape(rows), indices.reshape(rows), grad_in)
+        return grad_in.reshape(input_shape), int(outside)
+
+    return _runner(run_max_backward, runs_serially(work))
 
 
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
                  channels_last: bool, input_shape: tuple, power: float | None,
                  stream=None) -> np.ndarray:
     """Gradient of :func:`sum_pool` (x is needed for Lp only), as a gather."""
+    return plan_sum_backward(grad_out.shape, grad_out.dtype, table, channels_last,
+                             input_shape, power)(grad_out, x)
+
+
+def plan_sum_backward(out_shape: tuple, dtype: np.dtype, table: WindowTable,
+                      channels_last: bool, input_shape: tuple,
+                      power: float | None) -> Callable:
+    """:func:`sum_backward` planned for canonical gradients of ``out_shape`` and
+    ``dtype``: a function of (grad_out, x[, stream])."""
+    dtype = np.dtype(dtype)
     lp = None if power is None else float(power)
+    work = math.prod(out_shape) * table.max_window_size + math.prod(input_shape)
     if not channels_last and lp is None and table.is_whole_plane(input_shape[1:4]):
-        grad_in = np.empty(input_shape, grad_out.dtype)
-        launch(kernels.plane_broadcast, grad_out.reshape(-1),
-               grad_in.reshape(input_shape[0], -1),
-               table.scale / float(np.prod(table.divisor[:, 0])))
-        return grad_in
-    coefficient, scale = grad_out, table.scale
-    if lp is not None:
-        # d loss / d window mean, with the forward's window sums; the gather then
-        # divides by the divisor alone.
-        coefficient = np.empty(grad_out.shape, np.float64)
-        _sum_pool_direct(x, coefficient, table, channels_last, lp, np.float64(0), grad_out)
-        scale = 1.0
-    grad_in = np.empty(input_shape, grad_out.dtype)
+        planes = (input_shape[0], -1)
+        broadcast = bind(kernels.plane_broadcast,
+                         table.scale / float(np.prod(table.divisor[:, 0])), work=work)
+
+        def run_plane_broadcast(grad_out: np.ndarray, x=None, stream=None):
+            grad_in = np.empty(input_shape, dtype)
+            broadcast(grad_out.reshape(-1), grad_in.reshape(planes))
+            return grad_in
+
+        return _runner(run_plane_broadcast, runs_serially(work))
+    serial = runs_serially(work)
     first, last = table.covering_outputs(input_shape[1:4])
-    arguments = (coefficient, grad_in if x is None else x, grad_in, first, last, table.start,
-                 table.stop, table.step, table.divisor, scale, lp)
+    scale = table.scale if lp is None else 1.0
+    arguments = (first, last, table.start, table.stop, table.step, table.divisor, scale, lp)
     if channels_last:
-        launch(kernels.sum_backward_channels_last, *arguments,
-               np.float64(0) if lp is not None else grad_out.dtype.type(0))
+        gather = bind(kernels.sum_backward_channels_last, *arguments,
+                      np.float64(0) if lp is not None else dtype.type(0), work=work)
     else:
-        zero = accumulator_zero(grad_out.dtype, table, lp)
-        slabs = input_shape[0] * input_shape[1]
-        launch(kernels.sum_backward_channels_first, *arguments, zero,
-               _task_count(slabs))
-    return grad_in
+        gather = bind(kernels.sum_backward_channels_first, *arguments,
+                      accumulator_zero(dtype, table, lp),
+                      1 if serial else _task_count(input_shape[0] * input_shape[1]),
+                      work=work)
+
+    def run_sum_backward(grad_out: np.ndarray, x: np.ndarray | None, stream=None):
+        coefficient = grad_out
+        if lp is not None:
+            # d loss / d window mean, with the forward's window sums; the gather then
+            # divides by the divisor alone.
+            coefficient = np.empty(grad_out.shape, np.float64)
+            _sum_pool_direct(x, coefficient, table, channels_last, lp, np.float64(0),
+                             grad_out, work)
+        grad_in = np.empty(input_shape, dtype)
+        gather(coefficient, grad_in if x is None else x, grad_in)
+        return grad_in
+
+    return _runner(run_sum_backward, serial)
 
 
 def max_unpool(x: np.ndarray, indices: np.ndarray, size: int, channels_last: bool,
@@ -217,7 +348,7 @@ def max_unpool(x: np.ndarray, indices: np.ndarray, size: int, channels_last: boo
     ``size`` elements: (out, indices outside the plane)."""
     out = np.empty((x.shape[0], size, *x.shape[2:]), x.dtype)
     kernel = kernels.unpool_channels_last if channels_last else kernels.unpool_channels_first
-    return out, int(launch(kernel, x, indices, out))
+    return out, int(launch(kernel, x, indices, out, work=x.size + out.size))
 
 
 def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
@@ -225,7 +356,8 @@ def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
     """Gather canonical 3-D ``grad_out`` (batch, size, C) at ``indices`` (batch, inputs,
     C): (grad_input, indices outside the plane)."""
     grad_in = np.empty(indices.shape, grad_out.dtype)
-    return grad_in, int(launch(kernels.unpool_backward, grad_out, indices, grad_in))
+    return grad_in, int(launch(kernels.unpool_backward, grad_out, indices, grad_in,
+                               work=2 * grad_in.size))
 
 
 def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
@@ -234,5 +366,6 @@ def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
     starting at ``starts`` (batch, C, 3, outputs): (values, flat plane indices)."""
     shape = (x.shape[0], *out_shape, x.shape[4])
     out, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
-    launch(kernels.fractional_max_pool, x, out, indices, starts, kernel, x.dtype.type(lowest))
+    launch(kernels.fractional_max_pool, x, out, indices, starts, kernel, x.dtype.type(lowest),
+           work=out.size * int(np.prod(kernel)))
     return out, indices

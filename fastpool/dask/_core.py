@@ -266,13 +266,6 @@ def to_global_indices(indices, piece_spatial: tuple, origins: tuple, whole_spati
     return result
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """A stand-in with the shape of an array (for the CPU kernel choice)."""
-
-    shape: tuple
-
-
 def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype,
                      power: float | None):
     """The CPU back end's separable-or-direct choice for the *whole* array (None when it
@@ -285,7 +278,7 @@ def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype,
     if not layout.channels_last and table.is_whole_plane(canonical[1:4]):
         return "plane"  # one block reads the whole plane: the same call as in memory
     zero = pooling.accumulator_zero(np.dtype(dtype), table, power)
-    return pooling._separable(_Shape(canonical), table, layout.channels_last,
+    return pooling._separable(canonical, table, layout.channels_last,
                               np.dtype(type(zero)).itemsize)
 
 
@@ -299,7 +292,7 @@ def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: f
 
     # Never the whole-plane kernel (a block whose one window is the block): it sums in
     # another order than the whole array's kernel.
-    out = np.empty(pooling._out_shape(canonical, table, channels_last), canonical.dtype)
+    out = np.empty(pooling._out_shape(canonical.shape, table, channels_last), canonical.dtype)
     lp = None if power is None else float(power)
     zero = pooling.accumulator_zero(canonical.dtype, table, lp)
     if separable:
