@@ -246,7 +246,7 @@ def test_empty_and_channel_free_inputs(channels_last):
 
 
 def test_blas_follows_fastpool_thread_count():
-    pytest.importorskip("threadpoolctl")
+    import threadpoolctl  # noqa: F401  (a test dependency)
     fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))  # finds NumPy's BLAS
 
     def blas_threads():
@@ -263,7 +263,7 @@ def test_blas_follows_fastpool_thread_count():
 
 
 def test_blas_count_restored_after_concurrent_capped_calls():
-    pytest.importorskip("threadpoolctl")
+    import threadpoolctl  # noqa: F401  (a test dependency)
     from fastpool import _threads
 
     x, w = np.ones((2, 3, 9, 10)), np.ones((4, 3, 3, 3))
@@ -290,7 +290,7 @@ def test_blas_count_restored_after_concurrent_capped_calls():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_undoes_a_lowering_in_flight_at_fork():
-    pytest.importorskip("threadpoolctl")
+    import threadpoolctl  # noqa: F401  (a test dependency)
     fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))
     libraries = CPU_CONV._blas_libraries_found()
     if not libraries or max(library.num_threads for library in libraries) < 2:
