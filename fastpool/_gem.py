@@ -36,6 +36,16 @@ def _check_p(p: object, channels: int, op: str) -> np.ndarray | float:
     return values
 
 
+def _raised(values: np.ndarray, p) -> np.ndarray:
+    """``values ** p``, with the usual integer p multiplied out as torch's pow does:
+    NumPy's general power costs ~8 ns an element, ten times a multiply, and was
+    most of a GeM forward."""
+    if isinstance(p, float) and p in (1.0, 2.0, 3.0, 4.0):
+        squared = values * values
+        return {1.0: values, 2.0: squared, 3.0: squared * values, 4.0: squared * squared}[p]
+    return values ** p
+
+
 def _check_eps(eps: object, op: str) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
@@ -64,7 +74,7 @@ class _GeM:
         self.output_size, self.kernel_size, self.stride = output_size, kernel_size, stride
         self.p_shape = (-1,) + (1,) * (0 if channels_last else nd)
         self.clamped = np.maximum(self.x, self.eps)
-        self.powered = self.clamped ** self._p()
+        self.powered = _raised(self.clamped, self._p())
         self.mean = self.pool(self.powered)
 
     def _p(self):
