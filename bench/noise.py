@@ -76,7 +76,8 @@ def other_load(before: CpuTicks | None, after: CpuTicks | None, own_seconds: flo
     ``own_seconds`` is the CPU time this process used between the samples,
     ``wall_seconds`` the time between them.  Returns ``{"other_cores": float,
     "flagged": bool}``, or None when either sample is missing.  ``other_cores`` is
-    the raw estimate (never below 0); the flag allows one tick per CPU of counter
+    the estimate, between 0 and the CPU count (a row shorter than a tick can
+    otherwise read as dozens of cores); the flag allows one tick per CPU of counter
     granularity before comparing with ``threshold``.
     """
     if before is None or after is None or wall_seconds <= 0:
@@ -84,7 +85,7 @@ def other_load(before: CpuTicks | None, after: CpuTicks | None, own_seconds: flo
     busy_seconds = (after.busy - before.busy) / ticks_per_second
     other = busy_seconds - own_seconds
     slack = after.cpus / ticks_per_second
-    return {"other_cores": max(other, 0.0) / wall_seconds,
+    return {"other_cores": min(max(other, 0.0) / wall_seconds, float(after.cpus)),
             "flagged": (other - slack) / wall_seconds > threshold}
 
 

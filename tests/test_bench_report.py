@@ -262,3 +262,12 @@ def test_new_ops_rows_time_what_torch_computes(case, channels_last):
     for direction in ("forward", "backward"):
         ours, theirs = ours_and_torch(direction)
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_other_load_of_a_row_shorter_than_a_tick_stays_within_the_cpus():
+    from bench.noise import CpuTicks, other_load
+
+    # One tick (10 ms) of other work during a 0.2 ms row read as 50 cores.
+    load = other_load(CpuTicks(100, 1000, 2), CpuTicks(101, 1002, 2), own_seconds=0.0,
+                      wall_seconds=0.0002)
+    assert load["other_cores"] == 2.0
