@@ -102,9 +102,10 @@ class _GeM:
         return self.mean ** (1.0 / self._p())
 
 
-def _on_device(x, backend, op):
-    """The CUDA back end's module when GeM runs there, else None."""
-    impl = _dispatch._backend(backend, x, op)
+def _on_device(x, backend, op, stream=None):
+    """The CUDA back end's module when GeM runs there, else None (a stream given
+    for a host back end is refused there, as for every op)."""
+    impl = _dispatch._backend(backend, x, op, stream)
     return impl if not getattr(impl, "host_only", False) else None
 
 
@@ -113,13 +114,16 @@ class _DeviceGeM:
     window means on its average-pooling kernels (as :class:`_GeM` on the host)."""
 
     def __init__(self, impl, x, nd, p, eps, output_size, kernel_size, stride, op,
-                 channels_last, with_log=False):
-        array = impl.asarray(x, op, "x")
+                 channels_last, stream=None, with_log=False):
+        # Every launch goes on the caller's stream (each back-end function falls back
+        # to the input's stream, as in the dispatch, when it is None).
+        self.stream = stream
+        array = impl.asarray(x, op, "x", stream)
         check_dtype(np.dtype(array.dtype), "avg", op, impl.FLOAT_DTYPES)
         self.impl, self.dtype = impl, np.dtype(array.dtype).newbyteorder("=")
         self.compute = impl.compute_dtype(self.dtype)
         shape = tuple(array.shape)
-        self.x = impl.canonical(array, shape)
+        self.x = impl.canonical(array, shape, self.stream)
         self.layout = Layout.of(shape, nd, channels_last, op, strict=True)
         self.p = _check_p(p, shape[-1 if channels_last else -nd - 1], op)
         self.powers = np.atleast_1d(np.asarray(self.p, np.float64))
@@ -128,12 +132,13 @@ class _DeviceGeM:
         self.output_size, self.kernel_size, self.stride = output_size, kernel_size, stride
         self.plane = 1 if channels_last else math.prod(self.layout.spatial)
         self.powered, self.logged = impl.gem_powers(self.x, self.powers, self.plane,
-                                                    self.eps, with_log)
+                                                    self.eps, with_log, self.stream)
         self.mean = self.pool(self.powered)
         self.out_plane = 1 if channels_last else math.prod(tuple(self.mean.shape)[-nd:])
 
     def pool(self, values):
-        kw = dict(op=self.op, channels_last=self.channels_last, backend="cuda")
+        kw = dict(op=self.op, channels_last=self.channels_last, backend="cuda",
+                  stream=self.stream)
         if self.kernel_size is None:
             return _dispatch.adaptive_pool(values, "avg", self.nd, self.output_size,
                                            strict=True, **kw)
@@ -141,7 +146,8 @@ class _DeviceGeM:
                                       strict=True, **kw)
 
     def pool_backward(self, grad):
-        kw = dict(op=self.op, channels_last=self.channels_last, backend="cuda")
+        kw = dict(op=self.op, channels_last=self.channels_last, backend="cuda",
+                  stream=self.stream)
         shape = tuple(self.x.shape)
         if self.kernel_size is None:
             return _dispatch.adaptive_avg_backward(grad, shape, self.nd, **kw)
@@ -159,42 +165,45 @@ def _sum_grad_p(grad_p: np.ndarray, p, nd: int, channels_last: bool):
 
 
 def gem_pool(x, nd: int, p, eps, output_size, kernel_size, stride, *, op: str,
-             channels_last=False, backend=None):
+             channels_last=False, backend=None, stream=None):
     """GeM pooling over the trailing ``nd`` spatial axes (see :mod:`fastpool._gem`)."""
-    device = _on_device(x, backend, op)
+    device = _on_device(x, backend, op, stream)
     if device is not None:
         gem = _DeviceGeM(device, x, nd, p, eps, output_size, kernel_size, stride, op,
-                         channels_last)
-        out = device.gem_root(gem.mean, gem.powers, gem.out_plane, gem.dtype)
+                         channels_last, stream)
+        out = device.gem_root(gem.mean, gem.powers, gem.out_plane, gem.dtype, gem.stream)
         return device.wrap(out, x)
     gem = _GeM(x, nd, p, eps, output_size, kernel_size, stride, op, channels_last, backend)
     return gem.result().astype(gem.dtype)
 
 
 def _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_size, stride,
-                     op, channels_last):
+                     op, channels_last, stream):
     gem = _DeviceGeM(device, x, nd, p, eps, output_size, kernel_size, stride, op,
-                     channels_last, with_log=True)
-    grad = device.asarray(grad_output, op, "grad_output")
+                     channels_last, stream, with_log=True)
+    grad = device.asarray(grad_output, op, "grad_output", gem.stream)
     if tuple(grad.shape) != tuple(gem.mean.shape):
         raise ValueError(f"{op}: grad_output has shape {tuple(grad.shape)}, but the forward "
                          f"op on this input gives {tuple(gem.mean.shape)}")
-    grad = device.canonical(grad, tuple(grad.shape))
+    grad = device.canonical(grad, tuple(grad.shape), gem.stream)
     grad_mean, grad_p = device.gem_output_grads(grad, gem.mean, gem.pool(gem.logged),
-                                                gem.powers, gem.out_plane, gem.dtype)
+                                                gem.powers, gem.out_plane, gem.dtype,
+                                                gem.stream)
     grad_x = device.gem_input_grad(gem.pool_backward(grad_mean), gem.x, gem.powered,
-                                   gem.powers, gem.plane, gem.eps)
-    grad_p = _sum_grad_p(device.to_host(grad_p), gem.p, nd, channels_last)
+                                   gem.powers, gem.plane, gem.eps, gem.stream)
+    # p's gradient is returned on the host (a scalar or C values): its copy is the
+    # one synchronisation of a GeM backward on the GPU.
+    grad_p = _sum_grad_p(device.to_host(grad_p, gem.stream), gem.p, nd, channels_last)
     return device.wrap(grad_x, x), np.asarray(grad_p).astype(gem.compute)[()]
 
 
 def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size, stride, *,
-                      op: str, channels_last=False, backend=None):
+                      op: str, channels_last=False, backend=None, stream=None):
     """Gradients of :func:`gem_pool` for ``x`` and for ``p`` (a float, or one per channel)."""
-    device = _on_device(x, backend, op)
+    device = _on_device(x, backend, op, stream)
     if device is not None:
         return _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_size,
-                                stride, op, channels_last)
+                                stride, op, channels_last, stream)
     gem = _GeM(x, nd, p, eps, output_size, kernel_size, stride, op, channels_last, backend)
     y = gem.result()
     grad = np.asarray(grad_output, gem.compute)

@@ -760,9 +760,9 @@ def _gem_pool(nd: int) -> Callable[..., np.ndarray]:
     def gem_pool(x: ArrayLike, p: float | ArrayLike = 3.0, eps: float = 1e-6,
                  output_size: OptionalSize = 1, *, kernel_size: Size | None = None,
                  stride: Size | None = None, channels_last: bool = False,
-                 backend: Backend | None = None) -> np.ndarray:
+                 backend: Backend | None = None, stream: object = None) -> np.ndarray:
         return _gem.gem_pool(x, nd, p, eps, output_size, kernel_size, stride, op=name,
-                             channels_last=channels_last, backend=backend)
+                             channels_last=channels_last, backend=backend, stream=stream)
 
     gem_pool.__doc__ = f"""{nd}-D generalized-mean (GeM) pooling: ``mean(max(x, eps) ** p) ** (1/p)``.
 
@@ -790,6 +790,9 @@ channels_last : bool, default False
 backend : {{None, "cpu", "numpy", "cuda"}}, default None
     The back end whose average-pooling kernels take the window means; GPU arrays
     run on "cuda" (element-wise kernels around them, the half types in float32).
+stream : numba CUDA stream, optional
+    The stream the CUDA back end launches on (default: the input's own stream, from
+    its ``__cuda_array_interface__``; the host back ends refuse one).
 
 Returns
 -------
@@ -818,11 +821,11 @@ def _gem_pool_backward(nd: int) -> Callable[..., tuple]:
     def gem_pool_backward(grad_output: ArrayLike, x: ArrayLike, p: float | ArrayLike = 3.0,
                           eps: float = 1e-6, output_size: OptionalSize = 1, *,
                           kernel_size: Size | None = None, stride: Size | None = None,
-                          channels_last: bool = False,
-                          backend: Backend | None = None) -> tuple:
+                          channels_last: bool = False, backend: Backend | None = None,
+                          stream: object = None) -> tuple:
         return _gem.gem_pool_backward(grad_output, x, nd, p, eps, output_size, kernel_size,
                                       stride, op=name, channels_last=channels_last,
-                                      backend=backend)
+                                      backend=backend, stream=stream)
 
     gem_pool_backward.__doc__ = f"""Gradients of :func:`gem_pool{nd}d` for its input and for p.
 
@@ -830,7 +833,7 @@ Parameters
 ----------
 grad_output : array_like
     Gradient of the loss with respect to the forward output.
-x, p, eps, output_size, kernel_size, stride, channels_last, backend
+x, p, eps, output_size, kernel_size, stride, channels_last, backend, stream
     The forward call's arguments.
 
 Returns

@@ -651,5 +651,11 @@ def gem_input_grad(pooled, x, powered, p, plane: int, eps: float, stream=None):
     return grad_x
 
 
-def to_host(array):
-    return array.copy_to_host()
+def to_host(array, stream=None):
+    """A NumPy copy of ``array``, read after the work queued on ``stream`` (or the
+    array's own stream) has finished."""
+    stream = _stream_of(stream, array)
+    host = array.copy_to_host(stream=stream)
+    if stream:
+        stream.synchronize()  # an asynchronous copy on a stream: wait before reading
+    return host

@@ -604,8 +604,9 @@ def gem_out_spatial(nd: int, x: torch.Tensor, output_size, kernel_size, stride) 
 
 
 def _gem_p(p: torch.Tensor):
-    """p as fastpool takes it: a float, or float64 values per channel."""
-    return float(p) if p.dim() == 0 else p.detach().to(torch.float64).numpy()
+    """p as fastpool takes it: a float, or float64 values per channel (on the host:
+    the CUDA back end uploads its own copy of the powers)."""
+    return float(p) if p.dim() == 0 else p.detach().to("cpu", torch.float64).numpy()
 
 
 def _gem_ops(nd: int):
@@ -616,7 +617,7 @@ def _gem_ops(nd: int):
     def arguments(x, p, eps, output_size, kernel_size, stride):
         return dict(p=_gem_p(p), eps=eps, output_size=output_size if kernel_size is None
                     else 1, kernel_size=kernel_size, stride=stride,
-                    channels_last=is_channels_last(x, nd))
+                    channels_last=is_channels_last(x, nd), stream=_stream(x))
 
     def impl(x, p, *params):
         kw = arguments(x, p, *params)
@@ -634,7 +635,7 @@ def _gem_ops(nd: int):
         with _torch_threads():
             grad_x, grad_p = backward_function(_host(grad, cl), _host(x, cl), **kw)
         return (_tensor(grad_x, cl, x.dtype, grad),
-                torch.tensor(grad_p, dtype=p.dtype).reshape(p.shape))
+                torch.tensor(grad_p, dtype=p.dtype, device=p.device).reshape(p.shape))
 
     def backward_fake(grad, x, p, *params):
         return _empty(x.shape, is_channels_last(x, nd), x.dtype, x.device), p.new_empty(p.shape)
@@ -727,11 +728,10 @@ def _register_gem() -> None:
         name = f"gem_pool{nd}d"
         impl, fake, backward_impl, backward_fake, autograd, autograd_backward = _gem_ops(nd)
         _define(name, f"(Tensor x, Tensor p, {_GEM}) -> Tensor", impl, fake,
-                autograd=autograd, vmap=_gem_vmap_rule(nd, False), device_types=("cpu",))
+                autograd=autograd, vmap=_gem_vmap_rule(nd, False))
         _define(f"{name}_backward", f"(Tensor grad, Tensor x, Tensor p, {_GEM}) "
                                     f"-> (Tensor, Tensor)", backward_impl, backward_fake,
-                autograd=autograd_backward, vmap=_gem_vmap_rule(nd, True),
-                device_types=("cpu",))
+                autograd=autograd_backward, vmap=_gem_vmap_rule(nd, True))
         FUNCTIONS[name] = _gem_function(nd)
         FUNCTIONS[f"{name}_backward"] = _gem_backward_function(nd)
 

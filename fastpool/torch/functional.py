@@ -323,11 +323,6 @@ def _gem_pool(nd: int):
                  kernel_size=None, stride=None) -> torch.Tensor:
         _check_input(input, "GeM", name)
         _check_shape(input, nd, name)
-        if input.device.type != "cpu":
-            raise ValueError(f"{name}: GeM pooling runs on the host (fastpool computes it "
-                             f"with NumPy around its CPU kernels), got a tensor on "
-                             f"{input.device}; move it with .cpu() or use the plain-torch "
-                             f"formula x.clamp(min=eps).pow(p).mean(...).pow(1 / p) there")
         eps = _gem._check_eps(eps, name)
         channels = input.size(-nd - 1)
         if isinstance(p, torch.Tensor):
@@ -342,7 +337,11 @@ def _gem_pool(nd: int):
                                 f"(shape ({channels},)), got a tensor of shape "
                                 f"{tuple(p.shape)}")
         else:
-            p = torch.tensor(_gem._check_p(p, channels, name), dtype=torch.float64)
+            # A float p stays a CPU scalar beside a CUDA input (reading it needs no
+            # device sync); p per channel goes with the input, as a tensor p must.
+            p = _gem._check_p(p, channels, name)
+            p = torch.tensor(p, dtype=torch.float64,
+                             device="cpu" if isinstance(p, float) else input.device)
         if kernel_size is None:
             sizes = int_tuple(output_size, nd, "output_size", name, allow_none=True)
             if any(s is not None and s <= 0 for s in sizes):
@@ -369,7 +368,7 @@ _DOCS = {
                    "``mode`` 'avg', 'max', 'min', 'avgmax' (timm's ``0.5 * (avg + max)``) "
                    "or 'catavgmax' (timm's ``torch.cat([avg, max], 1)``), composed from "
                    "``global_avg_pool{nd}d`` and ``global_max_pool{nd}d``",
-    "gem_pool": "the arguments of ``fastpool.gem_pool{nd}d`` (CPU tensors only); ``p`` is a "
+    "gem_pool": "the arguments of ``fastpool.gem_pool{nd}d`` (CPU and CUDA tensors); ``p`` is a "
                 "float, a sequence of one float per channel, or a tensor (0-d, shape (1,) "
                 "or (C,)) that receives a gradient",
     "fractional_max_pool": "same arguments and result as torch.nn.functional's function "

@@ -197,7 +197,7 @@ def _gem_module(nd: int) -> type:
 global pool of retrieval and fine-grained models, output (N, C{', 1' * nd})), or to
 another adaptive ``output_size``. ``p`` is an ``nn.Parameter`` (a buffer with
 ``learn_p=False``), initialised to ``p``: one value (shape (1,)), or one per channel
-with ``per_channel=C``.  CPU tensors only (fastpool computes GeM on the host).
+with ``per_channel=C``.  CPU and CUDA tensors (the CUDA back end's GeM kernels).
 ``GeneralizedMeanPooling{nd}d`` is the same class.
 
 Parameters

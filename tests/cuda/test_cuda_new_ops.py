@@ -179,3 +179,31 @@ def test_gem_keeps_device_arrays_on_the_device():
     assert not isinstance(grad_x, np.ndarray) and np.ndim(grad_p) == 0
     with pytest.raises(ValueError, match="runs on the host"):
         fastpool.gem_pool2d(x, backend="cpu")
+
+
+def test_gem_launches_on_the_callers_stream(monkeypatch):
+    """Every GeM launch, forward and backward, goes on the stream the caller gives
+    (fastpool.torch passes torch's current stream), and the host back ends refuse one."""
+    from numba import cuda
+
+    from fastpool.cuda import backend
+    streams, configure = [], backend._configure
+
+    def recording(kernel, n, stream):
+        streams.append(stream)
+        return configure(kernel, n, stream)
+
+    monkeypatch.setattr(backend, "_configure", recording)
+    host = np.abs(np.random.default_rng(7).standard_normal((2, 3, 4, 4)))
+    stream = cuda.stream()
+    x = cuda.to_device(host, stream=stream)
+    out = fastpool.gem_pool2d(x, p=2.5, stream=stream)
+    grad_x, grad_p = fastpool.gem_pool2d_backward(np.ones((2, 3, 1, 1)), x, p=2.5,
+                                                  stream=stream)
+    assert len(streams) >= 6 and all(s is stream for s in streams)
+    want_x, want_p = fastpool.gem_pool2d_backward(np.ones((2, 3, 1, 1)), host, p=2.5)
+    assert_allclose(out.copy_to_host(), fastpool.gem_pool2d(host, p=2.5), rtol=1e-12)
+    assert_allclose(grad_x.copy_to_host(), want_x, rtol=1e-12)
+    assert_allclose(grad_p, want_p, rtol=1e-12)
+    with pytest.raises(ValueError, match="stream"):
+        fastpool.gem_pool2d(host, stream=stream)
