@@ -116,9 +116,11 @@ def test_integer_and_bool_values(backend):
      r"dtype complex64"),
     (lambda o, i: fastpool.max_unpool1d_backward(np.ones((1, 1, 6)), np.where(i == i.min(), 9, i)),
      ValueError, r"max_unpool1d_backward: indices\[.\] .* is 9"),
+    (lambda o, i: fastpool.max_unpool1d_backward(np.ones((1, 1, 6)), np.where(i == i.max(), -1, i)),
+     ValueError, r"max_unpool1d_backward: indices\[.\] .* is -1"),
     (lambda o, i: fastpool.max_unpool1d_backward(np.ones((1, 2, 6)), i), ValueError,
      r"do not fit grad_output of shape \(1, 2, 6\)"),
-], ids=range(7))
+], ids=range(8))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_unpool_calls(call, error, pattern, backend, monkeypatch):
     from fastpool import _dispatch

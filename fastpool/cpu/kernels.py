@@ -962,6 +962,27 @@ def unpool_channels_last(x, indices, out):
 
 
 @njit(**CPU_JIT_OPTIONS)
+def unpool_backward_channels_first(grad_out, indices, grad_in):
+    """``grad_in[p, q] = grad_out[p, indices[p, q]]`` over (planes, inputs) and
+    (planes, size); returns how many indices were outside the plane (gradient 0)."""
+    planes, inputs = grad_in.shape
+    size = grad_out.shape[1]
+    outside = 0
+    for plane in prange(planes):
+        source, at_row, target = grad_out[plane], indices[plane], grad_in[plane]
+        missed = 0
+        for q in range(inputs):
+            # A select for the bounds (reading element 0 instead): the loop body
+            # has no branch, so the gather vectorises.
+            at = at_row[q]
+            inside = (at >= 0) & (at < size)
+            target[q] = source[at if inside else 0] if inside else 0
+            missed += not inside
+        outside += missed
+    return outside
+
+
+@njit(**CPU_JIT_OPTIONS)
 def unpool_backward(grad_out, indices, grad_in):
     """``grad_in[n, q, c] = grad_out[n, indices[n, q, c], c]`` (channels-first runs
     with C = 1); returns how many indices were outside the plane (their gradient 0)."""

@@ -356,8 +356,12 @@ def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
     """Gather canonical 3-D ``grad_out`` (batch, size, C) at ``indices`` (batch, inputs,
     C): (grad_input, indices outside the plane)."""
     grad_in = np.empty(indices.shape, grad_out.dtype)
+    work = 2 * grad_in.size
+    if grad_out.shape[2] == 1 and grad_out.shape[1] > 0:  # channels-first: plain planes
+        return grad_in, int(launch(kernels.unpool_backward_channels_first, grad_out[..., 0],
+                                   indices[..., 0], grad_in[..., 0], work=work))
     return grad_in, int(launch(kernels.unpool_backward, grad_out, indices, grad_in,
-                               work=2 * grad_in.size))
+                               work=work))
 
 
 def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
