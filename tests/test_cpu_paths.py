@@ -57,3 +57,29 @@ def test_channels_last_column_runs(op, args):
         got = fastpool.avg_pool2d(x, *args, channels_last=True)
         want = F.avg_pool2d(t, *args)
     np.testing.assert_allclose(got, want.movedim(1, -1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["adaptive_avg", "avg", "lp"])
+def test_long_window_rows_summed_in_lanes(op):
+    """Window rows of 16 or more contiguous elements are summed in vector lanes
+    (channels-first): the same values as torch, NaN and inf included, and the same
+    bits at every thread count."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 8, 10, 70)).astype(np.float32)  # parallel launches
+    if op == "lp":
+        x = np.abs(x)
+    x[0, 0, 1, 3] = np.nan
+    x[0, 1, 2, 40] = np.inf
+    calls = {"adaptive_avg": lambda m, t: m.adaptive_avg_pool2d(t, (2, 3)),
+             "avg": lambda m, t: m.avg_pool2d(t, (2, 20), (1, 7)),
+             "lp": lambda m, t: m.lp_pool2d(t, 2.0, (2, 20), (1, 7))}
+    want = calls[op](F, torch.from_numpy(x)).numpy()
+    got = calls[op](fastpool, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.isnan(got[0, 0]).any() and np.isinf(got[0, 1]).any()
+    threads = fastpool.get_num_threads()
+    fastpool.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(calls[op](fastpool, x), got)
+    finally:
+        fastpool.set_num_threads(threads)
