@@ -83,3 +83,16 @@ def test_long_window_rows_summed_in_lanes(op):
         np.testing.assert_array_equal(calls[op](fastpool, x), got)
     finally:
         fastpool.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("batch", [1, 16])  # channel blocks of one image; whole images
+@pytest.mark.parametrize("args", [(5, 1, 2), (7, 2, 3), (5, 1, 2, 1, True), (6, 1, 0, 1)])
+def test_separable_channels_last_max_values(batch, args):
+    """The separable channels-last max (windows of 9+ elements), values only: its W
+    pass runs the forward's row sweep, its H pass folds whole rows; NaN wins."""
+    rng = np.random.default_rng(batch)
+    x = rng.integers(-3, 4, (batch, 11, 13, 40)).astype(np.float32)  # ties
+    x[0, 2, 3, 5] = np.nan
+    want = F.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), *args)
+    got = fastpool.max_pool2d(x, *args, channels_last=True)
+    np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())

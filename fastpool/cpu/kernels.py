@@ -768,6 +768,15 @@ def max_pool_separable_channels_first(x, out, indices, start, stop, step, interi
                     d += step[0]
 
 
+@njit(**_SERIAL_JIT_OPTIONS)
+def _max_rows(best, rows):
+    """Fold W-pass maxima ``rows`` (W_out, C) into the running maxima ``best``."""
+    for ow in range(best.shape[0]):
+        kept, row = best[ow], rows[ow]
+        for c in range(row.size):
+            kept[c] = _fold_max(kept[c], row[c], None)
+
+
 @njit(inline="always")
 def _max_with_row_positions(best, best_at, row, row_at, base):
     """Fold a row of W-pass maxima (at W positions ``row_at``) into ``best``."""
@@ -793,19 +802,18 @@ def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
                            else (1, 1, 1, 1), np.int64)
         for d in range(depth):
             for h in range(height):
+                if indices is None:
+                    # The channels-last forward's row sweep (vectorised over channels).
+                    rows[d, h] = lowest
+                    _max_into_row(rows[d, h], x[n, d, h, :, c0:c1], start, stop, step[2])
+                    continue
                 for ow in range(out_w):
                     best = rows[d, h, ow]
                     best[:] = lowest
-                    if indices is not None:
-                        rows_at[d, h, ow, :] = start[2, ow]
+                    rows_at[d, h, ow, :] = start[2, ow]
                     w = start[2, ow]
                     while w < stop[2, ow]:
-                        values = x[n, d, h, w, c0:c1]
-                        if indices is None:
-                            for c in range(c1 - c0):
-                                best[c] = _fold_max(best[c], values[c], None)
-                        else:
-                            _max_with_position(best, rows_at[d, h, ow], values, w)
+                        _max_with_position(best, rows_at[d, h, ow], x[n, d, h, w, c0:c1], w)
                         w += step[2]
         for od in range(out_d):
             for oh in range(out_h):
@@ -819,14 +827,13 @@ def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
                     h = h0
                     while h < stop[1, oh]:
                         base = (d * height + h) * width
-                        for ow in range(out_w):
-                            best, row = out[n, od, oh, ow, c0:c1], rows[d, h, ow]
-                            if indices is None:
-                                for c in range(c1 - c0):
-                                    best[c] = _fold_max(best[c], row[c], None)
-                            else:
-                                _max_with_row_positions(best, indices[n, od, oh, ow, c0:c1], row,
-                                                        rows_at[d, h, ow], base)
+                        if indices is None:
+                            _max_rows(out[n, od, oh, :, c0:c1], rows[d, h])
+                        else:
+                            for ow in range(out_w):
+                                _max_with_row_positions(out[n, od, oh, ow, c0:c1],
+                                                        indices[n, od, oh, ow, c0:c1],
+                                                        rows[d, h, ow], rows_at[d, h, ow], base)
                         h += step[1]
                     d += step[0]
 
