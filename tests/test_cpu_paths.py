@@ -96,3 +96,31 @@ def test_separable_channels_last_max_values(batch, args):
     want = F.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), *args)
     got = fastpool.max_pool2d(x, *args, channels_last=True)
     np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channels_last_max_backward_in_position_bands(batch):
+    """The channels-last max scatter splits an image's positions into bands when
+    there are fewer images than threads: torch's gradients (ties, overlapping
+    windows), and an index outside the plane still reported once."""
+    rng = np.random.default_rng(batch)
+    x = rng.integers(-2, 3, (batch, 24, 20, 64)).astype(np.float32)  # N, H, W, C
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    y = F.max_pool2d(xt, 3, 2, 1)
+    grad = torch.from_numpy(rng.standard_normal(y.shape).astype(np.float32))
+    y.backward(grad)
+    threads = fastpool.get_num_threads()
+    fastpool.set_num_threads(2)
+    try:
+        _, indices = fastpool.max_pool2d(x, 3, 2, 1, return_indices=True, channels_last=True)
+        g = grad.permute(0, 2, 3, 1).numpy()
+        got = fastpool.max_pool2d_backward(g, indices, x.shape, kernel_size=3, stride=2,
+                                           padding=1, channels_last=True)
+        np.testing.assert_allclose(got, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-6,
+                                   atol=1e-6)
+        indices[0, 3, 4, 5] = 24 * 20  # one past the plane
+        with pytest.raises(ValueError, match="max_pool2d_backward"):
+            fastpool.max_pool2d_backward(g, indices, x.shape, kernel_size=3, stride=2,
+                                         padding=1, channels_last=True)
+    finally:
+        fastpool.set_num_threads(threads)

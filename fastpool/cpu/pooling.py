@@ -268,8 +268,10 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
                       table.stop, table.step, work=work)
     rows = (batch, -1, *tail)
     if channels_last:
-        block = _channel_block(batch, tail[0], runs_serially(work))
-        scatter = bind(kernels.max_backward_channels_last, block, work=work)
+        # Bands of positions only where there are fewer images than threads: each
+        # band re-reads the image's gradients and indices.
+        bands = 1 if runs_serially(work) else -(-get_num_threads() // max(batch, 1))
+        scatter = bind(kernels.max_backward_channels_last, bands, work=work)
     else:
         scatter = bind(kernels.max_backward_channels_first, work=work)
 
