@@ -337,19 +337,117 @@ class PoolTask:
             return self._run(blocks)
 
     def _run(self, blocks):
+        if not any(self.extra) and _xp(blocks[0]) is np:
+            result = self._run_split(blocks)
+            if result is not None:
+                return result
         presliced = tuple(p is not None for p in self.picks)
         piece = assemble(blocks, self.axes, self.parts, self.extra, scratch=True,
                          presliced=presliced)
+        out, indices = self._pool(piece, self.table, self.origins)
+        impl = _dispatch._backend(self.backend, piece, self.op)
+        return _dispatch._wrap(impl, out if indices is None else (out, indices), piece)
+
+    def _run_split(self, blocks):
+        """The block's outputs without copying its own input block: those whose
+        windows lie inside it run on the block itself, and only the thin rims of
+        outputs that read a neighbour's halo run on small joined pieces (a few
+        planes).  Joining the whole piece cost a copy of every input block, as
+        much as the kernels' own pass over it.  None where this does not apply
+        (the block is a strided view, or no window lies inside it): then the caller
+        joins."""
+        axes, parts, nd = self.axes, self.parts, self.nd
+        counts = [len(p) for p in parts]
+        if all(c == 1 for c in counts) and not self.picks:
+            return None  # a plain per-block map: the usual path copies nothing either
+        mains = [max(range(len(p)), key=lambda j, p=p: p[j][1] - p[j][0]) for p in parts]
+        flat = 0
+        for count, m in zip(counts, mains):
+            flat = flat * count + m
+        main = blocks[flat]
+        presliced = tuple(p is not None for p in self.picks) or (False,) * len(blocks)
+        if presliced[flat] or main.size == 0 or not main.flags.c_contiguous:
+            return None
+        rows = tuple(range(3 - nd, 3))
+        table = self.table
+        offsets = [np.concatenate([[0], np.cumsum([b - a for a, b in p])]).astype(np.int64)
+                   for p in parts]
+        inner = []
+        for i, row in enumerate(rows):
+            n = table.out_shape[row]
+            # the main block's place in the piece's coordinates (the task may read
+            # only part of it, but all of it is the input's data)
+            first = int(offsets[i][mains[i]]) - parts[i][mains[i]][0]
+            length = main.shape[axes[i]]
+            # windows start and stop in non-decreasing order along every axis
+            lo = int(np.searchsorted(table.start[row, :n], first, "left"))
+            hi = int(np.searchsorted(table.stop[row, :n], first + length, "right"))
+            if hi <= lo:
+                return None
+            inner.append((lo, hi, n, first))
+        # Every block as the part of it the task reads (presliced halos already are).
+        views = []
+        for k, (block, combo) in enumerate(zip(blocks, itertools.product(
+                *[range(c) for c in counts]))):
+            if presliced[k]:
+                views.append(block)
+                continue
+            where = [slice(None)] * block.ndim
+            for axis, part, j in zip(axes, parts, combo):
+                where[axis] = slice(*part[j])
+            views.append(block[tuple(where)])
+        # The interior box, then the rims: along axis j the outputs before and after
+        # the interior, over the interior of the axes before j and all of those after.
+        boxes = [[(lo, hi) for lo, hi, _, _ in inner]]
+        for j, (lo, hi, n, _) in enumerate(inner):
+            for side in ((0, lo), (hi, n)):
+                if side[1] > side[0]:
+                    boxes.append([(a, b) for a, b, _, _ in inner[:j]] + [side]
+                                 + [(0, m) for _, _, m, _ in inner[j + 1:]])
+        out = indices = None
+        for number, box in enumerate(boxes):
+            if number == 0:
+                piece, origins = main, [first for *_, first in inner]
+            else:
+                origins, ranges = [], []
+                for i, (row, (o0, o1)) in enumerate(zip(rows, box)):
+                    size = int(offsets[i][-1])
+                    lo = min(int(table.start[row, o0:o1].min()), size - 1)
+                    hi = min(max(int(table.stop[row, o0:o1].max()),
+                                 int(table.start[row, o0:o1].max()) + 1), size)
+                    origins.append(lo)
+                    ranges.append((lo, hi))
+                piece = _join_range(views, axes, offsets, ranges)
+            sub = sub_table(table, rows, tuple(box), tuple(origins), True)
+            part_out, part_indices = self._pool(
+                piece, sub, tuple(o + g for o, g in zip(origins, self.origins)))
+            if out is None:
+                shape = list(main.shape)
+                for axis, (_, _, n, _) in zip(axes, inner):
+                    shape[axis] = n
+                out = np.empty(shape, part_out.dtype)
+                if part_indices is not None:
+                    indices = np.empty(shape, np.int64)
+            where = [slice(None)] * out.ndim
+            for axis, (o0, o1) in zip(axes, box):
+                where[axis] = slice(o0, o1)
+            out[tuple(where)] = part_out
+            if indices is not None:
+                indices[tuple(where)] = part_indices
+        return out if indices is None else (out, indices)
+
+    def _pool(self, piece, table: WindowTable, origins: tuple):
+        """The kernels on one piece, with its window table; indices into the whole
+        plane given the piece's place in it (``origins``)."""
         impl = _dispatch._backend(self.backend, piece, self.op)
         array = impl.asarray(piece, self.op, "x")
         layout = Layout.of(tuple(array.shape), self.nd, self.channels_last, self.op, False)
-        out_spatial = self.table.out_shape[3 - self.nd:]
+        out_spatial = table.out_shape[3 - self.nd:]
         result_shape = layout.result_shape(out_spatial)
         dtype = np.dtype(array.dtype)
         if layout.is_empty():
             out = impl.empty(result_shape, dtype)
-            result = (out, impl.empty(result_shape, np.int64)) if self.with_indices else out
-            return _dispatch._wrap(impl, result, piece)
+            return out, (impl.empty(result_shape, np.int64) if self.with_indices else None)
         if self.max_of_abs:
             array = impl.absolute(array)
         canonical = impl.canonical(array, layout.canonical_shape())
@@ -359,22 +457,41 @@ class PoolTask:
             # min is max under an order-reversing bijection, as in fastpool._dispatch
             if self.mode == "min":
                 canonical = impl.reverse_order(canonical)
-            out, indices = impl.max_pool(canonical, self.table, self.channels_last,
+            out, indices = impl.max_pool(canonical, table, self.channels_last,
                                          _dispatch._lowest(np.dtype(canonical.dtype)),
                                          self.with_indices)
             if self.mode == "min":
                 out = impl.reverse_order(out)
             out = out.view(np.bool_) if dtype == np.bool_ else out
         else:
-            out = _sum_pool(impl, canonical, self.table, self.channels_last, self.power,
+            out = _sum_pool(impl, canonical, table, self.channels_last, self.power,
                             self.separable)
             indices = None
         out = out.reshape(result_shape)
         if not self.with_indices:
-            return _dispatch._wrap(impl, out, piece)
-        indices = to_global_indices(indices.reshape(result_shape), layout.spatial,
-                                    self.origins, self.whole_spatial)
-        return _dispatch._wrap(impl, (out, indices), piece)
+            return out, None
+        return out, to_global_indices(indices.reshape(result_shape), layout.spatial, origins,
+                                      self.whole_spatial)
+
+
+def _join_range(views: list, axes: tuple, offsets: list, ranges: list):
+    """The range ``ranges[i]`` (piece coordinates) along each of ``axes`` of the
+    piece that ``views`` (C order over the axes' parts, ``offsets`` their bounds)
+    make up, joined into one array."""
+    counts = [len(o) - 1 for o in offsets]
+    picked, parts = [], []
+    for offset, (lo, hi) in zip(offsets, ranges):
+        js = [j for j in range(len(offset) - 1) if offset[j] < hi and offset[j + 1] > lo]
+        picked.append(js)
+        parts.append([(max(lo, int(offset[j])) - int(offset[j]),
+                       min(hi, int(offset[j + 1])) - int(offset[j])) for j in js])
+    chosen = []
+    for combo in itertools.product(*picked):
+        flat = 0
+        for count, j in zip(counts, combo):
+            flat = flat * count + j
+        chosen.append(views[flat])
+    return assemble(chosen, axes, tuple(parts), (0,) * len(axes))
 
 
 # --------------------------------------------------------------------------
