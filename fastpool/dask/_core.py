@@ -729,12 +729,13 @@ def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
     from fastpool._params import adaptive_output_shape, adaptive_table
 
     x = check_dask_array(x, op)
-    if mode not in ("max", "avg"):
-        raise ValueError(f"{op}: mode must be 'max' or 'avg', got {mode!r}")
+    if mode not in ("max", "min", "avg"):
+        raise ValueError(f"{op}: mode must be 'max', 'min' or 'avg', got {mode!r}")
     channels_last = check_bool(channels_last, "channels_last", op)
     return_indices = check_bool(return_indices, "return_indices", op)
-    if mode != "max" and return_indices:
-        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    if mode not in EXTREMES and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max and min "
+                         f"pooling")
     check_backend(backend, op)
     check_dtype(np.dtype(x.dtype), mode, op, _float_dtypes(x))
     align = _check_align(align, out_chunks, op)
@@ -747,7 +748,7 @@ def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
     plan = make_plan(op, x, axes, table, anchors, align, out_chunks)
     if getattr(planning, "active", False):
         return plan
-    kernel_mode = "max" if mode == "max" else "sum"
+    kernel_mode = mode if mode in EXTREMES else "sum"
     fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last, power=None,
                   max_of_abs=False, with_indices=return_indices, backend=backend,
                   whole_spatial=layout.spatial, table=table,
