@@ -283,16 +283,24 @@ def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype,
 
 
 def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: float | None,
-              separable):
+              separable, out=None):
+    """Window sums as the whole array's call makes them; into ``out`` (the CPU
+    kernels' canonical output, C-contiguous) when given."""
     from fastpool import cpu
 
     if impl is not cpu or separable is None or separable == "plane":
-        return impl.sum_pool(canonical, table, channels_last, power)
+        result = impl.sum_pool(canonical, table, channels_last, power)
+        if out is None:
+            return result
+        out[...] = result
+        return out
     from fastpool.cpu import pooling
 
     # Never the whole-plane kernel (a block whose one window is the block): it sums in
     # another order than the whole array's kernel.
-    out = np.empty(pooling._out_shape(canonical.shape, table, channels_last), canonical.dtype)
+    if out is None:
+        out = np.empty(pooling._out_shape(canonical.shape, table, channels_last),
+                       canonical.dtype)
     lp = None if power is None else float(power)
     zero = pooling.accumulator_zero(canonical.dtype, table, lp)
     if separable:
@@ -303,6 +311,31 @@ def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: f
     else:
         pooling._sum_pool_direct(canonical, out, table, channels_last, lp, zero)
     return out
+
+
+def _max_pool_into(canonical, table: WindowTable, channels_last: bool, out, indices):
+    """The CPU max kernels writing into ``out`` (and ``indices``, or None): the kernel
+    choice of :func:`fastpool.cpu.pooling.plan_max_pool` but for the whole-plane
+    one, without allocating the output."""
+    from fastpool.cpu import kernels, pooling, runtime
+
+    shape = canonical.shape
+    work = pooling._pool_work(out.shape, table)
+    serial = runtime.runs_serially(work)
+    lowest = canonical.dtype.type(_dispatch._lowest(np.dtype(canonical.dtype)))
+    block = pooling._separable(shape, table, channels_last,
+                               canonical.dtype.itemsize + 8 * (indices is not None), serial)
+    if block:
+        kernel, *tail = pooling._separable_arguments("max_pool", channels_last, block, table,
+                                                     (lowest,))
+    elif channels_last:
+        kernel, tail = kernels.max_pool_channels_last, (
+            table.start, table.stop, table.step, lowest, pooling._chunks(shape, table, serial))
+    else:
+        kernel, tail = kernels.max_pool_channels_first, (
+            table.start, table.stop, table.step, table.interior, lowest,
+            pooling._chunks(shape, table, serial))
+    runtime.launch(kernel, canonical, out, indices, *tail, work=work)
 
 
 @dataclass(frozen=True, eq=False)
@@ -405,6 +438,9 @@ class PoolTask:
                     boxes.append([(a, b) for a, b, _, _ in inner[:j]] + [side]
                                  + [(0, m) for _, _, m, _ in inner[j + 1:]])
         out = indices = None
+        shape = list(main.shape)
+        for axis, (_, _, n, _) in zip(axes, inner):
+            shape[axis] = n
         for number, box in enumerate(boxes):
             if number == 0:
                 piece, origins = main, [first for *_, first in inner]
@@ -419,26 +455,33 @@ class PoolTask:
                     ranges.append((lo, hi))
                 piece = _join_range(views, axes, offsets, ranges)
             sub = sub_table(table, rows, tuple(box), tuple(origins), True)
-            part_out, part_indices = self._pool(
-                piece, sub, tuple(o + g for o, g in zip(origins, self.origins)))
-            if out is None:
-                shape = list(main.shape)
-                for axis, (_, _, n, _) in zip(axes, inner):
-                    shape[axis] = n
-                out = np.empty(shape, part_out.dtype)
-                if part_indices is not None:
-                    indices = np.empty(shape, np.int64)
-            where = [slice(None)] * out.ndim
+            where = [slice(None)] * len(shape)
             for axis, (o0, o1) in zip(axes, box):
                 where[axis] = slice(o0, o1)
-            out[tuple(where)] = part_out
+            where = tuple(where)
+            if out is None and self.mode in ("max", "sum") and main.dtype != np.bool_:
+                out = np.empty(shape, main.dtype.newbyteorder("="))  # the results' dtype
+            part_out, part_indices = self._pool(
+                piece, sub, tuple(o + g for o, g in zip(origins, self.origins)),
+                None if out is None else out[where])
+            if out is None:
+                out = np.empty(shape, part_out.dtype)
+            if part_indices is not None and indices is None:
+                indices = np.empty(shape, np.int64)
+            if part_out is not None:
+                out[where] = part_out
             if indices is not None:
-                indices[tuple(where)] = part_indices
+                indices[where] = part_indices
         return out if indices is None else (out, indices)
 
-    def _pool(self, piece, table: WindowTable, origins: tuple):
+    def _pool(self, piece, table: WindowTable, origins: tuple, into=None):
         """The kernels on one piece, with its window table; indices into the whole
-        plane given the piece's place in it (``origins``)."""
+        plane given the piece's place in it (``origins``).  With ``into`` (a view of
+        the result block), the CPU kernels write the values there when it is
+        contiguous (and the values returned are None): the rims' results are
+        small, but copying the interior's would cost a pass over the output."""
+        from fastpool import cpu
+
         impl = _dispatch._backend(self.backend, piece, self.op)
         array = impl.asarray(piece, self.op, "x")
         layout = Layout.of(tuple(array.shape), self.nd, self.channels_last, self.op, False)
@@ -453,7 +496,21 @@ class PoolTask:
         canonical = impl.canonical(array, layout.canonical_shape())
         if dtype == np.bool_:
             canonical = canonical.view(np.uint8)
-        if self.mode in EXTREMES:
+        target = None
+        if into is not None and impl is cpu and self.mode in ("max", "sum") and \
+                dtype != np.bool_ and into.flags.c_contiguous and dtype.isnative and \
+                not (not self.channels_last and table.is_whole_plane(
+                    tuple(canonical.shape[1:4]))):
+            target = into.reshape(layout.canonical_out_shape(out_spatial))
+        if target is not None and self.mode == "max":
+            indices = np.empty(target.shape, np.int64) if self.with_indices else None
+            _max_pool_into(canonical, table, self.channels_last, target, indices)
+            out = None
+        elif target is not None:
+            _sum_pool(impl, canonical, table, self.channels_last, self.power, self.separable,
+                      target)
+            out, indices = None, None
+        elif self.mode in EXTREMES:
             # min is max under an order-reversing bijection, as in fastpool._dispatch
             if self.mode == "min":
                 canonical = impl.reverse_order(canonical)
@@ -467,7 +524,7 @@ class PoolTask:
             out = _sum_pool(impl, canonical, table, self.channels_last, self.power,
                             self.separable)
             indices = None
-        out = out.reshape(result_shape)
+        out = None if out is None else out.reshape(result_shape)
         if not self.with_indices:
             return out, None
         return out, to_global_indices(indices.reshape(result_shape), layout.spatial, origins,
