@@ -6,7 +6,10 @@ timed on an input held in memory (``da.from_array``) while it fits under
 its results into freshly allocated NumPy arrays (``da.store``: what a user does
 to get the result in memory; ``dask.compute`` would concatenate the blocks once
 more at the end), and the two runs alternate so that both see the same load on
-a shared machine (the ratio: minimum over minimum, and median over median).
+a shared machine (the ratio: minimum over minimum, and median over median; the
+ratio to stored: the same against the in-memory op whose results are copied
+into fresh arrays as well, the same sink; the CPU s ratio: median process CPU
+time, all threads, over the in-memory op's).
 Then a lazily generated input of every size is pooled into a sink that drops
 the blocks (so nothing of the size of the array is held): throughput in GB/s of
 input and the process's peak memory above its baseline, which should stay a
@@ -129,15 +132,29 @@ def _best(function, repeats):
 
 
 def _alternating(functions, repeats):
-    """Each function's times, the functions run in turn ``repeats`` times (so that
-    a shared machine's load falls on all of them alike)."""
+    """Each function's wall times and process CPU times (all threads), the
+    functions run in turn ``repeats`` times (so that a shared machine's load falls
+    on all of them alike).  The CPU time is the work done, which other processes'
+    load disturbs less than the wall time."""
     times = [[] for _ in functions]
+    cpu = [[] for _ in functions]
     for _ in range(repeats):
-        for function, row in zip(functions, times):
-            start = time.perf_counter()
+        for function, row, cpu_row in zip(functions, times, cpu):
+            start, start_cpu = time.perf_counter(), time.process_time()
             function()
             row.append(time.perf_counter() - start)
-    return times
+            cpu_row.append(time.process_time() - start_cpu)
+    return times, cpu
+
+
+def _in_memory_stored(memory_op, x):
+    """The in-memory op's results copied into fresh NumPy arrays: the same sink as
+    :func:`_stored`'s, as a user writing into a preallocated array does."""
+    outputs = memory_op(x)
+    targets = [np.empty(o.shape, o.dtype) for o in outputs]
+    for target, output in zip(targets, outputs):
+        target[...] = output
+    return targets
 
 
 def _stored(outputs):
@@ -170,9 +187,10 @@ def main(argv=None) -> list[dict]:
     print(f"fastpool.dask: threaded scheduler, {threads} dask threads on "
           f"{fastpool.get_num_threads()} cores, float32, {args.chunking}; times min / median "
           f"of {args.repeats}")
-    print("| case | input | chunk | in memory s | dask (from memory) s | ratio | "
-          "dask (lazy input) s | GB/s | peak MiB allocated |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | input | chunk | in memory s | in memory, stored s | dask (from memory) s "
+          "| ratio | ratio to stored | CPU s ratio | dask (lazy input) s | GB/s "
+          "| peak MiB allocated |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     fmt = (lambda v, f: "-" if v is None else format(v, f))
     with dask.config.set(scheduler="threads", num_workers=threads):
@@ -188,16 +206,20 @@ def main(argv=None) -> list[dict]:
                 chunks = chunks_of(shape)
                 nbytes = int(np.prod(shape)) * 4
                 chunk_mb = int(np.prod(chunks)) * 4 / 2**20
-                t_mem = t_from = ratio = None
+                t_mem = t_from = t_mem_stored = ratio = stored_ratio = cpu_ratio = None
                 if size <= args.in_memory_limit:
                     x = _lazy(shape, chunks).compute()
                     lazy_x = da.from_array(x, chunks=chunks)
                     memory_op(x)
                     _stored(dask_op(lazy_x))
-                    t_mem, t_from = _alternating(
-                        [lambda: memory_op(x), lambda: _stored(dask_op(lazy_x))], args.repeats)
+                    (t_mem, t_mem_stored, t_from), (cpu_mem, _, cpu_from) = _alternating(
+                        [lambda: memory_op(x), lambda: _in_memory_stored(memory_op, x),
+                         lambda: _stored(dask_op(lazy_x))], args.repeats)
                     ratio = (min(t_from) / min(t_mem),
                              float(np.median(t_from) / np.median(t_mem)))
+                    stored_ratio = (min(t_from) / min(t_mem_stored),
+                                    float(np.median(t_from) / np.median(t_mem_stored)))
+                    cpu_ratio = float(np.median(cpu_from) / np.median(cpu_mem))
                     del x, lazy_x
                 lazy = _lazy(shape, chunks)
                 outputs = dask_op(lazy)
@@ -207,6 +229,8 @@ def main(argv=None) -> list[dict]:
                                    args.repeats)
                 row = dict(case=name, shape=shape, gb=nbytes / GB, chunk_mb=chunk_mb,
                            in_memory_s=t_mem, from_memory_s=t_from, ratio=ratio,
+                           cpu_ratio=cpu_ratio, in_memory_stored_s=t_mem_stored,
+                           stored_ratio=stored_ratio,
                            lazy_s=t_lazy, gb_per_s=nbytes / GB / t_lazy,
                            peak_mib=peak.above_base)
                 rows.append(row)
@@ -215,10 +239,13 @@ def main(argv=None) -> list[dict]:
                     return "-" if times is None else \
                         f"{min(times):.3f} / {float(np.median(times)):.3f}"
 
+                def ratios(pair_):
+                    return "-" if pair_ is None else f"{pair_[0]:.2f}x / {pair_[1]:.2f}x"
+
                 print(f"| {name} | {row['gb']:.2f} GB {'x'.join(map(str, shape))} | "
-                      f"{chunk_mb:.0f} MiB | {pair(t_mem)} | {pair(t_from)} | "
-                      + ("-" if ratio is None else
-                         f"{fmt(ratio[0], '.2f')}x / {fmt(ratio[1], '.2f')}x")
+                      f"{chunk_mb:.0f} MiB | {pair(t_mem)} | {pair(t_mem_stored)} | "
+                      f"{pair(t_from)} | {ratios(ratio)} | {ratios(stored_ratio)}"
+                      + f" | {fmt(cpu_ratio, '.2f')}{'' if cpu_ratio is None else 'x'}"
                       + f" | {t_lazy:.3f} | {row['gb_per_s']:.2f} | "
                       f"{row['peak_mib']:.0f} |", flush=True)
     print("Lazy inputs are generated block by block (a copy of one random block), which "
