@@ -3,13 +3,13 @@
 ``python -m bench.dask`` runs it with dask's threaded scheduler.  Each case is
 timed on an input held in memory (``da.from_array``) while it fits under
 ``--in-memory-limit``, against in-memory fastpool on the same array: dask stores
-its results into freshly allocated NumPy arrays (``da.store``: what a user does
-to get the result in memory; ``dask.compute`` would concatenate the blocks once
-more at the end), and the two runs alternate so that both see the same load on
-a shared machine (the ratio: minimum over minimum, and median over median; the
-ratio to stored: the same against the in-memory op whose results are copied
-into fresh arrays as well, the same sink; the CPU s ratio: median process CPU
-time, all threads, over the in-memory op's).
+its results into NumPy arrays (``da.store``: what a user does to get the result
+in memory; ``dask.compute`` would concatenate the blocks once more at the end),
+and the runs alternate so that all see the same load on a shared machine (the
+ratio: minimum over minimum, and median over median; the ratio to stored: the
+same against the in-memory op whose results are then copied into the same
+arrays, the same sink; the CPU s ratio: median process CPU time, all threads,
+over the in-memory op's).
 Then a lazily generated input of every size is pooled into a sink that drops
 the blocks (so nothing of the size of the array is held): throughput in GB/s of
 input and the process's peak memory above its baseline, which should stay a
@@ -147,21 +147,21 @@ def _alternating(functions, repeats):
     return times, cpu
 
 
-def _in_memory_stored(memory_op, x):
-    """The in-memory op's results copied into fresh NumPy arrays: the same sink as
-    :func:`_stored`'s, as a user writing into a preallocated array does."""
-    outputs = memory_op(x)
-    targets = [np.empty(o.shape, o.dtype) for o in outputs]
-    for target, output in zip(targets, outputs):
+def _in_memory_stored(memory_op, x, targets):
+    """The in-memory op's results copied into ``targets``: the same sink as
+    :func:`_stored`'s, as a user writing into existing arrays does."""
+    for target, output in zip(targets, memory_op(x)):
         target[...] = output
     return targets
 
 
-def _stored(outputs):
-    """``outputs`` computed into fresh NumPy arrays, as a user gets them in memory."""
+def _stored(outputs, targets):
+    """``outputs`` computed into the NumPy arrays ``targets``, as a user gets them
+    in memory (``dask.compute`` would concatenate the blocks once more at the
+    end).  The targets are allocated once per case and reused, so that neither
+    side's times include first-touch page faults of the sink."""
     import dask.array as da
 
-    targets = [np.empty(o.shape, o.dtype) for o in outputs]
     da.store(outputs, targets, lock=False)
     return targets
 
@@ -192,7 +192,10 @@ def main(argv=None) -> list[dict]:
           "| peak MiB allocated |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    fmt = (lambda v, f: "-" if v is None else format(v, f))
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
     with dask.config.set(scheduler="threads", num_workers=threads):
         for name, chunks_of, shape_of, dask_op, memory_op in _cases(args.chunking):
             # warm up the kernels and the graph code
@@ -210,17 +213,17 @@ def main(argv=None) -> list[dict]:
                 if size <= args.in_memory_limit:
                     x = _lazy(shape, chunks).compute()
                     lazy_x = da.from_array(x, chunks=chunks)
-                    memory_op(x)
-                    _stored(dask_op(lazy_x))
+                    targets = [np.empty(o.shape, o.dtype) for o in memory_op(x)]
+                    _stored(dask_op(lazy_x), targets)
                     (t_mem, t_mem_stored, t_from), (cpu_mem, _, cpu_from) = _alternating(
-                        [lambda: memory_op(x), lambda: _in_memory_stored(memory_op, x),
-                         lambda: _stored(dask_op(lazy_x))], args.repeats)
+                        [lambda: memory_op(x), lambda: _in_memory_stored(memory_op, x, targets),
+                         lambda: _stored(dask_op(lazy_x), targets)], args.repeats)
                     ratio = (min(t_from) / min(t_mem),
                              float(np.median(t_from) / np.median(t_mem)))
                     stored_ratio = (min(t_from) / min(t_mem_stored),
                                     float(np.median(t_from) / np.median(t_mem_stored)))
                     cpu_ratio = float(np.median(cpu_from) / np.median(cpu_mem))
-                    del x, lazy_x
+                    del x, lazy_x, targets
                 lazy = _lazy(shape, chunks)
                 outputs = dask_op(lazy)
                 sinks = [_Sink(o.shape, o.dtype) for o in outputs]

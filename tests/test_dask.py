@@ -397,6 +397,8 @@ def test_halo_graph_reads_few_blocks_and_memory_is_independent_of_the_size(args)
 
 @pytest.mark.parametrize("name, nd, args, kwargs", [
     ("max_pool3d", 3, (3, 2, 1), dict(return_indices=True)),
+    # dilated windows starting in the padding: starts not in order (2, 0, 1, ...)
+    ("max_pool1d", 1, (3, 1, 1, 3), dict(return_indices=True)),
     ("max_pool2d", 2, ((3, 2), (2, 1), 1, (2, 1), True), dict(return_indices=True,
                                                               channels_last=True)),
     ("avg_pool2d", 2, (3, 2, 1, True, False), {}),

@@ -412,11 +412,13 @@ class PoolTask:
             # only part of it, but all of it is the input's data)
             first = int(offsets[i][mains[i]]) - parts[i][mains[i]][0]
             length = main.shape[axes[i]]
-            # windows start and stop in non-decreasing order along every axis
-            lo = int(np.searchsorted(table.start[row, :n], first, "left"))
-            hi = int(np.searchsorted(table.stop[row, :n], first + length, "right"))
-            if hi <= lo:
+            # the first run of outputs whose windows lie inside the block (not a
+            # search: dilated windows that start in the padding break the order)
+            inside = (table.start[row, :n] >= first) & (table.stop[row, :n] <= first + length)
+            if not inside.any():
                 return None
+            lo = int(np.argmax(inside))
+            hi = lo + int(np.argmin(inside[lo:])) if not inside[lo:].all() else n
             inner.append((lo, hi, n, first))
         # Every block as the part of it the task reads (presliced halos already are).
         views = []

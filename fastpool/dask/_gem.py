@@ -13,8 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 from fastpool import _gem
-from fastpool._params import Layout, adaptive_output_shape, check_backend, check_bool, \
-    check_dtype
+from fastpool._params import (
+    Layout,
+    adaptive_output_shape,
+    check_backend,
+    check_bool,
+    check_dtype,
+)
 from fastpool.dask import _core, _global
 
 
