@@ -96,7 +96,8 @@ _GLOBAL_CHUNKING = """split_every : int, default 16
     How many partials (one per block) each combine step of the tree reduction
     takes."""
 
-_EXAMPLE_SLIDING = """>>> x = da.random.default_rng(0).standard_normal((2, 3, {shape}), chunks=(1, 3, {chunk}))
+_EXAMPLE_SLIDING = """>>> x = da.random.default_rng(0).standard_normal((2, 3, {shape}),
+...                                             chunks=(1, 3, {chunk}))
 >>> y = fastpool.dask.{name}(x, {args})
 >>> np.array_equal(y.compute(), fastpool.{name}(x.compute(), {args}))
 True"""
