@@ -400,7 +400,7 @@ def plan(x, op: str, *args, **kwargs) -> Plan:
     (False, (8, 8, 8, 8), 1)
     """
     function = globals().get(op)
-    if op not in __all__ or op.startswith("global_") or op.endswith("_backward") or \
+    if op not in __all__ or op.startswith(("global_", "gem_")) or op.endswith("_backward") or \
             not callable(function) or op in ("plan", "pyramid", "kernel_threads"):
         raise ValueError(f"fastpool.dask.plan: op must name a sliding or adaptive op, got "
                          f"{op!r}")
