@@ -33,24 +33,24 @@ def chunking(draw, shape):
 
 @st.composite
 def problems(draw):
-    kind = draw(st.sampled_from(["max", "avg", "lp", "adaptive_max", "adaptive_avg",
-                                 "global_max", "global_avg"]))
+    kind = draw(st.sampled_from(["max", "avg", "lp", "min", "adaptive_max", "adaptive_avg",
+                                 "adaptive_min", "global_max", "global_avg", "global_min"]))
     nd = draw(st.integers(1, 3))
     sizes = draw(st.lists(st.integers(1, 11 if nd < 3 else 7), min_size=nd, max_size=nd))
     kwargs, args = {}, ()
-    if kind in ("max", "avg", "lp"):
+    if kind in ("max", "avg", "lp", "min"):
         kernel = draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd))
         stride = draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd))
         padding = [draw(st.integers(0, k // 2)) for k in kernel] if kind != "lp" else [0] * nd
         dilation = draw(st.lists(st.integers(1, 3), min_size=nd, max_size=nd)) \
-            if kind == "max" else [1] * nd
+            if kind in ("max", "min") else [1] * nd
         ceil_mode = draw(st.booleans())
         assume(all(pooling_output_size(n, k, p, s, d, ceil_mode) >= 1
                    for n, k, p, s, d in zip(sizes, kernel, padding, stride, dilation)))
         kwargs = dict(kernel_size=tuple(kernel), stride=tuple(stride), ceil_mode=ceil_mode)
         if kind != "lp":
             kwargs["padding"] = tuple(padding)
-        if kind == "max":
+        if kind in ("max", "min"):
             kwargs["dilation"] = tuple(dilation)
             kwargs["return_indices"] = draw(st.booleans())
         if kind == "avg":
@@ -60,11 +60,11 @@ def problems(draw):
             args = (draw(st.sampled_from([1.0, 2.0, 3.0, float("inf")])),)
     elif kind.startswith("adaptive"):
         args = (tuple(draw(st.one_of(st.none(), st.integers(1, n + 2))) for n in sizes),)
-        if kind == "adaptive_max":
+        if kind in ("adaptive_max", "adaptive_min"):
             kwargs["return_indices"] = draw(st.booleans())
     else:
         kwargs["keepdims"] = draw(st.booleans())
-        if kind == "global_max":
+        if kind in ("global_max", "global_min"):
             kwargs["return_indices"] = draw(st.booleans())
     channels_last = draw(st.booleans())
     shape = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), *sizes)
@@ -76,7 +76,7 @@ def problems(draw):
     x = rng.integers(-3, 4, shape).astype(dtype)
     if dtype != np.int16 and draw(st.booleans()):
         x = rng.standard_normal(shape).astype(dtype)
-        if kind.endswith("max") and draw(st.booleans()):
+        if kind.endswith(("max", "min")) and draw(st.booleans()):
             x.flat[rng.integers(0, x.size, 2)] = np.nan
     if channels_last:
         x = np.ascontiguousarray(to_channels_last(x, nd))
@@ -84,7 +84,11 @@ def problems(draw):
     chunks = draw(chunking(x.shape))
     align = draw(st.sampled_from(["input", "input", "output"])) if not kind.startswith(
         "global") else None
-    return kind, nd, x, chunks, args, kwargs, align
+    # Blocks of da.from_array are strided views (joined by copying); blocks that a
+    # store or a generator makes are contiguous, and a halo'd block then runs on
+    # the block itself plus rim pieces: draw both.
+    contiguous = draw(st.booleans())
+    return kind, nd, x, chunks, args, kwargs, align, contiguous
 
 
 def _call(module, kind, nd, x, args, kwargs, align=None):
@@ -96,9 +100,12 @@ def _call(module, kind, nd, x, args, kwargs, align=None):
 @SETTINGS
 @given(problems())
 def test_dask_equals_in_memory_and_torch(problem):
-    kind, nd, x, chunks, args, kwargs, align = problem
+    kind, nd, x, chunks, args, kwargs, align, contiguous = problem
     expected = _call(fastpool, kind, nd, x, args, kwargs)
-    lazy = _call(fd, kind, nd, da.from_array(x, chunks=chunks), args, kwargs, align)
+    source = da.from_array(x, chunks=chunks)
+    if contiguous:
+        source = source.map_blocks(np.copy)
+    lazy = _call(fd, kind, nd, source, args, kwargs, align)
     expected = expected if isinstance(expected, tuple) else (expected,)
     lazy = lazy if isinstance(lazy, tuple) else (lazy,)
     with dask.config.set(scheduler="sync"):
@@ -111,7 +118,8 @@ def test_dask_equals_in_memory_and_torch(problem):
                 assert_allclose(computed, want, rtol=1e-13, atol=1e-13)
             else:
                 assert_array_equal(computed, want)
-    if x.dtype == np.float64 and not np.isnan(x).any() and kind != "lp":
+    if x.dtype == np.float64 and not np.isnan(x).any() and kind != "lp" and \
+            not kind.endswith("min"):  # torch has no min pooling: fastpool is the oracle
         if kind.startswith("adaptive"):  # torch's 1-D ops take no None sizes
             spatial = x.shape[-nd - 1:-1] if kwargs["channels_last"] else x.shape[-nd:]
             args = (tuple(n if o is None else o for o, n in zip(args[0], spatial)),)
@@ -385,3 +393,140 @@ def test_halo_graph_reads_few_blocks_and_memory_is_independent_of_the_size(args)
         assert not any("rechunk" in n or "overlap" in n for n in y.dask.layers)
         held.append(_live_input_blocks(y, x))
     assert held[0] == held[1] == held[2] <= 12, held
+
+
+@pytest.mark.parametrize("name, nd, args, kwargs", [
+    ("max_pool3d", 3, (3, 2, 1), dict(return_indices=True)),
+    # dilated windows starting in the padding: starts not in order (2, 0, 1, ...)
+    ("max_pool1d", 1, (3, 1, 1, 3), dict(return_indices=True)),
+    ("max_pool2d", 2, ((3, 2), (2, 1), 1, (2, 1), True), dict(return_indices=True,
+                                                              channels_last=True)),
+    ("avg_pool2d", 2, (3, 2, 1, True, False), {}),
+    ("avg_pool3d", 3, ((3, 2, 3), 1, (1, 0, 1)), dict(divisor_override=5)),
+    ("lp_pool2d", 2, (2.0, 3, 2, True), {}),
+    ("adaptive_max_pool2d", 2, ((5, 7), True), {}),
+    ("adaptive_avg_pool3d", 3, ((3, 4, 5),), {}),
+])
+def test_contiguous_blocks_run_in_place_and_equal_in_memory(name, nd, args, kwargs):
+    """Contiguous blocks (as a store or generator makes them) are pooled where they
+    lie, only the rims that read halos joined: the same values and indices."""
+    import fastpool.dask._core as core
+
+    shape = (2, 3) + (13, 17, 15)[3 - nd:]
+    x = np.random.default_rng(5).integers(-4, 5, shape).astype(np.float64)
+    if kwargs.get("channels_last"):
+        x = np.ascontiguousarray(to_channels_last(x, nd))
+    chunks = tuple((1, 1) if s == 2 else (2, 1) if s == 3 else (6, 4, s - 10)
+                   for s in x.shape)
+    lazy = da.from_array(x, chunks=chunks).map_blocks(np.copy)
+    runs = []
+    split = core.PoolTask._run_split
+
+    def counted(self, blocks):
+        result = split(self, blocks)
+        runs.append(result is not None)
+        return result
+
+    core.PoolTask._run_split = counted
+    try:
+        got = getattr(fd, name)(lazy, *args, **kwargs)
+        want = getattr(fastpool, name)(x, *args, **kwargs)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        with dask.config.set(scheduler="sync"):
+            for g, w in zip(got, want):
+                assert_eq(g, w, check_graph=False)
+    finally:
+        core.PoolTask._run_split = split
+    assert any(runs)  # the in-place path ran
+
+
+IRREGULAR = (1, (2, 1), (5, 3, 5), (4, 7))  # batch, channels and two spatial axes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_global_pool_modes_and_min_ops_equal_in_memory(dtype):
+    """global_pool{n}d's five modes, and the min ops' values and indices (NaN,
+    ties across blocks: small integers), equal the in-memory ops."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, (2, 3, 13, 11)).astype(dtype)
+    if dtype == np.float32:
+        x[0, 1, 7, 3] = np.nan
+    lazy = da.from_array(x, chunks=IRREGULAR)
+    floats = dtype == np.float32
+    cases = [("min_pool2d", (3, 2, 1), dict(return_indices=True, dilation=(1, 2))),
+             ("adaptive_min_pool2d", ((5, 4), True), {}),
+             ("global_min_pool2d", (True, True), {})]
+    for mode in ("max", "min") + (("avg", "avgmax", "catavgmax") if floats else ()):
+        cases.append(("global_pool2d", (mode, mode == "avg", mode != "avg"), {}))
+    with dask.config.set(scheduler="sync"):
+        for name, args, kwargs in cases:
+            got = getattr(fd, name)(lazy, *args, **kwargs)
+            want = getattr(fastpool, name)(x, *args, **kwargs)
+            got = got if isinstance(got, tuple) else (got,)
+            want = want if isinstance(want, tuple) else (want,)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and g.shape == w.shape, name
+                if "avg" in str(args):  # float64 block sums: to rounding
+                    assert_allclose(g.compute(), w, rtol=1e-6)
+                else:
+                    assert_eq(g, w, check_graph=False)
+
+
+@pytest.mark.parametrize("window", [dict(kernel_size=3, stride=2), dict(output_size=(4, 3)),
+                                    dict()])
+@pytest.mark.parametrize("p", [3.0, 2.5, (1.0, 2.0, 3.5)])
+def test_gem_pool_equals_in_memory(window, p):
+    x = np.abs(np.random.default_rng(4).standard_normal((2, 3, 13, 11))).astype(np.float32)
+    x[0, 0, :2] = 0  # below eps
+    got = fd.gem_pool2d(da.from_array(x, chunks=IRREGULAR), p, **window)
+    want = fastpool.gem_pool2d(x, p, **window)
+    with dask.config.set(scheduler="sync"):
+        assert got.dtype == want.dtype
+        if window:
+            assert_eq(got, want, check_graph=False)
+        else:  # one mean per plane: a tree of float64 block sums
+            assert_allclose(got.compute(), want, rtol=1e-6)
+        if p == (1.0, 2.0, 3.5) and window.get("kernel_size"):
+            half = x.astype(np.float16)
+            last = np.ascontiguousarray(to_channels_last(half, 2))
+            got = fd.gem_pool2d(da.from_array(last, chunks=(1, (5, 8), (3, 8), 2)), p,
+                                channels_last=True, **window)
+            assert_eq(got, fastpool.gem_pool2d(last, p, channels_last=True, **window),
+                      check_graph=False)
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, float("inf")])
+def test_lp_pool_backward_equals_in_memory(norm_type):
+    rng = np.random.default_rng(6)
+    x = rng.integers(-3, 4, (2, 3, 13, 11)).astype(np.float64)
+    lazy = da.from_array(x, chunks=IRREGULAR)
+    with dask.config.set(scheduler="sync"):
+        for args in [(3, 2), ((3, 2), 1, True)]:
+            y = fastpool.lp_pool2d(x, norm_type, *args)
+            grad = rng.standard_normal(y.shape)
+            got = fd.lp_pool2d_backward(da.from_array(grad, chunks=(1, 3, 3, 2)), lazy,
+                                        norm_type, *args)
+            want = fastpool.lp_pool2d_backward(grad, x, norm_type, *args)
+            assert got.chunks == lazy.chunks
+            assert_eq(got, want, check_graph=False)
+
+
+def test_new_ops_errors_name_op_and_argument():
+    x = da.ones((1, 3, 8, 8), chunks=4)
+    with pytest.raises(ValueError, match="gem_pool2d.*p must be positive"):
+        fd.gem_pool2d(x, -1.0)
+    with pytest.raises(TypeError, match="gem_pool2d.*p must be a positive float or one per"):
+        fd.gem_pool2d(x, [1.0, 2.0])
+    with pytest.raises(ValueError, match="gem_pool2d.*eps"):
+        fd.gem_pool2d(x, eps=0)
+    with pytest.raises(TypeError, match="gem_pool2d.*x must be a dask array"):
+        fd.gem_pool2d(np.ones((1, 3, 8, 8)))
+    with pytest.raises(ValueError, match="global_pool2d.*mode must be one of"):
+        fd.global_pool2d(x, "median")
+    with pytest.raises(TypeError, match="lp_pool2d_backward.*x must be a dask array"):
+        fd.lp_pool2d_backward(fd.lp_pool2d(x, 2.0, 2), np.ones((1, 3, 8, 8)), 2.0, 2)
+    with pytest.raises(TypeError, match="lp_pool2d_backward.*x dtype int64"):
+        fd.lp_pool2d_backward(fd.lp_pool2d(x, 2.0, 2), x.astype(np.int64), 2.0, 2)
+    with pytest.raises(ValueError, match="lp_pool2d_backward: grad_output has shape"):
+        fd.lp_pool2d_backward(x, x, 2.0, 2)

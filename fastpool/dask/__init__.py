@@ -24,17 +24,20 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fastpool.dask import _backward, _core, _global
+from fastpool.dask import _backward, _core, _gem, _global
 from fastpool.dask._plan import AxisPlan, Plan
 
 __all__ = [
     "plan", "Plan", "AxisPlan", "pyramid", "pool", "adaptive_pool", "kernel_threads",
-    *(f"{name}{nd}d" for name in ("max_pool", "avg_pool", "lp_pool", "adaptive_max_pool",
-                                  "adaptive_avg_pool", "global_max_pool", "global_avg_pool")
+    *(f"{name}{nd}d" for name in ("max_pool", "avg_pool", "lp_pool", "min_pool",
+                                  "adaptive_max_pool", "adaptive_avg_pool",
+                                  "adaptive_min_pool", "global_max_pool", "global_avg_pool",
+                                  "global_min_pool", "global_pool", "gem_pool")
       for nd in (1, 2, 3)),
-    *(f"{name}{nd}d_backward" for name in ("max_pool", "avg_pool", "adaptive_max_pool",
-                                           "adaptive_avg_pool", "global_max_pool",
-                                           "global_avg_pool") for nd in (1, 2, 3)),
+    *(f"{name}{nd}d_backward" for name in ("max_pool", "avg_pool", "lp_pool",
+                                           "adaptive_max_pool", "adaptive_avg_pool",
+                                           "global_max_pool", "global_avg_pool")
+      for nd in (1, 2, 3)),
 ]
 
 kernel_threads = _core.kernel_threads
@@ -93,7 +96,8 @@ _GLOBAL_CHUNKING = """split_every : int, default 16
     How many partials (one per block) each combine step of the tree reduction
     takes."""
 
-_EXAMPLE_SLIDING = """>>> x = da.random.default_rng(0).standard_normal((2, 3, {shape}), chunks=(1, 3, {chunk}))
+_EXAMPLE_SLIDING = """>>> x = da.random.default_rng(0).standard_normal((2, 3, {shape}),
+...                                             chunks=(1, 3, {chunk}))
 >>> y = fastpool.dask.{name}(x, {args})
 >>> np.array_equal(y.compute(), fastpool.{name}(x.compute(), {args}))
 True"""
@@ -103,11 +107,11 @@ def _sliding(nd: int, mode: str) -> Callable:
     name = f"{mode}_pool{nd}d"
     shape = ", ".join(["9"] * nd)
     chunk = ", ".join(["4"] * nd)
-    if mode == "max":
+    if mode in ("max", "min"):
         def op(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False, *, channels_last=False, backend=None, stream=None,
                align="input", out_chunks=None):
-            return _core.sliding_pool(x, "max", nd, kernel_size, stride, padding, dilation,
+            return _core.sliding_pool(x, mode, nd, kernel_size, stride, padding, dilation,
                                       ceil_mode, op=name, strict=True,
                                       return_indices=return_indices,
                                       channels_last=channels_last, backend=backend,
@@ -141,10 +145,10 @@ def _sliding(nd: int, mode: str) -> Callable:
 
 def _adaptive(nd: int, mode: str) -> Callable:
     name = f"adaptive_{mode}_pool{nd}d"
-    if mode == "max":
+    if mode in ("max", "min"):
         def op(x, output_size, return_indices=False, *, channels_last=False, backend=None,
                stream=None, align="input", out_chunks=None):
-            return _core.adaptive_pool(x, "max", nd, output_size, op=name, strict=True,
+            return _core.adaptive_pool(x, mode, nd, output_size, op=name, strict=True,
                                        return_indices=return_indices,
                                        channels_last=channels_last, backend=backend,
                                        align=align, out_chunks=out_chunks)
@@ -165,10 +169,10 @@ def _adaptive(nd: int, mode: str) -> Callable:
 
 def _global_op(nd: int, mode: str) -> Callable:
     name = f"global_{mode}_pool{nd}d"
-    if mode == "max":
+    if mode in ("max", "min"):
         def op(x, keepdims=False, return_indices=False, *, channels_last=False, backend=None,
                stream=None, split_every=None):
-            return _global.global_pool(x, "max", nd, op=name, keepdims=keepdims,
+            return _global.global_pool(x, mode, nd, op=name, keepdims=keepdims,
                                        return_indices=return_indices,
                                        channels_last=channels_last, backend=backend,
                                        split_every=split_every)
@@ -186,10 +190,93 @@ def _global_op(nd: int, mode: str) -> Callable:
                f">>> {check}(y.compute(), fastpool.{name}(x.compute()))\nTrue")
     summary = (f"Lazy {mode} of each {nd}-D plane of a dask array, as a tree reduction.\n\n"
                + ("Ties and NaN follow torch across block boundaries: a NaN wins, and among\n"
-                  "equal maxima the first in the plane's scan order." if mode == "max" else
+                  "equal extremes the first in the plane's scan order." if mode != "avg" else
                   "Block sums are float64 and added in a tree, so the last bits may differ\n"
                   "from the in-memory op's (which sums each plane in one pass)."))
     op.__doc__ = _doc(name, summary, sig, example, chunking=False)
+    return _named(op, name)
+
+
+def _global_pool_op(nd: int) -> Callable:
+    name = f"global_pool{nd}d"
+
+    def op(x, mode="avg", keepdims=False, return_indices=False, *, channels_last=False,
+           backend=None, stream=None, split_every=None):
+        return _global.global_pool_mode(x, mode, nd, op=name, keepdims=keepdims,
+                                        return_indices=return_indices,
+                                        channels_last=channels_last, backend=backend,
+                                        split_every=split_every)
+    spatial = ", ".join(["9"] * nd)
+    example = (f">>> x = da.random.default_rng(0).standard_normal((2, 3, {spatial}), "
+               f"chunks=(1, 3, {', '.join(['4'] * nd)}))\n"
+               f">>> y = fastpool.dask.{name}(x, \"catavgmax\")\n>>> y.shape\n(2, 6)\n"
+               f">>> np.allclose(y.compute(), fastpool.{name}(x.compute(), \"catavgmax\"))\n"
+               f"True")
+    summary = (f"Lazy global pooling of each {nd}-D plane by ``mode``, timm's heads included.\n\n"
+               "``mode`` is \"avg\", \"max\", \"min\" (as ``global_<mode>_pool``), "
+               "\"avgmax\"\n(``0.5 * (avg + max)``) or \"catavgmax\" (the average's "
+               "channels, then the\nmaximum's); return_indices gives the maximum's.  The "
+               "average is a tree of\nfloat64 block sums, so its last bits (and avgmax's) may "
+               "differ from the\nin-memory op's.")
+    op.__doc__ = _doc(name, summary, "mode, keepdims, return_indices", example, chunking=False)
+    return _named(op, name)
+
+
+def _gem_op(nd: int) -> Callable:
+    name = f"gem_pool{nd}d"
+
+    def op(x, p=3.0, eps=1e-6, output_size=1, *, kernel_size=None, stride=None,
+           channels_last=False, backend=None):
+        return _gem.gem_pool(x, nd, p, eps, output_size, kernel_size, stride, op=name,
+                             channels_last=channels_last, backend=backend)
+    spatial = ", ".join(["9"] * nd)
+    example = (f">>> x = da.random.default_rng(0).random((2, 3, {spatial}), "
+               f"chunks=(1, 3, {', '.join(['4'] * nd)}))\n"
+               f">>> y = fastpool.dask.{name}(x, p=[1.0, 2.5, 3.0], kernel_size=3, stride=2)\n"
+               f">>> np.array_equal(y.compute(), fastpool.{name}(x.compute(), "
+               f"p=[1.0, 2.5, 3.0], kernel_size=3, stride=2))\nTrue")
+    op.__doc__ = f"""Lazy {nd}-D generalized-mean (GeM) pooling of a dask array.
+
+Lazy twin of :func:`fastpool.{name}` (``mean(max(x, eps) ** p) ** (1/p)`` over
+each window), with the same arguments and result: sliding windows (with
+``kernel_size``; their halos as average pooling's), adaptive windows
+(``output_size``), or one mean per plane (``output_size=1``, the default), which
+is a tree reduction whose float64 block sums may differ from the in-memory
+op's in the last bits (as :func:`global_avg_pool{nd}d`).
+
+Parameters
+----------
+x : dask.array.Array
+    Input, float16, float32 or float64, any chunking (known chunk sizes).
+p : float or sequence of C floats, default 3.0
+    The power, one for all channels or one per channel (all positive).
+eps : float, default 1e-6
+    Values below eps count as eps.
+output_size : int or tuple, default 1
+    Adaptive output size; unused with kernel_size.
+kernel_size, stride : int or tuple, optional
+    Sliding windows instead of adaptive ones (stride defaults to kernel_size).
+{_TAIL}
+
+Returns
+-------
+out : dask.array.Array
+    Lazy result with the input's dtype.
+
+Raises
+------
+TypeError
+    When ``x`` is not a dask array, for an unsupported dtype, or a ``p`` of the
+    wrong shape.
+ValueError
+    For unknown (NaN) chunk sizes, a non-positive ``p`` or ``eps``, and as
+    :func:`fastpool.{name}` does.
+
+Examples
+--------
+>>> import numpy as np, dask.array as da, fastpool, fastpool.dask
+{example}
+"""
     return _named(op, name)
 
 
@@ -313,7 +400,7 @@ def plan(x, op: str, *args, **kwargs) -> Plan:
     (False, (8, 8, 8, 8), 1)
     """
     function = globals().get(op)
-    if op not in __all__ or op.startswith("global_") or op.endswith("_backward") or \
+    if op not in __all__ or op.startswith(("global_", "gem_")) or op.endswith("_backward") or \
             not callable(function) or op in ("plan", "pyramid", "kernel_threads"):
         raise ValueError(f"fastpool.dask.plan: op must name a sliding or adaptive op, got "
                          f"{op!r}")
@@ -471,6 +558,19 @@ def _backward_of(nd: int, forward: str) -> Callable:
                    f">>> y0, i0 = fastpool.{forward}{nd}d(x.compute(), {call})\n"
                    f">>> np.array_equal(g.compute(), fastpool.{name}(np.ones_like(y0), i0, "
                    f"x.shape))\nTrue")
+    elif forward == "lp_pool":
+        def op(grad_output, x, norm_type, kernel_size, stride=None, ceil_mode=False, *,
+               channels_last=False, backend=None, stream=None):
+            return _backward.lp_pool_backward(
+                grad_output, x, norm_type, nd, kernel_size, stride, ceil_mode, op=name,
+                channels_last=channels_last, backend=backend)
+        params = ("x : dask.array.Array\n    The forward input (its blocks are the "
+                  "result's).\n"
+                  "norm_type, kernel_size, stride, ceil_mode\n    The forward's arguments.")
+        example = (f">>> y = fastpool.dask.lp_pool{nd}d(x, 2.0, 3, 2)\n"
+                   f">>> g = fastpool.dask.{name}(da.ones_like(y), x, 2.0, 3, 2)\n"
+                   f">>> np.array_equal(g.compute(), fastpool.{name}(np.ones(y.shape), "
+                   f"x.compute(), 2.0, 3, 2))\nTrue")
     elif forward == "avg_pool":
         def op(grad_output, input_shape, kernel_size, stride=None, padding=0, ceil_mode=False,
                count_include_pad=True, divisor_override=None, *, channels_last=False,
@@ -509,6 +609,15 @@ def _backward_of(nd: int, forward: str) -> Callable:
 max_pool1d, max_pool2d, max_pool3d = (_sliding(nd, "max") for nd in (1, 2, 3))
 avg_pool1d, avg_pool2d, avg_pool3d = (_sliding(nd, "avg") for nd in (1, 2, 3))
 lp_pool1d, lp_pool2d, lp_pool3d = (_sliding(nd, "lp") for nd in (1, 2, 3))
+min_pool1d, min_pool2d, min_pool3d = (_sliding(nd, "min") for nd in (1, 2, 3))
+adaptive_min_pool1d, adaptive_min_pool2d, adaptive_min_pool3d = (
+    _adaptive(nd, "min") for nd in (1, 2, 3))
+global_min_pool1d, global_min_pool2d, global_min_pool3d = (
+    _global_op(nd, "min") for nd in (1, 2, 3))
+global_pool1d, global_pool2d, global_pool3d = (_global_pool_op(nd) for nd in (1, 2, 3))
+gem_pool1d, gem_pool2d, gem_pool3d = (_gem_op(nd) for nd in (1, 2, 3))
+lp_pool1d_backward, lp_pool2d_backward, lp_pool3d_backward = (
+    _backward_of(nd, "lp_pool") for nd in (1, 2, 3))
 adaptive_max_pool1d, adaptive_max_pool2d, adaptive_max_pool3d = (
     _adaptive(nd, "max") for nd in (1, 2, 3))
 adaptive_avg_pool1d, adaptive_avg_pool2d, adaptive_avg_pool3d = (

@@ -387,3 +387,157 @@ def _auto_chunks(grad, input_shape, nd, channels_last):
     spec = tuple("auto" if i in axes else grad.chunks[i] for i in range(len(input_shape)))
     chunks = normalize_chunks(spec, input_shape, dtype=grad.dtype)
     return [chunks[a] for a in axes]
+
+
+# --------------------------------------------------------------------------
+# Lp pooling's backward: needs the forward input over every covering window
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _LpBackwardTask:
+    """One input-gradient block of Lp pooling: the gradient of the outputs whose
+    windows touch the block, and the input under all of those windows (the block
+    plus halos, for the window sums the chain rule needs); the backward runs on
+    that piece and the block is cut out of its result."""
+
+    op: str
+    nd: int
+    channels_last: bool
+    backend: str | None
+    axes: tuple
+    grad_parts: tuple
+    x_parts: tuple
+    keep: tuple  # per pooled axis, the block's range within the input piece
+    table: WindowTable  # the covering outputs' windows, in the piece's coordinates
+    power: float | None
+
+    def __call__(self, grads, xs):
+        zeros = (0,) * len(self.axes)
+        grad = assemble(grads, self.axes, self.grad_parts, zeros)
+        x = assemble(xs, self.axes, self.x_parts, zeros)
+        with _threads.thread_cap(kernel_threads()):
+            impl = _dispatch._backend(self.backend, grad, self.op)
+            grad = impl.asarray(grad, self.op, "grad_output")
+            layout = Layout.of(tuple(x.shape), self.nd, self.channels_last, self.op, False)
+            result = _dispatch._sum_backward(impl, grad, x, layout, self.table, self.power,
+                                             tuple(x.shape), self.op)
+        where = [slice(None)] * result.ndim
+        for axis, (a, b) in zip(self.axes, self.keep):
+            where[axis] = slice(a, b)
+        block = result[tuple(where)]
+        # a copy when it is a part: the view would hold the whole piece
+        return block if block.shape == result.shape else block.copy()
+
+
+def _times_sign(values, x, backend, op):
+    """``values * sign(x)``, with torch's sign(NaN) = 0 (the back end's own)."""
+    return _dispatch._backend(backend, values, op).times_sign(values, x)
+
+
+def lp_pool_backward(grad_output, x, norm_type, nd, kernel_size, stride=None,
+                     ceil_mode=False, *, op, channels_last=False, backend=None):
+    """Gradient of Lp pooling for the input ``x``; input-gradient blocks are x's."""
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    from fastpool._params import check_backend, check_dtype
+    from fastpool.dask._core import _float_dtypes, sliding_pool, sub_table
+
+    grad = check_dask_array(grad_output, op, "grad_output")
+    x = check_dask_array(x, op, "x")
+    spec = _dispatch._SlidingOp.from_args(op, "lp", nd, kernel_size, stride, 0, 1, ceil_mode,
+                                          norm_type)
+    channels_last = check_bool(channels_last, "channels_last", op)
+    check_backend(backend, op)
+    check_dtype(np.dtype(x.dtype), "lp", op, _float_dtypes(x), name="x")
+    grad_dtype = np.dtype(grad.dtype)
+    if grad_dtype.newbyteorder("=") not in (np.dtype(np.float32), np.dtype(np.float64)) and \
+            not _dispatch._on_gpu(grad._meta):
+        raise TypeError(f"fastpool.dask.{op}: grad_output dtype {grad.dtype} is not "
+                        f"supported; gradients are float32 or float64")
+    input_shape = tuple(x.shape)
+    layout = Layout.of(input_shape, nd, channels_last, op, strict=True)
+    table = spec.table(layout)
+    out_spatial = table.out_shape[3 - nd:]
+    _check_grad(grad, "grad_output", op, input_shape, nd, channels_last, out_spatial)
+    axes = pooled_axes(len(input_shape), nd, channels_last)
+    # the gradient's blocks on x's batch and channel axes
+    other = {i: x.chunks[i] for i in range(x.ndim) if i not in axes}
+    if any(grad.chunks[i] != c for i, c in other.items()):
+        grad = grad.rechunk(other)
+    if spec.is_max_of_abs:
+        # torch's norm_type=inf is max pooling of |x|: its gradient goes to the
+        # maximum of |x| in each window, times sign(x)
+        _, indices = sliding_pool(da.absolute(x), "max", nd, kernel_size, stride, 0, 1,
+                                  ceil_mode, op=op, strict=True, return_indices=True,
+                                  channels_last=channels_last, backend=backend)
+        values = max_pool_backward(grad, indices, input_shape, nd, op=op,
+                                   kernel_size=kernel_size, stride=stride,
+                                   ceil_mode=ceil_mode, channels_last=channels_last,
+                                   backend=backend, chunks=[x.chunks[a] for a in axes])
+        return da.map_blocks(_times_sign, values, x, backend, op, dtype=grad_dtype,
+                             meta=_meta(grad, grad_dtype, len(input_shape)))
+    rows = tuple(range(3 - nd, 3))
+    per_axis = []
+    for i, axis in enumerate(axes):
+        row, n_out = rows[i], out_spatial[i]
+        grad_bounds = np.concatenate([[0], np.cumsum(grad.chunks[axis])]).astype(np.int64)
+        x_bounds = np.concatenate([[0], np.cumsum(x.chunks[axis])]).astype(np.int64)
+        entries = []
+        for block in range(len(x.chunks[axis])):
+            a, b = int(x_bounds[block]), int(x_bounds[block + 1])
+            c0, c1 = _covering(table, row, n_out, a, b, False)
+            if c1 <= c0:
+                entries.append(None)
+                continue
+            lo = min(a, int(table.start[row, c0:c1].min()))
+            hi = max(b, int(table.stop[row, c0:c1].max()))
+            entries.append(((c0, c1), (lo, hi), (a - lo, b - lo),
+                            _reads(grad_bounds, c0, c1), _reads(x_bounds, lo, hi)))
+        per_axis.append(entries)
+    token = tokenize(op, grad, x, spec, channels_last, backend)
+    name = f"{op.replace('_', '-')}-{token}"
+    dsk = {}
+    other_axes = [i for i in range(x.ndim) if i not in axes]
+    for combo in itertools.product(*[range(len(e)) for e in per_axis]):
+        entries = [per_axis[i][j] for i, j in enumerate(combo)]
+        task = None
+        if all(e is not None for e in entries):
+            sub = sub_table(table, rows, tuple(e[0] for e in entries),
+                            tuple(e[1][0] for e in entries), True)
+            task = _LpBackwardTask(op, nd, channels_last, backend, axes,
+                                   tuple(tuple(p for _, p in e[3]) for e in entries),
+                                   tuple(tuple(p for _, p in e[4]) for e in entries),
+                                   tuple(e[2] for e in entries), sub, spec.power)
+        for rest in itertools.product(*[range(len(x.chunks[i])) for i in other_axes]):
+            index = [0] * x.ndim
+            for axis, value in zip(other_axes, rest):
+                index[axis] = value
+            out_index = list(index)
+            for axis, j in zip(axes, combo):
+                out_index[axis] = j
+            if task is None:
+                shape = tuple(x.chunks[i][out_index[i]] for i in range(x.ndim))
+                dsk[(name, *out_index)] = (_Zeros(shape, grad_dtype), (x.name, *out_index))
+                continue
+            deps = []
+            for source, blocks in ((grad.name, [e[3] for e in entries]),
+                                   (x.name, [e[4] for e in entries])):
+                keys = []
+                for picked in itertools.product(*blocks):
+                    for axis, (block, _) in zip(axes, picked):
+                        index[axis] = block
+                    keys.append((source, *index))
+                deps.append(keys)
+            dsk[(name, *out_index)] = (task, *deps)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[grad, x])
+    return da.Array(graph, name, x.chunks, meta=_meta(grad, grad_dtype, x.ndim))
+
+
+def _reads(bounds: np.ndarray, lo: int, hi: int) -> list:
+    """The blocks (and local ranges) that hold ``[lo, hi)``."""
+    return [(block, (int(max(lo, bounds[block]) - bounds[block]),
+                     int(min(hi, bounds[block + 1]) - bounds[block])))
+            for block in range(len(bounds) - 1) if bounds[block] < hi and bounds[block + 1] > lo]

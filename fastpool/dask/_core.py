@@ -283,16 +283,24 @@ def separable_choice(mode: str, layout: Layout, table: WindowTable, dtype,
 
 
 def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: float | None,
-              separable):
+              separable, out=None):
+    """Window sums as the whole array's call makes them; into ``out`` (the CPU
+    kernels' canonical output, C-contiguous) when given."""
     from fastpool import cpu
 
     if impl is not cpu or separable is None or separable == "plane":
-        return impl.sum_pool(canonical, table, channels_last, power)
+        result = impl.sum_pool(canonical, table, channels_last, power)
+        if out is None:
+            return result
+        out[...] = result
+        return out
     from fastpool.cpu import pooling
 
     # Never the whole-plane kernel (a block whose one window is the block): it sums in
     # another order than the whole array's kernel.
-    out = np.empty(pooling._out_shape(canonical.shape, table, channels_last), canonical.dtype)
+    if out is None:
+        out = np.empty(pooling._out_shape(canonical.shape, table, channels_last),
+                       canonical.dtype)
     lp = None if power is None else float(power)
     zero = pooling.accumulator_zero(canonical.dtype, table, lp)
     if separable:
@@ -303,6 +311,31 @@ def _sum_pool(impl, canonical, table: WindowTable, channels_last: bool, power: f
     else:
         pooling._sum_pool_direct(canonical, out, table, channels_last, lp, zero)
     return out
+
+
+def _max_pool_into(canonical, table: WindowTable, channels_last: bool, out, indices):
+    """The CPU max kernels writing into ``out`` (and ``indices``, or None): the kernel
+    choice of :func:`fastpool.cpu.pooling.plan_max_pool` but for the whole-plane
+    one, without allocating the output."""
+    from fastpool.cpu import kernels, pooling, runtime
+
+    shape = canonical.shape
+    work = pooling._pool_work(out.shape, table)
+    serial = runtime.runs_serially(work)
+    lowest = canonical.dtype.type(_dispatch._lowest(np.dtype(canonical.dtype)))
+    block = pooling._separable(shape, table, channels_last,
+                               canonical.dtype.itemsize + 8 * (indices is not None), serial)
+    if block:
+        kernel, *tail = pooling._separable_arguments("max_pool", channels_last, block, table,
+                                                     (lowest,))
+    elif channels_last:
+        kernel, tail = kernels.max_pool_channels_last, (
+            table.start, table.stop, table.step, lowest, pooling._chunks(shape, table, serial))
+    else:
+        kernel, tail = kernels.max_pool_channels_first, (
+            table.start, table.stop, table.step, table.interior, lowest,
+            pooling._chunks(shape, table, serial))
+    runtime.launch(kernel, canonical, out, indices, *tail, work=work)
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,44 +370,187 @@ class PoolTask:
             return self._run(blocks)
 
     def _run(self, blocks):
+        if not any(self.extra) and _xp(blocks[0]) is np:
+            result = self._run_split(blocks)
+            if result is not None:
+                return result
         presliced = tuple(p is not None for p in self.picks)
         piece = assemble(blocks, self.axes, self.parts, self.extra, scratch=True,
                          presliced=presliced)
+        out, indices = self._pool(piece, self.table, self.origins)
+        impl = _dispatch._backend(self.backend, piece, self.op)
+        return _dispatch._wrap(impl, out if indices is None else (out, indices), piece)
+
+    def _run_split(self, blocks):
+        """The block's outputs without copying its own input block: those whose
+        windows lie inside it run on the block itself, and only the thin rims of
+        outputs that read a neighbour's halo run on small joined pieces (a few
+        planes).  Joining the whole piece cost a copy of every input block, as
+        much as the kernels' own pass over it.  None where this does not apply
+        (the block is a strided view, or no window lies inside it): then the caller
+        joins."""
+        axes, parts, nd = self.axes, self.parts, self.nd
+        counts = [len(p) for p in parts]
+        if all(c == 1 for c in counts) and not self.picks:
+            return None  # a plain per-block map: the usual path copies nothing either
+        mains = [max(range(len(p)), key=lambda j, p=p: p[j][1] - p[j][0]) for p in parts]
+        flat = 0
+        for count, m in zip(counts, mains):
+            flat = flat * count + m
+        main = blocks[flat]
+        presliced = tuple(p is not None for p in self.picks) or (False,) * len(blocks)
+        if presliced[flat] or main.size == 0 or not main.flags.c_contiguous:
+            return None
+        rows = tuple(range(3 - nd, 3))
+        table = self.table
+        offsets = [np.concatenate([[0], np.cumsum([b - a for a, b in p])]).astype(np.int64)
+                   for p in parts]
+        inner = []
+        for i, row in enumerate(rows):
+            n = table.out_shape[row]
+            # the main block's place in the piece's coordinates (the task may read
+            # only part of it, but all of it is the input's data)
+            first = int(offsets[i][mains[i]]) - parts[i][mains[i]][0]
+            length = main.shape[axes[i]]
+            # the first run of outputs whose windows lie inside the block (not a
+            # search: dilated windows that start in the padding break the order)
+            inside = (table.start[row, :n] >= first) & (table.stop[row, :n] <= first + length)
+            if not inside.any():
+                return None
+            lo = int(np.argmax(inside))
+            hi = lo + int(np.argmin(inside[lo:])) if not inside[lo:].all() else n
+            inner.append((lo, hi, n, first))
+        # Every block as the part of it the task reads (presliced halos already are).
+        views = []
+        for k, (block, combo) in enumerate(zip(blocks, itertools.product(
+                *[range(c) for c in counts]))):
+            if presliced[k]:
+                views.append(block)
+                continue
+            where = [slice(None)] * block.ndim
+            for axis, part, j in zip(axes, parts, combo):
+                where[axis] = slice(*part[j])
+            views.append(block[tuple(where)])
+        # The interior box, then the rims: along axis j the outputs before and after
+        # the interior, over the interior of the axes before j and all of those after.
+        boxes = [[(lo, hi) for lo, hi, _, _ in inner]]
+        for j, (lo, hi, n, _) in enumerate(inner):
+            for side in ((0, lo), (hi, n)):
+                if side[1] > side[0]:
+                    boxes.append([(a, b) for a, b, _, _ in inner[:j]] + [side]
+                                 + [(0, m) for _, _, m, _ in inner[j + 1:]])
+        out = indices = None
+        shape = list(main.shape)
+        for axis, (_, _, n, _) in zip(axes, inner):
+            shape[axis] = n
+        for number, box in enumerate(boxes):
+            if number == 0:
+                piece, origins = main, [first for *_, first in inner]
+            else:
+                origins, ranges = [], []
+                for i, (row, (o0, o1)) in enumerate(zip(rows, box)):
+                    size = int(offsets[i][-1])
+                    lo = min(int(table.start[row, o0:o1].min()), size - 1)
+                    hi = min(max(int(table.stop[row, o0:o1].max()),
+                                 int(table.start[row, o0:o1].max()) + 1), size)
+                    origins.append(lo)
+                    ranges.append((lo, hi))
+                piece = _join_range(views, axes, offsets, ranges)
+            sub = sub_table(table, rows, tuple(box), tuple(origins), True)
+            where = [slice(None)] * len(shape)
+            for axis, (o0, o1) in zip(axes, box):
+                where[axis] = slice(o0, o1)
+            where = tuple(where)
+            if out is None and self.mode in ("max", "sum") and main.dtype != np.bool_:
+                out = np.empty(shape, main.dtype.newbyteorder("="))  # the results' dtype
+            part_out, part_indices = self._pool(
+                piece, sub, tuple(o + g for o, g in zip(origins, self.origins)),
+                None if out is None else out[where])
+            if out is None:
+                out = np.empty(shape, part_out.dtype)
+            if part_indices is not None and indices is None:
+                indices = np.empty(shape, np.int64)
+            if part_out is not None:
+                out[where] = part_out
+            if indices is not None:
+                indices[where] = part_indices
+        return out if indices is None else (out, indices)
+
+    def _pool(self, piece, table: WindowTable, origins: tuple, into=None):
+        """The kernels on one piece, with its window table; indices into the whole
+        plane given the piece's place in it (``origins``).  With ``into`` (a view of
+        the result block), the CPU kernels write the values there when it is
+        contiguous (and the values returned are None): the rims' results are
+        small, but copying the interior's would cost a pass over the output."""
+        from fastpool import cpu
+
         impl = _dispatch._backend(self.backend, piece, self.op)
         array = impl.asarray(piece, self.op, "x")
         layout = Layout.of(tuple(array.shape), self.nd, self.channels_last, self.op, False)
-        out_spatial = self.table.out_shape[3 - self.nd:]
+        out_spatial = table.out_shape[3 - self.nd:]
         result_shape = layout.result_shape(out_spatial)
         dtype = np.dtype(array.dtype)
         if layout.is_empty():
             out = impl.empty(result_shape, dtype)
-            result = (out, impl.empty(result_shape, np.int64)) if self.with_indices else out
-            return _dispatch._wrap(impl, result, piece)
+            return out, (impl.empty(result_shape, np.int64) if self.with_indices else None)
         if self.max_of_abs:
             array = impl.absolute(array)
         canonical = impl.canonical(array, layout.canonical_shape())
         if dtype == np.bool_:
             canonical = canonical.view(np.uint8)
-        if self.mode in EXTREMES:
+        target = None
+        if into is not None and impl is cpu and self.mode in ("max", "sum") and \
+                dtype != np.bool_ and into.flags.c_contiguous and dtype.isnative and \
+                not (not self.channels_last and table.is_whole_plane(
+                    tuple(canonical.shape[1:4]))):
+            target = into.reshape(layout.canonical_out_shape(out_spatial))
+        if target is not None and self.mode == "max":
+            indices = np.empty(target.shape, np.int64) if self.with_indices else None
+            _max_pool_into(canonical, table, self.channels_last, target, indices)
+            out = None
+        elif target is not None:
+            _sum_pool(impl, canonical, table, self.channels_last, self.power, self.separable,
+                      target)
+            out, indices = None, None
+        elif self.mode in EXTREMES:
             # min is max under an order-reversing bijection, as in fastpool._dispatch
             if self.mode == "min":
                 canonical = impl.reverse_order(canonical)
-            out, indices = impl.max_pool(canonical, self.table, self.channels_last,
+            out, indices = impl.max_pool(canonical, table, self.channels_last,
                                          _dispatch._lowest(np.dtype(canonical.dtype)),
                                          self.with_indices)
             if self.mode == "min":
                 out = impl.reverse_order(out)
             out = out.view(np.bool_) if dtype == np.bool_ else out
         else:
-            out = _sum_pool(impl, canonical, self.table, self.channels_last, self.power,
+            out = _sum_pool(impl, canonical, table, self.channels_last, self.power,
                             self.separable)
             indices = None
-        out = out.reshape(result_shape)
+        out = None if out is None else out.reshape(result_shape)
         if not self.with_indices:
-            return _dispatch._wrap(impl, out, piece)
-        indices = to_global_indices(indices.reshape(result_shape), layout.spatial,
-                                    self.origins, self.whole_spatial)
-        return _dispatch._wrap(impl, (out, indices), piece)
+            return out, None
+        return out, to_global_indices(indices.reshape(result_shape), layout.spatial, origins,
+                                      self.whole_spatial)
+
+
+def _join_range(views: list, axes: tuple, offsets: list, ranges: list):
+    """The range ``ranges[i]`` (piece coordinates) along each of ``axes`` of the
+    piece that ``views`` (C order over the axes' parts, ``offsets`` their bounds)
+    make up, joined into one array."""
+    counts = [len(o) - 1 for o in offsets]
+    picked, parts = [], []
+    for offset, (lo, hi) in zip(offsets, ranges):
+        js = [j for j in range(len(offset) - 1) if offset[j] < hi and offset[j + 1] > lo]
+        picked.append(js)
+        parts.append([(max(lo, int(offset[j])) - int(offset[j]),
+                       min(hi, int(offset[j + 1])) - int(offset[j])) for j in js])
+    chosen = []
+    for combo in itertools.product(*picked):
+        flat = 0
+        for count, j in zip(counts, combo):
+            flat = flat * count + j
+        chosen.append(views[flat])
+    return assemble(chosen, axes, tuple(parts), (0,) * len(axes))
 
 
 # --------------------------------------------------------------------------
@@ -612,12 +788,13 @@ def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
     from fastpool._params import adaptive_output_shape, adaptive_table
 
     x = check_dask_array(x, op)
-    if mode not in ("max", "avg"):
-        raise ValueError(f"{op}: mode must be 'max' or 'avg', got {mode!r}")
+    if mode not in ("max", "min", "avg"):
+        raise ValueError(f"{op}: mode must be 'max', 'min' or 'avg', got {mode!r}")
     channels_last = check_bool(channels_last, "channels_last", op)
     return_indices = check_bool(return_indices, "return_indices", op)
-    if mode != "max" and return_indices:
-        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    if mode not in EXTREMES and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max and min "
+                         f"pooling")
     check_backend(backend, op)
     check_dtype(np.dtype(x.dtype), mode, op, _float_dtypes(x))
     align = _check_align(align, out_chunks, op)
@@ -630,7 +807,7 @@ def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
     plan = make_plan(op, x, axes, table, anchors, align, out_chunks)
     if getattr(planning, "active", False):
         return plan
-    kernel_mode = "max" if mode == "max" else "sum"
+    kernel_mode = mode if mode in EXTREMES else "sum"
     fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last, power=None,
                   max_of_abs=False, with_indices=return_indices, backend=backend,
                   whole_spatial=layout.spatial, table=table,

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastpool import _dispatch, _threads
-from fastpool._params import Layout, check_backend, check_bool, check_dtype
+from fastpool._params import (
+    COMBINED_MODES,
+    EXTREMES,
+    GLOBAL_MODES,
+    Layout,
+    check_backend,
+    check_bool,
+    check_dtype,
+)
 from fastpool.dask._core import (
     _float_dtypes,
     _meta,
@@ -43,13 +51,16 @@ class _Partial:
             return xp.sum(block, axis=self.axes, keepdims=True, dtype=np.float64)
         with _threads.thread_cap(kernel_threads()):
             values, indices = _dispatch.adaptive_pool(
-                block, "max", self.nd, (1,) * self.nd, op="global_max_pool", strict=False,
+                block, self.mode, self.nd, (1,) * self.nd, op=f"global_{self.mode}_pool",
+                strict=False,
                 return_indices=True, channels_last=self.channels_last, backend=self.backend)
         spatial = tuple(block.shape[a] for a in self.axes)
         return values, to_global_indices(indices, spatial, self.origins, self.whole_spatial)
 
 
-def _combine_max(parts):
+def _combine_extreme(parts, better=operator.gt):
+    """Max (``better`` >) or min (<) partials combined: min pooling is max pooling
+    under an order-reversing bijection, so the same NaN and tie rules hold."""
     values, indices = parts[0]
     xp = _xp(values)
     for other_values, other_indices in parts[1:]:
@@ -58,9 +69,9 @@ def _combine_max(parts):
         if values.dtype.kind == "f":
             nan, other_nan = values != values, other_values != other_values
             take = (other_nan & (~nan | later)) | (~nan & ~other_nan & (
-                (other_values > values) | ((other_values == values) & earlier)))
+                better(other_values, values) | ((other_values == values) & earlier)))
         else:
-            take = (other_values > values) | ((other_values == values) & earlier)
+            take = better(other_values, values) | ((other_values == values) & earlier)
         values = xp.where(take, other_values, values)
         indices = xp.where(take, other_indices, indices)
     return values, indices
@@ -72,7 +83,7 @@ def _combine(mode, parts):
         for part in parts[1:]:
             total = total + part
         return total
-    return _combine_max(parts)
+    return _combine_extreme(parts, operator.lt if mode == "min" else operator.gt)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,8 +114,9 @@ def global_pool(x, mode, nd, *, op, keepdims=False, return_indices=False, channe
     keepdims = check_bool(keepdims, "keepdims", op)
     channels_last = check_bool(channels_last, "channels_last", op)
     return_indices = check_bool(return_indices, "return_indices", op)
-    if mode != "max" and return_indices:
-        raise ValueError(f"{op}: return_indices=True is only supported by max pooling")
+    if mode not in EXTREMES and return_indices:
+        raise ValueError(f"{op}: return_indices=True is only supported by max and min "
+                         f"pooling")
     check_backend(backend, op)
     check_dtype(np.dtype(x.dtype), mode, op, _float_dtypes(x))
     layout = Layout.of(tuple(x.shape), nd, channels_last, op, True)
@@ -161,6 +173,32 @@ def global_pool(x, mode, nd, *, op, keepdims=False, return_indices=False, channe
         sub_graph = HighLevelGraph.from_collections(sub_name, sub, dependencies=[pair])
         results.append(da.Array(sub_graph, sub_name, out_chunks, meta=_meta(x, dtype, ndim)))
     return tuple(results)
+
+
+def global_pool_mode(x, mode, nd, *, op, keepdims=False, return_indices=False,
+                     channels_last=False, backend=None, split_every=None):
+    """``fastpool.global_pool{nd}d``'s modes: avg, max and min as themselves; timm's
+    avgmax (``0.5 * (avg + max)``) and catavgmax (the average's channels, then the
+    maximum's) composed from the global average and maximum, indices the maximum's."""
+    if mode not in GLOBAL_MODES:
+        raise ValueError(f"fastpool.dask.{op}: mode must be one of {GLOBAL_MODES}, got "
+                         f"{mode!r}")
+    common = dict(op=op, keepdims=keepdims, channels_last=channels_last, backend=backend,
+                  split_every=split_every)
+    if mode not in COMBINED_MODES:
+        return global_pool(x, mode, nd, return_indices=return_indices, **common)
+    return_indices = check_bool(return_indices, "return_indices", op)
+    avg = global_pool(x, "avg", nd, **common)
+    top, indices = global_pool(x, "max", nd, return_indices=True, **common)
+    if mode == "avgmax":
+        # as the in-memory op: the sum in the input's dtype, then times 0.5 in it
+        out = (avg + top) * np.dtype(avg.dtype).type(0.5)
+    else:
+        import dask.array as da
+
+        axis = x.ndim - 1 if channels_last else x.ndim - nd - 1
+        out = da.concatenate([avg, top], axis=axis)
+    return (out, indices) if return_indices else out
 
 
 def _flatten(keys):
