@@ -103,9 +103,10 @@ def _unusual(value):
 
 
 # --------------------------------------------------------------------------
-# Element terms.  The power of kind k (1-4 multiplied out, 0 general) and the
-# gradient factor p * c ** (p - 1), resolved per loop by the ``kind`` branches
-# around it, so the loops themselves stay branch-free.
+# Element terms.  Integer p (``kind`` 1-4) is multiplied out with selects on
+# ``kind``, so one branch-free loop serves all four; a general p (kind 0) takes
+# its own copy of each loop, with ``c ** p``.  Each loop is compiled once per
+# dtype: inlined copies per case multiplied the kernels' compile time.
 # --------------------------------------------------------------------------
 
 
@@ -116,57 +117,50 @@ def _clamp(value, eps):
 
 
 @njit(inline="always")
-def _power(c, p, kind):
-    if kind == 1:
-        return c
-    if kind == 2:
-        return c * c
-    if kind == 3:
-        return c * c * c
-    if kind == 4:
-        square = c * c
-        return square * square
-    return c ** p
+def _int_power(c, kind):
+    """c ** kind for kind 1-4, multiplied out as c, c*c, c*c*c, (c*c)*(c*c)."""
+    square = c * c
+    high = square * square if kind == 4 else square * c
+    low = c if kind == 1 else square
+    return low if kind <= 2 else high
 
 
 @njit(inline="always")
-def _slope(c, p, kind):
+def _power(c, p, kind, general):
+    """c ** p; ``general`` (a literal at every call site, so the other branch folds
+    away) for p not an integer 1-4."""
+    return c ** p if general else _int_power(c, kind)
+
+
+@njit(inline="always")
+def _slope(c, p, kind, general):
     """d(c ** p)/dc = p * c ** (p - 1), as torch's pow backward computes it."""
-    if kind == 1:
-        return p
-    if kind == 2:
-        return p * c
-    if kind == 3:
-        return p * (c * c)
-    if kind == 4:
-        return p * (c * c * c)
-    return p * c ** (p - 1)
+    if general:
+        return p * c ** (p - 1)
+    square = c * c
+    high = square * c if kind == 4 else square
+    return p if kind == 1 else p * (c if kind == 2 else high)
 
 
 @njit(inline="always")
-def _sum_run(values, p, eps, kind, with_log):
-    """(sum of c ** p, sum of c ** p * ln c, unusual count) over a contiguous run."""
-    total, log_total, unusual = 0.0, 0.0, 0
-    for i in range(values.size):
-        c = _clamp(values[i], eps)
-        powered = _power(c, p, kind)
-        total += powered
-        if with_log:
-            wide = np.float64(c)
-            log_total += powered * _fast_log(wide)
-            unusual += _unusual(wide)
-    return total, log_total, unusual
-
-
-@njit(inline="always")
-def _planes_sums_of_kind(x, powers, first, eps, kind, sums, log_sums, with_log):
+def _sum_rows(x, powers, first, eps, kind, sums, log_sums, with_log, general):
     for i in range(x.shape[0]):
         values = x[i]
         p = x.dtype.type(powers[(first + i) % powers.size])
-        total, log_total, unusual = _sum_run(values, p, eps, kind, with_log)
-        sums[i] = total
+        total, log_total, unusual = 0.0, 0.0, 0
         if with_log:
+            for j in range(values.size):
+                c = _clamp(values[j], eps)
+                powered = _power(c, p, kind, general)
+                total += powered
+                wide = np.float64(c)
+                log_total += powered * _fast_log(wide)
+                unusual += _unusual(wide)
             log_sums[i] = _exact_log_sum(values, p, eps, kind) if unusual else log_total
+        else:
+            for j in range(values.size):
+                total += _power(_clamp(values[j], eps), p, kind, general)
+        sums[i] = total
 
 
 # Reassociation lets LLVM vectorise the sums over each run (in its own order, as
@@ -174,99 +168,60 @@ def _planes_sums_of_kind(x, powers, first, eps, kind, sums, log_sums, with_log):
 # a window's span of one input row.
 @njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
 def _planes_sums(x, powers, first, eps, kind, sums, log_sums, with_log):
-    """Sums over each row of ``x`` (runs, length) of p = ``powers[(first + row) %
-    powers.size]``, with ``kind`` and ``with_log`` resolved outside the loops: one
-    copy per case, each free of branches (compiled once per dtype, called once per
-    block of runs rather than inlined into every kernel)."""
-    if with_log:
-        if kind == 3:
-            _planes_sums_of_kind(x, powers, first, eps, 3, sums, log_sums, True)
-        elif kind == 2:
-            _planes_sums_of_kind(x, powers, first, eps, 2, sums, log_sums, True)
-        elif kind == 4:
-            _planes_sums_of_kind(x, powers, first, eps, 4, sums, log_sums, True)
-        elif kind == 1:
-            _planes_sums_of_kind(x, powers, first, eps, 1, sums, log_sums, True)
-        else:
-            _planes_sums_of_kind(x, powers, first, eps, 0, sums, log_sums, True)
-    elif kind == 3:
-        _planes_sums_of_kind(x, powers, first, eps, 3, sums, log_sums, False)
-    elif kind == 2:
-        _planes_sums_of_kind(x, powers, first, eps, 2, sums, log_sums, False)
-    elif kind == 4:
-        _planes_sums_of_kind(x, powers, first, eps, 4, sums, log_sums, False)
-    elif kind == 1:
-        _planes_sums_of_kind(x, powers, first, eps, 1, sums, log_sums, False)
+    """Each row's sum of c ** p (and, ``with_log``, of c ** p ln c into
+    ``log_sums``) over ``x`` (runs, length), p = ``powers[(first + row) %
+    powers.size]``.  Compiled once per dtype and called once per block of runs:
+    inlined into every kernel, its loops multiplied their compile time."""
+    if kind == 0:
+        _sum_rows(x, powers, first, eps, kind, sums, log_sums, with_log, True)
     else:
-        _planes_sums_of_kind(x, powers, first, eps, 0, sums, log_sums, False)
+        _sum_rows(x, powers, first, eps, kind, sums, log_sums, with_log, False)
 
 
 @njit(**_SERIAL_JIT_OPTIONS)
 def _exact_log_sum(values, p, eps, kind):
-    """sum of c ** p * ln c over a run with np.log: runs holding unusual values."""
+    """The sum of c ** p * ln c over a run with np.log: runs holding unusual values."""
     total = 0.0
     for i in range(values.size):
         c = _clamp(values[i], eps)
-        total += _power(c, p, kind) * np.log(np.float64(c))
+        total += (c ** p if kind == 0 else _int_power(c, kind)) * np.log(np.float64(c))
     return total
 
 
 @njit(inline="always")
-def _channel_run(values, powers, eps, kind, totals):
-    """Add one pixel's channels' c ** p to the running sums."""
-    for c in range(values.size):
-        totals[c] += _power(_clamp(values[c], eps), powers[c], kind)
-    return 0
-
-
-@njit(inline="always")
-def _channel_run_log(values, powers, eps, kind, totals, log_totals):
-    """:func:`_channel_run`, adding c ** p ln c to ``log_totals`` too; returns the
-    count of unusual values (see :func:`_unusual`)."""
+def _sum_channels(values, powers, eps, kind, totals, log_totals, with_log, general):
     unusual = 0
-    for c in range(values.size):
-        clamped = _clamp(values[c], eps)
-        powered = _power(clamped, powers[c], kind)
-        totals[c] += powered
-        wide = np.float64(clamped)
-        log_totals[c] += powered * _fast_log(wide)
-        unusual += _unusual(wide)
+    if with_log:
+        for c in range(values.size):
+            clamped = _clamp(values[c], eps)
+            powered = _power(clamped, powers[c], kind, general)
+            totals[c] += powered
+            wide = np.float64(clamped)
+            log_totals[c] += powered * _fast_log(wide)
+            unusual += _unusual(wide)
+    else:
+        for c in range(values.size):
+            totals[c] += _power(_clamp(values[c], eps), powers[c], kind, general)
     return unusual
 
 
 @njit(**_SERIAL_JIT_OPTIONS)
-def _pixel_sums(values, powers, eps, kind, totals, log_totals):
-    """:func:`_channel_run` (or, given ``log_totals``, :func:`_channel_run_log`) with
-    ``kind`` resolved outside the loop."""
-    if log_totals is None:
-        if kind == 3:
-            return _channel_run(values, powers, eps, 3, totals)
-        if kind == 2:
-            return _channel_run(values, powers, eps, 2, totals)
-        if kind == 4:
-            return _channel_run(values, powers, eps, 4, totals)
-        if kind == 1:
-            return _channel_run(values, powers, eps, 1, totals)
-        return _channel_run(values, powers, eps, 0, totals)
-    if kind == 3:
-        return _channel_run_log(values, powers, eps, 3, totals, log_totals)
-    if kind == 2:
-        return _channel_run_log(values, powers, eps, 2, totals, log_totals)
-    if kind == 4:
-        return _channel_run_log(values, powers, eps, 4, totals, log_totals)
-    if kind == 1:
-        return _channel_run_log(values, powers, eps, 1, totals, log_totals)
-    return _channel_run_log(values, powers, eps, 0, totals, log_totals)
+def _pixel_sums(values, powers, eps, kind, totals, log_totals, with_log):
+    """Add one pixel's channels' c ** p (and, ``with_log``, c ** p ln c) to the
+    running sums; returns the count of unusual values (see :func:`_unusual`)."""
+    if kind == 0:
+        return _sum_channels(values, powers, eps, kind, totals, log_totals, with_log, True)
+    return _sum_channels(values, powers, eps, kind, totals, log_totals, with_log, False)
 
 
 # --------------------------------------------------------------------------
-# Window sums.  ``sums`` (and ``log_sums`` unless None: the forward compiles
-# without the logarithms) are float64, output-shaped.
+# Window sums.  ``sums`` and ``log_sums`` are float64, output-shaped; without
+# ``with_log`` (the forward) ``log_sums`` is only a placeholder, never written.
 # --------------------------------------------------------------------------
 
 
 @njit(**CPU_JIT_OPTIONS)
-def gem_sums_planes(x, powers, eps, kind, sums, log_sums, chunks):
+def gem_sums_planes(x, powers, eps, kind, sums, log_sums, with_log, chunks):
     """Whole-plane windows (global GeM, channels-first): ``x`` (planes, size), in
     ``chunks`` tasks of whole planes (a call per plane costs more than a small
     plane's arithmetic)."""
@@ -275,21 +230,16 @@ def gem_sums_planes(x, powers, eps, kind, sums, log_sums, chunks):
     for chunk in prange(chunks):
         first = chunk * per_chunk
         last = min(planes, first + per_chunk)
-        if log_sums is None:
-            _planes_sums(x[first:last], powers, first, eps, kind, sums[first:last],
-                         sums[first:last], False)
-        else:
-            _planes_sums(x[first:last], powers, first, eps, kind, sums[first:last],
-                         log_sums[first:last], True)
+        _planes_sums(x[first:last], powers, first, eps, kind, sums[first:last],
+                     log_sums[first:last] if with_log else log_sums[:0], with_log)
 
 
 @njit(**CPU_JIT_OPTIONS)
-def gem_sums_channels_first(x, start, stop, powers, eps, kind, sums, log_sums):
+def gem_sums_channels_first(x, start, stop, powers, eps, kind, sums, log_sums, with_log):
     """Window sums over ``x`` (planes, D, H, W) into (planes, out_d, out_h, out_w);
     windows read whole runs of W (GeM has no dilation)."""
     planes, out_d, out_h, out_w = sums.shape
-    rows = planes * out_d * out_h
-    for row in prange(rows):
+    for row in prange(planes * out_d * out_h):
         plane = row // (out_d * out_h)
         od = (row // out_h) % out_d
         oh = row % out_h
@@ -300,45 +250,38 @@ def gem_sums_channels_first(x, start, stop, powers, eps, kind, sums, log_sums):
             total, log_total = 0.0, 0.0
             for d in range(start[0, od], stop[0, od]):
                 for h in range(start[1, oh], stop[1, oh]):
-                    run = x[plane, d, h:h + 1, w0:w1]
-                    _planes_sums(run, one_p, 0, eps, kind, run_sums, run_logs,
-                                 log_sums is not None)
+                    _planes_sums(x[plane, d, h:h + 1, w0:w1], one_p, 0, eps, kind, run_sums,
+                                 run_logs, with_log)
                     total += run_sums[0]
-                    log_total += run_logs[0]
+                    log_total += run_logs[0] if with_log else 0.0
             sums[plane, od, oh, ow] = total
-            if log_sums is not None:
+            if with_log:
                 log_sums[plane, od, oh, ow] = log_total
 
 
 @njit(**CPU_JIT_OPTIONS)
-def gem_sums_channels_last(x, start, stop, powers, eps, kind, sums, log_sums):
+def gem_sums_channels_last(x, start, stop, powers, eps, kind, sums, log_sums, with_log):
     """Window sums over ``x`` (N, D, H, W, C) into (N, out_d, out_h, out_w, C),
     accumulated a pixel at a time across the contiguous channels; ``powers`` has
     one p per channel."""
     batch, out_d, out_h, out_w, channels = sums.shape
-    rows = batch * out_d * out_h
     typed = powers.astype(x.dtype)
-    for row in prange(rows):
+    for row in prange(batch * out_d * out_h):
         n = row // (out_d * out_h)
         od = (row // out_h) % out_d
         oh = row % out_h
+        placeholder = np.empty(channels)
         for ow in range(out_w):
             totals = sums[n, od, oh, ow]
             totals[:] = 0.0
-            unusual = 0
-            if log_sums is None:
-                for d in range(start[0, od], stop[0, od]):
-                    for h in range(start[1, oh], stop[1, oh]):
-                        for w in range(start[2, ow], stop[2, ow]):
-                            _pixel_sums(x[n, d, h, w], typed, eps, kind, totals, None)
-                continue
-            log_totals = log_sums[n, od, oh, ow]
+            log_totals = log_sums[n, od, oh, ow] if with_log else placeholder
             log_totals[:] = 0.0
+            unusual = 0
             for d in range(start[0, od], stop[0, od]):
                 for h in range(start[1, oh], stop[1, oh]):
                     for w in range(start[2, ow], stop[2, ow]):
                         unusual += _pixel_sums(x[n, d, h, w], typed, eps, kind, totals,
-                                               log_totals)
+                                               log_totals, with_log)
             if unusual:
                 # Redo this window's logarithms exactly.
                 log_totals[:] = 0.0
@@ -360,35 +303,32 @@ def gem_sums_channels_last(x, start, stop, powers, eps, kind, sums, log_sums):
 
 
 @njit(inline="always")
-def _grad_rows(x, shares, powers, first, eps, kind, out, broadcast):
+def _grad_rows(x, shares, powers, first, eps, kind, out, broadcast, general):
     for i in range(x.shape[0]):
         values, row_shares, row_out = x[i], shares[i], out[i]
         p = x.dtype.type(powers[(first + i) % powers.size])
         for j in range(values.size):
             value = values[j]
             share = row_shares[0] if broadcast else row_shares[j]
+            slope = _slope(_clamp(value, eps), p, kind, general)
             # A select, not a product with the mask: NaN inputs get 0, as torch's
             # clamp backward gives them.
-            row_out[j] = share * _slope(_clamp(value, eps), p, kind) if value >= eps else 0
+            row_out[j] = share * slope if value >= eps else 0
 
 
 @njit(**_SERIAL_JIT_OPTIONS)
 def _planes_grad(x, shares, powers, first, eps, kind, out):
-    """:func:`_grad_rows` over a block of planes, with ``kind`` and the broadcast of
-    ``shares`` resolved outside the loops."""
+    """:func:`_grad_rows` over a block of planes, with the broadcast of ``shares``
+    and a general p resolved outside the loops."""
     if shares.shape[1] == 1:
-        if kind == 3:
-            _grad_rows(x, shares, powers, first, eps, 3, out, True)
-        elif kind == 2:
-            _grad_rows(x, shares, powers, first, eps, 2, out, True)
+        if kind == 0:
+            _grad_rows(x, shares, powers, first, eps, kind, out, True, True)
         else:
-            _grad_rows(x, shares, powers, first, eps, kind, out, True)
-    elif kind == 3:
-        _grad_rows(x, shares, powers, first, eps, 3, out, False)
-    elif kind == 2:
-        _grad_rows(x, shares, powers, first, eps, 2, out, False)
+            _grad_rows(x, shares, powers, first, eps, kind, out, True, False)
+    elif kind == 0:
+        _grad_rows(x, shares, powers, first, eps, kind, out, False, True)
     else:
-        _grad_rows(x, shares, powers, first, eps, kind, out, False)
+        _grad_rows(x, shares, powers, first, eps, kind, out, False, False)
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -404,11 +344,11 @@ def gem_grad_channels_first(x, shares, powers, eps, kind, grad, chunks):
 
 
 @njit(inline="always")
-def _pixel_grad(values, shares, powers, eps, kind, out):
+def _grad_channels(values, shares, powers, eps, kind, out, general):
     for c in range(values.size):
         value = values[c]
-        clamped = _clamp(value, eps)
-        out[c] = shares[c] * _slope(clamped, powers[c], kind) if value >= eps else 0
+        slope = _slope(_clamp(value, eps), powers[c], kind, general)
+        out[c] = shares[c] * slope if value >= eps else 0
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -420,10 +360,10 @@ def gem_grad_channels_last(x, shares, powers, eps, kind, grad):
     for task in prange(batch * pixels):
         n, i = task // pixels, task % pixels
         row = shares[n, 0 if broadcast else i]
-        if kind == 3:
-            _pixel_grad(x[n, i], row, typed, eps, 3, grad[n, i])
+        if kind == 0:
+            _grad_channels(x[n, i], row, typed, eps, kind, grad[n, i], True)
         else:
-            _pixel_grad(x[n, i], row, typed, eps, kind, grad[n, i])
+            _grad_channels(x[n, i], row, typed, eps, kind, grad[n, i], False)
 
 
 # --------------------------------------------------------------------------
@@ -460,19 +400,18 @@ def window_sums(x: np.ndarray, table: WindowTable, channels_last: bool, powers: 
     else:
         out_shape = (x.shape[0], *table.out_shape)
     sums = np.empty(out_shape, np.float64)
-    log_sums = np.empty(out_shape, np.float64) if with_log else None
+    # Without the logarithms, a placeholder: one specialisation serves both.
+    log_sums = np.empty(out_shape if with_log else (1,) * len(out_shape), np.float64)
     work = x.size * (2 if with_log else 1)
     if not channels_last and table.is_whole_plane(x.shape[1:4]):
         launch(gem_sums_planes, x.reshape(x.shape[0], -1), powers, eps, kind,
-               sums.reshape(-1), None if log_sums is None else log_sums.reshape(-1),
-               _chunks(x.shape[0], work), work=work)
-    elif channels_last:
-        launch(gem_sums_channels_last, x, table.start, table.stop, powers, eps, kind, sums,
-               log_sums, work=work)
+               sums.reshape(-1), log_sums.reshape(-1), with_log, _chunks(x.shape[0], work),
+               work=work)
     else:
-        launch(gem_sums_channels_first, x, table.start, table.stop, powers, eps, kind, sums,
-               log_sums, work=work)
-    return sums, log_sums
+        kernel = gem_sums_channels_last if channels_last else gem_sums_channels_first
+        launch(kernel, x, table.start, table.stop, powers, eps, kind, sums, log_sums,
+               with_log, work=work)
+    return sums, log_sums if with_log else None
 
 
 def window_sizes(table: WindowTable, channels_last: bool) -> np.ndarray:
