@@ -155,23 +155,28 @@ def test_gem_fused_kernels_in_float32_match_torch(channels_last, windows, p):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("windows", [{}, dict(kernel_size=4, stride=1)],
                          ids=["global", "sliding"])
-def test_gem_unusual_values_take_the_exact_logarithm(channels_last, windows):
+# (p's gradient for a small p takes the difference of nearly equal terms: float32's
+# tolerance allows for that; a wrong logarithm of the subnormal is off by far more.)
+@pytest.mark.parametrize("dtype, eps, rtol", [(np.float64, 1e-310, 1e-9),
+                                              (np.float32, 1e-40, 2e-3)], ids=["f64", "f32"])
+def test_gem_unusual_values_take_the_exact_logarithm(channels_last, windows, dtype, eps,
+                                                     rtol):
     """The fused kernels' fast logarithm covers positive normal numbers; windows with
     a subnormal (an eps below the normal range) take np.log: with a small p, whose
     powers of subnormals are not negligible."""
     rng = np.random.default_rng(6)
-    x = np.abs(rng.standard_normal((2, 3, 5, 5))) + 0.5
+    x = (np.abs(rng.standard_normal((2, 3, 5, 5))) + 0.5).astype(dtype)
     x[0, 1, 1, 1] = x[1, 2, 2, 3] = -1.0  # clamped to the subnormal eps
-    eps = 1e-310
-    tx = torch.from_numpy(x).requires_grad_()
+    eps = float(dtype(eps))  # as fastpool computes it
+    tx = torch.from_numpy(x.astype(np.float64)).requires_grad_()
     tp = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
     want = torch_gem(tx, tp, eps, 2, **windows)
-    grad = rng.standard_normal(want.shape)
-    want.backward(torch.from_numpy(grad))
+    grad = rng.standard_normal(want.shape).astype(dtype)
+    want.backward(torch.from_numpy(grad.astype(np.float64)))
     data = np.ascontiguousarray(to_channels_last(x, 2)) if channels_last else x
     g = np.ascontiguousarray(to_channels_last(grad, 2)) if channels_last else grad
     kw = dict(channels_last=channels_last, **windows)
     grad_x, grad_p = fastpool.gem_pool2d_backward(g, data, 0.01, eps, **kw)
     grad_x = to_channels_first(grad_x, 2) if channels_last else grad_x
-    np.testing.assert_allclose(grad_x, tx.grad.numpy(), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(grad_p, tp.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(grad_x, tx.grad.numpy(), rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(grad_p, tp.grad.numpy(), rtol=rtol, atol=1e-12)

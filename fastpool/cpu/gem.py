@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._params import WindowTable
@@ -30,6 +30,7 @@ from fastpool._threads import get_num_threads
 from fastpool.cpu.runtime import launch, runs_serially
 
 _SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+_BLOCK = 64  # elements a backward sums in the input's precision before float64
 
 
 # --------------------------------------------------------------------------
@@ -71,7 +72,6 @@ _LG1, _LG2, _LG3, _LG4 = (6.666666666666735130e-01, 3.999999999940941908e-01,
 _LG5, _LG6, _LG7 = 1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01
 _TWO52 = 4503599627370496.0  # 2 ** 52: its low mantissa bits hold an exponent field
 _SMALLEST_NORMAL = 2.2250738585072014e-308
-_LARGEST = 1.7976931348623157e308
 
 
 @njit(inline="always")
@@ -96,10 +96,79 @@ def _fast_log(value):
     return k * _LN2_HI - ((half_square - (s * (half_square + r) + k * _LN2_LO)) - f)
 
 
+@intrinsic
+def _bits_of32(typingctx, value):
+    """The bits of a float32 as an int32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float32_of(typingctx, bits):
+    """The float32 whose bits are the int32 ``bits``."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+_F32 = np.float32
+
+
 @njit(inline="always")
-def _unusual(value):
-    """1 where :func:`_fast_log` does not apply (0, subnormal, inf, NaN), else 0."""
-    return 0 if (value >= _SMALLEST_NORMAL) & (value <= _LARGEST) else 1
+def _fast_log32(value):
+    """ln(value) for a positive normal float32, in float32 (Cephes' logf, error
+    below 1 ulp): float32 input's logarithms in float32, as torch takes them, and
+    twice the vector lanes of :func:`_fast_log`."""
+    bits = _bits_of32(value)
+    mantissa = _float32_of(np.int32((bits & 0x007FFFFF) | 0x3F800000))
+    k = _float32_of(np.int32(((bits >> 23) & 0xFF) | 0x4B000000)) - _F32(8388608.0 + 127.0)
+    high = mantissa > _F32(1.41421356)
+    mantissa = mantissa * _F32(0.5) if high else mantissa
+    k = k + _F32(1.0) if high else k
+    f = mantissa - _F32(1.0)
+    z = f * f
+    y = ((((((((_F32(7.0376836292e-2) * f - _F32(1.1514610310e-1)) * f
+               + _F32(1.1676998740e-1)) * f - _F32(1.2420140846e-1)) * f
+             + _F32(1.4249322787e-1)) * f - _F32(1.6668057665e-1)) * f
+           + _F32(2.0000714765e-1)) * f - _F32(2.4999993993e-1)) * f
+         + _F32(3.3333331174e-1)) * f * z
+    y = y + k * _F32(-2.12194440e-4) + _F32(-0.5) * z
+    return f + y + k * _F32(0.693359375)
+
+
+def _log_of(value):
+    """ln(value) in value's precision for a positive normal number (see the overload)."""
+
+
+def _unusual_for_log(value):
+    """1 where :func:`_log_of` does not apply, else 0, as a float of value's type (an
+    integer count kept the loops from vectorising).  Only zero and subnormals: the
+    fast logarithms of inf (finite) and NaN (NaN) give the exact products, inf
+    and NaN, once multiplied by ``value ** p``."""
+
+
+@overload(_log_of)
+def _log_of_impl(value):
+    if value == types.float32:
+        return lambda value: _fast_log32(value)
+    return lambda value: _fast_log(np.float64(value))
+
+
+@overload(_unusual_for_log)
+def _unusual_for_log_impl(value):
+    if value == types.float32:
+        smallest, one, zero = _F32(1.17549435e-38), _F32(1), _F32(0)
+        return lambda value: one if value < smallest else zero
+    return lambda value: 1.0 if value < _SMALLEST_NORMAL else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -143,23 +212,28 @@ def _slope(c, p, kind, general):
 
 
 @njit(inline="always")
-def _sum_rows(x, powers, first, eps, kind, sums, log_sums, with_log, general):
+def _sum_rows(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log, general):
     for i in range(x.shape[0]):
-        values = x[i]
+        values = x[i][w0:w1]
         p = x.dtype.type(powers[(first + i) % powers.size])
-        total, log_total, unusual = 0.0, 0.0, 0
+        total, log_total, unusual = 0.0, 0.0, x.dtype.type(0)
+        for j in range(values.size):
+            total += _power(_clamp(values[j], eps), p, kind, general)
         if with_log:
-            for j in range(values.size):
-                c = _clamp(values[j], eps)
-                powered = _power(c, p, kind, general)
-                total += powered
-                wide = np.float64(c)
-                log_total += powered * _fast_log(wide)
-                unusual += _unusual(wide)
+            # The logarithm terms in the input's precision over blocks of at most
+            # _BLOCK elements, the blocks' sums in float64: float32 lanes vectorise
+            # twice as wide, and loops mixing float32 and float64 sums did not
+            # vectorise at all.  (The powers' sums above stay in float64 throughout:
+            # p's gradient takes the difference of nearly equal terms for small p.)
+            for j0 in range(0, values.size, _BLOCK):
+                block = values[j0:j0 + _BLOCK]
+                log_part = x.dtype.type(0)
+                for j in range(block.size):
+                    c = _clamp(block[j], eps)
+                    log_part += _power(c, p, kind, general) * _log_of(c)
+                    unusual += _unusual_for_log(c)
+                log_total += log_part
             log_sums[i] = _exact_log_sum(values, p, eps, kind) if unusual else log_total
-        else:
-            for j in range(values.size):
-                total += _power(_clamp(values[j], eps), p, kind, general)
         sums[i] = total
 
 
@@ -167,15 +241,16 @@ def _sum_rows(x, powers, first, eps, kind, sums, log_sums, with_log, general):
 # torch sums in its own); NaN and inf still propagate.  A run is a whole plane or
 # a window's span of one input row.
 @njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
-def _planes_sums(x, powers, first, eps, kind, sums, log_sums, with_log):
+def _planes_sums(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log):
     """Each row's sum of c ** p (and, ``with_log``, of c ** p ln c into
-    ``log_sums``) over ``x`` (runs, length), p = ``powers[(first + row) %
-    powers.size]``.  Compiled once per dtype and called once per block of runs:
-    inlined into every kernel, its loops multiplied their compile time."""
+    ``log_sums``) over columns w0:w1 of ``x`` (rows, length), p = ``powers[(first +
+    row) % powers.size]``.  Compiled once per dtype (whole C-contiguous rows, so
+    planes and window spans share it) and called once per block of rows: inlined
+    into every kernel, its loops multiplied their compile time."""
     if kind == 0:
-        _sum_rows(x, powers, first, eps, kind, sums, log_sums, with_log, True)
+        _sum_rows(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log, True)
     else:
-        _sum_rows(x, powers, first, eps, kind, sums, log_sums, with_log, False)
+        _sum_rows(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log, False)
 
 
 @njit(**_SERIAL_JIT_OPTIONS)
@@ -190,25 +265,26 @@ def _exact_log_sum(values, p, eps, kind):
 
 @njit(inline="always")
 def _sum_channels(values, powers, eps, kind, totals, log_totals, with_log, general):
-    unusual = 0
+    unusual = values.dtype.type(0)
     if with_log:
         for c in range(values.size):
             clamped = _clamp(values[c], eps)
             powered = _power(clamped, powers[c], kind, general)
             totals[c] += powered
-            wide = np.float64(clamped)
-            log_totals[c] += powered * _fast_log(wide)
-            unusual += _unusual(wide)
+            log_totals[c] += powered * _log_of(clamped)
+            unusual += _unusual_for_log(clamped)
     else:
         for c in range(values.size):
             totals[c] += _power(_clamp(values[c], eps), powers[c], kind, general)
     return unusual
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+# Reassociation for the count of unusual values, a float sum (each channel's sums
+# accumulate in their own slots, in order).
+@njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
 def _pixel_sums(values, powers, eps, kind, totals, log_totals, with_log):
     """Add one pixel's channels' c ** p (and, ``with_log``, c ** p ln c) to the
-    running sums; returns the count of unusual values (see :func:`_unusual`)."""
+    running sums; returns the count of unusual values (see :func:`_unusual_for_log`)."""
     if kind == 0:
         return _sum_channels(values, powers, eps, kind, totals, log_totals, with_log, True)
     return _sum_channels(values, powers, eps, kind, totals, log_totals, with_log, False)
@@ -230,8 +306,9 @@ def gem_sums_planes(x, powers, eps, kind, sums, log_sums, with_log, chunks):
     for chunk in prange(chunks):
         first = chunk * per_chunk
         last = min(planes, first + per_chunk)
-        _planes_sums(x[first:last], powers, first, eps, kind, sums[first:last],
-                     log_sums[first:last] if with_log else log_sums[:0], with_log)
+        _planes_sums(x[first:last], 0, x.shape[1], powers, first, eps, kind,
+                     sums[first:last], log_sums[first:last] if with_log else log_sums[:0],
+                     with_log)
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -244,16 +321,16 @@ def gem_sums_channels_first(x, start, stop, powers, eps, kind, sums, log_sums, w
         od = (row // out_h) % out_d
         oh = row % out_h
         one_p = powers[plane % powers.size:plane % powers.size + 1]
-        run_sums, run_logs = np.empty(1), np.empty(1)
+        h0, h1 = start[1, oh], stop[1, oh]
+        run_sums, run_logs = np.empty(h1 - h0), np.empty(h1 - h0)
         for ow in range(out_w):
-            w0, w1 = start[2, ow], stop[2, ow]
             total, log_total = 0.0, 0.0
             for d in range(start[0, od], stop[0, od]):
-                for h in range(start[1, oh], stop[1, oh]):
-                    _planes_sums(x[plane, d, h:h + 1, w0:w1], one_p, 0, eps, kind, run_sums,
-                                 run_logs, with_log)
-                    total += run_sums[0]
-                    log_total += run_logs[0] if with_log else 0.0
+                # The window's rows of this input plane, columns w0:w1 of each.
+                _planes_sums(x[plane, d, h0:h1], start[2, ow], stop[2, ow], one_p, 0, eps,
+                             kind, run_sums, run_logs, with_log)
+                total += run_sums.sum()
+                log_total += run_logs.sum() if with_log else 0.0
             sums[plane, od, oh, ow] = total
             if with_log:
                 log_sums[plane, od, oh, ow] = log_total
@@ -276,7 +353,7 @@ def gem_sums_channels_last(x, start, stop, powers, eps, kind, sums, log_sums, wi
             totals[:] = 0.0
             log_totals = log_sums[n, od, oh, ow] if with_log else placeholder
             log_totals[:] = 0.0
-            unusual = 0
+            unusual = 0.0
             for d in range(start[0, od], stop[0, od]):
                 for h in range(start[1, oh], stop[1, oh]):
                     for w in range(start[2, ow], stop[2, ow]):

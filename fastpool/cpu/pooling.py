@@ -369,7 +369,9 @@ def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
                         out_shape: tuple, lowest, stream=None):
     """Canonical 5-D ``x`` (batch, D, H, W, C) pooled over windows of size ``kernel``
     starting at ``starts`` (batch, C, 3, outputs): (values, flat plane indices).
-    Channels-first input comes as C = 1, one plane per batch row."""
+    Channels-first input comes as C = 1, one plane per batch row.  ``lowest`` (the
+    back-end API's running maximum's start) is not needed: every window holds an
+    element, and the kernels start from the first."""
     batch, channels = x.shape[0], x.shape[4]
     shape = (batch, *out_shape, channels)
     out, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
