@@ -13,8 +13,10 @@ Arrays are canonical, in the compute dtype (float32, or float64): channels-first
 ``(planes, D, H, W)`` (plane ``i`` of channel ``i % C``) and channels-last
 ``(N, D, H, W, C)``.  ``powers`` holds p per channel (one value when shared);
 ``kind`` is p when every p is the same integer 1-4, multiplied out as torch's
-pow does, and 0 otherwise (a general power).  Sums accumulate in float64; the
-powers are taken in the compute dtype, so they overflow where torch's do.
+pow does, and 0 otherwise (a general power).  The powers are taken in the
+compute dtype, so they overflow where torch's do, and summed in float64; the
+backward's logarithm terms are taken and summed in the compute dtype over
+blocks of :data:`_BLOCK` elements, the blocks' sums in float64.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ _BLOCK = 64  # elements a backward sums in the input's precision before float64
 
 # --------------------------------------------------------------------------
 # A natural logarithm that vectorises.  numba calls libm's log one element at a
-# time (no SVML here), ~20 cycles each: most of a backward.  This is fdlibm's
-# log (error below 1 ulp) for positive normal numbers, in float64, written with
-# bit operations and selects only; callers count the other inputs (0,
-# subnormals, inf, NaN) and redo those windows with np.log.
+# time (no SVML here), ~20 cycles each: most of a backward.  These are fdlibm's
+# log in float64 and Cephes' logf in float32 (errors below 1 ulp) for positive
+# normal numbers, written with bit operations and selects only; callers count
+# the other inputs that matter (0 and subnormals: inf and NaN give the right
+# products anyway) and redo those windows with np.log.
 # --------------------------------------------------------------------------
 
 
