@@ -997,7 +997,9 @@ def _fold_max_at(kept, kept_at, value, at):
     return (value if take else kept), (at if take else kept_at)
 
 
-@njit(inline="always")
+# Compiled once per dtype as a plain function (its loops vectorise, which is slow
+# to compile), called per plane by both layouts' kernels and their serial twins.
+@njit(**_SERIAL_JIT_OPTIONS)
 def _fractional_plane(plane, out, indices, starts, kernel, rows, rows_at, best, best_at):
     """Pool one (D, H, W) ``plane`` into ``out`` and ``indices`` (out_d, out_h,
     out_w) over windows starting at ``starts`` (3, outputs).
@@ -1078,6 +1080,15 @@ def fractional_max_pool(x, out, indices, starts, kernel, channel_block):
         rows = np.empty((depth * height, span), x.dtype)
         rows_at = np.empty((depth * height, span), np.int64)
         best, best_at = np.empty(span, x.dtype), np.empty(span, np.int64)
+        # Contiguous per-plane results (one specialisation of _fractional_plane for
+        # both layouts), then stored across the channels.
+        plane_out = np.empty(out.shape[1:4], x.dtype)
+        plane_at = np.empty(out.shape[1:4], np.int64)
         for c in range(c1 - c0):
-            _fractional_plane(planes[c], out[n, :, :, :, c0 + c], indices[n, :, :, :, c0 + c],
-                              starts[n, c0 + c], kernel, rows, rows_at, best, best_at)
+            _fractional_plane(planes[c], plane_out, plane_at, starts[n, c0 + c], kernel, rows,
+                              rows_at, best, best_at)
+            for od in range(out.shape[1]):
+                for oh in range(out.shape[2]):
+                    for ow in range(out.shape[3]):
+                        out[n, od, oh, ow, c0 + c] = plane_out[od, oh, ow]
+                        indices[n, od, oh, ow, c0 + c] = plane_at[od, oh, ow]
