@@ -249,8 +249,8 @@ def _kernels() -> list:
     """fastpool's cached CPU kernels (numba dispatchers)."""
     from numba.core.registry import CPUDispatcher
 
-    from fastpool.cpu import conv, kernels
-    return [value for module in (kernels, conv) for value in vars(module).values()
+    from fastpool.cpu import conv, gem, kernels
+    return [value for module in (kernels, conv, gem) for value in vars(module).values()
             if isinstance(value, CPUDispatcher) and value.stats.cache_path]
 
 
