@@ -129,8 +129,9 @@ class _GeM:
         out = self.impl.gem_roots(means, self._canonical_p())
         return out.astype(self.dtype, copy=False).reshape(self.result_shape())
 
-    def fused_backward(self, grad_output) -> tuple:
-        """(grad_x in the input's dtype, grad_p as float64: a sum, or one per channel)."""
+    def fused_backward(self, grad_output, with_grad_p: bool = True) -> tuple:
+        """(grad_x in the input's dtype, grad_p as float64: a sum, or one per channel;
+        None without ``with_grad_p``, which skips the logarithms)."""
         grad = np.asarray(grad_output, self.compute)
         shape = self.result_shape()
         if grad.shape != shape:
@@ -138,8 +139,8 @@ class _GeM:
                              f"forward op on this input gives {shape}")
         if self.layout.is_empty():
             zero = 0.0 if isinstance(self.p, float) else np.zeros(self.p.shape)
-            return np.zeros(self.x.shape, self.dtype), zero
-        canonical, means, log_means = self.fused_means(True)
+            return np.zeros(self.x.shape, self.dtype), zero if with_grad_p else None
+        canonical, means, log_means = self.fused_means(with_grad_p)
         p = self._canonical_p()
         y = self.impl.gem_roots(means, p)
         grad = grad.reshape(means.shape)
@@ -150,7 +151,8 @@ class _GeM:
             # dy/dp = y (mean(c ** p ln c) / (p m) - ln m / p ** 2).
             grad_y = grad * y
             grad_mean = grad_y / (p * means)
-            grad_p = grad_y * (log_means / (p * means) - np.log(means) / p ** 2)
+            grad_p = None if log_means is None else \
+                grad_y * (log_means / (p * means) - np.log(means) / p ** 2)
         if self.table.is_whole_plane(canonical.shape[1:4]):
             shares = grad_mean / self.impl.gem_window_sizes(self.table, self.channels_last)
         else:
@@ -159,7 +161,7 @@ class _GeM:
                                           np.atleast_1d(np.asarray(self.p, np.float64)),
                                           self.eps)
         return grad_x.astype(self.dtype, copy=False).reshape(self.x.shape), \
-            self._sum_p(grad_p)
+            None if grad_p is None else self._sum_p(grad_p)
 
     def _sum_p(self, terms: np.ndarray):
         """p's gradient from its per-output terms (canonical): a sum, or one per channel."""
@@ -284,16 +286,22 @@ def _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_siz
 
 
 def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size, stride, *,
-                      op: str, channels_last=False, backend=None):
-    """Gradients of :func:`gem_pool` for ``x`` and for ``p`` (a float, or one per channel)."""
+                      op: str, channels_last=False, backend=None, need_grad_p=True):
+    """Gradients of :func:`gem_pool` for ``x`` and for ``p`` (a float, or one per channel).
+
+    ``need_grad_p=False`` (for callers whose p takes no gradient) skips p's
+    gradient, None then: on the CPU back end that skips the logarithms, most of a
+    backward's arithmetic.  The public ``gem_pool{nd}d_backward`` always asks for it.
+    """
     device = _on_device(x, backend, op)
     if device is not None:
-        return _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_size,
-                                stride, op, channels_last)
+        grad_x, grad_p = _device_backward(device, grad_output, x, nd, p, eps, output_size,
+                                          kernel_size, stride, op, channels_last)
+        return grad_x, grad_p if need_grad_p else None
     gem = _GeM(x, nd, p, eps, output_size, kernel_size, stride, op, channels_last, backend)
     if gem.fused:
-        grad_x, grad_p = gem.fused_backward(grad_output)
-        return grad_x, np.asarray(grad_p).astype(gem.compute)[()]
+        grad_x, grad_p = gem.fused_backward(grad_output, need_grad_p)
+        return grad_x, None if grad_p is None else np.asarray(grad_p).astype(gem.compute)[()]
     y = gem.result()
     grad = np.asarray(grad_output, gem.compute)
     if grad.shape != y.shape:
@@ -307,6 +315,8 @@ def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size,
         grad_mean = grad * y / (p * gem.mean)
         grad_x = gem.pool_backward(grad_mean) * (p * gem.powered / gem.clamped)
         grad_x = np.where(gem.x >= gem.eps, grad_x, 0)
+        if not need_grad_p:
+            return grad_x.astype(gem.dtype), None
         # dy/dp = y (mean(c ** p ln c) / (p m) - ln m / p ** 2)
         log_mean = gem.pool(gem.powered * np.log(gem.clamped))
         grad_p = grad * y * (log_mean / (p * gem.mean) - np.log(gem.mean) / p ** 2)

@@ -180,3 +180,19 @@ def test_gem_unusual_values_take_the_exact_logarithm(channels_last, windows, dty
     grad_x = to_channels_first(grad_x, 2) if channels_last else grad_x
     np.testing.assert_allclose(grad_x, tx.grad.numpy(), rtol=rtol, atol=1e-12)
     np.testing.assert_allclose(grad_p, tp.grad.numpy(), rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gem_backward_without_grad_p_skips_it(backend):
+    """The internal need_grad_p=False (for callers whose p takes no gradient) gives the
+    same grad_x and None for p."""
+    from fastpool import _gem
+
+    x = np.random.default_rng(8).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    grad = np.ones((2, 3, 2, 2), np.float32)
+    args = (grad, x, 2, 3.0, 1e-3, 2, None, None)
+    kw = dict(op="gem_pool2d", backend=backend)
+    grad_x, grad_p = _gem.gem_pool_backward(*args, **kw)
+    alone, none = _gem.gem_pool_backward(*args, need_grad_p=False, **kw)
+    assert none is None and grad_p is not None
+    np.testing.assert_array_equal(alone, grad_x)
