@@ -1,11 +1,13 @@
-"""Generalized-mean (GeM) pooling, composed from average pooling on the back end.
+"""Generalized-mean (GeM) pooling: ``mean(max(x, eps) ** p) ** (1/p)`` per window.
 
-``gem = mean(clamp(x, min=eps) ** p) ** (1/p)`` over each window (Radenovic et
-al.): p = 1 is average pooling, large p approaches max pooling.  The window
-means run on fastpool's average-pooling kernels (adaptive windows, or sliding
-ones when a kernel size is given), through the same dispatch as every op; the
-element-wise powers around them are NumPy's on the host back ends and the CUDA
-back end's ``gem_*`` kernels on GPU arrays (computing the half types in float32).
+Radenovic et al.'s head: p = 1 is average pooling, large p approaches max
+pooling.  Windows are adaptive (the global window by default), or sliding ones
+when a kernel size is given, from the same window tables as every op.  The CPU
+back end runs fused kernels (:mod:`fastpool.cpu.gem`): one pass over the input
+gives every window's sums, clamp, power and (for p's gradient) logarithm
+included, and one more the input's gradient.  The NumPy reference back end
+composes NumPy's element-wise steps around its average pooling, and the CUDA
+back end its ``gem_*`` kernels around its own (the half types in float32).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numbers
 import numpy as np
 
 from fastpool import _dispatch
-from fastpool._params import Layout, check_dtype
+from fastpool._params import Layout, adaptive_output_shape, adaptive_table, check_dtype
 
 _HALF = np.dtype(np.float16)
 
@@ -73,9 +75,102 @@ class _GeM:
         self.nd, self.op, self.channels_last, self.backend = nd, op, channels_last, backend
         self.output_size, self.kernel_size, self.stride = output_size, kernel_size, stride
         self.p_shape = (-1,) + (1,) * (0 if channels_last else nd)
+        # The CPU back end's fused kernels; the reference back end composes NumPy steps.
+        self.fused = getattr(impl, "gem_window_sums", None) is not None
+        self.impl = impl
+        if self.fused:
+            self.table = self._table()
+            return
         self.clamped = np.maximum(self.x, self.eps)
         self.powered = _raised(self.clamped, self._p())
         self.mean = self.pool(self.powered)
+
+    def _table(self):
+        """The window table, from the rules average pooling applies to the same
+        arguments (and with its errors)."""
+        spatial = self.layout.spatial
+        if self.kernel_size is None:
+            out_spatial = adaptive_output_shape(self.op, self.nd, self.output_size, spatial)
+            return adaptive_table(spatial, out_spatial)
+        spec = _dispatch._SlidingOp.from_args(self.op, "avg", self.nd, self.kernel_size,
+                                              self.stride, 0, 1, False)
+        return spec.table(self.layout)
+
+    def result_shape(self) -> tuple:
+        return self.layout.result_shape(self.table.out_shape[3 - self.nd:])
+
+    def _canonical_p(self):
+        """p broadcastable against the canonical output: channels-first planes are
+        (batch, channel) pairs, channel-major within each batch row."""
+        if isinstance(self.p, float):
+            return self.p
+        if self.channels_last:
+            return self.p
+        planes = math.prod(self.layout.batch_shape)
+        return np.tile(self.p, planes // self.p.size).reshape(-1, 1, 1, 1)
+
+    def fused_means(self, with_log: bool):
+        """(canonical input, window means, means of c ** p ln c or None), float64."""
+        canonical = np.ascontiguousarray(self.x).reshape(self.layout.canonical_shape())
+        powers = np.atleast_1d(np.asarray(self.p, np.float64))
+        sums, log_sums = self.impl.gem_window_sums(canonical, self.table,
+                                                   self.channels_last, powers, self.eps,
+                                                   with_log)
+        sizes = self.impl.gem_window_sizes(self.table, self.channels_last)
+        sums /= sizes
+        if log_sums is not None:
+            log_sums /= sizes
+        return canonical, sums, log_sums
+
+    def fused_result(self) -> np.ndarray:
+        if self.layout.is_empty():
+            return np.empty(self.result_shape(), self.dtype)
+        _, means, _ = self.fused_means(False)
+        out = self.impl.gem_roots(means, self._canonical_p())
+        return out.astype(self.dtype, copy=False).reshape(self.result_shape())
+
+    def fused_backward(self, grad_output, with_grad_p: bool = True) -> tuple:
+        """(grad_x in the input's dtype, grad_p as float64: a sum, or one per channel;
+        None without ``with_grad_p``, which skips the logarithms)."""
+        grad = np.asarray(grad_output, self.compute)
+        shape = self.result_shape()
+        if grad.shape != shape:
+            raise ValueError(f"{self.op}: grad_output has shape {grad.shape}, but the "
+                             f"forward op on this input gives {shape}")
+        if self.layout.is_empty():
+            zero = 0.0 if isinstance(self.p, float) else np.zeros(self.p.shape)
+            return np.zeros(self.x.shape, self.dtype), zero if with_grad_p else None
+        canonical, means, log_means = self.fused_means(with_grad_p)
+        p = self._canonical_p()
+        y = self.impl.gem_roots(means, p)
+        grad = grad.reshape(means.shape)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            # y = m ** (1/p), m the window mean of c ** p, c = max(x, eps):
+            # dy/dm = y / (p m); dm/dc = mean-backward of p c ** (p - 1); dc/dx =
+            # [x >= eps] (torch's clamp passes the gradient at eps itself); and
+            # dy/dp = y (mean(c ** p ln c) / (p m) - ln m / p ** 2).
+            grad_y = grad * y
+            grad_mean = grad_y / (p * means)
+            grad_p = None if log_means is None else \
+                grad_y * (log_means / (p * means) - np.log(means) / p ** 2)
+        if self.table.is_whole_plane(canonical.shape[1:4]):
+            shares = grad_mean / self.impl.gem_window_sizes(self.table, self.channels_last)
+        else:
+            shares = self.pool_backward(grad_mean.reshape(shape)).reshape(canonical.shape)
+        grad_x = self.impl.gem_input_grad(canonical, shares, self.channels_last,
+                                          np.atleast_1d(np.asarray(self.p, np.float64)),
+                                          self.eps)
+        return grad_x.astype(self.dtype, copy=False).reshape(self.x.shape), \
+            None if grad_p is None else self._sum_p(grad_p)
+
+    def _sum_p(self, terms: np.ndarray):
+        """p's gradient from its per-output terms (canonical): a sum, or one per channel."""
+        if isinstance(self.p, float):
+            return terms.sum(dtype=np.float64)
+        channels = self.p.size
+        if self.channels_last:
+            return terms.reshape(-1, channels).sum(axis=0, dtype=np.float64)
+        return terms.reshape(-1, channels, terms[0].size).sum(axis=(0, 2), dtype=np.float64)
 
     def _p(self):
         """p, broadcastable against the input (and the output)."""
@@ -174,6 +269,8 @@ def gem_pool(x, nd: int, p, eps, output_size, kernel_size, stride, *, op: str,
         out = device.gem_root(gem.mean, gem.powers, gem.out_plane, gem.dtype, gem.stream)
         return device.wrap(out, x)
     gem = _GeM(x, nd, p, eps, output_size, kernel_size, stride, op, channels_last, backend)
+    if gem.fused:
+        return gem.fused_result()
     return gem.result().astype(gem.dtype)
 
 
@@ -198,13 +295,23 @@ def _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_siz
 
 
 def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size, stride, *,
-                      op: str, channels_last=False, backend=None, stream=None):
-    """Gradients of :func:`gem_pool` for ``x`` and for ``p`` (a float, or one per channel)."""
+                      op: str, channels_last=False, backend=None, stream=None,
+                      need_grad_p=True):
+    """Gradients of :func:`gem_pool` for ``x`` and for ``p`` (a float, or one per channel).
+
+    ``need_grad_p=False`` (for callers whose p takes no gradient) skips p's
+    gradient, None then: on the CPU back end that skips the logarithms, most of a
+    backward's arithmetic.  The public ``gem_pool{nd}d_backward`` always asks for it.
+    """
     device = _on_device(x, backend, op, stream)
     if device is not None:
-        return _device_backward(device, grad_output, x, nd, p, eps, output_size, kernel_size,
-                                stride, op, channels_last, stream)
+        grad_x, grad_p = _device_backward(device, grad_output, x, nd, p, eps, output_size,
+                                          kernel_size, stride, op, channels_last, stream)
+        return grad_x, grad_p if need_grad_p else None
     gem = _GeM(x, nd, p, eps, output_size, kernel_size, stride, op, channels_last, backend)
+    if gem.fused:
+        grad_x, grad_p = gem.fused_backward(grad_output, need_grad_p)
+        return grad_x, None if grad_p is None else np.asarray(grad_p).astype(gem.compute)[()]
     y = gem.result()
     grad = np.asarray(grad_output, gem.compute)
     if grad.shape != y.shape:
@@ -218,6 +325,8 @@ def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size,
         grad_mean = grad * y / (p * gem.mean)
         grad_x = gem.pool_backward(grad_mean) * (p * gem.powered / gem.clamped)
         grad_x = np.where(gem.x >= gem.eps, grad_x, 0)
+        if not need_grad_p:
+            return grad_x.astype(gem.dtype), None
         # dy/dp = y (mean(c ** p ln c) / (p m) - ln m / p ** 2)
         log_mean = gem.pool(gem.powered * np.log(gem.clamped))
         grad_p = grad * y * (log_mean / (p * gem.mean) - np.log(gem.mean) / p ** 2)

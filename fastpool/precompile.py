@@ -114,11 +114,11 @@ CASES: tuple[Case, ...] = (
     Case("fractional", "forward; backward scatter",
          "y, i = fractional_max_pool2d(x, 2, output_size=4, return_indices=True, seed=0)",
          "fractional_max_pool2d_backward(ones(y), i, x.shape)", ints=True),
-    Case("gem", "global; backward", "y = gem_pool2d(x)", "gem_pool2d_backward(ones(y), x)"),
-    Case("gem", "global, float64 sums (planes over 64 elements); backward",
-         "y = gem_pool2d(x)", "gem_pool2d_backward(ones(y), x)", size=12),
-    Case("gem", "sliding windows; backward", "y = gem_pool2d(x, kernel_size=2)",
-         "gem_pool2d_backward(ones(y), x, kernel_size=2)"),
+    # GeM's fused kernels take p (integer or not, shared or per channel) at run time.
+    Case("gem", "global (whole-plane kernels channels-first); backward",
+         "y = gem_pool2d(x)", "gem_pool2d_backward(ones(y), x)"),
+    Case("gem", "sliding windows; backward (and the average backward's gather)",
+         "y = gem_pool2d(x, kernel_size=2)", "gem_pool2d_backward(ones(y), x, kernel_size=2)"),
     # Windows that tile the input (kernel = stride, no padding) compile nothing more.
     Case("conv", "overlapping windows; backward", "y = strided_conv2d(x, w, 2, 1, bias=b)",
          "strided_conv2d_backward(ones(y), x, w, 2, 1)"),
@@ -136,7 +136,7 @@ GROUPS: dict[str, str] = {
     "min": "min pooling: sliding, adaptive and global (max's kernels, reversed order)",
     "unpool": "max_unpool{1,2,3}d and its backward",
     "fractional": "fractional_max_pool{2,3}d and its backward",
-    "gem": "gem_pool{1,2,3}d and its backward (the average kernels)",
+    "gem": "gem_pool{1,2,3}d and its backward (fused kernels, and the average backward)",
     "conv": "strided_conv{1,2,3}d and its backward",
 }
 
@@ -249,8 +249,8 @@ def _kernels() -> list:
     """fastpool's cached CPU kernels (numba dispatchers)."""
     from numba.core.registry import CPUDispatcher
 
-    from fastpool.cpu import conv, kernels
-    return [value for module in (kernels, conv) for value in vars(module).values()
+    from fastpool.cpu import conv, gem, kernels
+    return [value for module in (kernels, conv, gem) for value in vars(module).values()
             if isinstance(value, CPUDispatcher) and value.stats.cache_path]
 
 

@@ -120,3 +120,24 @@ def test_three_d_windows_must_fit_strictly_as_in_torch():
         fastpool.fractional_max_pool3d(x, 3, output_size=5)
     assert fastpool.fractional_max_pool2d(x[..., 0], 3, output_size=5, seed=0).shape == \
         (1, 1, 5, 5)  # in 2-D, out + k - 1 == in is allowed
+
+
+def test_channels_last_channel_blocks_match_torch(monkeypatch):
+    """Channels-last pools blocks of channels transposed into a scratch: blocks of 16
+    and a remainder (40 channels, the scratch lowered to fit 16 planes), in parallel
+    and serial launches."""
+    from fastpool.cpu import pooling, runtime
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(-3, 4, (2, 40, 9, 11)).astype(np.float64)  # ties
+    x[1, 17].flat[[4, 30]] = np.nan
+    samples = rng.random((2, 40, 2))
+    monkeypatch.setattr(pooling, "FRACTIONAL_SCRATCH_BYTES", 16 * x[0, 0].nbytes)
+    _, out, indices = _torch(2, x, 3, samples, output_size=(4, 5))
+    data = np.ascontiguousarray(to_channels_last(x, 2))
+    for serial_limit in (0, 1 << 30):
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", serial_limit)
+        got, got_indices = fastpool.fractional_max_pool2d(
+            data, 3, (4, 5), return_indices=True, _random_samples=samples, channels_last=True)
+        np.testing.assert_array_equal(to_channels_first(got, 2), out.detach().numpy())
+        np.testing.assert_array_equal(to_channels_first(got_indices, 2), indices.numpy())

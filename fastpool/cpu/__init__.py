@@ -8,6 +8,10 @@ package compiles nothing.
 from fastpool._host import *  # noqa: F403
 from fastpool._host import __all__ as _ARRAY_API
 from fastpool.cpu.conv import conv, conv_backward
+from fastpool.cpu.gem import input_grad as gem_input_grad
+from fastpool.cpu.gem import roots as gem_roots
+from fastpool.cpu.gem import window_sizes as gem_window_sizes
+from fastpool.cpu.gem import window_sums as gem_window_sums
 from fastpool.cpu.pooling import (
     fractional_max_pool,
     max_backward,
@@ -28,4 +32,5 @@ conv_channels_last = True
 
 __all__ = ["max_pool", "fractional_max_pool", "sum_pool", "max_backward", "sum_backward",
            "max_unpool", "max_unpool_backward", "conv", "conv_backward", "plan_max_pool",
-           "plan_sum_pool", "plan_max_backward", "plan_sum_backward", *_ARRAY_API]
+           "plan_sum_pool", "plan_max_backward", "plan_sum_backward", "gem_window_sums",
+           "gem_window_sizes", "gem_roots", "gem_input_grad", *_ARRAY_API]

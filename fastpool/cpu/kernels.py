@@ -1030,25 +1030,113 @@ def unpool_backward(grad_out, indices, grad_in):
 
 # --------------------------------------------------------------------------
 # Fractional max pooling: windows of a fixed size whose starts differ per (batch,
-# channel) plane, over (batch, D, H, W, C) (channels-first as C = 1).
+# channel) plane, over (batch, D, H, W, C) (channels-first as C = 1).  Since the
+# windows differ per plane, both layouts pool plane by plane: channels-first
+# planes in place, channels-last ones from a block of channels first transposed
+# into a cache-sized scratch (reading the input one contiguous channel run at a
+# time), where per-channel window starts would otherwise make every read a gather.
 # --------------------------------------------------------------------------
 
 
+@njit(inline="always")
+def _fold_max_at(kept, kept_at, value, at):
+    """One step of torch's running maximum: a NaN always wins, ties keep the first."""
+    take = (value > kept) | (value != value)
+    return (value if take else kept), (at if take else kept_at)
+
+
+# Compiled once per dtype as a plain function (its loops vectorise, which is slow
+# to compile), called per plane by both layouts' kernels and their serial twins.
+@njit(**_SERIAL_JIT_OPTIONS)
+def _fractional_plane(plane, out, indices, starts, kernel, rows, rows_at, best, best_at):
+    """Pool one (D, H, W) ``plane`` into ``out`` and ``indices`` (out_d, out_h,
+    out_w) over windows starting at ``starts`` (3, outputs).
+
+    Windows start at irregular W offsets, so a direct loop folds one scalar at a
+    time.  Instead: (1) each input row's maxima of the ``kw`` columns starting at
+    *every* w (``rows``, positions ``rows_at``, (D*H, W - kw + 1) scratch); (2) per
+    output row, those of the window's input rows folded in scan order into
+    ``best``/``best_at`` (W - kw + 1 scratch); (3) the output row picked from them
+    at its windows' starts.  Steps 1 and 2 are contiguous loops that vectorise.
+    Folding row maxima row by row keeps torch's order: the first maximum of the
+    earliest row holding it is the first in scan order, and the last NaN of the
+    last row holding one is the last NaN."""
+    height, width = plane.shape[1], plane.shape[2]
+    out_d, out_h, out_w = out.shape
+    kd, kh, kw = kernel[0], kernel[1], kernel[2]
+    span = width - kw + 1
+    for d in range(plane.shape[0]):
+        for h in range(height):
+            row, at = plane[d, h], (d * height + h) * width
+            kept, kept_at = rows[d * height + h], rows_at[d * height + h]
+            for w in range(span):
+                kept[w], kept_at[w] = row[w], at + w
+            for j in range(1, kw):
+                shifted = row[j:]
+                for w in range(span):
+                    kept[w], kept_at[w] = _fold_max_at(kept[w], kept_at[w], shifted[w],
+                                                       at + j + w)
+    for od in range(out_d):
+        d0 = starts[0, od]
+        for oh in range(out_h):
+            h0 = starts[1, oh]
+            first = d0 * height + h0
+            best[:] = rows[first]
+            best_at[:] = rows_at[first]
+            for d in range(d0, d0 + kd):
+                for h in range(h0, h0 + kh):
+                    if d * height + h == first:
+                        continue  # already in best
+                    kept, kept_at = rows[d * height + h], rows_at[d * height + h]
+                    for w in range(span):
+                        best[w], best_at[w] = _fold_max_at(best[w], best_at[w], kept[w],
+                                                           kept_at[w])
+            for ow in range(out_w):
+                w0 = starts[2, ow]
+                out[od, oh, ow], indices[od, oh, ow] = best[w0], best_at[w0]
+
+
 @njit(**CPU_JIT_OPTIONS)
-def fractional_max_pool(x, out, indices, starts, kernel, lowest):
-    batch, _, height, width, channels = x.shape
-    _, out_d, out_h, out_w, _ = out.shape
-    for row in prange(batch * out_d * out_h):
-        n, od, oh = _row_coords(row, out_d, out_h)
-        for ow in range(out_w):
-            for c in range(channels):
-                d0, h0, w0 = starts[n, c, 0, od], starts[n, c, 1, oh], starts[n, c, 2, ow]
-                best, best_at = lowest, (d0 * height + h0) * width + w0
-                for d in range(d0, d0 + kernel[0]):
-                    for h in range(h0, h0 + kernel[1]):
-                        for w in range(w0, w0 + kernel[2]):
-                            value = x[n, d, h, w, c]
-                            if value > best or value != value:
-                                best, best_at = value, (d * height + h) * width + w
-                out[n, od, oh, ow, c] = best
-                indices[n, od, oh, ow, c] = best_at
+def fractional_max_pool_planes(x, out, indices, starts, kernel):
+    """Channels-first: ``x`` (planes, D, H, W), ``starts`` (planes, 3, outputs)."""
+    planes, depth, height, width = x.shape
+    span = width - kernel[2] + 1
+    for plane in prange(planes):
+        rows = np.empty((depth * height, span), x.dtype)
+        rows_at = np.empty((depth * height, span), np.int64)
+        best, best_at = np.empty(span, x.dtype), np.empty(span, np.int64)
+        _fractional_plane(x[plane], out[plane], indices[plane], starts[plane], kernel,
+                          rows, rows_at, best, best_at)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def fractional_max_pool(x, out, indices, starts, kernel, channel_block):
+    """Channels-last: ``x`` (batch, D, H, W, C), ``starts`` (batch, C, 3, outputs);
+    each task pools ``channel_block`` channels of one image."""
+    batch, depth, height, width, channels = x.shape
+    span = width - kernel[2] + 1
+    blocks = (channels + channel_block - 1) // channel_block
+    for task in prange(batch * blocks):
+        n = task // blocks
+        c0 = (task - n * blocks) * channel_block
+        c1 = min(c0 + channel_block, channels)
+        planes = np.empty((c1 - c0, depth, height, width), x.dtype)
+        pixels, flat = x[n].reshape((-1, channels)), planes.reshape((c1 - c0, -1))
+        for at in range(depth * height * width):
+            for c in range(c1 - c0):
+                flat[c, at] = pixels[at, c0 + c]
+        rows = np.empty((depth * height, span), x.dtype)
+        rows_at = np.empty((depth * height, span), np.int64)
+        best, best_at = np.empty(span, x.dtype), np.empty(span, np.int64)
+        # Contiguous per-plane results (one specialisation of _fractional_plane for
+        # both layouts), then stored across the channels.
+        plane_out = np.empty(out.shape[1:4], x.dtype)
+        plane_at = np.empty(out.shape[1:4], np.int64)
+        for c in range(c1 - c0):
+            _fractional_plane(planes[c], plane_out, plane_at, starts[n, c0 + c], kernel, rows,
+                              rows_at, best, best_at)
+            for od in range(out.shape[1]):
+                for oh in range(out.shape[2]):
+                    for ow in range(out.shape[3]):
+                        out[n, od, oh, ow, c0 + c] = plane_out[od, oh, ow]
+                        indices[n, od, oh, ow, c0 + c] = plane_at[od, oh, ow]

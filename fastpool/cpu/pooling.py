@@ -366,12 +366,35 @@ def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
                                work=work))
 
 
+# Channels-last fractional pooling transposes this many bytes of channel planes at a
+# time into each task's scratch: they stay in the (per-core) L2 cache while pooled.
+FRACTIONAL_SCRATCH_BYTES = 256 << 10
+
+
 def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
                         out_shape: tuple, lowest, stream=None):
     """Canonical 5-D ``x`` (batch, D, H, W, C) pooled over windows of size ``kernel``
-    starting at ``starts`` (batch, C, 3, outputs): (values, flat plane indices)."""
-    shape = (x.shape[0], *out_shape, x.shape[4])
+    starting at ``starts`` (batch, C, 3, outputs): (values, flat plane indices).
+    Channels-first input comes as C = 1, one plane per batch row.  ``lowest`` (the
+    back-end API's running maximum's start) is not needed: every window holds an
+    element, and the kernels start from the first."""
+    batch, channels = x.shape[0], x.shape[4]
+    shape = (batch, *out_shape, channels)
     out, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
-    launch(kernels.fractional_max_pool, x, out, indices, starts, kernel, x.dtype.type(lowest),
-           work=out.size * int(np.prod(kernel)))
+    work = out.size * int(np.prod(kernel))
+    if channels == 1:
+        planes = x.shape[:4]
+        launch(kernels.fractional_max_pool_planes, x.reshape(planes), out.reshape(shape[:4]),
+               indices.reshape(shape[:4]), starts.reshape(batch, *starts.shape[2:]), kernel,
+               work=work)
+        return out, indices
+    plane_bytes = max(1, math.prod(x.shape[1:4]) * x.dtype.itemsize)
+    block = FRACTIONAL_SCRATCH_BYTES // plane_bytes
+    if not runs_serially(work):
+        # Enough tasks for every thread.
+        block = min(block, -(-channels // -(-4 * get_num_threads() // batch)))
+    # Blocks of whole cache lines of channels where the scratch allows it.
+    block = max(1, min(channels, block - block % 16 if block >= 16 else block))
+    launch(kernels.fractional_max_pool, x, out, indices, starts, kernel, block,
+           work=work)
     return out, indices
