@@ -18,7 +18,13 @@ import numbers
 import numpy as np
 
 from fastpool import _dispatch
-from fastpool._params import Layout, adaptive_output_shape, adaptive_table, check_dtype
+from fastpool._params import (
+    Layout,
+    adaptive_output_shape,
+    adaptive_table,
+    check_bool,
+    check_dtype,
+)
 
 _HALF = np.dtype(np.float16)
 
@@ -303,6 +309,7 @@ def gem_pool_backward(grad_output, x, nd: int, p, eps, output_size, kernel_size,
     gradient, None then: on the CPU back end that skips the logarithms, most of a
     backward's arithmetic.  The public ``gem_pool{nd}d_backward`` always asks for it.
     """
+    need_grad_p = check_bool(need_grad_p, "need_grad_p", op)
     device = _on_device(x, backend, op, stream)
     if device is not None:
         grad_x, grad_p = _device_backward(device, grad_output, x, nd, p, eps, output_size,

@@ -788,8 +788,9 @@ kernel_size, stride : int or tuple of {nd} ints, optional
 channels_last : bool, default False
     Input and output laid out as ``(N, *spatial, C)``.
 backend : {{None, "cpu", "numpy", "cuda"}}, default None
-    The back end whose average-pooling kernels take the window means; GPU arrays
-    run on "cuda" (element-wise kernels around them, the half types in float32).
+    "cpu" runs fused kernels (clamp, power and window sums in one pass); "numpy"
+    composes NumPy steps around its average pooling; GPU arrays run on "cuda"
+    (element-wise kernels around its average pooling, the half types in float32).
 stream : numba CUDA stream, optional
     The stream the CUDA back end launches on (default: the input's own stream, from
     its ``__cuda_array_interface__``; the host back ends refuse one).
@@ -822,10 +823,11 @@ def _gem_pool_backward(nd: int) -> Callable[..., tuple]:
                           eps: float = 1e-6, output_size: OptionalSize = 1, *,
                           kernel_size: Size | None = None, stride: Size | None = None,
                           channels_last: bool = False, backend: Backend | None = None,
-                          stream: object = None) -> tuple:
+                          stream: object = None, need_grad_p: bool = True) -> tuple:
         return _gem.gem_pool_backward(grad_output, x, nd, p, eps, output_size, kernel_size,
                                       stride, op=name, channels_last=channels_last,
-                                      backend=backend, stream=stream)
+                                      backend=backend, stream=stream,
+                                      need_grad_p=need_grad_p)
 
     gem_pool_backward.__doc__ = f"""Gradients of :func:`gem_pool{nd}d` for its input and for p.
 
@@ -835,15 +837,18 @@ grad_output : array_like
     Gradient of the loss with respect to the forward output.
 x, p, eps, output_size, kernel_size, stride, channels_last, backend, stream
     The forward call's arguments.
+need_grad_p : bool, default True
+    False when p is fixed: grad_p is then None, and the CPU back end skips the
+    logarithms, most of a backward's arithmetic.
 
 Returns
 -------
 grad_input : numpy.ndarray
     Of the input's shape and dtype (0 where x < eps, as torch's clamp); on "cuda",
     the input's kind of array.
-grad_p : numpy scalar or numpy.ndarray
+grad_p : numpy scalar, numpy.ndarray or None
     A scalar for a scalar p, one value per channel for per-channel p (on the host
-    for every back end).
+    for every back end); None with ``need_grad_p=False``.
 
 Examples
 --------

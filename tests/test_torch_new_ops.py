@@ -445,3 +445,25 @@ def test_opcheck():
     check("gem_pool2d", x, p[0].detach().requires_grad_(), 1e-6, [], [2, 2], [2, 1])
     out = torch.ops.fastpool.gem_pool2d(x, p, *gem)
     check("gem_pool2d_backward", grad_of(out), x.detach(), p.detach(), *gem)
+
+
+def test_gem_with_a_fixed_p_skips_p_gradient(monkeypatch):
+    """A p that takes no gradient (learn_p=False, a float) asks the backward for none,
+    which skips its logarithms; x's gradient is still torch's."""
+    from fastpool import _gem
+    asked, backward = [], _gem.gem_pool_backward
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["need_grad_p"])
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(_gem, "gem_pool_backward", spy)
+    x = torch.rand(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    fnn.GeM(p=2.5, learn_p=False)(x).sum().backward()
+    want = torch.autograd.grad(x.clamp(min=1e-6).pow(2.5).mean((2, 3)).pow(1 / 2.5).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want)
+    learned = fnn.GeM(p=2.5)
+    learned(x).sum().backward()
+    assert asked == [False, True] and learned.p.grad is not None
+    assert fastpool.gem_pool2d_backward(torch.ones(2, 3, 1, 1).numpy(), x.detach().numpy(),
+                                        need_grad_p=False)[1] is None

@@ -585,8 +585,8 @@ _register_unpool()
 # --------------------------------------------------------------------------
 # Generalized-mean (GeM) pooling: gem_pool<nd>d(x, p, eps, output_size, kernel_size,
 # stride), p a 0-d tensor or one per channel; the backward op returns the gradients
-# for x and p and has no backward of its own.  Host (CPU) tensors only: fastpool
-# computes GeM with NumPy around its average-pooling kernels.
+# for x and p and has no backward of its own.  CPU tensors run fastpool's fused GeM
+# kernels, CUDA tensors the CUDA back end's (on torch's current stream).
 # --------------------------------------------------------------------------
 
 _GEM = "float eps, SymInt[] output_size, int[]? kernel_size, int[]? stride"
@@ -629,15 +629,19 @@ def _gem_ops(nd: int):
         spatial = gem_out_spatial(nd, x, output_size, kernel_size, stride)
         return _empty((*x.shape[:-nd], *spatial), is_channels_last(x, nd), x.dtype, x.device)
 
-    def backward_impl(grad, x, p, *params):
-        kw = arguments(x, p, *params)
+    def backward_impl(grad, x, p, eps, output_size, kernel_size, stride, with_grad_p=True):
+        kw = arguments(x, p, eps, output_size, kernel_size, stride)
         cl = kw["channels_last"]
         with _torch_threads():
-            grad_x, grad_p = backward_function(_host(grad, cl), _host(x, cl), **kw)
-        return (_tensor(grad_x, cl, x.dtype, grad),
-                torch.tensor(grad_p, dtype=p.dtype, device=p.device).reshape(p.shape))
+            grad_x, grad_p = backward_function(_host(grad, cl), _host(x, cl), **kw,
+                                               need_grad_p=with_grad_p)
+        # A fixed p's gradient (never used by autograd) is zeros: skipping it skips
+        # the logarithms.
+        grad_p = torch.zeros_like(p) if grad_p is None else \
+            torch.tensor(grad_p, dtype=p.dtype, device=p.device).reshape(p.shape)
+        return _tensor(grad_x, cl, x.dtype, grad), grad_p
 
-    def backward_fake(grad, x, p, *params):
+    def backward_fake(grad, x, p, eps, output_size, kernel_size, stride, with_grad_p=True):
         return _empty(x.shape, is_channels_last(x, nd), x.dtype, x.device), p.new_empty(p.shape)
 
     def setup_context(ctx, inputs, output):
@@ -647,7 +651,8 @@ def _gem_ops(nd: int):
 
     def backward(ctx, grad):
         x, p = ctx.saved_tensors
-        grad_x, grad_p = op(f"{name}_backward")(grad, x, p, *ctx.params)
+        grad_x, grad_p = op(f"{name}_backward")(grad, x, p, *ctx.params,
+                                                ctx.needs_input_grad[1])
         return (grad_x, grad_p, *(None for _ in ctx.params))
 
     def setup_backward(ctx, inputs, output):
@@ -702,7 +707,8 @@ def _gem_function(nd: int) -> type:
 
     def backward(ctx, grad):
         x, p = ctx.saved_tensors
-        grad_x, grad_p = FUNCTIONS[f"{name}_backward"].apply(grad, x, p, ctx.params)
+        grad_x, grad_p = FUNCTIONS[f"{name}_backward"].apply(
+            grad, x, p, (*ctx.params, ctx.needs_input_grad[1]))
         return grad_x, grad_p, None
 
     return _function_type(name, forward, setup_context, backward)
@@ -729,7 +735,8 @@ def _register_gem() -> None:
         impl, fake, backward_impl, backward_fake, autograd, autograd_backward = _gem_ops(nd)
         _define(name, f"(Tensor x, Tensor p, {_GEM}) -> Tensor", impl, fake,
                 autograd=autograd, vmap=_gem_vmap_rule(nd, False))
-        _define(f"{name}_backward", f"(Tensor grad, Tensor x, Tensor p, {_GEM}) "
+        _define(f"{name}_backward", f"(Tensor grad, Tensor x, Tensor p, {_GEM}, "
+                                    f"bool with_grad_p=True) "
                                     f"-> (Tensor, Tensor)", backward_impl, backward_fake,
                 autograd=autograd_backward, vmap=_gem_vmap_rule(nd, True))
         FUNCTIONS[name] = _gem_function(nd)
