@@ -45,28 +45,25 @@ _BLOCK = 64  # elements a backward sums in the input's precision before float64
 # --------------------------------------------------------------------------
 
 
-@intrinsic
-def _bits_of(typingctx, value):
-    """The bits of a float64 as an int64."""
-    if value != types.float64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
+# Each float type and the integer type of its width: a bitcast turns one into the other.
+_SAME_WIDTH = {types.float64: (types.int64, ir.IntType(64)),
+               types.int64: (types.float64, ir.DoubleType()),
+               types.float32: (types.int32, ir.IntType(32)),
+               types.int32: (types.float32, ir.FloatType())}
 
 
 @intrinsic
-def _float_of(typingctx, bits):
-    """The float64 whose bits are the int64 ``bits``."""
-    if bits != types.int64:
+def _reinterpret(typingctx, value):
+    """``value``'s bits as the other type of its width (float64 <-> int64, float32 <->
+    int32): no conversion, one bitcast."""
+    if value not in _SAME_WIDTH:
         return None
+    result, llvm_type = _SAME_WIDTH[value]
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+        return builder.bitcast(args[0], llvm_type)
 
-    return types.float64(types.int64), codegen
+    return result(value), codegen
 
 
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
@@ -80,13 +77,13 @@ _SMALLEST_NORMAL = 2.2250738585072014e-308
 @njit(inline="always")
 def _fast_log(value):
     """ln(value) for a positive normal float64."""
-    bits = _bits_of(value)
+    bits = _reinterpret(value)
     # value = 2**k * m, m in [sqrt(2)/2, sqrt(2)); the exponent field (k + 1023)
     # read as a float by placing it in the mantissa of 2**52 (no int-to-float
     # conversion, which AVX2 lacks for int64).
-    mantissa = _float_of((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
+    mantissa = _reinterpret((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
     # (The mask makes the shift a logical one, which AVX2 has for int64 lanes.)
-    k = _float_of(((bits >> 52) & 0x7FF) | 0x4330000000000000) - (_TWO52 + 1023.0)
+    k = _reinterpret(((bits >> 52) & 0x7FF) | 0x4330000000000000) - (_TWO52 + 1023.0)
     high = mantissa > 1.4142135623730951
     mantissa = mantissa * 0.5 if high else mantissa
     k = k + 1.0 if high else k
@@ -99,30 +96,6 @@ def _fast_log(value):
     return k * _LN2_HI - ((half_square - (s * (half_square + r) + k * _LN2_LO)) - f)
 
 
-@intrinsic
-def _bits_of32(typingctx, value):
-    """The bits of a float32 as an int32."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _float32_of(typingctx, bits):
-    """The float32 whose bits are the int32 ``bits``."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
 _F32 = np.float32
 
 
@@ -131,9 +104,9 @@ def _fast_log32(value):
     """ln(value) for a positive normal float32, in float32 (Cephes' logf, error
     below 1 ulp): float32 input's logarithms in float32, as torch takes them, and
     twice the vector lanes of :func:`_fast_log`."""
-    bits = _bits_of32(value)
-    mantissa = _float32_of(np.int32((bits & 0x007FFFFF) | 0x3F800000))
-    k = _float32_of(np.int32(((bits >> 23) & 0xFF) | 0x4B000000)) - _F32(8388608.0 + 127.0)
+    bits = _reinterpret(value)
+    mantissa = _reinterpret(np.int32((bits & 0x007FFFFF) | 0x3F800000))
+    k = _reinterpret(np.int32(((bits >> 23) & 0xFF) | 0x4B000000)) - _F32(8388608.0 + 127.0)
     high = mantissa > _F32(1.41421356)
     mantissa = mantissa * _F32(0.5) if high else mantissa
     k = k + _F32(1.0) if high else k
