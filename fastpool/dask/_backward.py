@@ -19,6 +19,7 @@ from fastpool.dask._core import (
     _meta,
     _xp,
     assemble,
+    block_indices,
     check_dask_array,
     kernel_threads,
     pooled_axes,
@@ -512,12 +513,7 @@ def lp_pool_backward(grad_output, x, norm_type, nd, kernel_size, stride=None,
                                    tuple(tuple(p for _, p in e[4]) for e in entries),
                                    tuple(e[2] for e in entries), sub, spec.power)
         for rest in itertools.product(*[range(len(x.chunks[i])) for i in other_axes]):
-            index = [0] * x.ndim
-            for axis, value in zip(other_axes, rest):
-                index[axis] = value
-            out_index = list(index)
-            for axis, j in zip(axes, combo):
-                out_index[axis] = j
+            index, out_index = block_indices(x.ndim, other_axes, rest, axes, combo)
             if task is None:
                 shape = tuple(x.chunks[i][out_index[i]] for i in range(x.ndim))
                 dsk[(name, *out_index)] = (_Zeros(shape, grad_dtype), (x.name, *out_index))

@@ -562,6 +562,20 @@ def _join_range(views: list, axes: tuple, offsets: list, ranges: list):
 planning = threading.local()
 
 
+def block_indices(ndim: int, other_axes: tuple, rest: tuple, axes: tuple,
+                  combo: tuple) -> tuple[list, list]:
+    """A block's index over the unpooled axes (``rest``, the pooled ones 0, to be
+    filled per input block read) and its output block's (``combo`` on the pooled
+    axes)."""
+    index = [0] * ndim
+    for axis, value in zip(other_axes, rest):
+        index[axis] = value
+    out_index = list(index)
+    for axis, j in zip(axes, combo):
+        out_index[axis] = j
+    return index, out_index
+
+
 def make_plan(op: str, x, axes: tuple, table: WindowTable, anchors: list, align: str,
               out_chunks: tuple) -> Plan:
     plans = []
@@ -676,12 +690,7 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
         block_lists = [[p[0] for p in e[0]] for e in entries]
         part_lists = [[(p[1], p[2]) for p in e[0]] for e in entries]
         for rest in itertools.product(*other):
-            index = [0] * x.ndim
-            for axis, value in zip(other_axes, rest):
-                index[axis] = value
-            out_index = list(index)
-            for axis, j in zip(axes, combo):
-                out_index[axis] = j
+            index, out_index = block_indices(x.ndim, other_axes, rest, axes, combo)
             reads = []
             for blocks, slices in zip(itertools.product(*block_lists),
                                       itertools.product(*part_lists)):
