@@ -415,10 +415,13 @@ def sum_pool(x, table: WindowTable, channels_last: bool, power: float | None, st
     zero = _accumulator_zero(x.dtype)
     divisor, = _cached(table, ("divisor", zero.dtype.str),
                        lambda: (table.divisor.astype(zero.dtype),), stream)
+    # Lp's p = 2 (the usual one) runs a specialisation without pow: squares, then
+    # torch's square root (see kernels._term and kernels._root).
+    square = True if power == 2.0 else None
+    general = None if power is None or square else zero.dtype.type(power)
     _configure(kernels.sum_pool, out.size, stream)(
         _flat(bits), _flat(_bits(out)[0]), _triple(x5.shape), _triple(shape), start, stop, step,
-        divisor, zero.dtype.type(table.scale),
-        None if power is None else zero.dtype.type(power), zero, bf16, _narrow(x5, out))
+        divisor, zero.dtype.type(table.scale), general, square, zero, bf16, _narrow(x5, out))
     return out.reshape(shape if channels_last else shape[:4])
 
 
@@ -501,7 +504,8 @@ def conv(x, weight, bias, out_shape, stride, pad, stream=None):
     out = empty(out_shape, x.dtype, stream)
     x_bits, bf16 = _bits(x)
     _configure(kernels.conv_forward, out.size, stream)(
-        x_bits, _bits(weight)[0], _bits(bias)[0], _bits(out)[0], _triple(stride),
+        _flat(x_bits), _flat(_bits(weight)[0]), _bits(bias)[0], _flat(_bits(out)[0]),
+        _triple(x.shape), _triple(weight.shape), _triple(out.shape), _triple(stride),
         _triple(pad), _accumulator_zero(x.dtype), bf16, _narrow(x, weight, out))
     return out
 
@@ -569,9 +573,14 @@ def fractional_max_pool(x, starts, kernel, out_shape: tuple, lowest, stream=None
     zero = _compute_zero(x.dtype)
     bits, half = _bits(x)
     lowest = zero.dtype.type(-np.inf) if zero.dtype.kind == "f" else zero.dtype.type(lowest)
+    # The window sizes travel as a tuple (no upload); the window starts are this
+    # call's random samples, drawn on the host, so they are copied (asynchronously
+    # from pinned memory, on the stream).
+    staged = cuda.pinned_array(starts.shape, np.int64)
+    staged[...] = starts
     _configure(kernels.fractional_max_pool, out.size, stream)(
-        bits, _bits(out)[0], indices, cuda.to_device(starts, stream=stream or 0),
-        cuda.to_device(kernel, stream=stream or 0), lowest, zero, half)
+        _flat(bits), _flat(_bits(out)[0]), _flat(indices), _triple(x.shape), _triple(shape),
+        cuda.to_device(staged, stream=stream or 0), _triple(kernel), lowest, zero, half)
     return out, indices
 
 
