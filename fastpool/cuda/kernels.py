@@ -8,8 +8,12 @@ written once, with no atomics, so gradients are bit-identical run to run.
 Consecutive threads take consecutive elements of the innermost axis (W, or C
 channels-last), so global memory accesses coalesce.  Every kernel is a
 grid-stride loop, specialised by ``narrow``: True when every array of the launch
-has fewer than 2**31 elements, and then a thread's position is unravelled with
-32-bit unsigned divisions (none for unit axes); None otherwise (64-bit).
+has fewer than 2**31 elements, and then the grid-stride loop runs in unsigned
+32-bit, a thread's position is unravelled with 32-bit unsigned divisions (none for
+unit axes) and every per-element division or modulo is unsigned 32-bit (the
+compiler check finds no 64-bit one in these specialisations' PTX); None otherwise
+(64-bit).  Forward kernels use at most 64 registers in both (the 64-bit Lp and
+convolution under the register cap, ``_REGISTER_CAP``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if config.ENABLE_CUDASIM:  # the simulator has no libdevice; the same bit casts 
 
     def _float_as_int(value):
         return np.array(value, np.float32).view(np.int32)[()]
+
     def _sqrt(value):
         with np.errstate(invalid="ignore"):  # NaN below 0, as on the device
             return np.sqrt(value)
@@ -39,11 +44,12 @@ else:
     _sqrt = math.sqrt  # NaN below 0 on the device; float32 stays float32
 
 
-# A cap of 64 registers a thread for the kernels whose general case would take more
-# (Lp pooling's pow in 64-bit index arithmetic): launch bounds of the most threads a
-# launch uses (fastpool._config) and enough blocks an SM to fill its 65536 registers at
-# 64 each.  In the PTX, so ptxas allocates (and tests/cuda/test_compiler.py checks)
-# within it; the simulator takes no launch bounds.
+# A cap of 64 registers a thread for the kernels whose 64-bit index specialisation
+# would take a few more (Lp pooling's general pow, the convolution): launch bounds of
+# the most threads a launch uses (fastpool._config) and enough blocks an SM to fill its
+# 65536 registers at 64 each.  In the PTX, so ptxas allocates within it (and
+# tests/cuda/test_compiler.py checks that it does without spilling); the simulator
+# takes no launch bounds.
 _REGISTER_CAP = {} if config.ENABLE_CUDASIM else {"launch_bounds": (
     CUDA_MAX_THREADS_PER_BLOCK, max(1, 65536 // (64 * CUDA_MAX_THREADS_PER_BLOCK)))}
 
@@ -55,6 +61,34 @@ def _first_and_stride():
 
 
 _power = cuda.jit(device=True, inline=True)(torch_power)
+
+
+@cuda.jit(device=True, inline=True)
+def _first_and_stride_in(narrow):
+    """:func:`_first_and_stride` in the index type: unsigned 32-bit when ``narrow``
+    (a position below 2**31 plus a grid below 2**31 cannot wrap), so the grid-stride
+    loop's trip count, which LLVM computes to unroll the loop, divides in 32 bits."""
+    i, grid = _first_and_stride()
+    if narrow is None:
+        return i, grid
+    return np.uint32(i), np.uint32(grid)
+
+
+@cuda.jit(device=True, inline=True)
+def _index_count(size, narrow):
+    """A loop bound in the type of :func:`_first_and_stride_in`."""
+    if narrow is None:
+        return np.int64(size)
+    return np.uint32(size)
+
+
+@cuda.jit(device=True, inline=True)
+def _advance(i, grid, narrow):
+    """``i + grid`` kept in the type of :func:`_first_and_stride_in` (numba widens
+    the sum to 64 bits)."""
+    if narrow is None:
+        return i + grid
+    return np.uint32(i + grid)
 
 
 # Half precision: float16 and bfloat16 are loaded, widened to float32 in registers,
@@ -170,8 +204,9 @@ def max_pool(x, out, indices, in_shape, out_shape, start, stop, step, lowest, wi
     loop advances a flat 64-bit offset by strides."""
     depth, height, width, channels = in_shape[1], in_shape[2], in_shape[3], in_shape[4]
     w_stride = step[2] * channels
-    i, grid = _first_and_stride()
-    while i < out.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(out.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         d0, d1 = start[0, od], stop[0, od]
         h0, h1 = start[1, oh], stop[1, oh]
@@ -198,7 +233,7 @@ def max_pool(x, out, indices, in_shape, out_shape, start, stop, step, lowest, wi
         _store(out, i, best, bf16)
         if with_indices:
             indices[i] = best_at
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(device=True, inline=True)
@@ -287,8 +322,9 @@ def sum_pool(x, out, in_shape, out_shape, start, stop, step, divisor, scale, pow
     ``scale`` and ``power`` share (float32 for float32 and half input: torch's
     accscalar_t on the GPU).  Flat arrays, as in :func:`max_pool`."""
     plane = in_shape[1] * in_shape[2] * in_shape[3] * in_shape[4]
-    i, grid = _first_and_stride()
-    while i < out.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(out.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         # The window's weight before its sum: one value, not its three coordinates,
         # stays live across the loops.
@@ -297,7 +333,7 @@ def sum_pool(x, out, in_shape, out_shape, start, stop, step, divisor, scale, pow
                             stop[1, oh], start[2, ow], stop[2, ow], in_shape, step, power,
                             square, zero, bf16, narrow)
         _store(out, i, _root(total * weight, power, square), bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -305,8 +341,9 @@ def output_coefficients(grad_out, x, coefficient, in_shape, out_shape, start, st
                         divisor, scale, power, zero, bf16, narrow):
     """d loss / d (window sum of x**p) per output, by torch's avg/lp_pool chain rule.
     Flat arrays, as in :func:`max_pool`."""
-    i, grid = _first_and_stride()
-    while i < grad_out.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_out.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
         grad = _load(grad_out, i, zero, bf16)
@@ -324,7 +361,7 @@ def output_coefficients(grad_out, x, coefficient, in_shape, out_shape, start, st
             elif mean == 0.0:
                 scaled = 0.0  # relu's gradient at 0
             coefficient[i] = scaled / window_divisor
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(device=True, inline=True)
@@ -340,8 +377,9 @@ def _covers(position, o, start, stop, step, axis, narrow):
 def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step, power,
                  zero, bf16, narrow):
     """grad_in[i] = factor(x[i]) * sum of the coefficients of the windows covering i."""
-    i, grid = _first_and_stride()
-    while i < grad_in.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_in.size, narrow)
+    while i < end:
         n, d, h, w, c = _output_position(i, grad_in.shape, narrow)
         total = zero
         for od in range(first_out[0, d], last_out[0, d]):
@@ -356,7 +394,7 @@ def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step
         else:
             _store(grad_in, (n, d, h, w, c), total * (power * _power(
                 _load(x, (n, d, h, w, c), zero, bf16), power - 1.0)), bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -369,8 +407,9 @@ def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, s
     if flag[0] != 0:
         return
     height, width = grad_in.shape[2], grad_in.shape[3]
-    i, grid = _first_and_stride()
-    while i < grad_in.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_in.size, narrow)
+    while i < end:
         n, d, h, w, c = _output_position(i, grad_in.shape, narrow)
         here = (d * height + h) * width + w
         total = zero
@@ -383,7 +422,7 @@ def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, s
                                     and indices[n, od, oh, ow, c] == here):
                                 total += _load(grad_out, (n, od, oh, ow, c), zero, bf16)
         _store(grad_in, (n, d, h, w, c), total, bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -397,8 +436,9 @@ def max_backward_by_plane(grad_out, indices, grad_in, total, outside, zero, bf16
         return
     batch, outputs, channels = grad_out.shape
     size = grad_in.shape[1]
-    i, grid = _first_and_stride()
-    while i < batch * channels:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(batch * channels, narrow)
+    while i < end:
         n, c = _split(i, channels, narrow)
         for p in range(size):
             total[n, p, c] = zero
@@ -410,7 +450,7 @@ def max_backward_by_plane(grad_out, indices, grad_in, total, outside, zero, bf16
                 outside[0] = 1
         for p in range(size):
             _store(grad_in, (n, p, c), total[n, p, c], bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(device=True, inline=True)
@@ -424,8 +464,9 @@ def _in_window(position, o, start, stop, step, axis, narrow):
 def flag_outside_window(indices, start, stop, step, depth, height, width, flag, narrow):
     """Flag an index that is no element of its own output's window: the gather in
     :func:`max_backward` would drop it, so the scatter runs instead."""
-    i, grid = _first_and_stride()
-    while i < indices.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(indices.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, indices.shape, narrow)
         at = indices[n, od, oh, ow, c]
         if at < 0 or at >= depth * height * width:
@@ -437,7 +478,7 @@ def flag_outside_window(indices, start, stop, step, depth, height, width, flag, 
                     and _in_window(h, oh, start, stop, step, 1, narrow)
                     and _in_window(w, ow, start, stop, step, 2, narrow)):
                 flag[0] = 1
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -614,8 +655,9 @@ def conv_forward(x, weight, bias, out, in_shape, w_shape, out_shape, stride, pad
     unrolling them (which costs more registers than the tests cost time)."""
     channels, depth, height, width = in_shape[1], in_shape[2], in_shape[3], in_shape[4]
     k_depth, k_height, k_width = w_shape[2], w_shape[3], w_shape[4]
-    i, grid = _first_and_stride()
-    while i < out.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(out.size, narrow)
+    while i < end:
         n, co, od, oh, ow = _output_position(i, out_shape, narrow)
         d0 = _ix(od * stride[0] - pad[0], narrow)
         h0 = _ix(oh * stride[1] - pad[1], narrow)
@@ -623,8 +665,8 @@ def conv_forward(x, weight, bias, out, in_shape, w_shape, out_shape, stride, pad
         x_plane = _ix(n * channels * depth, narrow)
         w_plane = _ix(co * channels * k_depth, narrow)
         total = _load(bias, _at(co, narrow), zero, bf16)
-        end = _ix(x_plane + channels * depth, narrow)
-        while x_plane < end:
+        planes_end = _ix(x_plane + channels * depth, narrow)
+        while x_plane < planes_end:
             for kd in range(k_depth):
                 d = d0 + kd
                 if 0 <= d < depth:
@@ -642,14 +684,15 @@ def conv_forward(x, weight, bias, out, in_shape, w_shape, out_shape, stride, pad
             x_plane = _ix(x_plane + depth, narrow)
             w_plane = _ix(w_plane + k_depth, narrow)
         _store(out, i, total, bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def conv_backward_input(grad, weight, grad_in, stride, pad, zero, bf16, narrow):
     """One thread per input element, gathering from the outputs it fed."""
-    i, grid = _first_and_stride()
-    while i < grad_in.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_in.size, narrow)
+    while i < end:
         n, ci, d, h, w = _output_position(i, grad_in.shape, narrow)
         total = zero
         for co in range(grad.shape[1]):
@@ -665,14 +708,15 @@ def conv_backward_input(grad, weight, grad_in, stride, pad, zero, bf16, narrow):
                                     total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
                                               * _load(weight, (co, ci, kd, kh, kw), zero, bf16))
         _store(grad_in, (n, ci, d, h, w), total, bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def conv_backward_weight(grad, x, grad_weight, stride, pad, zero, bf16, narrow):
     """One thread per weight element, summing over batch and outputs in order."""
-    i, grid = _first_and_stride()
-    while i < grad_weight.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_weight.size, narrow)
+    while i < end:
         co, ci, kd, kh, kw = _output_position(i, grad_weight.shape, narrow)
         total = zero
         for n in range(grad.shape[0]):
@@ -688,7 +732,7 @@ def conv_backward_weight(grad, x, grad_weight, stride, pad, zero, bf16, narrow):
                                     total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
                                               * _load(x, (n, ci, d, h, w), zero, bf16))
         _store(grad_weight, (co, ci, kd, kh, kw), total, bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
