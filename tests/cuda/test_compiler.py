@@ -212,7 +212,7 @@ def test_every_launched_specialisation_compiles_without_spills(tmp_path, monkeyp
         "max_backward_by_plane", "flag_outside_window", "fill", "absolute", "times_sign",
         "conv_forward", "conv_backward_input", "conv_backward_weight", "conv_bias_grad",
         "scaled_sum", "copy_rows", "gem_powers", "gem_root", "gem_output_grads",
-        "gem_input_grad"}
+        "gem_input_grad"} | FORWARD_KERNELS
     (tmp_path / "launches.pkl").write_bytes(pickle.dumps(launches))
     # Without the simulator, and with the default block size (conftest's small blocks
     # would change the kernels' launch bounds, and so their register cap).
