@@ -334,8 +334,10 @@ def _upload(arrays, stream):
 
 
 def _cached(owner, part, arrays_of, stream):
+    """The device copies of ``arrays_of()``, kept per (owner, part, device); an owner of
+    None keys on ``part`` alone (which then holds the values themselves)."""
     device = getattr(cuda.get_current_device(), "id", 0)
-    key = (id(owner), part, device)
+    key = (None if owner is None else id(owner), part, device)
     with _DEVICE_TABLES_LOCK:
         entry = _DEVICE_TABLES.get(key)
         if entry is not None and entry[0]() is owner:
@@ -344,7 +346,8 @@ def _cached(owner, part, arrays_of, stream):
     staged = _upload(arrays_of(), stream)
     arrays = tuple(device_array for _, device_array in staged)
     with _DEVICE_TABLES_LOCK:
-        _DEVICE_TABLES[key] = (weakref.ref(owner), arrays, staged)
+        _DEVICE_TABLES[key] = ((lambda: None) if owner is None else weakref.ref(owner),
+                               arrays, staged)
         while len(_DEVICE_TABLES) > _DEVICE_TABLES_SIZE:
             _DEVICE_TABLES.popitem(last=False)
     return arrays
@@ -415,10 +418,13 @@ def sum_pool(x, table: WindowTable, channels_last: bool, power: float | None, st
     zero = _accumulator_zero(x.dtype)
     divisor, = _cached(table, ("divisor", zero.dtype.str),
                        lambda: (table.divisor.astype(zero.dtype),), stream)
+    # Lp's p = 2 (the usual one) runs a specialisation without pow: squares, then
+    # torch's square root (see kernels._term and kernels._root).
+    square = True if power == 2.0 else None
+    general = None if power is None or square else zero.dtype.type(power)
     _configure(kernels.sum_pool, out.size, stream)(
         _flat(bits), _flat(_bits(out)[0]), _triple(x5.shape), _triple(shape), start, stop, step,
-        divisor, zero.dtype.type(table.scale),
-        None if power is None else zero.dtype.type(power), zero, bf16, _narrow(x5, out))
+        divisor, zero.dtype.type(table.scale), general, square, zero, bf16, _narrow(x5, out))
     return out.reshape(shape if channels_last else shape[:4])
 
 
@@ -487,9 +493,7 @@ def max_backward(grad_out, indices, input_shape: tuple, channels_last: bool,
     _configure(kernels.max_backward_by_plane, in5[0] * in5[4], stream)(
         grad_bits.reshape(flat_shape), idx5.reshape(flat_shape),
         scattered, total, outside, zero, bf16, flag, when, _narrow(grad5, grad_in))
-    count = int(outside.copy_to_host(stream=stream or 0)[0]) \
-        if _config.CUDA_CHECK_INDICES else 0
-    return grad_in.reshape(input_shape), count
+    return grad_in.reshape(input_shape), _outside_count(outside, stream)
 
 
 def _triple(values) -> tuple:
@@ -501,7 +505,8 @@ def conv(x, weight, bias, out_shape, stride, pad, stream=None):
     out = empty(out_shape, x.dtype, stream)
     x_bits, bf16 = _bits(x)
     _configure(kernels.conv_forward, out.size, stream)(
-        x_bits, _bits(weight)[0], _bits(bias)[0], _bits(out)[0], _triple(stride),
+        _flat(x_bits), _flat(_bits(weight)[0]), _bits(bias)[0], _flat(_bits(out)[0]),
+        _triple(x.shape), _triple(weight.shape), _triple(out.shape), _triple(stride),
         _triple(pad), _accumulator_zero(x.dtype), bf16, _narrow(x, weight, out))
     return out
 
@@ -544,21 +549,31 @@ def max_unpool(x, indices, size: int, channels_last: bool, stream=None):
     winner = empty(shape, np.int64, stream)
     _configure(kernels.fill, winner.size, stream)(winner.reshape(winner.size), -1)
     out = zeros(shape, x.dtype, stream)
-    outside = cuda.to_device(np.zeros(1, np.int64), stream=stream or 0)  # read back below
+    outside = zeros((1,), np.int64, stream)  # on the device: no upload from the host
     _configure(kernels.unpool_claim, idx3.size, stream)(idx3, winner, outside)
     _configure(kernels.unpool_write, x3.size, stream)(x3, idx3, winner, _bits(out)[0])
     result = out if channels_last else out.reshape(shape[:2])
-    return result, int(outside.copy_to_host()[0])
+    return result, _outside_count(outside, stream)
+
+
+def _outside_count(outside, stream) -> int:
+    """The count of indices outside their plane, for the caller to raise on as the CPU
+    does: read back from the device (a host synchronisation, on the launch's stream)
+    only while ``FASTPOOL_CUDA_CHECK_INDICES`` is on, as for the max backward's check;
+    0 without the copy otherwise."""
+    if not _config.CUDA_CHECK_INDICES:
+        return 0
+    return int(outside.copy_to_host(stream=stream or 0)[0])
 
 
 def max_unpool_backward(grad_out, indices, stream=None):
     """Gather canonical (batch, size, C) ``grad_out`` at (batch, inputs, C) ``indices``."""
     stream = _stream_of(stream, grad_out, indices)
     grad_in = empty(indices.shape, grad_out.dtype, stream)
-    outside = cuda.to_device(np.zeros(1, np.int64), stream=stream or 0)  # read back below
+    outside = zeros((1,), np.int64, stream)
     _configure(kernels.unpool_backward, grad_in.size, stream)(
         _bits(grad_out)[0], indices, _bits(grad_in)[0], outside)
-    return grad_in, int(outside.copy_to_host()[0])
+    return grad_in, _outside_count(outside, stream)
 
 
 def fractional_max_pool(x, starts, kernel, out_shape: tuple, lowest, stream=None):
@@ -569,9 +584,13 @@ def fractional_max_pool(x, starts, kernel, out_shape: tuple, lowest, stream=None
     zero = _compute_zero(x.dtype)
     bits, half = _bits(x)
     lowest = zero.dtype.type(-np.inf) if zero.dtype.kind == "f" else zero.dtype.type(lowest)
+    # The window sizes travel as a tuple (no upload).  The window starts are this
+    # call's random samples, drawn on the host, so they are copied, on the stream
+    # (from pageable memory: the driver stages them, without waiting on the device).
     _configure(kernels.fractional_max_pool, out.size, stream)(
-        bits, _bits(out)[0], indices, cuda.to_device(starts, stream=stream or 0),
-        cuda.to_device(kernel, stream=stream or 0), lowest, zero, half)
+        _flat(bits), _flat(_bits(out)[0]), _flat(indices), _triple(x.shape), _triple(shape),
+        cuda.to_device(np.ascontiguousarray(starts, np.int64), stream=stream or 0),
+        _triple(kernel), lowest, zero, half)
     return out, indices
 
 
@@ -593,8 +612,12 @@ def _flat_bits(array):
 
 
 def _powers(p, dtype, stream):
-    return cuda.to_device(np.ascontiguousarray(p, dtype=compute_dtype(dtype)),
-                          stream=stream or 0)
+    """GeM's powers on the current device, uploaded once per value (the calls of a
+    forward and backward, and of every step while p stays fixed, share one copy)."""
+    values = np.ascontiguousarray(p, dtype=compute_dtype(dtype))
+    values.flags.writeable = False
+    key = (values.dtype.str, values.tobytes())
+    return _cached(None, ("powers", key), lambda: (values,), stream)[0]
 
 
 def gem_powers(x, p, plane: int, eps: float, with_log: bool, stream=None):

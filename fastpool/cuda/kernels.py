@@ -8,8 +8,12 @@ written once, with no atomics, so gradients are bit-identical run to run.
 Consecutive threads take consecutive elements of the innermost axis (W, or C
 channels-last), so global memory accesses coalesce.  Every kernel is a
 grid-stride loop, specialised by ``narrow``: True when every array of the launch
-has fewer than 2**31 elements, and then a thread's position is unravelled with
-32-bit unsigned divisions (none for unit axes); None otherwise (64-bit).
+has fewer than 2**31 elements, and then the grid-stride loop runs in unsigned
+32-bit, a thread's position is unravelled with 32-bit unsigned divisions (none for
+unit axes) and every per-element division or modulo is unsigned 32-bit (the
+compiler check finds no 64-bit one in these specialisations' PTX); None otherwise
+(64-bit).  Forward kernels use at most 64 registers in both (the 64-bit Lp and
+convolution under the register cap, ``_REGISTER_CAP``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from numba import cuda
 
 from numba import config
 
-from fastpool._config import CUDA_JIT_OPTIONS
+from fastpool._config import CUDA_JIT_OPTIONS, CUDA_MAX_THREADS_PER_BLOCK
 from fastpool._scalar import torch_power
 
 if config.ENABLE_CUDASIM:  # the simulator has no libdevice; the same bit casts in NumPy
@@ -30,9 +34,24 @@ if config.ENABLE_CUDASIM:  # the simulator has no libdevice; the same bit casts 
 
     def _float_as_int(value):
         return np.array(value, np.float32).view(np.int32)[()]
+
+    def _sqrt(value):
+        with np.errstate(invalid="ignore"):  # NaN below 0, as on the device
+            return np.sqrt(value)
 else:
     from numba.cuda.libdevice import float_as_int as _float_as_int
     from numba.cuda.libdevice import int_as_float as _int_as_float
+    _sqrt = math.sqrt  # NaN below 0 on the device; float32 stays float32
+
+
+# A cap of 64 registers a thread for the kernels whose 64-bit index specialisation
+# would take a few more (Lp pooling's general pow, the convolution): launch bounds of
+# the most threads a launch uses (fastpool._config) and enough blocks an SM to fill its
+# 65536 registers at 64 each.  In the PTX, so ptxas allocates within it (and
+# tests/cuda/test_compiler.py checks that it does without spilling); the simulator
+# takes no launch bounds.
+_REGISTER_CAP = {} if config.ENABLE_CUDASIM else {"launch_bounds": (
+    CUDA_MAX_THREADS_PER_BLOCK, max(1, 65536 // (64 * CUDA_MAX_THREADS_PER_BLOCK)))}
 
 
 @cuda.jit(device=True, inline=True)
@@ -42,6 +61,34 @@ def _first_and_stride():
 
 
 _power = cuda.jit(device=True, inline=True)(torch_power)
+
+
+@cuda.jit(device=True, inline=True)
+def _first_and_stride_in(narrow):
+    """:func:`_first_and_stride` in the index type: unsigned 32-bit when ``narrow``
+    (a position below 2**31 plus a grid below 2**31 cannot wrap), so the grid-stride
+    loop's trip count, which LLVM computes to unroll the loop, divides in 32 bits."""
+    i, grid = _first_and_stride()
+    if narrow is None:
+        return i, grid
+    return np.uint32(i), np.uint32(grid)
+
+
+@cuda.jit(device=True, inline=True)
+def _index_count(size, narrow):
+    """A loop bound in the type of :func:`_first_and_stride_in`."""
+    if narrow is None:
+        return np.int64(size)
+    return np.uint32(size)
+
+
+@cuda.jit(device=True, inline=True)
+def _advance(i, grid, narrow):
+    """``i + grid`` kept in the type of :func:`_first_and_stride_in` (numba widens
+    the sum to 64 bits)."""
+    if narrow is None:
+        return i + grid
+    return np.uint32(i + grid)
 
 
 # Half precision: float16 and bfloat16 are loaded, widened to float32 in registers,
@@ -105,6 +152,31 @@ def _split(i, size, narrow):
 
 
 @cuda.jit(device=True, inline=True)
+def _rem(a, b, narrow):
+    """a % b for 0 <= a and 0 < b, unsigned (div.u32/rem.u32 when ``narrow``: numba
+    would promote an int32 ``%`` to a signed 64-bit one, with floor fix-ups)."""
+    if narrow is None:
+        return np.int64(np.uint64(a) % np.uint64(b))
+    return np.int32(np.uint32(np.uint32(a) % np.uint32(b)))
+
+
+@cuda.jit(device=True, inline=True)
+def _quot(a, b, narrow):
+    """a // b for 0 <= a and 0 < b, unsigned as :func:`_rem`."""
+    if narrow is None:
+        return np.int64(np.uint64(a) // np.uint64(b))
+    return np.int32(np.uint32(np.uint32(a) // np.uint32(b)))
+
+
+@cuda.jit(device=True, inline=True)
+def _at(value, narrow):
+    """An unsigned array subscript in the index type (no negative-index wraparound)."""
+    if narrow is None:
+        return np.uint64(value)
+    return np.uint32(value)
+
+
+@cuda.jit(device=True, inline=True)
 def _output_position(i, out_shape, narrow):
     """(n, od, oh, ow, c) of flat output index ``i`` of ``out_shape`` (N, D, H, W, C);
     no division for channels-first (C == 1) or for 1-D/2-D's unit axes."""
@@ -132,8 +204,9 @@ def max_pool(x, out, indices, in_shape, out_shape, start, stop, step, lowest, wi
     loop advances a flat 64-bit offset by strides."""
     depth, height, width, channels = in_shape[1], in_shape[2], in_shape[3], in_shape[4]
     w_stride = step[2] * channels
-    i, grid = _first_and_stride()
-    while i < out.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(out.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         d0, d1 = start[0, od], stop[0, od]
         h0, h1 = start[1, oh], stop[1, oh]
@@ -160,53 +233,107 @@ def max_pool(x, out, indices, in_shape, out_shape, start, stop, step, lowest, wi
         _store(out, i, best, bf16)
         if with_indices:
             indices[i] = best_at
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(device=True, inline=True)
-def _window_sum(x, base, d0, d1, h0, h1, w0, w1, in_shape, step, power, total, bf16):
-    """The sum over one window (of x**power unless power is None), flat offsets
-    advanced by strides in 64-bit (the adds are as cheap as 32-bit ones here)."""
+def _lp_power(value, power):
+    """``torch_power(value, power)`` (fastpool._scalar: the same branches, the same
+    values) in the type of ``value``: torch_power's NaN and 1 are float64 literals, which
+    made a float32 window sum accumulate in float64 and pull float64 pow into the kernel
+    (torch's GPU lp_pool sums float32 in float32).  ``power / power`` is 1 in the
+    power's type (power is -0.5 there)."""
+    if power == 2.0:
+        return value * value
+    if power == 1.0:
+        return value
+    if power == 3.0:
+        return value * value * value
+    if power == 0.5:
+        return _sqrt(value)
+    if power == -0.5:
+        return (power / power) / _sqrt(value)
+    return value ** power
+
+
+@cuda.jit(device=True, inline=True)
+def _term(value, power, square):
+    """One element's term of a window sum: ``value ** power`` (torch's pow) when
+    ``power`` is given, ``value * value`` when ``square`` is (Lp with p = 2), else
+    ``value``.  ``power`` and ``square`` are None or not per specialisation, so each
+    kernel compiles one of the three: p = 2 and averages carry no pow (and its
+    registers) in their loops."""
+    if power is not None:
+        return _lp_power(value, power)
+    if square is not None:
+        return value * value
+    return value
+
+
+@cuda.jit(device=True, inline=True)
+def _root(mean, power, square):
+    """The Lp norm from the window's mean of powers: ``mean ** (1 / p)`` as torch's
+    pow; for p = 2 its square-root branch only (torch_power at 0.5), without pow."""
+    if power is not None:
+        return _lp_power(mean, (power / power) / power)
+    if square is not None:
+        return _sqrt(mean)
+    return mean
+
+
+@cuda.jit(device=True, inline=True)
+def _window_sum(x, base, d0, d1, h0, h1, w0, w1, in_shape, step, power, square, total,
+                bf16, narrow):
+    """The sum over one window of :func:`_term`.  Each loop runs a flat offset from its
+    first element to its end by its stride (offsets grow with the coordinate, so
+    ``at < end`` is ``d < d1``): three values a loop and none of the coordinates, in
+    the index type (32-bit registers when ``narrow``), so few registers stay live
+    around the (pow) term."""
     zero = total - total
-    height, width, channels = in_shape[2], in_shape[3], in_shape[4]
-    w_stride = step[2] * channels
-    d = d0
-    while d < d1:
-        h = h0
-        while h < h1:
-            at = base + ((d * height + h) * width + w0) * channels
-            w = w0
-            while w < w1:
-                if power is None:
-                    total += _load(x, np.uint64(at), zero, bf16)
-                else:
-                    total += _power(_load(x, np.uint64(at), zero, bf16), power)
-                w += step[2]
-                at += w_stride
-            h += step[1]
-        d += step[0]
+    channels = _ix(in_shape[4], narrow)
+    row = _ix(in_shape[3] * channels, narrow)
+    plane = _ix(in_shape[2] * row, narrow)
+    d_stride = _ix(step[0] * plane, narrow)
+    h_stride = _ix(step[1] * row, narrow)
+    w_stride = _ix(step[2] * channels, narrow)
+    h_span = _ix((h1 - h0) * row, narrow)
+    w_span = _ix((w1 - w0) * channels, narrow)
+    at_d = _ix(base + d0 * plane + h0 * row + w0 * channels, narrow)
+    end_d = _ix(at_d + (d1 - d0) * plane, narrow)
+    while at_d < end_d:
+        at_h = at_d
+        end_h = _ix(at_d + h_span, narrow)
+        while at_h < end_h:
+            at = at_h
+            end = _ix(at_h + w_span, narrow)
+            while at < end:
+                total += _term(_load(x, _at(at, narrow), zero, bf16), power, square)
+                at = _ix(at + w_stride, narrow)
+            at_h = _ix(at_h + h_stride, narrow)
+        at_d = _ix(at_d + d_stride, narrow)
     return total
 
 
-@cuda.jit(**CUDA_JIT_OPTIONS)
-def sum_pool(x, out, in_shape, out_shape, start, stop, step, divisor, scale, power, zero,
-             bf16, narrow):
-    """Averages (power None) or Lp norms; ``zero`` sets the accumulate type, which
-    ``divisor``, ``scale`` and ``power`` share (float32 for float32 and half input:
-    torch's accscalar_t on the GPU).  Flat arrays, as in :func:`max_pool`."""
+@cuda.jit(**CUDA_JIT_OPTIONS, **_REGISTER_CAP)
+def sum_pool(x, out, in_shape, out_shape, start, stop, step, divisor, scale, power, square,
+             zero, bf16, narrow):
+    """Averages (``power`` and ``square`` None) or Lp norms (``square`` True for p = 2,
+    else ``power`` = p); ``zero`` sets the accumulate type, which ``divisor``,
+    ``scale`` and ``power`` share (float32 for float32 and half input: torch's
+    accscalar_t on the GPU).  Flat arrays, as in :func:`max_pool`."""
     plane = in_shape[1] * in_shape[2] * in_shape[3] * in_shape[4]
-    i, grid = _first_and_stride()
-    while i < out.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(out.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, out_shape, narrow)
+        # The window's weight before its sum: one value, not its three coordinates,
+        # stays live across the loops.
+        weight = scale / (divisor[0, od] * divisor[1, oh] * divisor[2, ow])
         total = _window_sum(x, n * plane + c, start[0, od], stop[0, od], start[1, oh],
                             stop[1, oh], start[2, ow], stop[2, ow], in_shape, step, power,
-                            zero, bf16)
-        mean = total * (scale / (divisor[0, od] * divisor[1, oh] * divisor[2, ow]))
-        if power is None:
-            _store(out, i, mean, bf16)
-        else:
-            _store(out, i, _power(mean, (zero + 1) / power), bf16)
-        i += grid
+                            square, zero, bf16, narrow)
+        _store(out, i, _root(total * weight, power, square), bf16)
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -214,8 +341,9 @@ def output_coefficients(grad_out, x, coefficient, in_shape, out_shape, start, st
                         divisor, scale, power, zero, bf16, narrow):
     """d loss / d (window sum of x**p) per output, by torch's avg/lp_pool chain rule.
     Flat arrays, as in :func:`max_pool`."""
-    i, grid = _first_and_stride()
-    while i < grad_out.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_out.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         window_divisor = divisor[0, od] * divisor[1, oh] * divisor[2, ow]
         grad = _load(grad_out, i, zero, bf16)
@@ -225,7 +353,7 @@ def output_coefficients(grad_out, x, coefficient, in_shape, out_shape, start, st
             base = n * in_shape[1] * in_shape[2] * in_shape[3] * in_shape[4] + c
             total = _window_sum(x, base, start[0, od], stop[0, od], start[1, oh],
                                 stop[1, oh], start[2, ow], stop[2, ow], in_shape, step, power,
-                                zero, bf16)
+                                None, zero, bf16, narrow)
             mean = total / window_divisor
             scaled = grad * (1.0 / power) * _power(mean * scale, 1.0 / power - 1.0) * scale
             if mean != mean:
@@ -233,37 +361,40 @@ def output_coefficients(grad_out, x, coefficient, in_shape, out_shape, start, st
             elif mean == 0.0:
                 scaled = 0.0  # relu's gradient at 0
             coefficient[i] = scaled / window_divisor
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(device=True, inline=True)
-def _covers(position, o, start, stop, step, axis):
-    # The modulo only matters for dilation; a division per test is not free.
+def _covers(position, o, start, stop, step, axis, narrow):
+    # The modulo only matters for dilation; a division per test is not free.  Outputs
+    # o of the covering range start at or before ``position`` (covering_outputs), so
+    # the difference is never negative and the modulo unsigned (32-bit when narrow).
     return position < stop[axis, o] and (
-        step[axis] == 1 or (position - start[axis, o]) % step[axis] == 0)
+        step[axis] == 1 or _rem(position - start[axis, o], step[axis], narrow) == 0)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def sum_backward(coefficient, x, grad_in, first_out, last_out, start, stop, step, power,
                  zero, bf16, narrow):
     """grad_in[i] = factor(x[i]) * sum of the coefficients of the windows covering i."""
-    i, grid = _first_and_stride()
-    while i < grad_in.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_in.size, narrow)
+    while i < end:
         n, d, h, w, c = _output_position(i, grad_in.shape, narrow)
         total = zero
         for od in range(first_out[0, d], last_out[0, d]):
-            if _covers(d, od, start, stop, step, 0):
+            if _covers(d, od, start, stop, step, 0, narrow):
                 for oh in range(first_out[1, h], last_out[1, h]):
-                    if _covers(h, oh, start, stop, step, 1):
+                    if _covers(h, oh, start, stop, step, 1, narrow):
                         for ow in range(first_out[2, w], last_out[2, w]):
-                            if _covers(w, ow, start, stop, step, 2):
+                            if _covers(w, ow, start, stop, step, 2, narrow):
                                 total += coefficient[n, od, oh, ow, c]
         if power is None:
             _store(grad_in, (n, d, h, w, c), total, bf16)
         else:
             _store(grad_in, (n, d, h, w, c), total * (power * _power(
                 _load(x, (n, d, h, w, c), zero, bf16), power - 1.0)), bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -276,21 +407,22 @@ def max_backward(grad_out, indices, grad_in, first_out, last_out, start, stop, s
     if flag[0] != 0:
         return
     height, width = grad_in.shape[2], grad_in.shape[3]
-    i, grid = _first_and_stride()
-    while i < grad_in.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_in.size, narrow)
+    while i < end:
         n, d, h, w, c = _output_position(i, grad_in.shape, narrow)
         here = (d * height + h) * width + w
         total = zero
         for od in range(first_out[0, d], last_out[0, d]):
-            if _covers(d, od, start, stop, step, 0):
+            if _covers(d, od, start, stop, step, 0, narrow):
                 for oh in range(first_out[1, h], last_out[1, h]):
-                    if _covers(h, oh, start, stop, step, 1):
+                    if _covers(h, oh, start, stop, step, 1, narrow):
                         for ow in range(first_out[2, w], last_out[2, w]):
-                            if (_covers(w, ow, start, stop, step, 2)
+                            if (_covers(w, ow, start, stop, step, 2, narrow)
                                     and indices[n, od, oh, ow, c] == here):
                                 total += _load(grad_out, (n, od, oh, ow, c), zero, bf16)
         _store(grad_in, (n, d, h, w, c), total, bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -304,8 +436,9 @@ def max_backward_by_plane(grad_out, indices, grad_in, total, outside, zero, bf16
         return
     batch, outputs, channels = grad_out.shape
     size = grad_in.shape[1]
-    i, grid = _first_and_stride()
-    while i < batch * channels:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(batch * channels, narrow)
+    while i < end:
         n, c = _split(i, channels, narrow)
         for p in range(size):
             total[n, p, c] = zero
@@ -317,21 +450,23 @@ def max_backward_by_plane(grad_out, indices, grad_in, total, outside, zero, bf16
                 outside[0] = 1
         for p in range(size):
             _store(grad_in, (n, p, c), total[n, p, c], bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(device=True, inline=True)
-def _in_window(position, o, start, stop, step, axis):
+def _in_window(position, o, start, stop, step, axis, narrow):
+    # The modulo runs only where start <= position: unsigned, as in _covers.
     return start[axis, o] <= position < stop[axis, o] and \
-        (position - start[axis, o]) % step[axis] == 0
+        _rem(position - start[axis, o], step[axis], narrow) == 0
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def flag_outside_window(indices, start, stop, step, depth, height, width, flag, narrow):
     """Flag an index that is no element of its own output's window: the gather in
     :func:`max_backward` would drop it, so the scatter runs instead."""
-    i, grid = _first_and_stride()
-    while i < indices.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(indices.size, narrow)
+    while i < end:
         n, od, oh, ow, c = _output_position(i, indices.shape, narrow)
         at = indices[n, od, oh, ow, c]
         if at < 0 or at >= depth * height * width:
@@ -339,11 +474,11 @@ def flag_outside_window(indices, start, stop, step, depth, height, width, flag, 
         else:
             rest, w = _split(at, width, narrow)
             d, h = _split(rest, height, narrow)
-            if not (_in_window(d, od, start, stop, step, 0)
-                    and _in_window(h, oh, start, stop, step, 1)
-                    and _in_window(w, ow, start, stop, step, 2)):
+            if not (_in_window(d, od, start, stop, step, 0, narrow)
+                    and _in_window(h, oh, start, stop, step, 1, narrow)
+                    and _in_window(w, ow, start, stop, step, 2, narrow)):
                 flag[0] = 1
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -496,64 +631,92 @@ def gem_input_grad(pooled, x, powered, p, plane, channels, eps, grad_x, zero, ha
 
 
 @cuda.jit(device=True, inline=True)
-def _source(position, pad, kernel_offset, stride, size):
-    t = position + pad - kernel_offset
-    if t < 0 or t % stride != 0 or t // stride >= size:
-        return -1
-    return t // stride
+def _source(position, pad, kernel_offset, stride, size, narrow):
+    """The output fed by input ``position`` through kernel offset ``kernel_offset``, or
+    -1; t is tested for t >= 0 first, so the division is unsigned (32-bit when
+    narrow)."""
+    t = _ix(position + pad - kernel_offset, narrow)
+    if t < 0:
+        return _ix(-1, narrow)
+    q = _quot(t, stride, narrow)
+    if _ix(t - q * stride, narrow) != 0 or q >= size:
+        return _ix(-1, narrow)
+    return q
 
 
-@cuda.jit(**CUDA_JIT_OPTIONS)
-def conv_forward(x, weight, bias, out, stride, pad, zero, bf16, narrow):
-    """One thread per output element."""
-    i, grid = _first_and_stride()
-    while i < out.size:
-        n, co, od, oh, ow = _output_position(i, out.shape, narrow)
-        total = _load(bias, co, zero, bf16)
-        for ci in range(x.shape[1]):
-            for kd in range(weight.shape[2]):
-                d = od * stride[0] - pad[0] + kd
-                if 0 <= d < x.shape[2]:
-                    for kh in range(weight.shape[3]):
-                        h = oh * stride[1] - pad[1] + kh
-                        if 0 <= h < x.shape[3]:
-                            for kw in range(weight.shape[4]):
-                                w = ow * stride[2] - pad[2] + kw
-                                if 0 <= w < x.shape[4]:
-                                    total += (_load(x, (n, ci, d, h, w), zero, bf16)
-                                              * _load(weight, (co, ci, kd, kh, kw), zero, bf16))
-        _store(out, (n, co, od, oh, ow), total, bf16)
-        i += grid
+@cuda.jit(**CUDA_JIT_OPTIONS, **_REGISTER_CAP)
+def conv_forward(x, weight, bias, out, in_shape, w_shape, out_shape, stride, pad, zero, bf16,
+                 narrow):
+    """One thread per output element, over flat arrays: ``x`` (N, C_in, D, H, W),
+    ``weight`` (C_out, C_in, KD, KH, KW) and ``out`` (N, C_out, oD, oH, oW) given as
+    shapes.  Offsets in the index type, the input's advanced a plane and the weights'
+    a kernel per input channel: no 5-D subscripts (five wraparound tests and a
+    multiply chain a load).  The bounds tests inside the loops keep LLVM from
+    unrolling them (which costs more registers than the tests cost time)."""
+    channels, depth, height, width = in_shape[1], in_shape[2], in_shape[3], in_shape[4]
+    k_depth, k_height, k_width = w_shape[2], w_shape[3], w_shape[4]
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(out.size, narrow)
+    while i < end:
+        n, co, od, oh, ow = _output_position(i, out_shape, narrow)
+        d0 = _ix(od * stride[0] - pad[0], narrow)
+        h0 = _ix(oh * stride[1] - pad[1], narrow)
+        w0 = _ix(ow * stride[2] - pad[2], narrow)
+        x_plane = _ix(n * channels * depth, narrow)
+        w_plane = _ix(co * channels * k_depth, narrow)
+        total = _load(bias, _at(co, narrow), zero, bf16)
+        planes_end = _ix(x_plane + channels * depth, narrow)
+        while x_plane < planes_end:
+            for kd in range(k_depth):
+                d = d0 + kd
+                if 0 <= d < depth:
+                    for kh in range(k_height):
+                        h = h0 + kh
+                        if 0 <= h < height:
+                            x_row = _ix(((x_plane + d) * height + h) * width, narrow)
+                            w_row = _ix(((w_plane + kd) * k_height + kh) * k_width, narrow)
+                            for kw in range(k_width):
+                                w = w0 + kw
+                                if 0 <= w < width:
+                                    total += (_load(x, _at(x_row + w, narrow), zero, bf16)
+                                              * _load(weight, _at(w_row + kw, narrow), zero,
+                                                      bf16))
+            x_plane = _ix(x_plane + depth, narrow)
+            w_plane = _ix(w_plane + k_depth, narrow)
+        _store(out, i, total, bf16)
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def conv_backward_input(grad, weight, grad_in, stride, pad, zero, bf16, narrow):
     """One thread per input element, gathering from the outputs it fed."""
-    i, grid = _first_and_stride()
-    while i < grad_in.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_in.size, narrow)
+    while i < end:
         n, ci, d, h, w = _output_position(i, grad_in.shape, narrow)
         total = zero
         for co in range(grad.shape[1]):
             for kd in range(weight.shape[2]):
-                od = _source(d, pad[0], kd, stride[0], grad.shape[2])
+                od = _source(d, pad[0], kd, stride[0], grad.shape[2], narrow)
                 if od >= 0:
                     for kh in range(weight.shape[3]):
-                        oh = _source(h, pad[1], kh, stride[1], grad.shape[3])
+                        oh = _source(h, pad[1], kh, stride[1], grad.shape[3], narrow)
                         if oh >= 0:
                             for kw in range(weight.shape[4]):
-                                ow = _source(w, pad[2], kw, stride[2], grad.shape[4])
+                                ow = _source(w, pad[2], kw, stride[2], grad.shape[4], narrow)
                                 if ow >= 0:
                                     total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
                                               * _load(weight, (co, ci, kd, kh, kw), zero, bf16))
         _store(grad_in, (n, ci, d, h, w), total, bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def conv_backward_weight(grad, x, grad_weight, stride, pad, zero, bf16, narrow):
     """One thread per weight element, summing over batch and outputs in order."""
-    i, grid = _first_and_stride()
-    while i < grad_weight.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_weight.size, narrow)
+    while i < end:
         co, ci, kd, kh, kw = _output_position(i, grad_weight.shape, narrow)
         total = zero
         for n in range(grad.shape[0]):
@@ -569,7 +732,7 @@ def conv_backward_weight(grad, x, grad_weight, stride, pad, zero, bf16, narrow):
                                     total += (_load(grad, (n, co, od, oh, ow), zero, bf16)
                                               * _load(x, (n, ci, d, h, w), zero, bf16))
         _store(grad_weight, (co, ci, kd, kh, kw), total, bf16)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
@@ -644,23 +807,41 @@ def unpool_backward(grad_out, indices, grad_in, outside):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def fractional_max_pool(x, out, indices, starts, kernel, lowest, zero, bf16):
-    """One thread per output of (batch, D, H, W, C); windows of size ``kernel`` at
-    ``starts[n, c, axis, o]``; half types compared in float32."""
+def fractional_max_pool(x, out, indices, in_shape, out_shape, starts, kernel, lowest, zero,
+                        bf16):
+    """One thread per output of flat (batch, D, H, W, C) ``out`` and ``indices``
+    (``out_shape``), windows of ``kernel`` (a tuple) at ``starts[n, c, axis, o]`` in
+    flat ``x`` (``in_shape``); half types compared in float32.  The window loops run
+    flat offsets to their ends (as :func:`_window_sum`), the plane index of the
+    maximum is rebuilt once from its offset."""
+    height, width, channels = in_shape[2], in_shape[3], in_shape[4]
+    row = width * channels
+    plane = height * row
     i, grid = _first_and_stride()
-    height, width = x.shape[2], x.shape[3]
-    while i < indices.size:
-        n, od, oh, ow, c = _output_position(i, indices.shape, None)
-        d0, h0, w0 = starts[n, c, 0, od], starts[n, c, 1, oh], starts[n, c, 2, ow]
+    while i < out.size:
+        n, od, oh, ow, c = _output_position(i, out_shape, None)
+        at_d = ((n * in_shape[1] + starts[n, c, 0, od]) * height + starts[n, c, 1, oh]) \
+            * row + starts[n, c, 2, ow] * channels + c
         best = lowest
-        best_at = (d0 * height + h0) * width + w0
-        for d in range(d0, d0 + kernel[0]):
-            for h in range(h0, h0 + kernel[1]):
-                for w in range(w0, w0 + kernel[2]):
-                    value = _load(x, (n, d, h, w, c), zero, bf16)
+        best_at = at_d
+        end_d = at_d + kernel[0] * plane
+        while at_d < end_d:
+            at_h, end_h = at_d, at_d + kernel[1] * row
+            while at_h < end_h:
+                at, end = at_h, at_h + kernel[2] * channels
+                while at < end:
+                    value = _load(x, np.uint64(at), zero, bf16)
                     if value > best or value != value:
                         best = value
-                        best_at = (d * height + h) * width + w
-        _store(out, (n, od, oh, ow, c), best, bf16)
-        indices[n, od, oh, ow, c] = best_at
+                        best_at = at
+                    at += channels
+                at_h += row
+            at_d += plane
+        _store(out, i, best, bf16)
+        # The plane index (d * H + h) * W + w of the maximum, from its offset: one
+        # division an output (none channels-first).
+        spot = best_at - c
+        if channels != 1:
+            spot = _quot(spot, channels, None)
+        indices[i] = spot - n * (in_shape[1] * height * width)
         i += grid

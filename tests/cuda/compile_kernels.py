@@ -63,12 +63,17 @@ def to_ptx(kernel, argtypes) -> dict:
     to ``compile_ptx`` per architecture where that internal is missing."""
     from numba import cuda
 
+    # The kernel's own launch bounds (a register cap, see kernels.LAUNCH_BOUNDS) go
+    # into the PTX, so ptxas allocates registers as for the real launch.
+    bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")
     try:
         from numba.cuda.compiler import _compile_pyfunc_with_fixup
         library, _ = _compile_pyfunc_with_fixup(kernel.py_func, argtypes, device=False,
-                                                cc=min(CCS), abi="numba")
+                                                cc=min(CCS), abi="numba",
+                                                launch_bounds=bounds)
     except ImportError:
-        return {cc: cuda.compile_ptx(kernel.py_func, argtypes, cc=cc)[0] for cc in CCS}
+        return {cc: cuda.compile_ptx(kernel.py_func, argtypes, cc=cc, launch_bounds=bounds)[0]
+                for cc in CCS}
     ptx = {}
     for cc in CCS:
         codes = library.get_asm_strs(cc=cc)

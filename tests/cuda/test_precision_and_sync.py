@@ -172,3 +172,31 @@ def test_max_backward_does_not_copy_to_the_host(monkeypatch, foreign):
     got = fastpool.max_pool2d_backward(grad_d, idx_d, x.shape, kernel_size=2, stride=2)
     monkeypatch.setattr(array_type, "copy_to_host", real)
     assert_array_equal(got.copy_to_host(), want)
+
+
+def test_unpool_and_gem_neither_upload_nor_copy_back(monkeypatch):
+    # Unpooling's outside-the-plane counter starts on the device and is read back
+    # only under the index check (as the max backward's); GeM's powers are uploaded
+    # once per value, so a repeated call moves nothing between host and device.
+    monkeypatch.setattr(backend._config, "CUDA_CHECK_INDICES", False)
+    x = cuda.to_device(_input(2, False))
+    out, idx = fastpool.max_pool2d(x, 2, 2, return_indices=True)
+    size = dict(output_size=x.shape[2:])
+    want = fastpool.max_unpool2d(out.copy_to_host(), idx.copy_to_host(), 2, 2, **size,
+                                 backend="numpy")
+    fastpool.gem_pool2d(x, 3.0)
+    moves = []
+    real_upload = backend.cuda.to_device
+    monkeypatch.setattr(backend.cuda, "to_device",
+                        lambda *a, **k: moves.append("upload") or real_upload(*a, **k))
+    array_type = type(x)
+    real_copy = array_type.copy_to_host
+    monkeypatch.setattr(array_type, "copy_to_host",
+                        lambda self, *a, **k: moves.append("copy") or real_copy(self, *a, **k))
+    restored = fastpool.max_unpool2d(out, idx, 2, 2, **size)
+    grad = fastpool.max_unpool2d_backward(restored, idx)
+    fastpool.gem_pool2d(x, 3.0)
+    assert moves == []
+    monkeypatch.setattr(array_type, "copy_to_host", real_copy)
+    assert_array_equal(restored.copy_to_host(), want)
+    assert_array_equal(grad.copy_to_host(), out.copy_to_host())
