@@ -31,9 +31,10 @@ CPU_JIT_OPTIONS: dict = {
 # numba-cuda kernels; its simulator (NUMBA_ENABLE_CUDASIM=1) ignores the cache.
 CUDA_JIT_OPTIONS: dict = {"cache": not _flag("FASTPOOL_DISABLE_CACHE")}
 
-# Max pooling's backward on the GPU copies back a device flag (a host
-# synchronisation) to raise on indices outside the input plane, as the host back
-# ends do: bad input is never a silent wrong answer by default.
+# Max pooling's backward and max unpooling (forward and backward) on the GPU copy
+# back a device count (a host synchronisation) to raise on indices outside the
+# plane, as the host back ends do: bad input is never a silent wrong answer by
+# default.
 # FASTPOOL_CUDA_CHECK_INDICES=0 skips it: such indices are then dropped, and no
 # forward or backward call synchronises with the host.
 CUDA_CHECK_INDICES = os.environ.get("FASTPOOL_CUDA_CHECK_INDICES", "1").strip().lower() \
