@@ -326,6 +326,30 @@ def _markdown_spread(r: dict, backend: str) -> str:
     return " / ".join(_ms(spread_ms[k]).strip() for k in ("min", "median", "max"))
 
 
+# The dask benchmark is its own command (arrays of gigabytes, generated lazily); its
+# figures live with the chunking advice they depend on.
+DASK_SECTION = (
+    "The dask path (a 2-D average pyramid and a 3-D max pool on arrays of 0.25-2 GB "
+    "generated lazily; throughput, peak memory at two sizes, and the ratio to in-memory "
+    "fastpool) is timed by `python -m bench.dask --sizes 0.25,1,2 --in-memory-limit 1 "
+    "--repeats 2`; its figures and how chunking moves them are in "
+    "[the dask guide's benchmark section](dask.md).")
+
+
+def dask_figures(path) -> list[str]:
+    """The figures of the dask guide's "## Benchmark" section (dask.md beside the
+    markdown written), so that this page carries them too; none without it."""
+    from pathlib import Path
+
+    guide = Path(path).with_name("dask.md")
+    if not guide.exists():
+        return []
+    text = guide.read_text().split("\n## Benchmark\n", 1)
+    if len(text) < 2:
+        return []
+    return ["", text[1].split("\n## ", 1)[0].strip()]
+
+
 def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -> None:
     """docs/benchmarks.md: the machine, the command, the summary and the full table."""
     info = machine()
@@ -375,5 +399,6 @@ def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -
                   "| op | empty cache (compiles) | warm on-disk cache |", "|---|---:|---:|"]
         lines += [f"| {name} | {c['cold']:.2f} s | {c['warm']:.3f} s |"
                   for name, c in compile_costs.items()]
+    lines += ["", "## Out of core: fastpool.dask", "", DASK_SECTION, *dask_figures(path)]
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -172,6 +172,19 @@ def test_markdown_and_json(tmp_path):
     assert {"machine", "rows", "compile_seconds", "speedup_basis"} <= set(data)
 
 
+def test_markdown_carries_the_dask_guides_figures(tmp_path):
+    """docs/benchmarks.md repeats the dask guide's benchmark section (its own command
+    writes the figures there); without a guide beside it, just the pointer."""
+    report.write_markdown(tmp_path / "b.md", _rows(), None, "python -m bench", None)
+    assert "python -m bench.dask" in (tmp_path / "b.md").read_text()
+    assert "| 1.26x |" not in (tmp_path / "b.md").read_text()
+    (tmp_path / "dask.md").write_text("# dask\n\n## Benchmark\n\n| case | ratio |\n"
+                                      "|---|---|\n| pyramid | 1.26x |\n\n## Limits\n\nnone\n")
+    report.write_markdown(tmp_path / "b.md", _rows(), None, "python -m bench", None)
+    text = (tmp_path / "b.md").read_text()
+    assert "| pyramid | 1.26x |" in text and "## Limits" not in text
+
+
 def test_chart_groups_by_op_and_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = _rows()
