@@ -236,7 +236,8 @@ def _copy_rows(source, out, width, source_offset, out_offset, stream):
         bits, out_bits = _bits(canonical(source, (source.size,)))[0], \
             _bits(canonical(out, (out.size,)))[0]
         _configure(kernels.copy_rows, rows * width, stream)(
-            bits, out_bits, width, source.shape[1], source_offset, out.shape[1], out_offset)
+            bits, out_bits, width, source.shape[1], source_offset, out.shape[1], out_offset,
+            _narrow(bits, out_bits))
 
 
 def concat_rows(a, b, stream=None):
@@ -550,8 +551,9 @@ def max_unpool(x, indices, size: int, channels_last: bool, stream=None):
     _configure(kernels.fill, winner.size, stream)(winner.reshape(winner.size), -1)
     out = zeros(shape, x.dtype, stream)
     outside = zeros((1,), np.int64, stream)  # on the device: no upload from the host
-    _configure(kernels.unpool_claim, idx3.size, stream)(idx3, winner, outside)
-    _configure(kernels.unpool_write, x3.size, stream)(x3, idx3, winner, _bits(out)[0])
+    narrow = _narrow(idx3, winner, out)
+    _configure(kernels.unpool_claim, idx3.size, stream)(idx3, winner, outside, narrow)
+    _configure(kernels.unpool_write, x3.size, stream)(x3, idx3, winner, _bits(out)[0], narrow)
     result = out if channels_last else out.reshape(shape[:2])
     return result, _outside_count(outside, stream)
 
@@ -572,7 +574,8 @@ def max_unpool_backward(grad_out, indices, stream=None):
     grad_in = empty(indices.shape, grad_out.dtype, stream)
     outside = zeros((1,), np.int64, stream)
     _configure(kernels.unpool_backward, grad_in.size, stream)(
-        _bits(grad_out)[0], indices, _bits(grad_in)[0], outside)
+        _bits(grad_out)[0], indices, _bits(grad_in)[0], outside,
+        _narrow(grad_out, indices, grad_in))
     return grad_in, _outside_count(outside, stream)
 
 
@@ -631,7 +634,8 @@ def gem_powers(x, p, plane: int, eps: float, with_log: bool, stream=None):
         zero = _compute_zero(x.dtype)
         _configure(kernels.gem_powers, x.size, stream)(
             bits, _powers(p, x.dtype, stream), plane, len(p), zero + eps,
-            powered.reshape(x.size), logged.reshape(logged.size), with_log, zero, half)
+            powered.reshape(x.size), logged.reshape(logged.size), with_log, zero, half,
+            _narrow(x))
     return powered, (logged if with_log else None)
 
 
@@ -642,7 +646,7 @@ def gem_root(mean, p, plane: int, dtype, stream=None):
     if out.size:
         _configure(kernels.gem_root, out.size, stream)(
             canonical(mean, (mean.size,)), _powers(p, dtype, stream), plane, len(p),
-            _flat_bits(out)[0], _bits(out)[1])
+            _flat_bits(out)[0], _bits(out)[1], _narrow(mean))
     return out
 
 
@@ -656,7 +660,7 @@ def gem_output_grads(grad, mean, log_mean, p, plane: int, dtype, stream=None):
         _configure(kernels.gem_output_grads, mean.size, stream)(
             bits, canonical(mean, (mean.size,)), canonical(log_mean, (log_mean.size,)),
             _powers(p, dtype, stream), plane, len(p), grad_mean.reshape(mean.size),
-            grad_p.reshape(mean.size), _compute_zero(grad.dtype), half)
+            grad_p.reshape(mean.size), _compute_zero(grad.dtype), half, _narrow(grad, mean))
     return grad_mean, grad_p
 
 
@@ -670,7 +674,7 @@ def gem_input_grad(pooled, x, powered, p, plane: int, eps: float, stream=None):
         _configure(kernels.gem_input_grad, x.size, stream)(
             canonical(pooled, (pooled.size,)), bits, canonical(powered, (powered.size,)),
             _powers(p, x.dtype, stream), plane, len(p), zero + eps,
-            _flat_bits(grad_x)[0], zero, half)
+            _flat_bits(grad_x)[0], zero, half, _narrow(x))
     return grad_x
 
 

@@ -539,18 +539,17 @@ def scaled_sum(a, b, out, scale, zero, bf16):
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def copy_rows(source, out, width, source_row, source_offset, out_row, out_offset):
+def copy_rows(source, out, width, source_row, source_offset, out_row, out_offset, narrow):
     """For each of the rows: ``width`` elements from ``source`` (rows of ``source_row``,
     starting at ``source_offset``) to ``out`` (rows of ``out_row``, at ``out_offset``).
     A plain copy of the bits: concatenates and splits channel blocks."""
-    i, grid = _first_and_stride()
-    n = (source.size // source_row) * width
-    while i < n:
-        row = i // width
-        column = i - row * width
-        out[row * out_row + out_offset + column] = source[row * source_row + source_offset
-                                                          + column]
-        i += grid
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(_quot(source.size, source_row, narrow) * width, narrow)
+    while i < end:
+        row, column = _split(i, width, narrow)
+        out[_at(row * out_row + out_offset + column, narrow)] = \
+            source[_at(row * source_row + source_offset + column, narrow)]
+        i = _advance(i, grid, narrow)
 
 
 # --------------------------------------------------------------------------
@@ -563,66 +562,72 @@ def copy_rows(source, out, width, source_row, source_offset, out_row, out_offset
 
 
 @cuda.jit(device=True, inline=True)
-def _channel_power(p, i, plane, channels):
-    return p[(i // plane) % channels]
+def _channel_power(p, i, plane, channels, narrow):
+    if channels == 1:  # one p for all: no division
+        return p[0]
+    return p[_rem(_quot(i, plane, narrow), channels, narrow)]
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def gem_powers(x, p, plane, channels, eps, powered, logged, with_log, zero, half):
+def gem_powers(x, p, plane, channels, eps, powered, logged, with_log, zero, half, narrow):
     """powered = max(x, eps) ** p (NaN stays NaN, as torch's clamp); with_log also
     logged = powered * log(max(x, eps)), the p-derivative's window terms."""
-    i, grid = _first_and_stride()
-    while i < powered.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(powered.size, narrow)
+    while i < end:
         value = _load(x, i, zero, half)
         clamped = eps if value < eps else value
-        power = _channel_power(p, i, plane, channels)
+        power = _channel_power(p, i, plane, channels, narrow)
         raised = _power(clamped, power)
         powered[i] = raised
         if with_log:
             logged[i] = raised * math.log(clamped)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def gem_root(mean, p, plane, channels, out, half):
+def gem_root(mean, p, plane, channels, out, half, narrow):
     """out = mean ** (1 / p), rounded once to out's dtype."""
-    i, grid = _first_and_stride()
-    while i < out.size:
-        power = _channel_power(p, i, plane, channels)
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(out.size, narrow)
+    while i < end:
+        power = _channel_power(p, i, plane, channels, narrow)
         _store(out, i, _power(mean[i], 1 / power), half)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def gem_output_grads(grad, mean, log_mean, p, plane, channels, grad_mean, grad_p, zero,
-                     half):
+                     half, narrow):
     """With y = mean ** (1/p): grad_mean = grad y / (p mean), the window means'
     gradient; grad_p = grad y (log_mean / (p mean) - log(mean) / p**2), summed per
     channel on the host."""
-    i, grid = _first_and_stride()
-    while i < grad_mean.size:
-        power = _channel_power(p, i, plane, channels)
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(grad_mean.size, narrow)
+    while i < end:
+        power = _channel_power(p, i, plane, channels, narrow)
         m = mean[i]
         y = _power(m, 1 / power)
         g = _load(grad, i, zero, half) * y
         grad_mean[i] = g / (power * m)
         grad_p[i] = g * (log_mean[i] / (power * m) - math.log(m) / (power * power))
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def gem_input_grad(pooled, x, powered, p, plane, channels, eps, grad_x, zero, half):
+def gem_input_grad(pooled, x, powered, p, plane, channels, eps, grad_x, zero, half, narrow):
     """grad_x = pooled p max(x, eps) ** p / max(x, eps) where x >= eps, else 0 (the
     gradient passes the clamp at eps itself, as torch's does)."""
-    i, grid = _first_and_stride()
-    while i < pooled.size:
+    i, grid = _first_and_stride_in(narrow)
+    end = _index_count(pooled.size, narrow)
+    while i < end:
         value = _load(x, i, zero, half)
         result = zero
         if value >= eps:
-            power = _channel_power(p, i, plane, channels)
+            power = _channel_power(p, i, plane, channels, narrow)
             result = pooled[i] * (power * powered[i] / value)
         _store(grad_x, i, result, half)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 # --------------------------------------------------------------------------
@@ -759,51 +764,54 @@ def conv_bias_grad(grad, grad_bias, zero, bf16):
 
 
 @cuda.jit(device=True, inline=True)
-def _batch_input_channel(i, shape):
-    rest, c = _split(i, shape[2], None)
-    n, q = _split(rest, shape[1], None)
+def _batch_input_channel(i, shape, narrow):
+    rest, c = _split(i, shape[2], narrow)
+    n, q = _split(rest, shape[1], narrow)
     return n, q, c
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def unpool_claim(indices, winner, outside):
-    i, grid = _first_and_stride()
+def unpool_claim(indices, winner, outside, narrow):
+    i, grid = _first_and_stride_in(narrow)
     size = winner.shape[1]
-    while i < indices.size:
-        n, q, c = _batch_input_channel(i, indices.shape)
+    end = _index_count(indices.size, narrow)
+    while i < end:
+        n, q, c = _batch_input_channel(i, indices.shape, narrow)
         at = indices[n, q, c]
         if 0 <= at < size:
-            cuda.atomic.max(winner, (n, at, c), q)
+            cuda.atomic.max(winner, (n, at, c), np.int64(q))
         else:
             cuda.atomic.add(outside, 0, 1)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def unpool_write(x, indices, winner, out):
-    i, grid = _first_and_stride()
+def unpool_write(x, indices, winner, out, narrow):
+    i, grid = _first_and_stride_in(narrow)
     size = out.shape[1]
-    while i < x.size:
-        n, q, c = _batch_input_channel(i, x.shape)
+    end = _index_count(x.size, narrow)
+    while i < end:
+        n, q, c = _batch_input_channel(i, x.shape, narrow)
         at = indices[n, q, c]
-        if 0 <= at < size and winner[n, at, c] == q:
+        if 0 <= at < size and winner[n, at, c] == np.int64(q):
             out[n, at, c] = x[n, q, c]
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
-def unpool_backward(grad_out, indices, grad_in, outside):
-    i, grid = _first_and_stride()
+def unpool_backward(grad_out, indices, grad_in, outside, narrow):
+    i, grid = _first_and_stride_in(narrow)
     size = grad_out.shape[1]
-    while i < grad_in.size:
-        n, q, c = _batch_input_channel(i, grad_in.shape)
+    end = _index_count(grad_in.size, narrow)
+    while i < end:
+        n, q, c = _batch_input_channel(i, grad_in.shape, narrow)
         at = indices[n, q, c]
         if 0 <= at < size:
             grad_in[n, q, c] = grad_out[n, at, c]
         else:
             grad_in[n, q, c] = 0
             cuda.atomic.add(outside, 0, 1)
-        i += grid
+        i = _advance(i, grid, narrow)
 
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
