@@ -593,7 +593,7 @@ def fractional_max_pool(x, starts, kernel, out_shape: tuple, lowest, stream=None
     _configure(kernels.fractional_max_pool, out.size, stream)(
         _flat(bits), _flat(_bits(out)[0]), _flat(indices), _triple(x.shape), _triple(shape),
         cuda.to_device(np.ascontiguousarray(starts, np.int64), stream=stream or 0),
-        _triple(kernel), lowest, zero, half)
+        _triple(kernel), lowest, zero, half, _narrow(bits, out))
     return out, indices
 
 

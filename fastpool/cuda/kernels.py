@@ -816,7 +816,7 @@ def unpool_backward(grad_out, indices, grad_in, outside, narrow):
 
 @cuda.jit(**CUDA_JIT_OPTIONS)
 def fractional_max_pool(x, out, indices, in_shape, out_shape, starts, kernel, lowest, zero,
-                        bf16):
+                        bf16, narrow):
     """One thread per output of flat (batch, D, H, W, C) ``out`` and ``indices``
     (``out_shape``), windows of ``kernel`` (a tuple) at ``starts[n, c, axis, o]`` in
     flat ``x`` (``in_shape``); half types compared in float32.  The window loops run
@@ -825,9 +825,10 @@ def fractional_max_pool(x, out, indices, in_shape, out_shape, starts, kernel, lo
     height, width, channels = in_shape[2], in_shape[3], in_shape[4]
     row = width * channels
     plane = height * row
-    i, grid = _first_and_stride()
-    while i < out.size:
-        n, od, oh, ow, c = _output_position(i, out_shape, None)
+    i, grid = _first_and_stride_in(narrow)
+    end_i = _index_count(out.size, narrow)
+    while i < end_i:
+        n, od, oh, ow, c = _output_position(i, out_shape, narrow)
         at_d = ((n * in_shape[1] + starts[n, c, 0, od]) * height + starts[n, c, 1, oh]) \
             * row + starts[n, c, 2, ow] * channels + c
         best = lowest
@@ -850,6 +851,6 @@ def fractional_max_pool(x, out, indices, in_shape, out_shape, starts, kernel, lo
         # division an output (none channels-first).
         spot = best_at - c
         if channels != 1:
-            spot = _quot(spot, channels, None)
+            spot = _quot(spot, channels, narrow)
         indices[i] = spot - n * (in_shape[1] * height * width)
-        i += grid
+        i = _advance(i, grid, narrow)
