@@ -124,3 +124,49 @@ def test_channels_last_max_backward_in_position_bands(batch):
                                          padding=1, channels_last=True)
     finally:
         fastpool.set_num_threads(threads)
+
+
+
+ROWS_FIRST_CALLS = {
+    "adaptive_max": lambda m, t: m.adaptive_max_pool2d(t, (3, 5)),
+    "adaptive_avg": lambda m, t: m.adaptive_avg_pool2d(t, (4, 7)),
+    "max_wide_stride": lambda m, t: m.max_pool2d(t, (3, 2), (2, 5), (1, 1), (2, 1), True),
+    "avg_wide_stride": lambda m, t: m.avg_pool2d(t, (3, 4), (2, 5), (1, 2), True, False),
+    "lp_wide_stride": lambda m, t: m.lp_pool2d(t, 3.0, (2, 5), (2, 5)),
+    "max_3d": lambda m, t: m.max_pool3d(t, (2, 2, 3), (1, 2, 6)),
+    "avg_3d": lambda m, t: m.avg_pool3d(t, (3, 2, 2), (1, 2, 3), 1),
+}
+
+
+@pytest.mark.parametrize("op", sorted(ROWS_FIRST_CALLS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_first_channels_first(op, threads, monkeypatch):
+    """Channels-first windows whose W axis no vector sweep covers (adaptive tables,
+    wide strides, narrow outputs) fold their D/H rows first: torch's values, NaN
+    winning a max, padding, dilation and ceil_mode included, at any thread count."""
+    from fastpool import _dispatch
+    from fastpool.cpu import pooling
+
+    chosen = []
+    rows_first = pooling._rows_first
+    monkeypatch.setattr(pooling, "_rows_first", lambda *a: chosen.append(rows_first(*a))
+                        or chosen[-1])
+    monkeypatch.setattr(_dispatch, "PLANS", _dispatch.PlanCache(8))
+    rng = np.random.default_rng(7)
+    shape = (2, 48, 3, 11, 17) if op.endswith("3d") else (2, 48, 11, 17)  # parallel launches
+    x = rng.integers(-3, 4, shape).astype(np.float32)  # ties
+    if op.startswith("lp"):
+        x = np.abs(x)
+    else:
+        x[0, 1, ..., 2, 1] = x[0, 1, ..., 5, 4] = x[0, 1, ..., 7, 5] = np.nan  # in windows
+    want = ROWS_FIRST_CALLS[op](F, torch.from_numpy(x)).numpy()
+    previous = fastpool.get_num_threads()
+    fastpool.set_num_threads(threads)
+    try:
+        got = ROWS_FIRST_CALLS[op](fastpool, x)
+    finally:
+        fastpool.set_num_threads(previous)
+    assert chosen == [True]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    if not op.startswith("lp"):
+        assert np.isnan(got[0, 1]).any()

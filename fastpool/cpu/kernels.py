@@ -378,17 +378,23 @@ def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale,
                         _sum_along_row(x_row, total, start, stop, step_w, power, zero, 0, out_w)
                     h += step_h
                 d += step_d
-            row_divisor = divisor[0, od] * divisor[1, oh]
-            result = out[plane, od, oh]
-            if grad is None:
-                for ow in range(out_w):
-                    result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])),
-                                       power)
-            else:
-                grad_row = grad[plane, od, oh]
-                for ow in range(out_w):
-                    result[ow] = _lp_output_gradient(grad_row[ow], total[ow],
-                                                     row_divisor * divisor[2, ow], scale, power)
+            _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power)
+
+
+@njit(inline="always")
+def _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power):
+    """Finish output row (plane, od, oh)'s window sums ``total`` as Lp norms /
+    averages, or (given ``grad``) as :func:`_lp_output_gradient` coefficients."""
+    row_divisor = divisor[0, od] * divisor[1, oh]
+    result = out[plane, od, oh]
+    if grad is None:
+        for ow in range(result.size):
+            result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])), power)
+    else:
+        grad_row = grad[plane, od, oh]
+        for ow in range(result.size):
+            result[ow] = _lp_output_gradient(grad_row[ow], total[ow],
+                                             row_divisor * divisor[2, ow], scale, power)
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -856,6 +862,83 @@ def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
 # Reassociation alone lets LLVM vectorise a contiguous sum (in its own order, as
 # torch's is in its own); without the other fast-math flags NaN and inf still
 # propagate.
+# --------------------------------------------------------------------------
+# Rows first (channels-first, no positions).  An output row's windows share
+# their D/H rows, so those rows are folded element-wise into one row of
+# ``columns`` first (contiguous, independent lanes: vector loads, adds and
+# selects), and each window then folds its few columns.  The direct kernels
+# instead fold every input row window by window: for windows without a
+# vectorised interior sweep (adaptive tables, wide strides) or narrow outputs,
+# that is a chain of dependent scalar adds per window and per row.
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _fold_window_rows(fold, columns, x_plane, d0, d1, h0, h1, step_d, step_h, power):
+    """``columns[w]`` = the fold of ``x_plane[d, h, w]`` over the window's rows."""
+    d = d0
+    while d < d1:
+        h = h0
+        while h < h1:
+            x_row = x_plane[d, h]
+            for w in range(columns.size):
+                columns[w] = fold(columns[w], x_row[w], power)
+            h += step_h
+        d += step_d
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_pool_rows_first_channels_first(x, out, start, stop, step, lowest, chunks):
+    """Window maxima (values only) of :func:`max_pool_channels_first`, rows first."""
+    planes, out_d, out_h, out_w = out.shape
+    rows = planes * out_d * out_h
+    per_chunk = (rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        columns = np.empty(x.shape[3], x.dtype)
+        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            plane, od, oh = _row_coords(row, out_d, out_h)
+            columns[:] = lowest
+            _fold_window_rows(_fold_max, columns, x[plane], start[0, od], stop[0, od],
+                              start[1, oh], stop[1, oh], step[0], step[1], None)
+            result = out[plane, od, oh]
+            for ow in range(out_w):
+                best = lowest
+                w = start[2, ow]
+                while w < stop[2, ow]:
+                    best = _fold_max(best, columns[w], None)
+                    w += step[2]
+                result[ow] = best
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_pool_rows_first_channels_first(x, out, start, stop, step, divisor, scale, power,
+                                       zero, chunks, grad=None):
+    """:func:`sum_pool_channels_first`, rows first."""
+    planes, out_d, out_h, out_w = out.shape
+    rows = planes * out_d * out_h
+    per_chunk = (rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        columns = np.empty(x.shape[3], type(zero))
+        totals = np.empty(out_w, type(zero))
+        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            plane, od, oh = _row_coords(row, out_d, out_h)
+            columns[:] = zero
+            _fold_window_rows(_fold_sum, columns, x[plane], start[0, od], stop[0, od],
+                              start[1, oh], stop[1, oh], step[0], step[1], power)
+            for ow in range(out_w):
+                # _sum_along_row's order: a window of one row sums as it does there.
+                w, w1 = start[2, ow], stop[2, ow]
+                if step[2] == 1 and w1 - w >= LONG_ROW:
+                    totals[ow] = _contiguous_sum(columns[w:w1], None, zero)
+                else:
+                    total = zero
+                    while w < w1:
+                        total += columns[w]
+                        w += step[2]
+                    totals[ow] = total
+            _finish_sums(out, grad, plane, od, oh, totals, divisor, scale, power)
+
+
 @njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
 def _contiguous_sum(values, power, zero):
     total = zero

@@ -78,6 +78,38 @@ def _separable(shape: tuple, table: WindowTable, channels_last: bool,
     return block if fits else 0
 
 
+# The interior patterns kernels._fold_interior sweeps in vector lanes, as
+# (step, stride, kernel); stride 1 is swept offset by offset at any kernel.
+_VECTOR_SWEEPS = ((1, 2, 2), (1, 2, 3), (1, 3, 3), (1, 4, 4))
+# Output rows narrower than this gain little from a vectorised interior sweep.
+ROWS_FIRST_MAX_OUT_W = 16
+
+
+def _rows_first(table: WindowTable, any_order: bool) -> bool:
+    """Whether a channels-first forward without positions takes the rows-first
+    kernels: windows whose W pattern no vector sweep covers (adaptive tables, wide
+    strides), or, where the fold's order cannot change the result (``any_order``:
+    maxima), windows of several rows in output rows too narrow to profit from one.
+    Sums decide on the window parameters alone, so that every call with the same
+    parameters sums in the same order: a window of one row sums as the direct
+    kernels do, and fastpool.dask's blocks equal the in-memory result bit for bit."""
+    _, _, stride, _, kernel = (int(v) for v in table.interior[2])
+    swept = kernel > 0 and (stride == 1 or (int(table.step[2]), stride, kernel) in
+                            _VECTOR_SWEEPS)
+    if not any_order:
+        return not swept
+    size_d, size_h, _ = table.window_sizes
+    return size_d * size_h > 1 and (not swept or table.out_shape[2] < ROWS_FIRST_MAX_OUT_W)
+
+
+def _without_indices(launcher: Callable) -> Callable:
+    """``launcher`` of a kernel that takes no indices, called as those that do."""
+    def launch_values(x, out, indices):
+        return launcher(x, out)
+
+    return launch_values
+
+
 def max_pool(x: np.ndarray, table: WindowTable, channels_last: bool, lowest,
              with_indices: bool, stream=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Window maxima and, if asked, their flat indices within the spatial plane."""
@@ -97,6 +129,10 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
     if not channels_last and table.is_whole_plane(shape[1:4]):
         flat_input = (shape[0], -1)
         launcher = bind(kernels.plane_max, lowest, work=work)
+    elif not channels_last and not with_indices and _rows_first(table, True):
+        launcher = bind(kernels.max_pool_rows_first_channels_first, table.start, table.stop,
+                        table.step, lowest, _chunks(shape, table, serial), work=work)
+        launcher = _without_indices(launcher)
     elif block := _separable(shape, table, channels_last, dtype.itemsize + 8 * with_indices,
                              serial):
         launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,), work)
@@ -164,11 +200,16 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
 
 
 def _sum_pool_direct_call(shape, table, channels_last, lp, zero, serial=False) -> tuple:
-    """The direct sum kernel and its arguments after (x, out), up to the optional
-    ``grad`` (given, the window sums are finished as the Lp backward's coefficients)."""
+    """The direct sum kernel (rows first for channels-first windows no sweep covers)
+    and its arguments after (x, out), up to the optional ``grad`` (given, the window
+    sums are finished as the Lp backward's coefficients)."""
     if channels_last:
         return (kernels.sum_pool_channels_last, table.start, table.stop, table.step,
                 table.divisor, table.scale, lp, zero, _chunks(shape, table, serial))
+    if _rows_first(table, False):
+        return (kernels.sum_pool_rows_first_channels_first, table.start, table.stop,
+                table.step, table.divisor, table.scale, lp, zero,
+                _chunks(shape, table, serial))
     return (kernels.sum_pool_channels_first, table.start, table.stop, table.step,
             table.interior, table.divisor, table.scale, lp, zero,
             _chunks(shape, table, serial))
