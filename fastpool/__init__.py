@@ -12,6 +12,7 @@ array([[[[ 5.,  7.],
 """
 
 from fastpool._threads import get_num_threads, set_num_threads
+from fastpool._memory import empty_cache
 from fastpool.functional import (
     adaptive_avg_pool1d,
     adaptive_avg_pool1d_backward,
@@ -113,6 +114,7 @@ __all__ = [
     "adaptive_pool",
     "set_num_threads",
     "get_num_threads",
+    "empty_cache",
     "max_pool1d",
     "max_pool2d",
     "max_pool3d",

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fastpool import _memory as memory
 from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
 from fastpool.cpu import kernels
@@ -145,9 +146,9 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
                         work=work)
 
     def run_max_pool(x: np.ndarray, stream=None):
-        out = np.empty(out_shape, dtype)
+        out = memory.empty(out_shape, dtype)
         # None, not an array, compiles the kernels without their position bookkeeping.
-        indices = np.empty(out_shape, np.int64) if with_indices else None
+        indices = memory.empty(out_shape, np.int64) if with_indices else None
         if flat_input is None:
             launcher(x, out, indices)
         else:
@@ -189,7 +190,7 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
                         None, work=work)
 
     def run_sum_pool(x: np.ndarray, stream=None):
-        out = np.empty(out_shape, dtype)
+        out = memory.empty(out_shape, dtype)
         if flat_input is None:
             launcher(x, out)
         else:
@@ -318,12 +319,12 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
 
     def run_max_backward(grad_out: np.ndarray, indices: np.ndarray, stream=None):
         if gather is not None:
-            grad_in = np.empty(input_shape, dtype)
+            grad_in = memory.empty(input_shape, dtype)
             if gather(grad_out, indices, grad_in) == grad_out.size:
                 return grad_in, 0
             # Some maximum lies outside its window (indices not from this forward):
             # the scatter takes any in-plane index and counts the others.
-        grad_in = np.empty((batch, spatial, *tail), dtype)  # zeroed by the kernels
+        grad_in = memory.empty((batch, spatial, *tail), dtype)  # zeroed by the kernels
         outside = scatter(grad_out.reshape(rows), indices.reshape(rows), grad_in)
         return grad_in.reshape(input_shape), int(outside)
 
@@ -352,7 +353,7 @@ def plan_sum_backward(out_shape: tuple, dtype: np.dtype, table: WindowTable,
                          table.scale / float(np.prod(table.divisor[:, 0])), work=work)
 
         def run_plane_broadcast(grad_out: np.ndarray, x=None, stream=None):
-            grad_in = np.empty(input_shape, dtype)
+            grad_in = memory.empty(input_shape, dtype)
             broadcast(grad_out.reshape(-1), grad_in.reshape(planes))
             return grad_in
 
@@ -375,10 +376,10 @@ def plan_sum_backward(out_shape: tuple, dtype: np.dtype, table: WindowTable,
         if lp is not None:
             # d loss / d window mean, with the forward's window sums; the gather then
             # divides by the divisor alone.
-            coefficient = np.empty(grad_out.shape, np.float64)
+            coefficient = memory.empty(grad_out.shape, np.float64)
             _sum_pool_direct(x, coefficient, table, channels_last, lp, np.float64(0),
                              grad_out, work)
-        grad_in = np.empty(input_shape, dtype)
+        grad_in = memory.empty(input_shape, dtype)
         gather(coefficient, grad_in if x is None else x, grad_in)
         return grad_in
 
@@ -389,7 +390,7 @@ def max_unpool(x: np.ndarray, indices: np.ndarray, size: int, channels_last: boo
                stream=None) -> tuple[np.ndarray, int]:
     """Scatter canonical ``x`` ((planes, inputs), or (batch, inputs, C)) to planes of
     ``size`` elements: (out, indices outside the plane)."""
-    out = np.empty((x.shape[0], size, *x.shape[2:]), x.dtype)
+    out = memory.empty((x.shape[0], size, *x.shape[2:]), x.dtype)
     kernel = kernels.unpool_channels_last if channels_last else kernels.unpool_channels_first
     return out, int(launch(kernel, x, indices, out, work=x.size + out.size))
 
@@ -398,7 +399,7 @@ def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
                         stream=None) -> tuple[np.ndarray, int]:
     """Gather canonical 3-D ``grad_out`` (batch, size, C) at ``indices`` (batch, inputs,
     C): (grad_input, indices outside the plane)."""
-    grad_in = np.empty(indices.shape, grad_out.dtype)
+    grad_in = memory.empty(indices.shape, grad_out.dtype)
     work = 2 * grad_in.size
     if grad_out.shape[2] == 1 and grad_out.shape[1] > 0:  # channels-first: plain planes
         return grad_in, int(launch(kernels.unpool_backward_channels_first, grad_out[..., 0],
@@ -421,7 +422,7 @@ def fractional_max_pool(x: np.ndarray, starts: np.ndarray, kernel: np.ndarray,
     element, and the kernels start from the first."""
     batch, channels = x.shape[0], x.shape[4]
     shape = (batch, *out_shape, channels)
-    out, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
+    out, indices = memory.empty(shape, x.dtype), memory.empty(shape, np.int64)
     work = out.size * int(np.prod(kernel))
     if channels == 1:
         planes = x.shape[:4]
