@@ -24,7 +24,6 @@ import math
 import numbers
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,45 +103,57 @@ def _wrap(impl, result, like):
 
 
 class PlanCache:
-    """A bounded LRU map from a call's key to its plan, shared by every thread.
+    """A bounded map from a call's key to its plan, shared by every thread, that
+    evicts the least recently *stored* plan not used since it was stored or last
+    spared (the "second chance" approximation of LRU).
 
-    Plans are immutable and their arrays read-only, so threads share them
-    freely.  A lookup is two single operations on the OrderedDict (each atomic,
-    as the map's C methods are), with no lock: it costs a small call more than
-    the lookup.  Changes that take several operations (store, then evict) hold
-    the lock, which is made anew in a forked child, where another thread of the
-    parent may have held it.
+    A hit is one lookup in a plain dict and one store into its entry, which
+    marks it used: no reordering, no lock (each is a single, atomic operation
+    on a builtin), as a small call costs little more than the lookup.  Plans
+    are immutable and their arrays read-only, so threads share them freely.
+    Stores, and the evictions that follow them, hold the lock, which is made
+    anew in a forked child, where another thread of the parent may have held it.
     """
 
     def __init__(self, size: int):
         self.size = size
-        self._plans: OrderedDict = OrderedDict()
+        # key -> [plan, used since stored or spared], in the order of storing.
+        self.entries: dict = {}
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._new_lock)
 
     def get(self, key):
         """The plan under ``key``, or None; TypeError for an unhashable key."""
-        plan = self._plans.get(key)
-        if plan is not None:
-            try:
-                self._plans.move_to_end(key)  # the most recently used
-            except KeyError:  # evicted by another thread since
-                pass
-        return plan
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        entry[1] = True
+        return entry[0]
 
     def put(self, key, plan) -> None:
+        entries = self.entries
         with self._lock:
-            self._plans[key] = plan
-            self._plans.move_to_end(key)
-            while len(self._plans) > self.size:
-                self._plans.popitem(last=False)
+            if key not in entries:  # else another thread stored its plan first
+                # Each used entry is spared once (unmarked, moved to the back), so
+                # this ends within two passes even if every entry was used.
+                while entries and len(entries) >= self.size:
+                    oldest = next(iter(entries))
+                    entry = entries.pop(oldest)
+                    if entry[1]:
+                        entry[1] = False
+                        entries[oldest] = entry
+            entries[key] = [plan, False]
 
     def clear(self) -> None:
         with self._lock:
-            self._plans.clear()
+            self.entries.clear()
+
+    def plans(self) -> list:
+        """The cached plans, oldest stored (or spared) first."""
+        return [entry[0] for entry in list(self.entries.values())]
 
     def __len__(self) -> int:
-        return len(self._plans)
+        return len(self.entries)
 
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
@@ -176,14 +187,14 @@ def _call(build: Callable, arrays: tuple, backend, stream, arguments: tuple):
     """
     if stream is None and (backend is None or (
             type(backend) is str and backend in _HOST_BACKENDS)):
-        for array in arrays:
-            if type(array) is not np.ndarray and array is not None:
-                break
-        else:
+        first = arrays[0]
+        if type(first) is np.ndarray and (len(arrays) == 1 or all(
+                type(array) is np.ndarray or array is None for array in arrays[1:])):
             try:
-                key = (build, backend, *arguments_key(arguments),
-                       *[None if array is None else (array.shape, array.dtype)
-                         for array in arrays])
+                key = (build, backend, arguments_key(arguments), first.shape, first.dtype)
+                if len(arrays) > 1:  # the key's tuple is built in C for one array
+                    key += tuple(None if array is None else (array.shape, array.dtype)
+                                 for array in arrays[1:])
                 plan = PLANS.get(key)
             except TypeError:  # an unhashable argument: plan without the cache
                 key = plan = None
@@ -194,7 +205,7 @@ def _call(build: Callable, arrays: tuple, backend, stream, arguments: tuple):
                 plan, _ = build(arrays, backend, stream, *arguments)
                 if key is not None:
                     PLANS.put(key, plan)
-            return plan(*arrays, None)  # the host back ends' results are NumPy arrays
+            return plan(*arrays)  # the host back ends' results are NumPy arrays
     plan, arrays_of_impl = build(arrays, backend, stream, *arguments)
     return _wrap(plan.impl, plan(*arrays_of_impl, stream), arrays[0])
 
@@ -224,18 +235,35 @@ class _PoolPlan:
     as_bytes: bool  # bool input, pooled as uint8
     pool: Callable | None  # canonical array -> values (and indices, for max)
     threads: int | None  # the thread count pool splits its work for; None: any
+    # Neither empty, nor of |x|, nor of bytes, nor reversed: the canonical input
+    # goes to pool as it is (tested first: small calls are mostly this).
+    plain: bool = False
 
     def __call__(self, array, stream=None):
         impl = self.impl
-        if self.empty:
+        if self.plain:
+            result = self.pool(impl.canonical(array, self.canonical_shape, stream), stream)
+        elif self.empty:
             out = impl.empty(self.result_shape, self.dtype, stream)
             return (out, impl.empty(self.result_shape, np.int64, stream)) \
                 if self.with_indices else out
+        else:
+            result = self._pool_transformed(array, stream)
+        shape = self.result_shape
+        if not self.picks:
+            return result.reshape(shape)
+        out, indices = result
+        return (out.reshape(shape), indices.reshape(shape)) if self.with_indices else \
+            out.reshape(shape)
+
+    def _pool_transformed(self, array, stream):
+        """pool's canonical result of |x|, of bool input or of min pooling."""
+        impl = self.impl
         if self.of_absolute:
             array = impl.absolute(array, stream)
         canonical = impl.canonical(array, self.canonical_shape, stream)
         if not self.picks:
-            return self.pool(canonical, stream).reshape(self.result_shape)
+            return self.pool(canonical, stream)
         if self.as_bytes:
             canonical = canonical.view(np.uint8)
         # Min pooling is max pooling under an order-reversing bijection of the dtype
@@ -249,8 +277,7 @@ class _PoolPlan:
             out = impl.reverse_order(out, stream)
         if self.as_bytes:
             out = out.view(np.bool_)
-        out = out.reshape(self.result_shape)
-        return (out, indices.reshape(self.result_shape)) if self.with_indices else out
+        return out, indices
 
 
 def _pool_plan(impl, mode: str, layout: Layout, dtype, table: WindowTable, *,
@@ -272,9 +299,11 @@ def _pool_plan(impl, mode: str, layout: Layout, dtype, table: WindowTable, *,
             planner, function = getattr(impl, "plan_sum_pool", None), impl.sum_pool
         pool = planner(canonical, kernel_dtype, *arguments) if planner else \
             _unplanned(function, *arguments)
-    return _PoolPlan(impl, mode in EXTREMES, mode == "min", layout.canonical_shape(),
+    reverses = mode == "min"
+    return _PoolPlan(impl, mode in EXTREMES, reverses, layout.canonical_shape(),
                      result_shape, layout.is_empty(), dtype, with_indices, of_absolute,
-                     as_bytes, pool, getattr(pool, "threads", None))
+                     as_bytes, pool, getattr(pool, "threads", None),
+                     not (layout.is_empty() or of_absolute or as_bytes or reverses))
 
 
 @dataclass(frozen=True)

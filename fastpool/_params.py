@@ -275,6 +275,7 @@ def _typed_key(value):
 
 
 _SEQUENCES = (tuple, list)
+_SEQUENCE_KINDS = frozenset(_SEQUENCES)
 
 
 def arguments_key(arguments: tuple) -> tuple:
@@ -290,7 +291,7 @@ def arguments_key(arguments: tuple) -> tuple:
     would key like np.int8(1).)
     """
     kinds = tuple(map(type, arguments))
-    if tuple not in kinds and list not in kinds:
+    if _SEQUENCE_KINDS.isdisjoint(kinds):  # hashes the types: quicker than two scans
         return kinds, arguments
     if list not in kinds:
         item_kinds = []

@@ -145,16 +145,16 @@ def test_parallel_plans_follow_the_thread_count():
     threads = fastpool.get_num_threads()
     want = fastpool.avg_pool2d(x, 3, 2, 1)
     small = fastpool.avg_pool2d(X, 3, 2, 1)
-    plans = dict(_dispatch.PLANS._plans)
-    assert sorted(plan.threads or 0 for plan in plans.values()) == [0, threads]
+    plans = _dispatch.PLANS.plans()
+    assert sorted(plan.threads or 0 for plan in plans) == [0, threads]
     try:
         fastpool.set_num_threads(1)
         assert_same(fastpool.avg_pool2d(x, 3, 2, 1), want)
         assert_same(fastpool.avg_pool2d(X, 3, 2, 1), small)
         # The parallel plan was made afresh for one thread; the serial one kept.
-        assert sorted(plan.threads or 0 for plan in _dispatch.PLANS._plans.values()) == [0, 1]
-        assert [p for p in _dispatch.PLANS._plans.values() if not p.threads] == \
-            [p for p in plans.values() if not p.threads]
+        assert sorted(plan.threads or 0 for plan in _dispatch.PLANS.plans()) == [0, 1]
+        assert [p for p in _dispatch.PLANS.plans() if not p.threads] == \
+            [p for p in plans if not p.threads]
     finally:
         fastpool.set_num_threads(None)
 
@@ -230,15 +230,41 @@ def test_list_arguments_are_cached_and_unhashable_ones_are_not():
     assert len(_dispatch.PLANS) == before + 1  # the list of lists keys fine; the dict not
 
 
-def test_the_cache_is_a_bounded_lru(monkeypatch):
+def test_the_cache_keeps_recently_used_plans_within_its_bound(monkeypatch):
     monkeypatch.setattr(_dispatch.PLANS, "size", 4)
     rows = [np.zeros((1, 1, n), np.float32) for n in range(2, 9)]
     fastpool.max_pool1d(rows[0], 1)
     for row in rows[1:]:
         fastpool.max_pool1d(row, 1)
-        fastpool.max_pool1d(rows[0], 1)  # kept recent: never evicted
+        fastpool.max_pool1d(rows[0], 1)  # used after every store: never evicted
         assert len(_dispatch.PLANS) <= 4
-    assert (rows[0].shape, rows[0].dtype) in list(_dispatch.PLANS._plans)[-1]  # most recent
+    builds = []  # every build checks the layout; a hit checks nothing
+    real_layout = Layout.of
+    monkeypatch.setattr(Layout, "of",
+                        lambda *args, **kw: builds.append(args) or real_layout(*args, **kw))
+    for row in (rows[0], *rows[-3:]):  # the used plan and the latest stores stay
+        fastpool.max_pool1d(row, 1)
+    assert builds == []
+    fastpool.max_pool1d(rows[1], 1)  # an early store, never used again: evicted
+    assert builds and len(_dispatch.PLANS) == 4
+
+
+def test_the_cache_evicts_the_oldest_unused_plan():
+    cache = _dispatch.PlanCache(3)
+    for key in "abc":
+        cache.put(key, key.upper())
+    assert cache.get("a") == "A" and cache.get("c") == "C" and cache.get("z") is None
+    cache.put("d", "D")  # b, the one plan not used since stored, goes
+    assert cache.get("b") is None and len(cache) == 3
+    for key in "acd":
+        assert cache.get(key) == key.upper()
+    # Every plan used: each is spared once, then the oldest of them goes, never the
+    # one just stored.
+    cache.put("e", "E")
+    assert sorted(cache.entries) == ["a", "d", "e"]
+    assert [cache.get(key) for key in "ade"] == ["A", "D", "E"]
+    cache.clear()
+    assert len(cache) == 0 and cache.plans() == []
 
 
 def test_cached_tables_are_read_only():
