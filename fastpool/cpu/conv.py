@@ -32,10 +32,18 @@ when one image's cols are larger, over runs of units of one image.  When the
 windows tile the input (kernel == stride, no padding), the cols are a reshape
 of the channels-last input: no im2col at all where strides can express it.
 
+Threads: a large call is cut into runs of whole images, one per thread, each run
+start to finish (transposes, im2col, GEMMs, col2im) in its own thread with serial
+kernels and BLAS held to one thread (:meth:`_Geometry.parts`, :func:`_run_parts`).
+Alternating numba's parallel kernels with BLAS's own threaded GEMMs left each
+pool's threads spinning on the cores the other needed, and 2 threads ran slower
+than one.
+
 Sums run in the input's dtype (float32 stays float32 in BLAS, as in torch).
 col2im gathers: each input element is summed by one thread in a fixed order,
-and the chunks run in a fixed order, so results are race-free and repeat
-bit for bit (BLAS's own sums depend on its thread count, which follows
+and the chunks run in a fixed order (the threads' weight gradients are summed in
+the order of their images), so results are race-free and repeat bit for bit at a
+given thread count (BLAS's own sums depend on its thread count, which follows
 fastpool's: see :func:`_blas_threads`).
 """
 
