@@ -387,3 +387,34 @@ def test_split_calls_repeat_and_restore_blas(split_calls, channels_last):
                                               backend="numpy")]
     for a, c in zip(first, want):
         assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_split_calls_match_and_restore_blas(split_calls):
+    import threadpoolctl  # noqa: F401  (a test dependency)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 12, 11)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    grad = rng.standard_normal((4, 5, 6, 6)).astype(np.float32)
+    want = [fastpool.strided_conv2d(x, w, 2, 1),
+            *fastpool.strided_conv2d_backward(grad, x, w, 2, 1)]
+    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                got = [fastpool.strided_conv2d(x, w, 2, 1),
+                       *fastpool.strided_conv2d_backward(grad, x, w, 2, 1)]
+                for a, b in zip(got, want):
+                    assert_array_equal(a, b)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert all(len(parts) == 3 for parts in split_calls)
+    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before
