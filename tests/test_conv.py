@@ -310,3 +310,111 @@ def test_forked_child_undoes_a_lowering_in_flight_at_fork():
         fastpool.set_num_threads(None)
     assert os.waitpid(pid, 0)[1] == 0
     assert [library.num_threads for library in libraries] == before
+
+
+# --------------------------------------------------------------------------
+# Calls split over threads: each part a run of whole images, serial kernels and a
+# one-thread BLAS.  Three threads faked (conv.py's view of the thread count only;
+# the split path launches no parallel kernel) so that the split runs on any machine.
+# --------------------------------------------------------------------------
+
+class _ThreeThreads:
+    @staticmethod
+    def get_num_threads():
+        return 3
+
+    @staticmethod
+    def _available_threads():
+        return 3
+
+
+@pytest.fixture
+def split_calls(monkeypatch):
+    """Every call with 2 or more images split over up to three threads; the parts of
+    each split call recorded."""
+    monkeypatch.setattr(CPU_CONV, "_threads", _ThreeThreads)
+    monkeypatch.setattr(CPU_CONV, "_SPLIT_WORK", 0)
+    split = []
+    run_parts = CPU_CONV._run_parts
+
+    def recording(task, parts):
+        split.append(parts)
+        return run_parts(task, parts)
+
+    monkeypatch.setattr(CPU_CONV, "_run_parts", recording)
+    return split
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("chunk_bytes", [3000, 4 * 2**20], ids=["units-of-one-image", "default"])
+def test_split_over_threads_matches_torch(monkeypatch, split_calls, chunk_bytes,
+                                          channels_last):
+    monkeypatch.setattr(CPU_CONV, "CHUNK_BYTES", chunk_bytes)
+    _check_against_torch(2, (5, 3, 9, 10), 4, 3, 2, 1, channels_last, np.float32)
+    _check_against_torch(1, (4, 3, 23), 3, 5, 3, 2, channels_last)
+    _check_against_torch(3, (3, 2, 5, 6, 7), 3, (2, 3, 2), (1, 2, 3), (1, 0, 1),
+                         channels_last)
+    _check_against_torch(2, (2, 3, 8, 8), 5, 2, 2, 0, channels_last)  # windows tile it
+    assert [(0, 1), (1, 3), (3, 5)] in split_calls and [(0, 1), (1, 2)] in split_calls
+    assert all(len(parts) > 1 for parts in split_calls)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_split_calls_repeat_and_restore_blas(split_calls, channels_last):
+    import threadpoolctl  # noqa: F401  (a test dependency)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 8, 17, 19)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    grad = rng.standard_normal((5, 6, 9, 10)).astype(np.float32)
+    if channels_last:
+        x, grad = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, grad))
+    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
+
+    def run():
+        return (fastpool.strided_conv2d(x, w, 2, 1, b, channels_last=channels_last),
+                *fastpool.strided_conv2d_backward(grad, x, w, 2, 1,
+                                                  channels_last=channels_last))
+
+    first = run()
+    for _ in range(3):
+        for a, c in zip(first, run()):
+            assert_array_equal(a, c)
+    assert len(split_calls) == 8 and all(len(parts) == 3 for parts in split_calls)
+    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before
+    want = [fastpool.strided_conv2d(x, w, 2, 1, b, channels_last=channels_last, backend="numpy"),
+            *fastpool.strided_conv2d_backward(grad, x, w, 2, 1, channels_last=channels_last,
+                                              backend="numpy")]
+    for a, c in zip(first, want):
+        assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_split_calls_match_and_restore_blas(split_calls):
+    import threadpoolctl  # noqa: F401  (a test dependency)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 12, 11)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    grad = rng.standard_normal((4, 5, 6, 6)).astype(np.float32)
+    want = [fastpool.strided_conv2d(x, w, 2, 1),
+            *fastpool.strided_conv2d_backward(grad, x, w, 2, 1)]
+    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                got = [fastpool.strided_conv2d(x, w, 2, 1),
+                       *fastpool.strided_conv2d_backward(grad, x, w, 2, 1)]
+                for a, b in zip(got, want):
+                    assert_array_equal(a, b)
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert all(len(parts) == 3 for parts in split_calls)
+    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before

@@ -32,10 +32,18 @@ when one image's cols are larger, over runs of units of one image.  When the
 windows tile the input (kernel == stride, no padding), the cols are a reshape
 of the channels-last input: no im2col at all where strides can express it.
 
+Threads: a large call is cut into runs of whole images, one per thread, each run
+start to finish (transposes, im2col, GEMMs, col2im) in its own thread with serial
+kernels and BLAS held to one thread (:meth:`_Geometry.parts`, :func:`_run_parts`).
+Alternating numba's parallel kernels with BLAS's own threaded GEMMs left each
+pool's threads spinning on the cores the other needed, and 2 threads ran slower
+than one.
+
 Sums run in the input's dtype (float32 stays float32 in BLAS, as in torch).
 col2im gathers: each input element is summed by one thread in a fixed order,
-and the chunks run in a fixed order, so results are race-free and repeat
-bit for bit (BLAS's own sums depend on its thread count, which follows
+and the chunks run in a fixed order (the threads' weight gradients are summed in
+the order of their images), so results are race-free and repeat bit for bit at a
+given thread count (BLAS's own sums depend on its thread count, which follows
 fastpool's: see :func:`_blas_threads`).
 """
 
@@ -44,6 +52,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import numpy as np
@@ -240,8 +249,8 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 @contextmanager
-def _blas_threads():
-    """Hold BLAS to fastpool's thread count during the GEMMs.
+def _blas_threads(wanted=None):
+    """Hold BLAS to fastpool's thread count (or to ``wanted``) during the GEMMs.
 
     NumPy's BLAS keeps its own thread pool, sized to all cores; without this, a
     lower :func:`fastpool.set_num_threads` (fastpool.torch's torch thread count,
@@ -254,7 +263,7 @@ def _blas_threads():
     one lowering: the last to finish restores the counts the first one found.
     """
     global _blas_holders, _blas_saved, _blas_stale
-    wanted = _threads.get_num_threads()
+    wanted = _threads.get_num_threads() if wanted is None else wanted
     libraries = _blas_libraries_found()
     if _blas_stale:
         with _blas_lock:
@@ -311,21 +320,40 @@ class _Geometry:
         self.k = self.c_in * math.prod(self.kernel)  # a cols row's length
         self.units_per_image = self.out_size[0] * self.out_size[1]
 
-    def chunks(self):
-        """``(n0, images, v0, units)`` per chunk: images ``n0 .. n0+images-1``, and in
-        each the units ``v0 .. v0+units-1``.  Whole images while one image's cols fit in
-        :data:`CHUNK_BYTES`, else runs of units of one image."""
+    def chunks(self, images):
+        """``(n0, count, v0, units)`` per chunk of the first ``images`` images: images
+        ``n0 .. n0+count-1``, and in each the units ``v0 .. v0+units-1``.  Whole images
+        while one image's cols fit in :data:`CHUNK_BYTES`, else runs of units of one
+        image."""
         unit_bytes = max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
         image_bytes = unit_bytes * self.units_per_image
         if image_bytes <= CHUNK_BYTES:
             step = max(1, CHUNK_BYTES // image_bytes)
-            for n0 in range(0, self.batch, step):
-                yield n0, min(step, self.batch - n0), 0, self.units_per_image
+            for n0 in range(0, images, step):
+                yield n0, min(step, images - n0), 0, self.units_per_image
             return
         step = max(1, CHUNK_BYTES // unit_bytes)
-        for n in range(self.batch):
+        for n in range(images):
             for v0 in range(0, self.units_per_image, step):
                 yield n, 1, v0, min(step, self.units_per_image - v0)
+
+    def parts(self):
+        """The batch cut into ``[first, stop)`` runs of images, one per thread.
+
+        Each part runs whole in one thread, serial kernels and a one-thread BLAS:
+        alternating numba's thread pool with BLAS's, each pool's threads spin on
+        the cores the other needs just after its work, and on 2 threads the 8x64x56x56
+        forward ran slower than on one.  Split, both threads stay busy with their own
+        images.  One part (run with parallel kernels and BLAS at fastpool's thread
+        count) when the product is too small to pay a thread hand-off, or when BLAS's
+        thread count cannot be lowered (no ``threadpoolctl``: each part's BLAS would
+        start every core's threads)."""
+        threads = min(_threads.get_num_threads(), self.batch)
+        work = self.batch * self.units_per_image * self.out_size[2] * self.k * self.c_out
+        if threads < 2 or work < _SPLIT_WORK or not _blas_libraries_found():
+            return [(0, self.batch)]
+        bounds = [self.batch * i // threads for i in range(threads + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
 
     def whole(self, v0, units):
         """Whether a chunk covers its images whole."""
@@ -356,25 +384,27 @@ class _Geometry:
             return 1
         return max(1, min(-(-wanted // max(tasks, 1)), length))
 
-    def im2col(self, source, first, images, v0, units, scratch):
+    def im2col(self, source, first, images, v0, units, scratch, serial=False):
         """The chunk's cols from channels-last ``source`` (its images from index
         ``first``), and whether they are a view of ``source`` (the windows tile it)
-        rather than filled in :meth:`cols`' buffer."""
+        rather than filled in :meth:`cols`' buffer; in this thread when ``serial``."""
         if self.whole(v0, units):
             patches = self.patches(source[first:first + images])
             if patches is not None:
                 return patches, True
         cols = self.cols(scratch, images, units)
         rows = source.reshape(*source.shape[:3], source.shape[3] * source.shape[4])
-        launch(im2col, rows, cols, first, v0, units, self.out_size, self.kernel,
-               self.stride, self.pad, self.spatial[2])
+        _launch(serial, im2col, rows, cols, first, v0, units, self.out_size, self.kernel,
+                self.stride, self.pad, self.spatial[2])
         return cols, False
 
-    def col2im(self, cols, target, first, images, v0, units):
-        """Add the cols' gradient into channels-last ``target``."""
+    def col2im(self, cols, target, first, images, v0, units, serial=False):
+        """Add the cols' gradient into channels-last ``target``; in this thread when
+        ``serial``."""
         rows = images * self.spatial[0] * self.spatial[1]
-        launch(col2im, cols, target, first, v0, units, self.out_size, self.kernel,
-               self.stride, self.pad, self.blocks(rows, self.spatial[2]))
+        blocks = 1 if serial else self.blocks(rows, self.spatial[2])
+        _launch(serial, col2im, cols, target, first, v0, units, self.out_size, self.kernel,
+                self.stride, self.pad, blocks)
 
     def patches(self, array):
         """Non-overlapping windows (kernel == stride, no padding) of a channels-last
@@ -412,23 +442,67 @@ def _as_matrix(view, split):
     return np.lib.stride_tricks.as_strided(view, (rows, columns), (row_stride, column_stride))
 
 
-def _channels_moved(array, last):
-    """A C-contiguous copy of 5-D ``array`` with its channels moved from axis 1 to
-    the end (``last``), or from the end back to axis 1."""
+def _channels_moved(array, last, serial=False, out=None):
+    """A C-contiguous copy of 5-D ``array`` (into ``out`` if given) with its channels
+    moved from axis 1 to the end (``last``), or from the end back to axis 1; in this
+    thread when ``serial``."""
     batch = array.shape[0]
     if last:
         channels, spatial = array.shape[1], array.shape[2:]
-        out = np.empty((batch, *spatial, channels), array.dtype)
-        size = math.prod(spatial)
-        launch(move_channels, array.reshape(batch, channels, size),
-               out.reshape(batch, size, channels), True)
+        shape, source_shape = (batch, *spatial, channels), (batch, channels, math.prod(spatial))
     else:
         channels, spatial = array.shape[-1], array.shape[1:-1]
-        out = np.empty((batch, channels, *spatial), array.dtype)
-        size = math.prod(spatial)
-        launch(move_channels, array.reshape(batch, size, channels),
-               out.reshape(batch, channels, size), False)
+        shape, source_shape = (batch, channels, *spatial), (batch, math.prod(spatial), channels)
+    out = np.empty(shape, array.dtype) if out is None else out
+    target_shape = (batch, source_shape[2], source_shape[1])
+    _launch(serial, move_channels, array.reshape(source_shape), out.reshape(target_shape),
+            last)
     return out
+
+
+def _launch(serial, kernel, *args):
+    """``launch``, or with ``serial`` the kernel's serial twin in this thread (work 0
+    is below any parallel threshold)."""
+    return launch(kernel, *args, work=0) if serial else launch(kernel, *args)
+
+
+# The smallest product (multiply-adds) split over threads: about 0.1 ms on one core,
+# several times a thread hand-off (tens of microseconds).
+_SPLIT_WORK = 2**21
+
+_pool = None  # the worker threads of split calls, started on first use
+_pool_lock = threading.Lock()
+
+
+def _run_parts(task, parts):
+    """``task(first, stop, serial)`` for each part, in order of parts; the parts after
+    the first run in the worker threads, each with serial kernels and BLAS at one
+    thread (a lone part: parallel kernels, BLAS at fastpool's count)."""
+    global _pool
+    if len(parts) == 1:
+        with _blas_threads():
+            return [task(*parts[0], False)]
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max(_threads._available_threads() - 1, 1),
+                                           thread_name_prefix="fastpool-conv")
+    with _blas_threads(1):
+        futures = [_pool.submit(task, *part, True) for part in parts[1:]]
+        try:
+            first = task(*parts[0], True)
+        finally:
+            wait(futures)  # their arrays and BLAS's lowering must outlive them
+        return [first] + [future.result() for future in futures]
+
+
+def _reset_pool_after_fork() -> None:
+    """A forked child has none of the parent's worker threads."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
 def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=None):
@@ -458,27 +532,38 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
     numpy.ndarray
         The output, of ``x``'s dtype.
     """
-    if not channels_last:
-        # Through channels-last copies: one tiled transpose each way costs less than
-        # a channels-first im2col (a strided gather at stride > 1), and one kernel
-        # family serves both layouts.  Each transpose is one parallel launch.
-        shape = (out_shape[0], *out_shape[2:], out_shape[1])
-        out = conv(_channels_moved(x, True), weight, bias, shape, stride, pad, True)
-        return _channels_moved(out, False)
-    g = _Geometry(x.shape, weight.shape, out_shape[1:4], stride, pad, x.dtype)
+    # Channels-first arrays go through channels-last copies: one tiled transpose each
+    # way costs less than a channels-first im2col (a strided gather at stride > 1),
+    # and one kernel family serves both layouts.
+    spatial = x.shape[1:4] if channels_last else x.shape[2:]
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    spatial_out = out_shape[1:4] if channels_last else out_shape[2:]
+    g = _Geometry((x.shape[0], *spatial, channels), weight.shape, spatial_out, stride, pad,
+                  x.dtype)
     out = np.empty(out_shape, x.dtype)
     if out.size == 0:
         return out
     matrix = g.matrix_weight(weight)
-    rows = out.reshape(-1, g.c_out)
-    scratch = []
-    with _blas_threads():
-        for n0, images, v0, units in g.chunks():
-            cols, _ = g.im2col(x, n0, images, v0, units, scratch)
+    with_bias = bias.any()  # the dispatch layer passes zeros for "no bias": skip that pass
+
+    def part(first, stop, serial):
+        source = x[first:stop] if channels_last else _channels_moved(x[first:stop], True,
+                                                                     serial)
+        target = out[first:stop] if channels_last else np.empty(
+            (stop - first, *spatial_out, g.c_out), x.dtype)
+        rows = target.reshape(-1, g.c_out)
+        scratch = []
+        for n0, images, v0, units in g.chunks(stop - first):
+            cols, _ = g.im2col(source, n0, images, v0, units, scratch, serial)
             start = (n0 * g.units_per_image + v0) * g.out_size[2]
-            np.matmul(cols, matrix.T, out=rows[start:start + len(cols)])
-    if bias.any():  # the dispatch layer passes zeros for "no bias": skip that pass
-        rows += bias
+            chunk = rows[start:start + len(cols)]
+            np.matmul(cols, matrix.T, out=chunk)
+            if with_bias:  # while the chunk is in cache
+                chunk += bias
+        if not channels_last:
+            _channels_moved(target, False, serial, out=out[first:stop])
+
+    _run_parts(part, g.parts())
     return out
 
 
@@ -503,28 +588,40 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
     """
     dtype = grad.dtype
     x = x.astype(dtype, copy=False)
-    if not channels_last:  # through channels-last copies, as conv's
-        grad_in, grad_weight = conv_backward(
-            _channels_moved(grad, True), _channels_moved(x, True), weight,
-            stride, pad, True)
-        return _channels_moved(grad_in, False), grad_weight
-    g = _Geometry(x.shape, weight.shape, grad.shape[1:4], stride, pad, dtype)
+    spatial = x.shape[1:4] if channels_last else x.shape[2:]
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    spatial_out = grad.shape[1:4] if channels_last else grad.shape[2:]
+    g = _Geometry((x.shape[0], *spatial, channels), weight.shape, spatial_out, stride, pad,
+                  dtype)
     matrix = g.matrix_weight(weight.astype(dtype, copy=False))
-    grad_matrix = np.zeros((g.c_out, g.k), dtype)
-    grad_in = np.zeros(x.shape, dtype)  # col2im adds into it
+    grad_in = np.zeros(x.shape, dtype)
     if grad.size == 0 or x.size == 0:
-        return grad_in, g.tensor_weight(grad_matrix)
-    rows = grad.reshape(-1, g.c_out)
-    scratch = []
-    with _blas_threads():
-        for n0, images, v0, units in g.chunks():
-            cols, view = g.im2col(x, n0, images, v0, units, scratch)
+        return grad_in, g.tensor_weight(np.zeros((g.c_out, g.k), dtype))
+
+    def part(first, stop, serial):
+        """The part's images' input gradient, in place, and their weight gradient."""
+        if channels_last:
+            source, rows, target = x[first:stop], grad[first:stop], grad_in[first:stop]
+        else:  # through channels-last copies, as conv's
+            source = _channels_moved(x[first:stop], True, serial)
+            rows = _channels_moved(grad[first:stop], True, serial)
+            target = np.zeros(source.shape, dtype)  # col2im adds into it
+        rows = rows.reshape(-1, g.c_out)
+        grad_matrix = np.zeros((g.c_out, g.k), dtype)
+        scratch = []
+        for n0, images, v0, units in g.chunks(stop - first):
+            cols, view = g.im2col(source, n0, images, v0, units, scratch, serial)
             start = (n0 * g.units_per_image + v0) * g.out_size[2]
             chunk = rows[start:start + len(cols)]  # the chunk's gradient, (M, C_out)
             grad_matrix += chunk.T @ cols
             if view:  # windows that tile the input: their gradient lands in place
-                np.matmul(chunk, matrix, out=g.patches(grad_in[n0:n0 + images]))
+                np.matmul(chunk, matrix, out=g.patches(target[n0:n0 + images]))
             else:  # the cols are spent: their buffer takes the cols' gradient
                 np.matmul(chunk, matrix, out=cols)
-                g.col2im(cols, grad_in, n0, images, v0, units)
-    return grad_in, g.tensor_weight(grad_matrix)
+                g.col2im(cols, target, n0, images, v0, units, serial)
+        if not channels_last:
+            _channels_moved(target, False, serial, out=grad_in[first:stop])
+        return grad_matrix
+
+    # The parts' weight gradients summed in a fixed order: repeatable bit for bit.
+    return grad_in, g.tensor_weight(sum(_run_parts(part, g.parts())))
