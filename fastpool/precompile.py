@@ -246,12 +246,15 @@ def precompile(ops=None, dtypes=None, progress=True, *, layouts=None) -> dict:
 
 
 def _kernels() -> list:
-    """fastpool's cached CPU kernels (numba dispatchers)."""
+    """fastpool's cached CPU kernels (numba dispatchers) in this process: the
+    modules' own, those built so far per interior sweep and the serial twins."""
     from numba.core.registry import CPUDispatcher
 
-    from fastpool.cpu import conv, gem, kernels
-    return [value for module in (kernels, conv, gem) for value in vars(module).values()
-            if isinstance(value, CPUDispatcher) and value.stats.cache_path]
+    from fastpool.cpu import conv, gem, kernels, runtime
+    found = [value for module in (kernels, conv, gem) for value in vars(module).values()
+             if isinstance(value, CPUDispatcher)]
+    found += kernels.built_kernels() + list(runtime._twins.values())
+    return [kernel for kernel in found if kernel.stats.cache_path]
 
 
 def _counts(dispatchers) -> tuple[int, int]:
@@ -275,7 +278,7 @@ def cache_location() -> tuple[str | None, str]:
     from fastpool.cpu import kernels
     if not CPU_JIT_OPTIONS["cache"]:
         return None, "off (FASTPOOL_DISABLE_CACHE is set)"
-    path = kernels.max_pool_channels_first.stats.cache_path
+    path = kernels.plane_max.stats.cache_path
     in_tree = os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "__pycache__")
     if config.CACHE_DIR and os.path.abspath(path).startswith(
             os.path.abspath(config.CACHE_DIR) + os.sep):
@@ -377,8 +380,7 @@ def _run(tasks: list[_Task], progress: bool = True) -> Report:
     if not CPU_JIT_OPTIONS["cache"]:
         raise RuntimeError("fastpool.precompile: FASTPOOL_DISABLE_CACHE is set, so numba's "
                            "on-disk cache is off and nothing compiled would be kept; unset it")
-    dispatchers = _kernels()  # imports numba and the kernels before the clock starts
-    before = _counts(dispatchers)
+    before = _counts(_kernels())  # imports numba and the kernels before the clock starts
     namespaces: dict = {}
     seconds: dict = {}
     bar = _Progress(len(tasks), progress)
@@ -396,7 +398,7 @@ def _run(tasks: list[_Task], progress: bool = True) -> Report:
     finally:
         logger.setLevel(level)
         bar.close()
-    after = _counts(dispatchers)
+    after = _counts(_kernels())  # with the kernels built during the run
     compiled, loaded = after[0] - before[0], after[1] - before[1]
     return Report(seconds, len(tasks), compiled, loaded, *cache_location())
 
