@@ -17,8 +17,12 @@ rows use 2-D); max pooling with or without indices; direct or separable kernels
 (windows of 9 elements or more); float32 or float64 sums (float32 windows of more
 than 64 elements sum in float64); whole-plane kernels (global pooling,
 channels-first); Lp powers or plain averages; the backward kernels (max's scatter,
-or its channels-last gather from 32 channels on; the sums' gather).  Sliding
-windows' sizes, strides and padding are run-time values and compile nothing new.
+or its channels-last gather from 32 channels on; the sums' gather); and, for the
+channels-first kernels without indices, the sweep over the interior windows: one
+build per (stride, kernel) pair of 2x2 or 2x3, 3x3 and 4x4 (stride x window, along
+W), one for stride 1, one for the other strides (see
+``fastpool.cpu.kernels.interior_sweep``).  Other sizes and padding are run-time
+values and compile nothing new.
 
 ``import fastpool`` does not import this module.
 """
@@ -68,6 +72,10 @@ CASES: tuple[Case, ...] = (
          "y, i = max_pool2d(x, 2, return_indices=True)",
          "max_pool2d_backward(ones(y), i, x.shape, kernel_size=2)", channels=32,
          layouts=_LAST),
+    Case("max", "direct, the other interior sweeps (stride x window 2x2, 3x3, 4x4, "
+         "stride 1, other strides)", "y = max_pool2d(x, 2); y = max_pool2d(x, 3, 3); "
+         "y = max_pool2d(x, 4, 4); y = max_pool2d(x, 3, 1, 1); y = max_pool2d(x, 5, 4, 1)",
+         ints=True, layouts=("first",)),
     Case("max", "separable", "y = max_pool2d(x, 5, 1)", size=16, ints=True),
     Case("max", "separable, with indices", "y, i = max_pool2d(x, 5, 1, return_indices=True)",
          size=16, ints=True),
@@ -75,6 +83,9 @@ CASES: tuple[Case, ...] = (
          "avg_pool2d_backward(ones(y), x.shape, 2)"),
     Case("avg", "direct, float64 sums (windows over 64 elements); backward",
          "y = avg_pool2d(x, 9)", "avg_pool2d_backward(ones(y), x.shape, 9)", size=18),
+    Case("avg", "direct, the other interior sweeps (stride x window 2x3, 3x3, 4x4, "
+         "stride 1)", "y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, 3, 3); "
+         "y = avg_pool2d(x, 4, 4); y = avg_pool2d(x, 3, 1, 1)", layouts=("first",)),
     Case("avg", "separable", "y = avg_pool2d(x, 5, 1)", size=16),
     Case("avg", "separable, float64 sums", "y = avg_pool2d(x, 9, 1)", size=20),
     Case("lp", "direct; backward", "y = lp_pool2d(x, 2, 2)",
