@@ -60,7 +60,9 @@ def per_sweep(factory):
     constants to numba): numba's on-disk cache keys closures by their cells'
     contents, so each sweep's build is cached, and loaded by later processes.
     (A numba function in a cell would pickle with a per-process id: a cache miss
-    in every process.)"""
+    in every process.)  A build sweeps with its own constants, so it must be given
+    windows whose ``interior`` row is the one :func:`interior_sweep` chose it for
+    (``fastpool.cpu.pooling`` picks both from one table)."""
 
     @functools.wraps(factory)
     def build(sweep=NO_SWEEP):
@@ -426,8 +428,8 @@ def _interior_sweep_impl(fold):
     return sweep_impl
 
 
-# Functions of their own, called once per input row (not inlined into the kernels):
-# the serial twin shares the parallel kernel's copy.
+# Functions of their own, called once per input row (not inlined into the kernels).
+# A kernel passes its cells' literal ints, so only its own sweep compiles.
 overload(_max_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_max))
 overload(_sum_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_sum))
 
