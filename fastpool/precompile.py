@@ -17,8 +17,12 @@ rows use 2-D); max pooling with or without indices; direct or separable kernels
 (windows of 9 elements or more); float32 or float64 sums (float32 windows of more
 than 64 elements sum in float64); whole-plane kernels (global pooling,
 channels-first); Lp powers or plain averages; the backward kernels (max's scatter,
-or its channels-last gather from 32 channels on; the sums' gather).  Sliding
-windows' sizes, strides and padding are run-time values and compile nothing new.
+or its channels-last gather from 32 channels on; the sums' gather); and, for the
+channels-first kernels without indices, the sweep over the interior windows: one
+build per (stride, kernel) pair of 2x2 or 2x3, 3x3 and 4x4 (stride x window, along
+W), one for stride 1, one for the other strides (see
+``fastpool.cpu.kernels.interior_sweep``).  Other sizes and padding are run-time
+values and compile nothing new.
 
 ``import fastpool`` does not import this module.
 """
@@ -68,6 +72,10 @@ CASES: tuple[Case, ...] = (
          "y, i = max_pool2d(x, 2, return_indices=True)",
          "max_pool2d_backward(ones(y), i, x.shape, kernel_size=2)", channels=32,
          layouts=_LAST),
+    Case("max", "direct, the other interior sweeps (stride x window 2x2, 3x3, 4x4, "
+         "stride 1, other strides)", "y = max_pool2d(x, 2); y = max_pool2d(x, 3, 3); "
+         "y = max_pool2d(x, 4, 4); y = max_pool2d(x, 3, 1, 1); y = max_pool2d(x, 5, 4, 1)",
+         ints=True, layouts=("first",)),
     Case("max", "separable", "y = max_pool2d(x, 5, 1)", size=16, ints=True),
     Case("max", "separable, with indices", "y, i = max_pool2d(x, 5, 1, return_indices=True)",
          size=16, ints=True),
@@ -75,6 +83,9 @@ CASES: tuple[Case, ...] = (
          "avg_pool2d_backward(ones(y), x.shape, 2)"),
     Case("avg", "direct, float64 sums (windows over 64 elements); backward",
          "y = avg_pool2d(x, 9)", "avg_pool2d_backward(ones(y), x.shape, 9)", size=18),
+    Case("avg", "direct, the other interior sweeps (stride x window 2x3, 3x3, 4x4, "
+         "stride 1)", "y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, 3, 3); "
+         "y = avg_pool2d(x, 4, 4); y = avg_pool2d(x, 3, 1, 1)", layouts=("first",)),
     Case("avg", "separable", "y = avg_pool2d(x, 5, 1)", size=16),
     Case("avg", "separable, float64 sums", "y = avg_pool2d(x, 9, 1)", size=20),
     Case("lp", "direct; backward", "y = lp_pool2d(x, 2, 2)",
@@ -246,12 +257,15 @@ def precompile(ops=None, dtypes=None, progress=True, *, layouts=None) -> dict:
 
 
 def _kernels() -> list:
-    """fastpool's cached CPU kernels (numba dispatchers)."""
+    """fastpool's cached CPU kernels (numba dispatchers) in this process: the
+    modules' own, those built so far per interior sweep and the serial twins."""
     from numba.core.registry import CPUDispatcher
 
-    from fastpool.cpu import conv, gem, kernels
-    return [value for module in (kernels, conv, gem) for value in vars(module).values()
-            if isinstance(value, CPUDispatcher) and value.stats.cache_path]
+    from fastpool.cpu import conv, gem, kernels, runtime
+    found = [value for module in (kernels, conv, gem) for value in vars(module).values()
+             if isinstance(value, CPUDispatcher)]
+    found += kernels.built_kernels() + list(runtime._twins.values())
+    return [kernel for kernel in found if kernel.stats.cache_path]
 
 
 def _counts(dispatchers) -> tuple[int, int]:
@@ -275,7 +289,7 @@ def cache_location() -> tuple[str | None, str]:
     from fastpool.cpu import kernels
     if not CPU_JIT_OPTIONS["cache"]:
         return None, "off (FASTPOOL_DISABLE_CACHE is set)"
-    path = kernels.max_pool_channels_first.stats.cache_path
+    path = kernels.plane_max.stats.cache_path
     in_tree = os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "__pycache__")
     if config.CACHE_DIR and os.path.abspath(path).startswith(
             os.path.abspath(config.CACHE_DIR) + os.sep):
@@ -377,8 +391,7 @@ def _run(tasks: list[_Task], progress: bool = True) -> Report:
     if not CPU_JIT_OPTIONS["cache"]:
         raise RuntimeError("fastpool.precompile: FASTPOOL_DISABLE_CACHE is set, so numba's "
                            "on-disk cache is off and nothing compiled would be kept; unset it")
-    dispatchers = _kernels()  # imports numba and the kernels before the clock starts
-    before = _counts(dispatchers)
+    before = _counts(_kernels())  # imports numba and the kernels before the clock starts
     namespaces: dict = {}
     seconds: dict = {}
     bar = _Progress(len(tasks), progress)
@@ -396,7 +409,7 @@ def _run(tasks: list[_Task], progress: bool = True) -> Report:
     finally:
         logger.setLevel(level)
         bar.close()
-    after = _counts(dispatchers)
+    after = _counts(_kernels())  # with the kernels built during the run
     compiled, loaded = after[0] - before[0], after[1] - before[1]
     return Report(seconds, len(tasks), compiled, loaded, *cache_location())
 

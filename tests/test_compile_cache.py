@@ -17,9 +17,13 @@ fastpool.avg_pool2d(x, 2, channels_last=True)
 fastpool.adaptive_avg_pool2d(x, 1)
 # Calls this small run the kernels' serial twins (see tests/test_plan_cache.py for a
 # parallel kernel and its twin side by side).
-stats = {name: runtime.serial_twin(getattr(kernels, name)).stats for name in
-         ("max_pool_channels_first", "sum_pool_channels_first", "sum_pool_channels_last",
-          "plane_sum")}
+# The channels-first kernels are built per interior sweep (2x2 windows, stride 2);
+# numba caches such closures by their cells' contents.
+built = {"max_pool_channels_first": kernels.max_pool_channels_first((2, 2)),
+         "sum_pool_channels_first": kernels.sum_pool_channels_first((2, 2)),
+         "sum_pool_channels_last": kernels.sum_pool_channels_last,
+         "plane_sum": kernels.plane_sum}
+stats = {name: runtime.serial_twin(kernel).stats for name, kernel in built.items()}
 print(json.dumps({name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
                   for name, s in stats.items()}))
 """
@@ -39,3 +43,54 @@ def test_second_process_loads_kernels_from_disk_cache(tmp_path):
     assert all(misses >= 1 and hits == 0 for hits, misses in cold.values()), cold
     warm = run()
     assert all(hits >= 1 and misses == 0 for hits, misses in warm.values()), warm
+
+
+SWEEPS_SCRIPT = """
+import json, numpy as np, fastpool
+from numba.core import event
+from fastpool.cpu import kernels, runtime
+x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+compiled = []
+class Compiles(event.Listener):
+    def on_start(self, ev):
+        dispatcher = ev.data["dispatcher"]
+        compiled.append(getattr(dispatcher, "py_func", dispatcher).__qualname__)
+    def on_end(self, ev):
+        pass
+with event.install_listener("numba:compile", Compiles()):
+    fastpool.max_pool2d(x, 3, 2, 1)
+    fastpool.max_pool2d(x, 2)
+    fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
+    fastpool.avg_pool2d_backward(np.ones((2, 3, 4, 4), np.float32), x.shape, 2)
+    fastpool.fractional_max_pool2d(x, 2, output_size=3, return_indices=True, seed=0)
+builds = {str(sweep): kernels.max_pool_channels_first(sweep)
+          for sweep in [(2, 3), (2, 2), kernels.NO_SWEEP]}
+print(json.dumps({"built": len(kernels.built_kernels()), "compiled": compiled,
+                  "cache": {name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
+                            for name, s in ((n, runtime.serial_twin(k).stats)
+                                            for n, k in builds.items())}}))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_built_per_interior_sweep_load_from_disk_cache(tmp_path):
+    # Each sweep's build of a channels-first kernel is its own closure, cached on
+    # disk under its cells' values: a second process loads every one.
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    env.pop("FASTPOOL_DISABLE_CACHE", None)
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", SWEEPS_SCRIPT], env=env, check=True,
+                              capture_output=True, text=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold = run()
+    # max's (2, 3), (2, 2) and no-sweep builds (the average's backward gathers).
+    assert cold["built"] == 3, cold
+    assert all(hits == 0 and misses == 1 for hits, misses in cold["cache"].values()), cold
+    # Numba's checked array assignment compiles its error message's string formatting
+    # (seconds of a first call); the kernels copy element by element instead.
+    assert not [name for name in cold["compiled"] if "shape_context" in name], cold["compiled"]
+    warm = run()
+    assert all(hits == 1 and misses == 0 for hits, misses in warm["cache"].values()), warm
+    assert warm["compiled"] == [], warm["compiled"]

@@ -367,8 +367,9 @@ def test_serial_twins_agree_with_the_parallel_kernels(monkeypatch):
     for name in parallel:
         assert_same(serial[name], parallel[name])
     # Every serial twin built is a distinct, parallel=False build of its kernel.
-    assert runtime.serial_twin(kernels.max_pool_channels_first) is \
-        runtime.serial_twin(kernels.max_pool_channels_first)
+    kernel = kernels.max_pool_channels_first(kernels.NO_SWEEP)
+    assert kernels.max_pool_channels_first(kernels.NO_SWEEP) is kernel
+    assert runtime.serial_twin(kernel) is runtime.serial_twin(kernel)
     for kernel, twin in runtime._twins.items():
         assert twin is not kernel and twin.py_func.__code__ is kernel.py_func.__code__
         assert twin.targetoptions["parallel"] is False and kernel.targetoptions["parallel"]
@@ -391,10 +392,10 @@ def test_serial_launches_need_no_threading_layer():
 DISK_CACHE_SCRIPT = """
 import json, numpy as np, fastpool
 from fastpool.cpu import kernels, runtime
-fastpool.max_pool2d(np.ones((1, 2, 8, 8), np.float32), 2)  # serial
+fastpool.max_pool2d(np.ones((1, 1, 2, 64), np.float32), 2)  # serial (rows of 32 outputs)
 fastpool.max_pool2d(np.ones((4, 8, 64, 64), np.float32), 2)  # parallel
-builds = {"parallel": kernels.max_pool_channels_first,
-          "serial": runtime.serial_twin(kernels.max_pool_channels_first)}
+kernel = kernels.max_pool_channels_first((2, 2))  # the build for 2x2 windows, stride 2
+builds = {"parallel": kernel, "serial": runtime.serial_twin(kernel)}
 print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()),
                          k.targetoptions["parallel"]] for name, k in builds.items()}))
 """
@@ -413,8 +414,8 @@ def test_serial_twins_have_their_own_disk_cache_entries(tmp_path):
     cold = run()
     assert cold == {"parallel": [0, 1, True], "serial": [0, 1, False]}, cold
     indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*max_pool_channels_first*.nbi"))
-    assert indexes == ["kernels.max_pool_channels_first",
-                       "kernels.max_pool_channels_first.serial"]
+    assert indexes == ["kernels.max_pool_channels_first.locals.max_pool_channels_first",
+                       "kernels.max_pool_channels_first.locals.max_pool_channels_first.serial"]
     warm = run()  # each build loads its own machine code, compiling nothing
     assert warm == {"parallel": [1, 0, True], "serial": [1, 0, False]}, warm
 

@@ -12,6 +12,9 @@ written by exactly one thread.  Sums accumulate in float64.
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -20,6 +23,64 @@ from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._scalar import torch_power
 
 _SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+
+
+# Which sweep a kernel runs is fixed when it is built (see per_sweep): compiling
+# every pattern into one kernel, for a run-time choice, cost seconds of each cold
+# first call.  A sweep is a pair (stride, kernel) of the interior windows' constants:
+# a window-major sweep with both constant (step 1); an offset-major one with a
+# run-time window length for (stride, 0), a run-time stride too for (0, 0), max
+# only (sums with other strides do better window by window); or NO_SWEEP.
+WINDOW_SWEEPS = ((2, 2), (2, 3), (3, 3), (4, 4))
+NO_SWEEP = (-1, -1)
+
+
+def interior_sweep(interior, step, max_fold: bool) -> tuple[int, int]:
+    """The sweep of a kernel over interior windows ``interior`` ([lo, hi, stride,
+    offset, kernel] along W) at dilation ``step``; ``max_fold``: for maxima (else
+    sums)."""
+    lo, hi, stride, _, kernel = (int(value) for value in interior)
+    if hi <= lo:
+        return NO_SWEEP
+    if step == 1 and (stride, kernel) in WINDOW_SWEEPS:
+        return stride, kernel
+    if stride == 1:
+        return 1, 0
+    return (0, 0) if max_fold else NO_SWEEP
+
+
+_built: dict = {}
+_built_lock = threading.Lock()
+
+
+def per_sweep(factory):
+    """Memoise ``factory(sweep)``, which builds a kernel for one interior sweep.
+
+    The kernel is a closure whose cells hold the sweep's two ints (literal
+    constants to numba): numba's on-disk cache keys closures by their cells'
+    contents, so each sweep's build is cached, and loaded by later processes.
+    (A numba function in a cell would pickle with a per-process id: a cache miss
+    in every process.)  A build sweeps with its own constants, so it must be given
+    windows whose ``interior`` row is the one :func:`interior_sweep` chose it for
+    (``fastpool.cpu.pooling`` picks both from one table)."""
+
+    @functools.wraps(factory)
+    def build(sweep=NO_SWEEP):
+        key = (factory.__name__, *sweep)
+        kernel = _built.get(key)
+        if kernel is None:
+            with _built_lock:
+                kernel = _built.get(key)
+                if kernel is None:
+                    kernel = _built[key] = factory(*(int(value) for value in sweep))
+        return kernel
+
+    return build
+
+
+def built_kernels() -> list:
+    """The kernels :func:`per_sweep` factories have built in this process."""
+    return list(_built.values())
 
 
 @njit(inline="always")
@@ -49,22 +110,6 @@ def _max_along_row(x_row, best, best_at, base, start, stop, step_w, first, last)
         best[ow], best_at[ow] = row_best, row_at
 
 
-# The interior sweeps compiled once per dtype as plain functions, not inlined
-# into every parallel kernel: that halves the kernels' first compile.
-@njit(**_SERIAL_JIT_OPTIONS)
-def _max_interior(x_row, acc, lo, hi, stride, offset, kernel, step):
-    """Fold the interior windows of one row into the running maxima ``acc``."""
-    if not _fold_interior(_fold_max, x_row, acc, lo, hi, stride, offset, kernel, step, None):
-        _fold_offsets(_fold_max, x_row, acc, lo, hi, stride, offset, kernel, step, None)
-
-
-@njit(**_SERIAL_JIT_OPTIONS)
-def _sum_interior(x_row, acc, lo, hi, stride, offset, kernel, step, power):
-    """Add the interior windows' sums of one row to ``acc``; False for strides
-    without a vectorising sweep (the caller's per-window loop does better)."""
-    return _fold_interior(_fold_sum, x_row, acc, lo, hi, stride, offset, kernel, step, power)
-
-
 # A window's row of at least this many contiguous elements is summed by
 # _contiguous_sum, in vector lanes (a fixed order for a given length, so the
 # result does not depend on threads or chunks): one chain of dependent adds, 4
@@ -89,47 +134,61 @@ def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last, 
         total[ow] = row_total if assign else total[ow] + row_total
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest, chunks):
-    """Window maxima; their flat positions too unless ``indices`` is None (then the
-    position bookkeeping is compiled out)."""
-    planes, out_d, out_h, out_w = out.shape
-    height, width = x.shape[2], x.shape[3]
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    # Without indices, outputs whose windows lie wholly inside the row are swept
-    # by _fold_interior: loads and selects that vectorise across outputs.
-    lo, hi = (interior[2, 0], interior[2, 1]) if indices is None else (0, 0)
-    stride, offset, kernel = interior[2, 2], interior[2, 3], interior[2, 4]
-    # Rows go in chunks, each with one scratch row: an allocation per output row
-    # costs more than a small row's arithmetic.
-    rows = planes * out_d * out_h
-    per_chunk = (rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        best_at = np.empty(out_w, np.int64)
-        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
-            plane, od, oh = _row_coords(row, out_d, out_h)
-            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-            best = out[plane, od, oh]
-            best[:] = lowest
-            if indices is not None:
-                for ow in range(out_w):
-                    best_at[ow] = (d0 * height + h0) * width + start[2, ow]
-            # Input rows of the window in scan order, each swept for the whole output row.
-            d = d0
-            while d < d1:
-                h = h0
-                while h < h1:
-                    x_row = x[plane, d, h]
-                    base = (d * height + h) * width
-                    _max_along_row(x_row, best, best_at, base, start, stop, step_w, 0, lo)
-                    if hi > lo:
-                        _max_interior(x_row, best, lo, hi, stride, offset, kernel, step_w)
-                    _max_along_row(x_row, best, best_at, base, start, stop, step_w,
-                                   max(lo, hi), out_w)
-                    h += step_h
-                d += step_d
-            if indices is not None:
-                indices[plane, od, oh, :] = best_at
+@per_sweep
+def max_pool_channels_first(sweep_stride, sweep_kernel):
+    """The channels-first max kernel for one interior sweep (see :func:`per_sweep`)."""
+
+    @njit(**CPU_JIT_OPTIONS)
+    def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest, chunks):
+        """Window maxima; their flat positions too unless ``indices`` is None (then the
+        position bookkeeping is compiled out)."""
+        planes, out_d, out_h, out_w = out.shape
+        height, width = x.shape[2], x.shape[3]
+        step_d, step_h, step_w = step[0], step[1], step[2]
+        # Without indices, outputs whose windows lie wholly inside the row are swept
+        # by _max_interior: loads and selects that vectorise across outputs.
+        lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
+                                          interior[2, 3], interior[2, 4])
+        if sweep_stride < 0 or indices is not None:
+            lo = hi = 0
+        # Rows go in chunks, each with one scratch row: an allocation per output row
+        # costs more than a small row's arithmetic.
+        rows = planes * out_d * out_h
+        per_chunk = (rows + chunks - 1) // chunks
+        for chunk in prange(chunks):
+            best_at = np.empty(out_w, np.int64)
+            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+                plane, od, oh = _row_coords(row, out_d, out_h)
+                d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+                best = out[plane, od, oh]
+                best[:] = lowest
+                if indices is not None:
+                    for ow in range(out_w):
+                        best_at[ow] = (d0 * height + h0) * width + start[2, ow]
+                # Input rows of the window in scan order, each swept for the whole
+                # output row.
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        x_row = x[plane, d, h]
+                        base = (d * height + h) * width
+                        _max_along_row(x_row, best, best_at, base, start, stop, step_w, 0, lo)
+                        if sweep_stride >= 0 and hi > lo:
+                            _max_interior(sweep_stride, sweep_kernel, x_row, best, lo, hi,
+                                          stride, offset, kernel, step_w, None)
+                        _max_along_row(x_row, best, best_at, base, start, stop, step_w,
+                                       max(lo, hi), out_w)
+                        h += step_h
+                    d += step_d
+                if indices is not None:
+                    # Element by element: numba's checked array assignment compiles
+                    # its error message's string formatting (seconds).
+                    positions = indices[plane, od, oh]
+                    for ow in range(out_w):
+                        positions[ow] = best_at[ow]
+
+    return max_pool_channels_first
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -327,58 +386,94 @@ def _fold_offsets(fold, x_row, acc, lo, hi, stride, offset, kernel, step, power)
             kept_row[i] = fold(kept_row[i], shifted[i * stride], power)
 
 
-@njit(inline="always")
-def _fold_interior(fold, x_row, acc, lo, hi, stride, offset, kernel, step, power):
-    """Fold the interior windows of one input row into ``acc``; False (and nothing
-    done) for a pattern without a constant copy and stride > 1."""
-    if step == 1 and stride == 2 and kernel == 2:
-        _fold_windows(fold, x_row, acc, lo, hi, 2, offset, 2, power)
-    elif step == 1 and stride == 2 and kernel == 3:
-        _fold_windows(fold, x_row, acc, lo, hi, 2, offset, 3, power)
-    elif step == 1 and stride == 3 and kernel == 3:
-        _fold_windows(fold, x_row, acc, lo, hi, 3, offset, 3, power)
-    elif step == 1 and stride == 4 and kernel == 4:
-        _fold_windows(fold, x_row, acc, lo, hi, 4, offset, 4, power)
-    elif stride == 1:
-        _fold_offsets(fold, x_row, acc, lo, hi, 1, offset, kernel, step, power)
-    else:
-        return False
-    return True
+def _max_interior(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride, offset, kernel,
+                  step, power):
+    """Fold the interior windows of one input row into the running maxima ``acc`` by
+    the sweep (``sweep_stride``, ``sweep_kernel``), literal ints (``power``: None)."""
 
 
+def _sum_interior(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride, offset, kernel,
+                  step, power):
+    """Add the interior windows' sums (of powers) of one input row to ``acc`` by the
+    sweep (``sweep_stride``, ``sweep_kernel``), literal ints."""
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale, power, zero,
-                            chunks, grad=None):
-    """Window sums, finished as Lp norms / averages, or (given ``grad``) as
-    :func:`_lp_output_gradient` coefficients for the backward gather."""
-    planes, out_d, out_h, out_w = out.shape
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
-                                      interior[2, 3], interior[2, 4])
-    rows = planes * out_d * out_h
-    per_chunk = (rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        scratch = np.empty(out_w, type(zero))
-        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
-            plane, od, oh = _row_coords(row, out_d, out_h)
-            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-            total = scratch
-            total[:] = zero
-            d = d0
-            while d < d1:
-                h = h0
-                while h < h1:
-                    x_row = x[plane, d, h]
-                    if hi > lo and _sum_interior(x_row, total, lo, hi, stride, offset, kernel,
-                                                 step_w, power):
+
+def _interior_sweep_impl(fold):
+    """The implementation of the interior sweep folding by ``fold``, per sweep."""
+
+    def sweep_impl(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride, offset, kernel,
+                   step, power):
+        if not isinstance(sweep_stride, types.IntegerLiteral) or \
+                not isinstance(sweep_kernel, types.IntegerLiteral):
+            return None
+        fixed_stride, fixed_kernel = sweep_stride.literal_value, sweep_kernel.literal_value
+        if fixed_kernel > 0:
+            def window_sweep(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride, offset,
+                             kernel, step, power):
+                _fold_windows(fold, x_row, acc, lo, hi, fixed_stride, offset, fixed_kernel,
+                              power)
+            return window_sweep
+        if fixed_stride > 0:
+            def unit_stride_sweep(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride,
+                                  offset, kernel, step, power):
+                _fold_offsets(fold, x_row, acc, lo, hi, fixed_stride, offset, kernel, step,
+                              power)
+            return unit_stride_sweep
+
+        def offset_sweep(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride, offset,
+                         kernel, step, power):
+            _fold_offsets(fold, x_row, acc, lo, hi, stride, offset, kernel, step, power)
+        return offset_sweep
+
+    return sweep_impl
+
+
+# Functions of their own, called once per input row (not inlined into the kernels).
+# A kernel passes its cells' literal ints, so only its own sweep compiles.
+overload(_max_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_max))
+overload(_sum_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_sum))
+
+
+@per_sweep
+def sum_pool_channels_first(sweep_stride, sweep_kernel):
+    """The channels-first sum kernel for one interior sweep (see :func:`per_sweep`)."""
+
+    @njit(**CPU_JIT_OPTIONS)
+    def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale, power,
+                                zero, chunks, grad=None):
+        """Window sums, finished as Lp norms / averages, or (given ``grad``) as
+        :func:`_lp_output_gradient` coefficients for the backward gather."""
+        planes, out_d, out_h, out_w = out.shape
+        step_d, step_h, step_w = step[0], step[1], step[2]
+        lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
+                                          interior[2, 3], interior[2, 4])
+        if sweep_stride < 0:
+            lo = hi = 0
+        rows = planes * out_d * out_h
+        per_chunk = (rows + chunks - 1) // chunks
+        for chunk in prange(chunks):
+            scratch = np.empty(out_w, type(zero))
+            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+                plane, od, oh = _row_coords(row, out_d, out_h)
+                d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+                total = scratch
+                total[:] = zero
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        x_row = x[plane, d, h]
+                        if sweep_stride >= 0 and hi > lo:
+                            _sum_interior(sweep_stride, sweep_kernel, x_row, total, lo, hi,
+                                          stride, offset, kernel, step_w, power)
                         _sum_along_row(x_row, total, start, stop, step_w, power, zero, 0, lo)
-                        _sum_along_row(x_row, total, start, stop, step_w, power, zero, hi, out_w)
-                    else:
-                        _sum_along_row(x_row, total, start, stop, step_w, power, zero, 0, out_w)
-                    h += step_h
-                d += step_d
-            _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power)
+                        _sum_along_row(x_row, total, start, stop, step_w, power, zero,
+                                       max(lo, hi), out_w)
+                        h += step_h
+                    d += step_d
+                _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power)
+
+    return sum_pool_channels_first
 
 
 @njit(inline="always")
@@ -579,7 +674,10 @@ def sum_backward_channels_first(coefficient, x, grad_in, first_out, last_out, st
                                 total[w] += row[w]
                 result = grad_in[plane, d, h]
                 if power is None:
-                    result[:] = total
+                    # Element by element: numba's checked array assignment compiles
+                    # its error message's string formatting (seconds).
+                    for w in range(width):
+                        result[w] = total[w]
                 else:
                     x_row = x[plane, d, h]
                     for w in range(width):
@@ -663,36 +761,43 @@ def _sum_window_rows(rows, total, od, oh, start, stop, step, zero):
         d += step[0]
 
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divisor, scale,
-                                      power, zero):
-    planes, out_d, out_h, out_w = out.shape
-    depth, height = x.shape[1], x.shape[2]
-    lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
-                                      interior[2, 3], interior[2, 4])
-    for plane in prange(planes):
-        rows = np.empty((depth, height, out_w), type(zero))
-        for d in range(depth):
-            for h in range(height):
-                x_row, row = x[plane, d, h], rows[d, h]
-                row[lo:hi] = zero
-                if hi > lo and _sum_interior(x_row, row, lo, hi, stride, offset, kernel,
-                                             step[2], power):
+@per_sweep
+def sum_pool_separable_channels_first(sweep_stride, sweep_kernel):
+    """The channels-first separable sum kernel for one interior sweep (see
+    :func:`per_sweep`)."""
+
+    @njit(**CPU_JIT_OPTIONS)
+    def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divisor, scale,
+                                          power, zero):
+        planes, out_d, out_h, out_w = out.shape
+        depth, height = x.shape[1], x.shape[2]
+        lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
+                                          interior[2, 3], interior[2, 4])
+        if sweep_stride < 0:
+            lo = hi = 0
+        for plane in prange(planes):
+            rows = np.empty((depth, height, out_w), type(zero))
+            for d in range(depth):
+                for h in range(height):
+                    x_row, row = x[plane, d, h], rows[d, h]
+                    if sweep_stride >= 0 and hi > lo:
+                        row[lo:hi] = zero
+                        _sum_interior(sweep_stride, sweep_kernel, x_row, row, lo, hi, stride,
+                                      offset, kernel, step[2], power)
                     _sum_along_row(x_row, row, start, stop, step[2], power, zero, 0, lo, True)
-                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, hi, out_w,
-                                   True)
-                else:
-                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, 0, out_w,
-                                   True)
-        total = np.empty(out_w, type(zero))
-        for od in range(out_d):
-            for oh in range(out_h):
-                _sum_window_rows(rows, total, od, oh, start, stop, step, zero)
-                row_divisor = divisor[0, od] * divisor[1, oh]
-                result = out[plane, od, oh]
-                for ow in range(out_w):
-                    result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])),
-                                       power)
+                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, max(lo, hi),
+                                   out_w, True)
+            total = np.empty(out_w, type(zero))
+            for od in range(out_d):
+                for oh in range(out_h):
+                    _sum_window_rows(rows, total, od, oh, start, stop, step, zero)
+                    row_divisor = divisor[0, od] * divisor[1, oh]
+                    result = out[plane, od, oh]
+                    for ow in range(out_w):
+                        result[ow] = _root(total[ow] * (scale / (row_divisor * divisor[2, ow])),
+                                           power)
+
+    return sum_pool_separable_channels_first
 
 
 @njit(**CPU_JIT_OPTIONS)
@@ -729,58 +834,70 @@ def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, 
                         result[c] = _root(totals[ow, c] * factor, power)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_pool_separable_channels_first(x, out, indices, start, stop, step, interior, lowest):
-    planes, out_d, out_h, out_w = out.shape
-    depth, height, width = x.shape[1], x.shape[2], x.shape[3]
-    positions = (depth, height, out_w) if indices is not None else (1, 1, 1)
-    # Without indices the W pass sweeps the interior windows (see _fold_interior).
-    lo, hi = (interior[2, 0], interior[2, 1]) if indices is None else (0, 0)
-    stride, offset, kernel = interior[2, 2], interior[2, 3], interior[2, 4]
-    for plane in prange(planes):
-        rows = np.empty((depth, height, out_w), x.dtype)
-        rows_at = np.empty(positions, np.int64)
-        for d in range(depth):
-            for h in range(height):
-                x_row = x[plane, d, h]
-                if hi > lo:
-                    rows[d, h, lo:hi] = lowest
-                    _max_interior(x_row, rows[d, h], lo, hi, stride, offset, kernel, step[2])
-                for ow in range(out_w):
-                    if lo <= ow < hi:
-                        continue
-                    best, best_at = lowest, start[2, ow]
-                    w = start[2, ow]
-                    while w < stop[2, ow]:
-                        value = x_row[w]
-                        if (value > best) | (value != value):
-                            best, best_at = value, w
-                        w += step[2]
-                    rows[d, h, ow] = best
-                    if indices is not None:
-                        rows_at[d, h, ow] = best_at
-        for od in range(out_d):
-            for oh in range(out_h):
-                d0, h0 = start[0, od], start[1, oh]
-                best = out[plane, od, oh]
-                best[:] = lowest
-                if indices is not None:
-                    best_at = indices[plane, od, oh]
+@per_sweep
+def max_pool_separable_channels_first(sweep_stride, sweep_kernel):
+    """The channels-first separable max kernel for one interior sweep (see
+    :func:`per_sweep`)."""
+
+    @njit(**CPU_JIT_OPTIONS)
+    def max_pool_separable_channels_first(x, out, indices, start, stop, step, interior,
+                                          lowest):
+        planes, out_d, out_h, out_w = out.shape
+        depth, height, width = x.shape[1], x.shape[2], x.shape[3]
+        positions = (depth, height, out_w) if indices is not None else (1, 1, 1)
+        # Without indices the W pass sweeps the interior windows (see _max_interior).
+        lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
+                                          interior[2, 3], interior[2, 4])
+        if sweep_stride < 0 or indices is not None:
+            lo = hi = 0
+        for plane in prange(planes):
+            rows = np.empty((depth, height, out_w), x.dtype)
+            rows_at = np.empty(positions, np.int64)
+            for d in range(depth):
+                for h in range(height):
+                    x_row = x[plane, d, h]
+                    if sweep_stride >= 0 and hi > lo:
+                        rows[d, h, lo:hi] = lowest
+                        _max_interior(sweep_stride, sweep_kernel, x_row, rows[d, h], lo, hi,
+                                      stride, offset, kernel, step[2], None)
                     for ow in range(out_w):
-                        best_at[ow] = (d0 * height + h0) * width + start[2, ow]
-                d = d0
-                while d < stop[0, od]:
-                    h = h0
-                    while h < stop[1, oh]:
-                        if indices is None:
-                            row = rows[d, h]
-                            for ow in range(out_w):
-                                best[ow] = _fold_max(best[ow], row[ow], None)
-                        else:
-                            _max_with_row_positions(best, indices[plane, od, oh], rows[d, h],
-                                                    rows_at[d, h], (d * height + h) * width)
-                        h += step[1]
-                    d += step[0]
+                        if lo <= ow < hi:
+                            continue
+                        best, best_at = lowest, start[2, ow]
+                        w = start[2, ow]
+                        while w < stop[2, ow]:
+                            value = x_row[w]
+                            if (value > best) | (value != value):
+                                best, best_at = value, w
+                            w += step[2]
+                        rows[d, h, ow] = best
+                        if indices is not None:
+                            rows_at[d, h, ow] = best_at
+            for od in range(out_d):
+                for oh in range(out_h):
+                    d0, h0 = start[0, od], start[1, oh]
+                    best = out[plane, od, oh]
+                    best[:] = lowest
+                    if indices is not None:
+                        best_at = indices[plane, od, oh]
+                        for ow in range(out_w):
+                            best_at[ow] = (d0 * height + h0) * width + start[2, ow]
+                    d = d0
+                    while d < stop[0, od]:
+                        h = h0
+                        while h < stop[1, oh]:
+                            if indices is None:
+                                row = rows[d, h]
+                                for ow in range(out_w):
+                                    best[ow] = _fold_max(best[ow], row[ow], None)
+                            else:
+                                _max_with_row_positions(best, indices[plane, od, oh],
+                                                        rows[d, h], rows_at[d, h],
+                                                        (d * height + h) * width)
+                            h += step[1]
+                        d += step[0]
+
+    return max_pool_separable_channels_first
 
 
 @njit(**_SERIAL_JIT_OPTIONS)
@@ -1164,8 +1281,9 @@ def _fractional_plane(plane, out, indices, starts, kernel, rows, rows_at, best, 
         for oh in range(out_h):
             h0 = starts[1, oh]
             first = d0 * height + h0
-            best[:] = rows[first]
-            best_at[:] = rows_at[first]
+            # Element by element: see max_pool_channels_first.
+            for w in range(span):
+                best[w], best_at[w] = rows[first, w], rows_at[first, w]
             for d in range(d0, d0 + kd):
                 for h in range(h0, h0 + kh):
                     if d * height + h == first:

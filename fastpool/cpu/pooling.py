@@ -136,14 +136,15 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
         launcher = _without_indices(launcher)
     elif block := _separable(shape, table, channels_last, dtype.itemsize + 8 * with_indices,
                              serial):
-        launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,), work)
+        launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,), work,
+                                   with_indices)
     elif channels_last:
         launcher = bind(kernels.max_pool_channels_last, table.start, table.stop, table.step,
                         lowest, _chunks(shape, table, serial), work=work)
     else:
-        launcher = bind(kernels.max_pool_channels_first, table.start, table.stop,
-                        table.step, table.interior, lowest, _chunks(shape, table, serial),
-                        work=work)
+        launcher = bind(max_pool_channels_first(table, with_indices), table.start,
+                        table.stop, table.step, table.interior, lowest,
+                        _chunks(shape, table, serial), work=work)
 
     def run_max_pool(x: np.ndarray, stream=None):
         out = memory.empty(out_shape, dtype)
@@ -157,6 +158,19 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
         return out, indices
 
     return _runner(run_max_pool, serial)
+
+
+def _sweep(table: WindowTable, max_fold: bool) -> tuple[int, int]:
+    """The interior sweep the channels-first kernels are built for (for maxima or
+    sums) over ``table``'s windows."""
+    return kernels.interior_sweep(table.interior[2], int(table.step[2]), max_fold)
+
+
+def max_pool_channels_first(table: WindowTable, with_indices: bool):
+    """The channels-first direct max kernel for ``table``: kept positions need
+    every window folded one by one, so those builds sweep nothing."""
+    return kernels.max_pool_channels_first(
+        kernels.NO_SWEEP if with_indices else _sweep(table, True))
 
 
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
@@ -211,8 +225,8 @@ def _sum_pool_direct_call(shape, table, channels_last, lp, zero, serial=False) -
         return (kernels.sum_pool_rows_first_channels_first, table.start, table.stop,
                 table.step, table.divisor, table.scale, lp, zero,
                 _chunks(shape, table, serial))
-    return (kernels.sum_pool_channels_first, table.start, table.stop, table.step,
-            table.interior, table.divisor, table.scale, lp, zero,
+    return (kernels.sum_pool_channels_first(_sweep(table, False)), table.start, table.stop,
+            table.step, table.interior, table.divisor, table.scale, lp, zero,
             _chunks(shape, table, serial))
 
 
@@ -226,20 +240,23 @@ def _sum_pool_direct(x, out, table, channels_last, lp, zero, grad=None, work=Non
 
 
 def _separable_arguments(name: str, channels_last: bool, block: int, table: WindowTable,
-                         arguments: tuple) -> tuple:
+                         arguments: tuple, with_indices: bool = False) -> tuple:
     """``name``'s separable kernel and its arguments after the arrays (input, output
-    and, for max, the indices): channels-first ones sweep the interior windows,
-    channels-last ones take a channel block."""
+    and, for max, the indices): channels-first ones sweep the interior windows
+    (unless they keep the maxima's positions), channels-last ones take a channel
+    block."""
     head = (table.start, table.stop, table.step)
     if channels_last:
         return (getattr(kernels, f"{name}_separable_channels_last"), *head, *arguments,
                 block)
-    return (getattr(kernels, f"{name}_separable_channels_first"), *head, table.interior,
-            *arguments)
+    sweep = kernels.NO_SWEEP if with_indices else _sweep(table, name == "max_pool")
+    return (getattr(kernels, f"{name}_separable_channels_first")(sweep), *head,
+            table.interior, *arguments)
 
 
-def _bind_separable(name, channels_last, block, table, arguments, work):
-    kernel, *tail = _separable_arguments(name, channels_last, block, table, arguments)
+def _bind_separable(name, channels_last, block, table, arguments, work, with_indices=False):
+    kernel, *tail = _separable_arguments(name, channels_last, block, table, arguments,
+                                         with_indices)
     return bind(kernel, *tail, work=work)
 
 

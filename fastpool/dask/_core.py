@@ -327,12 +327,12 @@ def _max_pool_into(canonical, table: WindowTable, channels_last: bool, out, indi
                                canonical.dtype.itemsize + 8 * (indices is not None), serial)
     if block:
         kernel, *tail = pooling._separable_arguments("max_pool", channels_last, block, table,
-                                                     (lowest,))
+                                                     (lowest,), indices is not None)
     elif channels_last:
         kernel, tail = kernels.max_pool_channels_last, (
             table.start, table.stop, table.step, lowest, pooling._chunks(shape, table, serial))
     else:
-        kernel, tail = kernels.max_pool_channels_first, (
+        kernel, tail = pooling.max_pool_channels_first(table, indices is not None), (
             table.start, table.stop, table.step, table.interior, lowest,
             pooling._chunks(shape, table, serial))
     runtime.launch(kernel, canonical, out, indices, *tail, work=work)
