@@ -10,7 +10,8 @@ import pytest
 SCRIPT = """
 import json, numpy as np, fastpool
 from fastpool.cpu import kernels, runtime
-x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+# rows of 20 outputs: narrower ones fold maxima rows first, sweeping nothing
+x = np.random.default_rng(0).standard_normal((2, 3, 8, 40)).astype(np.float32)
 fastpool.max_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2, channels_last=True)
@@ -49,7 +50,7 @@ SWEEPS_SCRIPT = """
 import json, numpy as np, fastpool
 from numba.core import event
 from fastpool.cpu import kernels, runtime
-x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+x = np.random.default_rng(0).standard_normal((2, 3, 8, 40)).astype(np.float32)
 compiled = []
 class Compiles(event.Listener):
     def on_start(self, ev):
@@ -61,7 +62,7 @@ with event.install_listener("numba:compile", Compiles()):
     fastpool.max_pool2d(x, 3, 2, 1)
     fastpool.max_pool2d(x, 2)
     fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
-    fastpool.avg_pool2d_backward(np.ones((2, 3, 4, 4), np.float32), x.shape, 2)
+    fastpool.avg_pool2d_backward(np.ones((2, 3, 4, 20), np.float32), x.shape, 2)
     fastpool.fractional_max_pool2d(x, 2, output_size=3, return_indices=True, seed=0)
 builds = {str(sweep): kernels.max_pool_channels_first(sweep)
           for sweep in [(2, 3), (2, 2), kernels.NO_SWEEP]}
