@@ -954,6 +954,53 @@ def _max_with_row_positions(best, best_at, row, row_at, base):
 
 
 @njit(**CPU_JIT_OPTIONS)
+def max_pool_separable_rows_channels_last(x, out, start, stop, step, lowest, chunks):
+    """Window maxima (values only) of the separable kernels, channels-last, in two
+    parallel passes over whole channel vectors: (1) every input row's W-pass maxima
+    (W_out, C), window by window (:func:`_max_windows_of_row` on one-row windows);
+    (2) every output row, the fold of the W-pass rows of its D/H window in scan order,
+    each a vector op over the row's W_out * C contiguous elements.  Folding
+    first-in-row maxima row by row in scan order keeps torch's first index and NaN
+    rule.  Split over rows, not channel blocks (whose strided slices
+    do not vectorise), so that batch 1 uses every thread too."""
+    batch, depth, height = x.shape[0], x.shape[1], x.shape[2]
+    out_d, out_h, out_w, channels = out.shape[1], out.shape[2], out.shape[3], out.shape[4]
+    maxima = np.empty((batch, depth, height, out_w, channels), x.dtype)
+    in_rows = batch * depth * height
+    per_chunk = (in_rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        acc = np.empty(channels, x.dtype)
+        for row in range(chunk * per_chunk, min(in_rows, (chunk + 1) * per_chunk)):
+            n, d, h = _row_coords(row, depth, height)
+            _max_windows_of_row(maxima[n, d, h], x[n], acc, d, d + 1, h, h + 1, start, stop,
+                                step, lowest)
+    out_rows = batch * out_d * out_h
+    per_chunk = (out_rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for row in range(chunk * per_chunk, min(out_rows, (chunk + 1) * per_chunk)):
+            n, od, oh = _row_coords(row, out_d, out_h)
+            _max_windows_of_rows(out[n, od, oh], maxima[n], start[0, od], stop[0, od],
+                                 start[1, oh], stop[1, oh], step, lowest)
+
+
+@njit(**_SERIAL_JIT_OPTIONS)
+def _max_windows_of_rows(result, rows, d0, d1, h0, h1, step, lowest):
+    """``result`` (W_out, C) = the maxima of the rows ``rows[d, h]`` (W_out, C) of
+    one D/H window, folded in scan order as flat W_out * C vectors."""
+    best = result.reshape(-1)
+    best[:] = lowest
+    d = d0
+    while d < d1:
+        h = h0
+        while h < h1:
+            row = rows[d, h].reshape(-1)
+            for i in range(best.size):
+                best[i] = _fold_max(best[i], row[i], None)
+            h += step[1]
+        d += step[0]
+
+
+@njit(**CPU_JIT_OPTIONS)
 def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
                                      channel_block):
     batch, out_d, out_h, out_w, channels = out.shape
