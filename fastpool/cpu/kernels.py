@@ -565,13 +565,32 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zer
     for chunk in prange(chunks):
         acc = np.empty(channels, type(zero))
         totals = np.empty(channels if grad is not None else 0, type(zero))
+        # Lp norms accumulate whole output rows, input row by input row: their pow
+        # calls per element run faster in those long loops than window by window.
+        row_totals = np.empty((out_w if power is not None and grad is None else 0,
+                               channels), type(zero))
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
             d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
             row_divisor = divisor[0, od] * divisor[1, oh]
-            if grad is None:
+            if grad is None and power is None:
                 _sum_windows_of_row(out[n, od, oh], x[n], acc, d0, d1, h0, h1, start, stop,
                                     step, power, zero, scale, row_divisor, divisor)
+                continue
+            if grad is None:
+                row_totals[...] = zero
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        _sum_into_row(row_totals, x[n, d, h], start, stop, step[2], power)
+                        h += step[1]
+                    d += step[0]
+                for ow in range(out_w):
+                    total, result = row_totals[ow], out[n, od, oh, ow]
+                    factor = scale / (row_divisor * divisor[2, ow])
+                    for c in range(channels):
+                        result[c] = _root(total[c] * factor, power)
                 continue
             for ow in range(out_w):
                 # The window sums themselves (finished with factor 1, no root).
