@@ -1,6 +1,8 @@
 """The CPU back end's specialised paths against torch: channels-last windows
 folded a run of columns at a time, and whole-plane maxima kept in lanes."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -126,7 +128,6 @@ def test_channels_last_max_backward_in_position_bands(batch):
         fastpool.set_num_threads(threads)
 
 
-
 ROWS_FIRST_CALLS = {
     "adaptive_max": lambda m, t: m.adaptive_max_pool2d(t, (3, 5)),
     "adaptive_avg": lambda m, t: m.adaptive_avg_pool2d(t, (4, 7)),
@@ -170,3 +171,91 @@ def test_rows_first_channels_first(op, threads, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     if not op.startswith("lp"):
         assert np.isnan(got[0, 1]).any()
+
+
+# Channels-last windows folded whole: each register variant (rows x columns: 1x1 to
+# 1x4, 2x2, 3x3, 4x2) and the scratch path (wider windows, dilation, padding and
+# ceil_mode's clipped edges), in 1-D, 2-D and 3-D.
+WHOLE_WINDOW_CALLS = {
+    "1d_k1s2": (1, lambda m, t, op: op(m, 1)(t, 1, 2)),
+    "1d_k2": (1, lambda m, t, op: op(m, 1)(t, 2)),
+    "1d_k3s2p1": (1, lambda m, t, op: op(m, 1)(t, 3, 2, 1)),
+    "1d_k4": (1, lambda m, t, op: op(m, 1)(t, 4)),
+    "2d_k1s2": (2, lambda m, t, op: op(m, 2)(t, 1, 2)),
+    "2d_k2": (2, lambda m, t, op: op(m, 2)(t, 2)),
+    "2d_k3s1p1": (2, lambda m, t, op: op(m, 2)(t, 3, 1, 1)),
+    "2d_k3s2_ceil": (2, lambda m, t, op: op(m, 2)(t, 3, 2, 0, ceil_mode=True)),
+    "2d_k2x5": (2, lambda m, t, op: op(m, 2)(t, (2, 5), (1, 3), (1, 2))),
+    "3d_k2": (3, lambda m, t, op: op(m, 3)(t, 2)),
+    "3d_k1x2x3": (3, lambda m, t, op: op(m, 3)(t, (1, 2, 3), (1, 2, 2))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_WINDOW_CALLS))
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_channels_last_windows_folded_whole(name, mode, batch):
+    """Channels-last forward windows folded whole, in registers or a scratch vector:
+    torch's values (NaN wins a max; ties, +0.0 against -0.0 included, keep the first
+    in scan order), and the same bits at 1 and 2 threads."""
+    nd, call = WHOLE_WINDOW_CALLS[name]
+    rng = np.random.default_rng(nd * 10 + batch)
+    spatial = {1: (23,), 2: (9, 14), 3: (5, 6, 7)}[nd]
+    x = rng.integers(-2, 3, (batch, 13, *spatial)).astype(np.float32)  # ties; 13 channels
+    x[x == 0] = np.where(rng.random(np.count_nonzero(x == 0)) < 0.5, -0.0, 0.0)
+    x[0, 3].flat[0] = np.nan  # in a window of every case
+    if mode == "max":
+        x[(rng.random(x.shape) < 0.3) & (x == 2)] = 0.0  # more zero ties
+        x[x > 0] = -0.0
+
+    def op(module, dims):
+        return getattr(module, f"{mode}_pool{dims}d")
+
+    def op_channels_last(module, dims):
+        return functools.partial(op(module, dims), channels_last=True)
+
+    want = call(F, torch.from_numpy(x), op).movedim(1, -1).numpy()
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    threads = fastpool.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            fastpool.set_num_threads(n)
+            got.append(call(fastpool, xl, op_channels_last))
+    finally:
+        fastpool.set_num_threads(threads)
+    if mode == "max":
+        np.testing.assert_array_equal(got[0], want)
+        np.testing.assert_array_equal(np.signbit(got[0]), np.signbit(want))
+    else:
+        np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-6)
+    assert np.isnan(got[0][0]).any()
+    np.testing.assert_array_equal(got[1], got[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["2d_batch1", "2d_dilated", "3d"])
+def test_separable_channels_last_max_by_rows(case, threads):
+    """The separable channels-last max without positions splits rows, not channel
+    blocks: torch's maxima, NaN winning and +0.0/-0.0 ties keeping the first in scan
+    order, a batch of one image over every thread."""
+    rng = np.random.default_rng(4)
+    shape = {"2d_batch1": (1, 24, 20, 21), "2d_dilated": (3, 24, 15, 17),
+             "3d": (2, 24, 7, 8, 9)}[case]
+    x = rng.integers(-2, 1, shape).astype(np.float32)
+    x[x == 0] = np.where(rng.random(np.count_nonzero(x == 0)) < 0.5, -0.0, 0.0)
+    x[0, 1].flat[17] = np.nan
+    calls = {"2d_batch1": lambda m, t, **k: m.max_pool2d(t, 5, 1, 2, **k),
+             "2d_dilated": lambda m, t, **k: m.max_pool2d(t, 3, 1, 1, 2, True, **k),
+             "3d": lambda m, t, **k: m.max_pool3d(t, 3, 1, 1, **k)}
+    want = calls[case](F, torch.from_numpy(x)).movedim(1, -1).numpy()
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    previous = fastpool.get_num_threads()
+    fastpool.set_num_threads(threads)
+    try:
+        got = calls[case](fastpool, xl, channels_last=True)
+    finally:
+        fastpool.set_num_threads(previous)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    assert np.isnan(got[0]).any()

@@ -193,33 +193,196 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
 
 @njit(**CPU_JIT_OPTIONS)
 def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
-    """Window maxima over (batch, D, H, W, C), vectorised over channels.  Each
-    output row accumulates in place, one input row of its windows at a time."""
+    """Window maxima over (batch, D, H, W, C), vectorised over channels.  Without
+    positions each output is pooled whole (:func:`_max_windows_of_row`); with them
+    each output row accumulates in place, one input row of its windows at a time."""
     batch, out_d, out_h, out_w, channels = out.shape
     height, width = x.shape[2], x.shape[3]
     step_d, step_h, step_w = step[0], step[1], step[2]
     rows = batch * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in prange(chunks):
+        acc = np.empty(channels if indices is None else 0, x.dtype)
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
             d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
             best = out[n, od, oh]
+            if indices is None:
+                _max_windows_of_row(best, x[n], acc, d0, d1, h0, h1, start, stop, step, lowest)
+                continue
             best[:] = lowest
-            if indices is not None:
-                for ow in range(out_w):
-                    indices[n, od, oh, ow, :] = (d0 * height + h0) * width + start[2, ow]
+            for ow in range(out_w):
+                indices[n, od, oh, ow, :] = (d0 * height + h0) * width + start[2, ow]
             d = d0
             while d < d1:
                 h = h0
                 while h < h1:
-                    if indices is None:
-                        _max_into_row(best, x[n, d, h], start, stop, step_w)
-                    else:
-                        _max_with_positions_into_row(best, indices[n, od, oh], x[n, d, h], start,
-                                                     stop, step_w, (d * height + h) * width)
+                    _max_with_positions_into_row(best, indices[n, od, oh], x[n, d, h], start,
+                                                 stop, step_w, (d * height + h) * width)
                     h += step_h
                 d += step_d
+
+
+# --------------------------------------------------------------------------
+# Channels-last forward, window by window.  Each output's window is folded
+# whole, input row by input row, into a vector over the channels: its reads are
+# runs of contiguous channel vectors, and the channel loop is the innermost,
+# vectorised one.  Small windows (up to 4 rows of up to 4 columns, as rows x
+# columns literals: 1x1 to 1x4, 2x2, 3x3, 4x2) fold in registers and store each
+# output once; others fold into a scratch vector (in L1), their columns in
+# unrolled groups of 4, 2 and 1 (one load and store of the scratch per group).
+# The order of the fold is the scan order (d, h, w) of every window, as in the
+# row-by-row kernels: maxima keep torch's first index and NaN rule, sums their
+# rounding, bit for bit.
+# --------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _count(first, stop, step):
+    """How many of first, first + step, ... lie below stop (no division for step 1)."""
+    if stop <= first:
+        return 0
+    return stop - first if step == 1 else (stop - first + step - 1) // step
+
+
+@njit(inline="always")
+def _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, rows, columns,
+                       power, first, factor):
+    """``result`` = the finished fold of ``columns`` columns from ``w0`` of the first
+    ``rows`` of r0..r3 (literals at the call site: the loops unroll)."""
+    for c in range(result.size):
+        kept = first
+        for j in range(columns):
+            kept = fold(kept, r0[w0 + j * step_w, c], power)
+        if rows > 1:
+            for j in range(columns):
+                kept = fold(kept, r1[w0 + j * step_w, c], power)
+        if rows > 2:
+            for j in range(columns):
+                kept = fold(kept, r2[w0 + j * step_w, c], power)
+        if rows > 3:
+            for j in range(columns):
+                kept = fold(kept, r3[w0 + j * step_w, c], power)
+        result[c] = finish(kept, factor, power)
+
+
+@njit(inline="always")
+def _window_row(x_image, k, rows_h, d0, h0, step_d, step_h):
+    """Input row ``k`` (< 2 * rows_h, or any with rows_h = 1) of a window, in scan
+    order, without a division."""
+    if rows_h == 1:
+        return x_image[d0 + k * step_d, h0]
+    if k < rows_h:
+        return x_image[d0, h0 + k * step_h]
+    return x_image[d0 + step_d, h0 + (k - rows_h) * step_h]
+
+
+@njit(inline="always")
+def _fold_column_group(fold, acc, x_row, w0, step_w, columns, power):
+    for c in range(acc.size):
+        kept = acc[c]
+        for j in range(columns):
+            kept = fold(kept, x_row[w0 + j * step_w, c], power)
+        acc[c] = kept
+
+
+@njit(inline="always")
+def _fold_window(fold, finish, result, x_image, acc, d0, d1, h0, h1, w0, w1, step, power,
+                 first, factor):
+    """``result`` (C) = the finished fold of ``x_image`` (D, H, W, C) over one window."""
+    step_d, step_h, step_w = step[0], step[1], step[2]
+    rows_h = _count(h0, h1, step_h)
+    rows = _count(d0, d1, step_d) * rows_h
+    columns = _count(w0, w1, step_w)
+    if 0 < rows <= 4 and 0 < columns <= 4:
+        r0 = x_image[d0, h0]
+        r1 = r2 = r3 = r0
+        if rows > 1:
+            r1 = _window_row(x_image, 1, rows_h, d0, h0, step_d, step_h)
+        if rows > 2:
+            r2 = _window_row(x_image, 2, rows_h, d0, h0, step_d, step_h)
+        if rows > 3:
+            r3 = _window_row(x_image, 3, rows_h, d0, h0, step_d, step_h)
+        if rows == 1 and columns == 1:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 1, power,
+                               first, factor)
+            return
+        if rows == 1 and columns == 2:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 2, power,
+                               first, factor)
+            return
+        if rows == 1 and columns == 3:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 3, power,
+                               first, factor)
+            return
+        if rows == 1 and columns == 4:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 4, power,
+                               first, factor)
+            return
+        if rows == 2 and columns == 2:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 2, 2, power,
+                               first, factor)
+            return
+        if rows == 3 and columns == 3:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 3, 3, power,
+                               first, factor)
+            return
+        if rows == 4 and columns == 2:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 4, 2, power,
+                               first, factor)
+            return
+    acc[:] = first
+    d = d0
+    while d < d1:
+        h = h0
+        while h < h1:
+            x_row = x_image[d, h]
+            w, left = w0, columns
+            while left >= 4:
+                _fold_column_group(fold, acc, x_row, w, step_w, 4, power)
+                w += 4 * step_w
+                left -= 4
+            if left >= 2:
+                _fold_column_group(fold, acc, x_row, w, step_w, 2, power)
+                w += 2 * step_w
+                left -= 2
+            if left == 1:
+                _fold_column_group(fold, acc, x_row, w, step_w, 1, power)
+            h += step_h
+        d += step_d
+    for c in range(result.size):
+        result[c] = finish(acc[c], factor, power)
+
+
+@njit(inline="always")
+def _folded(kept, factor, power):
+    return kept
+
+
+@njit(inline="always")
+def _finish_sum(kept, factor, power):
+    return _root(kept * factor, power)
+
+
+# Compiled once per dtype as plain functions called once per output row (their
+# unrolled variants, inlined into each parallel kernel and its serial twin,
+# would multiply compile time).
+@njit(**_SERIAL_JIT_OPTIONS)
+def _max_windows_of_row(result, x_image, acc, d0, d1, h0, h1, start, stop, step, lowest):
+    """The maxima ``result`` (W_out, C) of one output row's windows."""
+    for ow in range(result.shape[0]):
+        _fold_window(_fold_max, _folded, result[ow], x_image, acc, d0, d1, h0, h1,
+                     start[2, ow], stop[2, ow], step, None, lowest, 1.0)
+
+
+@njit(**_SERIAL_JIT_OPTIONS)
+def _sum_windows_of_row(result, x_image, acc, d0, d1, h0, h1, start, stop, step, power, zero,
+                        scale, row_divisor, divisor):
+    """The averages / Lp norms ``result`` (W_out, C) of one output row's windows."""
+    for ow in range(result.shape[0]):
+        _fold_window(_fold_sum, _finish_sum, result[ow], x_image, acc, d0, d1, h0, h1,
+                     start[2, ow], stop[2, ow], step, power, zero,
+                     scale / (row_divisor * divisor[2, ow]))
 
 
 # Channels-last windows fold a run of input columns into a channel vector.  For
@@ -495,36 +658,49 @@ def _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power):
 @njit(**CPU_JIT_OPTIONS)
 def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
                            grad=None):
-    """As :func:`sum_pool_channels_first`, vectorised over channels (the loop order
-    of :func:`max_pool_channels_last`)."""
+    """As :func:`sum_pool_channels_first`, vectorised over channels, window by
+    window (see :func:`_fold_window`)."""
     batch, out_d, out_h, out_w, channels = out.shape
-    step_d, step_h, step_w = step[0], step[1], step[2]
     rows = batch * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in prange(chunks):
-        totals = np.empty((out_w, channels), type(zero))
+        acc = np.empty(channels, type(zero))
+        totals = np.empty(channels if grad is not None else 0, type(zero))
+        # Lp norms accumulate whole output rows, input row by input row: their pow
+        # calls per element run faster in those long loops than window by window.
+        row_totals = np.empty((out_w if power is not None and grad is None else 0,
+                               channels), type(zero))
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
-            totals[...] = zero
-            d = start[0, od]
-            while d < stop[0, od]:
-                h = start[1, oh]
-                while h < stop[1, oh]:
-                    _sum_into_row(totals, x[n, d, h], start, stop, step_w, power)
-                    h += step_h
-                d += step_d
+            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
             row_divisor = divisor[0, od] * divisor[1, oh]
-            for ow in range(out_w):
-                total, result = totals[ow], out[n, od, oh, ow]
-                if grad is None:
+            if grad is None and power is None:
+                _sum_windows_of_row(out[n, od, oh], x[n], acc, d0, d1, h0, h1, start, stop,
+                                    step, power, zero, scale, row_divisor, divisor)
+                continue
+            if grad is None:
+                row_totals[...] = zero
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        _sum_into_row(row_totals, x[n, d, h], start, stop, step[2], power)
+                        h += step[1]
+                    d += step[0]
+                for ow in range(out_w):
+                    total, result = row_totals[ow], out[n, od, oh, ow]
                     factor = scale / (row_divisor * divisor[2, ow])
                     for c in range(channels):
                         result[c] = _root(total[c] * factor, power)
-                else:
-                    grad_at = grad[n, od, oh, ow]
-                    for c in range(channels):
-                        result[c] = _lp_output_gradient(grad_at[c], total[c],
-                                                        row_divisor * divisor[2, ow], scale, power)
+                continue
+            for ow in range(out_w):
+                # The window sums themselves (finished with factor 1, no root).
+                _fold_window(_fold_sum, _folded, totals, x[n], acc, d0, d1, h0, h1,
+                             start[2, ow], stop[2, ow], step, power, zero, 1.0)
+                result, grad_at = out[n, od, oh, ow], grad[n, od, oh, ow]
+                for c in range(channels):
+                    result[c] = _lp_output_gradient(grad_at[c], totals[c],
+                                                    row_divisor * divisor[2, ow], scale, power)
 
 
 # --------------------------------------------------------------------------
@@ -917,6 +1093,53 @@ def _max_with_row_positions(best, best_at, row, row_at, base):
         if (value > best[i]) | (value != value):
             best[i] = value
             best_at[i] = base + row_at[i]
+
+
+@njit(**CPU_JIT_OPTIONS)
+def max_pool_separable_rows_channels_last(x, out, start, stop, step, lowest, chunks):
+    """Window maxima (values only) of the separable kernels, channels-last, in two
+    parallel passes over whole channel vectors: (1) every input row's W-pass maxima
+    (W_out, C), window by window (:func:`_max_windows_of_row` on one-row windows);
+    (2) every output row, the fold of the W-pass rows of its D/H window in scan order,
+    each a vector op over the row's W_out * C contiguous elements.  Folding
+    first-in-row maxima row by row in scan order keeps torch's first index and NaN
+    rule.  Split over rows, not channel blocks (whose strided slices
+    do not vectorise), so that batch 1 uses every thread too."""
+    batch, depth, height = x.shape[0], x.shape[1], x.shape[2]
+    out_d, out_h, out_w, channels = out.shape[1], out.shape[2], out.shape[3], out.shape[4]
+    maxima = np.empty((batch, depth, height, out_w, channels), x.dtype)
+    in_rows = batch * depth * height
+    per_chunk = (in_rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        acc = np.empty(channels, x.dtype)
+        for row in range(chunk * per_chunk, min(in_rows, (chunk + 1) * per_chunk)):
+            n, d, h = _row_coords(row, depth, height)
+            _max_windows_of_row(maxima[n, d, h], x[n], acc, d, d + 1, h, h + 1, start, stop,
+                                step, lowest)
+    out_rows = batch * out_d * out_h
+    per_chunk = (out_rows + chunks - 1) // chunks
+    for chunk in prange(chunks):
+        for row in range(chunk * per_chunk, min(out_rows, (chunk + 1) * per_chunk)):
+            n, od, oh = _row_coords(row, out_d, out_h)
+            _max_windows_of_rows(out[n, od, oh], maxima[n], start[0, od], stop[0, od],
+                                 start[1, oh], stop[1, oh], step, lowest)
+
+
+@njit(**_SERIAL_JIT_OPTIONS)
+def _max_windows_of_rows(result, rows, d0, d1, h0, h1, step, lowest):
+    """``result`` (W_out, C) = the maxima of the rows ``rows[d, h]`` (W_out, C) of
+    one D/H window, folded in scan order as flat W_out * C vectors."""
+    best = result.reshape(-1)
+    best[:] = lowest
+    d = d0
+    while d < d1:
+        h = h0
+        while h < h1:
+            row = rows[d, h].reshape(-1)
+            for i in range(best.size):
+                best[i] = _fold_max(best[i], row[i], None)
+            h += step[1]
+        d += step[0]
 
 
 @njit(**CPU_JIT_OPTIONS)

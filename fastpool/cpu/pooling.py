@@ -136,8 +136,11 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
         launcher = _without_indices(launcher)
     elif block := _separable(shape, table, channels_last, dtype.itemsize + 8 * with_indices,
                              serial):
-        launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,), work,
-                                   with_indices)
+        if channels_last and not with_indices:
+            launcher = _bind_separable_rows(shape, table, lowest, serial, work)
+        else:
+            launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,),
+                                       work, with_indices)
     elif channels_last:
         launcher = bind(kernels.max_pool_channels_last, table.start, table.stop, table.step,
                         lowest, _chunks(shape, table, serial), work=work)
@@ -258,6 +261,18 @@ def _bind_separable(name, channels_last, block, table, arguments, work, with_ind
     kernel, *tail = _separable_arguments(name, channels_last, block, table, arguments,
                                          with_indices)
     return bind(kernel, *tail, work=work)
+
+
+def _bind_separable_rows(shape: tuple, table: WindowTable, lowest, serial: bool,
+                         work: int) -> Callable:
+    """The channels-last separable max kernel without positions, split over rows
+    (not channel blocks); launched as those that take indices."""
+    # Its first pass splits the input rows, its second the output rows.
+    rows = max(shape[0] * shape[1] * shape[2], shape[0] * table.out_shape[0] *
+               table.out_shape[1])
+    launcher = bind(kernels.max_pool_separable_rows_channels_last, table.start, table.stop,
+                    table.step, lowest, 1 if serial else _task_count(rows), work=work)
+    return _without_indices(launcher)
 
 
 def _launch_separable(name: str, channels_last: bool, block: int, arrays: tuple,
