@@ -56,6 +56,9 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(_threads, "get_num_threads", recording)
     torch_threads = torch.get_num_threads()
+    # Tests that restore a thread count with set_num_threads(n) leave it explicit;
+    # this one starts from the default, following torch.
+    fastpool.set_num_threads(None)
     yield seen
     torch.set_num_threads(torch_threads)
     fastpool.set_num_threads(None)
