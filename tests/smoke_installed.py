@@ -72,6 +72,10 @@ def _run_ops(fastpool, np, check):
     call("set_num_threads", 1)
     check(call("get_num_threads") == 1, "get_num_threads after set_num_threads(1)")
     call("set_num_threads", None)
+    out = forward("avg_pool2d", np.zeros((1, 1, 1024, 1024), np.float32), 1)  # pooled
+    nbytes = out.nbytes
+    del out
+    check(call("empty_cache") >= nbytes, "empty_cache releases a freed output's buffer")
     missed = set(fastpool.__all__) - called - {"__version__"}
     check(not missed, f"public functions not called by the smoke test: {sorted(missed)}")
 
