@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,3 +46,13 @@ def make_input(rng, nd, size, *, batched=True, channels_last=False, dtype=np.flo
 # FASTPOOL_TEST_CUDA=1, on a real GPU.  The main invocation leaves it out.
 if not (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("FASTPOOL_TEST_CUDA")):
     collect_ignore = ["cuda"]
+
+
+def run_on_disk_cache(script: str, cache_dir) -> object:
+    """Run ``script`` in a fresh Python process on numba's disk cache in ``cache_dir``
+    (the on-disk cache enabled); the JSON its last output line prints."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    env.pop("FASTPOOL_DISABLE_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

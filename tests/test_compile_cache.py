@@ -1,11 +1,8 @@
 """Kernels compile lazily and a second process loads them from numba's disk cache."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.conftest import run_on_disk_cache
 
 SCRIPT = """
 import json, numpy as np, fastpool
@@ -32,13 +29,8 @@ print(json.dumps({name: [sum(s.cache_hits.values()), sum(s.cache_misses.values()
 
 @pytest.mark.slow
 def test_second_process_loads_kernels_from_disk_cache(tmp_path):
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    env.pop("FASTPOOL_DISABLE_CACHE", None)
-
     def run():
-        done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, check=True,
-                              capture_output=True, text=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_on_disk_cache(SCRIPT, tmp_path)
 
     cold = run()
     assert all(misses >= 1 and hits == 0 for hits, misses in cold.values()), cold
@@ -77,13 +69,8 @@ print(json.dumps({"built": len(kernels.built_kernels()), "compiled": compiled,
 def test_kernels_built_per_interior_sweep_load_from_disk_cache(tmp_path):
     # Each sweep's build of a channels-first kernel is its own closure, cached on
     # disk under its cells' values: a second process loads every one.
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    env.pop("FASTPOOL_DISABLE_CACHE", None)
-
     def run():
-        done = subprocess.run([sys.executable, "-c", SWEEPS_SCRIPT], env=env, check=True,
-                              capture_output=True, text=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_on_disk_cache(SWEEPS_SCRIPT, tmp_path)
 
     cold = run()
     # max's (2, 3), (2, 2) and no-sweep builds (the average's backward gathers).

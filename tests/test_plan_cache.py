@@ -7,8 +7,6 @@ time, as it does with no plans cached; small calls run the kernels' serial
 twins, which must agree with the parallel kernels bit for bit.
 """
 
-import json
-import os
 import subprocess
 import sys
 import threading
@@ -21,6 +19,7 @@ import fastpool
 from fastpool import _dispatch
 from fastpool._params import Layout
 from fastpool.cpu import kernels, runtime
+from tests.conftest import run_on_disk_cache
 
 RNG = np.random.default_rng(7)
 X = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -403,13 +402,8 @@ print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_mis
 
 @pytest.mark.slow
 def test_serial_twins_have_their_own_disk_cache_entries(tmp_path):
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    env.pop("FASTPOOL_DISABLE_CACHE", None)
-
     def run():
-        done = subprocess.run([sys.executable, "-c", DISK_CACHE_SCRIPT], env=env, check=True,
-                              capture_output=True, text=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_on_disk_cache(DISK_CACHE_SCRIPT, tmp_path)
 
     cold = run()
     assert cold == {"parallel": [0, 1, True], "serial": [0, 1, False]}, cold
