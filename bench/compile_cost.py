@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -28,25 +29,43 @@ OPS = {
     "avg_pool2d_backward": "fastpool.avg_pool2d_backward(g, x.shape, 2)",
 }
 
+# ``--more``: other layouts, dimensions and ops (``xl``: x channels-last).
+MORE_OPS = {
+    "max_pool2d(channels_last)": "fastpool.max_pool2d(xl, 3, 2, 1, channels_last=True)",
+    "avg_pool2d(channels_last)": "fastpool.avg_pool2d(xl, 2, channels_last=True)",
+    "lp_pool2d(channels_last)": "fastpool.lp_pool2d(abs(xl), 2, 2, channels_last=True)",
+    "max_pool1d": "fastpool.max_pool1d(x[0], 3, 2, 1)",
+    "avg_pool3d": "fastpool.avg_pool3d(x, 2)",
+    "adaptive_avg_pool2d": "fastpool.adaptive_avg_pool2d(x, 3)",
+    "global_avg_pool2d": "fastpool.global_avg_pool2d(x)",
+    "lp_pool2d_backward": "fastpool.lp_pool2d_backward(g, abs(x), 2, 2)",
+}
+
 _SCRIPT = """
-import time, numpy as np
-start = time.perf_counter()
+import json, time, numpy as np
 import fastpool
 x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
 g = np.ones((2, 4, 4, 4), np.float32)
 i = np.zeros((2, 4, 4, 4), np.int64)
-imported = time.perf_counter()
+wall, cpu = time.perf_counter(), time.process_time()
 {call}
-print(time.perf_counter() - imported)
+print(json.dumps({{"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}}))
 """
 
 
+def first_call_cost(call: str, cache_dir: str) -> dict:
+    """{"wall": s, "cpu": s} of ``call``, the first of a fresh process (which has
+    imported fastpool, not numba) with numba's cache in ``cache_dir``; CPU seconds
+    are the process's, over all its threads."""
+    done = subprocess.run([sys.executable, "-c", _SCRIPT.format(call=call)],
+                          env=_env(cache_dir), capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def first_call_seconds(call: str, cache_dir: str) -> float:
-    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
-    env.pop("FASTPOOL_DISABLE_CACHE", None)
-    done = subprocess.run([sys.executable, "-c", _SCRIPT.format(call=call)], env=env,
-                          capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    """Wall seconds of :func:`first_call_cost`."""
+    return first_call_cost(call, cache_dir)["wall"]
 
 
 _GROUP_SCRIPT = """
@@ -102,14 +121,20 @@ def precompile_cost(args=()) -> dict:
     return costs
 
 
-def compile_costs(ops=OPS) -> dict:
-    """{op: {"cold": seconds, "warm": seconds}} for the first call of each op."""
+def compile_costs(ops=OPS, progress=False) -> dict:
+    """{op: {"cold": s, "warm": s, "cold_cpu": s, "warm_cpu": s}} for the first call
+    of each op: wall and CPU seconds, with an empty cache, then the one it left."""
     costs = {}
     for name, call in ops.items():
         with tempfile.TemporaryDirectory() as cache_dir:
-            cold = first_call_seconds(call, cache_dir)
-            warm = first_call_seconds(call, cache_dir)
-        costs[name] = {"cold": cold, "warm": warm}
+            cold = first_call_cost(call, cache_dir)
+            warm = first_call_cost(call, cache_dir)
+        costs[name] = {"cold": cold["wall"], "warm": warm["wall"],
+                       "cold_cpu": cold["cpu"], "warm_cpu": warm["cpu"]}
+        if progress:
+            print(f"{name:<28} cold {cold['wall']:5.2f} s wall {cold['cpu']:5.2f} s CPU, "
+                  f"warm {warm['wall']:5.2f} s wall {warm['cpu']:5.2f} s CPU",
+                  file=sys.stderr, flush=True)
     return costs
 
 
@@ -120,10 +145,17 @@ if __name__ == "__main__":
                         help="time fastpool.precompile's op groups (all, or these)")
     parser.add_argument("--precompile", action="store_true",
                         help="time python -m fastpool.precompile with its defaults")
+    parser.add_argument("--more", action="store_true",
+                        help="also channels-last, 1-D, 3-D, adaptive, global and Lp "
+                             "backward first calls")
+    parser.add_argument("--filter", default="", metavar="REGEX",
+                        help="only the ops whose names match")
     args = parser.parse_args()
     if args.groups is not None:
         print(json.dumps(group_costs([g for g in args.groups.split(",") if g]), indent=2))
     if args.precompile:
         print(json.dumps(precompile_cost(), indent=2))
     if args.groups is None and not args.precompile:
-        print(json.dumps(compile_costs(), indent=2))
+        ops = {**OPS, **(MORE_OPS if args.more else {})}
+        ops = {name: call for name, call in ops.items() if re.search(args.filter, name)}
+        print(json.dumps(compile_costs(ops, progress=True), indent=2))

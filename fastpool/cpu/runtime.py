@@ -36,8 +36,11 @@ same Python source compiled with ``parallel=False`` (``prange`` then runs as
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import sys
 import threading
 import types
 from contextlib import nullcontext
@@ -49,6 +52,44 @@ from fastpool import _threads
 from fastpool._config import CPU_JIT_OPTIONS
 
 logger = logging.getLogger("fastpool")
+
+
+def _load_numba_registries() -> None:
+    """Import numba's NumPy registries without importing ``scipy.linalg``.
+
+    numba's first compile or cache load in a process imports
+    ``numba.np.arraymath``, which checks for BLAS by importing
+    ``scipy.linalg.cython_blas``: with it, the whole ``scipy.linalg`` package,
+    a quarter of a second of every process's first call, though pooling never
+    calls BLAS.  Here the check finds that extension module loaded alone (a few
+    milliseconds; numba still registers its BLAS-backed functions), and it leaves
+    ``sys.modules`` as it was: numba's BLAS calls (``fastpool.cpu.conv``'s
+    ``np.dot``) import ``scipy.linalg`` themselves when they first run.  Nothing
+    to do when scipy is absent or either module is already imported."""
+    name = "scipy.linalg.cython_blas"
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    try:
+        import scipy
+        spec = importlib.machinery.PathFinder.find_spec(
+            "cython_blas", [os.path.join(path, "linalg") for path in scipy.__path__])
+    except (ImportError, AttributeError):
+        spec = None
+    if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+        import numba.np.arraymath  # noqa: F401  (numba's own check, as it would run)
+        return
+    spec.name = name
+    blas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blas)
+    sys.modules[name] = blas
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        if sys.modules.get(name) is blas:
+            del sys.modules[name]
+
+
+_load_numba_registries()
 
 _setup_lock = threading.Lock()
 _launch_lock: threading.Lock | None = None
