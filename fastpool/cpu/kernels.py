@@ -485,7 +485,10 @@ def _root(mean, power):
     """``mean ** (1/power)``: the Lp norm from its mean power, as torch's lp_pool."""
 
 
-_power = njit(inline="always")(torch_power)
+# A function of its own (compiled once per signature and inlined by LLVM), not
+# inlined by numba: its IR copied into each of the many callers (the Lp overloads
+# below, compiled per caller) cost seconds of an Lp op's first call.
+_power = njit(**_SERIAL_JIT_OPTIONS)(torch_power)
 
 
 # Resolved by type at compile time, so averages and Lp norms get separate
