@@ -477,34 +477,31 @@ def _max_with_position(best, best_at, values, at):
             best_at[c] = at
 
 
-def _raise_to(value, power):
-    """``value ** power`` in float64; the identity when power is None (averages)."""
-
-
-def _root(mean, power):
-    """``mean ** (1/power)``: the Lp norm from its mean power, as torch's lp_pool."""
-
-
 # A function of its own (compiled once per signature and inlined by LLVM), not
-# inlined by numba: its IR copied into each of the many callers (the Lp overloads
-# below, compiled per caller) cost seconds of an Lp op's first call.
+# inlined by numba: its IR copied into each of the many callers cost seconds of an
+# Lp op's first call.
 _power = njit(**_SERIAL_JIT_OPTIONS)(torch_power)
 
 
-# Resolved by type at compile time, so averages and Lp norms get separate
-# specialisations and the averaging loops stay free of branches and pow calls.
-@overload(_raise_to)
-def _raise_to_impl(value, power):
-    if isinstance(power, types.NoneType):
-        return lambda value, power: value
-    return lambda value, power: _power(np.float64(value), power)
+# Functions, not overloads, of their own like _power: numba compiles an overload
+# once per caller's compile flags (the kernels, _contiguous_sum's fast-math, the
+# sweeps), a function once per signature.  ``power is None`` is decided by type at
+# compile time, so averages and Lp norms get separate specialisations and the
+# averaging loops stay free of branches and pow calls.
+@njit(**_SERIAL_JIT_OPTIONS)
+def _raise_to(value, power):
+    """``value ** power`` in float64; the identity when power is None (averages)."""
+    if power is None:
+        return value
+    return _power(np.float64(value), power)
 
 
-@overload(_root)
-def _root_impl(mean, power):
-    if isinstance(power, types.NoneType):
-        return lambda mean, power: mean
-    return lambda mean, power: _power(mean, 1.0 / power)
+@njit(**_SERIAL_JIT_OPTIONS)
+def _root(mean, power):
+    """``mean ** (1/power)``: the Lp norm from its mean power, as torch's lp_pool."""
+    if power is None:
+        return mean
+    return _power(mean, 1.0 / power)
 
 
 # --------------------------------------------------------------------------
@@ -779,16 +776,12 @@ def _lp_output_gradient(grad, window_sum, window_divisor, scale, power):
     return grad_scaled
 
 
+@njit(**_SERIAL_JIT_OPTIONS)
 def _input_factor(value, power):
-    """d (x**p) / dx; 1 for averages."""
-
-
-@overload(_input_factor)
-def _input_factor_impl(value, power):
-    if isinstance(power, types.NoneType):
-        return lambda value, power: 1.0
-    return lambda value, power: power * _power(np.float64(value), power - 1.0) \
-        if power != 1.0 else 1.0
+    """d (x**p) / dx; 1 for averages (see _raise_to)."""
+    if power is None:
+        return 1.0
+    return power * _power(np.float64(value), power - 1.0) if power != 1.0 else 1.0
 
 
 # --------------------------------------------------------------------------
