@@ -82,3 +82,45 @@ def test_kernels_built_per_interior_sweep_load_from_disk_cache(tmp_path):
     warm = run()
     assert all(hits == 1 and misses == 0 for hits, misses in warm["cache"].values()), warm
     assert warm["compiled"] == [], warm["compiled"]
+
+
+FIRST_CALL_SCRIPT = """
+import collections, importlib.util, json, sys, numpy as np, fastpool
+from numba.core import event
+x = np.abs(np.random.default_rng(0).standard_normal((2, 3, 8, 40))).astype(np.float32)
+compiled = collections.Counter()
+class Compiles(event.Listener):
+    def on_start(self, ev):
+        dispatcher = ev.data["dispatcher"]
+        name = getattr(dispatcher, "py_func", dispatcher).__qualname__
+        compiled[name + str(ev.data["args"])] += 1
+    def on_end(self, ev):
+        pass
+with event.install_listener("numba:compile", Compiles()):
+    y = fastpool.lp_pool2d(x, 2, 2)
+    fastpool.lp_pool2d_backward(np.ones_like(y), x, 2, 2)
+    fastpool.avg_pool2d(x, 2)
+linalg_after_pooling = "scipy.linalg" in sys.modules
+import numba.np.arraymath
+blas = numba.np.arraymath._HAVE_BLAS
+if importlib.util.find_spec("scipy") is not None:
+    import scipy.linalg.cython_blas
+    blas = blas and len(scipy.linalg.cython_blas.__pyx_capi__) > 0
+    import scipy.linalg
+    blas = blas and scipy.linalg.blas.find_best_blas_type is not None
+print(json.dumps({"twice": [name for name, count in compiled.items() if count > 1],
+                  "linalg": linalg_after_pooling, "blas": bool(blas)}))
+"""
+
+
+@pytest.mark.slow
+def test_first_calls_compile_each_function_once_without_scipy_linalg(tmp_path):
+    # numba compiles an @overload once per caller's compile flags, so the Lp
+    # helpers (called from kernels, sweeps and the fast-math _contiguous_sum) are
+    # functions: each compiles once per signature.  And numba's BLAS check at its
+    # first compile loads scipy.linalg.cython_blas alone (see fastpool.cpu.runtime),
+    # not the whole scipy.linalg, which a later import still gets whole.
+    result = run_on_disk_cache(FIRST_CALL_SCRIPT, tmp_path)
+    assert result["twice"] == [], result["twice"]
+    assert not result["linalg"]
+    assert result["blas"]
