@@ -363,6 +363,40 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
     return _runner(run_max_backward, runs_serially(work))
 
 
+# Channels-first sum backward over planes of up to PLANE_BLOCK_MAX_BYTES of sums
+# (in the accumulator's type) gathers PLANE_BLOCK planes at a time transposed into
+# vector lanes, the block's scratch staying in L1/L2; larger planes' rows are long
+# enough to vectorise in place (one thread, process CPU time: 14x14 planes 2.3x
+# faster in blocks, 56x56 ones 1.2x slower).
+PLANE_BLOCK_MAX_BYTES = 4096
+PLANE_BLOCK = 32
+PLANE_BLOCK_MIN = 8
+
+
+def _plane_block(input_shape: tuple, zero, serial: bool) -> int:
+    """0 for the row by row channels-first sum backward, else the planes per task of
+    :func:`kernels.sum_backward_plane_blocks` (fewer than PLANE_BLOCK where that
+    leaves too few tasks for the threads; each plane's sums are the same bits in
+    any block)."""
+    if math.prod(input_shape[1:4]) * np.dtype(type(zero)).itemsize > PLANE_BLOCK_MAX_BYTES:
+        return 0
+    planes = input_shape[0]
+    if serial:
+        return PLANE_BLOCK
+    return max(PLANE_BLOCK_MIN, min(PLANE_BLOCK, -(-planes // (4 * get_num_threads()))))
+
+
+def _window_weights(table: WindowTable, scale: float, zero) -> np.ndarray:
+    """Each window's ``scale / divisor`` (od, oh, ow), in the accumulator's type: the
+    gathers' weights, divided once per call instead of once per term."""
+    out_d, out_h, out_w = table.out_shape
+    divisor = table.divisor
+    # (d * h) * w, as the kernels multiplied them.
+    window = (divisor[0, :out_d, None] * divisor[1, None, :out_h])[..., None] * \
+        divisor[2, None, None, :out_w]
+    return (scale / window).astype(type(zero))
+
+
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
                  channels_last: bool, input_shape: tuple, power: float | None,
                  stream=None) -> np.ndarray:
@@ -393,12 +427,18 @@ def plan_sum_backward(out_shape: tuple, dtype: np.dtype, table: WindowTable,
     serial = runs_serially(work)
     first, last = table.covering_outputs(input_shape[1:4])
     scale = table.scale if lp is None else 1.0
-    arguments = (first, last, table.start, table.stop, table.step, table.divisor, scale, lp)
+    head = (first, last, table.start, table.stop, table.step)
     if channels_last:
-        gather = bind(kernels.sum_backward_channels_last, *arguments,
-                      np.float64(0) if lp is not None else dtype.type(0), work=work)
+        zero = np.float64(0) if lp is not None else dtype.type(0)
+        gather = bind(kernels.sum_backward_channels_last, *head,
+                      _window_weights(table, scale, zero), lp, zero, work=work)
+    elif block := _plane_block(input_shape, accumulator_zero(dtype, table, lp), serial):
+        # float64 weights: the row kernel's (its terms round once, after the product).
+        gather = bind(kernels.sum_backward_plane_blocks, *head,
+                      _window_weights(table, scale, np.float64(0)), lp,
+                      accumulator_zero(dtype, table, lp), block, work=work)
     else:
-        gather = bind(kernels.sum_backward_channels_first, *arguments,
+        gather = bind(kernels.sum_backward_channels_first, *head, table.divisor, scale, lp,
                       accumulator_zero(dtype, table, lp),
                       1 if serial else _task_count(input_shape[0] * input_shape[1]),
                       work=work)
