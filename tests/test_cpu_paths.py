@@ -317,3 +317,32 @@ def test_small_plane_sum_backward_in_plane_blocks(size, forward, backward, monke
         assert run().tobytes() == got.tobytes()
     finally:
         fastpool.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("args", [(1, 2, 0), (1, (2, 3), 0), (2, 2, 0)])
+def test_channels_last_max_backward_gather_path(args):
+    """Small batches of single-element windows that skip inputs (FPN's
+    max_pool2d(1, 2)) gather; 2x2 windows scatter: both give torch's gradients, a
+    NaN gradient reaching only its own maximum, and the same bits at every thread
+    count."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 13, 17, 48)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    y = F.max_pool2d(xt, *args)
+    grad = rng.standard_normal(y.shape).astype(np.float32)
+    grad[0, 5, 1, 2] = np.nan
+    y.backward(torch.from_numpy(grad))
+    _, indices = fastpool.max_pool2d(x, *args, return_indices=True, channels_last=True)
+    g = np.ascontiguousarray(grad.transpose(0, 2, 3, 1))
+    window = dict(zip(("kernel_size", "stride", "padding"), args))
+    threads = fastpool.get_num_threads()
+    try:
+        got = fastpool.max_pool2d_backward(g, indices, x.shape, channels_last=True, **window)
+        np.testing.assert_array_equal(got, xt.grad.permute(0, 2, 3, 1).numpy())
+        assert np.isnan(got).sum() == 1
+        fastpool.set_num_threads(1)
+        again = fastpool.max_pool2d_backward(g, indices, x.shape, channels_last=True,
+                                             **window)
+        assert again.tobytes() == got.tobytes()
+    finally:
+        fastpool.set_num_threads(threads)

@@ -307,13 +307,17 @@ def _channel_block(batch: int, channels: int, serial: bool = False) -> int:
 
 
 # Channels-last max backward gathers (each input row sums the gradients of the
-# windows whose maximum it holds) only for windows that do not overlap, and only
-# when the batch is too small to give each task whole images: the scatter's
-# channel slices are then the slower choice.  Otherwise the scatter wins, by 2x
-# for ResNet's overlapping 3x3 stride-2 windows (both paths timed on the
-# benchmark's channels-last shapes, one thread, process CPU time).
+# windows whose maximum it holds) only for single-element windows that do not
+# overlap (FPN's max_pool2d(1, 2)), and only for batches too small to give each
+# task whole images: the gather then skips the positions no window reads, which
+# the scatter zeroes and re-reads (1.4x faster).  Windows of several elements make
+# it compare each output's index once per element of the window: the scatter,
+# one add per output, was 1.7x faster for 2x2 stride-2 windows and 2x for ResNet's
+# overlapping 3x3 stride-2 ones (both paths timed on the benchmark's
+# channels-last shapes, one thread, process CPU time).
 GATHER_MIN_CHANNELS = 32
 GATHER_MAX_COVER = 1
+GATHER_MAX_WINDOW = 1
 GATHER_MAX_BATCH_PER_THREAD = 3
 
 
@@ -336,6 +340,7 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
     gather = None
     if channels_last and table is not None and tail[0] >= GATHER_MIN_CHANNELS and \
             batch <= GATHER_MAX_BATCH_PER_THREAD * get_num_threads() and \
+            table.max_window_size <= GATHER_MAX_WINDOW and \
             table.max_cover(input_shape[1:4]) <= GATHER_MAX_COVER:
         first, last = table.covering_outputs(input_shape[1:4])
         gather = bind(kernels.max_backward_gather_channels_last, first, last, table.start,
