@@ -978,18 +978,15 @@ def max_backward_gather_channels_last(grad_out, indices, grad_in, first_out, las
     """Each input element sums the gradients of the covering windows whose maximum
     it is.  Returns how many (output, channel) indices were matched: fewer than
     grad_out.size means some index lies outside its own window (not from this
-    forward), and the caller scatters instead, as torch would.  Element indexing
-    and a select (not row views and a branch) let the channel loop vectorise."""
+    forward), and the caller scatters instead, as torch would."""
     batch, depth, height, width, channels = grad_in.shape
-    rows = batch * depth * height
-    matched_rows = np.empty(rows, np.int64)
-    for row in prange(rows):
+    matched = 0
+    for row in prange(batch * depth * height):
         n, d, h = _row_coords(row, depth, height)
-        matched = 0
         for w in range(width):
             here = (d * height + h) * width + w
-            for c in range(channels):
-                grad_in[n, d, h, w, c] = 0
+            total = grad_in[n, d, h, w]
+            total[:] = 0.0
             for od in range(first_out[0, d], last_out[0, d]):
                 if not _covers(d, od, start, stop, step, 0):
                     continue
@@ -999,12 +996,12 @@ def max_backward_gather_channels_last(grad_out, indices, grad_in, first_out, las
                     for ow in range(first_out[2, w], last_out[2, w]):
                         if not _covers(w, ow, start, stop, step, 2):
                             continue
+                        grads, at = grad_out[n, od, oh, ow], indices[n, od, oh, ow]
                         for c in range(channels):
-                            hit = indices[n, od, oh, ow, c] == here
-                            grad_in[n, d, h, w, c] += grad_out[n, od, oh, ow, c] if hit else 0
-                            matched += np.int64(hit)
-        matched_rows[row] = matched
-    return matched_rows.sum()
+                            if at[c] == here:
+                                total[c] += grads[c]
+                                matched += 1
+    return matched
 
 
 @njit(inline="always")
