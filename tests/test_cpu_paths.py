@@ -292,7 +292,7 @@ def test_small_plane_sum_backward_in_plane_blocks(size, forward, backward, monke
     vector lanes (74 planes: a last block partly idle): torch's gradients, and the
     same bits at every thread count and block size as the row by row kernel."""
     from fastpool import _dispatch
-    from fastpool.cpu import pooling
+    from fastpool.cpu import pooling, runtime
 
     rng = np.random.default_rng(len(size))
     x = np.abs(rng.standard_normal((2, 37, *size))).astype(np.float32) + 0.1
@@ -307,9 +307,11 @@ def test_small_plane_sum_backward_in_plane_blocks(size, forward, backward, monke
 
     threads = fastpool.get_num_threads()
     try:
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 0)  # the parallel kernels
         got = run()
         np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
         fastpool.set_num_threads(1)
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # their serial twins
         assert run().tobytes() == got.tobytes()
         monkeypatch.setattr(pooling, "PLANE_BLOCK", 5)
         assert run().tobytes() == got.tobytes()
@@ -320,7 +322,7 @@ def test_small_plane_sum_backward_in_plane_blocks(size, forward, backward, monke
 
 
 @pytest.mark.parametrize("args", [(1, 2, 0), (1, (2, 3), 0), (2, 2, 0)])
-def test_channels_last_max_backward_gather_path(args):
+def test_channels_last_max_backward_gather_path(args, monkeypatch):
     """Small batches of single-element windows that skip inputs (FPN's
     max_pool2d(1, 2)) gather; 2x2 windows scatter: both give torch's gradients, a
     NaN gradient reaching only its own maximum, and the same bits at every thread
@@ -335,12 +337,18 @@ def test_channels_last_max_backward_gather_path(args):
     _, indices = fastpool.max_pool2d(x, *args, return_indices=True, channels_last=True)
     g = np.ascontiguousarray(grad.transpose(0, 2, 3, 1))
     window = dict(zip(("kernel_size", "stride", "padding"), args))
+    from fastpool import _dispatch
+    from fastpool.cpu import runtime
+
     threads = fastpool.get_num_threads()
     try:
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 0)  # the parallel kernels
         got = fastpool.max_pool2d_backward(g, indices, x.shape, channels_last=True, **window)
         np.testing.assert_array_equal(got, xt.grad.permute(0, 2, 3, 1).numpy())
         assert np.isnan(got).sum() == 1
         fastpool.set_num_threads(1)
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # their serial twins
+        _dispatch.PLANS.clear()
         again = fastpool.max_pool2d_backward(g, indices, x.shape, channels_last=True,
                                              **window)
         assert again.tobytes() == got.tobytes()
