@@ -17,7 +17,8 @@ rows use 2-D); max pooling with or without indices; direct or separable kernels
 (windows of 9 elements or more); float32 or float64 sums (float32 windows of more
 than 64 elements sum in float64); whole-plane kernels (global pooling,
 channels-first); Lp powers or plain averages; the backward kernels (max's scatter,
-or its channels-last gather from 32 channels on; the sums' gather); and, for the
+or its channels-last gather from 32 channels on for one-element windows; the sums'
+gather, row by row or in blocks of small planes); and, for the
 channels-first kernels without indices, the sweep over the interior windows: one
 build per (stride, kernel) pair of 2x2 or 2x3, 3x3 and 4x4 (stride x window, along
 W), one for stride 1, one for the other strides (see
@@ -68,9 +69,9 @@ CASES: tuple[Case, ...] = (
     Case("max", "direct, with indices; backward scatter",
          "y, i = max_pool2d(x, 3, 2, 1, return_indices=True)",
          "max_pool2d_backward(ones(y), i, x.shape)", ints=True),
-    Case("max", "backward gather (channels-last, >= 32 channels)",
-         "y, i = max_pool2d(x, 2, return_indices=True)",
-         "max_pool2d_backward(ones(y), i, x.shape, kernel_size=2)", channels=32,
+    Case("max", "backward gather (channels-last, >= 32 channels, one-element windows)",
+         "y, i = max_pool2d(x, 1, 2, return_indices=True)",
+         "max_pool2d_backward(ones(y), i, x.shape, kernel_size=1, stride=2)", channels=32,
          layouts=_LAST),
     Case("max", "direct, the other interior sweeps (stride x window 2x2, 3x3, 4x4, "
          "stride 1, other strides)", "y = max_pool2d(x, 2); y = max_pool2d(x, 3, 3); "
@@ -83,6 +84,10 @@ CASES: tuple[Case, ...] = (
          "avg_pool2d_backward(ones(y), x.shape, 2)"),
     Case("avg", "direct, float64 sums (windows over 64 elements); backward",
          "y = avg_pool2d(x, 9)", "avg_pool2d_backward(ones(y), x.shape, 9)", size=18),
+    Case("avg", "backward row by row (channels-first planes over 4 KiB of sums)",
+         "y = avg_pool2d(x, 2); z = avg_pool2d(x, 9)",
+         "avg_pool2d_backward(ones(y), x.shape, 2); avg_pool2d_backward(ones(z), x.shape, 9)",
+         size=33, layouts=("first",)),
     Case("avg", "direct, the other interior sweeps (stride x window 2x3, 3x3, 4x4, "
          "stride 1)", "y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, 3, 3); "
          "y = avg_pool2d(x, 4, 4); y = avg_pool2d(x, 3, 1, 1)", layouts=("first",)),
@@ -90,14 +95,17 @@ CASES: tuple[Case, ...] = (
     Case("avg", "separable, float64 sums", "y = avg_pool2d(x, 9, 1)", size=20),
     Case("lp", "direct; backward", "y = lp_pool2d(x, 2, 2)",
          "lp_pool2d_backward(ones(y), x, 2, 2)"),
+    Case("lp", "backward row by row (channels-first planes over 4 KiB of sums)",
+         "y = lp_pool2d(x, 2, 2)", "lp_pool2d_backward(ones(y), x, 2, 2)", size=33,
+         layouts=("first",)),
     Case("lp", "separable", "y = lp_pool2d(x, 2, 5, 1)", size=16),
     Case("lp", "whole-plane windows", "y = lp_pool2d(x, 2, 8)", layouts=("first",)),
     Case("adaptive", "max", "y = adaptive_max_pool2d(x, 3)", ints=True),
     Case("adaptive", "max, with indices; backward scatter",
          "y, i = adaptive_max_pool2d(x, 3, return_indices=True)",
          "adaptive_max_pool2d_backward(ones(y), i, x.shape)", ints=True),
-    Case("adaptive", "max backward gather (channels-last, >= 32 channels)",
-         "y, i = adaptive_max_pool2d(x, 4, return_indices=True)",
+    Case("adaptive", "max backward gather (channels-last, >= 32 channels, one-element "
+         "windows)", "y, i = adaptive_max_pool2d(x, 8, return_indices=True)",
          "adaptive_max_pool2d_backward(ones(y), i, x.shape)", channels=32, layouts=_LAST),
     Case("adaptive", "avg; backward", "y = adaptive_avg_pool2d(x, 3)",
          "adaptive_avg_pool2d_backward(ones(y), x.shape)"),
@@ -107,9 +115,6 @@ CASES: tuple[Case, ...] = (
     Case("global", "max, with indices; backward scatter",
          "y, i = global_max_pool2d(x, return_indices=True)",
          "global_max_pool2d_backward(ones(y), i, x.shape)", ints=True),
-    Case("global", "max backward gather (channels-last, >= 32 channels)",
-         "y, i = global_max_pool2d(x, return_indices=True)",
-         "global_max_pool2d_backward(ones(y), i, x.shape)", channels=32, layouts=_LAST),
     Case("global", "avg; backward", "y = global_avg_pool2d(x)",
          "global_avg_pool2d_backward(ones(y), x.shape)"),
     Case("global", "avg, float64 sums (planes over 64 elements)", "y = global_avg_pool2d(x)",

@@ -205,6 +205,7 @@ def test_channels_last_max_backward_gather(nd, size, kwargs, rng, monkeypatch):
     from fastpool.cpu import pooling
     monkeypatch.setattr(pooling, "GATHER_MIN_CHANNELS", 1)
     monkeypatch.setattr(pooling, "GATHER_MAX_COVER", 10**6)
+    monkeypatch.setattr(pooling, "GATHER_MAX_WINDOW", 10**6)
     monkeypatch.setattr(pooling, "GATHER_MAX_BATCH_PER_THREAD", 10**6)
     x = make_input(rng, nd, size, channels_last=True, dtype=np.float64)
     _, indices = fastpool_op("max_pool", nd)(x, return_indices=True, channels_last=True,
@@ -229,6 +230,7 @@ def test_max_backward_with_foreign_indices_scatters_like_torch(channels_last, rn
     # the gather would drop them, so the kernels scatter as torch's backward does.
     from fastpool.cpu import pooling
     monkeypatch.setattr(pooling, "GATHER_MIN_CHANNELS", 1)
+    monkeypatch.setattr(pooling, "GATHER_MAX_WINDOW", 10**6)
     monkeypatch.setattr(pooling, "GATHER_MAX_BATCH_PER_THREAD", 10**6)
     x = make_input(rng, 2, 8, channels_last=channels_last, dtype=np.float64)
     window = dict(kernel_size=2, stride=2)

@@ -259,3 +259,98 @@ def test_separable_channels_last_max_by_rows(case, threads):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
     assert np.isnan(got[0]).any()
+
+
+
+# (id, spatial size, the torch forward, fastpool's backward of (grad, x))
+SMALL_PLANE_SUMS = [
+    ("adaptive_avg2d", (14, 14), lambda t: F.adaptive_avg_pool2d(t, 7),
+     lambda g, x: fastpool.adaptive_avg_pool2d_backward(g, x.shape)),
+    ("adaptive_avg2d-uneven", (13, 17), lambda t: F.adaptive_avg_pool2d(t, (7, 5)),
+     lambda g, x: fastpool.adaptive_avg_pool2d_backward(g, x.shape)),
+    ("avg2d-ceil-valid", (9, 11),
+     lambda t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+     lambda g, x: fastpool.avg_pool2d_backward(g, x.shape, 3, 2, 1, ceil_mode=True,
+                                               count_include_pad=False)),
+    ("avg1d", (40,), lambda t: F.avg_pool1d(t, 5, 1, 2),
+     lambda g, x: fastpool.avg_pool1d_backward(g, x.shape, 5, 1, 2)),
+    ("avg3d-override", (4, 6, 7),
+     lambda t: F.avg_pool3d(t, (2, 3, 3), (1, 2, 1), 1, divisor_override=5),
+     lambda g, x: fastpool.avg_pool3d_backward(g, x.shape, (2, 3, 3), (1, 2, 1), 1,
+                                               divisor_override=5)),
+    ("lp2d-ceil", (12, 10), lambda t: F.lp_pool2d(t, 2.0, 3, 2, ceil_mode=True),
+     lambda g, x: fastpool.lp_pool2d_backward(g, x, 2.0, 3, 2, ceil_mode=True)),
+    ("lp3d", (5, 6, 4), lambda t: F.lp_pool3d(t, 3.0, 2, 1),
+     lambda g, x: fastpool.lp_pool3d_backward(g, x, 3.0, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("size, forward, backward", [case[1:] for case in SMALL_PLANE_SUMS],
+                         ids=[case[0] for case in SMALL_PLANE_SUMS])
+def test_small_plane_sum_backward_in_plane_blocks(size, forward, backward, monkeypatch):
+    """Channels-first sum backward over small planes gathers blocks of planes in
+    vector lanes (74 planes: a last block partly idle): torch's gradients, and the
+    same bits at every thread count and block size as the row by row kernel."""
+    from fastpool import _dispatch
+    from fastpool.cpu import pooling, runtime
+
+    rng = np.random.default_rng(len(size))
+    x = np.abs(rng.standard_normal((2, 37, *size))).astype(np.float32) + 0.1
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = forward(xt)
+    grad = rng.standard_normal(y.shape).astype(np.float32)
+    y.backward(torch.from_numpy(grad))
+
+    def run():
+        _dispatch.PLANS.clear()
+        return backward(grad, x)
+
+    threads = fastpool.get_num_threads()
+    try:
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 0)  # the parallel kernels
+        got = run()
+        np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+        fastpool.set_num_threads(1)
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # their serial twins
+        assert run().tobytes() == got.tobytes()
+        monkeypatch.setattr(pooling, "PLANE_BLOCK", 5)
+        assert run().tobytes() == got.tobytes()
+        monkeypatch.setattr(pooling, "PLANE_BLOCK_MAX_BYTES", 0)  # row by row
+        assert run().tobytes() == got.tobytes()
+    finally:
+        fastpool.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("args", [(1, 2, 0), (1, (2, 3), 0), (2, 2, 0)])
+def test_channels_last_max_backward_gather_path(args, monkeypatch):
+    """Small batches of single-element windows that skip inputs (FPN's
+    max_pool2d(1, 2)) gather; 2x2 windows scatter: both give torch's gradients, a
+    NaN gradient reaching only its own maximum, and the same bits at every thread
+    count."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 13, 17, 48)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    y = F.max_pool2d(xt, *args)
+    grad = rng.standard_normal(y.shape).astype(np.float32)
+    grad[0, 5, 1, 2] = np.nan
+    y.backward(torch.from_numpy(grad))
+    _, indices = fastpool.max_pool2d(x, *args, return_indices=True, channels_last=True)
+    g = np.ascontiguousarray(grad.transpose(0, 2, 3, 1))
+    window = dict(zip(("kernel_size", "stride", "padding"), args))
+    from fastpool import _dispatch
+    from fastpool.cpu import runtime
+
+    threads = fastpool.get_num_threads()
+    try:
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 0)  # the parallel kernels
+        got = fastpool.max_pool2d_backward(g, indices, x.shape, channels_last=True, **window)
+        np.testing.assert_array_equal(got, xt.grad.permute(0, 2, 3, 1).numpy())
+        assert np.isnan(got).sum() == 1
+        fastpool.set_num_threads(1)
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # their serial twins
+        _dispatch.PLANS.clear()
+        again = fastpool.max_pool2d_backward(g, indices, x.shape, channels_last=True,
+                                             **window)
+        assert again.tobytes() == got.tobytes()
+    finally:
+        fastpool.set_num_threads(threads)

@@ -856,35 +856,116 @@ def sum_backward_channels_first(coefficient, x, grad_in, first_out, last_out, st
                         result[w] = total[w] * _input_factor(x_row[w], power)
 
 
+@njit(inline="always")
+def _gather_window_terms(sums, at, terms, weights, d, h, w, first_out, last_out, start, stop,
+                         step, zero):
+    """``sums[at]`` (a row of lanes) = the sum, in output order, of ``terms[od, oh, ow]``
+    (rows of lanes) times ``weights[od, oh, ow]`` over the windows covering
+    (d, h, w).  Indexed element by element, not through row views, whose
+    reference counting cost more than the arithmetic of narrow rows."""
+    lanes = sums.shape[1]
+    for c in range(lanes):
+        sums[at, c] = zero
+    for od in range(first_out[0, d], last_out[0, d]):
+        if not _covers(d, od, start, stop, step, 0):
+            continue
+        for oh in range(first_out[1, h], last_out[1, h]):
+            if not _covers(h, oh, start, stop, step, 1):
+                continue
+            for ow in range(first_out[2, w], last_out[2, w]):
+                if not _covers(w, ow, start, stop, step, 2):
+                    continue
+                weight = weights[od, oh, ow]
+                for c in range(lanes):
+                    sums[at, c] += terms[od, oh, ow, c] * weight
+
+
 @njit(**CPU_JIT_OPTIONS)
 def sum_backward_channels_last(coefficient, x, grad_in, first_out, last_out, start, stop,
-                               step, divisor, scale, power, zero):
+                               step, weights, power, zero):
     """One task per input row; each element gathers its covering windows' terms,
     vectorised over channels."""
     batch, depth, height, width, channels = grad_in.shape
     for row in prange(batch * depth * height):
         n, d, h = _row_coords(row, depth, height)
+        sums, terms = grad_in[n, d, h], coefficient[n]
         for w in range(width):
-            total = grad_in[n, d, h, w]
-            total[:] = 0.0
-            for od in range(first_out[0, d], last_out[0, d]):
-                if not _covers(d, od, start, stop, step, 0):
-                    continue
-                for oh in range(first_out[1, h], last_out[1, h]):
-                    if not _covers(h, oh, start, stop, step, 1):
-                        continue
-                    row_divisor = divisor[0, od] * divisor[1, oh]
-                    for ow in range(first_out[2, w], last_out[2, w]):
-                        if not _covers(w, ow, start, stop, step, 2):
-                            continue
-                        weight = type(zero)(scale / (row_divisor * divisor[2, ow]))
-                        terms = coefficient[n, od, oh, ow]
-                        for c in range(channels):
-                            total[c] += terms[c] * weight
+            _gather_window_terms(sums, w, terms, weights, d, h, w, first_out, last_out, start,
+                                 stop, step, zero)
             if power is not None:
-                values = x[n, d, h, w]
                 for c in range(channels):
-                    total[c] *= _input_factor(values[c], power)
+                    sums[w, c] *= _input_factor(x[n, d, h, w, c], power)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def sum_backward_plane_blocks(coefficient, x, grad_in, first_out, last_out, start, stop,
+                              step, weights, power, zero, block):
+    """:func:`sum_backward_channels_first` over small planes, ``block`` planes at a
+    time transposed into vector lanes: each task copies its planes' coefficients
+    into an (od, oh, ow, block) scratch, runs the same two passes on rows of
+    (width, block) elements (the same sums in the same order: the same bits) and
+    copies the sums back into the planes.  Row by row, narrow rows spent their
+    time in loop overhead instead.  ``weights``: each window's scale / divisor in
+    float64, as the row kernel computes it."""
+    planes, depth, height, width = grad_in.shape
+    out_d, out_h, out_w = coefficient.shape[1], coefficient.shape[2], coefficient.shape[3]
+    outputs, size, run = out_d * out_h * out_w, depth * height * width, width * block
+    cover_d = 0
+    for d in range(depth):
+        cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
+    coefficients = coefficient.reshape((planes, outputs))
+    targets = grad_in.reshape((planes, size))
+    values = x.reshape((planes, size))
+    for task in prange((planes + block - 1) // block):
+        first = task * block
+        lanes = min(block, planes - first)
+        # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
+        terms = np.zeros((out_d, out_h, out_w, block), coefficient.dtype)
+        spread = np.empty((cover_d, out_h, width, block), type(zero))
+        sums = np.empty((depth * height, run), type(zero))
+        term_rows = terms.reshape((outputs, block))
+        for lane in range(lanes):
+            for q in range(outputs):
+                term_rows[q, lane] = coefficients[first + lane, q]
+        spread_rows = spread.reshape((cover_d * out_h, run))
+        ready_od0, ready_od1 = -1, -1
+        for d in range(depth):
+            od0, od1 = first_out[0, d], last_out[0, d]
+            if od0 != ready_od0 or od1 != ready_od1:
+                for od in range(od0, od1):
+                    for oh in range(out_h):
+                        target = spread[od - od0, oh]
+                        target[:] = zero
+                        for ow in range(out_w):
+                            weight = weights[od, oh, ow]
+                            w = start[2, ow]
+                            while w < stop[2, ow]:
+                                for c in range(block):
+                                    target[w, c] += type(zero)(terms[od, oh, ow, c] * weight)
+                                w += step[2]
+                ready_od0, ready_od1 = od0, od1
+            for h in range(height):
+                at = d * height + h
+                for i in range(run):
+                    sums[at, i] = zero
+                for od in range(od0, od1):
+                    if not _covers(d, od, start, stop, step, 0):
+                        continue
+                    for oh in range(first_out[1, h], last_out[1, h]):
+                        if _covers(h, oh, start, stop, step, 1):
+                            spread_at = (od - od0) * out_h + oh
+                            for i in range(run):
+                                sums[at, i] += spread_rows[spread_at, i]
+        lane_sums = sums.reshape((size, block))
+        for lane in range(lanes):
+            target = targets[first + lane]
+            if power is None:
+                for i in range(size):
+                    target[i] = lane_sums[i, lane]
+            else:
+                for i in range(size):
+                    target[i] = lane_sums[i, lane] * _input_factor(values[first + lane, i],
+                                                                   power)
 
 
 @njit(**CPU_JIT_OPTIONS)

@@ -307,13 +307,17 @@ def _channel_block(batch: int, channels: int, serial: bool = False) -> int:
 
 
 # Channels-last max backward gathers (each input row sums the gradients of the
-# windows whose maximum it holds) only for windows that do not overlap, and only
-# when the batch is too small to give each task whole images: the scatter's
-# channel slices are then the slower choice.  Otherwise the scatter wins, by 2x
-# for ResNet's overlapping 3x3 stride-2 windows (both paths timed on the
-# benchmark's channels-last shapes, one thread, process CPU time).
+# windows whose maximum it holds) only for single-element windows that do not
+# overlap (FPN's max_pool2d(1, 2)), and only for batches too small to give each
+# task whole images: the gather then skips the positions no window reads, which
+# the scatter zeroes and re-reads (1.4x faster).  Windows of several elements make
+# it compare each output's index once per element of the window: the scatter,
+# one add per output, was 1.7x faster for 2x2 stride-2 windows and 2x for ResNet's
+# overlapping 3x3 stride-2 ones (both paths timed on the benchmark's
+# channels-last shapes, one thread, process CPU time).
 GATHER_MIN_CHANNELS = 32
 GATHER_MAX_COVER = 1
+GATHER_MAX_WINDOW = 1
 GATHER_MAX_BATCH_PER_THREAD = 3
 
 
@@ -336,6 +340,7 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
     gather = None
     if channels_last and table is not None and tail[0] >= GATHER_MIN_CHANNELS and \
             batch <= GATHER_MAX_BATCH_PER_THREAD * get_num_threads() and \
+            table.max_window_size <= GATHER_MAX_WINDOW and \
             table.max_cover(input_shape[1:4]) <= GATHER_MAX_COVER:
         first, last = table.covering_outputs(input_shape[1:4])
         gather = bind(kernels.max_backward_gather_channels_last, first, last, table.start,
@@ -361,6 +366,40 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
         return grad_in.reshape(input_shape), int(outside)
 
     return _runner(run_max_backward, runs_serially(work))
+
+
+# Channels-first sum backward over planes of up to PLANE_BLOCK_MAX_BYTES of sums
+# (in the accumulator's type) gathers PLANE_BLOCK planes at a time transposed into
+# vector lanes, the block's scratch staying in L1/L2; larger planes' rows are long
+# enough to vectorise in place (one thread, process CPU time: 14x14 planes 2.3x
+# faster in blocks, 56x56 ones 1.2x slower).
+PLANE_BLOCK_MAX_BYTES = 4096
+PLANE_BLOCK = 32
+PLANE_BLOCK_MIN = 8
+
+
+def _plane_block(input_shape: tuple, zero, serial: bool) -> int:
+    """0 for the row by row channels-first sum backward, else the planes per task of
+    :func:`kernels.sum_backward_plane_blocks` (fewer than PLANE_BLOCK where that
+    leaves too few tasks for the threads; each plane's sums are the same bits in
+    any block)."""
+    if math.prod(input_shape[1:4]) * np.dtype(type(zero)).itemsize > PLANE_BLOCK_MAX_BYTES:
+        return 0
+    planes = input_shape[0]
+    if serial:
+        return PLANE_BLOCK
+    return max(PLANE_BLOCK_MIN, min(PLANE_BLOCK, -(-planes // (4 * get_num_threads()))))
+
+
+def _window_weights(table: WindowTable, scale: float, zero) -> np.ndarray:
+    """Each window's ``scale / divisor`` (od, oh, ow), in the accumulator's type: the
+    gathers' weights, divided once per call instead of once per term."""
+    out_d, out_h, out_w = table.out_shape
+    divisor = table.divisor
+    # (d * h) * w, as the kernels multiplied them.
+    window = (divisor[0, :out_d, None] * divisor[1, None, :out_h])[..., None] * \
+        divisor[2, None, None, :out_w]
+    return (scale / window).astype(type(zero))
 
 
 def sum_backward(grad_out: np.ndarray, x: np.ndarray | None, table: WindowTable,
@@ -393,12 +432,18 @@ def plan_sum_backward(out_shape: tuple, dtype: np.dtype, table: WindowTable,
     serial = runs_serially(work)
     first, last = table.covering_outputs(input_shape[1:4])
     scale = table.scale if lp is None else 1.0
-    arguments = (first, last, table.start, table.stop, table.step, table.divisor, scale, lp)
+    head = (first, last, table.start, table.stop, table.step)
     if channels_last:
-        gather = bind(kernels.sum_backward_channels_last, *arguments,
-                      np.float64(0) if lp is not None else dtype.type(0), work=work)
+        zero = np.float64(0) if lp is not None else dtype.type(0)
+        gather = bind(kernels.sum_backward_channels_last, *head,
+                      _window_weights(table, scale, zero), lp, zero, work=work)
+    elif block := _plane_block(input_shape, accumulator_zero(dtype, table, lp), serial):
+        # float64 weights: the row kernel's (its terms round once, after the product).
+        gather = bind(kernels.sum_backward_plane_blocks, *head,
+                      _window_weights(table, scale, np.float64(0)), lp,
+                      accumulator_zero(dtype, table, lp), block, work=work)
     else:
-        gather = bind(kernels.sum_backward_channels_first, *arguments,
+        gather = bind(kernels.sum_backward_channels_first, *head, table.divisor, scale, lp,
                       accumulator_zero(dtype, table, lp),
                       1 if serial else _task_count(input_shape[0] * input_shape[1]),
                       work=work)
