@@ -316,3 +316,21 @@ def test_separable_channels_last_max_by_rows(case, threads):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
     assert np.isnan(got[0]).any()
+
+
+@pytest.mark.parametrize("op", ["adaptive_avg_pool2d", "adaptive_max_pool2d"])
+def test_plane_reductions_weigh_their_vector_reads(op, monkeypatch):
+    """A batch-1 global head (1280 planes of 7x7) is planned serially: its reads run
+    in vector lanes, faster than a thread wake-up; forced parallel, the same bits."""
+    from fastpool import _dispatch
+    from fastpool.cpu import runtime
+
+    x = np.random.default_rng(8).standard_normal((1, 1280, 7, 7)).astype(np.float32)
+    got = getattr(fastpool, op)(x, 1)
+    (plan,) = _dispatch.PLANS.plans()
+    assert plan.threads is None
+    monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 0)
+    _dispatch.PLANS.clear()
+    np.testing.assert_array_equal(getattr(fastpool, op)(x, 1), got)
+    (plan,) = _dispatch.PLANS.plans()
+    assert plan.threads == fastpool.get_num_threads()

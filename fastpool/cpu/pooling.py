@@ -103,6 +103,14 @@ def _rows_first(table: WindowTable, any_order: bool) -> bool:
     return size_d * size_h > 1 and (not swept or table.out_shape[2] < ROWS_FIRST_MAX_OUT_W)
 
 
+# Whole-plane sums and maxima (without positions) read several elements a
+# nanosecond in vector lanes, not the one runtime.SERIAL_WORK_LIMIT counts on:
+# their work weighs this many times less, so that a batch-1 head (1280 planes of
+# 7x7, 8 us on one thread) runs serially, without a thread wake-up that costs
+# more than its reads.
+PLANE_READS_PER_WORK = 4
+
+
 def _without_indices(launcher: Callable) -> Callable:
     """``launcher`` of a kernel that takes no indices, called as those that do."""
     def launch_values(x, out, indices):
@@ -134,6 +142,8 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
             launcher = bind(kernels.plane_max, lowest, work=work)
         else:
             key_type, *constants = _order_key_constants(dtype, lowest)
+            work = work // PLANE_READS_PER_WORK
+            serial = runs_serially(work)
             launcher = _without_indices(bind(kernels.plane_max_values, *constants,
                                              work=work))
     elif not channels_last and not with_indices and _rows_first(table, True):
@@ -229,6 +239,9 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
         # Float32 averages sum each block of kernels.PLANE_SUM_BLOCK elements in
         # float32 and the blocks in float64, whatever the plane's size.
         block_zero = np.float32(0) if dtype == np.float32 and lp is None else zero
+        if lp is None:
+            work = work // PLANE_READS_PER_WORK
+            serial = runs_serially(work)
         launcher = bind(kernels.plane_sum, table.scale / float(np.prod(table.divisor[:, 0])),
                         lp, block_zero, work=work)
     elif block := _separable(shape, table, channels_last, np.dtype(type(zero)).itemsize,
