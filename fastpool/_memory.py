@@ -22,6 +22,7 @@ free buffers to the system.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -61,7 +62,7 @@ def empty(shape: tuple, dtype) -> np.ndarray:
     """``np.empty(shape, dtype)``, reusing a free pooled buffer for large sizes."""
     global _held
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = math.prod(shape) * dtype.itemsize  # np.prod: 4 us, a small call's third
     if size < MIN_BYTES or 4 * size > CACHE_BYTES:
         return np.empty(shape, dtype)
     with _lock:

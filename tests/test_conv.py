@@ -202,6 +202,24 @@ def test_chunked_cols_match_torch(monkeypatch, chunk_bytes, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_pooled_outputs_and_scratch_are_not_shared(channels_last):
+    """Outputs, transposes and cols of over a MiB come from fastpool's buffer pool:
+    a result still held is never handed out again, nor written by a later call."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 16, 130, 130)).astype(np.float32)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    first = fastpool.strided_conv2d(x, w, 1, 1, channels_last=channels_last)
+    assert first.nbytes > 2**20
+    kept = first.copy()
+    second = fastpool.strided_conv2d(-x, w, 1, 1, channels_last=channels_last)
+    assert not np.shares_memory(first, second)
+    assert_array_equal(first, kept)
+    assert_allclose(second, -kept, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("nd, shape, kernel, stride, padding", [
     (1, (3, 4, 23), 5, 3, 2),

@@ -30,6 +30,63 @@ def test_plane_max_lanes_match_the_sequential_fold(size, fill):
         np.testing.assert_array_equal(got, want.numpy())
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 17, 49, 300])
+def test_plane_max_values_keep_the_folds_bits(dtype, size):
+    """Whole-plane maxima without positions (integer order keys): torch's values and
+    its signs of zero (the first zero of a zero maximum), NaN and inf included."""
+    rng = np.random.default_rng(size)
+    x = rng.integers(-3, 1, (2, 8, size)).astype(dtype)
+    x[0, 0] = np.where(rng.random(size) < 0.5, -0.0, 0.0)  # zeros of both signs
+    x[0, 1] = -2
+    # +0 first, then -0 where a 16-lane fold puts it in another lane: +0 is kept.
+    x[0, 1, min(1, size - 1)], x[0, 1, -1] = 0.0, -0.0
+    x[0, 2] = -np.inf
+    x[0, 3, rng.random(size) < 0.3] = np.nan
+    x[0, 4, -1] = np.inf
+    x[1] = np.where(x[1] == 0, -0.0, x[1])
+    got = fastpool.adaptive_max_pool1d(x, 1)
+    want = F.adaptive_max_pool1d(torch.from_numpy(x), 1).numpy()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    assert got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int32, np.int64, np.bool_])
+def test_plane_max_values_of_integers(dtype):
+    rng = np.random.default_rng(5)
+    info = np.iinfo(dtype) if dtype is not np.bool_ else np.iinfo(np.uint8)
+    x = rng.integers(max(info.min, -1000), min(info.max, 1000), (3, 4, 53),
+                     endpoint=True).astype(dtype)
+    x[0, 0] = 0 if dtype is np.bool_ else info.min  # the running maximum's start
+    got = fastpool.adaptive_max_pool1d(x, 1)
+    np.testing.assert_array_equal(got, x.max(axis=-1, keepdims=True))
+    assert got.dtype == x.dtype
+
+
+def test_plane_averages_sum_blocks_in_float32():
+    """Float32 whole-plane averages longer than a block: within torch's rounding of
+    the float64 answer, and the same bits at every thread count and for dask."""
+    from fastpool.cpu import kernels
+
+    rng = np.random.default_rng(7)
+    size = 3 * kernels.PLANE_SUM_BLOCK + 5
+    x = (rng.standard_normal((4, 16, size)) + 3).astype(np.float32)
+    x[0, 1, 7] = np.nan
+    x[1, 2, 9] = np.inf
+    want = F.adaptive_avg_pool1d(torch.from_numpy(x).double(), 1).numpy()
+    got = fastpool.adaptive_avg_pool1d(x, 1)
+    np.testing.assert_allclose(got, want, rtol=2e-7)
+    threads = fastpool.get_num_threads()
+    try:
+        for n in (1, 2):
+            fastpool.set_num_threads(n)
+            np.testing.assert_array_equal(fastpool.adaptive_avg_pool1d(x, 1), got)
+    finally:
+        fastpool.set_num_threads(threads)
+
+
 WINDOWS = [(2,), (3, 2, 1), (3, 1, 1), (4, 4), (5, 1, 2)]
 
 
@@ -354,3 +411,21 @@ def test_channels_last_max_backward_gather_path(args, monkeypatch):
         assert again.tobytes() == got.tobytes()
     finally:
         fastpool.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("op", ["adaptive_avg_pool2d", "adaptive_max_pool2d"])
+def test_plane_reductions_weigh_their_vector_reads(op, monkeypatch):
+    """A batch-1 global head (1280 planes of 7x7) is planned serially: its reads run
+    in vector lanes, faster than a thread wake-up; forced parallel, the same bits."""
+    from fastpool import _dispatch
+    from fastpool.cpu import runtime
+
+    x = np.random.default_rng(8).standard_normal((1, 1280, 7, 7)).astype(np.float32)
+    got = getattr(fastpool, op)(x, 1)
+    (plan,) = _dispatch.PLANS.plans()
+    assert plan.threads is None
+    monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 0)
+    _dispatch.PLANS.clear()
+    np.testing.assert_array_equal(getattr(fastpool, op)(x, 1), got)
+    (plan,) = _dispatch.PLANS.plans()
+    assert plan.threads == fastpool.get_num_threads()

@@ -1364,11 +1364,26 @@ def _contiguous_sum(values, power, zero):
     return total
 
 
+# Plane sums add blocks of PLANE_SUM_BLOCK elements in the accumulator type (float32
+# for float32 averages: LLVM's vector lanes, as torch's cascade sum adds them, at
+# memory bandwidth where float64 conversions are not) and the blocks' totals in
+# float64, so that rounding does not grow with the plane.  The order depends on
+# the plane's size alone: the same at any thread count and in any dask block.
+PLANE_SUM_BLOCK = 1024
+
+
 @njit(**CPU_JIT_OPTIONS)
 def plane_sum(x, out, factor, power, zero):
-    planes = x.shape[0]
+    planes, size = x.shape
     for plane in prange(planes):
-        out[plane] = _root(_contiguous_sum(x[plane], power, zero) * factor, power)
+        values = x[plane]
+        if size <= PLANE_SUM_BLOCK:
+            total = np.float64(_contiguous_sum(values, power, zero))
+        else:
+            total = 0.0
+            for first in range(0, size, PLANE_SUM_BLOCK):
+                total += _contiguous_sum(values[first:first + PLANE_SUM_BLOCK], power, zero)
+        out[plane] = _root(total * factor, power)
 
 
 # A running maximum is a chain of dependent selects.  Plane maxima keep
@@ -1395,6 +1410,7 @@ def _merge_lanes(best, best_at, lowest):
 
 @njit(**CPU_JIT_OPTIONS)
 def plane_max(x, out, indices, lowest):
+    """Plane maxima and their positions (maxima alone: :func:`plane_max_values`)."""
     planes, size = x.shape
     full = size - size % MAX_LANES
     for plane in prange(planes):
@@ -1402,7 +1418,7 @@ def plane_max(x, out, indices, lowest):
         best = np.full(MAX_LANES, lowest, x.dtype)
         # -1: the lane has seen nothing above lowest yet (a plane of lowest
         # values answers index 0, as the sequential fold does).
-        best_at = np.full(MAX_LANES if indices is not None else 1, -1, np.int64)
+        best_at = np.full(MAX_LANES, -1, np.int64)
         for i in range(0, full, MAX_LANES):
             block = values[i:i + MAX_LANES]
             # Selects, not branches: conditional stores would not vectorise.
@@ -1410,28 +1426,70 @@ def plane_max(x, out, indices, lowest):
                 value, kept = block[j], best[j]
                 take = (value > kept) | (value != value)
                 best[j] = value if take else kept
-                if indices is not None:
-                    best_at[j] = i + j if take else best_at[j]
+                best_at[j] = i + j if take else best_at[j]
         for i in range(full, size):
             j = i - full
             if (values[i] > best[j]) | (values[i] != values[i]):
-                best[j] = values[i]
-                if indices is not None:
-                    best_at[j] = i
-        if indices is None:
-            out[plane] = _merge_lane_values(best)
-        else:
-            value, at = _merge_lanes(best, best_at, lowest)
-            out[plane], indices[plane] = value, max(at, 0)
+                best[j], best_at[j] = values[i], i
+        value, at = _merge_lanes(best, best_at, lowest)
+        out[plane], indices[plane] = value, max(at, 0)
+
+
+# Plane maxima without positions compare integer order keys, not floats: LLVM
+# vectorises an integer max reduction (8 float32 keys an instruction) but not a
+# NaN-aware float one, which left the plane maxima at half the memory bandwidth.
+# A float's key is its bits with the magnitude bits flipped when the sign bit is
+# set, so that keys order as the values do (-0 just below +0); NaNs take the top
+# key.  Integer and bool data are their own keys (a magnitude mask of 0).
+
+
+def _as_type_of(value, like):
+    """``value`` cast to ``like``'s integer type: numba widens narrow integers in
+    arithmetic, and a reduction in int64 lanes runs at half the speed."""
+
+
+@overload(_as_type_of)
+def _as_type_of_impl(value, like):
+    kind = like
+    return lambda value, like: kind(value)
 
 
 @njit(inline="always")
-def _merge_lane_values(best):
-    """The sequential fold's value from per-lane folds (the max, or a NaN)."""
-    value = best[0]
-    for j in range(1, best.size):
-        value = _fold_max(value, best[j], None)
-    return value
+def _order_key(bits, magnitude_mask):
+    """The order key of a value's ``bits`` (an involution: it also decodes a key)."""
+    zero = bits ^ bits
+    return _as_type_of(bits ^ (magnitude_mask if bits < zero else zero), bits)
+
+
+@njit(**CPU_JIT_OPTIONS)
+def plane_max_values(bits, out_bits, lowest_key, magnitude_mask, inf_bits, nan_key):
+    """Plane maxima over ``bits`` (planes, size), the input's bits as same-width
+    integers, into ``out_bits``.  ``magnitude_mask``: all bits but the sign for
+    floats, 0 for integers; ``inf_bits``: the bits of +inf (floats) or the largest
+    integer; ``nan_key``: the key NaNs take; ``lowest_key``: the running maximum's
+    start.  Bit for bit the sequential fold's answer (a NaN wins, the last one;
+    ties keep the first, so of a zero maximum the first zero's sign)."""
+    planes, size = bits.shape
+    for plane in prange(planes):
+        row = bits[plane]
+        top = lowest_key
+        for i in range(size):
+            value = row[i]
+            key = _order_key(value, magnitude_mask)
+            key = nan_key if _as_type_of(value & magnitude_mask, value) > inf_bits else key
+            top = key if key > top else top
+        result = _order_key(top, magnitude_mask)
+        if magnitude_mask != 0 and top == nan_key:
+            for i in range(size - 1, -1, -1):  # the last NaN, as the fold keeps it
+                if _as_type_of(row[i] & magnitude_mask, row[i]) > inf_bits:
+                    result = row[i]
+                    break
+        elif magnitude_mask != 0 and _as_type_of(result & magnitude_mask, result) == 0:
+            for i in range(size):  # the first zero, of either sign
+                if _as_type_of(row[i] & magnitude_mask, row[i]) == 0:
+                    result = row[i]
+                    break
+        out_bits[plane] = result
 
 
 @njit(**CPU_JIT_OPTIONS)

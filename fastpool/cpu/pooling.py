@@ -103,6 +103,14 @@ def _rows_first(table: WindowTable, any_order: bool) -> bool:
     return size_d * size_h > 1 and (not swept or table.out_shape[2] < ROWS_FIRST_MAX_OUT_W)
 
 
+# Whole-plane sums and maxima (without positions) read several elements a
+# nanosecond in vector lanes, not the one runtime.SERIAL_WORK_LIMIT counts on:
+# their work weighs this many times less, so that a batch-1 head (1280 planes of
+# 7x7, 8 us on one thread) runs serially, without a thread wake-up that costs
+# more than its reads.
+PLANE_READS_PER_WORK = 4
+
+
 def _without_indices(launcher: Callable) -> Callable:
     """``launcher`` of a kernel that takes no indices, called as those that do."""
     def launch_values(x, out, indices):
@@ -127,9 +135,17 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
     serial = runs_serially(work)
     lowest = dtype.type(lowest)
     flat_input = None  # the whole-plane kernel reads (planes, plane size)
+    key_type = None  # the whole-plane kernel without positions reads the input's bits
     if not channels_last and table.is_whole_plane(shape[1:4]):
         flat_input = (shape[0], -1)
-        launcher = bind(kernels.plane_max, lowest, work=work)
+        if with_indices:
+            launcher = bind(kernels.plane_max, lowest, work=work)
+        else:
+            key_type, *constants = _order_key_constants(dtype, lowest)
+            work = work // PLANE_READS_PER_WORK
+            serial = runs_serially(work)
+            launcher = _without_indices(bind(kernels.plane_max_values, *constants,
+                                             work=work))
     elif not channels_last and not with_indices and _rows_first(table, True):
         launcher = bind(kernels.max_pool_rows_first_channels_first, table.start, table.stop,
                         table.step, lowest, _chunks(shape, table, serial), work=work)
@@ -155,12 +171,36 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
         indices = memory.empty(out_shape, np.int64) if with_indices else None
         if flat_input is None:
             launcher(x, out, indices)
+        elif key_type is not None:
+            launcher(x.reshape(flat_input).view(key_type), out.reshape(-1).view(key_type),
+                     None)
         else:
             launcher(x.reshape(flat_input), out.reshape(-1),
                      None if indices is None else indices.reshape(-1))
         return out, indices
 
     return _runner(run_max_pool, serial)
+
+
+def _order_key_constants(dtype: np.dtype, lowest) -> tuple:
+    """The integer type whose view of ``dtype`` kernels.plane_max_values reads, and
+    its constants after the arrays: the key of ``lowest``, the magnitude mask, the
+    bits of +inf (or the largest integer) and the key NaNs take."""
+    if dtype.kind == "b":
+        key_type = np.dtype(np.uint8)
+    elif dtype.kind == "f":
+        key_type = np.dtype(f"i{dtype.itemsize}")
+    else:
+        key_type = dtype
+    top = key_type.type(np.iinfo(key_type).max)
+    if dtype.kind != "f":
+        return (key_type, np.asarray(lowest, dtype).view(key_type)[()], key_type.type(0),
+                top, top)
+    magnitude = key_type.type(top)  # all bits but the sign
+    lowest_bits = np.asarray(lowest, dtype).view(key_type)[()]
+    lowest_key = lowest_bits ^ magnitude if lowest_bits < 0 else lowest_bits
+    inf_bits = np.asarray(np.inf, dtype).view(key_type)[()]
+    return key_type, key_type.type(lowest_key), magnitude, inf_bits, top
 
 
 def _sweep(table: WindowTable, max_fold: bool) -> tuple[int, int]:
@@ -196,8 +236,14 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
     flat_input = None
     if not channels_last and table.is_whole_plane(shape[1:4]):
         flat_input = (shape[0], -1)
+        # Float32 averages sum each block of kernels.PLANE_SUM_BLOCK elements in
+        # float32 and the blocks in float64, whatever the plane's size.
+        block_zero = np.float32(0) if dtype == np.float32 and lp is None else zero
+        if lp is None:
+            work = work // PLANE_READS_PER_WORK
+            serial = runs_serially(work)
         launcher = bind(kernels.plane_sum, table.scale / float(np.prod(table.divisor[:, 0])),
-                        lp, zero, work=work)
+                        lp, block_zero, work=work)
     elif block := _separable(shape, table, channels_last, np.dtype(type(zero)).itemsize,
                              serial):
         launcher = _bind_separable("sum_pool", channels_last, block, table,
