@@ -231,7 +231,7 @@ def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
 # columns literals: 1x1 to 1x4, 2x2, 3x3, 4x2) fold in registers and store each
 # output once, the variant chosen once per output row's run of like windows;
 # others fold into a scratch vector (in L1), their columns in unrolled groups of
-# 4, 2 and 1 (one load and store of the scratch per group).
+# up to 4 (one load and store of the scratch per group).
 # The order of the fold is the scan order (d, h, w) of every window, as in the
 # row-by-row kernels: maxima keep torch's first index and NaN rule, sums their
 # rounding, bit for bit.
@@ -279,9 +279,11 @@ def _window_row(x_image, k, rows_h, d0, h0, step_d, step_h):
 
 
 @njit(inline="always")
-def _fold_column_group(fold, acc, x_row, w0, step_w, columns, power):
+def _fold_column_group(fold, acc, x_row, w0, step_w, columns, power, fresh, first):
+    """Fold ``columns`` columns from ``w0`` of ``x_row`` into ``acc``, or
+    (``fresh``) into ``first``; both literals at the call site."""
     for c in range(acc.size):
-        kept = acc[c]
+        kept = first if fresh else acc[c]
         for j in range(columns):
             kept = fold(kept, x_row[w0 + j * step_w, c], power)
         acc[c] = kept
@@ -291,27 +293,45 @@ def _fold_column_group(fold, acc, x_row, w0, step_w, columns, power):
 def _fold_in_scratch(fold, finish, result, x_image, acc, d0, d1, h0, h1, w0, w1, step,
                      power, first, factor):
     """``result`` (C) = the finished fold of ``x_image`` (D, H, W, C) over one window
-    of any size, through the scratch vector ``acc``."""
+    of any size, through the scratch vector ``acc``: each row's columns in groups
+    of up to 4, the first group folded into ``first`` (no reset of ``acc``).  A
+    group of one column, a select of the stored value for maxima, compiles to a
+    masked store (microcoded, slow, on AMD cores): 5 columns go as 3 + 2, and only
+    rows of one column fold one at a time."""
     step_w = step[2]
-    acc[:] = first
+    columns = _count(w0, w1, step_w)
+    fresh = True
     d = d0
     while d < d1:
         h = h0
         while h < h1:
             x_row = x_image[d, h]
-            w, left = w0, _count(w0, w1, step_w)
-            while left >= 4:
-                _fold_column_group(fold, acc, x_row, w, step_w, 4, power)
-                w += 4 * step_w
-                left -= 4
-            if left >= 2:
-                _fold_column_group(fold, acc, x_row, w, step_w, 2, power)
-                w += 2 * step_w
-                left -= 2
-            if left == 1:
-                _fold_column_group(fold, acc, x_row, w, step_w, 1, power)
+            w, left = w0, columns
+            while left > 0:
+                take = 3 if left == 5 else min(left, 4)
+                if fresh and take == 1:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 1, power, True, first)
+                elif fresh and take == 2:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 2, power, True, first)
+                elif fresh and take == 3:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 3, power, True, first)
+                elif fresh:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 4, power, True, first)
+                elif take == 1:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 1, power, False, first)
+                elif take == 2:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 2, power, False, first)
+                elif take == 3:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 3, power, False, first)
+                else:
+                    _fold_column_group(fold, acc, x_row, w, step_w, 4, power, False, first)
+                fresh = False
+                w += take * step_w
+                left -= take
             h += step[1]
         d += step[0]
+    if fresh:  # an empty window (dilation): nothing folded
+        acc[:] = first
     for c in range(result.size):
         result[c] = finish(acc[c], factor, power)
 
@@ -1167,21 +1187,68 @@ def max_pool_separable_rows_channels_last(x, out, start, stop, step, lowest, chu
                                  start[1, oh], stop[1, oh], step, lowest)
 
 
+@njit(inline="always")
+def _max_of_row_group(best, r0, r1, r2, r3, rows, fresh, lowest):
+    """Fold the first ``rows`` of rows r0..r3 (flat) into ``best``, or (``fresh``)
+    into ``lowest``; both literals at the call site."""
+    for i in range(best.size):
+        kept = lowest if fresh else best[i]
+        kept = _fold_max(kept, r0[i], None)
+        if rows > 1:
+            kept = _fold_max(kept, r1[i], None)
+        if rows > 2:
+            kept = _fold_max(kept, r2[i], None)
+        if rows > 3:
+            kept = _fold_max(kept, r3[i], None)
+        best[i] = kept
+
+
+@njit(inline="always")
+def _scan_row(rows, k, rows_h, d0, h0, step):
+    """Row ``k`` of a D/H window of ``rows`` in scan order, flat."""
+    i = k // rows_h
+    return rows[d0 + i * step[0], h0 + (k - i * rows_h) * step[1]].reshape(-1)
+
+
 @njit(**_SERIAL_JIT_OPTIONS)
 def _max_windows_of_rows(result, rows, d0, d1, h0, h1, step, lowest):
     """``result`` (W_out, C) = the maxima of the rows ``rows[d, h]`` (W_out, C) of
-    one D/H window, folded in scan order as flat W_out * C vectors."""
+    one D/H window, folded in scan order as flat W_out * C vectors, up to 4 rows
+    per pass over ``result``.  No pass folds a single row into it: that fold, a
+    select of the stored value, compiles to a masked store, microcoded (slow) on
+    AMD cores; so 5 rows go as 3 + 2."""
     best = result.reshape(-1)
-    best[:] = lowest
-    d = d0
-    while d < d1:
-        h = h0
-        while h < h1:
-            row = rows[d, h].reshape(-1)
-            for i in range(best.size):
-                best[i] = _fold_max(best[i], row[i], None)
-            h += step[1]
-        d += step[0]
+    rows_h = _count(h0, h1, step[1])
+    total = _count(d0, d1, step[0]) * rows_h
+    if total == 0:
+        best[:] = lowest
+        return
+    k = 0
+    while k < total:
+        left = total - k
+        take = 3 if left == 5 else min(left, 4)
+        r0 = r1 = r2 = r3 = _scan_row(rows, k, rows_h, d0, h0, step)
+        if take > 1:
+            r1 = _scan_row(rows, k + 1, rows_h, d0, h0, step)
+        if take > 2:
+            r2 = _scan_row(rows, k + 2, rows_h, d0, h0, step)
+        if take > 3:
+            r3 = _scan_row(rows, k + 3, rows_h, d0, h0, step)
+        if k == 0 and take == 1:
+            _max_of_row_group(best, r0, r1, r2, r3, 1, True, lowest)
+        elif k == 0 and take == 2:
+            _max_of_row_group(best, r0, r1, r2, r3, 2, True, lowest)
+        elif k == 0 and take == 3:
+            _max_of_row_group(best, r0, r1, r2, r3, 3, True, lowest)
+        elif k == 0:
+            _max_of_row_group(best, r0, r1, r2, r3, 4, True, lowest)
+        elif take == 2:
+            _max_of_row_group(best, r0, r1, r2, r3, 2, False, lowest)
+        elif take == 3:
+            _max_of_row_group(best, r0, r1, r2, r3, 3, False, lowest)
+        else:
+            _max_of_row_group(best, r0, r1, r2, r3, 4, False, lowest)
+        k += take
 
 
 @njit(**CPU_JIT_OPTIONS)
