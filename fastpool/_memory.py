@@ -62,7 +62,8 @@ def empty(shape: tuple, dtype) -> np.ndarray:
     """``np.empty(shape, dtype)``, reusing a free pooled buffer for large sizes."""
     global _held
     dtype = np.dtype(dtype)
-    size = math.prod(shape) * dtype.itemsize  # np.prod: 4 us, a small call's third
+    # math.prod, not np.prod: 0.3 us against 6, a third of a small call's overhead.
+    size = math.prod(shape) * dtype.itemsize
     if size < MIN_BYTES or 4 * size > CACHE_BYTES:
         return np.empty(shape, dtype)
     with _lock:

@@ -429,3 +429,44 @@ def test_plane_reductions_weigh_their_vector_reads(op, monkeypatch):
     np.testing.assert_array_equal(getattr(fastpool, op)(x, 1), got)
     (plan,) = _dispatch.PLANS.plans()
     assert plan.threads == fastpool.get_num_threads()
+
+
+@pytest.mark.parametrize("size", range(1, 10))
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_channels_last_window_groups(size, mode):
+    """Channels-last windows of 1 to 9 rows or columns, folded up to 4 rows or
+    columns at a time (5 as 3 + 2, never a lone fold after the first): torch's
+    values, NaN winning and +0.0/-0.0 ties keeping the first in scan order, through
+    the direct (1 x size, size x 1), separable (size x size) and whole-row paths."""
+    rng = np.random.default_rng(size)
+    x = rng.integers(-2, 1, (2, 24, 13, 14)).astype(np.float32)
+    x[x == 0] = np.where(rng.random(np.count_nonzero(x == 0)) < 0.5, -0.0, 0.0)
+    x[0, 5].flat[40] = np.nan
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    pool = getattr(F, f"{mode}_pool2d")
+    for kernel in ((1, size), (size, 1), (size, size)):
+        want = pool(torch.from_numpy(x), kernel, 1, (kernel[0] // 2, kernel[1] // 2))
+        got = getattr(fastpool, f"{mode}_pool2d")(xl, kernel, 1,
+                                                  (kernel[0] // 2, kernel[1] // 2),
+                                                  channels_last=True)
+        want = want.movedim(1, -1).numpy()
+        if mode == "max":
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        assert np.isnan(got[0]).any()
+
+
+def test_channels_last_global_pool_runs_serially():
+    """A channels-last call with one output row (global pooling) has one task for
+    the direct kernels: its plan runs the serial twin however large the work."""
+    from fastpool import _dispatch
+
+    x = np.random.default_rng(0).standard_normal((1, 16, 16, 512)).astype(np.float32)
+    _dispatch.PLANS.clear()
+    got = fastpool.adaptive_avg_pool2d(x, 1, channels_last=True)
+    (plan,) = _dispatch.PLANS.plans()
+    assert plan.threads is None
+    want = F.adaptive_avg_pool2d(torch.from_numpy(x).movedim(-1, 1), 1)
+    np.testing.assert_allclose(got, want.movedim(1, -1).numpy(), rtol=1e-5, atol=1e-6)

@@ -54,6 +54,15 @@ def _pool_work(out_shape: tuple, table: WindowTable) -> int:
     return math.prod(out_shape) * table.max_window_size
 
 
+def _forward_serially(work: int, shape: tuple, table: WindowTable,
+                      channels_last: bool) -> bool:
+    """Whether a forward call runs its kernel's serial twin: for little work, or
+    for one channels-last output row (global pooling), which the direct kernels
+    cannot split: a parallel launch of one task only costs its wake-up."""
+    return runs_serially(work) or (
+        channels_last and shape[0] * table.out_shape[0] * table.out_shape[1] == 1)
+
+
 # Windows of at least this many elements take the separable kernels (a W pass,
 # then a D/H pass) when that halves the element reads and their row buffers stay
 # under SEPARABLE_MAX_BUFFER bytes.
@@ -132,23 +141,24 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
     dtype = np.dtype(dtype)
     out_shape = _out_shape(shape, table, channels_last)
     work = _pool_work(out_shape, table)
-    serial = runs_serially(work)
+    serial = _forward_serially(work, shape, table, channels_last)
     lowest = dtype.type(lowest)
     flat_input = None  # the whole-plane kernel reads (planes, plane size)
     key_type = None  # the whole-plane kernel without positions reads the input's bits
     if not channels_last and table.is_whole_plane(shape[1:4]):
         flat_input = (shape[0], -1)
         if with_indices:
-            launcher = bind(kernels.plane_max, lowest, work=work)
+            launcher = bind(kernels.plane_max, lowest, work=work, serial=serial)
         else:
             key_type, *constants = _order_key_constants(dtype, lowest)
             work = work // PLANE_READS_PER_WORK
             serial = runs_serially(work)
             launcher = _without_indices(bind(kernels.plane_max_values, *constants,
-                                             work=work))
+                                             work=work, serial=serial))
     elif not channels_last and not with_indices and _rows_first(table, True):
         launcher = bind(kernels.max_pool_rows_first_channels_first, table.start, table.stop,
-                        table.step, lowest, _chunks(shape, table, serial), work=work)
+                        table.step, lowest, _chunks(shape, table, serial), work=work,
+                        serial=serial)
         launcher = _without_indices(launcher)
     elif block := _separable(shape, table, channels_last, dtype.itemsize + 8 * with_indices,
                              serial):
@@ -156,14 +166,14 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
             launcher = _bind_separable_rows(shape, table, lowest, serial, work)
         else:
             launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,),
-                                       work, with_indices)
+                                       work, serial, with_indices)
     elif channels_last:
         launcher = bind(kernels.max_pool_channels_last, table.start, table.stop, table.step,
-                        lowest, _chunks(shape, table, serial), work=work)
+                        lowest, _chunks(shape, table, serial), work=work, serial=serial)
     else:
         launcher = bind(max_pool_channels_first(table, with_indices), table.start,
                         table.stop, table.step, table.interior, lowest,
-                        _chunks(shape, table, serial), work=work)
+                        _chunks(shape, table, serial), work=work, serial=serial)
 
     def run_max_pool(x: np.ndarray, stream=None):
         out = memory.empty(out_shape, dtype)
@@ -230,7 +240,7 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
     dtype = np.dtype(dtype)
     out_shape = _out_shape(shape, table, channels_last)
     work = _pool_work(out_shape, table)
-    serial = runs_serially(work)
+    serial = _forward_serially(work, shape, table, channels_last)
     lp = None if power is None else float(power)
     zero = accumulator_zero(dtype, table, lp)
     flat_input = None
@@ -243,14 +253,15 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
             work = work // PLANE_READS_PER_WORK
             serial = runs_serially(work)
         launcher = bind(kernels.plane_sum, table.scale / float(np.prod(table.divisor[:, 0])),
-                        lp, block_zero, work=work)
+                        lp, block_zero, work=work, serial=serial)
     elif block := _separable(shape, table, channels_last, np.dtype(type(zero)).itemsize,
                              serial):
         launcher = _bind_separable("sum_pool", channels_last, block, table,
-                                   (table.divisor, table.scale, lp, zero), work)
+                                   (table.divisor, table.scale, lp, zero), work,
+                                   serial)
     else:
         launcher = bind(*_sum_pool_direct_call(shape, table, channels_last, lp, zero, serial),
-                        None, work=work)
+                        None, work=work, serial=serial)
 
     def run_sum_pool(x: np.ndarray, stream=None):
         out = memory.empty(out_shape, dtype)
@@ -303,10 +314,11 @@ def _separable_arguments(name: str, channels_last: bool, block: int, table: Wind
             table.interior, *arguments)
 
 
-def _bind_separable(name, channels_last, block, table, arguments, work, with_indices=False):
+def _bind_separable(name, channels_last, block, table, arguments, work, serial,
+                    with_indices=False):
     kernel, *tail = _separable_arguments(name, channels_last, block, table, arguments,
                                          with_indices)
-    return bind(kernel, *tail, work=work)
+    return bind(kernel, *tail, work=work, serial=serial)
 
 
 def _bind_separable_rows(shape: tuple, table: WindowTable, lowest, serial: bool,
@@ -317,7 +329,8 @@ def _bind_separable_rows(shape: tuple, table: WindowTable, lowest, serial: bool,
     rows = max(shape[0] * shape[1] * shape[2], shape[0] * table.out_shape[0] *
                table.out_shape[1])
     launcher = bind(kernels.max_pool_separable_rows_channels_last, table.start, table.stop,
-                    table.step, lowest, 1 if serial else _task_count(rows), work=work)
+                    table.step, lowest, 1 if serial else _task_count(rows), work=work,
+                    serial=serial)
     return _without_indices(launcher)
 
 

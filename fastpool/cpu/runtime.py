@@ -215,11 +215,11 @@ def runs_serially(work: int) -> bool:
     return work < SERIAL_WORK_LIMIT
 
 
-def bind(kernel, *tail, work: int):
+def bind(kernel, *tail, work: int, serial: bool | None = None):
     """``kernel`` with its trailing non-array arguments fixed and its build chosen
-    once from ``work``, as :func:`launch` would choose it: a planned call's
-    launcher, taking the array arguments."""
-    if not runs_serially(work):
+    once from ``work``, as :func:`launch` would choose it (or, given ``serial``, as
+    that says): a planned call's launcher, taking the array arguments."""
+    if not (runs_serially(work) if serial is None else serial):
         def run_in_parallel(*arrays):
             return launch(kernel, *arrays, *tail)
 
