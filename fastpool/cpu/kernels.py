@@ -229,9 +229,8 @@ def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
 # runs of contiguous channel vectors, and the channel loop is the innermost,
 # vectorised one.  Small windows (up to 4 rows of up to 4 columns, as rows x
 # columns literals: 1x1 to 1x4, 2x2, 3x3, 4x2) fold in registers and store each
-# output once, the variant chosen once per output row's run of like windows;
-# others fold into a scratch vector (in L1), their columns in unrolled groups of
-# up to 4 (one load and store of the scratch per group).
+# output once; others fold into a scratch vector (in L1), their columns in
+# unrolled groups of 4, 2 and 1 (one load and store of the scratch per group).
 # The order of the fold is the scan order (d, h, w) of every window, as in the
 # row-by-row kernels: maxima keep torch's first index and NaN rule, sums their
 # rounding, bit for bit.
@@ -279,139 +278,80 @@ def _window_row(x_image, k, rows_h, d0, h0, step_d, step_h):
 
 
 @njit(inline="always")
-def _fold_column_group(fold, acc, x_row, w0, step_w, columns, power, fresh, first):
-    """Fold ``columns`` columns from ``w0`` of ``x_row`` into ``acc``, or
-    (``fresh``) into ``first``; both literals at the call site."""
+def _fold_column_group(fold, acc, x_row, w0, step_w, columns, power):
     for c in range(acc.size):
-        kept = first if fresh else acc[c]
+        kept = acc[c]
         for j in range(columns):
             kept = fold(kept, x_row[w0 + j * step_w, c], power)
         acc[c] = kept
 
 
 @njit(inline="always")
-def _fold_in_scratch(fold, finish, result, x_image, acc, d0, d1, h0, h1, w0, w1, step,
-                     power, first, factor):
-    """``result`` (C) = the finished fold of ``x_image`` (D, H, W, C) over one window
-    of any size, through the scratch vector ``acc``: each row's columns in groups
-    of up to 4, the first group folded into ``first`` (no reset of ``acc``).  A
-    group of one column, a select of the stored value for maxima, compiles to a
-    masked store (microcoded, slow, on AMD cores): 5 columns go as 3 + 2, and only
-    rows of one column fold one at a time."""
-    step_w = step[2]
-    columns = _count(w0, w1, step_w)
-    fresh = True
-    d = d0
-    while d < d1:
-        h = h0
-        while h < h1:
-            x_row = x_image[d, h]
-            w, left = w0, columns
-            while left > 0:
-                take = 3 if left == 5 else min(left, 4)
-                if fresh and take == 1:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 1, power, True, first)
-                elif fresh and take == 2:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 2, power, True, first)
-                elif fresh and take == 3:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 3, power, True, first)
-                elif fresh:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 4, power, True, first)
-                elif take == 1:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 1, power, False, first)
-                elif take == 2:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 2, power, False, first)
-                elif take == 3:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 3, power, False, first)
-                else:
-                    _fold_column_group(fold, acc, x_row, w, step_w, 4, power, False, first)
-                fresh = False
-                w += take * step_w
-                left -= take
-            h += step[1]
-        d += step[0]
-    if fresh:  # an empty window (dilation): nothing folded
-        acc[:] = first
-    for c in range(result.size):
-        result[c] = finish(acc[c], factor, power)
-
-
-def _window_factor(scale, row_divisor, divisor, ow):
-    """The factor that finishes output ``ow``'s window sum (1 without divisors)."""
-
-
-@overload(_window_factor)
-def _window_factor_impl(scale, row_divisor, divisor, ow):
-    if isinstance(divisor, types.NoneType):
-        return lambda scale, row_divisor, divisor, ow: 1.0
-    return lambda scale, row_divisor, divisor, ow: scale / (row_divisor * divisor[2, ow])
-
-
-@njit(inline="always")
-def _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, first_ow, last_ow, start,
-                           step_w, rows, columns, power, first, scale, row_divisor, divisor):
-    """:func:`_fold_in_registers` for the windows ``first_ow <= ow < last_ow`` of an
-    output row, which all read ``rows`` x ``columns`` elements (literals)."""
-    for ow in range(first_ow, last_ow):
-        _fold_in_registers(fold, finish, result[ow], r0, r1, r2, r3, start[2, ow], step_w,
-                           rows, columns, power, first,
-                           _window_factor(scale, row_divisor, divisor, ow))
-
-
-@njit(inline="always")
-def _fold_windows_of_row(fold, finish, result, x_image, acc, d0, d1, h0, h1, start, stop,
-                         step, power, first, scale, row_divisor, divisor):
-    """``result`` (W_out, C) = the finished folds of one output row's windows over
-    ``x_image`` (D, H, W, C).  The row's windows share their input rows, so the
-    register variant is chosen once per run of windows with as many columns (an
-    output row's interior is one such run), not window by window."""
+def _fold_window(fold, finish, result, x_image, acc, d0, d1, h0, h1, w0, w1, step, power,
+                 first, factor):
+    """``result`` (C) = the finished fold of ``x_image`` (D, H, W, C) over one window."""
     step_d, step_h, step_w = step[0], step[1], step[2]
     rows_h = _count(h0, h1, step_h)
     rows = _count(d0, d1, step_d) * rows_h
-    in_registers = 0 < rows <= 4
-    r0 = r1 = r2 = r3 = x_image[0, 0]
-    if in_registers:
-        r0 = r1 = r2 = r3 = x_image[d0, h0]
+    columns = _count(w0, w1, step_w)
+    if 0 < rows <= 4 and 0 < columns <= 4:
+        r0 = x_image[d0, h0]
+        r1 = r2 = r3 = r0
         if rows > 1:
             r1 = _window_row(x_image, 1, rows_h, d0, h0, step_d, step_h)
         if rows > 2:
             r2 = _window_row(x_image, 2, rows_h, d0, h0, step_d, step_h)
         if rows > 3:
             r3 = _window_row(x_image, 3, rows_h, d0, h0, step_d, step_h)
-    out_w = result.shape[0]
-    ow = 0
-    while ow < out_w:
-        columns = _count(start[2, ow], stop[2, ow], step_w)
-        end = ow + 1
-        while end < out_w and _count(start[2, end], stop[2, end], step_w) == columns:
-            end += 1
-        if in_registers and rows == 1 and columns == 1:
-            _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, ow, end, start,
-                                   step_w, 1, 1, power, first, scale, row_divisor, divisor)
-        elif in_registers and rows == 1 and columns == 2:
-            _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, ow, end, start,
-                                   step_w, 1, 2, power, first, scale, row_divisor, divisor)
-        elif in_registers and rows == 1 and columns == 3:
-            _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, ow, end, start,
-                                   step_w, 1, 3, power, first, scale, row_divisor, divisor)
-        elif in_registers and rows == 1 and columns == 4:
-            _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, ow, end, start,
-                                   step_w, 1, 4, power, first, scale, row_divisor, divisor)
-        elif in_registers and rows == 2 and columns == 2:
-            _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, ow, end, start,
-                                   step_w, 2, 2, power, first, scale, row_divisor, divisor)
-        elif in_registers and rows == 3 and columns == 3:
-            _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, ow, end, start,
-                                   step_w, 3, 3, power, first, scale, row_divisor, divisor)
-        elif in_registers and rows == 4 and columns == 2:
-            _fold_run_in_registers(fold, finish, result, r0, r1, r2, r3, ow, end, start,
-                                   step_w, 4, 2, power, first, scale, row_divisor, divisor)
-        else:
-            for o in range(ow, end):
-                _fold_in_scratch(fold, finish, result[o], x_image, acc, d0, d1, h0, h1,
-                                 start[2, o], stop[2, o], step, power, first,
-                                 _window_factor(scale, row_divisor, divisor, o))
-        ow = end
+        if rows == 1 and columns == 1:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 1, power,
+                               first, factor)
+            return
+        if rows == 1 and columns == 2:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 2, power,
+                               first, factor)
+            return
+        if rows == 1 and columns == 3:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 3, power,
+                               first, factor)
+            return
+        if rows == 1 and columns == 4:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 4, power,
+                               first, factor)
+            return
+        if rows == 2 and columns == 2:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 2, 2, power,
+                               first, factor)
+            return
+        if rows == 3 and columns == 3:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 3, 3, power,
+                               first, factor)
+            return
+        if rows == 4 and columns == 2:
+            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 4, 2, power,
+                               first, factor)
+            return
+    acc[:] = first
+    d = d0
+    while d < d1:
+        h = h0
+        while h < h1:
+            x_row = x_image[d, h]
+            w, left = w0, columns
+            while left >= 4:
+                _fold_column_group(fold, acc, x_row, w, step_w, 4, power)
+                w += 4 * step_w
+                left -= 4
+            if left >= 2:
+                _fold_column_group(fold, acc, x_row, w, step_w, 2, power)
+                w += 2 * step_w
+                left -= 2
+            if left == 1:
+                _fold_column_group(fold, acc, x_row, w, step_w, 1, power)
+            h += step_h
+        d += step_d
+    for c in range(result.size):
+        result[c] = finish(acc[c], factor, power)
 
 
 @njit(inline="always")
@@ -430,21 +370,19 @@ def _finish_sum(kept, factor, power):
 @njit(**_SERIAL_JIT_OPTIONS)
 def _max_windows_of_row(result, x_image, acc, d0, d1, h0, h1, start, stop, step, lowest):
     """The maxima ``result`` (W_out, C) of one output row's windows."""
-    _fold_windows_of_row(_fold_max, _folded, result, x_image, acc, d0, d1, h0, h1, start,
-                         stop, step, None, lowest, 1.0, 1.0, None)
+    for ow in range(result.shape[0]):
+        _fold_window(_fold_max, _folded, result[ow], x_image, acc, d0, d1, h0, h1,
+                     start[2, ow], stop[2, ow], step, None, lowest, 1.0)
 
 
 @njit(**_SERIAL_JIT_OPTIONS)
 def _sum_windows_of_row(result, x_image, acc, d0, d1, h0, h1, start, stop, step, power, zero,
                         scale, row_divisor, divisor):
-    """The averages / Lp norms ``result`` (W_out, C) of one output row's windows, or
-    (``divisor`` None) their sums (of powers: no divisor, no root)."""
-    if divisor is None:
-        _fold_windows_of_row(_fold_sum, _folded, result, x_image, acc, d0, d1, h0, h1,
-                             start, stop, step, power, zero, scale, row_divisor, divisor)
-    else:
-        _fold_windows_of_row(_fold_sum, _finish_sum, result, x_image, acc, d0, d1, h0, h1,
-                             start, stop, step, power, zero, scale, row_divisor, divisor)
+    """The averages / Lp norms ``result`` (W_out, C) of one output row's windows."""
+    for ow in range(result.shape[0]):
+        _fold_window(_fold_sum, _finish_sum, result[ow], x_image, acc, d0, d1, h0, h1,
+                     start[2, ow], stop[2, ow], step, power, zero,
+                     scale / (row_divisor * divisor[2, ow]))
 
 
 # Channels-last windows fold a run of input columns into a channel vector.  For
@@ -721,13 +659,13 @@ def _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power):
 def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
                            grad=None):
     """As :func:`sum_pool_channels_first`, vectorised over channels, window by
-    window (see :func:`_fold_windows_of_row`)."""
+    window (see :func:`_fold_window`)."""
     batch, out_d, out_h, out_w, channels = out.shape
     rows = batch * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in prange(chunks):
         acc = np.empty(channels, type(zero))
-        totals = np.empty((out_w if grad is not None else 0, channels), type(zero))
+        totals = np.empty(channels if grad is not None else 0, type(zero))
         # Lp norms accumulate whole output rows, input row by input row: their pow
         # calls per element run faster in those long loops than window by window.
         row_totals = np.empty((out_w if power is not None and grad is None else 0,
@@ -755,13 +693,13 @@ def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zer
                     for c in range(channels):
                         result[c] = _root(total[c] * factor, power)
                 continue
-            # The window sums themselves (of powers), finished below.
-            _sum_windows_of_row(totals, x[n], acc, d0, d1, h0, h1, start, stop, step, power,
-                                zero, 1.0, 1.0, None)
             for ow in range(out_w):
-                result, grad_at, total = out[n, od, oh, ow], grad[n, od, oh, ow], totals[ow]
+                # The window sums themselves (finished with factor 1, no root).
+                _fold_window(_fold_sum, _folded, totals, x[n], acc, d0, d1, h0, h1,
+                             start[2, ow], stop[2, ow], step, power, zero, 1.0)
+                result, grad_at = out[n, od, oh, ow], grad[n, od, oh, ow]
                 for c in range(channels):
-                    result[c] = _lp_output_gradient(grad_at[c], total[c],
+                    result[c] = _lp_output_gradient(grad_at[c], totals[c],
                                                     row_divisor * divisor[2, ow], scale, power)
 
 
