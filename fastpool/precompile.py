@@ -16,13 +16,16 @@ or 5-D channels-last canonical arrays, which serve 1-D, 2-D and 3-D alike, so th
 rows use 2-D); max pooling with or without indices; direct or separable kernels
 (windows of 9 elements or more); float32 or float64 sums (float32 windows of more
 than 64 elements sum in float64); whole-plane kernels (global pooling,
-channels-first; float32 planes sum in float32 blocks whatever their size); Lp powers or plain averages; the backward kernels (max's scatter,
-or its channels-last gather from 32 channels on for one-element windows; the sums'
-gather, row by row or in blocks of small planes); and, for the
-channels-first kernels without indices, the sweep over the interior windows: one
-build per (stride, kernel) pair of 2x2 or 2x3, 3x3 and 4x4 (stride x window, along
-W), one for stride 1, one for the other strides (see
-``fastpool.cpu.kernels.interior_sweep``).  Other sizes and padding are run-time
+channels-first; float32 planes sum in float32 blocks whatever their size); Lp
+powers or plain averages; the backward kernels (max's scatter, or its
+channels-last gather from 32 channels on for one-element windows; the sums'
+gather, row by row or in blocks of small planes); for the channels-first kernels
+without indices, the sweep over the interior windows: one build per (stride,
+kernel) pair of 2x2 or 2x3, 3x3 and 4x4 (stride x window, along W), one for
+stride 1, one for the other strides (see ``fastpool.cpu.kernels.interior_sweep``);
+and for the channels-last ones, the register window: one build per window of
+rows x columns 1x1 to 1x4, 2x2, 3x3 and 4x2 (2x2x2), one for the others (see
+``fastpool.cpu.kernels.register_window``).  Other sizes and padding are run-time
 values and compile nothing new.
 
 ``import fastpool`` does not import this module.
@@ -77,6 +80,11 @@ CASES: tuple[Case, ...] = (
          "stride 1, other strides)", "y = max_pool2d(x, 2); y = max_pool2d(x, 3, 3); "
          "y = max_pool2d(x, 4, 4); y = max_pool2d(x, 3, 1, 1); y = max_pool2d(x, 5, 4, 1)",
          ints=True, layouts=("first",)),
+    Case("max", "channels-last register windows (rows x columns 1x1 to 1x4, 2x2, 3x3, "
+         "4x2 as 2x2x2; adaptive: none)",
+         "y = max_pool2d(x, 1); y = max_pool2d(x, (1, 2)); y = max_pool2d(x, (1, 3)); "
+         "y = max_pool2d(x, (1, 4)); y = max_pool2d(x, 2); y = max_pool2d(x, (4, 2))",
+         ints=True, layouts=_LAST),
     Case("max", "separable", "y = max_pool2d(x, 5, 1)", size=16, ints=True),
     Case("max", "separable, with indices", "y, i = max_pool2d(x, 5, 1, return_indices=True)",
          size=16, ints=True),
@@ -91,6 +99,10 @@ CASES: tuple[Case, ...] = (
     Case("avg", "direct, the other interior sweeps (stride x window 2x3, 3x3, 4x4, "
          "stride 1)", "y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, 3, 3); "
          "y = avg_pool2d(x, 4, 4); y = avg_pool2d(x, 3, 1, 1)", layouts=("first",)),
+    Case("avg", "channels-last register windows (as max's)",
+         "y = avg_pool2d(x, 1); y = avg_pool2d(x, (1, 2)); y = avg_pool2d(x, (1, 3)); "
+         "y = avg_pool2d(x, (1, 4)); y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, (4, 2))",
+         layouts=_LAST),
     Case("avg", "separable", "y = avg_pool2d(x, 5, 1)", size=16),
     Case("avg", "separable, float64 sums", "y = avg_pool2d(x, 9, 1)", size=20),
     Case("lp", "direct; backward", "y = lp_pool2d(x, 2, 2)",

@@ -470,3 +470,28 @@ def test_channels_last_global_pool_runs_serially():
     assert plan.threads is None
     want = F.adaptive_avg_pool2d(torch.from_numpy(x).movedim(-1, 1), 1)
     np.testing.assert_allclose(got, want.movedim(1, -1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_size, window", [
+    ((1, 1), (1, 1)), ((1, 3), (1, 3)), (2, (2, 2)), (3, (3, 3)), ((4, 2), (4, 2)),
+    ((2, 3), (0, 0)), (5, (0, 0))])
+def test_channels_last_kernels_built_per_register_window(kernel_size, window):
+    """A channels-last direct kernel compiles the register fold of its own window
+    shape only (rows x columns; (0, 0): none), and its clipped edge windows
+    (padding, ceil mode) in the scratch vector: torch's values either way."""
+    from fastpool.cpu import kernels
+
+    assert kernels.register_window((1, *np.broadcast_to(kernel_size, 2))) == window
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 6, 11, 10)).astype(np.float32)
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    padding = tuple(k // 2 for k in np.broadcast_to(kernel_size, 2))
+    for mode in ("max", "avg"):
+        want = getattr(F, f"{mode}_pool2d")(torch.from_numpy(x), kernel_size, 2, padding,
+                                            ceil_mode=True).movedim(1, -1).numpy()
+        got = getattr(fastpool, f"{mode}_pool2d")(xl, kernel_size, 2, padding,
+                                                  ceil_mode=True, channels_last=True)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    built = {key for key in kernels._built if key[0].endswith("_pool_channels_last")}
+    assert ("max_pool_channels_last", *window) in built
+    assert ("sum_pool_channels_last", *window) in built

@@ -25,7 +25,7 @@ from fastpool._scalar import torch_power
 _SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
 
 
-# Which sweep a kernel runs is fixed when it is built (see per_sweep): compiling
+# Which sweep a kernel runs is fixed when it is built (see per_constants): compiling
 # every pattern into one kernel, for a run-time choice, cost seconds of each cold
 # first call.  A sweep is a pair (stride, kernel) of the interior windows' constants:
 # a window-major sweep with both constant (step 1); an offset-major one with a
@@ -53,33 +53,34 @@ _built: dict = {}
 _built_lock = threading.Lock()
 
 
-def per_sweep(factory):
-    """Memoise ``factory(sweep)``, which builds a kernel for one interior sweep.
+def per_constants(factory):
+    """Memoise ``factory(a, b)``, which builds a kernel for a pair of int constants:
+    an interior sweep (see :func:`interior_sweep`), or a register window (see
+    :func:`register_window`).
 
-    The kernel is a closure whose cells hold the sweep's two ints (literal
-    constants to numba): numba's on-disk cache keys closures by their cells'
-    contents, so each sweep's build is cached, and loaded by later processes.
-    (A numba function in a cell would pickle with a per-process id: a cache miss
-    in every process.)  A build sweeps with its own constants, so it must be given
-    windows whose ``interior`` row is the one :func:`interior_sweep` chose it for
-    (``fastpool.cpu.pooling`` picks both from one table)."""
+    The kernel is a closure whose cells hold the two ints (literal constants to
+    numba): numba's on-disk cache keys closures by their cells' contents, so each
+    build is cached, and loaded by later processes.  (A numba function in a cell
+    would pickle with a per-process id: a cache miss in every process.)  A build
+    runs with its own constants, so it must be given windows of the table they were
+    chosen from (``fastpool.cpu.pooling`` picks both from one table)."""
 
     @functools.wraps(factory)
-    def build(sweep=NO_SWEEP):
-        key = (factory.__name__, *sweep)
+    def build(constants):
+        key = (factory.__name__, *constants)
         kernel = _built.get(key)
         if kernel is None:
             with _built_lock:
                 kernel = _built.get(key)
                 if kernel is None:
-                    kernel = _built[key] = factory(*(int(value) for value in sweep))
+                    kernel = _built[key] = factory(*(int(value) for value in constants))
         return kernel
 
     return build
 
 
 def built_kernels() -> list:
-    """The kernels :func:`per_sweep` factories have built in this process."""
+    """The kernels :func:`per_constants` factories have built in this process."""
     return list(_built.values())
 
 
@@ -134,9 +135,9 @@ def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last, 
         total[ow] = row_total if assign else total[ow] + row_total
 
 
-@per_sweep
+@per_constants
 def max_pool_channels_first(sweep_stride, sweep_kernel):
-    """The channels-first max kernel for one interior sweep (see :func:`per_sweep`)."""
+    """The channels-first max kernel for one interior sweep (see :func:`per_constants`)."""
 
     @njit(**CPU_JIT_OPTIONS)
     def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest, chunks):
@@ -191,50 +192,77 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
     return max_pool_channels_first
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
-    """Window maxima over (batch, D, H, W, C), vectorised over channels.  Without
-    positions each output is pooled whole (:func:`_max_windows_of_row`); with them
-    each output row accumulates in place, one input row of its windows at a time."""
-    batch, out_d, out_h, out_w, channels = out.shape
-    height, width = x.shape[2], x.shape[3]
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    rows = batch * out_d * out_h
-    per_chunk = (rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        acc = np.empty(channels if indices is None else 0, x.dtype)
-        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
-            n, od, oh = _row_coords(row, out_d, out_h)
-            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-            best = out[n, od, oh]
-            if indices is None:
-                _max_windows_of_row(best, x[n], acc, d0, d1, h0, h1, start, stop, step, lowest)
-                continue
-            best[:] = lowest
-            for ow in range(out_w):
-                indices[n, od, oh, ow, :] = (d0 * height + h0) * width + start[2, ow]
-            d = d0
-            while d < d1:
-                h = h0
-                while h < h1:
-                    _max_with_positions_into_row(best, indices[n, od, oh], x[n, d, h], start,
-                                                 stop, step_w, (d * height + h) * width)
-                    h += step_h
-                d += step_d
+@per_constants
+def max_pool_channels_last(window_rows, window_columns):
+    """The channels-last max kernel for one register window (see
+    :func:`register_window`)."""
+
+    @njit(**CPU_JIT_OPTIONS)
+    def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
+        """Window maxima over (batch, D, H, W, C), vectorised over channels.  Without
+        positions each output is pooled whole (:func:`_max_windows_of_row`); with
+        them each output row accumulates in place, one input row of its windows at a
+        time."""
+        batch, out_d, out_h, out_w, channels = out.shape
+        height, width = x.shape[2], x.shape[3]
+        step_d, step_h, step_w = step[0], step[1], step[2]
+        rows = batch * out_d * out_h
+        per_chunk = (rows + chunks - 1) // chunks
+        for chunk in prange(chunks):
+            acc = np.empty(channels if indices is None else 0, x.dtype)
+            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+                n, od, oh = _row_coords(row, out_d, out_h)
+                d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+                best = out[n, od, oh]
+                if indices is None:
+                    _max_windows_of_row(window_rows, window_columns, best, x[n], acc, d0, d1,
+                                        h0, h1, start, stop, step, None, lowest, 1.0, None)
+                    continue
+                best[:] = lowest
+                for ow in range(out_w):
+                    indices[n, od, oh, ow, :] = (d0 * height + h0) * width + start[2, ow]
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        _max_with_positions_into_row(best, indices[n, od, oh], x[n, d, h],
+                                                     start, stop, step_w,
+                                                     (d * height + h) * width)
+                        h += step_h
+                    d += step_d
+
+    return max_pool_channels_last
 
 
 # --------------------------------------------------------------------------
 # Channels-last forward, window by window.  Each output's window is folded
 # whole, input row by input row, into a vector over the channels: its reads are
 # runs of contiguous channel vectors, and the channel loop is the innermost,
-# vectorised one.  Small windows (up to 4 rows of up to 4 columns, as rows x
-# columns literals: 1x1 to 1x4, 2x2, 3x3, 4x2) fold in registers and store each
-# output once; others fold into a scratch vector (in L1), their columns in
-# unrolled groups of 4, 2 and 1 (one load and store of the scratch per group).
-# The order of the fold is the scan order (d, h, w) of every window, as in the
-# row-by-row kernels: maxima keep torch's first index and NaN rule, sums their
-# rounding, bit for bit.
+# vectorised one.  A kernel is built for one *register window* (see
+# register_window): windows of that many rows x columns, up to 4 x 4, fold in
+# registers, the loops unrolled, and store each output once.  Other windows (the
+# clipped ones at the edges, or all of them in a kernel built for none) fold into
+# a scratch vector (in L1): column by column at the edges; in unrolled groups of 4,
+# 2 and 1 columns (one load and store of the scratch per group) otherwise.  Each
+# build compiles one register variant: all of them in one kernel cost every cold
+# first call seconds.  The order of the fold is the scan order (d, h, w) of every
+# window, as in the row-by-row kernels: maxima keep torch's first index and NaN
+# rule, sums their rounding, bit for bit.
 # --------------------------------------------------------------------------
+
+# The (rows, columns) of windows with a register variant: 1-D windows of 1 to 4,
+# 2x2, 3x3 and 2x2x2 (as 4 rows of 2).
+REGISTER_WINDOWS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 2), (3, 3), (4, 2))
+NO_REGISTER_WINDOW = (0, 0)
+
+
+def register_window(window_sizes: tuple[int, int, int]) -> tuple[int, int]:
+    """The register window of a channels-last kernel for windows of at most
+    ``window_sizes`` (D, H, W) input positions: their (rows, columns) if in
+    :data:`REGISTER_WINDOWS`, else :data:`NO_REGISTER_WINDOW`."""
+    size_d, size_h, size_w = window_sizes
+    window = (size_d * size_h, size_w)
+    return window if window in REGISTER_WINDOWS else NO_REGISTER_WINDOW
 
 
 @njit(inline="always")
@@ -287,74 +315,6 @@ def _fold_column_group(fold, acc, x_row, w0, step_w, columns, power):
 
 
 @njit(inline="always")
-def _fold_window(fold, finish, result, x_image, acc, d0, d1, h0, h1, w0, w1, step, power,
-                 first, factor):
-    """``result`` (C) = the finished fold of ``x_image`` (D, H, W, C) over one window."""
-    step_d, step_h, step_w = step[0], step[1], step[2]
-    rows_h = _count(h0, h1, step_h)
-    rows = _count(d0, d1, step_d) * rows_h
-    columns = _count(w0, w1, step_w)
-    if 0 < rows <= 4 and 0 < columns <= 4:
-        r0 = x_image[d0, h0]
-        r1 = r2 = r3 = r0
-        if rows > 1:
-            r1 = _window_row(x_image, 1, rows_h, d0, h0, step_d, step_h)
-        if rows > 2:
-            r2 = _window_row(x_image, 2, rows_h, d0, h0, step_d, step_h)
-        if rows > 3:
-            r3 = _window_row(x_image, 3, rows_h, d0, h0, step_d, step_h)
-        if rows == 1 and columns == 1:
-            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 1, power,
-                               first, factor)
-            return
-        if rows == 1 and columns == 2:
-            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 2, power,
-                               first, factor)
-            return
-        if rows == 1 and columns == 3:
-            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 3, power,
-                               first, factor)
-            return
-        if rows == 1 and columns == 4:
-            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 1, 4, power,
-                               first, factor)
-            return
-        if rows == 2 and columns == 2:
-            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 2, 2, power,
-                               first, factor)
-            return
-        if rows == 3 and columns == 3:
-            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 3, 3, power,
-                               first, factor)
-            return
-        if rows == 4 and columns == 2:
-            _fold_in_registers(fold, finish, result, r0, r1, r2, r3, w0, step_w, 4, 2, power,
-                               first, factor)
-            return
-    acc[:] = first
-    d = d0
-    while d < d1:
-        h = h0
-        while h < h1:
-            x_row = x_image[d, h]
-            w, left = w0, columns
-            while left >= 4:
-                _fold_column_group(fold, acc, x_row, w, step_w, 4, power)
-                w += 4 * step_w
-                left -= 4
-            if left >= 2:
-                _fold_column_group(fold, acc, x_row, w, step_w, 2, power)
-                w += 2 * step_w
-                left -= 2
-            if left == 1:
-                _fold_column_group(fold, acc, x_row, w, step_w, 1, power)
-            h += step_h
-        d += step_d
-    for c in range(result.size):
-        result[c] = finish(acc[c], factor, power)
-
-
-@njit(inline="always")
 def _folded(kept, factor, power):
     return kept
 
@@ -364,25 +324,97 @@ def _finish_sum(kept, factor, power):
     return _root(kept * factor, power)
 
 
-# Compiled once per dtype as plain functions called once per output row (their
-# unrolled variants, inlined into each parallel kernel and its serial twin,
-# would multiply compile time).
-@njit(**_SERIAL_JIT_OPTIONS)
-def _max_windows_of_row(result, x_image, acc, d0, d1, h0, h1, start, stop, step, lowest):
-    """The maxima ``result`` (W_out, C) of one output row's windows."""
-    for ow in range(result.shape[0]):
-        _fold_window(_fold_max, _folded, result[ow], x_image, acc, d0, d1, h0, h1,
-                     start[2, ow], stop[2, ow], step, None, lowest, 1.0)
+@njit(inline="always")
+def _factor_of_row(factor, divisor, ow):
+    return factor
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
-def _sum_windows_of_row(result, x_image, acc, d0, d1, h0, h1, start, stop, step, power, zero,
-                        scale, row_divisor, divisor):
-    """The averages / Lp norms ``result`` (W_out, C) of one output row's windows."""
-    for ow in range(result.shape[0]):
-        _fold_window(_fold_sum, _finish_sum, result[ow], x_image, acc, d0, d1, h0, h1,
-                     start[2, ow], stop[2, ow], step, power, zero,
-                     scale / (row_divisor * divisor[2, ow]))
+@njit(inline="always")
+def _factor_of_window(factor, divisor, ow):
+    return factor / divisor[2, ow]
+
+
+def _max_windows_of_row(window_rows, window_columns, result, x_image, acc, d0, d1, h0, h1,
+                        start, stop, step, power, first, factor, divisor):
+    """The maxima ``result`` (W_out, C) of one output row's windows over ``x_image``
+    (D, H, W, C), those of ``window_rows`` x ``window_columns`` (literal ints) in
+    registers (``power``, ``factor`` and ``divisor`` are None, 1.0 and None;
+    ``first``: the dtype's lowest value)."""
+
+
+def _sum_windows_of_row(window_rows, window_columns, result, x_image, acc, d0, d1, h0, h1,
+                        start, stop, step, power, first, factor, divisor):
+    """The averages / Lp norms ``result`` (W_out, C) of one output row's windows
+    (``factor`` / ``divisor[2]``: their scales; ``first``: zero in the sums' dtype),
+    those of ``window_rows`` x ``window_columns`` (literal ints) in registers; or,
+    with ``divisor`` None, their sums (of powers), unfinished."""
+
+
+def _windows_of_row(fold):
+    """The implementation of a row of channels-last windows folded by ``fold``, one
+    per register window.  Its body is not an inlined function: numba inlines by
+    copying the callee's IR block by block, each copy with all its variables, so a
+    large inlined body costs seconds of each cold compile."""
+
+    def implementation(window_rows, window_columns, result, x_image, acc, d0, d1, h0, h1,
+                       start, stop, step, power, first, factor, divisor):
+        if not isinstance(window_rows, types.IntegerLiteral) or \
+                not isinstance(window_columns, types.IntegerLiteral):
+            return None
+        fixed_rows, fixed_columns = window_rows.literal_value, window_columns.literal_value
+        finished = isinstance(divisor, types.NoneType)
+        finish = _folded if finished else _finish_sum
+        factor_of = _factor_of_row if finished else _factor_of_window
+
+        def windows_of_row(window_rows, window_columns, result, x_image, acc, d0, d1, h0,
+                           h1, start, stop, step, power, first, factor, divisor):
+            step_d, step_h, step_w = step[0], step[1], step[2]
+            rows_h = _count(h0, h1, step_h)
+            rows = _count(d0, d1, step_d) * rows_h
+            r0 = r1 = r2 = r3 = x_image[d0, h0]
+            if fixed_rows > 0 and rows == fixed_rows:
+                if fixed_rows > 1:
+                    r1 = _window_row(x_image, 1, rows_h, d0, h0, step_d, step_h)
+                if fixed_rows > 2:
+                    r2 = _window_row(x_image, 2, rows_h, d0, h0, step_d, step_h)
+                if fixed_rows > 3:
+                    r3 = _window_row(x_image, 3, rows_h, d0, h0, step_d, step_h)
+            for ow in range(result.shape[0]):
+                w0, w1, out = start[2, ow], stop[2, ow], result[ow]
+                window_factor = factor_of(factor, divisor, ow)
+                columns = _count(w0, w1, step_w)
+                if fixed_rows > 0 and rows == fixed_rows and columns == fixed_columns:
+                    _fold_in_registers(fold, finish, out, r0, r1, r2, r3, w0, step_w,
+                                       fixed_rows, fixed_columns, power, first,
+                                       window_factor)
+                    continue
+                acc[:] = first
+                d = d0
+                while d < d1:
+                    h = h0
+                    while h < h1:
+                        x_row, w, left = x_image[d, h], w0, columns
+                        if fixed_rows == 0:  # all windows here: worth unrolled groups
+                            while left >= 4:
+                                _fold_column_group(fold, acc, x_row, w, step_w, 4, power)
+                                w += 4 * step_w
+                                left -= 4
+                            if left >= 2:
+                                _fold_column_group(fold, acc, x_row, w, step_w, 2, power)
+                                w += 2 * step_w
+                                left -= 2
+                        while left > 0:
+                            _fold_column_group(fold, acc, x_row, w, step_w, 1, power)
+                            w += step_w
+                            left -= 1
+                        h += step_h
+                    d += step_d
+                for c in range(out.size):
+                    out[c] = finish(acc[c], window_factor, power)
+
+        return windows_of_row
+
+    return implementation
 
 
 # Channels-last windows fold a run of input columns into a channel vector.  For
@@ -524,6 +556,14 @@ def _fold_sum(kept, value, power):
     return kept + _raise_to(value, power)
 
 
+# Functions of their own, called once per output row by the parallel kernels and
+# their serial twins (inlined into both, they would compile twice), compiled once
+# per register window.
+_ROW_JIT_OPTIONS = {"error_model": "numpy", "fastmath": CPU_JIT_OPTIONS["fastmath"]}
+overload(_max_windows_of_row, jit_options=_ROW_JIT_OPTIONS)(_windows_of_row(_fold_max))
+overload(_sum_windows_of_row, jit_options=_ROW_JIT_OPTIONS)(_windows_of_row(_fold_sum))
+
+
 # Both sweeps index views that start at the first interior window: indices that
 # are provably non-negative spare numba's wraparound select, which would turn
 # the vector loads into gathers.
@@ -597,9 +637,9 @@ overload(_max_interior, jit_options={"error_model": "numpy"})(_interior_sweep_im
 overload(_sum_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_sum))
 
 
-@per_sweep
+@per_constants
 def sum_pool_channels_first(sweep_stride, sweep_kernel):
-    """The channels-first sum kernel for one interior sweep (see :func:`per_sweep`)."""
+    """The channels-first sum kernel for one interior sweep (see :func:`per_constants`)."""
 
     @njit(**CPU_JIT_OPTIONS)
     def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale, power,
@@ -655,52 +695,62 @@ def _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power):
                                              row_divisor * divisor[2, ow], scale, power)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
-                           grad=None):
-    """As :func:`sum_pool_channels_first`, vectorised over channels, window by
-    window (see :func:`_fold_window`)."""
-    batch, out_d, out_h, out_w, channels = out.shape
-    rows = batch * out_d * out_h
-    per_chunk = (rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        acc = np.empty(channels, type(zero))
-        totals = np.empty(channels if grad is not None else 0, type(zero))
-        # Lp norms accumulate whole output rows, input row by input row: their pow
-        # calls per element run faster in those long loops than window by window.
-        row_totals = np.empty((out_w if power is not None and grad is None else 0,
-                               channels), type(zero))
-        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
-            n, od, oh = _row_coords(row, out_d, out_h)
-            d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-            row_divisor = divisor[0, od] * divisor[1, oh]
-            if grad is None and power is None:
-                _sum_windows_of_row(out[n, od, oh], x[n], acc, d0, d1, h0, h1, start, stop,
-                                    step, power, zero, scale, row_divisor, divisor)
-                continue
-            if grad is None:
-                row_totals[...] = zero
-                d = d0
-                while d < d1:
-                    h = h0
-                    while h < h1:
-                        _sum_into_row(row_totals, x[n, d, h], start, stop, step[2], power)
-                        h += step[1]
-                    d += step[0]
+@per_constants
+def sum_pool_channels_last(window_rows, window_columns):
+    """The channels-last sum kernel for one register window (see
+    :func:`register_window`)."""
+
+    @njit(**CPU_JIT_OPTIONS)
+    def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
+                               grad=None):
+        """As :func:`sum_pool_channels_first`, vectorised over channels, window by
+        window (see :func:`_fold_window`)."""
+        batch, out_d, out_h, out_w, channels = out.shape
+        rows = batch * out_d * out_h
+        per_chunk = (rows + chunks - 1) // chunks
+        for chunk in prange(chunks):
+            acc = np.empty(channels, type(zero))
+            # Lp norms accumulate whole output rows, input row by input row: their pow
+            # calls per element run faster in those long loops than window by window.
+            # The Lp backward's window sums go a row at a time too.
+            row_totals = np.empty((out_w if power is not None or grad is not None else 0,
+                                   channels), type(zero))
+            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+                n, od, oh = _row_coords(row, out_d, out_h)
+                d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
+                row_divisor = divisor[0, od] * divisor[1, oh]
+                if grad is None and power is None:
+                    _sum_windows_of_row(window_rows, window_columns, out[n, od, oh], x[n], acc,
+                                        d0, d1, h0, h1, start, stop, step, power, zero,
+                                        scale / row_divisor, divisor)
+                    continue
+                if grad is None:
+                    row_totals[...] = zero
+                    d = d0
+                    while d < d1:
+                        h = h0
+                        while h < h1:
+                            _sum_into_row(row_totals, x[n, d, h], start, stop, step[2], power)
+                            h += step[1]
+                        d += step[0]
+                    for ow in range(out_w):
+                        total, result = row_totals[ow], out[n, od, oh, ow]
+                        factor = scale / (row_divisor * divisor[2, ow])
+                        for c in range(channels):
+                            result[c] = _root(total[c] * factor, power)
+                    continue
+                # The window sums themselves (unfinished: no scale, no root).
+                _sum_windows_of_row(window_rows, window_columns, row_totals, x[n], acc, d0, d1,
+                                    h0, h1, start, stop, step, power, zero, 1.0, None)
                 for ow in range(out_w):
-                    total, result = row_totals[ow], out[n, od, oh, ow]
-                    factor = scale / (row_divisor * divisor[2, ow])
+                    total, result, grad_at = row_totals[ow], out[n, od, oh, ow], grad[n, od,
+                                                                                        oh, ow]
                     for c in range(channels):
-                        result[c] = _root(total[c] * factor, power)
-                continue
-            for ow in range(out_w):
-                # The window sums themselves (finished with factor 1, no root).
-                _fold_window(_fold_sum, _folded, totals, x[n], acc, d0, d1, h0, h1,
-                             start[2, ow], stop[2, ow], step, power, zero, 1.0)
-                result, grad_at = out[n, od, oh, ow], grad[n, od, oh, ow]
-                for c in range(channels):
-                    result[c] = _lp_output_gradient(grad_at[c], totals[c],
-                                                    row_divisor * divisor[2, ow], scale, power)
+                        result[c] = _lp_output_gradient(grad_at[c], total[c],
+                                                        row_divisor * divisor[2, ow], scale,
+                                                        power)
+
+    return sum_pool_channels_last
 
 
 # --------------------------------------------------------------------------
@@ -1014,10 +1064,10 @@ def _sum_window_rows(rows, total, od, oh, start, stop, step, zero):
         d += step[0]
 
 
-@per_sweep
+@per_constants
 def sum_pool_separable_channels_first(sweep_stride, sweep_kernel):
     """The channels-first separable sum kernel for one interior sweep (see
-    :func:`per_sweep`)."""
+    :func:`per_constants`)."""
 
     @njit(**CPU_JIT_OPTIONS)
     def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divisor, scale,
@@ -1087,10 +1137,10 @@ def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, 
                         result[c] = _root(totals[ow, c] * factor, power)
 
 
-@per_sweep
+@per_constants
 def max_pool_separable_channels_first(sweep_stride, sweep_kernel):
     """The channels-first separable max kernel for one interior sweep (see
-    :func:`per_sweep`)."""
+    :func:`per_constants`)."""
 
     @njit(**CPU_JIT_OPTIONS)
     def max_pool_separable_channels_first(x, out, indices, start, stop, step, interior,
@@ -1172,34 +1222,43 @@ def _max_with_row_positions(best, best_at, row, row_at, base):
             best_at[i] = base + row_at[i]
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_pool_separable_rows_channels_last(x, out, start, stop, step, lowest, chunks):
-    """Window maxima (values only) of the separable kernels, channels-last, in two
-    parallel passes over whole channel vectors: (1) every input row's W-pass maxima
-    (W_out, C), window by window (:func:`_max_windows_of_row` on one-row windows);
-    (2) every output row, the fold of the W-pass rows of its D/H window in scan order,
-    each a vector op over the row's W_out * C contiguous elements.  Folding
-    first-in-row maxima row by row in scan order keeps torch's first index and NaN
-    rule.  Split over rows, not channel blocks (whose strided slices
-    do not vectorise), so that batch 1 uses every thread too."""
-    batch, depth, height = x.shape[0], x.shape[1], x.shape[2]
-    out_d, out_h, out_w, channels = out.shape[1], out.shape[2], out.shape[3], out.shape[4]
-    maxima = np.empty((batch, depth, height, out_w, channels), x.dtype)
-    in_rows = batch * depth * height
-    per_chunk = (in_rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        acc = np.empty(channels, x.dtype)
-        for row in range(chunk * per_chunk, min(in_rows, (chunk + 1) * per_chunk)):
-            n, d, h = _row_coords(row, depth, height)
-            _max_windows_of_row(maxima[n, d, h], x[n], acc, d, d + 1, h, h + 1, start, stop,
-                                step, lowest)
-    out_rows = batch * out_d * out_h
-    per_chunk = (out_rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
-        for row in range(chunk * per_chunk, min(out_rows, (chunk + 1) * per_chunk)):
-            n, od, oh = _row_coords(row, out_d, out_h)
-            _max_windows_of_rows(out[n, od, oh], maxima[n], start[0, od], stop[0, od],
-                                 start[1, oh], stop[1, oh], step, lowest)
+@per_constants
+def max_pool_separable_rows_channels_last(window_rows, window_columns):
+    """The kernel below for one register window of its W pass (one row; see
+    :func:`register_window`)."""
+
+    @njit(**CPU_JIT_OPTIONS)
+    def max_pool_separable_rows_channels_last(x, out, start, stop, step, lowest, chunks):
+        """Window maxima (values only) of the separable kernels, channels-last, in two
+        parallel passes over whole channel vectors: (1) every input row's W-pass
+        maxima (W_out, C), window by window (:func:`_max_windows_of_row` on one-row
+        windows); (2) every output row, the fold of the W-pass rows of its D/H window
+        in scan order, each a vector op over the row's W_out * C contiguous elements.  Folding
+        first-in-row maxima row by row in scan order keeps torch's first index and NaN
+        rule.  Split over rows, not channel blocks (whose strided slices do not
+        vectorise), so that batch 1 uses every thread too."""
+        batch, depth, height = x.shape[0], x.shape[1], x.shape[2]
+        out_d, out_h, out_w = out.shape[1], out.shape[2], out.shape[3]
+        channels = out.shape[4]
+        maxima = np.empty((batch, depth, height, out_w, channels), x.dtype)
+        in_rows = batch * depth * height
+        per_chunk = (in_rows + chunks - 1) // chunks
+        for chunk in prange(chunks):
+            acc = np.empty(channels, x.dtype)
+            for row in range(chunk * per_chunk, min(in_rows, (chunk + 1) * per_chunk)):
+                n, d, h = _row_coords(row, depth, height)
+                _max_windows_of_row(window_rows, window_columns, maxima[n, d, h], x[n], acc,
+                                    d, d + 1, h, h + 1, start, stop, step, None, lowest, 1.0,
+                                    None)
+        out_rows = batch * out_d * out_h
+        per_chunk = (out_rows + chunks - 1) // chunks
+        for chunk in prange(chunks):
+            for row in range(chunk * per_chunk, min(out_rows, (chunk + 1) * per_chunk)):
+                n, od, oh = _row_coords(row, out_d, out_h)
+                _max_windows_of_rows(out[n, od, oh], maxima[n], start[0, od], stop[0, od],
+                                     start[1, oh], stop[1, oh], step, lowest)
+
+    return max_pool_separable_rows_channels_last
 
 
 @njit(inline="always")

@@ -168,7 +168,7 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
             launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,),
                                        work, serial, with_indices)
     elif channels_last:
-        launcher = bind(kernels.max_pool_channels_last, table.start, table.stop, table.step,
+        launcher = bind(max_pool_channels_last(table, with_indices), table.start, table.stop, table.step,
                         lowest, _chunks(shape, table, serial), work=work, serial=serial)
     else:
         launcher = bind(max_pool_channels_first(table, with_indices), table.start,
@@ -226,6 +226,17 @@ def max_pool_channels_first(table: WindowTable, with_indices: bool):
         kernels.NO_SWEEP if with_indices else _sweep(table, True))
 
 
+def _register_window(table: WindowTable) -> tuple[int, int]:
+    return kernels.register_window(table.window_sizes)
+
+
+def max_pool_channels_last(table: WindowTable, with_indices: bool):
+    """The channels-last direct max kernel for ``table``'s register window: kept
+    positions fold input row by input row, so those builds have none."""
+    return kernels.max_pool_channels_last(
+        kernels.NO_REGISTER_WINDOW if with_indices else _register_window(table))
+
+
 def sum_pool(x: np.ndarray, table: WindowTable, channels_last: bool,
              power: float | None, stream=None) -> np.ndarray:
     """``(scale * sum(x**power) / divisor) ** (1/power)`` over each window; power None
@@ -279,8 +290,9 @@ def _sum_pool_direct_call(shape, table, channels_last, lp, zero, serial=False) -
     and its arguments after (x, out), up to the optional ``grad`` (given, the window
     sums are finished as the Lp backward's coefficients)."""
     if channels_last:
-        return (kernels.sum_pool_channels_last, table.start, table.stop, table.step,
-                table.divisor, table.scale, lp, zero, _chunks(shape, table, serial))
+        return (kernels.sum_pool_channels_last(_register_window(table)), table.start,
+                table.stop, table.step, table.divisor, table.scale, lp, zero,
+                _chunks(shape, table, serial))
     if _rows_first(table, False):
         return (kernels.sum_pool_rows_first_channels_first, table.start, table.stop,
                 table.step, table.divisor, table.scale, lp, zero,
@@ -328,9 +340,10 @@ def _bind_separable_rows(shape: tuple, table: WindowTable, lowest, serial: bool,
     # Its first pass splits the input rows, its second the output rows.
     rows = max(shape[0] * shape[1] * shape[2], shape[0] * table.out_shape[0] *
                table.out_shape[1])
-    launcher = bind(kernels.max_pool_separable_rows_channels_last, table.start, table.stop,
-                    table.step, lowest, 1 if serial else _task_count(rows), work=work,
-                    serial=serial)
+    w_pass = kernels.register_window((1, 1, table.window_sizes[2]))
+    launcher = bind(kernels.max_pool_separable_rows_channels_last(w_pass), table.start,
+                    table.stop, table.step, lowest, 1 if serial else _task_count(rows),
+                    work=work, serial=serial)
     return _without_indices(launcher)
 
 

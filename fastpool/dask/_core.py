@@ -329,7 +329,7 @@ def _max_pool_into(canonical, table: WindowTable, channels_last: bool, out, indi
         kernel, *tail = pooling._separable_arguments("max_pool", channels_last, block, table,
                                                      (lowest,), indices is not None)
     elif channels_last:
-        kernel, tail = kernels.max_pool_channels_last, (
+        kernel, tail = pooling.max_pool_channels_last(table, indices is not None), (
             table.start, table.stop, table.step, lowest, pooling._chunks(shape, table, serial))
     else:
         kernel, tail = pooling.max_pool_channels_first(table, indices is not None), (
