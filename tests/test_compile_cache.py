@@ -19,7 +19,7 @@ fastpool.adaptive_avg_pool2d(x, 1)
 # numba caches such closures by their cells' contents.
 built = {"max_pool_channels_first": kernels.max_pool_channels_first((2, 2)),
          "sum_pool_channels_first": kernels.sum_pool_channels_first((2, 2)),
-         "sum_pool_channels_last": kernels.sum_pool_channels_last,
+         "sum_pool_channels_last": kernels.sum_pool_channels_last((2, 2)),
          "plane_sum": kernels.plane_sum}
 stats = {name: runtime.serial_twin(kernel).stats for name, kernel in built.items()}
 print(json.dumps({name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]

@@ -53,17 +53,24 @@ else:
 _REGISTER_CAP = {} if config.ENABLE_CUDASIM else {"launch_bounds": (
     CUDA_MAX_THREADS_PER_BLOCK, max(1, 65536 // (64 * CUDA_MAX_THREADS_PER_BLOCK)))}
 
+# Device functions are inlined by NVVM (``forceinline``: LLVM's alwaysinline), not
+# at numba's IR level, which deep-copies the callee's IR into every call site: that
+# copying was most of each kernel's compile time (the same PTX either way; the
+# simulator takes no ``forceinline``).
+_device_function = (cuda.jit(device=True) if config.ENABLE_CUDASIM
+                    else cuda.jit(device=True, forceinline=True))
 
-@cuda.jit(device=True, inline=True)
+
+@_device_function
 def _first_and_stride():
     start = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
     return start, np.int64(cuda.gridDim.x) * cuda.blockDim.x
 
 
-_power = cuda.jit(device=True, inline=True)(torch_power)
+_power = _device_function(torch_power)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _first_and_stride_in(narrow):
     """:func:`_first_and_stride` in the index type: unsigned 32-bit when ``narrow``
     (a position below 2**31 plus a grid below 2**31 cannot wrap), so the grid-stride
@@ -74,7 +81,7 @@ def _first_and_stride_in(narrow):
     return np.uint32(i), np.uint32(grid)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _index_count(size, narrow):
     """A loop bound in the type of :func:`_first_and_stride_in`."""
     if narrow is None:
@@ -82,7 +89,7 @@ def _index_count(size, narrow):
     return np.uint32(size)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _advance(i, grid, narrow):
     """``i + grid`` kept in the type of :func:`_first_and_stride_in` (numba widens
     the sum to 64 bits)."""
@@ -100,7 +107,7 @@ def _advance(i, grid, narrow):
 # float16 exactly (-0.0 and NaN included).
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _load(array, index, zero, half):
     """``array[index]`` in the compute type of ``zero``."""
     if half is None:
@@ -113,7 +120,7 @@ def _load(array, index, zero, half):
     return _int_as_float(np.int32(bits))
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _bf16_bits(value):
     """float32 to bfloat16 bits, rounding to nearest even; NaN is 0x7FC0 (as in c10)."""
     if value != value:
@@ -122,7 +129,7 @@ def _bf16_bits(value):
     return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _store(array, index, value, half):
     """``array[index] = value``, rounded once to the array's dtype."""
     if half is None or not half:
@@ -131,7 +138,7 @@ def _store(array, index, value, half):
         array[index] = _bf16_bits(value)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _ix(value, narrow):
     """``value`` in the index type: int32 when ``narrow`` (every array of the launch
     has fewer than 2**31 elements, torch's canUse32BitIndexMath), int64 when None."""
@@ -140,7 +147,7 @@ def _ix(value, narrow):
     return np.int32(value)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _split(i, size, narrow):
     """(i // size, i % size) for 0 <= i: unsigned, so no floor fix-ups, and 32-bit
     when ``narrow`` (the truncation lets LLVM emit div.u32)."""
@@ -151,7 +158,7 @@ def _split(i, size, narrow):
     return np.int32(q32), np.int32(np.uint32(np.uint32(i) - q32 * np.uint32(size)))
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _rem(a, b, narrow):
     """a % b for 0 <= a and 0 < b, unsigned (div.u32/rem.u32 when ``narrow``: numba
     would promote an int32 ``%`` to a signed 64-bit one, with floor fix-ups)."""
@@ -160,7 +167,7 @@ def _rem(a, b, narrow):
     return np.int32(np.uint32(np.uint32(a) % np.uint32(b)))
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _quot(a, b, narrow):
     """a // b for 0 <= a and 0 < b, unsigned as :func:`_rem`."""
     if narrow is None:
@@ -168,7 +175,7 @@ def _quot(a, b, narrow):
     return np.int32(np.uint32(np.uint32(a) // np.uint32(b)))
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _at(value, narrow):
     """An unsigned array subscript in the index type (no negative-index wraparound)."""
     if narrow is None:
@@ -176,7 +183,7 @@ def _at(value, narrow):
     return np.uint32(value)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _output_position(i, out_shape, narrow):
     """(n, od, oh, ow, c) of flat output index ``i`` of ``out_shape`` (N, D, H, W, C);
     no division for channels-first (C == 1) or for 1-D/2-D's unit axes."""
@@ -236,7 +243,7 @@ def max_pool(x, out, indices, in_shape, out_shape, start, stop, step, lowest, wi
         i = _advance(i, grid, narrow)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _lp_power(value, power):
     """``torch_power(value, power)`` (fastpool._scalar: the same branches, the same
     values) in the type of ``value``: torch_power's NaN and 1 are float64 literals, which
@@ -256,7 +263,7 @@ def _lp_power(value, power):
     return value ** power
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _term(value, power, square):
     """One element's term of a window sum: ``value ** power`` (torch's pow) when
     ``power`` is given, ``value * value`` when ``square`` is (Lp with p = 2), else
@@ -270,7 +277,7 @@ def _term(value, power, square):
     return value
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _root(mean, power, square):
     """The Lp norm from the window's mean of powers: ``mean ** (1 / p)`` as torch's
     pow; for p = 2 its square-root branch only (torch_power at 0.5), without pow."""
@@ -281,7 +288,7 @@ def _root(mean, power, square):
     return mean
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _window_sum(x, base, d0, d1, h0, h1, w0, w1, in_shape, step, power, square, total,
                 bf16, narrow):
     """The sum over one window of :func:`_term`.  Each loop runs a flat offset from its
@@ -364,7 +371,7 @@ def output_coefficients(grad_out, x, coefficient, in_shape, out_shape, start, st
         i = _advance(i, grid, narrow)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _covers(position, o, start, stop, step, axis, narrow):
     # The modulo only matters for dilation; a division per test is not free.  Outputs
     # o of the covering range start at or before ``position`` (covering_outputs), so
@@ -453,7 +460,7 @@ def max_backward_by_plane(grad_out, indices, grad_in, total, outside, zero, bf16
         i = _advance(i, grid, narrow)
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _in_window(position, o, start, stop, step, axis, narrow):
     # The modulo runs only where start <= position: unsigned, as in _covers.
     return start[axis, o] <= position < stop[axis, o] and \
@@ -561,7 +568,7 @@ def copy_rows(source, out, width, source_row, source_offset, out_row, out_offset
 # --------------------------------------------------------------------------
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _channel_power(p, i, plane, channels, narrow):
     if channels == 1:  # one p for all: no division
         return p[0]
@@ -635,7 +642,7 @@ def gem_input_grad(pooled, x, powered, p, plane, channels, eps, grad_x, zero, ha
 # --------------------------------------------------------------------------
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _source(position, pad, kernel_offset, stride, size, narrow):
     """The output fed by input ``position`` through kernel offset ``kernel_offset``, or
     -1; t is tested for t >= 0 first, so the division is unsigned (32-bit when
@@ -763,7 +770,7 @@ def conv_bias_grad(grad, grad_bias, zero, bf16):
 # --------------------------------------------------------------------------
 
 
-@cuda.jit(device=True, inline=True)
+@_device_function
 def _batch_input_channel(i, shape, narrow):
     rest, c = _split(i, shape[2], narrow)
     n, q = _split(rest, shape[1], narrow)

@@ -55,6 +55,24 @@ def parse_ptxas(text: str) -> dict:
     }
 
 
+class _DeviceOfLowestCC:
+    """Stands in for the current GPU where there is none: numba-cuda compiles a
+    device function that is not inlined at the numba IR level (``forceinline``:
+    LLVM inlines it) for the current device's compute capability.  The kernel's
+    PTX for each architecture comes from the linked module regardless."""
+
+    compute_capability = min(CCS)
+
+
+def _without_a_gpu() -> None:
+    from numba.cuda import cudadrv, dispatcher
+
+    try:
+        cudadrv.driver.driver.cuCtxGetCurrent()
+    except Exception:  # no driver: compile for the lowest architecture asked for
+        dispatcher.get_current_device = _DeviceOfLowestCC
+
+
 def to_ptx(kernel, argtypes) -> dict:
     """PTX of the kernel ``kernel`` for ``argtypes``, per architecture of CCS.
 
@@ -100,6 +118,7 @@ def compile_launches(numbered, ptxas: str | None, keep: str) -> list[dict]:
     """Rows for the (number, (kernel name, argtypes)) in ``numbered``."""
     from fastpool.cuda import kernels
 
+    _without_a_gpu()
     rows = []
     for number, (name, argtypes) in numbered:
         kernel = getattr(kernels, name)
