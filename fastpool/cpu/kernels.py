@@ -704,7 +704,7 @@ def sum_pool_channels_last(window_rows, window_columns):
     def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
                                grad=None):
         """As :func:`sum_pool_channels_first`, vectorised over channels, window by
-        window (see :func:`_fold_window`)."""
+        window (see :func:`_windows_of_row`)."""
         batch, out_d, out_h, out_w, channels = out.shape
         rows = batch * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
