@@ -80,8 +80,8 @@ CASES: tuple[Case, ...] = (
          "stride 1, other strides)", "y = max_pool2d(x, 2); y = max_pool2d(x, 3, 3); "
          "y = max_pool2d(x, 4, 4); y = max_pool2d(x, 3, 1, 1); y = max_pool2d(x, 5, 4, 1)",
          ints=True, layouts=("first",)),
-    Case("max", "channels-last register windows (rows x columns 1x1 to 1x4, 2x2, 3x3, "
-         "4x2 as 2x2x2; adaptive: none)",
+    Case("max", "channels-last register windows (rows x columns 1x1 to 1x4, 2x2, 4x2 "
+         "as 2x2x2; the direct row's 3x3)",
          "y = max_pool2d(x, 1); y = max_pool2d(x, (1, 2)); y = max_pool2d(x, (1, 3)); "
          "y = max_pool2d(x, (1, 4)); y = max_pool2d(x, 2); y = max_pool2d(x, (4, 2))",
          ints=True, layouts=_LAST),
@@ -99,7 +99,7 @@ CASES: tuple[Case, ...] = (
     Case("avg", "direct, the other interior sweeps (stride x window 2x3, 3x3, 4x4, "
          "stride 1)", "y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, 3, 3); "
          "y = avg_pool2d(x, 4, 4); y = avg_pool2d(x, 3, 1, 1)", layouts=("first",)),
-    Case("avg", "channels-last register windows (as max's)",
+    Case("avg", "channels-last register windows (as max's, 3x3 included)",
          "y = avg_pool2d(x, 1); y = avg_pool2d(x, (1, 2)); y = avg_pool2d(x, (1, 3)); "
          "y = avg_pool2d(x, (1, 4)); y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, (4, 2))",
          layouts=_LAST),

@@ -154,6 +154,10 @@ def test_summary_warns_about_a_noisy_run():
     assert lines[-1].startswith("WARNING: noisy run: 1 of 8 rows flagged")
     quiet = [{**r, "noise": {"other_cores": 0.0, "flagged": False}} for r in rows]
     assert report.summary(quiet)[-1].startswith("noise: no row flagged")
+    # A row shorter than a tick reads up to every core without being flagged: the
+    # summary of a quiet run does not quote that raw figure as the worst load.
+    quiet[0]["noise"] = {"other_cores": 2.0, "flagged": False}
+    assert "2.00" not in report.summary(quiet)[-1]
     unmeasured = [{**r, "noise": None} for r in rows]
     assert report.summary(unmeasured)[-1] == \
         "noise: not measured (no /proc/stat on this system)"
