@@ -168,8 +168,9 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
             launcher = _bind_separable("max_pool", channels_last, block, table, (lowest,),
                                        work, serial, with_indices)
     elif channels_last:
-        launcher = bind(max_pool_channels_last(table, with_indices), table.start, table.stop, table.step,
-                        lowest, _chunks(shape, table, serial), work=work, serial=serial)
+        launcher = bind(max_pool_channels_last(table, with_indices), table.start,
+                        table.stop, table.step, lowest, _chunks(shape, table, serial),
+                        work=work, serial=serial)
     else:
         launcher = bind(max_pool_channels_first(table, with_indices), table.start,
                         table.stop, table.step, table.interior, lowest,
