@@ -220,6 +220,32 @@ def test_pooled_outputs_and_scratch_are_not_shared(channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (2, 3)], ids=["overlap", "gaps"])
+def test_backward_writes_every_input_gradient_of_a_reused_buffer(kernel, stride,
+                                                                 channels_last):
+    """col2im stores whole images' rows (zeros where no window reads) rather than
+    adding into a zeroed gradient: a pooled buffer full of NaN, handed out again,
+    comes back as the gradient, every element written."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 131, 131)).astype(np.float32)
+    w = rng.standard_normal((16, 8, kernel, kernel)).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    out = F.conv2d(xt, torch.from_numpy(w), None, stride)
+    grad = rng.standard_normal(out.shape).astype(np.float32)
+    out.backward(torch.from_numpy(grad))
+    want = xt.grad.numpy()
+    if channels_last:
+        x, grad, want = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, grad, want))
+    for _ in range(2):
+        got = fastpool.strided_conv2d_backward(grad, x, w, stride,
+                                               channels_last=channels_last)[0]
+        assert got.nbytes > 2**20  # from the buffer pool
+        assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        got.fill(np.nan)  # then freed: the next call's gradient reuses it
+        del got
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("nd, shape, kernel, stride, padding", [
     (1, (3, 4, 23), 5, 3, 2),

@@ -138,17 +138,28 @@ def im2col(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad, widt
 
 
 @njit(**CPU_JIT_OPTIONS)
-def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad, blocks):
-    """Add ``cols`` (laid out as :func:`im2col`'s) into channels-last ``grad_in``.
+def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad, blocks,
+           channels_last, accumulate):
+    """Store (or, with ``accumulate``, add) ``cols`` (laid out as :func:`im2col`'s) as
+    the gradient ``grad_in``, channels-last ``(N, D, H, W, C_in)`` or channels-first
+    ``(N, C_in, D, H, W)``.
 
     A gather: a task owns one input row ``(n, d, h)`` (or, with ``blocks > 1``,
-    one of that many pieces of it: parallel work for a lone 1-D signal) and adds
+    one of that many pieces of it: parallel work for a lone 1-D signal), sums
     every cols entry whose window covered it, in the fixed order (kernel offset,
-    ``ow``): no two threads write one element, and each element's sum runs in
-    the same order whatever the number of blocks or threads.
+    ``ow``), in a scratch row, and writes the row once in ``grad_in``'s layout: no
+    two threads write one element, each element's sum runs in the same order
+    whatever the number of blocks or threads, and a channels-first gradient needs
+    no transpose.  Cols of whole images hold every window of their rows: their
+    rows are stored, zeros included, so ``grad_in`` needs no zeroing; runs of
+    units of one image ``accumulate`` into a zeroed one.
     """
-    depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
-                                  grad_in.shape[4])
+    if channels_last:
+        depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2],
+                                      grad_in.shape[3], grad_in.shape[4])
+    else:
+        c_in, depth, height, width = (grad_in.shape[1], grad_in.shape[2],
+                                      grad_in.shape[3], grad_in.shape[4])
     out_d, out_h, out_w = out_size
     k_d, k_h, k_w = kernel
     images = cols.shape[0] // max(units_per_image * out_w, 1)
@@ -160,6 +171,7 @@ def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad
         i = task // (blocks * height * depth)
         first, stop = b * block, min(width, (b + 1) * block)
         n = n0 + i
+        sums = np.zeros((max(stop - first, 0), c_in), cols.dtype)
         for kd in range(k_d):
             od = _source(d, pad[0], kd, stride[0], out_d)
             if od < 0:
@@ -174,9 +186,19 @@ def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad
                     base = ((kd * k_h + kh) * k_w + kw) * c_in
                     lo, hi = _span(kw, stride[2], pad[2], first, stop, out_w)
                     for ow in range(lo, hi):
-                        w = ow * stride[2] - pad[2] + kw
+                        at = ow * stride[2] - pad[2] + kw - first
                         for c in range(c_in):
-                            grad_in[n, d, h, w, c] += cols[row + ow, base + c]
+                            sums[at, c] += cols[row + ow, base + c]
+        if channels_last:
+            target = grad_in[n, d, h, first:stop]
+            for w in range(stop - first):
+                for c in range(c_in):
+                    target[w, c] = target[w, c] + sums[w, c] if accumulate else sums[w, c]
+        else:
+            for c in range(c_in):
+                target = grad_in[n, c, d, h, first:stop]
+                for w in range(stop - first):
+                    target[w] = target[w] + sums[w, c] if accumulate else sums[w, c]
 
 
 # Spatial positions per task of the layout transposes: a tile of 64 positions by all
@@ -363,6 +385,18 @@ class _Geometry:
         """Whether a chunk covers its images whole."""
         return v0 == 0 and units == self.units_per_image
 
+    @property
+    def whole_images(self) -> bool:
+        """Whether every chunk covers its images whole (one image's cols fit in
+        :data:`CHUNK_BYTES`)."""
+        unit_bytes = max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
+        return unit_bytes * self.units_per_image <= CHUNK_BYTES
+
+    @property
+    def tiles(self) -> bool:
+        """Whether the windows tile the input: kernel == stride, no padding."""
+        return self.kernel == self.stride and not any(self.pad)
+
     def cols(self, scratch, images, units):
         """The chunk's ``(M, K)`` cols in ``scratch`` (allocated by the first chunk,
         the largest), as a list of one array so that the caller keeps it."""
@@ -402,19 +436,19 @@ class _Geometry:
                 self.stride, self.pad, self.spatial[2])
         return cols, False
 
-    def col2im(self, cols, target, first, images, v0, units, serial=False):
-        """Add the cols' gradient into channels-last ``target``; in this thread when
-        ``serial``."""
+    def col2im(self, cols, target, first, images, v0, units, channels_last, serial=False):
+        """Store the cols' gradient in ``target`` (its images from index ``first``), or
+        add it for a run of units of one image; in this thread when ``serial``."""
         rows = images * self.spatial[0] * self.spatial[1]
         blocks = 1 if serial else self.blocks(rows, self.spatial[2])
         _launch(serial, col2im, cols, target, first, v0, units, self.out_size, self.kernel,
-                self.stride, self.pad, blocks)
+                self.stride, self.pad, blocks, channels_last, not self.whole(v0, units))
 
     def patches(self, array):
         """Non-overlapping windows (kernel == stride, no padding) of a channels-last
         array as the ``(M, K)`` cols matrix itself, a view; None when that is not
         expressible with strides (or the windows overlap or pad)."""
-        if self.kernel != self.stride or any(self.pad) or array.size == 0:
+        if not self.tiles or array.size == 0:
             return None
         (od, oh, ow), (kd, kh, kw) = self.out_size, self.kernel
         view = array[:, :od * kd, :oh * kh, :ow * kw].reshape(
@@ -609,33 +643,43 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
     if grad.size == 0 or x.size == 0:
         return np.zeros(x.shape, dtype), g.tensor_weight(np.zeros((g.c_out, g.k), dtype))
     grad_in = memory.empty(x.shape, dtype)
-    if channels_last:
-        grad_in.fill(0)  # col2im adds into it (channels-first: the transposes fill it)
+    # col2im stores whole images' rows; runs of units of one image add into zeros, as
+    # do the tiling windows' products (which leave a ragged end untouched).
+    if not g.whole_images or channels_last and g.tiles:
+        grad_in.fill(0)
+    positions = g.units_per_image * g.out_size[2]  # output positions per image
 
     def part(first, stop, serial):
         """The part's images' input gradient, in place, and their weight gradient."""
+        source = x[first:stop] if channels_last else _channels_moved(x[first:stop], True,
+                                                                     serial)
+        target = grad_in[first:stop]
         if channels_last:
-            source, rows, target = x[first:stop], grad[first:stop], grad_in[first:stop]
-        else:  # through channels-last copies, as conv's
-            source = _channels_moved(x[first:stop], True, serial)
-            rows = _channels_moved(grad[first:stop], True, serial)
-            target = memory.empty(source.shape, dtype)
-            target.fill(0)  # col2im adds into it
-        rows = rows.reshape(-1, g.c_out)
+            rows = grad[first:stop].reshape(-1, g.c_out)
+        else:  # products per image with its (C_out, positions) gradient: no transpose
+            planes = grad[first:stop].reshape(stop - first, g.c_out, positions)
         grad_matrix = np.zeros((g.c_out, g.k), dtype)
         scratch = []
         for n0, images, v0, units in g.chunks(stop - first):
             cols, view = g.im2col(source, n0, images, v0, units, scratch, serial)
-            start = (n0 * g.units_per_image + v0) * g.out_size[2]
-            chunk = rows[start:start + len(cols)]  # the chunk's gradient, (M, C_out)
-            grad_matrix += chunk.T @ cols
-            if view:  # windows that tile the input: their gradient lands in place
-                np.matmul(chunk, matrix, out=g.patches(target[n0:n0 + images]))
-            else:  # the cols are spent: their buffer takes the cols' gradient
-                np.matmul(chunk, matrix, out=cols)
-                g.col2im(cols, target, n0, images, v0, units, serial)
-        if not channels_last:
-            _channels_moved(target, False, serial, out=grad_in[first:stop])
+            if channels_last:
+                start = (n0 * g.units_per_image + v0) * g.out_size[2]
+                chunk = rows[start:start + len(cols)]  # the chunk's gradient, (M, C_out)
+                grad_matrix += chunk.T @ cols
+                if view:  # windows that tile the input: their gradient lands in place
+                    np.matmul(chunk, matrix, out=g.patches(target[n0:n0 + images]))
+                    continue
+                np.matmul(chunk, matrix, out=cols)  # the cols are spent: reuse them
+            else:
+                start, length = v0 * g.out_size[2], len(cols) // images
+                spent = g.cols(scratch, images, units) if view else cols
+                for i in range(images):
+                    image_grad = planes[n0 + i, :, start:start + length]
+                    image_cols = slice(i * length, (i + 1) * length)
+                    grad_matrix += image_grad @ cols[image_cols]
+                    np.matmul(image_grad.T, matrix, out=spent[image_cols])
+                cols = spent
+            g.col2im(cols, target, n0, images, v0, units, channels_last, serial)
         return grad_matrix
 
     # The parts' weight gradients summed in a fixed order: repeatable bit for bit.
