@@ -465,14 +465,21 @@ def adaptive_output_shape(op: str, nd: int, output_size, in_spatial: tuple[int, 
 
 @functools.lru_cache(maxsize=256)
 def adaptive_table(in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]) -> WindowTable:
-    """AdaptivePooling.h: window i spans [floor(i*in/out), ceil((i+1)*in/out))."""
-    axes = []
+    """AdaptivePooling.h: window i spans [floor(i*in/out), ceil((i+1)*in/out)).
+
+    Along an axis whose size the output size divides, those are the sliding
+    windows of kernel = stride = size / out: the table says so (their interior), so
+    that the kernels sweep them as they sweep ``avg_pool2d(x, k)``'s."""
+    axes, interior = [], []
     for size, n_out in zip(in_spatial, out_spatial):
         i = np.arange(n_out, dtype=np.int64)
         start = i * size // n_out
         stop = -(-(i + 1) * size // n_out)
         axes.append((start, stop, 1, (stop - start).astype(np.float64)))
-    return WindowTable.from_axes(axes, out_spatial, 1.0)
+        kernel = size // n_out
+        interior.append((0, n_out, kernel, 0, kernel) if size % n_out == 0 else
+                        (0, 0, 1, 0, 0))
+    return WindowTable.from_axes(axes, out_spatial, 1.0, interior)
 
 
 # --------------------------------------------------------------------------
@@ -499,7 +506,8 @@ class WindowTable:
     divisor: np.ndarray  # (3, max_out) float64
     scale: float
     # Per axis [lo, hi, stride, offset, kernel]: outputs lo <= o < hi read whole,
-    # regularly spaced windows (sliding tables; empty for adaptive ones).
+    # regularly spaced windows (sliding tables, and adaptive ones along axes the
+    # output size divides; empty otherwise).
     interior: np.ndarray  # (3, 5) int64
 
     def __post_init__(self):

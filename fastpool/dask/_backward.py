@@ -507,7 +507,7 @@ def lp_pool_backward(grad_output, x, norm_type, nd, kernel_size, stride=None,
         task = None
         if all(e is not None for e in entries):
             sub = sub_table(table, rows, tuple(e[0] for e in entries),
-                            tuple(e[1][0] for e in entries), True)
+                            tuple(e[1][0] for e in entries))
             task = _LpBackwardTask(op, nd, channels_last, backend, axes,
                                    tuple(tuple(p for _, p in e[3]) for e in entries),
                                    tuple(tuple(p for _, p in e[4]) for e in entries),

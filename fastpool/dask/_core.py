@@ -216,8 +216,8 @@ def _scratch(xp, shape: tuple, dtype):
     return buffer[:nbytes].view(dtype).reshape(shape)
 
 
-def sub_table(table: WindowTable, rows: tuple, outputs: tuple, origins: tuple,
-              sliding: bool) -> WindowTable:
+def sub_table(table: WindowTable, rows: tuple, outputs: tuple, origins: tuple
+              ) -> WindowTable:
     """The part of ``table`` for outputs ``outputs[i]`` on canonical rows ``rows[i]``,
     shifted to a piece starting at ``origins[i]``."""
     out_shape = list(table.out_shape)
@@ -238,11 +238,10 @@ def sub_table(table: WindowTable, rows: tuple, outputs: tuple, origins: tuple,
         start[row, :n] = table.start[row, o0:o1] - origin
         stop[row, :n] = table.stop[row, o0:o1] - origin
         divisor[row, :n] = table.divisor[row, o0:o1]
-        if sliding:
-            lo, hi, stride, offset, kernel = (int(v) for v in table.interior[row])
-            new_lo = min(max(lo - o0, 0), n)
-            new_hi = max(new_lo, min(hi - o0, n))
-            interior[row] = (new_lo, new_hi, stride, offset + o0 * stride - origin, kernel)
+        lo, hi, stride, offset, kernel = (int(v) for v in table.interior[row])
+        new_lo = min(max(lo - o0, 0), n)
+        new_hi = max(new_lo, min(hi - o0, n))
+        interior[row] = (new_lo, new_hi, stride, offset + o0 * stride - origin, kernel)
     sub = WindowTable(tuple(out_shape), start, stop, table.step.copy(), divisor, table.scale,
                       interior)
     # The whole table's window sizes choose the accumulator type (float32 or
@@ -456,7 +455,7 @@ class PoolTask:
                     origins.append(lo)
                     ranges.append((lo, hi))
                 piece = _join_range(views, axes, offsets, ranges)
-            sub = sub_table(table, rows, tuple(box), tuple(origins), True)
+            sub = sub_table(table, rows, tuple(box), tuple(origins))
             where = [slice(None)] * len(shape)
             for axis, (o0, o1) in zip(axes, box):
                 where[axis] = slice(o0, o1)
@@ -681,12 +680,12 @@ def build_pool(x, plan: Plan, task_fields: dict, out_dtype, with_indices: bool, 
         entries = [per_axis[i][j] for i, j in enumerate(combo)]
         outputs = tuple(e[1] for e in entries)
         origins = tuple(e[2] for e in entries)
-        block_table = sub_table(table, rows, outputs, origins, task_fields["sliding"])
+        block_table = sub_table(table, rows, outputs, origins)
         task = PoolTask(
             table=block_table, axes=axes, parts=tuple(tuple((p[1], p[2]) for p in e[0])
                                                       for e in entries),
             extra=tuple(e[3] for e in entries), origins=origins,
-            **{k: v for k, v in task_fields.items() if k not in ("table", "sliding")})
+            **{k: v for k, v in task_fields.items() if k != "table"})
         block_lists = [[p[0] for p in e[0]] for e in entries]
         part_lists = [[(p[1], p[2]) for p in e[0]] for e in entries]
         for rest in itertools.product(*other):
@@ -787,8 +786,7 @@ def sliding_pool(x, mode, nd, kernel_size, stride=None, padding=0, dilation=1,
                   power=spec.forward_power, max_of_abs=max_of_abs,
                   with_indices=return_indices, backend=backend, whole_spatial=layout.spatial,
                   table=table, separable=separable_choice(kernel_mode, layout, table, x.dtype,
-                                                          spec.forward_power),
-                  sliding=True)
+                                                          spec.forward_power))
     return build_pool(x, plan, fields, x.dtype, return_indices, op.replace("_", "-"))
 
 
@@ -820,6 +818,5 @@ def adaptive_pool(x, mode, nd, output_size, *, op, strict, return_indices=False,
     fields = dict(op=op, mode=kernel_mode, nd=nd, channels_last=channels_last, power=None,
                   max_of_abs=False, with_indices=return_indices, backend=backend,
                   whole_spatial=layout.spatial, table=table,
-                  separable=separable_choice(kernel_mode, layout, table, x.dtype, None),
-                  sliding=False)
+                  separable=separable_choice(kernel_mode, layout, table, x.dtype, None))
     return build_pool(x, plan, fields, x.dtype, return_indices, op.replace("_", "-"))
