@@ -18,10 +18,12 @@ The cols are laid out channels-last: a row holds, per kernel offset
 ``KW`` pixels of one kernel row are adjacent, so one copy), so im2col runs
 near memcpy speed.  Channels-last input therefore needs no transpose at all,
 its products ``cols @ W.T`` landing in channels-last order; channels-first
-input and gradients are transposed by a tiled kernel, which costs less than a
-channels-first im2col (with stride 2 that gathered every other element and ran
-at a third of the copy speed), and the channels-first forward's products are
-taken per image as ``W @ cols.T``, ``(C_out, positions)``: the output itself.
+input is transposed by a tiled kernel, which costs less than a channels-first
+im2col (with stride 2 that gathered every other element and ran at a third of
+the copy speed).  Channels-first outputs and gradients need none: the forward's
+products are taken per image as ``W @ cols.T``, ``(C_out, positions)``, the
+output itself; the backward's from each image's ``(C_out, positions)``
+gradient, and col2im writes the input gradient in either layout.
 Outputs, transposes and cols come from fastpool's buffer pool (fastpool._memory):
 fresh pages of those 12 MB cost the 8x64x56x56 forward a third of its time.
 
