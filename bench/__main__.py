@@ -5,7 +5,8 @@ compiled and cached); ``--full`` runs the whole suite (layers of ResNet, DenseNe
 Inception, YOLO, SSD, PSPNet, 3D U-Net, C3D, PointNet, M5, ...).  Each case is
 timed forward and backward, channels-first and channels-last, for every back end
 in the same run, with torch given fastpool's thread count.  Prints a table (the
-min / median / max of each library's timed calls, speed-ups from the minima, and
+min / median / max of each library's timed samples (short calls in batches),
+speed-ups from the minima, and
 a noise flag where other processes took CPU time during the row), and writes
 JSON and a PNG chart.
 ``--backend cuda`` times the CUDA back end against torch's CUDA pooling instead

@@ -10,15 +10,17 @@ import fastpool
 from bench.noise import THRESHOLD_CORES
 from bench.runner import Measurement, spread
 
-SPEEDUP_BASIS = "ratio of the minima: the other library's fastest timed call / fastpool's"
+SPEEDUP_BASIS = ("ratio of the minima: the other library's fastest timed sample / "
+                 "fastpool's")
 
 
 def legend(repeats: int | None = None) -> list[str]:
     """What the table's columns mean: printed above it and written into the Markdown."""
-    runs = f"{repeats} timed calls" if repeats else "the timed calls"
+    runs = f"{repeats} timed samples" if repeats else "the timed samples"
     return [
-        f"times in ms: min / median / max of {runs} after a warm-up call "
-        "(NumPy: one call, no warm-up)",
+        f"times in ms: min / median / max of {runs} after a warm-up call, a sample "
+        "being one call or, for calls under 2 ms, the mean of a batch of them lasting "
+        "about 2 ms (NumPy: one call, no warm-up)",
         "layout: cf = channels-first (N, C, *spatial), cl = channels-last "
         "(N, *spatial, C); dir: fwd = forward, bwd = backward (the input's gradient)",
         f"vs torch, vs numpy: speed-up, {SPEEDUP_BASIS}; > 1 = fastpool faster, "

@@ -1,7 +1,8 @@
 """Timing fastpool, the NumPy reference and torch on the same arrays.
 
-Every measurement keeps all ``repeats`` timed calls made after a warm-up call
-(which also compiles; the NumPy reference: one call, no warm-up): the report
+Every measurement keeps all ``repeats`` timed samples made after a warm-up call
+(which also compiles; the NumPy reference: one call, no warm-up), a sample being
+one call or, for calls under 2 ms, the mean of a batch of them: the report
 shows their minimum, median and maximum and computes speed-ups from the minima
 (the least disturbed run of each; noise on a shared machine only ever adds
 time).  Times of different back ends are taken in the same run, so the
@@ -12,6 +13,7 @@ other processes took while it ran (bench/noise.py).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ class Measurement:
     direction: str
     seconds: dict  # back end -> best (minimum) time
     nbytes: int  # bytes read plus written by fastpool's kernels
-    samples: dict = field(default_factory=dict)  # back end -> every timed call, seconds
+    samples: dict = field(default_factory=dict)  # back end -> every timed sample, s per call
     noise: dict | None = None  # bench.noise.other_load over the row, None off Linux
     warmup: dict = field(default_factory=dict)  # back end -> seconds of the first call
 
@@ -41,19 +43,34 @@ class Measurement:
         return "channels-last" if self.channels_last else "channels-first"
 
 
+# Calls shorter than this are timed in batches, each sample the mean of enough calls
+# to last about this long (timeit's practice): one call of tens of microseconds is
+# within the jitter of the clock, the scheduler and a thread wake-up, and the
+# minimum of five such calls swung a batch-1 row between 0.5x and 1.0x of torch.
+MIN_SAMPLE_SECONDS = 2e-3
+MAX_BATCH = 1000
+
+
 def sample_times(call, repeats: int, warm_up: bool = True) -> tuple[float, list[float]]:
-    """The warm-up call's seconds (0 without one) and those of ``repeats`` timed calls
-    after it."""
-    warmup = 0.0
+    """The warm-up call's seconds (0 without one) and the seconds per call of
+    ``repeats`` timed samples after it: with a warm-up, one more call sizes the
+    batches of short calls (:data:`MIN_SAMPLE_SECONDS`), each sample their mean."""
+    warmup, batch = 0.0, 1
     if warm_up:
         start = time.perf_counter()
         call()
         warmup = time.perf_counter() - start
+        start = time.perf_counter()
+        call()
+        once = time.perf_counter() - start
+        if once < MIN_SAMPLE_SECONDS:
+            batch = min(MAX_BATCH, math.ceil(MIN_SAMPLE_SECONDS / max(once, 1e-7)))
     times = []
     for _ in range(max(repeats, 1)):
         start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+        for _ in range(batch):
+            call()
+        times.append((time.perf_counter() - start) / batch)
     return warmup, times
 
 
