@@ -230,58 +230,23 @@ def test_rows_first_channels_first(op, threads, monkeypatch):
         assert np.isnan(got[0, 1]).any()
 
 
-# Channels-first maxima folded a window at a time from 2 to 4 input rows (register
-# rows): 2-D windows, 3-D ones whose rows span D and H, or D alone, and adaptive
-# tables the output size divides (the sliding windows of kernel = stride).
-REGISTER_ROWS_CALLS = {
-    "2x2": (2, lambda m, t: m.max_pool2d(t, 2)),
-    "3x3s2p1_ceil": (3, lambda m, t: m.max_pool2d(t, 3, 2, 1, ceil_mode=True)),
-    "4x4": (4, lambda m, t: m.max_pool2d(t, 4)),
-    "2x2x2": (4, lambda m, t: m.max_pool3d(t, 2)),
-    "3x1x2p1": (3, lambda m, t: m.max_pool3d(t, (3, 1, 2), (1, 1, 2), (1, 0, 1))),
-    "adaptive_14_to_7": (2, lambda m, t: m.adaptive_max_pool2d(t, 7)),
-}
-
-
-@pytest.mark.parametrize("call", sorted(REGISTER_ROWS_CALLS))
-@pytest.mark.parametrize("dtype", [np.float32, np.int16])
-def test_register_rows_channels_first(call, dtype, monkeypatch):
-    """torch's maxima, NaN winning, ties and -0.0 kept as torch keeps them, from the
-    kernel built for the call's register rows (narrow rows, parallel launches)."""
-    from fastpool import _dispatch
-    from fastpool.cpu import kernels
-
-    rows, pool = REGISTER_ROWS_CALLS[call]
-    built = []
-    build = kernels.max_pool_channels_first
-    monkeypatch.setattr(kernels, "max_pool_channels_first",
-                        lambda constants: built.append(tuple(constants)) or build(constants))
-    monkeypatch.setattr(_dispatch, "PLANS", _dispatch.PlanCache(8))
-    rng = np.random.default_rng(rows)
-    shape = (2, 64, 4, 14, 14) if call.count("x") == 2 else (2, 64, 14, 14)
-    x = rng.integers(-3, 4, shape).astype(dtype)
-    if dtype == np.float32:
-        x[rng.random(shape) < 0.02] = np.nan
-        x[rng.random(shape) < 0.05] = -0.0
-    # (torch's adaptive max takes no int16: its float64 maxima are the same numbers)
-    want = pool(F, torch.from_numpy(x.astype(np.float64))).numpy().astype(dtype)
-    got = pool(fastpool, x)
-    assert [constants[2] for constants in built] == [rows]
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
-
-
 def test_adaptive_tables_sweep_the_axes_their_output_divides():
+    """Along an axis whose size the output size divides, adaptive windows are the
+    sliding ones of kernel = stride: their table has that interior, and the kernels
+    that sweep it keep torch's averages and maxima (NaN winning, ties)."""
     from fastpool._params import adaptive_table
 
     table = adaptive_table((14, 13), (7, 7))
     assert table.interior[1].tolist() == [0, 7, 2, 0, 2]
     assert table.interior[2].tolist() == [0, 0, 1, 0, 0]  # 13 / 7: no regular windows
-    x = np.random.default_rng(0).standard_normal((3, 5, 60, 14)).astype(np.float32)
-    for size in [(6, 7), (2, 2), (60, 14), (5, 3)]:
-        np.testing.assert_allclose(fastpool.adaptive_avg_pool2d(x, size),
-                                   F.adaptive_avg_pool2d(torch.from_numpy(x), size).numpy(),
-                                   rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (3, 40, 60, 28)).astype(np.float32)
+    x[rng.random(x.shape) < 0.01] = np.nan
+    for size in [(6, 7), (2, 2), (60, 28), (5, 3), (1, 14)]:
+        for name in ("adaptive_avg_pool2d", "adaptive_max_pool2d"):
+            want = getattr(F, name)(torch.from_numpy(x), size).numpy()
+            got = getattr(fastpool, name)(x, size)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # Channels-last windows folded whole: each register variant (rows x columns: 1x1 to

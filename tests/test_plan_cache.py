@@ -366,8 +366,8 @@ def test_serial_twins_agree_with_the_parallel_kernels(monkeypatch):
     for name in parallel:
         assert_same(serial[name], parallel[name])
     # Every serial twin built is a distinct, parallel=False build of its kernel.
-    kernel = kernels.max_pool_channels_first((*kernels.NO_SWEEP, 0))
-    assert kernels.max_pool_channels_first((*kernels.NO_SWEEP, 0)) is kernel
+    kernel = kernels.max_pool_channels_first(kernels.NO_SWEEP)
+    assert kernels.max_pool_channels_first(kernels.NO_SWEEP) is kernel
     assert runtime.serial_twin(kernel) is runtime.serial_twin(kernel)
     for kernel, twin in runtime._twins.items():
         assert twin is not kernel and twin.py_func.__code__ is kernel.py_func.__code__
@@ -393,7 +393,7 @@ import json, numpy as np, fastpool
 from fastpool.cpu import kernels, runtime
 fastpool.max_pool2d(np.ones((1, 1, 2, 64), np.float32), 2)  # serial (rows of 32 outputs)
 fastpool.max_pool2d(np.ones((4, 8, 64, 64), np.float32), 2)  # parallel
-kernel = kernels.max_pool_channels_first((2, 2, 2))  # 2x2 windows, stride 2
+kernel = kernels.max_pool_channels_first((2, 2))  # the build for 2x2 windows, stride 2
 builds = {"parallel": kernel, "serial": runtime.serial_twin(kernel)}
 print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()),
                          k.targetoptions["parallel"]] for name, k in builds.items()}))

@@ -49,34 +49,16 @@ def interior_sweep(interior, step, max_fold: bool) -> tuple[int, int]:
     return (0, 0) if max_fold else NO_SWEEP
 
 
-# A channels-first max kernel built for a window sweep (a constant stride and
-# kernel) and windows of 2 to 4 input rows folds each interior window whole, from
-# views of its rows, in registers (see _max_interior_of_rows): the row-by-row sweep
-# stores and reloads every maximum once per row and pays a call per row, which
-# dominated narrow rows (14 wide, 2x2 windows: 1.6x slower, one thread).  Sums
-# gained nothing from it (their row-by-row sweep has no select to mispredict).
-REGISTER_ROWS = (2, 3, 4)
-
-
-def register_rows(sweep: tuple[int, int], window_sizes: tuple[int, int, int]) -> int:
-    """The rows a channels-first max kernel with interior sweep ``sweep`` folds in
-    registers, for windows of at most ``window_sizes`` (D, H, W) positions: their
-    D x H rows when the sweep has a constant kernel and that is in
-    :data:`REGISTER_ROWS`, else 0."""
-    rows = window_sizes[0] * window_sizes[1]
-    return rows if sweep[1] > 0 and rows in REGISTER_ROWS else 0
-
-
 _built: dict = {}
 _built_lock = threading.Lock()
 
 
 def per_constants(factory):
-    """Memoise ``factory(*constants)``, which builds a kernel for a few int constants:
-    an interior sweep (see :func:`interior_sweep`) and its register rows (see
-    :func:`register_rows`), or a register window (see :func:`register_window`).
+    """Memoise ``factory(a, b)``, which builds a kernel for a pair of int constants:
+    an interior sweep (see :func:`interior_sweep`), or a register window (see
+    :func:`register_window`).
 
-    The kernel is a closure whose cells hold the ints (literal constants to
+    The kernel is a closure whose cells hold the two ints (literal constants to
     numba): numba's on-disk cache keys closures by their cells' contents, so each
     build is cached, and loaded by later processes.  (A numba function in a cell
     would pickle with a per-process id: a cache miss in every process.)  A build
@@ -154,9 +136,8 @@ def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last, 
 
 
 @per_constants
-def max_pool_channels_first(sweep_stride, sweep_kernel, window_rows):
-    """The channels-first max kernel for one interior sweep and its register rows
-    (see :func:`per_constants`)."""
+def max_pool_channels_first(sweep_stride, sweep_kernel):
+    """The channels-first max kernel for one interior sweep (see :func:`per_constants`)."""
 
     @njit(**CPU_JIT_OPTIONS)
     def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest, chunks):
@@ -185,16 +166,6 @@ def max_pool_channels_first(sweep_stride, sweep_kernel, window_rows):
                 if indices is not None:
                     for ow in range(out_w):
                         best_at[ow] = (d0 * height + h0) * width + start[2, ow]
-                swept = False  # the interior windows, folded whole in registers
-                if window_rows > 0 and indices is None and hi > lo:
-                    rows_h = _count(h0, h1, step_h)
-                    if _count(d0, d1, step_d) * rows_h == window_rows:
-                        _max_interior_of_rows(window_rows, sweep_stride, sweep_kernel, best,
-                                              x[plane], d0, h0, rows_h, step_d, step_h, lo,
-                                              hi, offset, lowest, None)
-                        swept = True
-                        if lo == 0 and hi == out_w:
-                            continue
                 # Input rows of the window in scan order, each swept for the whole
                 # output row.
                 d = d0
@@ -204,7 +175,7 @@ def max_pool_channels_first(sweep_stride, sweep_kernel, window_rows):
                         x_row = x[plane, d, h]
                         base = (d * height + h) * width
                         _max_along_row(x_row, best, best_at, base, start, stop, step_w, 0, lo)
-                        if sweep_stride >= 0 and hi > lo and not swept:
+                        if sweep_stride >= 0 and hi > lo:
                             _max_interior(sweep_stride, sweep_kernel, x_row, best, lo, hi,
                                           stride, offset, kernel, step_w, None)
                         _max_along_row(x_row, best, best_at, base, start, stop, step_w,
@@ -664,65 +635,6 @@ def _interior_sweep_impl(fold):
 # A kernel passes its cells' literal ints, so only its own sweep compiles.
 overload(_max_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_max))
 overload(_sum_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_sum))
-
-
-def _max_interior_of_rows(window_rows, sweep_stride, sweep_kernel, acc, x_plane, d0, h0,
-                          rows_h, step_d, step_h, lo, hi, offset, first, power):
-    """``acc[lo:hi]`` = the maxima of the interior windows of ``window_rows`` input rows
-    (from ``x_plane[d0, h0]``, ``rows_h`` per D step) by the window sweep
-    (``sweep_stride``, ``sweep_kernel``), literal ints; ``first``: the dtype's
-    lowest value."""
-
-
-def _interior_of_rows_impl(fold):
-    """The implementation of a row of interior windows folded whole by ``fold``, in
-    scan order (d, h, w) from ``first``, as the row-by-row sweep folds them (the
-    same maxima, NaN and ties alike)."""
-
-    def implementation(window_rows, sweep_stride, sweep_kernel, acc, x_plane, d0, h0, rows_h,
-                       step_d, step_h, lo, hi, offset, first, power):
-        if not all(isinstance(value, types.IntegerLiteral)
-                   for value in (window_rows, sweep_stride, sweep_kernel)):
-            return None
-        rows, stride, kernel = (window_rows.literal_value, sweep_stride.literal_value,
-                                sweep_kernel.literal_value)
-
-        def interior_of_rows(window_rows, sweep_stride, sweep_kernel, acc, x_plane, d0, h0,
-                             rows_h, step_d, step_h, lo, hi, offset, first, power):
-            # Views from the first interior window, as _fold_windows takes.
-            begin = lo * stride + offset
-            v0 = v1 = v2 = v3 = x_plane[d0, h0, begin:]
-            if rows > 1:
-                v1 = _window_row(x_plane, 1, rows_h, d0, h0, step_d, step_h)[begin:]
-            if rows > 2:
-                v2 = _window_row(x_plane, 2, rows_h, d0, h0, step_d, step_h)[begin:]
-            if rows > 3:
-                v3 = _window_row(x_plane, 3, rows_h, d0, h0, step_d, step_h)[begin:]
-            kept_row = acc[lo:hi]
-            for i in range(hi - lo):
-                base = i * stride
-                kept = first
-                for j in range(kernel):
-                    kept = fold(kept, v0[base + j], power)
-                if rows > 1:
-                    for j in range(kernel):
-                        kept = fold(kept, v1[base + j], power)
-                if rows > 2:
-                    for j in range(kernel):
-                        kept = fold(kept, v2[base + j], power)
-                if rows > 3:
-                    for j in range(kernel):
-                        kept = fold(kept, v3[base + j], power)
-                kept_row[i] = kept
-
-        return interior_of_rows
-
-    return implementation
-
-
-# Called once per output row; compiled once per (rows, sweep) and dtype.
-overload(_max_interior_of_rows, jit_options={"error_model": "numpy"})(
-    _interior_of_rows_impl(_fold_max))
 
 
 @per_constants

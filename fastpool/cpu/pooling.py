@@ -99,8 +99,7 @@ def _rows_first(table: WindowTable, any_order: bool) -> bool:
     """Whether a channels-first forward without positions takes the rows-first
     kernels: windows whose W pattern no vector sweep covers (adaptive tables, wide
     strides), or, where the fold's order cannot change the result (``any_order``:
-    maxima), windows of several rows in output rows too narrow to profit from one
-    (unless the direct kernel folds their rows in registers).
+    maxima), windows of several rows in output rows too narrow to profit from one.
     Sums decide on the window parameters alone, so that every call with the same
     parameters sums in the same order: a window of one row sums as the direct
     kernels do, and fastpool.dask's blocks equal the in-memory result bit for bit."""
@@ -110,8 +109,7 @@ def _rows_first(table: WindowTable, any_order: bool) -> bool:
     if not any_order:
         return not swept
     size_d, size_h, _ = table.window_sizes
-    narrow = table.out_shape[2] < ROWS_FIRST_MAX_OUT_W and not _max_constants(table)[2]
-    return size_d * size_h > 1 and (not swept or narrow)
+    return size_d * size_h > 1 and (not swept or table.out_shape[2] < ROWS_FIRST_MAX_OUT_W)
 
 
 # Whole-plane sums and maxima (without positions) read several elements a
@@ -222,18 +220,11 @@ def _sweep(table: WindowTable, max_fold: bool) -> tuple[int, int]:
     return kernels.interior_sweep(table.interior[2], int(table.step[2]), max_fold)
 
 
-def _max_constants(table: WindowTable) -> tuple[int, int, int]:
-    """The interior sweep and register rows the channels-first direct max kernel
-    (without positions) is built for over ``table``'s windows."""
-    sweep = _sweep(table, True)
-    return (*sweep, kernels.register_rows(sweep, table.window_sizes))
-
-
 def max_pool_channels_first(table: WindowTable, with_indices: bool):
     """The channels-first direct max kernel for ``table``: kept positions need
     every window folded one by one, so those builds sweep nothing."""
     return kernels.max_pool_channels_first(
-        (*kernels.NO_SWEEP, 0) if with_indices else _max_constants(table))
+        kernels.NO_SWEEP if with_indices else _sweep(table, True))
 
 
 def _register_window(table: WindowTable) -> tuple[int, int]:
