@@ -477,8 +477,8 @@ def adaptive_table(in_spatial: tuple[int, ...], out_spatial: tuple[int, ...]) ->
         stop = -(-(i + 1) * size // n_out)
         axes.append((start, stop, 1, (stop - start).astype(np.float64)))
         kernel = size // n_out
-        interior.append((0, n_out, kernel, 0, kernel) if size % n_out == 0 else
-                        (0, 0, 1, 0, 0))
+        interior.append(_interior(size, n_out, kernel, kernel, (0, 0), 1)
+                        if size % n_out == 0 else (0, 0, 1, 0, 0))
     return WindowTable.from_axes(axes, out_spatial, 1.0, interior)
 
 

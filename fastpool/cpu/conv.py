@@ -353,14 +353,12 @@ class _Geometry:
         ``n0 .. n0+count-1``, and in each the units ``v0 .. v0+units-1``.  Whole images
         while one image's cols fit in :data:`CHUNK_BYTES`, else runs of units of one
         image."""
-        unit_bytes = max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
-        image_bytes = unit_bytes * self.units_per_image
-        if image_bytes <= CHUNK_BYTES:
-            step = max(1, CHUNK_BYTES // image_bytes)
+        if self.whole_images:
+            step = max(1, CHUNK_BYTES // (self._unit_bytes * self.units_per_image))
             for n0 in range(0, images, step):
                 yield n0, min(step, images - n0), 0, self.units_per_image
             return
-        step = max(1, CHUNK_BYTES // unit_bytes)
+        step = max(1, CHUNK_BYTES // self._unit_bytes)
         for n in range(images):
             for v0 in range(0, self.units_per_image, step):
                 yield n, 1, v0, min(step, self.units_per_image - v0)
@@ -388,11 +386,15 @@ class _Geometry:
         return v0 == 0 and units == self.units_per_image
 
     @property
+    def _unit_bytes(self) -> int:
+        """Bytes of one unit's cols (at least 1)."""
+        return max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
+
+    @property
     def whole_images(self) -> bool:
         """Whether every chunk covers its images whole (one image's cols fit in
         :data:`CHUNK_BYTES`)."""
-        unit_bytes = max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
-        return unit_bytes * self.units_per_image <= CHUNK_BYTES
+        return self._unit_bytes * self.units_per_image <= CHUNK_BYTES
 
     @property
     def tiles(self) -> bool:
