@@ -1,9 +1,9 @@
 """The bandwidth yardstick: a multi-threaded copy, compiled like fastpool's kernels."""
 
-from numba import njit, prange
+from fastpool.cpu.tasks import parallel_kernel, share
 
 
-@njit(parallel=True, cache=True)
-def parallel_copy(source, target):
-    for i in prange(source.size):
+@parallel_kernel
+def parallel_copy(part, parts, source, target):
+    for i in range(*share(source.size, part, parts)):
         target[i] = source[i]

@@ -272,15 +272,11 @@ def precompile(ops=None, dtypes=None, progress=True, *, layouts=None) -> dict:
 
 
 def _kernels() -> list:
-    """fastpool's cached CPU kernels (numba dispatchers) in this process: the
-    modules' own, those built so far per interior sweep and the serial twins."""
-    from numba.core.registry import CPUDispatcher
-
-    from fastpool.cpu import conv, gem, kernels, runtime
-    found = [value for module in (kernels, conv, gem) for value in vars(module).values()
-             if isinstance(value, CPUDispatcher)]
-    found += kernels.built_kernels() + list(runtime._twins.values())
-    return [kernel for kernel in found if kernel.stats.cache_path]
+    """fastpool's cached CPU kernels in this process, as numba dispatchers: each
+    task kernel's serial build and, once launched in parallel, its driver."""
+    from fastpool.cpu import conv, gem, kernels, tasks  # noqa: F401  (their kernels)
+    return [dispatcher for kernel in tasks.task_kernels()
+            for dispatcher in kernel.dispatchers() if dispatcher.stats.cache_path]
 
 
 def _counts(dispatchers) -> tuple[int, int]:
@@ -304,7 +300,7 @@ def cache_location() -> tuple[str | None, str]:
     from fastpool.cpu import kernels
     if not CPU_JIT_OPTIONS["cache"]:
         return None, "off (FASTPOOL_DISABLE_CACHE is set)"
-    path = kernels.plane_max.stats.cache_path
+    path = kernels.plane_max.body.stats.cache_path
     in_tree = os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "__pycache__")
     if config.CACHE_DIR and os.path.abspath(path).startswith(
             os.path.abspath(config.CACHE_DIR) + os.sep):
@@ -330,9 +326,10 @@ def _namespace(layout: str) -> dict:
 def _both_builds():
     """Run the loop body twice: every CPU launch parallel, then every one serial.
 
-    Small calls run a kernel's serial twin, large ones the parallel kernel (see
-    :func:`fastpool.cpu.runtime.launch`); each is its own build, and the tiny
-    inputs here would otherwise compile the twins alone.  Plans remember the
+    Small calls run a kernel serially, large ones in parallel (see
+    :func:`fastpool.cpu.runtime.launch`), which adds a driver build to the
+    kernel's own (:mod:`fastpool.cpu.tasks`): the tiny inputs here would otherwise
+    compile the kernels alone.  Plans remember the
     build they chose, so the plan cache is emptied before and after each pass."""
     from fastpool import _dispatch
     from fastpool.cpu import runtime

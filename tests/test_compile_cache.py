@@ -13,15 +13,15 @@ fastpool.max_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2, channels_last=True)
 fastpool.adaptive_avg_pool2d(x, 1)
-# Calls this small run the kernels' serial twins (see tests/test_plan_cache.py for a
-# parallel kernel and its twin side by side).
+# Calls this small run the kernels serially, their parallel=False builds alone (see
+# tests/test_plan_cache.py for a build and its parallel driver side by side).
 # The channels-first kernels are built per interior sweep (2x2 windows, stride 2);
 # numba caches such closures by their cells' contents.
 built = {"max_pool_channels_first": kernels.max_pool_channels_first((2, 2)),
          "sum_pool_channels_first": kernels.sum_pool_channels_first((2, 2)),
          "sum_pool_channels_last": kernels.sum_pool_channels_last((2, 2)),
          "plane_sum": kernels.plane_sum}
-stats = {name: runtime.serial_twin(kernel).stats for name, kernel in built.items()}
+stats = {name: kernel.body.stats for name, kernel in built.items()}
 print(json.dumps({name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
                   for name, s in stats.items()}))
 """
@@ -60,7 +60,7 @@ builds = {str(sweep): kernels.max_pool_channels_first(sweep)
           for sweep in [(2, 3), (2, 2), kernels.NO_SWEEP]}
 print(json.dumps({"built": len(kernels.built_kernels()), "compiled": compiled,
                   "cache": {name: [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
-                            for name, s in ((n, runtime.serial_twin(k).stats)
+                            for name, s in ((n, k.body.stats)
                                             for n, k in builds.items())}}))
 """
 

@@ -387,7 +387,7 @@ def test_small_plane_sum_backward_in_plane_blocks(size, forward, backward, monke
         got = run()
         np.testing.assert_allclose(got, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
         fastpool.set_num_threads(1)
-        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # their serial twins
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # serially, in one share
         assert run().tobytes() == got.tobytes()
         monkeypatch.setattr(pooling, "PLANE_BLOCK", 5)
         assert run().tobytes() == got.tobytes()
@@ -423,7 +423,7 @@ def test_channels_last_max_backward_gather_path(args, monkeypatch):
         np.testing.assert_array_equal(got, xt.grad.permute(0, 2, 3, 1).numpy())
         assert np.isnan(got).sum() == 1
         fastpool.set_num_threads(1)
-        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # their serial twins
+        monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 2**62)  # serially, in one share
         _dispatch.PLANS.clear()
         again = fastpool.max_pool2d_backward(g, indices, x.shape, channels_last=True,
                                              **window)
@@ -479,7 +479,7 @@ def test_channels_last_window_groups(size, mode):
 
 def test_channels_last_global_pool_runs_serially():
     """A channels-last call with one output row (global pooling) has one task for
-    the direct kernels: its plan runs the serial twin however large the work."""
+    the direct kernels: its plan runs it serially however large the work."""
     from fastpool import _dispatch
 
     x = np.random.default_rng(0).standard_normal((1, 16, 16, 512)).astype(np.float32)

@@ -3,8 +3,8 @@
 A repeated call reuses its plan (validated parameters, window table, kernel and
 its arguments) and must give what the first call gave; a call that differs in
 anything a plan depends on must get its own plan; bad input must fail every
-time, as it does with no plans cached; small calls run the kernels' serial
-twins, which must agree with the parallel kernels bit for bit.
+time, as it does with no plans cached; small calls run the kernels serially,
+which must agree with their parallel launches bit for bit.
 """
 
 import subprocess
@@ -18,7 +18,7 @@ from numpy.testing import assert_array_equal
 import fastpool
 from fastpool import _dispatch
 from fastpool._params import Layout
-from fastpool.cpu import kernels, runtime
+from fastpool.cpu import kernels, runtime, tasks
 from tests.conftest import run_on_disk_cache
 
 RNG = np.random.default_rng(7)
@@ -356,7 +356,7 @@ def _every_cpu_op():
     return results
 
 
-def test_serial_twins_agree_with_the_parallel_kernels(monkeypatch):
+def test_serial_launches_agree_with_the_parallel_ones(monkeypatch):
     monkeypatch.setattr(runtime, "SERIAL_WORK_LIMIT", 0)  # every launch parallel
     _dispatch.PLANS.clear()
     parallel = _every_cpu_op()
@@ -365,14 +365,16 @@ def test_serial_twins_agree_with_the_parallel_kernels(monkeypatch):
     serial = _every_cpu_op()
     for name in parallel:
         assert_same(serial[name], parallel[name])
-    # Every serial twin built is a distinct, parallel=False build of its kernel.
+    # One parallel=False build per kernel serves both launches: a parallel launch
+    # runs it through its address from a prange driver shared by the kernels.
     kernel = kernels.max_pool_channels_first(kernels.NO_SWEEP)
     assert kernels.max_pool_channels_first(kernels.NO_SWEEP) is kernel
-    assert runtime.serial_twin(kernel) is runtime.serial_twin(kernel)
-    for kernel, twin in runtime._twins.items():
-        assert twin is not kernel and twin.py_func.__code__ is kernel.py_func.__code__
-        assert twin.targetoptions["parallel"] is False and kernel.targetoptions["parallel"]
-    assert len(runtime._twins) >= 20
+    launched = [kernel for kernel in tasks.task_kernels() if kernel._addresses]
+    assert len(launched) >= 20
+    for kernel in launched:
+        body, driver = kernel.dispatchers()
+        assert body.targetoptions["parallel"] is False and driver.targetoptions["parallel"]
+        assert body.signatures
 
 
 def test_serial_launches_need_no_threading_layer():
@@ -390,28 +392,30 @@ def test_serial_launches_need_no_threading_layer():
 
 DISK_CACHE_SCRIPT = """
 import json, numpy as np, fastpool
-from fastpool.cpu import kernels, runtime
+from fastpool.cpu import kernels
 fastpool.max_pool2d(np.ones((1, 1, 2, 64), np.float32), 2)  # serial (rows of 32 outputs)
 fastpool.max_pool2d(np.ones((4, 8, 64, 64), np.float32), 2)  # parallel
 kernel = kernels.max_pool_channels_first((2, 2))  # the build for 2x2 windows, stride 2
-builds = {"parallel": kernel, "serial": runtime.serial_twin(kernel)}
+builds = dict(zip(["kernel", "driver"], kernel.dispatchers()))
 print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()),
                          k.targetoptions["parallel"]] for name, k in builds.items()}))
 """
 
 
 @pytest.mark.slow
-def test_serial_twins_have_their_own_disk_cache_entries(tmp_path):
+def test_kernel_and_parallel_driver_have_their_own_disk_cache_entries(tmp_path):
     def run():
         return run_on_disk_cache(DISK_CACHE_SCRIPT, tmp_path)
 
+    # The serial launch compiled the kernel; the parallel one, its driver only.
     cold = run()
-    assert cold == {"parallel": [0, 1, True], "serial": [0, 1, False]}, cold
-    indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*max_pool_channels_first*.nbi"))
+    assert cold == {"kernel": [0, 1, False], "driver": [0, 1, True]}, cold
+    indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")
+                     if "max_pool_channels_first" in p.name or "_run_shares" in p.name)
     assert indexes == ["kernels.max_pool_channels_first.locals.max_pool_channels_first",
-                       "kernels.max_pool_channels_first.locals.max_pool_channels_first.serial"]
-    warm = run()  # each build loads its own machine code, compiling nothing
-    assert warm == {"parallel": [1, 0, True], "serial": [1, 0, False]}, warm
+                       "tasks._run_shares"], indexes
+    warm = run()  # each loads its own machine code, compiling nothing
+    assert warm == {"kernel": [1, 0, False], "driver": [1, 0, True]}, warm
 
 
 def test_work_estimates_take_empty_operands():

@@ -251,13 +251,10 @@ def cache_sizes() -> dict:
 
 def compiled_signatures() -> int:
     """How many specialisations of fastpool's CPU kernels numba holds."""
-    from numba.core.registry import CPUDispatcher
+    from fastpool.cpu import tasks
 
-    from fastpool.cpu import conv, kernels, runtime
-
-    return sum(len(value.signatures) for module in (kernels, conv)
-               for value in vars(module).values() if isinstance(value, CPUDispatcher)) + \
-        sum(len(twin.signatures) for twin in list(runtime._twins.values()))
+    return sum(len(dispatcher.signatures) for kernel in tasks.task_kernels()
+               for dispatcher in kernel.dispatchers())
 
 
 # --------------------------------------------------------------------------

@@ -61,11 +61,11 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from fastpool import _memory as memory
 from fastpool import _threads
-from fastpool._config import CPU_JIT_OPTIONS
+from fastpool.cpu.tasks import parallel_kernel, share
 from fastpool.cpu.runtime import launch
 
 # The most bytes of cols one chunk may fill.  Small enough that the cols stay in
@@ -101,8 +101,8 @@ def _source(position, pad, offset, stride, size):
     return t // stride
 
 
-@njit(**CPU_JIT_OPTIONS)
-def im2col(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad, width):
+@parallel_kernel
+def im2col(part, parts, x, cols, n0, v0, units_per_image, windows, width):
     """im2col of channels-last ``x``: ``cols[(i, v - v0, ow), (kd, kh, kw, c)]``.
 
     ``x`` comes as ``(N, D, H, W*C_in)``, its input rows flat (``width`` is ``W``).
@@ -112,13 +112,15 @@ def im2col(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad, widt
     are adjacent in the input row, so they go as one contiguous copy of
     ``KW*C_in`` values (zeros where the window is in the padding): far fewer,
     longer copies than one per pixel, which matters when ``C_in`` is small.
+    ``windows``: the rows out_size, kernel, stride, pad (see ``_Geometry.windows``).
     """
+    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
     depth, height = x.shape[1], x.shape[2]
     out_h, out_w = out_size[1], out_size[2]
-    k_d, k_h, k_w = kernel
+    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
     c_in = cols.shape[1] // (k_d * k_h * k_w)
     run = k_w * c_in
-    for m in prange(cols.shape[0]):
+    for m in range(*share(cols.shape[0], part, parts)):
         j, ow = m // out_w, m % out_w
         n, v = n0 + j // units_per_image, v0 + j % units_per_image
         row = cols[m]
@@ -139,9 +141,9 @@ def im2col(x, cols, n0, v0, units_per_image, out_size, kernel, stride, pad, widt
                 base += run
 
 
-@njit(**CPU_JIT_OPTIONS)
-def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad, blocks,
-           channels_last, accumulate):
+@parallel_kernel
+def col2im(part, parts, cols, grad_in, n0, v0, units_per_image, windows, blocks, channels_last,
+           accumulate):
     """Store (or, with ``accumulate``, add) ``cols`` (laid out as :func:`im2col`'s) as
     the gradient ``grad_in``, channels-last ``(N, D, H, W, C_in)`` or channels-first
     ``(N, C_in, D, H, W)``.
@@ -154,19 +156,21 @@ def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad
     whatever the number of blocks or threads, and a channels-first gradient needs
     no transpose.  Cols of whole images hold every window of their rows: their
     rows are stored, zeros included, so ``grad_in`` needs no zeroing; runs of
-    units of one image ``accumulate`` into a zeroed one.
+    units of one image ``accumulate`` into a zeroed one.  ``windows``: as
+    :func:`im2col`'s.
     """
+    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
     if channels_last:
         depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2],
                                       grad_in.shape[3], grad_in.shape[4])
     else:
         c_in, depth, height, width = (grad_in.shape[1], grad_in.shape[2],
                                       grad_in.shape[3], grad_in.shape[4])
-    out_d, out_h, out_w = out_size
-    k_d, k_h, k_w = kernel
+    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
+    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
     images = cols.shape[0] // max(units_per_image * out_w, 1)
     block = (width + blocks - 1) // blocks
-    for task in prange(images * depth * height * blocks):
+    for task in range(*share(images * depth * height * blocks, part, parts)):
         b = task % blocks
         h = task // blocks % height
         d = task // (blocks * height) % depth
@@ -208,8 +212,8 @@ def col2im(cols, grad_in, n0, v0, units_per_image, out_size, kernel, stride, pad
 _TILE = 64
 
 
-@njit(**CPU_JIT_OPTIONS)
-def move_channels(source, target, to_last):
+@parallel_kernel
+def move_channels(part, parts, source, target, to_last):
     """``target[n, s, c] = source[n, c, s]`` (``to_last``) or ``target[n, c, s] =
     source[n, s, c]``, tiled over the positions ``s``.
 
@@ -222,7 +226,7 @@ def move_channels(source, target, to_last):
     channels, size = (source.shape[1], source.shape[2]) if to_last else (source.shape[2],
                                                                           source.shape[1])
     tiles = (size + _TILE - 1) // _TILE
-    for task in prange(batch * tiles):
+    for task in range(*share(batch * tiles, part, parts)):
         n = task // tiles
         first = task % tiles * _TILE
         stop = min(first + _TILE, size)
@@ -345,6 +349,8 @@ class _Geometry:
         self.out_size = tuple(map(int, out_size))
         self.stride = tuple(map(int, stride))
         self.pad = tuple(map(int, pad))
+        # The kernels' copy: a (4, 3) table, rows out_size, kernel, stride, pad.
+        self.windows = np.array([self.out_size, self.kernel, self.stride, self.pad], np.int64)
         self.k = self.c_in * math.prod(self.kernel)  # a cols row's length
         self.units_per_image = self.out_size[0] * self.out_size[1]
 
@@ -436,8 +442,7 @@ class _Geometry:
                 return patches, True
         cols = self.cols(scratch, images, units)
         rows = source.reshape(*source.shape[:3], source.shape[3] * source.shape[4])
-        _launch(serial, im2col, rows, cols, first, v0, units, self.out_size, self.kernel,
-                self.stride, self.pad, self.spatial[2])
+        _launch(serial, im2col, rows, cols, first, v0, units, self.windows, self.spatial[2])
         return cols, False
 
     def col2im(self, cols, target, first, images, v0, units, channels_last, serial=False):
@@ -445,8 +450,8 @@ class _Geometry:
         add it for a run of units of one image; in this thread when ``serial``."""
         rows = images * self.spatial[0] * self.spatial[1]
         blocks = 1 if serial else self.blocks(rows, self.spatial[2])
-        _launch(serial, col2im, cols, target, first, v0, units, self.out_size, self.kernel,
-                self.stride, self.pad, blocks, channels_last, not self.whole(v0, units))
+        _launch(serial, col2im, cols, target, first, v0, units, self.windows, blocks,
+                channels_last, not self.whole(v0, units))
 
     def patches(self, array):
         """Non-overlapping windows (kernel == stride, no padding) of a channels-last
@@ -503,7 +508,7 @@ def _channels_moved(array, last, serial=False, out=None):
 
 
 def _launch(serial, kernel, *args):
-    """``launch``, or with ``serial`` the kernel's serial twin in this thread (work 0
+    """``launch``, or with ``serial`` the kernel serially in this thread (work 0
     is below any parallel threshold)."""
     return launch(kernel, *args, work=0) if serial else launch(kernel, *args)
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
+from fastpool.cpu.tasks import parallel_kernel, share
 from fastpool.cpu.runtime import launch, runs_serially
 
 _SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
@@ -272,14 +273,14 @@ def _pixel_sums(values, powers, eps, kind, totals, log_totals, with_log):
 # --------------------------------------------------------------------------
 
 
-@njit(**CPU_JIT_OPTIONS)
-def gem_sums_planes(x, powers, eps, kind, sums, log_sums, with_log, chunks):
+@parallel_kernel
+def gem_sums_planes(part, parts, x, powers, eps, kind, sums, log_sums, with_log, chunks):
     """Whole-plane windows (global GeM, channels-first): ``x`` (planes, size), in
     ``chunks`` tasks of whole planes (a call per plane costs more than a small
     plane's arithmetic)."""
     planes = x.shape[0]
     per_chunk = (planes + chunks - 1) // chunks
-    for chunk in prange(chunks):
+    for chunk in range(*share(chunks, part, parts)):
         first = chunk * per_chunk
         last = min(planes, first + per_chunk)
         _planes_sums(x[first:last], 0, x.shape[1], powers, first, eps, kind,
@@ -287,12 +288,13 @@ def gem_sums_planes(x, powers, eps, kind, sums, log_sums, with_log, chunks):
                      with_log)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def gem_sums_channels_first(x, start, stop, powers, eps, kind, sums, log_sums, with_log):
+@parallel_kernel
+def gem_sums_channels_first(part, parts, x, start, stop, powers, eps, kind, sums, log_sums,
+                            with_log):
     """Window sums over ``x`` (planes, D, H, W) into (planes, out_d, out_h, out_w);
     windows read whole runs of W (GeM has no dilation)."""
     planes, out_d, out_h, out_w = sums.shape
-    for row in prange(planes * out_d * out_h):
+    for row in range(*share(planes * out_d * out_h, part, parts)):
         plane = row // (out_d * out_h)
         od = (row // out_h) % out_d
         oh = row % out_h
@@ -312,14 +314,15 @@ def gem_sums_channels_first(x, start, stop, powers, eps, kind, sums, log_sums, w
                 log_sums[plane, od, oh, ow] = log_total
 
 
-@njit(**CPU_JIT_OPTIONS)
-def gem_sums_channels_last(x, start, stop, powers, eps, kind, sums, log_sums, with_log):
+@parallel_kernel
+def gem_sums_channels_last(part, parts, x, start, stop, powers, eps, kind, sums, log_sums,
+                           with_log):
     """Window sums over ``x`` (N, D, H, W, C) into (N, out_d, out_h, out_w, C),
     accumulated a pixel at a time across the contiguous channels; ``powers`` has
     one p per channel."""
     batch, out_d, out_h, out_w, channels = sums.shape
     typed = powers.astype(x.dtype)
-    for row in prange(batch * out_d * out_h):
+    for row in range(*share(batch * out_d * out_h, part, parts)):
         n = row // (out_d * out_h)
         od = (row // out_h) % out_d
         oh = row % out_h
@@ -384,12 +387,12 @@ def _planes_grad(x, shares, powers, first, eps, kind, out):
         _grad_rows(x, shares, powers, first, eps, kind, out, False, False)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def gem_grad_channels_first(x, shares, powers, eps, kind, grad, chunks):
+@parallel_kernel
+def gem_grad_channels_first(part, parts, x, shares, powers, eps, kind, grad, chunks):
     """``x`` and ``grad`` (planes, size); ``shares`` (planes, size or 1)."""
     planes = x.shape[0]
     per_chunk = (planes + chunks - 1) // chunks
-    for chunk in prange(chunks):
+    for chunk in range(*share(chunks, part, parts)):
         first = chunk * per_chunk
         last = min(planes, first + per_chunk)
         _planes_grad(x[first:last], shares[first:last], powers, first, eps, kind,
@@ -404,13 +407,13 @@ def _grad_channels(values, shares, powers, eps, kind, out, general):
         out[c] = shares[c] * slope if value >= eps else 0
 
 
-@njit(**CPU_JIT_OPTIONS)
-def gem_grad_channels_last(x, shares, powers, eps, kind, grad):
+@parallel_kernel
+def gem_grad_channels_last(part, parts, x, shares, powers, eps, kind, grad):
     """``x`` and ``grad`` (N, pixels, C); ``shares`` (N, pixels or 1, C)."""
     batch, pixels, channels = x.shape
     typed = powers.astype(x.dtype)
     broadcast = shares.shape[1] == 1
-    for task in prange(batch * pixels):
+    for task in range(*share(batch * pixels, part, parts)):
         n, i = task // pixels, task % pixels
         row = shares[n, 0 if broadcast else i]
         if kind == 0:

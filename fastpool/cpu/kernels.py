@@ -16,11 +16,12 @@ import functools
 import threading
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import overload
 
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._scalar import torch_power
+from fastpool.cpu.tasks import parallel_kernel, share
 
 _SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
 
@@ -139,8 +140,9 @@ def _sum_along_row(x_row, total, start, stop, step_w, power, zero, first, last, 
 def max_pool_channels_first(sweep_stride, sweep_kernel):
     """The channels-first max kernel for one interior sweep (see :func:`per_constants`)."""
 
-    @njit(**CPU_JIT_OPTIONS)
-    def max_pool_channels_first(x, out, indices, start, stop, step, interior, lowest, chunks):
+    @parallel_kernel
+    def max_pool_channels_first(part, parts, x, out, indices, start, stop, step, interior, lowest,
+                                chunks):
         """Window maxima; their flat positions too unless ``indices`` is None (then the
         position bookkeeping is compiled out)."""
         planes, out_d, out_h, out_w = out.shape
@@ -156,7 +158,7 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
         # costs more than a small row's arithmetic.
         rows = planes * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
-        for chunk in prange(chunks):
+        for chunk in range(*share(chunks, part, parts)):
             best_at = np.empty(out_w, np.int64)
             for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
                 plane, od, oh = _row_coords(row, out_d, out_h)
@@ -197,8 +199,8 @@ def max_pool_channels_last(window_rows, window_columns):
     """The channels-last max kernel for one register window (see
     :func:`register_window`)."""
 
-    @njit(**CPU_JIT_OPTIONS)
-    def max_pool_channels_last(x, out, indices, start, stop, step, lowest, chunks):
+    @parallel_kernel
+    def max_pool_channels_last(part, parts, x, out, indices, start, stop, step, lowest, chunks):
         """Window maxima over (batch, D, H, W, C), vectorised over channels.  Without
         positions each output is pooled whole (:func:`_max_windows_of_row`); with
         them each output row accumulates in place, one input row of its windows at a
@@ -208,7 +210,7 @@ def max_pool_channels_last(window_rows, window_columns):
         step_d, step_h, step_w = step[0], step[1], step[2]
         rows = batch * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
-        for chunk in prange(chunks):
+        for chunk in range(*share(chunks, part, parts)):
             acc = np.empty(channels if indices is None else 0, x.dtype)
             for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
                 n, od, oh = _row_coords(row, out_d, out_h)
@@ -556,9 +558,8 @@ def _fold_sum(kept, value, power):
     return kept + _raise_to(value, power)
 
 
-# Functions of their own, called once per output row by the parallel kernels and
-# their serial twins (inlined into both, they would compile twice), compiled once
-# per register window.
+# Functions of their own, called once per output row by the kernels, compiled once
+# per register window (and shared by the kernels that fold windows alike).
 _ROW_JIT_OPTIONS = {"error_model": "numpy", "fastmath": CPU_JIT_OPTIONS["fastmath"]}
 overload(_max_windows_of_row, jit_options=_ROW_JIT_OPTIONS)(_windows_of_row(_fold_max))
 overload(_sum_windows_of_row, jit_options=_ROW_JIT_OPTIONS)(_windows_of_row(_fold_sum))
@@ -641,9 +642,9 @@ overload(_sum_interior, jit_options={"error_model": "numpy"})(_interior_sweep_im
 def sum_pool_channels_first(sweep_stride, sweep_kernel):
     """The channels-first sum kernel for one interior sweep (see :func:`per_constants`)."""
 
-    @njit(**CPU_JIT_OPTIONS)
-    def sum_pool_channels_first(x, out, start, stop, step, interior, divisor, scale, power,
-                                zero, chunks, grad=None):
+    @parallel_kernel
+    def sum_pool_channels_first(part, parts, x, out, start, stop, step, interior, divisor, scale,
+                                power, zero, chunks, grad):
         """Window sums, finished as Lp norms / averages, or (given ``grad``) as
         :func:`_lp_output_gradient` coefficients for the backward gather."""
         planes, out_d, out_h, out_w = out.shape
@@ -654,7 +655,7 @@ def sum_pool_channels_first(sweep_stride, sweep_kernel):
             lo = hi = 0
         rows = planes * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
-        for chunk in prange(chunks):
+        for chunk in range(*share(chunks, part, parts)):
             scratch = np.empty(out_w, type(zero))
             for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
                 plane, od, oh = _row_coords(row, out_d, out_h)
@@ -700,15 +701,15 @@ def sum_pool_channels_last(window_rows, window_columns):
     """The channels-last sum kernel for one register window (see
     :func:`register_window`)."""
 
-    @njit(**CPU_JIT_OPTIONS)
-    def sum_pool_channels_last(x, out, start, stop, step, divisor, scale, power, zero, chunks,
-                               grad=None):
+    @parallel_kernel
+    def sum_pool_channels_last(part, parts, x, out, start, stop, step, divisor, scale, power, zero,
+                               chunks, grad):
         """As :func:`sum_pool_channels_first`, vectorised over channels, window by
         window (see :func:`_windows_of_row`)."""
         batch, out_d, out_h, out_w, channels = out.shape
         rows = batch * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
-        for chunk in prange(chunks):
+        for chunk in range(*share(chunks, part, parts)):
             acc = np.empty(channels, type(zero))
             # Lp norms accumulate whole output rows, input row by input row: their pow
             # calls per element run faster in those long loops than window by window.
@@ -760,15 +761,15 @@ def sum_pool_channels_last(window_rows, window_columns):
 # every thread count.
 # --------------------------------------------------------------------------
 
-@njit(**CPU_JIT_OPTIONS)
-def max_backward_channels_first(grad_out, indices, grad_in):
+@parallel_kernel(counts=True)
+def max_backward_channels_first(part, parts, grad_out, indices, grad_in):
     """``grad_in[p, indices[p, q]] += grad_out[p, q]``; returns how many indices were
     outside the plane (and skipped).  Each task zeroes its own planes first: in
     parallel, and while they are in cache."""
     planes, outputs = grad_out.shape
     size = grad_in.shape[1]
     outside = 0
-    for plane in prange(planes):
+    for plane in range(*share(planes, part, parts)):
         grad_in[plane, :] = 0
         for q in range(outputs):
             at = indices[plane, q]
@@ -779,8 +780,8 @@ def max_backward_channels_first(grad_out, indices, grad_in):
     return outside
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_backward_channels_last(grad_out, indices, grad_in, bands):
+@parallel_kernel(counts=True)
+def max_backward_channels_last(part, parts, grad_out, indices, grad_in, bands):
     """Scatter-add over (batch, outputs, C) into (batch, size, C).  Each task owns
     one band of an image's positions (``bands`` per image, so that small batches
     still use every thread) and takes only the maxima that land in it: each
@@ -790,7 +791,7 @@ def max_backward_channels_last(grad_out, indices, grad_in, bands):
     batch, outputs, channels = grad_out.shape
     size = grad_in.shape[1]
     outside = 0
-    for task in prange(batch * bands):
+    for task in range(*share(batch * bands, part, parts)):
         n = task // bands
         band = task - n * bands
         lo, hi = band * size // bands, (band + 1) * size // bands
@@ -849,9 +850,9 @@ def _covers(position, o, start, stop, step, axis):
         step[axis] == 1 or (position - start[axis, o]) % step[axis] == 0)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_backward_channels_first(coefficient, x, grad_in, first_out, last_out, start, stop,
-                                step, divisor, scale, power, zero, chunks):
+@parallel_kernel
+def sum_backward_channels_first(part, parts, coefficient, x, grad_in, first_out, last_out, start,
+                                stop, step, divisor, scale, power, zero, chunks):
     """Separably: each output row's weighted coefficients are spread over input
     columns (a W pass, into scratch), then each input row adds up the spread rows
     of the output rows covering it.  Per input element that is kw + kd*kh terms,
@@ -863,7 +864,7 @@ def sum_backward_channels_first(coefficient, x, grad_in, first_out, last_out, st
         cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
     slabs = planes * depth
     per_chunk = (slabs + chunks - 1) // chunks
-    for chunk in prange(chunks):
+    for chunk in range(*share(chunks, part, parts)):
         spread = np.empty((cover_d, out_h, width), type(zero))
         total = np.empty(width, type(zero))
         ready = (-1, -1, -1)  # (plane, od0, od1) whose rows spread holds
@@ -930,13 +931,13 @@ def _gather_window_terms(sums, at, terms, weights, d, h, w, first_out, last_out,
                     sums[at, c] += terms[od, oh, ow, c] * weight
 
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_backward_channels_last(coefficient, x, grad_in, first_out, last_out, start, stop,
-                               step, weights, power, zero):
+@parallel_kernel
+def sum_backward_channels_last(part, parts, coefficient, x, grad_in, first_out, last_out, start,
+                               stop, step, weights, power, zero):
     """One task per input row; each element gathers its covering windows' terms,
     vectorised over channels."""
     batch, depth, height, width, channels = grad_in.shape
-    for row in prange(batch * depth * height):
+    for row in range(*share(batch * depth * height, part, parts)):
         n, d, h = _row_coords(row, depth, height)
         sums, terms = grad_in[n, d, h], coefficient[n]
         for w in range(width):
@@ -947,9 +948,9 @@ def sum_backward_channels_last(coefficient, x, grad_in, first_out, last_out, sta
                     sums[w, c] *= _input_factor(x[n, d, h, w, c], power)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_backward_plane_blocks(coefficient, x, grad_in, first_out, last_out, start, stop,
-                              step, weights, power, zero, block):
+@parallel_kernel
+def sum_backward_plane_blocks(part, parts, coefficient, x, grad_in, first_out, last_out, start,
+                              stop, step, weights, power, zero, block):
     """:func:`sum_backward_channels_first` over small planes, ``block`` planes at a
     time transposed into vector lanes: each task copies its planes' coefficients
     into an (od, oh, ow, block) scratch, runs the same two passes on rows of
@@ -966,7 +967,7 @@ def sum_backward_plane_blocks(coefficient, x, grad_in, first_out, last_out, star
     coefficients = coefficient.reshape((planes, outputs))
     targets = grad_in.reshape((planes, size))
     values = x.reshape((planes, size))
-    for task in prange((planes + block - 1) // block):
+    for task in range(*share((planes + block - 1) // block, part, parts)):
         first = task * block
         lanes = min(block, planes - first)
         # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
@@ -1018,16 +1019,16 @@ def sum_backward_plane_blocks(coefficient, x, grad_in, first_out, last_out, star
                                                                    power)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_backward_gather_channels_last(grad_out, indices, grad_in, first_out, last_out, start,
-                                      stop, step):
+@parallel_kernel(counts=True)
+def max_backward_gather_channels_last(part, parts, grad_out, indices, grad_in, first_out, last_out,
+                                      start, stop, step):
     """Each input element sums the gradients of the covering windows whose maximum
     it is.  Returns how many (output, channel) indices were matched: fewer than
     grad_out.size means some index lies outside its own window (not from this
     forward), and the caller scatters instead, as torch would."""
     batch, depth, height, width, channels = grad_in.shape
     matched = 0
-    for row in prange(batch * depth * height):
+    for row in range(*share(batch * depth * height, part, parts)):
         n, d, h = _row_coords(row, depth, height)
         for w in range(width):
             here = (d * height + h) * width + w
@@ -1069,16 +1070,16 @@ def sum_pool_separable_channels_first(sweep_stride, sweep_kernel):
     """The channels-first separable sum kernel for one interior sweep (see
     :func:`per_constants`)."""
 
-    @njit(**CPU_JIT_OPTIONS)
-    def sum_pool_separable_channels_first(x, out, start, stop, step, interior, divisor, scale,
-                                          power, zero):
+    @parallel_kernel
+    def sum_pool_separable_channels_first(part, parts, x, out, start, stop, step, interior, divisor,
+                                          scale, power, zero):
         planes, out_d, out_h, out_w = out.shape
         depth, height = x.shape[1], x.shape[2]
         lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
                                           interior[2, 3], interior[2, 4])
         if sweep_stride < 0:
             lo = hi = 0
-        for plane in prange(planes):
+        for plane in range(*share(planes, part, parts)):
             rows = np.empty((depth, height, out_w), type(zero))
             for d in range(depth):
                 for h in range(height):
@@ -1103,13 +1104,13 @@ def sum_pool_separable_channels_first(sweep_stride, sweep_kernel):
     return sum_pool_separable_channels_first
 
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_pool_separable_channels_last(x, out, start, stop, step, divisor, scale, power, zero,
-                                     channel_block):
+@parallel_kernel
+def sum_pool_separable_channels_last(part, parts, x, out, start, stop, step, divisor, scale, power,
+                                     zero, channel_block):
     batch, out_d, out_h, out_w, channels = out.shape
     depth, height = x.shape[1], x.shape[2]
     blocks = (channels + channel_block - 1) // channel_block
-    for task in prange(batch * blocks):
+    for task in range(*share(batch * blocks, part, parts)):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
         c1 = min(c0 + channel_block, channels)
@@ -1142,8 +1143,8 @@ def max_pool_separable_channels_first(sweep_stride, sweep_kernel):
     """The channels-first separable max kernel for one interior sweep (see
     :func:`per_constants`)."""
 
-    @njit(**CPU_JIT_OPTIONS)
-    def max_pool_separable_channels_first(x, out, indices, start, stop, step, interior,
+    @parallel_kernel
+    def max_pool_separable_channels_first(part, parts, x, out, indices, start, stop, step, interior,
                                           lowest):
         planes, out_d, out_h, out_w = out.shape
         depth, height, width = x.shape[1], x.shape[2], x.shape[3]
@@ -1153,7 +1154,7 @@ def max_pool_separable_channels_first(sweep_stride, sweep_kernel):
                                           interior[2, 3], interior[2, 4])
         if sweep_stride < 0 or indices is not None:
             lo = hi = 0
-        for plane in prange(planes):
+        for plane in range(*share(planes, part, parts)):
             rows = np.empty((depth, height, out_w), x.dtype)
             rows_at = np.empty(positions, np.int64)
             for d in range(depth):
@@ -1223,42 +1224,48 @@ def _max_with_row_positions(best, best_at, row, row_at, base):
 
 
 @per_constants
-def max_pool_separable_rows_channels_last(window_rows, window_columns):
+def max_pool_w_pass_channels_last(window_rows, window_columns):
     """The kernel below for one register window of its W pass (one row; see
     :func:`register_window`)."""
 
-    @njit(**CPU_JIT_OPTIONS)
-    def max_pool_separable_rows_channels_last(x, out, start, stop, step, lowest, chunks):
-        """Window maxima (values only) of the separable kernels, channels-last, in two
-        parallel passes over whole channel vectors: (1) every input row's W-pass
-        maxima (W_out, C), window by window (:func:`_max_windows_of_row` on one-row
-        windows); (2) every output row, the fold of the W-pass rows of its D/H window
-        in scan order, each a vector op over the row's W_out * C contiguous elements.  Folding
-        first-in-row maxima row by row in scan order keeps torch's first index and NaN
-        rule.  Split over rows, not channel blocks (whose strided slices do not
-        vectorise), so that batch 1 uses every thread too."""
-        batch, depth, height = x.shape[0], x.shape[1], x.shape[2]
-        out_d, out_h, out_w = out.shape[1], out.shape[2], out.shape[3]
-        channels = out.shape[4]
-        maxima = np.empty((batch, depth, height, out_w, channels), x.dtype)
+    @parallel_kernel
+    def max_pool_w_pass_channels_last(part, parts, x, maxima, start, stop, step, lowest, chunks):
+        """The first pass of the separable max kernel without positions,
+        channels-last: every input row's W-pass maxima ``maxima`` (W_out, C), window
+        by window (:func:`_max_windows_of_row` on one-row windows).
+
+        Its second pass, :func:`max_fold_rows_channels_last`, folds them into the
+        output rows.  Both split rows over their tasks, not channel blocks (whose
+        strided slices do not vectorise), so that batch 1 uses every thread too."""
+        batch, depth, height, channels = x.shape[0], x.shape[1], x.shape[2], x.shape[4]
         in_rows = batch * depth * height
         per_chunk = (in_rows + chunks - 1) // chunks
-        for chunk in prange(chunks):
+        for chunk in range(*share(chunks, part, parts)):
             acc = np.empty(channels, x.dtype)
             for row in range(chunk * per_chunk, min(in_rows, (chunk + 1) * per_chunk)):
                 n, d, h = _row_coords(row, depth, height)
                 _max_windows_of_row(window_rows, window_columns, maxima[n, d, h], x[n], acc,
                                     d, d + 1, h, h + 1, start, stop, step, None, lowest, 1.0,
                                     None)
-        out_rows = batch * out_d * out_h
-        per_chunk = (out_rows + chunks - 1) // chunks
-        for chunk in prange(chunks):
-            for row in range(chunk * per_chunk, min(out_rows, (chunk + 1) * per_chunk)):
-                n, od, oh = _row_coords(row, out_d, out_h)
-                _max_windows_of_rows(out[n, od, oh], maxima[n], start[0, od], stop[0, od],
-                                     start[1, oh], stop[1, oh], step, lowest)
 
-    return max_pool_separable_rows_channels_last
+    return max_pool_w_pass_channels_last
+
+
+@parallel_kernel
+def max_fold_rows_channels_last(part, parts, maxima, out, start, stop, step, lowest, chunks):
+    """The second pass of the separable max kernel without positions,
+    channels-last (see :func:`max_pool_w_pass_channels_last`): each output row is
+    the fold of the W-pass rows ``maxima`` of its D/H window in scan order, each a
+    vector op over the row's W_out * C contiguous elements.  Folding first-in-row
+    maxima row by row in scan order keeps torch's first index and NaN rule."""
+    batch, out_d, out_h = out.shape[0], out.shape[1], out.shape[2]
+    out_rows = batch * out_d * out_h
+    per_chunk = (out_rows + chunks - 1) // chunks
+    for chunk in range(*share(chunks, part, parts)):
+        for row in range(chunk * per_chunk, min(out_rows, (chunk + 1) * per_chunk)):
+            n, od, oh = _row_coords(row, out_d, out_h)
+            _max_windows_of_rows(out[n, od, oh], maxima[n], start[0, od], stop[0, od],
+                                 start[1, oh], stop[1, oh], step, lowest)
 
 
 @njit(inline="always")
@@ -1325,13 +1332,13 @@ def _max_windows_of_rows(result, rows, d0, d1, h0, h1, step, lowest):
         k += take
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_pool_separable_channels_last(x, out, indices, start, stop, step, lowest,
+@parallel_kernel
+def max_pool_separable_channels_last(part, parts, x, out, indices, start, stop, step, lowest,
                                      channel_block):
     batch, out_d, out_h, out_w, channels = out.shape
     depth, height, width = x.shape[1], x.shape[2], x.shape[3]
     blocks = (channels + channel_block - 1) // channel_block
-    for task in prange(batch * blocks):
+    for task in range(*share(batch * blocks, part, parts)):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
         c1 = min(c0 + channel_block, channels)
@@ -1410,13 +1417,13 @@ def _fold_window_rows(fold, columns, x_plane, d0, d1, h0, h1, step_d, step_h, po
         d += step_d
 
 
-@njit(**CPU_JIT_OPTIONS)
-def max_pool_rows_first_channels_first(x, out, start, stop, step, lowest, chunks):
+@parallel_kernel
+def max_pool_rows_first_channels_first(part, parts, x, out, start, stop, step, lowest, chunks):
     """Window maxima (values only) of :func:`max_pool_channels_first`, rows first."""
     planes, out_d, out_h, out_w = out.shape
     rows = planes * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
+    for chunk in range(*share(chunks, part, parts)):
         columns = np.empty(x.shape[3], x.dtype)
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             plane, od, oh = _row_coords(row, out_d, out_h)
@@ -1433,14 +1440,14 @@ def max_pool_rows_first_channels_first(x, out, start, stop, step, lowest, chunks
                 result[ow] = best
 
 
-@njit(**CPU_JIT_OPTIONS)
-def sum_pool_rows_first_channels_first(x, out, start, stop, step, divisor, scale, power,
-                                       zero, chunks, grad=None):
+@parallel_kernel
+def sum_pool_rows_first_channels_first(part, parts, x, out, start, stop, step, divisor, scale,
+                                       power, zero, chunks, grad):
     """:func:`sum_pool_channels_first`, rows first."""
     planes, out_d, out_h, out_w = out.shape
     rows = planes * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
-    for chunk in prange(chunks):
+    for chunk in range(*share(chunks, part, parts)):
         columns = np.empty(x.shape[3], type(zero))
         totals = np.empty(out_w, type(zero))
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
@@ -1478,10 +1485,10 @@ def _contiguous_sum(values, power, zero):
 PLANE_SUM_BLOCK = 1024
 
 
-@njit(**CPU_JIT_OPTIONS)
-def plane_sum(x, out, factor, power, zero):
+@parallel_kernel
+def plane_sum(part, parts, x, out, factor, power, zero):
     planes, size = x.shape
-    for plane in prange(planes):
+    for plane in range(*share(planes, part, parts)):
         values = x[plane]
         if size <= PLANE_SUM_BLOCK:
             total = np.float64(_contiguous_sum(values, power, zero))
@@ -1514,12 +1521,12 @@ def _merge_lanes(best, best_at, lowest):
     return (nan_value, nan_at) if nan_at >= 0 else (value, at)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def plane_max(x, out, indices, lowest):
+@parallel_kernel
+def plane_max(part, parts, x, out, indices, lowest):
     """Plane maxima and their positions (maxima alone: :func:`plane_max_values`)."""
     planes, size = x.shape
     full = size - size % MAX_LANES
-    for plane in prange(planes):
+    for plane in range(*share(planes, part, parts)):
         values = x[plane]
         best = np.full(MAX_LANES, lowest, x.dtype)
         # -1: the lane has seen nothing above lowest yet (a plane of lowest
@@ -1567,8 +1574,8 @@ def _order_key(bits, magnitude_mask):
     return _as_type_of(bits ^ (magnitude_mask if bits < zero else zero), bits)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def plane_max_values(bits, out_bits, lowest_key, magnitude_mask, inf_bits, nan_key):
+@parallel_kernel
+def plane_max_values(part, parts, bits, out_bits, lowest_key, magnitude_mask, inf_bits, nan_key):
     """Plane maxima over ``bits`` (planes, size), the input's bits as same-width
     integers, into ``out_bits``.  ``magnitude_mask``: all bits but the sign for
     floats, 0 for integers; ``inf_bits``: the bits of +inf (floats) or the largest
@@ -1576,7 +1583,7 @@ def plane_max_values(bits, out_bits, lowest_key, magnitude_mask, inf_bits, nan_k
     start.  Bit for bit the sequential fold's answer (a NaN wins, the last one;
     ties keep the first, so of a zero maximum the first zero's sign)."""
     planes, size = bits.shape
-    for plane in prange(planes):
+    for plane in range(*share(planes, part, parts)):
         row = bits[plane]
         top = lowest_key
         for i in range(size):
@@ -1598,15 +1605,15 @@ def plane_max_values(bits, out_bits, lowest_key, magnitude_mask, inf_bits, nan_k
         out_bits[plane] = result
 
 
-@njit(**CPU_JIT_OPTIONS)
-def plane_broadcast(grad_out, grad_in, factor):
+@parallel_kernel
+def plane_broadcast(part, parts, grad_out, grad_in, factor):
     """Backward of a whole-plane average: every element gets its plane's share."""
     planes, size = grad_in.shape
-    for plane in prange(planes):
-        share = grad_out[plane] * factor
+    for plane in range(*share(planes, part, parts)):
+        value = grad_out[plane] * factor
         target = grad_in[plane]
         for i in range(size):
-            target[i] = share
+            target[i] = value
 
 
 # --------------------------------------------------------------------------
@@ -1616,14 +1623,14 @@ def plane_broadcast(grad_out, grad_in, factor):
 # --------------------------------------------------------------------------
 
 
-@njit(**CPU_JIT_OPTIONS)
-def unpool_channels_first(x, indices, out):
+@parallel_kernel(counts=True)
+def unpool_channels_first(part, parts, x, indices, out):
     """Scatter ``x`` (planes, inputs) into the zeroed ``out`` (planes, size); returns
     how many indices were outside the plane (and skipped)."""
     planes, inputs = x.shape
     size = out.shape[1]
     outside = 0
-    for plane in prange(planes):
+    for plane in range(*share(planes, part, parts)):
         out[plane, :] = 0
         for q in range(inputs):
             at = indices[plane, q]
@@ -1634,13 +1641,13 @@ def unpool_channels_first(x, indices, out):
     return outside
 
 
-@njit(**CPU_JIT_OPTIONS)
-def unpool_channels_last(x, indices, out):
+@parallel_kernel(counts=True)
+def unpool_channels_last(part, parts, x, indices, out):
     """As :func:`unpool_channels_first` over (batch, inputs, C) and (batch, size, C)."""
     batch, inputs, channels = x.shape
     size = out.shape[1]
     outside = 0
-    for n in prange(batch):
+    for n in range(*share(batch, part, parts)):
         out[n, :, :] = 0
         for q in range(inputs):
             for c in range(channels):
@@ -1652,14 +1659,14 @@ def unpool_channels_last(x, indices, out):
     return outside
 
 
-@njit(**CPU_JIT_OPTIONS)
-def unpool_backward_channels_first(grad_out, indices, grad_in):
+@parallel_kernel(counts=True)
+def unpool_backward_channels_first(part, parts, grad_out, indices, grad_in):
     """``grad_in[p, q] = grad_out[p, indices[p, q]]`` over (planes, inputs) and
     (planes, size); returns how many indices were outside the plane (gradient 0)."""
     planes, inputs = grad_in.shape
     size = grad_out.shape[1]
     outside = 0
-    for plane in prange(planes):
+    for plane in range(*share(planes, part, parts)):
         source, at_row, target = grad_out[plane], indices[plane], grad_in[plane]
         missed = 0
         for q in range(inputs):
@@ -1673,14 +1680,14 @@ def unpool_backward_channels_first(grad_out, indices, grad_in):
     return outside
 
 
-@njit(**CPU_JIT_OPTIONS)
-def unpool_backward(grad_out, indices, grad_in):
+@parallel_kernel(counts=True)
+def unpool_backward(part, parts, grad_out, indices, grad_in):
     """``grad_in[n, q, c] = grad_out[n, indices[n, q, c], c]`` (channels-first runs
     with C = 1); returns how many indices were outside the plane (their gradient 0)."""
     batch, inputs, channels = grad_in.shape
     size = grad_out.shape[1]
     outside = 0
-    for n in prange(batch):
+    for n in range(*share(batch, part, parts)):
         for q in range(inputs):
             for c in range(channels):
                 at = indices[n, q, c]
@@ -1710,7 +1717,7 @@ def _fold_max_at(kept, kept_at, value, at):
 
 
 # Compiled once per dtype as a plain function (its loops vectorise, which is slow
-# to compile), called per plane by both layouts' kernels and their serial twins.
+# to compile), called per plane by both layouts' kernels.
 @njit(**_SERIAL_JIT_OPTIONS)
 def _fractional_plane(plane, out, indices, starts, kernel, rows, rows_at, best, best_at):
     """Pool one (D, H, W) ``plane`` into ``out`` and ``indices`` (out_d, out_h,
@@ -1761,12 +1768,12 @@ def _fractional_plane(plane, out, indices, starts, kernel, rows, rows_at, best, 
                 out[od, oh, ow], indices[od, oh, ow] = best[w0], best_at[w0]
 
 
-@njit(**CPU_JIT_OPTIONS)
-def fractional_max_pool_planes(x, out, indices, starts, kernel):
+@parallel_kernel
+def fractional_max_pool_planes(part, parts, x, out, indices, starts, kernel):
     """Channels-first: ``x`` (planes, D, H, W), ``starts`` (planes, 3, outputs)."""
     planes, depth, height, width = x.shape
     span = width - kernel[2] + 1
-    for plane in prange(planes):
+    for plane in range(*share(planes, part, parts)):
         rows = np.empty((depth * height, span), x.dtype)
         rows_at = np.empty((depth * height, span), np.int64)
         best, best_at = np.empty(span, x.dtype), np.empty(span, np.int64)
@@ -1774,14 +1781,14 @@ def fractional_max_pool_planes(x, out, indices, starts, kernel):
                           rows, rows_at, best, best_at)
 
 
-@njit(**CPU_JIT_OPTIONS)
-def fractional_max_pool(x, out, indices, starts, kernel, channel_block):
+@parallel_kernel
+def fractional_max_pool(part, parts, x, out, indices, starts, kernel, channel_block):
     """Channels-last: ``x`` (batch, D, H, W, C), ``starts`` (batch, C, 3, outputs);
     each task pools ``channel_block`` channels of one image."""
     batch, depth, height, width, channels = x.shape
     span = width - kernel[2] + 1
     blocks = (channels + channel_block - 1) // channel_block
-    for task in prange(batch * blocks):
+    for task in range(*share(batch * blocks, part, parts)):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
         c1 = min(c0 + channel_block, channels)

@@ -56,7 +56,7 @@ def _pool_work(out_shape: tuple, table: WindowTable) -> int:
 
 def _forward_serially(work: int, shape: tuple, table: WindowTable,
                       channels_last: bool) -> bool:
-    """Whether a forward call runs its kernel's serial twin: for little work, or
+    """Whether a forward call runs its kernel serially: for little work, or
     for one channels-last output row (global pooling), which the direct kernels
     cannot split: a parallel launch of one task only costs its wake-up."""
     return runs_serially(work) or (
@@ -337,15 +337,25 @@ def _bind_separable(name, channels_last, block, table, arguments, work, serial,
 def _bind_separable_rows(shape: tuple, table: WindowTable, lowest, serial: bool,
                          work: int) -> Callable:
     """The channels-last separable max kernel without positions, split over rows
-    (not channel blocks); launched as those that take indices."""
-    # Its first pass splits the input rows, its second the output rows.
+    (not channel blocks): a W pass over the input rows into a scratch of W-pass
+    maxima, then a fold of those into the output rows; launched as the kernels
+    that take indices."""
     rows = max(shape[0] * shape[1] * shape[2], shape[0] * table.out_shape[0] *
                table.out_shape[1])
-    w_pass = kernels.register_window((1, 1, table.window_sizes[2]))
-    launcher = bind(kernels.max_pool_separable_rows_channels_last(w_pass), table.start,
-                    table.stop, table.step, lowest, 1 if serial else _task_count(rows),
-                    work=work, serial=serial)
-    return _without_indices(launcher)
+    chunks = 1 if serial else _task_count(rows)
+    w_pass = bind(kernels.max_pool_w_pass_channels_last(
+        kernels.register_window((1, 1, table.window_sizes[2]))), table.start, table.stop,
+        table.step, lowest, chunks, work=work, serial=serial)
+    fold = bind(kernels.max_fold_rows_channels_last, table.start, table.stop, table.step,
+                lowest, chunks, work=work, serial=serial)
+    out_w = table.out_shape[2]
+
+    def launch_passes(x, out, indices):
+        maxima = np.empty(x.shape[:3] + (out_w, x.shape[4]), x.dtype)
+        w_pass(x, maxima)
+        fold(maxima, out)
+
+    return launch_passes
 
 
 def _launch_separable(name: str, channels_last: bool, block: int, arrays: tuple,

@@ -28,28 +28,27 @@ limit of GNU OpenMP.  fastpool notes at fork time that the parent runs ``omp``
 and raises :class:`RuntimeError` in such a child instead of hanging.
 
 Small calls skip all of that: a launch whose work (about the element reads it
-makes) is below :data:`SERIAL_WORK_LIMIT` runs the kernel's *serial twin*, the
-same Python source compiled with ``parallel=False`` (``prange`` then runs as
-``range``), which needs no threading layer, thread count or lock.
+makes) is below :data:`SERIAL_WORK_LIMIT` runs the kernel serially in the
+calling thread (every task in one share, see :mod:`fastpool.cpu.tasks`), which
+needs no threading layer, thread count or lock.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import importlib.util
 import logging
 import os
 import sys
 import threading
-import types
 from contextlib import nullcontext
 from importlib import metadata
 
 import numba
 
 from fastpool import _threads
-from fastpool._config import CPU_JIT_OPTIONS
 
 logger = logging.getLogger("fastpool")
 
@@ -143,9 +142,8 @@ def _runs_omp() -> bool:
 
 
 def _reset_after_fork() -> None:
-    global _launch_lock, _setup_lock, _twins_lock, _forked_from_omp
+    global _launch_lock, _setup_lock, _forked_from_omp
     _setup_lock = threading.Lock()
-    _twins_lock = threading.Lock()
     if _launch_lock is not None:
         _launch_lock = threading.Lock()
     _forked_from_omp = _forked_from_omp or _runs_omp()
@@ -171,13 +169,14 @@ def threading_layer() -> str:
 _applied = threading.local()
 
 
-def launch(kernel, *args, work: int | None = None):
-    """Run a parallel kernel with fastpool's thread count, safely for this layer;
-    or, when ``work`` (about the element reads the call makes) is below
-    :data:`SERIAL_WORK_LIMIT`, its serial twin in this thread (which is safe
-    anywhere, a child forked from an ``omp`` parent included)."""
+def launch(kernel, *args, work: int | None = None, address: int | None = None):
+    """Run a kernel in parallel with fastpool's thread count, safely for this
+    layer; or, when ``work`` (about the element reads the call makes) is below
+    :data:`SERIAL_WORK_LIMIT`, a task kernel (:mod:`fastpool.cpu.tasks`) serially in
+    this thread (which is safe anywhere, a child forked from an ``omp`` parent
+    included)."""
     if work is not None and runs_serially(work):
-        return _run_serial(serial_twin(kernel), args)
+        return _run_serial(kernel, args)
     if _forked_from_omp:
         raise RuntimeError(
             "fastpool: this process was forked from one running numba's 'omp' threading "
@@ -194,9 +193,9 @@ def launch(kernel, *args, work: int | None = None):
         _applied.threads = wanted
     with _launch_lock or nullcontext():
         if kernel in _launched:
-            return kernel(*args)
+            return kernel.run_shares(wanted, args, address)
         with _compile_notice():
-            result = kernel(*args)
+            result = kernel.run_shares(wanted, args, address)
         _launched.add(kernel)
         return result
 
@@ -204,14 +203,14 @@ def launch(kernel, *args, work: int | None = None):
 # Below this much work a parallel launch costs more than it saves: waking the
 # threads of a ``parallel=True`` kernel takes 10-15 us even on tiny input, while
 # a serial kernel reads an element in about a nanosecond.  Measured on 2 threads
-# (serial twin against parallel kernel, same plan otherwise): the parallel kernel
+# (serial against parallel launch, same plan otherwise): the parallel kernel
 # wins from 16-32 thousand reads for average pooling's backward, and later for
 # max pooling, whose reads are cheaper.
 SERIAL_WORK_LIMIT = 32768
 
 
 def runs_serially(work: int) -> bool:
-    """Whether a launch of ``work`` element reads runs the kernel's serial twin."""
+    """Whether a launch of ``work`` element reads runs the kernel serially."""
     return work < SERIAL_WORK_LIMIT
 
 
@@ -220,62 +219,40 @@ def bind(kernel, *tail, work: int, serial: bool | None = None):
     once from ``work``, as :func:`launch` would choose it (or, given ``serial``, as
     that says): a planned call's launcher, taking the array arguments."""
     if not (runs_serially(work) if serial is None else serial):
+        address = None  # the kernel's, for these arguments' types (known after a launch)
+
         def run_in_parallel(*arrays):
-            return launch(kernel, *arrays, *tail)
+            nonlocal address
+            if address is not None:
+                return launch(kernel, *arrays, *tail, address=address)
+            result = launch(kernel, *arrays, *tail)
+            address = kernel.address(arrays + tail)
+            return result
 
         return run_in_parallel
-    twin = serial_twin(kernel)
+    run = functools.partial(kernel.body, 0, 1)  # kernel.serial, less a Python frame
     launched = False  # once true, skip _run_serial's first-launch bookkeeping
 
-    def run_twin(*arrays):
+    def run_serially(*arrays):
         nonlocal launched
         if launched:
-            return twin(*arrays, *tail)
-        result = _run_serial(twin, arrays + tail)
+            return run(*arrays, *tail)
+        result = _run_serial(kernel, arrays + tail)
         launched = True
         return result
 
-    return run_twin
+    return run_serially
 
 
-def _run_serial(twin, args):
-    """Run a serial twin in this thread; its first launch may compile (and say so)."""
-    if twin in _launched:
-        return twin(*args)
+def _run_serial(kernel, args):
+    """Run a task kernel serially in this thread; its first serial launch may
+    compile (and say so)."""
+    if (kernel, "serial") in _launched:
+        return kernel.serial(*args)
     with _compile_notice():
-        result = twin(*args)
-    _launched.add(twin)
+        result = kernel.serial(*args)
+    _launched.add((kernel, "serial"))
     return result
-
-
-_twins: dict = {}
-_twins_lock = threading.Lock()
-
-
-def serial_twin(kernel):
-    """``kernel`` compiled with ``parallel=False``, built on first use, one per kernel.
-
-    One source, two builds: the twin compiles a copy of the kernel's Python
-    function under its own qualname, ``<name>.serial``.  numba's on-disk cache
-    names its index file after the qualname and source file and keys the entries
-    on the signature alone (not the ``parallel`` flag), so under the kernel's own
-    name the twin would load the parallel machine code.
-    """
-    twin = _twins.get(kernel)
-    if twin is None:
-        with _twins_lock:
-            twin = _twins.get(kernel)
-            if twin is None:
-                source = kernel.py_func
-                copy = types.FunctionType(source.__code__, source.__globals__,
-                                          source.__name__, source.__defaults__,
-                                          source.__closure__)
-                copy.__kwdefaults__ = source.__kwdefaults__
-                copy.__module__, copy.__doc__ = source.__module__, source.__doc__
-                copy.__qualname__ = f"{source.__qualname__}.serial"
-                twin = numba.njit(**{**CPU_JIT_OPTIONS, "parallel": False})(copy)
-                _twins[kernel] = twin
-    return twin
 
 
 # Kernels launched at least once in this process; a first launch may compile.
