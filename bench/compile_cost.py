@@ -41,13 +41,16 @@ MORE_OPS = {
     "lp_pool2d_backward": "fastpool.lp_pool2d_backward(g, abs(x), 2, 2)",
 }
 
+# An input the size of a layer's (a batch of 8 feature maps of 32 channels of 32x32):
+# large enough that each call runs its kernels on every thread, as users' calls do
+# (a tiny one runs them in the calling thread, which compiles less).
 _SCRIPT = """
 import json, time, numpy as np
 import fastpool
-x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+x = np.random.default_rng(0).standard_normal((8, 32, 32, 32)).astype(np.float32)
 xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-g = np.ones((2, 4, 4, 4), np.float32)
-i = np.zeros((2, 4, 4, 4), np.int64)
+g = np.ones((8, 32, 16, 16), np.float32)
+i = np.zeros((8, 32, 16, 16), np.int64)
 wall, cpu = time.perf_counter(), time.process_time()
 {call}
 print(json.dumps({{"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}}))

@@ -400,6 +400,8 @@ def write_markdown(path, rows, compile_costs, command: str, chart: str | None) -
             f"{r['percent_of_copy']:.0f}% | {noise_cell(r).strip() or '-'} |")
     if compile_costs:
         lines += ["", "## Compile cost (first call in a fresh process)", "",
+                  "On an 8x32x32x32 float32 input, large enough for the kernels to run on "
+                  "every thread (`python -m bench.compile_cost`).", "",
                   "| op | empty cache (compiles) | warm on-disk cache |", "|---|---:|---:|"]
         lines += [f"| {name} | {c['cold']:.2f} s | {c['warm']:.3f} s |"
                   for name, c in compile_costs.items()]

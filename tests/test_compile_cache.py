@@ -56,6 +56,7 @@ with event.install_listener("numba:compile", Compiles()):
     fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
     fastpool.avg_pool2d_backward(np.ones((2, 3, 4, 20), np.float32), x.shape, 2)
     fastpool.fractional_max_pool2d(x, 2, output_size=3, return_indices=True, seed=0)
+    fastpool.max_pool2d(np.ones((8, 16, 32, 32), np.float32), 2)  # parallel: its driver too
 builds = {str(sweep): kernels.max_pool_channels_first(sweep)
           for sweep in [(2, 3), (2, 2), kernels.NO_SWEEP]}
 print(json.dumps({"built": len(kernels.built_kernels()), "compiled": compiled,
@@ -77,7 +78,7 @@ def test_kernels_built_per_interior_sweep_load_from_disk_cache(tmp_path):
     assert cold["built"] == 3, cold
     assert all(hits == 0 and misses == 1 for hits, misses in cold["cache"].values()), cold
     # Numba's checked array assignment compiles its error message's string formatting
-    # (seconds of a first call); the kernels copy element by element instead.
+    # (seconds of a first call); the kernels and drivers copy element by element.
     assert not [name for name in cold["compiled"] if "shape_context" in name], cold["compiled"]
     warm = run()
     assert all(hits == 1 and misses == 0 for hits, misses in warm["cache"].values()), warm
