@@ -275,8 +275,9 @@ def _kernels() -> list:
     """fastpool's cached CPU kernels in this process, as numba dispatchers: each
     task kernel's serial build and, once launched in parallel, its driver."""
     from fastpool.cpu import conv, gem, kernels, tasks  # noqa: F401  (their kernels)
-    return [dispatcher for kernel in tasks.task_kernels()
-            for dispatcher in kernel.dispatchers() if dispatcher.stats.cache_path]
+    found = {id(dispatcher): dispatcher for kernel in tasks.task_kernels()
+             for dispatcher in kernel.dispatchers()}  # the drivers are shared
+    return [dispatcher for dispatcher in found.values() if dispatcher.stats.cache_path]
 
 
 def _counts(dispatchers) -> tuple[int, int]:
