@@ -514,3 +514,24 @@ def test_channels_last_kernels_built_per_register_window(kernel_size, window):
     built = {key for key in kernels._built if key[0].endswith("_pool_channels_last")}
     assert ("max_pool_channels_last", *window) in built
     assert ("sum_pool_channels_last", *window) in built
+
+
+def test_kernels_compile_with_their_arrays_distinct_so_that_loops_vectorise():
+    """Task kernels are compiled with numba's noalias flag (fastpool.cpu.tasks), as
+    the loop bodies of parallel=True kernels were: without it LLVM did not vectorise
+    the channels-last backward gather, which reads one array and writes another,
+    and the call ran 1.2x slower."""
+    import re
+
+    import numba
+
+    from fastpool.cpu import kernels, tasks
+
+    grad = np.ones((2, 4, 4, 16), np.float32)
+    fastpool.avg_pool2d_backward(grad, (2, 8, 8, 16), 2, channels_last=True)
+    kernel = kernels.sum_backward_channels_last.body
+    # A fresh build of the same function and options (cached code cannot be inspected).
+    build = numba.njit(**{**tasks.KERNEL_JIT_OPTIONS, "cache": False})(kernel.py_func)
+    signature = kernel.signatures[0]
+    build.compile(signature)
+    assert re.search(r"<\d+ x float>", build.inspect_llvm(signature))

@@ -65,8 +65,8 @@ from numba import njit
 
 from fastpool import _memory as memory
 from fastpool import _threads
-from fastpool.cpu.tasks import parallel_kernel, share
 from fastpool.cpu.runtime import launch
+from fastpool.cpu.tasks import parallel_kernel, share
 
 # The most bytes of cols one chunk may fill.  Small enough that the cols stay in
 # cache between im2col writing them and the GEMM reading them (on the 2-core Zen 3

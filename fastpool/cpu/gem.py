@@ -29,8 +29,8 @@ from numba.extending import intrinsic, overload
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
-from fastpool.cpu.tasks import parallel_kernel, share
 from fastpool.cpu.runtime import launch, runs_serially
+from fastpool.cpu.tasks import parallel_kernel, share
 
 _SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
 _BLOCK = 64  # elements a backward sums in the input's precision before float64

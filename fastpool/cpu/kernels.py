@@ -844,10 +844,17 @@ def _input_factor(value, power):
 
 
 @njit(inline="always")
-def _covers(position, o, start, stop, step, axis):
-    # The modulo only matters for dilation; a division per test is not free.
-    return position < stop[axis, o] and (
-        step[axis] == 1 or (position - start[axis, o]) % step[axis] == 0)
+def _covers(position, o, start, step, axis, dilated):
+    """Whether output ``o``, one of ``position``'s covering outputs along ``axis``
+    (:meth:`~fastpool._params.WindowTable.covering_outputs`: its window starts at or
+    before ``position`` and stops after it), holds it: only a ``dilated`` window
+    can step over it."""
+    return not dilated or (position - start[axis, o]) % step[axis] == 0
+
+
+@njit(inline="always")
+def _dilated(step):
+    return step[0] != 1 or step[1] != 1 or step[2] != 1
 
 
 @parallel_kernel
@@ -859,6 +866,7 @@ def sum_backward_channels_first(part, parts, coefficient, x, grad_in, first_out,
     not kd*kh*kw, and the adds of the second pass are whole contiguous rows."""
     planes, depth, height, width = grad_in.shape
     out_h, out_w = coefficient.shape[2], coefficient.shape[3]
+    dilated = _dilated(step)
     cover_d = 0
     for d in range(depth):
         cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
@@ -888,10 +896,10 @@ def sum_backward_channels_first(part, parts, coefficient, x, grad_in, first_out,
             for h in range(height):
                 total[:] = zero
                 for od in range(od0, od1):
-                    if not _covers(d, od, start, stop, step, 0):
+                    if not _covers(d, od, start, step, 0, dilated):
                         continue
                     for oh in range(first_out[1, h], last_out[1, h]):
-                        if _covers(h, oh, start, stop, step, 1):
+                        if _covers(h, oh, start, step, 1, dilated):
                             row = spread[od - od0, oh]
                             for w in range(width):
                                 total[w] += row[w]
@@ -908,23 +916,24 @@ def sum_backward_channels_first(part, parts, coefficient, x, grad_in, first_out,
 
 
 @njit(inline="always")
-def _gather_window_terms(sums, at, terms, weights, d, h, w, first_out, last_out, start, stop,
-                         step, zero):
+def _gather_window_terms(sums, at, terms, weights, d, h, w, first_out, last_out, start, step,
+                         zero, dilated):
     """``sums[at]`` (a row of lanes) = the sum, in output order, of ``terms[od, oh, ow]``
     (rows of lanes) times ``weights[od, oh, ow]`` over the windows covering
     (d, h, w).  Indexed element by element, not through row views, whose
-    reference counting cost more than the arithmetic of narrow rows."""
+    reference counting cost more than the arithmetic of narrow rows.  ``dilated``:
+    a literal at each call site (see :func:`sum_backward_channels_last`)."""
     lanes = sums.shape[1]
     for c in range(lanes):
         sums[at, c] = zero
     for od in range(first_out[0, d], last_out[0, d]):
-        if not _covers(d, od, start, stop, step, 0):
+        if not _covers(d, od, start, step, 0, dilated):
             continue
         for oh in range(first_out[1, h], last_out[1, h]):
-            if not _covers(h, oh, start, stop, step, 1):
+            if not _covers(h, oh, start, step, 1, dilated):
                 continue
             for ow in range(first_out[2, w], last_out[2, w]):
-                if not _covers(w, ow, start, stop, step, 2):
+                if not _covers(w, ow, start, step, 2, dilated):
                     continue
                 weight = weights[od, oh, ow]
                 for c in range(lanes):
@@ -937,12 +946,19 @@ def sum_backward_channels_last(part, parts, coefficient, x, grad_in, first_out, 
     """One task per input row; each element gathers its covering windows' terms,
     vectorised over channels."""
     batch, depth, height, width, channels = grad_in.shape
+    dilated = _dilated(step)
     for row in range(*share(batch * depth * height, part, parts)):
         n, d, h = _row_coords(row, depth, height)
         sums, terms = grad_in[n, d, h], coefficient[n]
         for w in range(width):
-            _gather_window_terms(sums, w, terms, weights, d, h, w, first_out, last_out, start,
-                                 stop, step, zero)
+            # Two inlined copies, each with its literal: the undilated one has no
+            # tests in its loops, which LLVM did not unswitch (4.7x slower).
+            if dilated:
+                _gather_window_terms(sums, w, terms, weights, d, h, w, first_out, last_out,
+                                     start, step, zero, True)
+            else:
+                _gather_window_terms(sums, w, terms, weights, d, h, w, first_out, last_out,
+                                     start, step, zero, False)
             if power is not None:
                 for c in range(channels):
                     sums[w, c] *= _input_factor(x[n, d, h, w, c], power)
@@ -961,6 +977,7 @@ def sum_backward_plane_blocks(part, parts, coefficient, x, grad_in, first_out, l
     planes, depth, height, width = grad_in.shape
     out_d, out_h, out_w = coefficient.shape[1], coefficient.shape[2], coefficient.shape[3]
     outputs, size, run = out_d * out_h * out_w, depth * height * width, width * block
+    dilated = _dilated(step)
     cover_d = 0
     for d in range(depth):
         cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
@@ -1000,10 +1017,10 @@ def sum_backward_plane_blocks(part, parts, coefficient, x, grad_in, first_out, l
                 for i in range(run):
                     sums[at, i] = zero
                 for od in range(od0, od1):
-                    if not _covers(d, od, start, stop, step, 0):
+                    if not _covers(d, od, start, step, 0, dilated):
                         continue
                     for oh in range(first_out[1, h], last_out[1, h]):
-                        if _covers(h, oh, start, stop, step, 1):
+                        if _covers(h, oh, start, step, 1, dilated):
                             spread_at = (od - od0) * out_h + oh
                             for i in range(run):
                                 sums[at, i] += spread_rows[spread_at, i]
@@ -1027,27 +1044,46 @@ def max_backward_gather_channels_last(part, parts, grad_out, indices, grad_in, f
     grad_out.size means some index lies outside its own window (not from this
     forward), and the caller scatters instead, as torch would."""
     batch, depth, height, width, channels = grad_in.shape
+    dilated = _dilated(step)
     matched = 0
     for row in range(*share(batch * depth * height, part, parts)):
         n, d, h = _row_coords(row, depth, height)
         for w in range(width):
-            here = (d * height + h) * width + w
-            total = grad_in[n, d, h, w]
-            total[:] = 0.0
-            for od in range(first_out[0, d], last_out[0, d]):
-                if not _covers(d, od, start, stop, step, 0):
+            # As in sum_backward_channels_last: a copy per literal.
+            if dilated:
+                matched += _gather_maxima(grad_in[n, d, h, w], grad_out[n], indices[n], d, h,
+                                          w, height, width, first_out, last_out, start,
+                                          step, True)
+            else:
+                matched += _gather_maxima(grad_in[n, d, h, w], grad_out[n], indices[n], d, h,
+                                          w, height, width, first_out, last_out, start,
+                                          step, False)
+    return matched
+
+
+@njit(inline="always")
+def _gather_maxima(total, grad_out, indices, d, h, w, height, width, first_out, last_out,
+                   start, step, dilated):
+    """``total`` (a row of channels) = the sum of the gradients ``grad_out`` of the
+    windows covering (d, h, w) whose maximum ``indices`` says it is; returns how
+    many it took."""
+    here = (d * height + h) * width + w
+    total[:] = 0.0
+    matched = 0
+    for od in range(first_out[0, d], last_out[0, d]):
+        if not _covers(d, od, start, step, 0, dilated):
+            continue
+        for oh in range(first_out[1, h], last_out[1, h]):
+            if not _covers(h, oh, start, step, 1, dilated):
+                continue
+            for ow in range(first_out[2, w], last_out[2, w]):
+                if not _covers(w, ow, start, step, 2, dilated):
                     continue
-                for oh in range(first_out[1, h], last_out[1, h]):
-                    if not _covers(h, oh, start, stop, step, 1):
-                        continue
-                    for ow in range(first_out[2, w], last_out[2, w]):
-                        if not _covers(w, ow, start, stop, step, 2):
-                            continue
-                        grads, at = grad_out[n, od, oh, ow], indices[n, od, oh, ow]
-                        for c in range(channels):
-                            if at[c] == here:
-                                total[c] += grads[c]
-                                matched += 1
+                grads, at = grad_out[od, oh, ow], indices[od, oh, ow]
+                for c in range(total.size):
+                    if at[c] == here:
+                        total[c] += grads[c]
+                        matched += 1
     return matched
 
 

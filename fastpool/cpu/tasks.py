@@ -27,12 +27,21 @@ import threading
 
 import numpy as np
 from numba import get_num_threads, njit, prange, typeof, types
+from numba.core import cpu, options
 from numba.core.typing import signature
 from numba.extending import intrinsic
 
 from fastpool._config import CPU_JIT_OPTIONS
 
-SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+# The kernels' arrays do not overlap: each kernel writes only outputs and scratch
+# that fastpool allocated for the call, and reads its inputs.  numba's flag for that
+# (each array argument's data pointer ``noalias`` to LLVM, which then vectorises
+# loops that read one array and write another without run-time overlap checks) is
+# what its parfor passes set on a ``parallel=True`` kernel's loop body when they find
+# no aliases; njit has no option for it, so fastpool maps one.  Without it the
+# channels-last backward gather did not vectorise (tests/test_cpu_paths.py).
+cpu.CPUTargetOptions.noalias = options.TargetOptions.Mapping("noalias")
+KERNEL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "noalias": True}
 
 
 @njit(inline="always")
@@ -133,7 +142,7 @@ class TaskKernel:
     """
 
     def __init__(self, function, counts: bool = False):
-        self.body = njit(**SERIAL_JIT_OPTIONS)(function)
+        self.body = njit(**KERNEL_JIT_OPTIONS)(function)
         self.counts = counts
         self._addresses: dict = {}
         self._lock = threading.Lock()
