@@ -6,9 +6,11 @@ layer the user asked numba for.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numba
 import numpy as np
@@ -123,3 +125,33 @@ def test_a_slow_first_launch_logs_once_that_fastpool_is_compiling(monkeypatch, c
         assert runtime.launch(StandIn(1.0)) == 1.0  # it says so once per process
     messages = [r.getMessage() for r in caplog.records if r.name == "fastpool"]
     assert len(messages) == 1 and "fastpool is compiling CPU kernels" in messages[0]
+
+
+def test_a_fork_while_a_kernel_compiles_leaves_the_child_able_to_compile():
+    # A parent thread held a kernel's compile lock (and per_constants' build lock)
+    # when the process forked: the child's first call that needed them hung.
+    from fastpool.cpu import kernels
+
+    kernel = kernels.plane_broadcast
+    grad_out, grad_in = np.ones(2), np.empty((2, 3))
+    with kernel._lock, kernels._built_lock:
+        pid = os.fork()
+        if pid == 0:  # the child: a new argument type needs the lock, then a build
+            code = 1
+            try:
+                kernel.address((grad_out.astype(np.float32), grad_in.astype(np.float32),
+                                0.5))
+                kernels.max_pool_channels_first((3, 3))
+                code = 0
+            finally:
+                os._exit(code)
+    for _ in range(600):  # up to 60 s: the child compiles one kernel
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on a lock held at the fork")
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -13,6 +13,7 @@ written by exactly one thread.  Sums accumulate in float64.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -52,6 +53,14 @@ def interior_sweep(interior, step, max_fold: bool) -> tuple[int, int]:
 
 _built: dict = {}
 _built_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _built_lock
+    _built_lock = threading.Lock()  # a parent thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def per_constants(factory):

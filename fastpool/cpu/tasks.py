@@ -24,6 +24,7 @@ kernel, whatever the process runs.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -192,6 +193,16 @@ class TaskKernel:
         """The numba dispatchers this kernel runs: its serial build, then the
         drivers (shared by every kernel)."""
         return [self.body, _count_shares if self.counts else _run_shares]
+
+
+def _reset_after_fork() -> None:
+    # A thread of the parent may have held a kernel's lock (compiling it) when the
+    # process forked: the child's copy would stay locked for good.
+    for kernel in _kernels:
+        kernel._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def parallel_kernel(function=None, *, counts: bool = False):
