@@ -136,7 +136,7 @@ def geometric_mean(values) -> float:
 
 def summary(rows: list[dict]) -> list[str]:
     """Geometric means and the worst case over the pooling rows (the convolution rows,
-    im2col and BLAS against torch's oneDNN kernels, are summarised apart)."""
+    compute-bound products against torch's oneDNN kernels, are summarised apart)."""
     lines = []
     convolutions = [r for r in rows if r["op"].startswith("strided_conv")]
     rows = [r for r in rows if not r["op"].startswith("strided_conv")]
@@ -153,7 +153,7 @@ def summary(rows: list[dict]) -> list[str]:
                      f"at {worst['speedup_vs_torch']:.2f}x"
                      + (f" ({worst['tag']})" if worst.get("tag") else ""))
     if convolutions:
-        lines.append(f"strided convolution (im2col + BLAS GEMM): geometric-mean "
+        lines.append(f"strided convolution (direct, register-blocked micro-kernel): geometric-mean "
                      f"{geometric_mean([r['speedup_vs_torch'] for r in convolutions]):.2f}x "
                      f"of torch over {len(convolutions)} rows")
     return lines + noise_summary(rows + convolutions)

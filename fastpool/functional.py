@@ -559,10 +559,10 @@ def _strided_conv_backward(nd: int) -> Callable[..., tuple]:
 
     strided_conv_backward.__doc__ = f"""Gradients of :func:`strided_conv{nd}d`.
 
-On the CPU the products run in BLAS (NumPy's ``matmul``) and the input
-gradient is then gathered, each input element summed by one thread in a
-fixed order: race-free, and bit-identical from run to run at a given thread
-count (BLAS may split its sums differently at another).
+On the CPU both gradients are gathers: each input-gradient row and each
+tile of the weight gradient is summed by one thread in a fixed order, so
+the results are race-free and bit-identical from run to run, at any thread
+count.
 
 Parameters
 ----------

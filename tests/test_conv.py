@@ -133,8 +133,8 @@ def test_torch_module_and_gradcheck():
 
 
 # --------------------------------------------------------------------------
-# The CPU back end's GEMM paths: the non-overlapping fast path, chunking of the
-# cols scratch, channels-last straight through, the kernels' extra blocks.
+# The CPU back end's direct convolution: the padded copies (or none), chunks of
+# images, tiles' tails, thread counts, the micro-kernel's register shapes.
 # --------------------------------------------------------------------------
 
 CPU_CONV = importlib.import_module("fastpool.cpu.conv")  # fastpool.cpu.conv is the function
@@ -169,10 +169,10 @@ def _check_against_torch(nd, shape, c_out, kernel, stride, padding, channels_las
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("nd, shape, kernel", [
-    (1, (2, 3, 12), 4),            # windows tile the input: cl cols is the input itself
+    (1, (2, 3, 12), 4),            # windows tile the input
     (1, (2, 3, 14), 4),            # two columns no window covers (gradient 0)
-    (1, (1, 3, 14), 4),            # ... a single image: still a strided view in cl
-    (2, (2, 3, 8, 9), (2, 3)),     # cl needs a copy: the im2col kernel
+    (1, (1, 3, 14), 4),            # ... a single image
+    (2, (2, 3, 8, 9), (2, 3)),
     (3, (2, 2, 4, 6, 5), 2),
 ])
 def test_non_overlapping_windows(nd, shape, kernel, channels_last):
@@ -180,25 +180,47 @@ def test_non_overlapping_windows(nd, shape, kernel, channels_last):
     _check_against_torch(nd, shape, 5, kernel, stride, 0, channels_last)
 
 
-def test_non_overlapping_channels_last_uses_the_input_as_cols(monkeypatch):
-    calls = []
-    monkeypatch.setattr(CPU_CONV, "launch", lambda *args: calls.append(args[0]))
-    x = np.ones((2, 12, 3))
-    fastpool.strided_conv1d(x, np.ones((5, 3, 4)), 4, channels_last=True)
-    fastpool.strided_conv1d_backward(np.ones((2, 3, 5)), x, np.ones((5, 3, 4)), 4,
-                                      channels_last=True)
-    assert calls == []  # no im2col, no col2im: a reshape of the input and of grad_in
+def test_channels_last_input_that_needs_no_padding_is_read_in_place(monkeypatch):
+    launched = []
+    launch = CPU_CONV.launch
+
+    def recording(kernel, *args, **options):
+        launched.append(kernel)
+        return launch(kernel, *args, **options)
+
+    monkeypatch.setattr(CPU_CONV, "launch", recording)
+    w = np.ones((5, 3, 4))
+    fastpool.strided_conv1d(np.ones((2, 24, 3)), w, 4, channels_last=True)  # 6 outputs: a tile
+    assert launched == [CPU_CONV.direct_conv]
+    fastpool.strided_conv1d(np.ones((2, 24, 3)), w, 4, padding=1, channels_last=True)
+    fastpool.strided_conv1d(np.ones((2, 3, 24)), w, 4)
+    assert launched.count(CPU_CONV.padded_copy) == 2
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 12000],
-                         ids=["one-unit", "units-of-one-image", "whole-images"])
-def test_chunked_cols_match_torch(monkeypatch, chunk_bytes, channels_last):
+                         ids=["one-image", "two-images", "whole-batch"])
+def test_chunks_of_images_match_torch(monkeypatch, chunk_bytes, channels_last):
     monkeypatch.setattr(CPU_CONV, "CHUNK_BYTES", chunk_bytes)
-    # cols of one image: 3*3*3 * 5*5 * 8 bytes = 5400
     _check_against_torch(2, (5, 3, 9, 10), 4, 3, 2, 1, channels_last)
     _check_against_torch(3, (3, 2, 5, 6, 7), 3, (2, 3, 2), (1, 2, 3), (1, 0, 1),
                          channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("band_bytes", [1, 2**18], ids=["one-row", "default"])
+def test_weight_gradient_bands_match_torch(monkeypatch, band_bytes, channels_last):
+    monkeypatch.setattr(CPU_CONV, "BAND_BYTES", band_bytes)
+    _check_against_torch(2, (2, 5, 13, 14), 70, 3, 1, 1, channels_last, np.float32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("c_in, c_out, width", [(1, 1, 7), (5, 65, 13), (64, 64, 24), (7, 129, 40)])
+def test_channel_and_row_tails_match_torch(c_in, c_out, width, channels_last):
+    """Channel counts and output rows that are not whole tiles (or are): the packed
+    weights' and copies' zeros, and the extra outputs of a row's last tile."""
+    _check_against_torch(2, (2, c_in, 5, width), c_out, 3, 2, 1, channels_last, np.float32)
+    _check_against_torch(1, (1, c_in, width), c_out, 2, 1, 0, channels_last)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
@@ -223,9 +245,9 @@ def test_pooled_outputs_and_scratch_are_not_shared(channels_last):
 @pytest.mark.parametrize("kernel, stride", [(3, 2), (2, 3)], ids=["overlap", "gaps"])
 def test_backward_writes_every_input_gradient_of_a_reused_buffer(kernel, stride,
                                                                  channels_last):
-    """col2im stores whole images' rows (zeros where no window reads) rather than
-    adding into a zeroed gradient: a pooled buffer full of NaN, handed out again,
-    comes back as the gradient, every element written."""
+    """The input gradient's rows are stored whole (zeros where no window reads)
+    rather than added into a zeroed gradient: a pooled buffer full of NaN, handed
+    out again, comes back as the gradient, every element written."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 8, 131, 131)).astype(np.float32)
     w = rng.standard_normal((16, 8, kernel, kernel)).astype(np.float32)
@@ -289,159 +311,40 @@ def test_empty_and_channel_free_inputs(channels_last):
     assert_array_equal(put(np.broadcast_to(np.arange(4.0)[:, None, None], (2, 4, 5, 5))), out)
 
 
-def test_blas_follows_fastpool_thread_count():
-    import threadpoolctl  # noqa: F401  (a test dependency)
-    fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))  # finds NumPy's BLAS
-
-    def blas_threads():
-        return {library.num_threads for library in CPU_CONV._blas_libraries_found()}
-
-    before = blas_threads()
-    try:
-        fastpool.set_num_threads(1)
-        with CPU_CONV._blas_threads():
-            assert blas_threads() <= {1}
-    finally:
-        fastpool.set_num_threads(None)
-    assert blas_threads() == before
-
-
-def test_blas_count_restored_after_concurrent_capped_calls():
-    import threadpoolctl  # noqa: F401  (a test dependency)
-    from fastpool import _threads
-
-    x, w = np.ones((2, 3, 9, 10)), np.ones((4, 3, 3, 3))
-    fastpool.strided_conv2d(x, w)
-    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
-    errors = []
-
-    def work(cap):
-        try:
-            with _threads.thread_cap(cap):
-                for _ in range(20):
-                    fastpool.strided_conv2d_backward(np.ones((2, 4, 4, 4)), x, w)
-        except Exception as error:  # pragma: no cover - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=work, args=(cap,)) for cap in (1, None, 1, None)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_forked_child_undoes_a_lowering_in_flight_at_fork():
-    import threadpoolctl  # noqa: F401  (a test dependency)
-    fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))
-    libraries = CPU_CONV._blas_libraries_found()
-    if not libraries or max(library.num_threads for library in libraries) < 2:
-        pytest.skip("needs a multi-threaded BLAS")
-    before = [library.num_threads for library in libraries]
-    try:
-        fastpool.set_num_threads(1)
-        with CPU_CONV._blas_threads():  # a call in flight while the process forks
-            pid = os.fork()
-            if pid == 0:  # the child: its next call restores the parent's counts
-                fastpool.strided_conv1d(np.ones((1, 1, 4)), np.ones((1, 1, 2)))
-                fastpool.set_num_threads(None)
-                with CPU_CONV._blas_threads():
-                    pass
-                os._exit(0 if [lib.num_threads for lib in libraries] == before else 1)
-    finally:
-        fastpool.set_num_threads(None)
-    assert os.waitpid(pid, 0)[1] == 0
-    assert [library.num_threads for library in libraries] == before
-
-
-# --------------------------------------------------------------------------
-# Calls split over threads: each part a run of whole images, serial kernels and a
-# one-thread BLAS.  Three threads faked (conv.py's view of the thread count only;
-# the split path launches no parallel kernel) so that the split runs on any machine.
-# --------------------------------------------------------------------------
-
-class _ThreeThreads:
-    @staticmethod
-    def get_num_threads():
-        return 3
-
-    @staticmethod
-    def _available_threads():
-        return 3
-
-
-@pytest.fixture
-def split_calls(monkeypatch):
-    """Every call with 2 or more images split over up to three threads; the parts of
-    each split call recorded."""
-    monkeypatch.setattr(CPU_CONV, "_threads", _ThreeThreads)
-    monkeypatch.setattr(CPU_CONV, "_SPLIT_WORK", 0)
-    split = []
-    run_parts = CPU_CONV._run_parts
-
-    def recording(task, parts):
-        split.append(parts)
-        return run_parts(task, parts)
-
-    monkeypatch.setattr(CPU_CONV, "_run_parts", recording)
-    return split
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
-@pytest.mark.parametrize("chunk_bytes", [3000, 4 * 2**20], ids=["units-of-one-image", "default"])
-def test_split_over_threads_matches_torch(monkeypatch, split_calls, chunk_bytes,
-                                          channels_last):
-    monkeypatch.setattr(CPU_CONV, "CHUNK_BYTES", chunk_bytes)
-    _check_against_torch(2, (5, 3, 9, 10), 4, 3, 2, 1, channels_last, np.float32)
-    _check_against_torch(1, (4, 3, 23), 3, 5, 3, 2, channels_last)
-    _check_against_torch(3, (3, 2, 5, 6, 7), 3, (2, 3, 2), (1, 2, 3), (1, 0, 1),
-                         channels_last)
-    _check_against_torch(2, (2, 3, 8, 8), 5, 2, 2, 0, channels_last)  # windows tile it
-    assert [(0, 1), (1, 3), (3, 5)] in split_calls and [(0, 1), (1, 2)] in split_calls
-    assert all(len(parts) > 1 for parts in split_calls)
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
-def test_split_calls_repeat_and_restore_blas(split_calls, channels_last):
-    import threadpoolctl  # noqa: F401  (a test dependency)
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((5, 8, 17, 19)).astype(np.float32)
-    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(6).astype(np.float32)
-    grad = rng.standard_normal((5, 6, 9, 10)).astype(np.float32)
+def test_results_do_not_depend_on_the_thread_count(channels_last):
+    """Each output, input-gradient row and weight-gradient tile is summed by one task
+    in a fixed order: one thread and all of them give the same bits."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 16, 33, 35)).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    grad = rng.standard_normal((3, 24, 17, 18)).astype(np.float32)
     if channels_last:
         x, grad = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, grad))
-    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
 
     def run():
         return (fastpool.strided_conv2d(x, w, 2, 1, b, channels_last=channels_last),
                 *fastpool.strided_conv2d_backward(grad, x, w, 2, 1,
                                                   channels_last=channels_last))
 
-    first = run()
-    for _ in range(3):
-        for a, c in zip(first, run()):
-            assert_array_equal(a, c)
-    assert len(split_calls) == 8 and all(len(parts) == 3 for parts in split_calls)
-    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before
-    want = [fastpool.strided_conv2d(x, w, 2, 1, b, channels_last=channels_last, backend="numpy"),
-            *fastpool.strided_conv2d_backward(grad, x, w, 2, 1, channels_last=channels_last,
-                                              backend="numpy")]
-    for a, c in zip(first, want):
-        assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+    every = run()
+    try:
+        fastpool.set_num_threads(1)
+        single = run()
+    finally:
+        fastpool.set_num_threads(None)
+    for a, c in zip(every, single):
+        assert_array_equal(a, c)
 
 
-def test_concurrent_split_calls_match_and_restore_blas(split_calls):
-    import threadpoolctl  # noqa: F401  (a test dependency)
+def test_concurrent_calls_match():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 3, 12, 11)).astype(np.float32)
     w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
     grad = rng.standard_normal((4, 5, 6, 6)).astype(np.float32)
     want = [fastpool.strided_conv2d(x, w, 2, 1),
             *fastpool.strided_conv2d_backward(grad, x, w, 2, 1)]
-    before = [library.num_threads for library in CPU_CONV._blas_libraries_found()]
     errors = []
 
     def work():
@@ -460,5 +363,76 @@ def test_concurrent_split_calls_match_and_restore_blas(split_calls):
     for thread in threads:
         thread.join()
     assert not errors
-    assert all(len(parts) == 3 for parts in split_calls)
-    assert [library.num_threads for library in CPU_CONV._blas_libraries_found()] == before
+
+
+_OTHER_REGISTERS = """
+import numpy as np, torch, torch.nn.functional as F, fastpool
+from fastpool.cpu import microkernel
+assert microkernel.VECTOR_BYTES == {vector_bytes}, microkernel.VECTOR_BYTES
+rng = np.random.default_rng(0)
+for dtype in (np.float32, np.float64):
+    x = rng.standard_normal((2, 5, 11, 13)).astype(dtype)
+    w = rng.standard_normal((19, 5, 3, 3)).astype(dtype)
+    tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    out = F.conv2d(tx, tw, None, 2, 1)
+    grad = rng.standard_normal(out.shape).astype(dtype)
+    out.backward(torch.from_numpy(grad))
+    got = fastpool.strided_conv2d(x, w, 2, 1)
+    gx, gw, _ = fastpool.strided_conv2d_backward(grad, x, w, 2, 1)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for a, b in ((got, out), (gx, tx.grad), (gw, tw.grad)):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("cpu, features, vector_bytes", [
+    ("haswell", "+avx,+avx2,+fma", 32),  # 12 accumulators of 16 ymm registers
+    ("generic", "", 16),                 # SSE's 16 xmm registers
+], ids=["avx2", "sse"])
+def test_micro_kernel_tiles_of_narrower_registers(tmp_path, cpu, features, vector_bytes):
+    """The tile shapes for machines without AVX-512 (this one may have it): numba
+    compiling for an older CPU, in a process of its own."""
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features,
+           "NUMBA_CACHE_DIR": str(tmp_path)}
+    script = _OTHER_REGISTERS.format(vector_bytes=vector_bytes)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_micro_kernel_against_numpy(dtype):
+    """multiply_tile's strides and blocks: C[r, j] += sum_t sum_k A[t, r, k] B[t, k, j]."""
+    from numba import njit
+
+    from fastpool.cpu.microkernel import TILE_ROWS, multiply_tile, tile_columns
+
+    @njit
+    def run(c, a, b, c_row, a_row, a_step, b_row, depth, blocks, a_block, b_block):
+        multiply_tile(c, 3, c_row, a, 2, a_row, a_step, b, 1, b_row, depth, blocks, a_block,
+                      b_block)
+
+    rng = np.random.default_rng(7)
+    columns = tile_columns(np.dtype(dtype).itemsize)
+    depth, blocks, a_step, a_row, a_block, b_row, b_block, c_row = 5, 3, 2, 11, 70, columns + 1, \
+        6 * (columns + 1), columns + 4
+    a = rng.standard_normal(2 + a_block * blocks).astype(dtype)
+    b = rng.standard_normal(1 + b_block * blocks).astype(dtype)
+    c = rng.standard_normal(3 + c_row * TILE_ROWS).astype(dtype)
+    want = c.copy()
+    for r in range(TILE_ROWS):
+        for j in range(columns):
+            for t in range(blocks):
+                for k in range(depth):
+                    want[3 + r * c_row + j] += (a[2 + t * a_block + r * a_row + k * a_step]
+                                                * b[1 + t * b_block + k * b_row + j])
+    run(c, a, b, c_row, a_row, a_step, b_row, depth, blocks, a_block, b_block)
+    assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    before = c.copy()
+    run(c, a, b, c_row, a_row, a_step, b_row, 0, blocks, a_block, b_block)  # no depth: no-op
+    run(c, a, b, c_row, a_row, a_step, b_row, depth, 0, a_block, b_block)
+    assert_array_equal(c, before)

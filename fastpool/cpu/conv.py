@@ -1,95 +1,206 @@
-"""Strided convolution on the CPU: im2col kernels (Numba) around BLAS GEMMs (NumPy).
+"""Strided convolution on the CPU: direct convolution on a register-blocked micro-kernel.
 
-A convolution is one matrix product once each output position's receptive field
-is copied out as a row of a matrix ("im2col", here the *cols*): for an input
-with ``C_in`` channels and a ``KD x KH x KW`` kernel, ``K = KD*KH*KW*C_in``
-values per output position.  BLAS then does the arithmetic near the machine's
-peak, where direct loops ran at a few percent of it.  With ``M`` output
-positions, cols ``(M, K)`` and the weight as a ``(C_out, K)`` matrix ``W``:
+No im2col and no BLAS: the products run on :func:`multiply_tile`
+(:mod:`fastpool.cpu.microkernel`), which keeps a tile of ``TILE_ROWS`` outputs by
+a tile's columns (64 float32 with AVX-512) in vector registers and reads its
+operands where they lie.  In a channels-last input a window row's ``KW`` pixels
+are adjacent, so its ``KW*C_in`` values are one contiguous run: the depth of one
+micro-kernel step, the outputs of a tile ``stride*C_in`` values apart.  Each of
+the three products is such a walk over a channels-last copy of the input with
+its padding in it (zeros), wide enough for whole tiles:
 
-=================  ======================================
-output             ``cols @ W.T``, ``(M, C_out)``
-input gradient     ``col2im(grad @ W)``
-weight gradient    ``grad.T @ cols``, summed over chunks
-=================  ======================================
+===============  ========================  ==================  ==================
+product          tile rows                 tile columns        depth
+===============  ========================  ==================  ==================
+output           outputs of a row          ``C_out``           ``(kh, kw, c_in)``
+input gradient   every ``stride``-th pixel  ``C_in``            ``C_out``
+weight gradient  ``(kw, c_in)`` of a ``kh``  ``C_out``           ``(oh, ow)``
+===============  ========================  ==================  ==================
 
-The cols are laid out channels-last: a row holds, per kernel offset
-``(kd, kh, kw)``, one input pixel's ``C_in`` contiguous channels (and the
-``KW`` pixels of one kernel row are adjacent, so one copy), so im2col runs
-near memcpy speed.  Channels-last input therefore needs no transpose at all,
-its products ``cols @ W.T`` landing in channels-last order; channels-first
-input is transposed by a tiled kernel, which costs less than a channels-first
-im2col (with stride 2 that gathered every other element and ran at a third of
-the copy speed).  Channels-first outputs and gradients need none: the forward's
-products are taken per image as ``W @ cols.T``, ``(C_out, positions)``, the
-output itself; the backward's from each image's ``(C_out, positions)``
-gradient, and col2im writes the input gradient in either layout.
-Outputs, transposes and cols come from fastpool's buffer pool (fastpool._memory):
-fresh pages of those 12 MB cost the 8x64x56x56 forward a third of its time.
+Each task owns its tiles' outputs (an output row; an input row, whose gradient
+it gathers from every output row its windows cover; a tile of the weight
+gradient, summed over every image), so no two threads write an element and
+every sum runs in a fixed order: results repeat bit for bit at any thread
+count.  The channel counts are padded to whole tiles in the packed weights and
+the gradient's copy (zeros: a padded column sums zeros and is dropped), and
+output rows to whole tiles (the extra outputs read zeros or padding).
+
+The input's copy doubles as the layout change of a channels-first input (one
+transpose of each row, in cache) and costs a pass over the input, against the
+4-5 passes of im2col's matrix (``KH*KW/stride**2`` times the input, written and
+read back); it runs over chunks of whole images of at most :data:`CHUNK_BYTES`,
+so it is still in cache when the products read it, and the scratch is bounded.
+
+Measured on the 2-core Zen 5 benchmark machine, 8x64x56x56 float32, 64 3x3
+filters, stride 2, padding 1: forward 1.1-1.3 ms against torch's (oneDNN) 0.95-1.1
+ms; im2col with OpenBLAS's GEMM took 2.7-4.0 ms.
 
 Canonical arrays: input ``(N, C_in, D, H, W)`` or, channels-last,
-``(N, D, H, W, C_in)``; weight ``(C_out, C_in, KD, KH, KW)`` in both layouts
-(reordered to the cols' ``(C_out, KD, KH, KW, C_in)``, small); 1-D and 2-D run
-with size-1 leading spatial axes.  The output positions are
-grouped in *units*: one ``(n, od, oh)`` row of ``OW`` outputs.  The scratch is
-bounded by :data:`CHUNK_BYTES`: the work runs over chunks of whole images, or,
-when one image's cols are larger, over runs of units of one image.  When the
-windows tile the input (kernel == stride, no padding), the cols are a reshape
-of the channels-last input: no im2col at all where strides can express it.
-
-Threads: a large call is cut into runs of whole images, one per thread, each run
-start to finish (transposes, im2col, GEMMs, col2im) in its own thread with serial
-kernels and BLAS held to one thread (:meth:`_Geometry.parts`, :func:`_run_parts`).
-Alternating numba's parallel kernels with BLAS's own threaded GEMMs left each
-pool's threads spinning on the cores the other needed, and 2 threads ran slower
-than one.
-
-Sums run in the input's dtype (float32 stays float32 in BLAS, as in torch).
-col2im gathers: each input element is summed by one thread in a fixed order,
-and the chunks run in a fixed order (the threads' weight gradients are summed in
-the order of their images), so results are race-free and repeat bit for bit at a
-given thread count (BLAS's own sums depend on its thread count, which follows
-fastpool's: see :func:`_blas_threads`).
+``(N, D, H, W, C_in)``; weight ``(C_out, C_in, KD, KH, KW)`` in both layouts;
+1-D and 2-D run with size-1 leading spatial axes.  Sums run in the input's
+dtype (float32 stays float32, as in torch).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 
 import numpy as np
 from numba import njit
 
 from fastpool import _memory as memory
-from fastpool import _threads
+from fastpool.cpu.microkernel import TILE_ROWS, TILE_VECTORS, VECTOR_BYTES, multiply_tile
 from fastpool.cpu.runtime import launch
 from fastpool.cpu.tasks import parallel_kernel, share
 
-# The most bytes of cols one chunk may fill.  Small enough that the cols stay in
-# cache between im2col writing them and the GEMM reading them (on the 2-core Zen 3
-# benchmark machine, one thread, a 3-D convolution whose cols total 43 MB ran in
-# 12-15 ms in 4 MiB chunks, 20-23 ms in one 64 MiB chunk; the 8x64x56x56 2-D case
-# 6.4 against 8.3 ms), large enough that each GEMM still has a few thousand rows.
-# It also bounds the scratch memory of a big input.  The tests lower it to
-# exercise the chunking.
+# The most bytes of padded input (and, in the backward, gradient copy) one chunk of
+# images may fill: the copy is still in cache when the products read it, and a big
+# input's scratch stays bounded.  The tests lower it to exercise the chunking.
 CHUNK_BYTES = 4 * 2**20
 
-# Fewer parallel tasks than this many per thread and the kernels also split the
-# last spatial axis, so that a lone long 1-D signal still uses every core.
-_TASKS_PER_THREAD = 4
+# The bytes of input and gradient rows the weight gradient's tiles sum over in turn:
+# a band that stays in the core's L2 cache (1 MB on Zen 4 and 5, 512 kB on Zen 3).
+BAND_BYTES = 2**18
+
+# Bytes of a tile's row (its columns times the itemsize): a constant to the kernels.
+TILE_BYTES = TILE_VECTORS * VECTOR_BYTES
 
 
-@njit(inline="always")
-def _span(offset, stride, pad, first, stop, count):
-    """The outputs ``o`` in ``[lo, hi)``, within ``[0, count)``, whose input index
-    ``o*stride - pad + offset`` lies in ``[first, stop)``."""
-    lo = -((pad - offset + first) // -stride)  # ceil division
-    hi = (stop - 1 + pad - offset) // stride + 1
-    lo = min(max(lo, 0), count)
-    return lo, max(min(hi, count), lo)
+@parallel_kernel
+def padded_copy(part, parts, source, target, pads, channels_first):
+    """``target``, channels-last ``(N, Dt, Ht, Wt, Ct)``: ``source`` (channels-last, or
+    ``channels_first``) placed at offsets ``pads`` (the padding before each spatial
+    axis), zeros around it and in the channels past the source's.  A task fills one
+    target row ``(n, d, h)``, zeros included, so ``target`` needs no zeroing first."""
+    depth, height, width, columns = (target.shape[1], target.shape[2], target.shape[3],
+                                     target.shape[4])
+    if channels_first:
+        c_in, source_d, source_h, source_w = (source.shape[1], source.shape[2],
+                                              source.shape[3], source.shape[4])
+    else:
+        source_d, source_h, source_w, c_in = (source.shape[1], source.shape[2],
+                                              source.shape[3], source.shape[4])
+    for task in range(*share(target.shape[0] * depth * height, part, parts)):
+        h, d, n = task % height, task // height % depth, task // (height * depth)
+        row = target[n, d, h]
+        d_source, h_source = d - pads[0], h - pads[1]
+        inside = 0 <= d_source < source_d and 0 <= h_source < source_h
+        first = pads[2] if inside else width
+        stop = first + source_w if inside else width
+        for w in range(width):
+            if w < first or w >= stop:
+                for c in range(columns):
+                    row[w, c] = 0
+            else:
+                for c in range(c_in, columns):
+                    row[w, c] = 0
+        if not inside:
+            continue
+        if channels_first:  # a transpose of one row: contiguous reads, writes in cache
+            for c in range(c_in):
+                line = source[n, c, d_source, h_source]
+                for w in range(source_w):
+                    row[first + w, c] = line[w]
+        else:
+            line = source[n, d_source, h_source]
+            for w in range(source_w):
+                for c in range(c_in):
+                    row[first + w, c] = line[w, c]
+
+
+@parallel_kernel
+def direct_conv(part, parts, padded, packed, bias, out, n0, windows, channels_last):
+    """Output rows ``(n0 + i, od, oh)`` of the convolution of ``padded`` (the images'
+    :func:`padded_copy`) by ``packed`` (the weight as ``(KD, KH, KW, C_in, columns)``,
+    ``C_out`` padded with zeros to whole tiles), plus ``bias`` (``columns`` long),
+    stored in ``out`` (``(N, OD, OH, OW, C_out)``, or channels-first).
+
+    A task owns one output row, summed in a scratch row of whole tiles: per tile,
+    one :func:`multiply_tile` call per ``kd``, over the ``KH`` window rows as its
+    blocks, each ``KW*C_in`` values deep.  ``windows``: the rows out_size, kernel,
+    stride (see ``_Geometry.windows``).
+    """
+    out_size, kernel, stride = windows[0], windows[1], windows[2]
+    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
+    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
+    depth, height, width, c_in = (padded.shape[1], padded.shape[2], padded.shape[3],
+                                  padded.shape[4])
+    columns = packed.shape[4]
+    c_out = out.shape[4] if channels_last else out.shape[1]
+    tile_columns = TILE_BYTES // packed.itemsize
+    tiled_w = -(-out_w // TILE_ROWS) * TILE_ROWS
+    row_depth = k_w * c_in  # a window row's values, adjacent in the input row
+    sums = np.empty((tiled_w, columns), out.dtype)
+    for task in range(*share(padded.shape[0] * out_d * out_h, part, parts)):
+        oh, od, i = task % out_h, task // out_h % out_d, task // (out_h * out_d)
+        for w in range(tiled_w):
+            for c in range(columns):
+                sums[w, c] = bias[c]
+        for j in range(0, columns, tile_columns):  # a panel of the weight, kept in cache
+            for w in range(0, tiled_w, TILE_ROWS):
+                for kd in range(k_d):
+                    pixel = ((i * depth + od * stride[0] + kd) * height
+                             + oh * stride[1]) * width + w * stride[2]
+                    multiply_tile(sums, w * columns + j, columns,
+                                  padded, pixel * c_in, stride[2] * c_in, 1,
+                                  packed, kd * k_h * row_depth * columns + j, columns, row_depth,
+                                  k_h, width * c_in, row_depth * columns)
+        n = n0 + i
+        if channels_last:
+            target = out[n, od, oh]
+            for w in range(out_w):
+                for c in range(c_out):
+                    target[w, c] = sums[w, c]
+        else:
+            for c in range(c_out):
+                line = out[n, c, od, oh]
+                for w in range(out_w):
+                    line[w] = sums[w, c]
+
+
+@parallel_kernel
+def weight_gradient(part, parts, padded, grad_rows, grad_weight, windows, band):
+    """Add a chunk of images' weight gradient to ``grad_weight``, laid out
+    ``(KD, KH, span, columns)``: ``[kd, kh, kw*C_in + c, o]`` the gradient of weight
+    ``[o, c, kd, kh, kw]``, ``span`` being ``KW*C_in`` rounded up to whole tiles.
+
+    ``padded``: the images' :func:`padded_copy`; ``grad_rows``: their output
+    gradient as ``(images, OD, OH, tiled OW, columns)``.  A tile is rows ``(kw, c)``
+    of one ``(kd, kh)`` (adjacent values of every window row, hence ``padded``'s
+    extra width) by a tile of output channels, and a task owns a share of the
+    tiles.  It walks the images' output rows in bands of ``band`` rows, small
+    enough that a band's input and gradient rows stay in cache while every tile
+    of the share sums over them: per tile, one :func:`multiply_tile` call, the
+    band's rows as its blocks, the outputs of a row as its depth.  Each tile's sum
+    runs over images, ``od``, ``oh``, ``ow`` in order, whatever the shares.
+    """
+    out_size, kernel, stride = windows[0], windows[1], windows[2]
+    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
+    k_d, k_h = kernel[0], kernel[1]
+    depth, height, width, c_in = (padded.shape[1], padded.shape[2], padded.shape[3],
+                                  padded.shape[4])
+    tiled_w, columns = grad_rows.shape[3], grad_rows.shape[4]
+    span = grad_weight.shape[2]
+    tile_columns = TILE_BYTES // grad_weight.itemsize
+    row_tiles, column_tiles = span // TILE_ROWS, columns // tile_columns
+    first, stop = share(k_d * k_h * row_tiles * column_tiles, part, parts)
+    for i in range(padded.shape[0]):
+        for od in range(out_d):
+            for oh in range(0, out_h, band):
+                rows = min(band, out_h - oh)
+                gradient = ((i * out_d + od) * out_h + oh) * tiled_w * columns
+                for task in range(first, stop):
+                    j = task % column_tiles * tile_columns
+                    r = task // column_tiles % row_tiles * TILE_ROWS
+                    kh = task // (column_tiles * row_tiles) % k_h
+                    kd = task // (column_tiles * row_tiles * k_h)
+                    pixel = ((i * depth + od * stride[0] + kd) * height
+                             + oh * stride[1] + kh) * width
+                    multiply_tile(grad_weight, ((kd * k_h + kh) * span + r) * columns + j,
+                                  columns,
+                                  padded, pixel * c_in + r, 1, stride[2] * c_in,
+                                  grad_rows, gradient + j, columns, out_w,
+                                  rows, stride[1] * width * c_in, tiled_w * columns)
 
 
 @njit(inline="always")
@@ -102,228 +213,73 @@ def _source(position, pad, offset, stride, size):
 
 
 @parallel_kernel
-def im2col(part, parts, x, cols, n0, v0, units_per_image, windows, width):
-    """im2col of channels-last ``x``: ``cols[(i, v - v0, ow), (kd, kh, kw, c)]``.
+def input_gradient(part, parts, grad_rows, packed, grad_in, n0, windows, channels_last,
+                   padded_width):
+    """Input rows ``(n0 + i, d, h)`` of the gradient ``grad_in`` (channels-last
+    ``(N, D, H, W, C_in)``, or channels-first), from ``grad_rows`` (the images'
+    output gradient as ``(images, OD, OH, tiled OW, columns)``, zeros past ``OW``)
+    and ``packed`` (the weight as ``(KD, KH, KW, C_out, C_in columns)``).
 
-    ``x`` comes as ``(N, D, H, W*C_in)``, its input rows flat (``width`` is ``W``).
-    Covers images ``n0 + i`` and, in each, units ``v0 .. v0 + units_per_image - 1``
-    (a unit ``v`` is the output row ``(od, oh) = divmod(v, OH)``).  Each task fills
-    one cols row (one output position).  For each ``(kd, kh)`` its ``KW`` pixels
-    are adjacent in the input row, so they go as one contiguous copy of
-    ``KW*C_in`` values (zeros where the window is in the padding): far fewer,
-    longer copies than one per pixel, which matters when ``C_in`` is small.
-    ``windows``: the rows out_size, kernel, stride, pad (see ``_Geometry.windows``).
+    A gather: a task owns one input row, summed in a scratch row as wide as the
+    forward's padded input, and takes from every output row whose windows cover
+    it, per window offset ``kw`` a tile of ``TILE_ROWS`` outputs at a time: their
+    ``kw`` pixels are ``stride`` pixels apart, ``C_out`` deep.  ``windows``: the
+    rows out_size, kernel, stride, pad.
     """
     out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
-    depth, height = x.shape[1], x.shape[2]
-    out_h, out_w = out_size[1], out_size[2]
+    out_d, out_h = out_size[0], out_size[1]
     k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-    c_in = cols.shape[1] // (k_d * k_h * k_w)
-    run = k_w * c_in
-    for m in range(*share(cols.shape[0], part, parts)):
-        j, ow = m // out_w, m % out_w
-        n, v = n0 + j // units_per_image, v0 + j % units_per_image
-        row = cols[m]
-        w0 = ow * stride[2] - pad[2]
-        # The window's pixels inside the row, as offsets [a, b) into the run.
-        a, b = max(0, -w0) * c_in, max(min(k_w, width - w0), 0) * c_in
-        base = 0
-        for kd in range(k_d):
-            d = (v // out_h) * stride[0] - pad[0] + kd
-            for kh in range(k_h):
-                h = (v % out_h) * stride[1] - pad[1] + kh
-                if 0 <= d < depth and 0 <= h < height and a < b:
-                    row[base:base + a] = 0
-                    row[base + a:base + b] = x[n, d, h, w0 * c_in + a:w0 * c_in + b]
-                    row[base + b:base + run] = 0
-                else:
-                    row[base:base + run] = 0
-                base += run
-
-
-@parallel_kernel
-def col2im(part, parts, cols, grad_in, n0, v0, units_per_image, windows, blocks, channels_last,
-           accumulate):
-    """Store (or, with ``accumulate``, add) ``cols`` (laid out as :func:`im2col`'s) as
-    the gradient ``grad_in``, channels-last ``(N, D, H, W, C_in)`` or channels-first
-    ``(N, C_in, D, H, W)``.
-
-    A gather: a task owns one input row ``(n, d, h)`` (or, with ``blocks > 1``,
-    one of that many pieces of it: parallel work for a lone 1-D signal), sums
-    every cols entry whose window covered it, in the fixed order (kernel offset,
-    ``ow``), in a scratch row, and writes the row once in ``grad_in``'s layout: no
-    two threads write one element, each element's sum runs in the same order
-    whatever the number of blocks or threads, and a channels-first gradient needs
-    no transpose.  Cols of whole images hold every window of their rows: their
-    rows are stored, zeros included, so ``grad_in`` needs no zeroing; runs of
-    units of one image ``accumulate`` into a zeroed one.  ``windows``: as
-    :func:`im2col`'s.
-    """
-    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
     if channels_last:
-        depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2],
-                                      grad_in.shape[3], grad_in.shape[4])
+        depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
+                                      grad_in.shape[4])
     else:
-        c_in, depth, height, width = (grad_in.shape[1], grad_in.shape[2],
-                                      grad_in.shape[3], grad_in.shape[4])
-    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
-    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-    images = cols.shape[0] // max(units_per_image * out_w, 1)
-    block = (width + blocks - 1) // blocks
-    for task in range(*share(images * depth * height * blocks, part, parts)):
-        b = task % blocks
-        h = task // blocks % height
-        d = task // (blocks * height) % depth
-        i = task // (blocks * height * depth)
-        first, stop = b * block, min(width, (b + 1) * block)
-        n = n0 + i
-        sums = np.zeros((max(stop - first, 0), c_in), cols.dtype)
+        c_in, depth, height, width = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
+                                      grad_in.shape[4])
+    tiled_w, rows_columns = grad_rows.shape[3], grad_rows.shape[4]
+    c_out, columns = packed.shape[3], packed.shape[4]
+    tile_columns = TILE_BYTES // packed.itemsize
+    sums = np.empty((padded_width, columns), grad_in.dtype)
+    for task in range(*share(grad_rows.shape[0] * depth * height, part, parts)):
+        h, d, i = task % height, task // height % depth, task // (height * depth)
+        for w in range(padded_width):
+            for c in range(columns):
+                sums[w, c] = 0
         for kd in range(k_d):
             od = _source(d, pad[0], kd, stride[0], out_d)
-            if od < 0:
-                continue
             for kh in range(k_h):
                 oh = _source(h, pad[1], kh, stride[1], out_h)
-                v = od * out_h + oh - v0
-                if oh < 0 or v < 0 or v >= units_per_image:
+                if od < 0 or oh < 0:
                     continue
-                row = (i * units_per_image + v) * out_w
-                for kw in range(k_w):
-                    base = ((kd * k_h + kh) * k_w + kw) * c_in
-                    lo, hi = _span(kw, stride[2], pad[2], first, stop, out_w)
-                    for ow in range(lo, hi):
-                        at = ow * stride[2] - pad[2] + kw - first
-                        for c in range(c_in):
-                            sums[at, c] += cols[row + ow, base + c]
+                row = ((i * out_d + od) * out_h + oh) * tiled_w * rows_columns
+                for j in range(0, columns, tile_columns):
+                    for kw in range(k_w):
+                        panel = ((kd * k_h + kh) * k_w + kw) * c_out * columns + j
+                        for w in range(0, tiled_w, TILE_ROWS):
+                            multiply_tile(sums, (w * stride[2] + kw) * columns + j,
+                                          stride[2] * columns,
+                                          grad_rows, row + w * rows_columns, rows_columns, 1,
+                                          packed, panel, columns, c_out,
+                                          1, 0, 0)
+        n = n0 + i
         if channels_last:
-            target = grad_in[n, d, h, first:stop]
-            for w in range(stop - first):
+            target = grad_in[n, d, h]
+            for w in range(width):
                 for c in range(c_in):
-                    target[w, c] = target[w, c] + sums[w, c] if accumulate else sums[w, c]
+                    target[w, c] = sums[pad[2] + w, c]
         else:
             for c in range(c_in):
-                target = grad_in[n, c, d, h, first:stop]
-                for w in range(stop - first):
-                    target[w] = target[w] + sums[w, c] if accumulate else sums[w, c]
+                line = grad_in[n, c, d, h]
+                for w in range(width):
+                    line[w] = sums[pad[2] + w, c]
 
 
-# Spatial positions per task of the layout transposes: a tile of 64 positions by all
-# channels stays in L1 while one side is read or written contiguously.
-_TILE = 64
-
-
-@parallel_kernel
-def move_channels(part, parts, source, target, to_last):
-    """``target[n, s, c] = source[n, c, s]`` (``to_last``) or ``target[n, c, s] =
-    source[n, s, c]``, tiled over the positions ``s``.
-
-    NumPy's strided copy reads the channels of one position at the channel stride;
-    with a power-of-two-like stride (a 16x56x56 volume's) those reads collide in
-    the cache and the copy ran at a fifth of its usual speed.  Tiles read each
-    channel's run of positions contiguously instead, and run in parallel.
-    """
-    batch = source.shape[0]
-    channels, size = (source.shape[1], source.shape[2]) if to_last else (source.shape[2],
-                                                                          source.shape[1])
-    tiles = (size + _TILE - 1) // _TILE
-    for task in range(*share(batch * tiles, part, parts)):
-        n = task // tiles
-        first = task % tiles * _TILE
-        stop = min(first + _TILE, size)
-        for c in range(channels):
-            for s in range(first, stop):
-                if to_last:
-                    target[n, s, c] = source[n, c, s]
-                else:
-                    target[n, c, s] = source[n, s, c]
-
-
-# --------------------------------------------------------------------------
-# Drivers
-# --------------------------------------------------------------------------
-
-_blas_lock = threading.Lock()
-_blas_libraries = None  # threadpoolctl's BLAS controllers, once looked up
-
-
-def _blas_libraries_found() -> list:
-    """NumPy's BLAS (and any other loaded by the first call) as threadpoolctl
-    controllers; empty without threadpoolctl."""
-    global _blas_libraries
-    if _blas_libraries is None:
-        with _blas_lock:
-            if _blas_libraries is None:
-                try:
-                    from threadpoolctl import ThreadpoolController
-                    found = ThreadpoolController().select(user_api="blas").lib_controllers
-                except Exception:  # not installed, or it cannot inspect this process
-                    found = []
-                _blas_libraries = list(found)
-    return _blas_libraries
-
-
-_blas_holders = 0  # calls now holding BLAS lowered, and the counts to restore after
-_blas_saved: list = []
-_blas_stale: list = []  # in a forked child: the counts the parent's calls had lowered
-
-
-def _reset_after_fork() -> None:
-    """A forked child starts with no call in flight: a fresh lock (the parent's may
-    have been held), and the parent's lowering to undo at the child's next call
-    (not here: BLAS has its own fork handlers, which may not have run yet)."""
-    global _blas_lock, _blas_holders, _blas_stale
-    _blas_lock = threading.Lock()
-    if _blas_holders:
-        _blas_holders, _blas_stale = 0, _blas_saved
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-@contextmanager
-def _blas_threads(wanted=None):
-    """Hold BLAS to fastpool's thread count (or to ``wanted``) during the GEMMs.
-
-    NumPy's BLAS keeps its own thread pool, sized to all cores; without this, a
-    lower :func:`fastpool.set_num_threads` (fastpool.torch's torch thread count,
-    fastpool.dask's per-task cap) would bind the im2col kernels but not the
-    products, and oversubscribe the cores.  It only lowers BLAS, never raising it
-    over a limit the user set, and needs ``threadpoolctl`` (optional: without it
-    BLAS runs as configured).  The libraries' own setters, not
-    ``threadpoolctl.threadpool_limits``: that costs ~40 us a call, as much as a
-    small convolution.  BLAS's count is process-wide, so concurrent calls share
-    one lowering: the last to finish restores the counts the first one found.
-    """
-    global _blas_holders, _blas_saved, _blas_stale
-    wanted = _threads.get_num_threads() if wanted is None else wanted
-    libraries = _blas_libraries_found()
-    if _blas_stale:
-        with _blas_lock:
-            for library, threads in _blas_stale:
-                library.set_num_threads(threads)
-            _blas_stale = []
-    if all(library.num_threads <= wanted for library in libraries):
-        yield  # nothing to lower (the usual case: both use every core)
-        return
-    with _blas_lock:
-        if _blas_holders == 0:
-            _blas_saved = [(library, library.num_threads) for library in libraries]
-        _blas_holders += 1
-        for library in libraries:
-            if library.num_threads > wanted:
-                library.set_num_threads(wanted)
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_holders -= 1
-            if _blas_holders == 0:
-                for library, threads in _blas_saved:
-                    library.set_num_threads(threads)
+def _tiled(count: int, step: int) -> int:
+    """``count`` rounded up to a multiple of ``step``."""
+    return -(-count // step) * step
 
 
 class _Geometry:
-    """The sizes one convolution call needs, and its chunks.
+    """The sizes one convolution call needs, its packed weights and its chunks.
 
     Parameters
     ----------
@@ -344,212 +300,86 @@ class _Geometry:
         self.batch = x_shape[0]
         self.c_out, self.c_in = weight_shape[0], weight_shape[1]
         self.spatial = tuple(x_shape[1:4])
-        # Python ints: numba compiles the kernels once for int64 tuples.
         self.kernel = tuple(map(int, weight_shape[2:]))
         self.out_size = tuple(map(int, out_size))
         self.stride = tuple(map(int, stride))
         self.pad = tuple(map(int, pad))
         # The kernels' copy: a (4, 3) table, rows out_size, kernel, stride, pad.
         self.windows = np.array([self.out_size, self.kernel, self.stride, self.pad], np.int64)
-        self.k = self.c_in * math.prod(self.kernel)  # a cols row's length
-        self.units_per_image = self.out_size[0] * self.out_size[1]
-
-    def chunks(self, images):
-        """``(n0, count, v0, units)`` per chunk of the first ``images`` images: images
-        ``n0 .. n0+count-1``, and in each the units ``v0 .. v0+units-1``.  Whole images
-        while one image's cols fit in :data:`CHUNK_BYTES`, else runs of units of one
-        image."""
-        if self.whole_images:
-            step = max(1, CHUNK_BYTES // (self._unit_bytes * self.units_per_image))
-            for n0 in range(0, images, step):
-                yield n0, min(step, images - n0), 0, self.units_per_image
-            return
-        step = max(1, CHUNK_BYTES // self._unit_bytes)
-        for n in range(images):
-            for v0 in range(0, self.units_per_image, step):
-                yield n, 1, v0, min(step, self.units_per_image - v0)
-
-    def parts(self):
-        """The batch cut into ``[first, stop)`` runs of images, one per thread.
-
-        Each part runs whole in one thread, serial kernels and a one-thread BLAS:
-        alternating numba's thread pool with BLAS's, each pool's threads spin on
-        the cores the other needs just after its work, and on 2 threads the 8x64x56x56
-        forward ran slower than on one.  Split, both threads stay busy with their own
-        images.  One part (run with parallel kernels and BLAS at fastpool's thread
-        count) when the product is too small to pay a thread hand-off, or when BLAS's
-        thread count cannot be lowered (no ``threadpoolctl``: each part's BLAS would
-        start every core's threads)."""
-        threads = min(_threads.get_num_threads(), self.batch)
-        work = self.batch * self.units_per_image * self.out_size[2] * self.k * self.c_out
-        if threads < 2 or work < _SPLIT_WORK or not _blas_libraries_found():
-            return [(0, self.batch)]
-        bounds = [self.batch * i // threads for i in range(threads + 1)]
-        return list(zip(bounds[:-1], bounds[1:]))
-
-    def whole(self, v0, units):
-        """Whether a chunk covers its images whole."""
-        return v0 == 0 and units == self.units_per_image
+        self.tile_columns = TILE_BYTES // self.dtype.itemsize
+        self.tiled_w = _tiled(self.out_size[2], TILE_ROWS)  # output rows in whole tiles
+        # The weight gradient's tile rows: a window row's KW*C_in values, whole tiles.
+        self.span = _tiled(self.kernel[2] * self.c_in, TILE_ROWS)
+        # The padded input's width: the padding, whole tiles of outputs (the forward
+        # and the input gradient) and the weight gradient's whole tiles of a window row.
+        self.padded_width = max(
+            self.spatial[2] + 2 * self.pad[2],
+            (self.tiled_w - 1) * self.stride[2] + self.kernel[2],
+            (self.out_size[2] - 1) * self.stride[2] + -(-self.span // max(self.c_in, 1)))
+        self.padded_shape = (self.spatial[0] + 2 * self.pad[0],
+                             self.spatial[1] + 2 * self.pad[1], self.padded_width, self.c_in)
 
     @property
-    def _unit_bytes(self) -> int:
-        """Bytes of one unit's cols (at least 1)."""
-        return max(self.k * self.out_size[2] * self.dtype.itemsize, 1)
+    def band(self) -> int:
+        """Output rows per band of :func:`weight_gradient`: their input rows and
+        gradient rows fill about :data:`BAND_BYTES`."""
+        row_bytes = (self.stride[1] * self.padded_width * self.c_in
+                     + self.tiled_w * _tiled(self.c_out, self.tile_columns))
+        return max(1, BAND_BYTES // max(row_bytes * self.dtype.itemsize, 1))
 
     @property
-    def whole_images(self) -> bool:
-        """Whether every chunk covers its images whole (one image's cols fit in
-        :data:`CHUNK_BYTES`)."""
-        return self._unit_bytes * self.units_per_image <= CHUNK_BYTES
+    def products(self) -> int:
+        """Multiply-adds of one product over the whole batch (each of the three
+        takes as many)."""
+        return (self.batch * math.prod(self.out_size) * self.c_out * self.c_in
+                * math.prod(self.kernel))
 
-    @property
-    def tiles(self) -> bool:
-        """Whether the windows tile the input: kernel == stride, no padding."""
-        return self.kernel == self.stride and not any(self.pad)
+    def packed_weight(self, weight, bias):
+        """The weight as :func:`direct_conv` reads it, ``(KD, KH, KW, C_in, columns)``,
+        and the bias, ``columns`` long (zeros past ``C_out``)."""
+        columns = _tiled(self.c_out, self.tile_columns)
+        packed = np.zeros((*self.kernel, self.c_in, columns), self.dtype)
+        packed[..., :self.c_out] = weight.transpose(2, 3, 4, 1, 0)
+        tiled_bias = np.zeros(columns, self.dtype)
+        tiled_bias[:self.c_out] = bias
+        return packed, tiled_bias
 
-    def cols(self, scratch, images, units):
-        """The chunk's ``(M, K)`` cols in ``scratch`` (allocated by the first chunk,
-        the largest), as a list of one array so that the caller keeps it."""
-        m = images * units * self.out_size[2]
-        if not scratch:
-            scratch.append(memory.empty((m * self.k,), self.dtype))
-        return scratch[0][:m * self.k].reshape(m, self.k)
+    def transposed_weight(self, weight):
+        """The weight as :func:`input_gradient` reads it, ``(KD, KH, KW, C_out,
+        columns)``, ``C_in`` padded to whole tiles."""
+        packed = np.zeros((*self.kernel, self.c_out, _tiled(self.c_in, self.tile_columns)),
+                          self.dtype)
+        packed[..., :self.c_in] = weight.transpose(2, 3, 4, 0, 1)
+        return packed
 
-    def matrix_weight(self, weight):
-        """The weight as ``(C_out, K)``, ``K`` ordered ``(kd, kh, kw, c)`` as cols'."""
-        return np.ascontiguousarray(weight.transpose(0, 2, 3, 4, 1)).reshape(self.c_out, self.k)
+    def chunks(self, *image_bytes):
+        """``[first, stop)`` runs of whole images, as many as fit the scratch of
+        ``image_bytes`` per image in :data:`CHUNK_BYTES` (at least one)."""
+        step = max(1, CHUNK_BYTES // max(sum(image_bytes), 1))
+        return [(first, min(first + step, self.batch)) for first in range(0, self.batch, step)]
 
-    def tensor_weight(self, matrix):
-        """The inverse of :meth:`matrix_weight`."""
-        shaped = matrix.reshape(self.c_out, *self.kernel, self.c_in)
-        return np.ascontiguousarray(shaped.transpose(0, 4, 1, 2, 3))
+    def padded(self, x, channels_last, buffer):
+        """The images ``x`` (a chunk) as a channels-last copy in ``buffer`` with the
+        padding in it (zeros), :attr:`padded_width` wide; a channels-last input that
+        needs none of that as it is."""
+        if channels_last and not any(self.pad) and self.padded_width == self.spatial[2]:
+            return x
+        padded = buffer[:len(x)]
+        launch(padded_copy, x, padded, np.array(self.pad, np.int64), not channels_last,
+               work=padded.size)
+        return padded
 
-    def blocks(self, tasks, length):
-        """How many pieces to cut each of ``tasks`` parallel tasks into (along an axis of
-        ``length``) so that every thread has work: a lone long 1-D signal."""
-        wanted = _TASKS_PER_THREAD * _threads.get_num_threads()
-        if tasks >= wanted or length <= 1:
-            return 1
-        return max(1, min(-(-wanted // max(tasks, 1)), length))
-
-    def im2col(self, source, first, images, v0, units, scratch, serial=False):
-        """The chunk's cols from channels-last ``source`` (its images from index
-        ``first``), and whether they are a view of ``source`` (the windows tile it)
-        rather than filled in :meth:`cols`' buffer; in this thread when ``serial``."""
-        if self.whole(v0, units):
-            patches = self.patches(source[first:first + images])
-            if patches is not None:
-                return patches, True
-        cols = self.cols(scratch, images, units)
-        rows = source.reshape(*source.shape[:3], source.shape[3] * source.shape[4])
-        _launch(serial, im2col, rows, cols, first, v0, units, self.windows, self.spatial[2])
-        return cols, False
-
-    def col2im(self, cols, target, first, images, v0, units, channels_last, serial=False):
-        """Store the cols' gradient in ``target`` (its images from index ``first``), or
-        add it for a run of units of one image; in this thread when ``serial``."""
-        rows = images * self.spatial[0] * self.spatial[1]
-        blocks = 1 if serial else self.blocks(rows, self.spatial[2])
-        _launch(serial, col2im, cols, target, first, v0, units, self.windows, blocks,
-                channels_last, not self.whole(v0, units))
-
-    def patches(self, array):
-        """Non-overlapping windows (kernel == stride, no padding) of a channels-last
-        array as the ``(M, K)`` cols matrix itself, a view; None when that is not
-        expressible with strides (or the windows overlap or pad)."""
-        if not self.tiles or array.size == 0:
-            return None
-        (od, oh, ow), (kd, kh, kw) = self.out_size, self.kernel
-        view = array[:, :od * kd, :oh * kh, :ow * kw].reshape(
-            array.shape[0], od, kd, oh, kh, ow, kw, array.shape[-1])
-        return _as_matrix(view.transpose(0, 1, 3, 5, 2, 4, 6, 7), 4)  # (n,od,oh,ow),(kd,kh,kw,c)
-
-
-def _as_matrix(view, split):
-    """``view`` as a 2-D array (axes ``[:split]`` the rows, the rest the columns)
-    sharing its memory, or None when that needs a copy or the columns are not
-    contiguous (BLAS wants unit stride along one axis)."""
-    merged = []
-    for axes in (range(split), range(split, view.ndim)):
-        size, stride, expected = 1, view.itemsize, None
-        for axis in reversed(axes):  # innermost first
-            length, step = view.shape[axis], view.strides[axis]
-            if length == 1:
-                continue
-            if expected is None:
-                stride = step
-            elif step != expected:
-                return None
-            expected = step * length
-            size *= length
-        merged.append((size, stride))
-    (rows, row_stride), (columns, column_stride) = merged
-    if column_stride != view.itemsize or rows * columns == 0:
-        return None
-    return np.lib.stride_tricks.as_strided(view, (rows, columns), (row_stride, column_stride))
-
-
-def _channels_moved(array, last, serial=False, out=None):
-    """A C-contiguous copy of 5-D ``array`` (into ``out`` if given) with its channels
-    moved from axis 1 to the end (``last``), or from the end back to axis 1; in this
-    thread when ``serial``."""
-    batch = array.shape[0]
-    if last:
-        channels, spatial = array.shape[1], array.shape[2:]
-        shape, source_shape = (batch, *spatial, channels), (batch, channels, math.prod(spatial))
-    else:
-        channels, spatial = array.shape[-1], array.shape[1:-1]
-        shape, source_shape = (batch, channels, *spatial), (batch, math.prod(spatial), channels)
-    out = memory.empty(shape, array.dtype) if out is None else out
-    target_shape = (batch, source_shape[2], source_shape[1])
-    _launch(serial, move_channels, array.reshape(source_shape), out.reshape(target_shape),
-            last)
-    return out
-
-
-def _launch(serial, kernel, *args):
-    """``launch``, or with ``serial`` the kernel serially in this thread (work 0
-    is below any parallel threshold)."""
-    return launch(kernel, *args, work=0) if serial else launch(kernel, *args)
-
-
-# The smallest product (multiply-adds) split over threads: about 0.1 ms on one core,
-# several times a thread hand-off (tens of microseconds).
-_SPLIT_WORK = 2**21
-
-_pool = None  # the worker threads of split calls, started on first use
-_pool_lock = threading.Lock()
-
-
-def _run_parts(task, parts):
-    """``task(first, stop, serial)`` for each part, in order of parts; the parts after
-    the first run in the worker threads, each with serial kernels and BLAS at one
-    thread (a lone part: parallel kernels, BLAS at fastpool's count)."""
-    global _pool
-    if len(parts) == 1:
-        with _blas_threads():
-            return [task(*parts[0], False)]
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max(_threads._available_threads() - 1, 1),
-                                           thread_name_prefix="fastpool-conv")
-    with _blas_threads(1):
-        futures = [_pool.submit(task, *part, True) for part in parts[1:]]
-        try:
-            first = task(*parts[0], True)
-        finally:
-            wait(futures)  # their arrays and BLAS's lowering must outlive them
-        return [first] + [future.result() for future in futures]
-
-
-def _reset_pool_after_fork() -> None:
-    """A forked child has none of the parent's worker threads."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_pool_after_fork)
+    def gradient_rows(self, grad, channels_last, buffer):
+        """The images' output gradient ``grad`` (a chunk) as ``(images, OD, OH, tiled OW,
+        columns)`` in ``buffer``, zeros past ``OW`` and ``C_out``; a channels-last
+        gradient of that shape as it is."""
+        columns = buffer.shape[-1]
+        if channels_last and self.tiled_w == self.out_size[2] and columns == self.c_out:
+            return grad
+        rows = buffer[:len(grad)]
+        launch(padded_copy, grad, rows, np.zeros(3, np.int64), not channels_last,
+               work=rows.size)
+        return rows
 
 
 def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=None):
@@ -579,46 +409,17 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
     numpy.ndarray
         The output, of ``x``'s dtype.
     """
-    # Channels-first arrays go through channels-last copies: one tiled transpose each
-    # way costs less than a channels-first im2col (a strided gather at stride > 1),
-    # and one kernel family serves both layouts.
-    spatial = x.shape[1:4] if channels_last else x.shape[2:]
-    channels = x.shape[-1] if channels_last else x.shape[1]
-    spatial_out = out_shape[1:4] if channels_last else out_shape[2:]
-    g = _Geometry((x.shape[0], *spatial, channels), weight.shape, spatial_out, stride, pad,
-                  x.dtype)
+    g = _geometry(x, weight, out_shape, stride, pad, channels_last, x.dtype)
     out = memory.empty(out_shape, x.dtype)
     if out.size == 0:
         return out
-    matrix = g.matrix_weight(weight)
-    with_bias = bias.any()  # the dispatch layer passes zeros for "no bias": skip that pass
-    positions = g.units_per_image * g.out_size[2]  # output positions per image
-
-    def part(first, stop, serial):
-        source = x[first:stop] if channels_last else _channels_moved(x[first:stop], True,
-                                                                     serial)
-        # Channels-first products land in place as W @ cols.T, (C_out, positions)
-        # per image: no transpose of the output.
-        planes = out[first:stop].reshape(stop - first, g.c_out, positions)
-        rows = out[first:stop].reshape(-1, g.c_out)
-        scratch = []
-        for n0, images, v0, units in g.chunks(stop - first):
-            cols, _ = g.im2col(source, n0, images, v0, units, scratch, serial)
-            if channels_last:
-                start = (n0 * g.units_per_image + v0) * g.out_size[2]
-                chunk = rows[start:start + len(cols)]
-                np.matmul(cols, matrix.T, out=chunk)
-                if with_bias:  # while the chunk is in cache
-                    chunk += bias
-                continue
-            start, length = v0 * g.out_size[2], len(cols) // images
-            for i in range(images):
-                chunk = planes[n0 + i, :, start:start + length]
-                np.matmul(matrix, cols[i * length:(i + 1) * length].T, out=chunk)
-                if with_bias:
-                    chunk += bias[:, None]
-
-    _run_parts(part, g.parts())
+    packed, tiled_bias = g.packed_weight(weight, bias)
+    chunks = g.chunks(math.prod(g.padded_shape) * g.dtype.itemsize)
+    buffer = memory.empty((chunks[0][1], *g.padded_shape), g.dtype)
+    for first, stop in chunks:
+        padded = g.padded(x[first:stop], channels_last, buffer)
+        launch(direct_conv, padded, packed, tiled_bias, out, first, g.windows, channels_last,
+               work=g.products * (stop - first) // g.batch)
     return out
 
 
@@ -643,53 +444,36 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
     """
     dtype = grad.dtype
     x = x.astype(dtype, copy=False)
+    g = _geometry(x, weight, grad.shape, stride, pad, channels_last, dtype)
+    if grad.size == 0 or x.size == 0:
+        return np.zeros(x.shape, dtype), np.zeros(weight.shape, dtype)
+    packed = g.transposed_weight(weight.astype(dtype, copy=False))
+    columns = _tiled(g.c_out, g.tile_columns)
+    rows_shape = (*g.out_size[:2], g.tiled_w, columns)
+    (k_d, k_h, k_w), itemsize = g.kernel, g.dtype.itemsize
+    grad_weight = np.zeros((k_d, k_h, g.span, columns), dtype)
+    grad_in = memory.empty(x.shape, dtype)
+    chunks = g.chunks(math.prod(g.padded_shape) * itemsize, math.prod(rows_shape) * itemsize)
+    images = chunks[0][1]
+    padded_buffer = memory.empty((images, *g.padded_shape), dtype)
+    rows_buffer = memory.empty((images, *rows_shape), dtype)
+    for first, stop in chunks:
+        work = g.products * (stop - first) // g.batch
+        rows = g.gradient_rows(grad[first:stop], channels_last, rows_buffer)
+        launch(input_gradient, rows, packed, grad_in, first, g.windows, channels_last,
+               g.padded_width, work=work)
+        padded = g.padded(x[first:stop], channels_last, padded_buffer)
+        launch(weight_gradient, padded, rows, grad_weight, g.windows, g.band, work=work)
+    # [kd, kh, kw*C_in + c, o] -> [o, c, kd, kh, kw]
+    window = grad_weight[:, :, :k_w * g.c_in, :g.c_out].reshape(k_d, k_h, k_w, g.c_in, g.c_out)
+    return grad_in, np.ascontiguousarray(window.transpose(4, 3, 0, 1, 2))
+
+
+def _geometry(x, weight, out_shape, stride, pad, channels_last, dtype):
+    """The :class:`_Geometry` of a call with canonical ``x`` and an output (or
+    output gradient) of ``out_shape``, in ``x``'s layout."""
     spatial = x.shape[1:4] if channels_last else x.shape[2:]
     channels = x.shape[-1] if channels_last else x.shape[1]
-    spatial_out = grad.shape[1:4] if channels_last else grad.shape[2:]
-    g = _Geometry((x.shape[0], *spatial, channels), weight.shape, spatial_out, stride, pad,
-                  dtype)
-    matrix = g.matrix_weight(weight.astype(dtype, copy=False))
-    if grad.size == 0 or x.size == 0:
-        return np.zeros(x.shape, dtype), g.tensor_weight(np.zeros((g.c_out, g.k), dtype))
-    grad_in = memory.empty(x.shape, dtype)
-    # col2im stores whole images' rows; runs of units of one image add into zeros, as
-    # do the tiling windows' products (which leave a ragged end untouched).
-    if not g.whole_images or channels_last and g.tiles:
-        grad_in.fill(0)
-    positions = g.units_per_image * g.out_size[2]  # output positions per image
-
-    def part(first, stop, serial):
-        """The part's images' input gradient, in place, and their weight gradient."""
-        source = x[first:stop] if channels_last else _channels_moved(x[first:stop], True,
-                                                                     serial)
-        target = grad_in[first:stop]
-        if channels_last:
-            rows = grad[first:stop].reshape(-1, g.c_out)
-        else:  # products per image with its (C_out, positions) gradient: no transpose
-            planes = grad[first:stop].reshape(stop - first, g.c_out, positions)
-        grad_matrix = np.zeros((g.c_out, g.k), dtype)
-        scratch = []
-        for n0, images, v0, units in g.chunks(stop - first):
-            cols, view = g.im2col(source, n0, images, v0, units, scratch, serial)
-            if channels_last:
-                start = (n0 * g.units_per_image + v0) * g.out_size[2]
-                chunk = rows[start:start + len(cols)]  # the chunk's gradient, (M, C_out)
-                grad_matrix += chunk.T @ cols
-                if view:  # windows that tile the input: their gradient lands in place
-                    np.matmul(chunk, matrix, out=g.patches(target[n0:n0 + images]))
-                    continue
-                np.matmul(chunk, matrix, out=cols)  # the cols are spent: reuse them
-            else:
-                start, length = v0 * g.out_size[2], len(cols) // images
-                spent = g.cols(scratch, images, units) if view else cols
-                for i in range(images):
-                    image_grad = planes[n0 + i, :, start:start + length]
-                    image_cols = slice(i * length, (i + 1) * length)
-                    grad_matrix += image_grad @ cols[image_cols]
-                    np.matmul(image_grad.T, matrix, out=spent[image_cols])
-                cols = spent
-            g.col2im(cols, target, n0, images, v0, units, channels_last, serial)
-        return grad_matrix
-
-    # The parts' weight gradients summed in a fixed order: repeatable bit for bit.
-    return grad_in, g.tensor_weight(sum(_run_parts(part, g.parts())))
+    spatial_out = out_shape[1:4] if channels_last else out_shape[2:]
+    return _Geometry((x.shape[0], *spatial, channels), weight.shape, spatial_out, stride, pad,
+                     dtype)

@@ -62,9 +62,9 @@ def _load_numba_registries() -> None:
     a quarter of a second of every process's first call, though pooling never
     calls BLAS.  Here the check finds that extension module loaded alone (a few
     milliseconds; numba still registers its BLAS-backed functions), and it leaves
-    ``sys.modules`` as it was: numba's BLAS calls (``fastpool.cpu.conv``'s
-    ``np.dot``) import ``scipy.linalg`` themselves when they first run.  Nothing
-    to do when scipy is absent or either module is already imported."""
+    ``sys.modules`` as it was: a numba BLAS call (none in fastpool) imports
+    ``scipy.linalg`` itself when it first runs.  Nothing to do when scipy is
+    absent or either module is already imported."""
     name = "scipy.linalg.cython_blas"
     if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
         return
