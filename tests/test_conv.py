@@ -180,7 +180,12 @@ def test_non_overlapping_windows(nd, shape, kernel, channels_last):
     _check_against_torch(nd, shape, 5, kernel, stride, 0, channels_last)
 
 
-def test_channels_last_input_that_needs_no_padding_is_read_in_place(monkeypatch):
+def test_channels_last_arrays_are_read_in_place(monkeypatch):
+    """Channels-last input and gradient go to the kernels as they are, padding and
+    all; channels-first ones (and a gradient short of whole tiles of channels, which
+    the weight gradient reads a tile at a time) are copied channels-last first."""
+    from fastpool.cpu.microkernel import tile_columns
+
     launched = []
     launch = CPU_CONV.launch
 
@@ -189,12 +194,18 @@ def test_channels_last_input_that_needs_no_padding_is_read_in_place(monkeypatch)
         return launch(kernel, *args, **options)
 
     monkeypatch.setattr(CPU_CONV, "launch", recording)
-    w = np.ones((5, 3, 4))
-    fastpool.strided_conv1d(np.ones((2, 24, 3)), w, 4, channels_last=True)  # 6 outputs: a tile
+    c_out = tile_columns(8)  # whole tiles of float64
+    x, w = np.ones((2, 24, 3)), np.ones((c_out, 3, 4))
+    fastpool.strided_conv1d(x, w, 2, padding=1, channels_last=True)
     assert launched == [CPU_CONV.direct_conv]
-    fastpool.strided_conv1d(np.ones((2, 24, 3)), w, 4, padding=1, channels_last=True)
-    fastpool.strided_conv1d(np.ones((2, 3, 24)), w, 4)
-    assert launched.count(CPU_CONV.padded_copy) == 2
+    fastpool.strided_conv1d_backward(np.ones((2, 12, c_out)), x, w, 2, padding=1,
+                                     channels_last=True)
+    assert launched[1:] == [CPU_CONV.input_gradient, CPU_CONV.weight_gradient]
+    del launched[:]
+    fastpool.strided_conv1d(np.ones((2, 3, 24)), w, 2, padding=1)
+    fastpool.strided_conv1d_backward(np.ones((2, 12, 5)), x, w[:5], 2, padding=1,
+                                     channels_last=True)
+    assert launched.count(CPU_CONV.channels_last_copy) == 2
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
@@ -275,6 +286,8 @@ def test_backward_writes_every_input_gradient_of_a_reused_buffer(kernel, stride,
     (3, (2, 3, 6, 7, 5), 3, (1, 2, 2), 1),
     (1, (1, 1, 3000), 7, 2, 3),       # one long 1-channel signal: blocks along the axis
     (2, (1, 1, 40, 33), 3, 1, 1),     # one plane: blocks of rows
+    (1, (2, 3, 2), 5, 1, 2),          # windows wider than the input: every tile an end
+    (2, (2, 2, 3, 30), (2, 7), 2, (1, 3)),  # ends of several outputs
 ])
 def test_both_layouts_match_torch(nd, shape, kernel, stride, padding, dtype, channels_last):
     _check_against_torch(nd, shape, 3, kernel, stride, padding, channels_last, dtype)
@@ -406,33 +419,36 @@ def test_micro_kernel_tiles_of_narrower_registers(tmp_path, cpu, features, vecto
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_micro_kernel_against_numpy(dtype):
-    """multiply_tile's strides and blocks: C[r, j] += sum_t sum_k A[t, r, k] B[t, k, j]."""
+    """multiply_tile's strides, blocks and row counts: C[r, j] += sum_t sum_k A[t, r, k]
+    B[t, k, j] for the first ``rows`` rows (more than a tile's count as a tile's), and
+    nothing else written."""
     from numba import njit
 
     from fastpool.cpu.microkernel import TILE_ROWS, multiply_tile, tile_columns
 
     @njit
-    def run(c, a, b, c_row, a_row, a_step, b_row, depth, blocks, a_block, b_block):
-        multiply_tile(c, 3, c_row, a, 2, a_row, a_step, b, 1, b_row, depth, blocks, a_block,
-                      b_block)
+    def run(rows, c, a, b, c_row, a_row, a_step, b_row, depth, blocks, a_block, b_block):
+        multiply_tile(rows, c, 3, c_row, a, 2, a_row, a_step, b, 1, b_row, depth, blocks,
+                      a_block, b_block)
 
     rng = np.random.default_rng(7)
     columns = tile_columns(np.dtype(dtype).itemsize)
-    depth, blocks, a_step, a_row, a_block, b_row, b_block, c_row = 5, 3, 2, 11, 70, columns + 1, \
-        6 * (columns + 1), columns + 4
+    depth, blocks, a_step, a_row, a_block = 5, 3, 2, 11, 70
+    b_row, b_block, c_row = columns + 1, 6 * (columns + 1), columns + 4
     a = rng.standard_normal(2 + a_block * blocks).astype(dtype)
     b = rng.standard_normal(1 + b_block * blocks).astype(dtype)
-    c = rng.standard_normal(3 + c_row * TILE_ROWS).astype(dtype)
-    want = c.copy()
-    for r in range(TILE_ROWS):
-        for j in range(columns):
-            for t in range(blocks):
-                for k in range(depth):
-                    want[3 + r * c_row + j] += (a[2 + t * a_block + r * a_row + k * a_step]
-                                                * b[1 + t * b_block + k * b_row + j])
-    run(c, a, b, c_row, a_row, a_step, b_row, depth, blocks, a_block, b_block)
-    assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
-    before = c.copy()
-    run(c, a, b, c_row, a_row, a_step, b_row, 0, blocks, a_block, b_block)  # no depth: no-op
-    run(c, a, b, c_row, a_row, a_step, b_row, depth, 0, a_block, b_block)
-    assert_array_equal(c, before)
+    for rows in range(TILE_ROWS + 2):
+        c = rng.standard_normal(3 + c_row * (TILE_ROWS + 1)).astype(dtype)
+        want = c.copy()
+        for r in range(min(rows, TILE_ROWS)):
+            for j in range(columns):
+                for t in range(blocks):
+                    for k in range(depth):
+                        want[3 + r * c_row + j] += (a[2 + t * a_block + r * a_row + k * a_step]
+                                                    * b[1 + t * b_block + k * b_row + j])
+        run(rows, c, a, b, c_row, a_row, a_step, b_row, depth, blocks, a_block, b_block)
+        assert_allclose(c, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+        before = c.copy()
+        run(rows, c, a, b, c_row, a_row, a_step, b_row, 0, blocks, a_block, b_block)
+        run(rows, c, a, b, c_row, a_row, a_step, b_row, depth, 0, a_block, b_block)
+        assert_array_equal(c, before)  # no depth, no blocks: nothing to add

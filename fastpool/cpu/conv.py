@@ -67,84 +67,122 @@ TILE_BYTES = TILE_VECTORS * VECTOR_BYTES
 
 
 @parallel_kernel
-def padded_copy(part, parts, source, target, pads, channels_first):
-    """``target``, channels-last ``(N, Dt, Ht, Wt, Ct)``: ``source`` (channels-last, or
-    ``channels_first``) placed at offsets ``pads`` (the padding before each spatial
-    axis), zeros around it and in the channels past the source's.  A task fills one
-    target row ``(n, d, h)``, zeros included, so ``target`` needs no zeroing first."""
+def channels_last_copy(part, parts, source, target, channels_first):
+    """``target``, channels-last ``(N, D, H, W, columns)``: ``source`` (channels-first
+    ``(N, C, D, H, W)``, or channels-last), with zeros in the channels past ``C``.
+    A task fills one row ``(n, d, h)``; a channels-first row is transposed in cache
+    (contiguous reads of each channel's run)."""
     depth, height, width, columns = (target.shape[1], target.shape[2], target.shape[3],
                                      target.shape[4])
-    if channels_first:
-        c_in, source_d, source_h, source_w = (source.shape[1], source.shape[2],
-                                              source.shape[3], source.shape[4])
-    else:
-        source_d, source_h, source_w, c_in = (source.shape[1], source.shape[2],
-                                              source.shape[3], source.shape[4])
+    channels = source.shape[1] if channels_first else source.shape[4]
     for task in range(*share(target.shape[0] * depth * height, part, parts)):
         h, d, n = task % height, task // height % depth, task // (height * depth)
         row = target[n, d, h]
-        d_source, h_source = d - pads[0], h - pads[1]
-        inside = 0 <= d_source < source_d and 0 <= h_source < source_h
-        first = pads[2] if inside else width
-        stop = first + source_w if inside else width
-        for w in range(width):
-            if w < first or w >= stop:
-                for c in range(columns):
-                    row[w, c] = 0
-            else:
-                for c in range(c_in, columns):
-                    row[w, c] = 0
-        if not inside:
-            continue
-        if channels_first:  # a transpose of one row: contiguous reads, writes in cache
-            for c in range(c_in):
-                line = source[n, c, d_source, h_source]
-                for w in range(source_w):
-                    row[first + w, c] = line[w]
+        if channels_first:
+            for c in range(channels):
+                line = source[n, c, d, h]
+                for w in range(width):
+                    row[w, c] = line[w]
         else:
-            line = source[n, d_source, h_source]
-            for w in range(source_w):
-                for c in range(c_in):
-                    row[first + w, c] = line[w, c]
+            line = source[n, d, h]
+            for w in range(width):
+                for c in range(channels):
+                    row[w, c] = line[w, c]
+        for w in range(width):
+            for c in range(channels, columns):
+                row[w, c] = 0
+
+
+@njit(inline="always")
+def _tile(t, tiles, count):
+    """Tile ``t`` of ``tiles`` near-equal tiles of ``count`` rows: its first row and
+    its rows.  ``tiles = ceil(count / TILE_ROWS)``, so none has over ``TILE_ROWS``, and
+    none is much smaller than another (a tile of one or two rows would leave the
+    multiply-adds waiting on its loads)."""
+    first = t * count // tiles
+    return first, (t + 1) * count // tiles - first
+
+
+@njit(inline="always")
+def _span(offset, stride, pad, first, stop, count):
+    """The outputs ``o`` in ``[lo, hi)``, within ``[0, count)``, whose input index
+    ``o*stride - pad + offset`` lies in ``[first, stop)``."""
+    lo = -((pad - offset + first) // -stride)  # ceil division
+    hi = (stop - 1 + pad - offset) // stride + 1
+    lo = min(max(lo, 0), count)
+    return lo, max(min(hi, count), lo)
+
+
+@njit(inline="always")
+def _window_rows(output, stride, pad, kernel, size):
+    """The kernel offsets ``[lo, hi)`` that put output ``output``'s window inside the
+    input's ``[0, size)``."""
+    first = output * stride - pad
+    lo = min(max(-first, 0), kernel)
+    return lo, max(min(size - first, kernel), lo)
 
 
 @parallel_kernel
-def direct_conv(part, parts, padded, packed, bias, out, n0, windows, channels_last):
-    """Output rows ``(n0 + i, od, oh)`` of the convolution of ``padded`` (the images'
-    :func:`padded_copy`) by ``packed`` (the weight as ``(KD, KH, KW, C_in, columns)``,
-    ``C_out`` padded with zeros to whole tiles), plus ``bias`` (``columns`` long),
-    stored in ``out`` (``(N, OD, OH, OW, C_out)``, or channels-first).
+def direct_conv(part, parts, x, packed, bias, out, n0, windows, channels_last):
+    """Output rows ``(n0 + i, od, oh)`` of the convolution of ``x`` (channels-last
+    ``(images, D, H, W, C_in)``) by ``packed`` (the weight as ``(KD, KH, KW, C_in,
+    columns)``, ``C_out`` padded with zeros to whole tiles), plus ``bias`` (``columns``
+    long), stored in ``out`` (``(N, OD, OH, OW, C_out)``, or channels-first).
 
-    A task owns one output row, summed in a scratch row of whole tiles: per tile,
-    one :func:`multiply_tile` call per ``kd``, over the ``KH`` window rows as its
-    blocks, each ``KW*C_in`` values deep.  ``windows``: the rows out_size, kernel,
-    stride (see ``_Geometry.windows``).
+    A task owns one output row, summed in a scratch row: per tile of outputs, one
+    :func:`multiply_tile` call per ``kd`` whose windows' plane is inside the input,
+    over the window rows inside it as its blocks, each ``KW*C_in`` values deep (a
+    window row's pixels are adjacent).  The outputs whose windows lie inside the
+    row read ``x`` in place; the few at its ends, whose windows reach into the
+    padding, read a copy of their pixels with zeros around (``edge``).
+    ``windows``: the rows out_size, kernel, stride, pad (see ``_Geometry.windows``).
     """
-    out_size, kernel, stride = windows[0], windows[1], windows[2]
+    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
     out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
     k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-    depth, height, width, c_in = (padded.shape[1], padded.shape[2], padded.shape[3],
-                                  padded.shape[4])
+    depth, height, width, c_in = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
     columns = packed.shape[4]
     c_out = out.shape[4] if channels_last else out.shape[1]
     tile_columns = TILE_BYTES // packed.itemsize
-    tiled_w = -(-out_w // TILE_ROWS) * TILE_ROWS
     row_depth = k_w * c_in  # a window row's values, adjacent in the input row
-    sums = np.empty((tiled_w, columns), out.dtype)
-    for task in range(*share(padded.shape[0] * out_d * out_h, part, parts)):
+    sums = np.empty((out_w, columns), out.dtype)
+    edge_width = (TILE_ROWS - 1) * stride[2] + k_w
+    edge = np.empty((k_h, edge_width, c_in), x.dtype)
+    tiles = -(-out_w // TILE_ROWS)
+    # The outputs whose windows lie inside the input row.
+    inner_lo = _span(0, stride[2], pad[2], 0, width, out_w)[0]
+    inner_hi = _span(k_w - 1, stride[2], pad[2], 0, width, out_w)[1]
+    for task in range(*share(x.shape[0] * out_d * out_h, part, parts)):
         oh, od, i = task % out_h, task // out_h % out_d, task // (out_h * out_d)
-        for w in range(tiled_w):
+        for w in range(out_w):
             for c in range(columns):
                 sums[w, c] = bias[c]
+        kd_lo, kd_hi = _window_rows(od, stride[0], pad[0], k_d, depth)
+        kh_lo, kh_hi = _window_rows(oh, stride[1], pad[1], k_h, height)
+        h = oh * stride[1] - pad[1] + kh_lo
         for j in range(0, columns, tile_columns):  # a panel of the weight, kept in cache
-            for w in range(0, tiled_w, TILE_ROWS):
-                for kd in range(k_d):
-                    pixel = ((i * depth + od * stride[0] + kd) * height
-                             + oh * stride[1]) * width + w * stride[2]
-                    multiply_tile(sums, w * columns + j, columns,
-                                  padded, pixel * c_in, stride[2] * c_in, 1,
-                                  packed, kd * k_h * row_depth * columns + j, columns, row_depth,
-                                  k_h, width * c_in, row_depth * columns)
+            for kd in range(kd_lo, kd_hi):
+                d = od * stride[0] - pad[0] + kd
+                panel = ((kd * k_h + kh_lo) * row_depth) * columns + j
+                for tile in range(tiles):
+                    w, rows = _tile(tile, tiles, out_w)
+                    first = w * stride[2] - pad[2]  # the tile's first window's first pixel
+                    if inner_lo <= w and w + rows <= inner_hi:  # windows inside the row
+                        pixel = ((i * depth + d) * height + h) * width + first
+                        multiply_tile(rows, sums, w * columns + j, columns,
+                                      x, pixel * c_in, stride[2] * c_in, 1,
+                                      packed, panel, columns, row_depth,
+                                      kh_hi - kh_lo, width * c_in, row_depth * columns)
+                        continue
+                    for t in range(kh_hi - kh_lo):  # the row's ends: a copy, zeros around
+                        for p in range(edge_width):
+                            inside = 0 <= first + p < width
+                            for c in range(c_in):
+                                edge[t, p, c] = x[i, d, h + t, first + p, c] if inside else 0
+                    multiply_tile(rows, sums, w * columns + j, columns,
+                                  edge, 0, stride[2] * c_in, 1,
+                                  packed, panel, columns, row_depth,
+                                  kh_hi - kh_lo, edge_width * c_in, row_depth * columns)
         n = n0 + i
         if channels_last:
             target = out[n, od, oh]
@@ -159,48 +197,55 @@ def direct_conv(part, parts, padded, packed, bias, out, n0, windows, channels_la
 
 
 @parallel_kernel
-def weight_gradient(part, parts, padded, grad_rows, grad_weight, windows, band):
-    """Add a chunk of images' weight gradient to ``grad_weight``, laid out
-    ``(KD, KH, span, columns)``: ``[kd, kh, kw*C_in + c, o]`` the gradient of weight
-    ``[o, c, kd, kh, kw]``, ``span`` being ``KW*C_in`` rounded up to whole tiles.
+def weight_gradient(part, parts, x, grad_rows, grad_weight, windows, band):
+    """Add a chunk of images' weight gradient to ``grad_weight``, laid out ``(KD, KH,
+    KW, C_in, columns)`` (``[kd, kh, kw, c, o]``: the gradient of weight ``[o, c, kd,
+    kh, kw]``).
 
-    ``padded``: the images' :func:`padded_copy`; ``grad_rows``: their output
-    gradient as ``(images, OD, OH, tiled OW, columns)``.  A tile is rows ``(kw, c)``
-    of one ``(kd, kh)`` (adjacent values of every window row, hence ``padded``'s
-    extra width) by a tile of output channels, and a task owns a share of the
-    tiles.  It walks the images' output rows in bands of ``band`` rows, small
-    enough that a band's input and gradient rows stay in cache while every tile
-    of the share sums over them: per tile, one :func:`multiply_tile` call, the
-    band's rows as its blocks, the outputs of a row as its depth.  Each tile's sum
-    runs over images, ``od``, ``oh``, ``ow`` in order, whatever the shares.
+    ``x``: the images, channels-last; ``grad_rows``: their output gradient,
+    channels-last, ``C_out`` padded with zeros to ``columns``.  A tile is
+    ``TILE_ROWS`` input channels of one ``(kd, kh, kw)`` by a tile of output
+    channels, and a task owns a share of the tiles.  It walks the images' output
+    rows in bands of ``band`` rows, small enough that a band's input and gradient
+    rows stay in cache while every tile of the share sums over them: per tile,
+    one :func:`multiply_tile` call, the band's rows whose windows' row is inside
+    the input as its blocks, the outputs of a row whose window pixel is inside it
+    as its depth (padding adds nothing).  Each tile's sum runs over images,
+    ``od``, ``oh``, ``ow`` in order, whatever the shares.
     """
-    out_size, kernel, stride = windows[0], windows[1], windows[2]
+    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
     out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
-    k_d, k_h = kernel[0], kernel[1]
-    depth, height, width, c_in = (padded.shape[1], padded.shape[2], padded.shape[3],
-                                  padded.shape[4])
-    tiled_w, columns = grad_rows.shape[3], grad_rows.shape[4]
-    span = grad_weight.shape[2]
+    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
+    depth, height, width, c_in = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    columns = grad_rows.shape[4]
     tile_columns = TILE_BYTES // grad_weight.itemsize
-    row_tiles, column_tiles = span // TILE_ROWS, columns // tile_columns
-    first, stop = share(k_d * k_h * row_tiles * column_tiles, part, parts)
-    for i in range(padded.shape[0]):
+    row_tiles, column_tiles = -(-c_in // TILE_ROWS), columns // tile_columns
+    first, stop = share(k_d * k_h * k_w * row_tiles * column_tiles, part, parts)
+    for i in range(x.shape[0]):
         for od in range(out_d):
-            for oh in range(0, out_h, band):
-                rows = min(band, out_h - oh)
-                gradient = ((i * out_d + od) * out_h + oh) * tiled_w * columns
+            for band_first in range(0, out_h, band):
+                band_stop = min(band_first + band, out_h)
                 for task in range(first, stop):
                     j = task % column_tiles * tile_columns
-                    r = task // column_tiles % row_tiles * TILE_ROWS
-                    kh = task // (column_tiles * row_tiles) % k_h
-                    kd = task // (column_tiles * row_tiles * k_h)
-                    pixel = ((i * depth + od * stride[0] + kd) * height
-                             + oh * stride[1] + kh) * width
-                    multiply_tile(grad_weight, ((kd * k_h + kh) * span + r) * columns + j,
-                                  columns,
-                                  padded, pixel * c_in + r, 1, stride[2] * c_in,
-                                  grad_rows, gradient + j, columns, out_w,
-                                  rows, stride[1] * width * c_in, tiled_w * columns)
+                    c, rows = _tile(task // column_tiles % row_tiles, row_tiles, c_in)
+                    kw = task // (column_tiles * row_tiles) % k_w
+                    kh = task // (column_tiles * row_tiles * k_w) % k_h
+                    kd = task // (column_tiles * row_tiles * k_w * k_h)
+                    d = od * stride[0] - pad[0] + kd
+                    oh_lo, oh_hi = _span(kh, stride[1], pad[1], 0, height, out_h)
+                    oh_lo, oh_hi = max(oh_lo, band_first), min(oh_hi, band_stop)
+                    ow_lo, ow_hi = _span(kw, stride[2], pad[2], 0, width, out_w)
+                    if d < 0 or d >= depth or oh_lo >= oh_hi:
+                        continue
+                    h = oh_lo * stride[1] - pad[1] + kh
+                    pixel = (((i * depth + d) * height + h) * width
+                             + ow_lo * stride[2] - pad[2] + kw)
+                    gradient = (((i * out_d + od) * out_h + oh_lo) * out_w + ow_lo) * columns + j
+                    multiply_tile(rows, grad_weight,
+                                  (((kd * k_h + kh) * k_w + kw) * c_in + c) * columns + j, columns,
+                                  x, pixel * c_in + c, 1, stride[2] * c_in,
+                                  grad_rows, gradient, columns, ow_hi - ow_lo,
+                                  oh_hi - oh_lo, stride[1] * width * c_in, out_w * columns)
 
 
 @njit(inline="always")
@@ -213,21 +258,20 @@ def _source(position, pad, offset, stride, size):
 
 
 @parallel_kernel
-def input_gradient(part, parts, grad_rows, packed, grad_in, n0, windows, channels_last,
-                   padded_width):
+def input_gradient(part, parts, grad, packed, grad_in, n0, windows, channels_last):
     """Input rows ``(n0 + i, d, h)`` of the gradient ``grad_in`` (channels-last
-    ``(N, D, H, W, C_in)``, or channels-first), from ``grad_rows`` (the images'
-    output gradient as ``(images, OD, OH, tiled OW, columns)``, zeros past ``OW``)
-    and ``packed`` (the weight as ``(KD, KH, KW, C_out, C_in columns)``).
+    ``(N, D, H, W, C_in)``, or channels-first), from ``grad`` (the images' output
+    gradient, channels-last) and ``packed`` (the weight as ``(KD, KH, KW, C_out,
+    columns)``, ``C_in`` padded to whole tiles).
 
-    A gather: a task owns one input row, summed in a scratch row as wide as the
-    forward's padded input, and takes from every output row whose windows cover
-    it, per window offset ``kw`` a tile of ``TILE_ROWS`` outputs at a time: their
-    ``kw`` pixels are ``stride`` pixels apart, ``C_out`` deep.  ``windows``: the
-    rows out_size, kernel, stride, pad.
+    A gather: a task owns one input row, summed in a scratch row that spans its
+    padding, and takes from every output row whose windows cover it, per window
+    offset ``kw`` a tile of ``TILE_ROWS`` outputs at a time: their ``kw`` pixels are
+    ``stride`` pixels apart, ``C_out`` deep.  ``windows``: the rows out_size, kernel,
+    stride, pad.
     """
     out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
-    out_d, out_h = out_size[0], out_size[1]
+    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
     k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
     if channels_last:
         depth, height, width, c_in = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
@@ -235,13 +279,16 @@ def input_gradient(part, parts, grad_rows, packed, grad_in, n0, windows, channel
     else:
         c_in, depth, height, width = (grad_in.shape[1], grad_in.shape[2], grad_in.shape[3],
                                       grad_in.shape[4])
-    tiled_w, rows_columns = grad_rows.shape[3], grad_rows.shape[4]
     c_out, columns = packed.shape[3], packed.shape[4]
+    grad_columns = grad.shape[4]  # C_out, or more in a padded copy
     tile_columns = TILE_BYTES // packed.itemsize
-    sums = np.empty((padded_width, columns), grad_in.dtype)
-    for task in range(*share(grad_rows.shape[0] * depth * height, part, parts)):
+    tiles = -(-out_w // TILE_ROWS)
+    # The scratch row: every pixel a window puts a kernel offset on, padding included.
+    sums = np.empty((max((out_w - 1) * stride[2] + k_w, pad[2] + width), columns),
+                    grad_in.dtype)
+    for task in range(*share(grad.shape[0] * depth * height, part, parts)):
         h, d, i = task % height, task // height % depth, task // (height * depth)
-        for w in range(padded_width):
+        for w in range(sums.shape[0]):
             for c in range(columns):
                 sums[w, c] = 0
         for kd in range(k_d):
@@ -250,14 +297,15 @@ def input_gradient(part, parts, grad_rows, packed, grad_in, n0, windows, channel
                 oh = _source(h, pad[1], kh, stride[1], out_h)
                 if od < 0 or oh < 0:
                     continue
-                row = ((i * out_d + od) * out_h + oh) * tiled_w * rows_columns
+                row = ((i * out_d + od) * out_h + oh) * out_w * grad_columns
                 for j in range(0, columns, tile_columns):
                     for kw in range(k_w):
                         panel = ((kd * k_h + kh) * k_w + kw) * c_out * columns + j
-                        for w in range(0, tiled_w, TILE_ROWS):
-                            multiply_tile(sums, (w * stride[2] + kw) * columns + j,
-                                          stride[2] * columns,
-                                          grad_rows, row + w * rows_columns, rows_columns, 1,
+                        for tile in range(tiles):
+                            w, rows = _tile(tile, tiles, out_w)
+                            multiply_tile(rows, sums,
+                                          (w * stride[2] + kw) * columns + j, stride[2] * columns,
+                                          grad, row + w * grad_columns, grad_columns, 1,
                                           packed, panel, columns, c_out,
                                           1, 0, 0)
         n = n0 + i
@@ -307,24 +355,13 @@ class _Geometry:
         # The kernels' copy: a (4, 3) table, rows out_size, kernel, stride, pad.
         self.windows = np.array([self.out_size, self.kernel, self.stride, self.pad], np.int64)
         self.tile_columns = TILE_BYTES // self.dtype.itemsize
-        self.tiled_w = _tiled(self.out_size[2], TILE_ROWS)  # output rows in whole tiles
-        # The weight gradient's tile rows: a window row's KW*C_in values, whole tiles.
-        self.span = _tiled(self.kernel[2] * self.c_in, TILE_ROWS)
-        # The padded input's width: the padding, whole tiles of outputs (the forward
-        # and the input gradient) and the weight gradient's whole tiles of a window row.
-        self.padded_width = max(
-            self.spatial[2] + 2 * self.pad[2],
-            (self.tiled_w - 1) * self.stride[2] + self.kernel[2],
-            (self.out_size[2] - 1) * self.stride[2] + -(-self.span // max(self.c_in, 1)))
-        self.padded_shape = (self.spatial[0] + 2 * self.pad[0],
-                             self.spatial[1] + 2 * self.pad[1], self.padded_width, self.c_in)
 
     @property
     def band(self) -> int:
         """Output rows per band of :func:`weight_gradient`: their input rows and
         gradient rows fill about :data:`BAND_BYTES`."""
-        row_bytes = (self.stride[1] * self.padded_width * self.c_in
-                     + self.tiled_w * _tiled(self.c_out, self.tile_columns))
+        row_bytes = (self.stride[1] * self.spatial[2] * self.c_in
+                     + self.out_size[2] * _tiled(self.c_out, self.tile_columns))
         return max(1, BAND_BYTES // max(row_bytes * self.dtype.itemsize, 1))
 
     @property
@@ -352,34 +389,49 @@ class _Geometry:
         packed[..., :self.c_in] = weight.transpose(2, 3, 4, 0, 1)
         return packed
 
-    def chunks(self, *image_bytes):
-        """``[first, stop)`` runs of whole images, as many as fit the scratch of
-        ``image_bytes`` per image in :data:`CHUNK_BYTES` (at least one)."""
-        step = max(1, CHUNK_BYTES // max(sum(image_bytes), 1))
+    def chunks(self, image_bytes):
+        """``[first, stop)`` runs of whole images, as many as fit the copies of
+        ``image_bytes`` per image in :data:`CHUNK_BYTES` (at least one; all of them
+        without copies)."""
+        step = max(1, CHUNK_BYTES // image_bytes) if image_bytes else self.batch
         return [(first, min(first + step, self.batch)) for first in range(0, self.batch, step)]
 
-    def padded(self, x, channels_last, buffer):
-        """The images ``x`` (a chunk) as a channels-last copy in ``buffer`` with the
-        padding in it (zeros), :attr:`padded_width` wide; a channels-last input that
-        needs none of that as it is."""
-        if channels_last and not any(self.pad) and self.padded_width == self.spatial[2]:
-            return x
-        padded = buffer[:len(x)]
-        launch(padded_copy, x, padded, np.array(self.pad, np.int64), not channels_last,
-               work=padded.size)
-        return padded
 
-    def gradient_rows(self, grad, channels_last, buffer):
-        """The images' output gradient ``grad`` (a chunk) as ``(images, OD, OH, tiled OW,
-        columns)`` in ``buffer``, zeros past ``OW`` and ``C_out``; a channels-last
-        gradient of that shape as it is."""
-        columns = buffer.shape[-1]
-        if channels_last and self.tiled_w == self.out_size[2] and columns == self.c_out:
-            return grad
-        rows = buffer[:len(grad)]
-        launch(padded_copy, grad, rows, np.zeros(3, np.int64), not channels_last,
-               work=rows.size)
-        return rows
+class _ChannelsLast:
+    """Chunks of an array (of images) as the kernels read them: channels-last with
+    ``columns`` channels (zeros past the array's), as it is when it already is,
+    else copied chunk by chunk into one buffer.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        Canonical, ``(N, C, D, H, W)`` or, ``channels_last``, ``(N, D, H, W, C)``.
+    channels_last : bool
+        Its layout.
+    columns : int or None
+        Channels wanted (at least the array's); None: the array's.
+    """
+
+    def __init__(self, array, channels_last, columns=None):
+        self.array, self.channels_first = array, not channels_last
+        channels = array.shape[-1] if channels_last else array.shape[1]
+        self.columns = channels if columns is None else columns
+        spatial = array.shape[1:4] if channels_last else array.shape[2:]
+        self.shape = (array.shape[0], *spatial, self.columns)
+        self.copied = not channels_last or self.columns != channels
+        self.image_bytes = (math.prod(self.shape[1:]) * array.itemsize) if self.copied else 0
+        self.buffer = None
+
+    def chunk(self, first, stop):
+        """Images ``[first, stop)``, channels-last."""
+        images = self.array[first:stop]
+        if not self.copied:
+            return images
+        if self.buffer is None:  # sized by the first chunk, the largest
+            self.buffer = memory.empty((stop - first, *self.shape[1:]), self.array.dtype)
+        target = self.buffer[:stop - first]
+        launch(channels_last_copy, images, target, self.channels_first, work=target.size)
+        return target
 
 
 def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=None):
@@ -414,12 +466,10 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
     if out.size == 0:
         return out
     packed, tiled_bias = g.packed_weight(weight, bias)
-    chunks = g.chunks(math.prod(g.padded_shape) * g.dtype.itemsize)
-    buffer = memory.empty((chunks[0][1], *g.padded_shape), g.dtype)
-    for first, stop in chunks:
-        padded = g.padded(x[first:stop], channels_last, buffer)
-        launch(direct_conv, padded, packed, tiled_bias, out, first, g.windows, channels_last,
-               work=g.products * (stop - first) // g.batch)
+    source = _ChannelsLast(x, channels_last)
+    for first, stop in g.chunks(source.image_bytes):
+        launch(direct_conv, source.chunk(first, stop), packed, tiled_bias, out, first,
+               g.windows, channels_last, work=g.products * (stop - first) // g.batch)
     return out
 
 
@@ -449,24 +499,19 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
         return np.zeros(x.shape, dtype), np.zeros(weight.shape, dtype)
     packed = g.transposed_weight(weight.astype(dtype, copy=False))
     columns = _tiled(g.c_out, g.tile_columns)
-    rows_shape = (*g.out_size[:2], g.tiled_w, columns)
-    (k_d, k_h, k_w), itemsize = g.kernel, g.dtype.itemsize
-    grad_weight = np.zeros((k_d, k_h, g.span, columns), dtype)
+    grad_weight = np.zeros((*g.kernel, g.c_in, columns), dtype)
     grad_in = memory.empty(x.shape, dtype)
-    chunks = g.chunks(math.prod(g.padded_shape) * itemsize, math.prod(rows_shape) * itemsize)
-    images = chunks[0][1]
-    padded_buffer = memory.empty((images, *g.padded_shape), dtype)
-    rows_buffer = memory.empty((images, *rows_shape), dtype)
-    for first, stop in chunks:
+    source = _ChannelsLast(x, channels_last)
+    gradient = _ChannelsLast(grad, channels_last, columns)
+    for first, stop in g.chunks(source.image_bytes + gradient.image_bytes):
         work = g.products * (stop - first) // g.batch
-        rows = g.gradient_rows(grad[first:stop], channels_last, rows_buffer)
+        rows = gradient.chunk(first, stop)
         launch(input_gradient, rows, packed, grad_in, first, g.windows, channels_last,
-               g.padded_width, work=work)
-        padded = g.padded(x[first:stop], channels_last, padded_buffer)
-        launch(weight_gradient, padded, rows, grad_weight, g.windows, g.band, work=work)
-    # [kd, kh, kw*C_in + c, o] -> [o, c, kd, kh, kw]
-    window = grad_weight[:, :, :k_w * g.c_in, :g.c_out].reshape(k_d, k_h, k_w, g.c_in, g.c_out)
-    return grad_in, np.ascontiguousarray(window.transpose(4, 3, 0, 1, 2))
+               work=work)
+        launch(weight_gradient, source.chunk(first, stop), rows, grad_weight, g.windows, g.band,
+               work=work)
+    # [kd, kh, kw, c, o] -> [o, c, kd, kh, kw]
+    return grad_in, np.ascontiguousarray(grad_weight[..., :g.c_out].transpose(4, 3, 0, 1, 2))
 
 
 def _geometry(x, weight, out_shape, stride, pad, channels_last, dtype):

@@ -66,119 +66,154 @@ def tile_columns(itemsize: int) -> int:
 
 
 @intrinsic
-def multiply_tile(typingctx, c, c_at, c_row, a, a_at, a_row, a_step, b, b_at, b_row, depth,
-                  blocks, a_block, b_block):
-    """Add ``A @ B`` to a tile of ``C``: for ``r < TILE_ROWS``, ``j <`` the tile's
-    columns, ``C[r, j] += A[t, r, k] * B[t, k, j]`` summed over ``t < blocks``, then
+def multiply_tile(typingctx, rows, c, c_at, c_row, a, a_at, a_row, a_step, b, b_at, b_row,
+                  depth, blocks, a_block, b_block):
+    """Add ``A @ B`` to a tile of ``C``: for ``r < rows``, ``j <`` the tile's columns,
+    ``C[r, j] += A[t, r, k] * B[t, k, j]`` summed over ``t < blocks``, then
     ``k < depth``, in that order.
 
-    The arrays share one float dtype; the other arguments are integers, element
-    offsets and strides (see the module): ``C[r, j]`` at ``c_at + r*c_row + j``,
-    ``A[t, r, k]`` at ``a_at + t*a_block + r*a_row + k*a_step``, ``B[t, k, j]`` at
-    ``b_at + t*b_block + k*b_row + j``.
+    ``rows``: up to :data:`TILE_ROWS` (more count as that many); a tile of fewer rows,
+    the tail of a row of outputs, runs a variant of its own, whose multiply-adds
+    are only the rows'.  The arrays share one float dtype; the other arguments are
+    integers, element offsets and strides (see the module): ``C[r, j]`` at
+    ``c_at + r*c_row + j``, ``A[t, r, k]`` at ``a_at + t*a_block + r*a_row +
+    k*a_step``, ``B[t, k, j]`` at ``b_at + t*b_block + k*b_row + j``.
     """
     arrays = (c, a, b)
-    integers = (c_at, c_row, a_at, a_row, a_step, b_at, b_row, depth, blocks, a_block, b_block)
+    integers = (rows, c_at, c_row, a_at, a_row, a_step, b_at, b_row, depth, blocks, a_block,
+                b_block)
     if not (all(isinstance(kind, types.Array) and kind.dtype == c.dtype for kind in arrays)
             and c.dtype in (types.float32, types.float64)
             and all(isinstance(kind, types.Integer) for kind in integers)):
         return None
-    itemsize = c.dtype.bitwidth // 8
-    lanes = VECTOR_BYTES // itemsize
-    sig = signature(types.void, c, c_at, c_row, a, a_at, a_row, a_step, b, b_at, b_row, depth,
-                    blocks, a_block, b_block)
+    sig = signature(types.void, rows, c, c_at, c_row, a, a_at, a_row, a_step, b, b_at, b_row,
+                    depth, blocks, a_block, b_block)
 
     def codegen(context, builder, sig, args):
         index = context.get_value_type(types.intp)
-        vector = ir.VectorType(context.get_value_type(c.dtype), lanes)
-        c_array, a_array, b_array = args[0], args[3], args[7]
-        c_at, c_row, a_at, a_row, a_step, b_at, b_row, depth, blocks, a_block, b_block = [
-            context.cast(builder, args[i], sig.args[i], types.intp)
-            for i in (1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 13)]
+        integer = [context.cast(builder, args[i], sig.args[i], types.intp)
+                   for i in (0, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13, 14)]
+        rows, c_at, c_row, a_at, a_row, a_step, b_at, b_row, depth, blocks, a_block, b_block = \
+            integer
 
-        def start(array, kind, at):
-            return builder.gep(context.make_array(kind)(context, builder, array).data, [at])
+        def start(i, at):
+            array = context.make_array(sig.args[i])(context, builder, args[i])
+            return builder.gep(array.data, [at])
 
-        def vector_at(pointer, offset):
-            return builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
-
-        c_start, a_start, b_start = (start(c_array, c, c_at), start(a_array, a, a_at),
-                                     start(b_array, b, b_at))
-        name = f"llvm.fmuladd.v{lanes}f{c.dtype.bitwidth}"
-        fmuladd = builder.module.globals.get(name) or ir.Function(
-            builder.module, ir.FunctionType(vector, [vector] * 3), name)
-        c_vectors = [[vector_at(c_start, builder.add(builder.mul(c_row, index(r)),
-                                                     index(v * lanes)))
-                      for v in range(TILE_VECTORS)] for r in range(TILE_ROWS)]
-        initial = [[builder.load(at, align=itemsize) for at in row] for row in c_vectors]
-        entry = builder.block
-        block_loop = builder.append_basic_block("tile.block")
-        depth_loop = builder.append_basic_block("tile.depth")
-        latch = builder.append_basic_block("tile.next_block")
-        done = builder.append_basic_block("tile.done")
-        any_work = builder.and_(builder.icmp_signed(">", depth, index(0)),
-                                builder.icmp_signed(">", blocks, index(0)))
-        builder.cbranch(any_work, block_loop, done)
-
-        def phis(incoming):
-            """A phi per accumulator, with ``incoming``'s (values, block) pairs."""
-            made = [[builder.phi(vector) for _ in range(TILE_VECTORS)] for _ in range(TILE_ROWS)]
-            for values, block in incoming:
-                for r in range(TILE_ROWS):
-                    for v in range(TILE_VECTORS):
-                        made[r][v].add_incoming(values[r][v], block)
-            return made
-
-        # The accumulators are the loops' phis, so they live in registers; the
-        # updated sums of the depth loop close both loops (filled in below).
-        builder.position_at_end(block_loop)
-        t = builder.phi(index)
-        block_sums = phis([(initial, entry)])
-        a_t = builder.gep(a_start, [builder.mul(t, a_block)])
-        b_t = builder.gep(b_start, [builder.mul(t, b_block)])
-        a_rows = [builder.gep(a_t, [builder.mul(a_row, index(r))]) for r in range(TILE_ROWS)]
-        builder.branch(depth_loop)
-
-        # One depth step: a row of B, a broadcast per tile row, a multiply-add per
-        # register.
-        builder.position_at_end(depth_loop)
-        k = builder.phi(index)
-        sums = phis([(block_sums, block_loop)])
-        b_k = builder.gep(b_t, [builder.mul(k, b_row)])
-        b_vectors = [builder.load(vector_at(b_k, index(v * lanes)), align=itemsize)
-                     for v in range(TILE_VECTORS)]
-        a_k = builder.mul(k, a_step)
-        first_lane = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        updated = []
-        for r in range(TILE_ROWS):
-            value = builder.load(builder.gep(a_rows[r], [a_k]))
-            lane = builder.insert_element(ir.Constant(vector, ir.Undefined), value,
-                                          ir.IntType(32)(0))
-            splat = builder.shuffle_vector(lane, ir.Constant(vector, ir.Undefined), first_lane)
-            updated.append([builder.call(fmuladd, [splat, b_vectors[v], sums[r][v]])
-                            for v in range(TILE_VECTORS)])
-        next_k = builder.add(k, index(1))
-        k.add_incoming(index(0), block_loop)
-        k.add_incoming(next_k, depth_loop)
-        for r in range(TILE_ROWS):
-            for v in range(TILE_VECTORS):
-                sums[r][v].add_incoming(updated[r][v], depth_loop)
-        builder.cbranch(builder.icmp_signed("<", next_k, depth), depth_loop, latch)
-
-        builder.position_at_end(latch)
-        next_t = builder.add(t, index(1))
-        t.add_incoming(index(0), entry)
-        t.add_incoming(next_t, latch)
-        for r in range(TILE_ROWS):
-            for v in range(TILE_VECTORS):
-                block_sums[r][v].add_incoming(updated[r][v], latch)
-        builder.cbranch(builder.icmp_signed("<", next_t, blocks), block_loop, done)
-
-        builder.position_at_end(done)
-        final = phis([(initial, entry), (updated, latch)])
-        for r in range(TILE_ROWS):
-            for v in range(TILE_VECTORS):
-                builder.store(final[r][v], c_vectors[r][v], align=itemsize)
+        operands = _Operands(start(1, c_at), c_row, start(4, a_at), a_row, a_step,
+                             start(8, b_at), b_row, depth, blocks, a_block, b_block)
+        # One variant per row count, chosen by a switch: each keeps its own
+        # accumulators in registers.
+        after = builder.append_basic_block("tile.after")
+        any_work = builder.and_(builder.icmp_signed(">", rows, index(0)), builder.and_(
+            builder.icmp_signed(">", depth, index(0)), builder.icmp_signed(">", blocks, index(0))))
+        with builder.if_then(builder.not_(any_work)):
+            builder.branch(after)
+        full = builder.append_basic_block(f"tile.rows{TILE_ROWS}")
+        switch = builder.switch(rows, full)
+        for count in range(TILE_ROWS, 0, -1):
+            block = full if count == TILE_ROWS else builder.append_basic_block(
+                f"tile.rows{count}")
+            if count < TILE_ROWS:
+                switch.add_case(index(count), block)
+            builder.position_at_end(block)
+            _emit_tile(context, builder, c.dtype, count, operands)
+            builder.branch(after)
+        builder.position_at_end(after)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+class _Operands:
+    """The tile's operands in LLVM values: pointers to ``C[0, 0]``, ``A[0, 0, 0]`` and
+    ``B[0, 0, 0]``, and the strides and counts (``intp``)."""
+
+    def __init__(self, c, c_row, a, a_row, a_step, b, b_row, depth, blocks, a_block, b_block):
+        self.c, self.c_row, self.a, self.a_row, self.a_step = c, c_row, a, a_row, a_step
+        self.b, self.b_row, self.depth, self.blocks = b, b_row, depth, blocks
+        self.a_block, self.b_block = a_block, b_block
+
+
+def _emit_tile(context, builder, dtype, rows, operands):
+    """The loops of a tile of ``rows`` rows, from the current block (where the depth
+    and blocks are known to be positive) to a block left current for the caller."""
+    index = context.get_value_type(types.intp)
+    itemsize = dtype.bitwidth // 8
+    lanes = VECTOR_BYTES // itemsize
+    vector = ir.VectorType(context.get_value_type(dtype), lanes)
+    o = operands
+
+    def vector_at(pointer, offset):
+        return builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+
+    name = f"llvm.fmuladd.v{lanes}f{dtype.bitwidth}"
+    fmuladd = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(vector, [vector] * 3), name)
+    c_vectors = [[vector_at(o.c, builder.add(builder.mul(o.c_row, index(r)), index(v * lanes)))
+                  for v in range(TILE_VECTORS)] for r in range(rows)]
+    initial = [[builder.load(at, align=itemsize) for at in row] for row in c_vectors]
+    entry = builder.block
+    block_loop = builder.append_basic_block("tile.block")
+    depth_loop = builder.append_basic_block("tile.depth")
+    latch = builder.append_basic_block("tile.next_block")
+    done = builder.append_basic_block("tile.done")
+    builder.branch(block_loop)
+
+    def phis(incoming):
+        """A phi per accumulator, with ``incoming``'s (values, block) pairs."""
+        made = [[builder.phi(vector) for _ in range(TILE_VECTORS)] for _ in range(rows)]
+        for values, block in incoming:
+            for r in range(rows):
+                for v in range(TILE_VECTORS):
+                    made[r][v].add_incoming(values[r][v], block)
+        return made
+
+    # The accumulators are the loops' phis, so they live in registers; the updated
+    # sums of the depth loop close both loops (added below).
+    builder.position_at_end(block_loop)
+    t = builder.phi(index)
+    block_sums = phis([(initial, entry)])
+    a_t = builder.gep(o.a, [builder.mul(t, o.a_block)])
+    b_t = builder.gep(o.b, [builder.mul(t, o.b_block)])
+    a_rows = [builder.gep(a_t, [builder.mul(o.a_row, index(r))]) for r in range(rows)]
+    builder.branch(depth_loop)
+
+    # One depth step: a row of B, a broadcast per tile row, a multiply-add per register.
+    builder.position_at_end(depth_loop)
+    k = builder.phi(index)
+    sums = phis([(block_sums, block_loop)])
+    b_k = builder.gep(b_t, [builder.mul(k, o.b_row)])
+    b_vectors = [builder.load(vector_at(b_k, index(v * lanes)), align=itemsize)
+                 for v in range(TILE_VECTORS)]
+    a_k = builder.mul(k, o.a_step)
+    first_lane = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    updated = []
+    for r in range(rows):
+        value = builder.load(builder.gep(a_rows[r], [a_k]))
+        lane = builder.insert_element(ir.Constant(vector, ir.Undefined), value,
+                                      ir.IntType(32)(0))
+        splat = builder.shuffle_vector(lane, ir.Constant(vector, ir.Undefined), first_lane)
+        updated.append([builder.call(fmuladd, [splat, b_vectors[v], sums[r][v]])
+                        for v in range(TILE_VECTORS)])
+    next_k = builder.add(k, index(1))
+    k.add_incoming(index(0), block_loop)
+    k.add_incoming(next_k, depth_loop)
+    for r in range(rows):
+        for v in range(TILE_VECTORS):
+            sums[r][v].add_incoming(updated[r][v], depth_loop)
+    builder.cbranch(builder.icmp_signed("<", next_k, o.depth), depth_loop, latch)
+
+    builder.position_at_end(latch)
+    next_t = builder.add(t, index(1))
+    t.add_incoming(index(0), entry)
+    t.add_incoming(next_t, latch)
+    for r in range(rows):
+        for v in range(TILE_VECTORS):
+            block_sums[r][v].add_incoming(updated[r][v], latch)
+    builder.cbranch(builder.icmp_signed("<", next_t, o.blocks), block_loop, done)
+
+    builder.position_at_end(done)
+    for r in range(rows):
+        for v in range(TILE_VECTORS):
+            builder.store(updated[r][v], c_vectors[r][v], align=itemsize)
