@@ -1,39 +1,42 @@
 """Strided convolution on the CPU: direct convolution on a register-blocked micro-kernel.
 
 No im2col and no BLAS: the products run on :func:`multiply_tile`
-(:mod:`fastpool.cpu.microkernel`), which keeps a tile of ``TILE_ROWS`` outputs by
-a tile's columns (64 float32 with AVX-512) in vector registers and reads its
+(:mod:`fastpool.cpu.microkernel`), which keeps a tile of up to ``TILE_ROWS`` rows
+by a tile's columns (64 float32 with AVX-512) in vector registers and reads its
 operands where they lie.  In a channels-last input a window row's ``KW`` pixels
 are adjacent, so its ``KW*C_in`` values are one contiguous run: the depth of one
 micro-kernel step, the outputs of a tile ``stride*C_in`` values apart.  Each of
-the three products is such a walk over a channels-last copy of the input with
-its padding in it (zeros), wide enough for whole tiles:
+the three products is such a walk over the channels-last input:
 
-===============  ========================  ==================  ==================
-product          tile rows                 tile columns        depth
-===============  ========================  ==================  ==================
-output           outputs of a row          ``C_out``           ``(kh, kw, c_in)``
-input gradient   every ``stride``-th pixel  ``C_in``            ``C_out``
-weight gradient  ``(kw, c_in)`` of a ``kh``  ``C_out``           ``(oh, ow)``
-===============  ========================  ==================  ==================
+===============  ===========================  ===========  ==========================
+product          tile rows                    columns      depth (blocks)
+===============  ===========================  ===========  ==========================
+output           outputs of a row             ``C_out``    ``(kw, c_in)`` (``kh``)
+input gradient   every ``stride``-th pixel    ``C_in``     ``C_out``
+weight gradient  ``c_in`` of one ``(kh, kw)``  ``C_out``    ``ow`` (``oh``)
+===============  ===========================  ===========  ==========================
 
 Each task owns its tiles' outputs (an output row; an input row, whose gradient
-it gathers from every output row its windows cover; a tile of the weight
+it gathers from every output row its windows cover; tiles of the weight
 gradient, summed over every image), so no two threads write an element and
 every sum runs in a fixed order: results repeat bit for bit at any thread
-count.  The channel counts are padded to whole tiles in the packed weights and
-the gradient's copy (zeros: a padded column sums zeros and is dropped), and
-output rows to whole tiles (the extra outputs read zeros or padding).
+count.  Padding adds nothing, so the products skip it: the window rows and
+planes outside the input drop out of the blocks, the weight gradient's depth
+covers the outputs whose pixel is inside, and the forward's tiles at the ends of
+a row, whose windows reach into the padding, read a small copy of their pixels
+with zeros around.  The packed weights' channels are padded to whole tiles
+(zeros, dropped from the sums).
 
-The input's copy doubles as the layout change of a channels-first input (one
-transpose of each row, in cache) and costs a pass over the input, against the
-4-5 passes of im2col's matrix (``KH*KW/stride**2`` times the input, written and
-read back); it runs over chunks of whole images of at most :data:`CHUNK_BYTES`,
-so it is still in cache when the products read it, and the scratch is bounded.
+Channels-first arrays (and a gradient whose channels are short of whole tiles,
+which the weight gradient reads a tile at a time) are copied channels-last
+first, a chunk of whole images (at most :data:`CHUNK_BYTES`) at a time, so that
+a chunk is still in cache when the products read it and the scratch stays
+bounded; channels-last arrays are read as they are.
 
 Measured on the 2-core Zen 5 benchmark machine, 8x64x56x56 float32, 64 3x3
-filters, stride 2, padding 1: forward 1.1-1.3 ms against torch's (oneDNN) 0.95-1.1
-ms; im2col with OpenBLAS's GEMM took 2.7-4.0 ms.
+filters, stride 2, padding 1, channels-last: forward 0.94 ms and backward 2.1 ms,
+against torch's (oneDNN) 0.87-0.9 and 2.1-2.2 ms; im2col with OpenBLAS's GEMM
+took 2.7 and 5.8 ms (``python -m bench --full --filter conv``).
 
 Canonical arrays: input ``(N, C_in, D, H, W)`` or, channels-last,
 ``(N, D, H, W, C_in)``; weight ``(C_out, C_in, KD, KH, KW)`` in both layouts;
@@ -53,9 +56,9 @@ from fastpool.cpu.microkernel import TILE_ROWS, TILE_VECTORS, VECTOR_BYTES, mult
 from fastpool.cpu.runtime import launch
 from fastpool.cpu.tasks import parallel_kernel, share
 
-# The most bytes of padded input (and, in the backward, gradient copy) one chunk of
-# images may fill: the copy is still in cache when the products read it, and a big
-# input's scratch stays bounded.  The tests lower it to exercise the chunking.
+# The most bytes of channels-last copies (of a channels-first input, or gradient) one
+# chunk of images may fill: a copy is still in cache when the products read it, and
+# a big input's scratch stays bounded.  The tests lower it to exercise the chunking.
 CHUNK_BYTES = 4 * 2**20
 
 # The bytes of input and gradient rows the weight gradient's tiles sum over in turn:
