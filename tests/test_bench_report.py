@@ -288,3 +288,28 @@ def test_other_load_of_a_row_shorter_than_a_tick_stays_within_the_cpus():
     load = other_load(CpuTicks(100, 1000, 2), CpuTicks(101, 1002, 2), own_seconds=0.0,
                       wall_seconds=0.0002)
     assert load["other_cores"] == 2.0
+
+
+def test_copy_yardstick_copies_with_plain_vector_moves():
+    """The copy that rows are compared against runs at memcpy's speed: indices LLVM
+    cannot prove non-negative made its loop masked gathers and scatters (numba's
+    wraparound select), a third of the speed, and every row's copy% three times too
+    high."""
+    import platform
+    import re
+
+    from numba import njit
+
+    from bench._copy import parallel_copy
+    from fastpool.cpu.tasks import KERNEL_JIT_OPTIONS
+
+    source = np.arange(1000, dtype=np.float32)
+    target = np.zeros_like(source)
+    parallel_copy(source, target)
+    np.testing.assert_array_equal(target, source)
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    fresh = njit(**{**KERNEL_JIT_OPTIONS, "cache": False})(parallel_copy.body.py_func)
+    fresh(0, 1, source, target)
+    assembly = "\n".join(fresh.inspect_asm().values())
+    assert not re.search(r"\t\w*(gather|scatter)", assembly)
