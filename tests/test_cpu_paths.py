@@ -538,3 +538,28 @@ def test_kernels_compile_with_their_arrays_distinct():
                       and "cpython" not in line)
     arrays = sum(isinstance(argument, numba.types.Array) for argument in signature)
     assert definition.count("noalias") >= 2 + arrays, definition
+
+
+@pytest.mark.parametrize("window, stride, padding", [
+    ((10, 10), 10, 0),    # 100 elements: runs of 64 columns' sums span window rows
+    ((3, 150), 150, 0),   # window rows longer than a run: flushed within a row
+    ((9, 9), 5, 4),       # padded windows, included and excluded from the divisor
+])
+def test_channels_last_float32_averages_of_large_windows(window, stride, padding):
+    """Windows over 64 elements sum float32 runs of up to 64 columns in float32 and
+    the runs in float64: within float32 rounding of the exact average (float64 of
+    the same input), and torch's."""
+    rng = np.random.default_rng(sum(window))
+    x = rng.standard_normal((2, 5, 31, 300)).astype(np.float32) + 100
+    nhwc = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    for count_include_pad in (True, False):
+        kw = dict(count_include_pad=count_include_pad)
+        got = fastpool.avg_pool2d(nhwc, window, stride, padding, channels_last=True, **kw)
+        exact = fastpool.avg_pool2d(x.astype(np.float64), window, stride, padding, **kw)
+        np.testing.assert_allclose(np.moveaxis(got, -1, 1), exact, rtol=2e-6, atol=0)
+        want = F.avg_pool2d(torch.from_numpy(x), window, stride, padding, **kw).numpy()
+        np.testing.assert_allclose(np.moveaxis(got, -1, 1), want, rtol=1e-5)
+    got = fastpool.adaptive_avg_pool2d(nhwc, (2, 3), channels_last=True)
+    np.testing.assert_allclose(np.moveaxis(got, -1, 1),
+                               fastpool.adaptive_avg_pool2d(x.astype(np.float64), (2, 3)),
+                               rtol=2e-6, atol=0)
