@@ -563,3 +563,29 @@ def test_channels_last_float32_averages_of_large_windows(window, stride, padding
     np.testing.assert_allclose(np.moveaxis(got, -1, 1),
                                fastpool.adaptive_avg_pool2d(x.astype(np.float64), (2, 3)),
                                rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 30, 31, 40), (1, 6, 30, 31, 40)], ids=["2d", "3d"])
+def test_banded_max_backward_with_the_window_takes_every_index(shape):
+    """A batch of one, channels-last, with the window given: each thread's band of
+    positions scans only the outputs whose windows reach it.  Indices from the
+    forward land there; indices from elsewhere in the plane (not from this forward)
+    are still all taken, by a rescan of every output, and the gradient matches the
+    NumPy reference."""
+    nd = len(shape) - 2
+    rng = np.random.default_rng(nd)
+    x = rng.standard_normal(shape).astype(np.float32)
+    window = dict(kernel_size=3, stride=2, padding=1)
+    out, indices = getattr(fastpool, f"max_pool{nd}d")(x, **window, channels_last=True,
+                                                       return_indices=True)
+    grad = rng.standard_normal(out.shape).astype(np.float32)
+    backward = getattr(fastpool, f"max_pool{nd}d_backward")
+    plane = int(np.prod(shape[1:-1]))
+    for chosen in (indices, rng.integers(0, plane, indices.shape)):
+        got = backward(grad, chosen, x.shape, channels_last=True, **window)
+        want = backward(grad, chosen, x.shape, channels_last=True, backend="numpy")
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    wrong = indices.copy()
+    wrong.flat[7] = plane
+    with pytest.raises(ValueError, match="outside"):
+        backward(grad, wrong, x.shape, channels_last=True, **window)

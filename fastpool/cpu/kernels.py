@@ -387,7 +387,8 @@ def _windows_of_row(fold):
         def windows_of_row(window_rows, window_columns, result, x_image, acc, d0, d1, h0,
                            h1, start, stop, step, power, first, factor, divisor):
             step_d, step_h, step_w = step[0], step[1], step[2]
-            run = np.zeros(acc.size if blocked else 0, np.float32)
+            if blocked:  # a constant: other builds allocate nothing
+                run = np.zeros(acc.size, np.float32)
             rows_h = _count(h0, h1, step_h)
             rows = _count(d0, d1, step_d) * rows_h
             r0 = r1 = r2 = r3 = x_image[d0, h0]
@@ -862,32 +863,33 @@ def max_backward_channels_first(part, parts, grad_out, indices, grad_in):
 
 @parallel_kernel(counts=True)
 def max_backward_channels_last(part, parts, grad_out, indices, grad_in, bands):
-    """Scatter-add over (batch, outputs, C) into (batch, size, C).  Each task owns
-    one band of an image's positions (``bands`` per image, so that small batches
-    still use every thread) and takes only the maxima that land in it: each
-    element of grad_in is written by one task, and every task streams only its
-    own band of grad_in (split by channel slices instead, every task swept the
-    whole image's grad_in: 4 slices made a batch-1 ResNet stem 3x slower)."""
+    """Scatter-add over (batch, outputs, C) into (batch, size, C); returns how many
+    entries it added (those with an index outside the plane are not).
+
+    Each task owns one band of an image's positions and takes only the maxima that
+    land in it: each element of grad_in is written by one task, and every task
+    streams only its own band of grad_in (split by channel slices instead, every
+    task swept the whole image's grad_in: 4 slices made a batch-1 ResNet stem 3x
+    slower).  ``bands`` (one row per band of every image, ``bands.shape[0]`` per
+    image): the band's positions ``[lo, hi)`` and the outputs ``[first, last)`` it
+    scans, all of them, or only those whose windows reach the band (their maxima
+    can land nowhere else; the caller checks that every entry was taken)."""
     batch, outputs, channels = grad_out.shape
-    size = grad_in.shape[1]
-    outside = 0
-    for task in range(*share(batch * bands, part, parts)):
-        n = task // bands
-        band = task - n * bands
-        lo, hi = band * size // bands, (band + 1) * size // bands
+    per_image = bands.shape[0]
+    taken = 0
+    for task in range(*share(batch * per_image, part, parts)):
+        n, band = task // per_image, task % per_image
+        lo, hi, first, last = bands[band, 0], bands[band, 1], bands[band, 2], bands[band, 3]
         target = grad_in[n]
         target[lo:hi] = 0
-        missed = 0
-        for q in range(outputs):
+        for q in range(first, last):
             at_row, grad_row = indices[n, q], grad_out[n, q]
             for c in range(channels):
                 at = at_row[c]
                 if lo <= at < hi:
                     target[at, c] += grad_row[c]
-                elif band == 0 and not 0 <= at < size:
-                    missed += 1  # counted once, by each image's first band
-        outside += missed
-    return outside
+                    taken += 1
+    return taken
 
 
 @njit(inline="always")

@@ -404,6 +404,33 @@ GATHER_MAX_WINDOW = 1
 GATHER_MAX_BATCH_PER_THREAD = 3
 
 
+def _position_bands(count: int, in_spatial: tuple, outputs: int,
+                    table: WindowTable | None) -> np.ndarray:
+    """The channels-last max backward's bands of an image, ``(count, 4)`` rows of
+    positions ``[lo, hi)`` and outputs ``[first, last)`` to scan.  With the window
+    ``table`` the bands are runs of whole planes (or rows, for 2-D input) of the
+    outermost axis longer than one, each scanning only the outputs whose windows
+    reach it: a band otherwise read every gradient and index of the image, so two
+    bands of a batch-1 ResNet stem took as long as one (one band: all of it).
+    ``outputs``: the outputs per image."""
+    size = math.prod(in_spatial)
+    axes = [axis for axis in range(2) if in_spatial[axis] > 1]
+    if count == 1 or table is None or not axes:
+        return np.array([[b * size // count, (b + 1) * size // count, 0, outputs]
+                         for b in range(count)], np.int64)
+    axis = axes[0]
+    length, inner = in_spatial[axis], math.prod(in_spatial[axis + 1:])
+    out_inner = math.prod(table.out_shape[axis + 1:])
+    first, last = table.covering_outputs(in_spatial)
+    bands = []
+    for b in range(count):
+        a_lo, a_hi = b * length // count, (b + 1) * length // count
+        q_lo = int(first[axis, a_lo]) * out_inner if a_hi > a_lo else 0
+        q_hi = int(last[axis, a_hi - 1]) * out_inner if a_hi > a_lo else 0
+        bands.append([a_lo * inner, a_hi * inner, q_lo, max(q_hi, q_lo)])
+    return np.array(bands, np.int64)
+
+
 def max_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple,
                  channels_last: bool, table: WindowTable | None = None,
                  stream=None) -> tuple[np.ndarray, int]:
@@ -430,10 +457,13 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
                       table.stop, table.step, work=work)
     rows = (batch, -1, *tail)
     if channels_last:
-        # Bands of positions only where there are fewer images than threads: each
-        # band re-reads the image's gradients and indices.
-        bands = 1 if runs_serially(work) else -(-get_num_threads() // max(batch, 1))
+        # Bands of positions only where there are fewer images than threads.
+        count = 1 if runs_serially(work) else -(-get_num_threads() // max(batch, 1))
+        outputs = math.prod(out_shape[1:4])
+        every_output = _position_bands(count, input_shape[1:4], outputs, None)
+        bands = _position_bands(count, input_shape[1:4], outputs, table)
         scatter = bind(kernels.max_backward_channels_last, bands, work=work)
+        scatter_all = bind(kernels.max_backward_channels_last, every_output, work=work)
     else:
         scatter = bind(kernels.max_backward_channels_first, work=work)
 
@@ -445,8 +475,15 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
             # Some maximum lies outside its window (indices not from this forward):
             # the scatter takes any in-plane index and counts the others.
         grad_in = memory.empty((batch, spatial, *tail), dtype)  # zeroed by the kernels
-        outside = scatter(grad_out.reshape(rows), indices.reshape(rows), grad_in)
-        return grad_in.reshape(input_shape), int(outside)
+        arrays = grad_out.reshape(rows), indices.reshape(rows), grad_in
+        if not channels_last:
+            return grad_in.reshape(input_shape), int(scatter(*arrays))
+        taken = scatter(*arrays)
+        if taken != grad_out.size and bands is not every_output:
+            # A maximum outside its window's reach (indices not from this forward):
+            # every band scans every output, and the count of those taken is exact.
+            taken = scatter_all(*arrays)
+        return grad_in.reshape(input_shape), int(grad_out.size - taken)
 
     return _runner(run_max_backward, runs_serially(work))
 
