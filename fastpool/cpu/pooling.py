@@ -462,10 +462,13 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
         outputs = math.prod(out_shape[1:4])
         every_output = _position_bands(count, input_shape[1:4], outputs, None)
         bands = _position_bands(count, input_shape[1:4], outputs, table)
-        scatter = bind(kernels.max_backward_channels_last, bands, work=work)
-        scatter_all = bind(kernels.max_backward_channels_last, every_output, work=work)
+        if np.array_equal(bands, every_output):
+            bands = every_output
+        scans_all = bands is every_output
+        scatter = bind(kernels.max_backward_channels_last, bands, scans_all, work=work)
+        scatter_all = bind(kernels.max_backward_channels_last, every_output, True, work=work)
     else:
-        scatter = bind(kernels.max_backward_channels_first, work=work)
+        scatter, scans_all = bind(kernels.max_backward_channels_first, work=work), True
 
     def run_max_backward(grad_out: np.ndarray, indices: np.ndarray, stream=None):
         if gather is not None:
@@ -476,14 +479,12 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
             # the scatter takes any in-plane index and counts the others.
         grad_in = memory.empty((batch, spatial, *tail), dtype)  # zeroed by the kernels
         arrays = grad_out.reshape(rows), indices.reshape(rows), grad_in
-        if not channels_last:
-            return grad_in.reshape(input_shape), int(scatter(*arrays))
-        taken = scatter(*arrays)
-        if taken != grad_out.size and bands is not every_output:
+        outside = scatter(*arrays)
+        if not scans_all:  # it counted the entries taken: all of them, or rescan
             # A maximum outside its window's reach (indices not from this forward):
-            # every band scans every output, and the count of those taken is exact.
-            taken = scatter_all(*arrays)
-        return grad_in.reshape(input_shape), int(grad_out.size - taken)
+            # every band scans every output, and counts those outside the plane.
+            outside = 0 if outside == grad_out.size else scatter_all(*arrays)
+        return grad_in.reshape(input_shape), int(outside)
 
     return _runner(run_max_backward, runs_serially(work))
 
