@@ -151,6 +151,7 @@ def direct_conv(part, parts, x, packed, bias, out, n0, windows, channels_last):
     sums = np.empty((out_w, columns), out.dtype)
     edge_width = (TILE_ROWS - 1) * stride[2] + k_w
     edge = np.empty((k_h, edge_width, c_in), x.dtype)
+    x_values, edge_values = x.reshape(-1), edge.reshape(-1)  # one array type for both
     tiles = -(-out_w // TILE_ROWS)
     # The outputs whose windows lie inside the input row.
     inner_lo = _span(0, stride[2], pad[2], 0, width, out_w)[0]
@@ -171,21 +172,21 @@ def direct_conv(part, parts, x, packed, bias, out, n0, windows, channels_last):
                     w, rows = _tile(tile, tiles, out_w)
                     first = w * stride[2] - pad[2]  # the tile's first window's first pixel
                     if inner_lo <= w and w + rows <= inner_hi:  # windows inside the row
-                        pixel = ((i * depth + d) * height + h) * width + first
-                        multiply_tile(rows, sums, w * columns + j, columns,
-                                      x, pixel * c_in, stride[2] * c_in, 1,
-                                      packed, panel, columns, row_depth,
-                                      kh_hi - kh_lo, width * c_in, row_depth * columns)
-                        continue
-                    for t in range(kh_hi - kh_lo):  # the row's ends: a copy, zeros around
-                        for p in range(edge_width):
-                            inside = 0 <= first + p < width
-                            for c in range(c_in):
-                                edge[t, p, c] = x[i, d, h + t, first + p, c] if inside else 0
+                        source = x_values
+                        at = (((i * depth + d) * height + h) * width + first) * c_in
+                        source_row = width * c_in
+                    else:  # the row's ends: a copy of their pixels, zeros around
+                        for t in range(kh_hi - kh_lo):
+                            for p in range(edge_width):
+                                inside = 0 <= first + p < width
+                                for c in range(c_in):
+                                    edge[t, p, c] = x[i, d, h + t, first + p, c] if inside else 0
+                        source, at, source_row = edge_values, 0, edge_width * c_in
+                    # One call site: each compiles the micro-kernel's variants anew.
                     multiply_tile(rows, sums, w * columns + j, columns,
-                                  edge, 0, stride[2] * c_in, 1,
+                                  source, at, stride[2] * c_in, 1,
                                   packed, panel, columns, row_depth,
-                                  kh_hi - kh_lo, edge_width * c_in, row_depth * columns)
+                                  kh_hi - kh_lo, source_row, row_depth * columns)
         n = n0 + i
         if channels_last:
             target = out[n, od, oh]
