@@ -39,6 +39,8 @@ MORE_OPS = {
     "adaptive_avg_pool2d": "fastpool.adaptive_avg_pool2d(x, 3)",
     "global_avg_pool2d": "fastpool.global_avg_pool2d(x)",
     "lp_pool2d_backward": "fastpool.lp_pool2d_backward(g, abs(x), 2, 2)",
+    "strided_conv2d": "fastpool.strided_conv2d(x, w, 2, 1)",
+    "strided_conv2d_backward": "fastpool.strided_conv2d_backward(g, x, w[:32], 2, 1)",
 }
 
 # An input the size of a layer's (a batch of 8 feature maps of 32 channels of 32x32):
@@ -51,6 +53,7 @@ x = np.random.default_rng(0).standard_normal((8, 32, 32, 32)).astype(np.float32)
 xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
 g = np.ones((8, 32, 16, 16), np.float32)
 i = np.zeros((8, 32, 16, 16), np.int64)
+w = np.ones((64, 32, 3, 3), np.float32)
 wall, cpu = time.perf_counter(), time.process_time()
 {call}
 print(json.dumps({{"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}}))
