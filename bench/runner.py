@@ -26,6 +26,10 @@ from bench.noise import Watch
 
 BACKENDS = ("fastpool", "numpy", "torch")
 
+# Seconds each library's samples wait for the other's threads to go idle (libgomp
+# spins some 300 thousand rounds before it sleeps).
+SETTLE_SECONDS = 0.03
+
 
 @dataclass
 class Measurement:
@@ -299,6 +303,11 @@ def measure(case: Case, channels_last: bool, direction: str, repeats: int,
         samples, warmup = {}, {}
         with Watch() as watch:
             for name in backends:
+                # Each library starts on quiet cores: after a call torch's OpenMP workers
+                # spin for milliseconds in case more work comes (as numba's do), and
+                # on 2 cores they took the next library's samples' cores (a 15 us
+                # channels-last average timed at 23 us right after torch's rows).
+                time.sleep(SETTLE_SECONDS)
                 # The reference is slow by design, and pure NumPy (nothing to compile):
                 # one call without a warm-up keeps the suite short.
                 reference = name == "numpy"
