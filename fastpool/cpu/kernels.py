@@ -13,6 +13,7 @@ written by exactly one thread.  Sums accumulate in float64.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 
@@ -773,6 +774,11 @@ def _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power):
                                power)
     else:
         grad_row = grad[plane, od, oh]
+        if power == 2.0:  # a loop free of calls (see _lp_output_gradient_square)
+            for ow in range(result.size):
+                result[ow] = _lp_output_gradient_square(grad_row[ow], total[ow],
+                                                        row_divisor * divisor[2, ow], scale)
+            return
         for ow in range(result.size):
             result[ow] = _lp_output_gradient(grad_row[ow], total[ow],
                                              row_divisor * divisor[2, ow], scale, power)
@@ -828,10 +834,15 @@ def sum_pool_channels_last(window_rows, window_columns):
                 for ow in range(out_w):
                     total, result, grad_at = row_totals[ow], out[n, od, oh, ow], grad[n, od,
                                                                                         oh, ow]
+                    window_divisor = row_divisor * divisor[2, ow]
+                    if power == 2.0:  # a loop free of calls: it vectorises
+                        for c in range(channels):
+                            result[c] = _lp_output_gradient_square(grad_at[c], total[c],
+                                                                   window_divisor, scale)
+                        continue
                     for c in range(channels):
-                        result[c] = _lp_output_gradient(grad_at[c], total[c],
-                                                        row_divisor * divisor[2, ow], scale,
-                                                        power)
+                        result[c] = _lp_output_gradient(grad_at[c], total[c], window_divisor,
+                                                        scale, power)
 
     return sum_pool_channels_last
 
@@ -930,6 +941,23 @@ def _lp_output_gradient(grad, window_sum, window_divisor, scale, power):
     return grad_scaled
 
 
+@njit(inline="always")
+def _lp_output_gradient_square(grad, window_sum, window_divisor, scale):
+    """:func:`_lp_output_gradient` for p = 2, the same arithmetic inlined: no calls
+    (``_root`` and ``_power`` are functions of their own), so a loop over channels
+    vectorises (Lp channels-last backward, 32x56x56x64: its coefficients took 5 of
+    its 8 ms)."""
+    mean = window_sum / window_divisor
+    u = mean * scale
+    slope = math.sqrt(u) / u if 0.0 < u < np.inf else 1.0 / math.sqrt(u)
+    grad_scaled = np.float64(grad) * 0.5 * slope * scale
+    if mean != mean:
+        return 0.0 * grad_scaled
+    if mean == 0.0:
+        return 0.0
+    return grad_scaled
+
+
 @njit(**_SERIAL_JIT_OPTIONS)
 def _input_factor(value, power):
     """d (x**p) / dx; 1 for averages (see _raise_to)."""
@@ -1012,6 +1040,10 @@ def sum_backward_channels_first(part, parts, coefficient, x, grad_in, first_out,
                     # its error message's string formatting (seconds).
                     for w in range(width):
                         result[w] = total[w]
+                elif power == 2.0:  # _input_factor's 2 * x, inlined: the loop vectorises
+                    x_row = x[plane, d, h]
+                    for w in range(width):
+                        result[w] = total[w] * (2.0 * np.float64(x_row[w]))
                 else:
                     x_row = x[plane, d, h]
                     for w in range(width):
@@ -1062,7 +1094,10 @@ def sum_backward_channels_last(part, parts, coefficient, x, grad_in, first_out, 
             else:
                 _gather_window_terms(sums, w, terms, weights, d, h, w, first_out, last_out,
                                      start, step, zero, False)
-            if power is not None:
+            if power == 2.0:  # _input_factor's 2 * x, inlined: the loop vectorises
+                for c in range(channels):
+                    sums[w, c] *= 2.0 * np.float64(x[n, d, h, w, c])
+            elif power is not None:
                 for c in range(channels):
                     sums[w, c] *= _input_factor(x[n, d, h, w, c], power)
 
@@ -1133,6 +1168,9 @@ def sum_backward_plane_blocks(part, parts, coefficient, x, grad_in, first_out, l
             if power is None:
                 for i in range(size):
                     target[i] = lane_sums[i, lane]
+            elif power == 2.0:  # _input_factor's 2 * x, inlined: the loop vectorises
+                for i in range(size):
+                    target[i] = lane_sums[i, lane] * (2.0 * np.float64(values[first + lane, i]))
             else:
                 for i in range(size):
                     target[i] = lane_sums[i, lane] * _input_factor(values[first + lane, i],
