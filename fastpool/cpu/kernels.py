@@ -585,12 +585,12 @@ def _max_with_position(best, best_at, values, at):
 _power = njit(**_SERIAL_JIT_OPTIONS)(torch_power)
 
 
-# Functions, not overloads, of their own like _power: numba compiles an overload
-# once per caller's compile flags (the kernels, _contiguous_sum's fast-math, the
-# sweeps), a function once per signature.  ``power is None`` is decided by type at
-# compile time, so averages and Lp norms get separate specialisations and the
-# averaging loops stay free of branches and pow calls.
-@njit(**_SERIAL_JIT_OPTIONS)
+# Inlined, and ``power is None`` decided by type at compile time: averages and Lp
+# norms get separate specialisations, and the averaging loops stay free of branches
+# and calls (as a function of its own, the identity stayed a call per element in
+# the loops that called it, which then did not vectorise; the pow of Lp norms is
+# _power's call).
+@njit(inline="always")
 def _raise_to(value, power):
     """``value ** power`` in float64; the identity when power is None (averages)."""
     if power is None:
@@ -639,10 +639,6 @@ def _fold_max(kept, value, power):
 
 @njit(inline="always")
 def _fold_sum(kept, value, power):
-    # Averages add the value itself: through _raise_to, a function of its own, the
-    # channels-last fold's loop stayed a call per element (the 2x2 average 1.7x slower).
-    if power is None:
-        return kept + value
     return kept + _raise_to(value, power)
 
 
