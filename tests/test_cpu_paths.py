@@ -589,3 +589,21 @@ def test_banded_max_backward_with_the_window_takes_every_index(shape):
     wrong.flat[7] = plane
     with pytest.raises(ValueError, match="outside"):
         backward(grad, wrong, x.shape, channels_last=True, **window)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [
+    (2, 2, 0), (3, 2, 1), (3, 1, 1), (4, 4, 0), (5, 3, 2), (7, 1, 3), (3, 3, 0)])
+@pytest.mark.parametrize("fill", ["ties", "nan"])
+def test_channels_first_max_with_indices_sweeps_the_interior(kernel, stride, padding, fill):
+    """Max pooling with indices sweeps the windows inside each row with their
+    positions (vectorised across outputs): torch's values and indices, ties to the
+    first and NaN winning, the sweeps at both ends of a row and between them."""
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = rng.integers(-2, 3, (2, 3, 9, 53)).astype(np.float32)
+    if fill == "nan":
+        x[rng.random(x.shape) < 0.05] = np.nan
+    got, got_at = fastpool.max_pool2d(x, kernel, stride, padding, return_indices=True)
+    want, want_at = F.max_pool2d(torch.from_numpy(x), kernel, stride, padding,
+                                 return_indices=True)
+    np.testing.assert_array_equal(got, want.numpy())
+    np.testing.assert_array_equal(got_at, want_at.numpy())

@@ -159,10 +159,11 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
         height, width = x.shape[2], x.shape[3]
         step_d, step_h, step_w = step[0], step[1], step[2]
         # Without indices, outputs whose windows lie wholly inside the row are swept
-        # by _max_interior: loads and selects that vectorise across outputs.
+        # by _max_interior (_max_interior_at, keeping positions): loads and selects
+        # that vectorise across outputs.
         lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
                                           interior[2, 3], interior[2, 4])
-        if sweep_stride < 0 or indices is not None:
+        if sweep_stride < 0:
             lo = hi = 0
         # Rows go in chunks, each with one scratch row: an allocation per output row
         # costs more than a small row's arithmetic.
@@ -187,7 +188,10 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
                         x_row = x[plane, d, h]
                         base = (d * height + h) * width
                         _max_along_row(x_row, best, best_at, base, start, stop, step_w, 0, lo)
-                        if sweep_stride >= 0 and hi > lo:
+                        if sweep_stride >= 0 and hi > lo and indices is not None:
+                            _max_interior_at(sweep_stride, sweep_kernel, x_row, best, best_at,
+                                             base, lo, hi, stride, offset, kernel, step_w)
+                        elif sweep_stride >= 0 and hi > lo:
                             _max_interior(sweep_stride, sweep_kernel, x_row, best, lo, hi,
                                           stride, offset, kernel, step_w, None)
                         _max_along_row(x_row, best, best_at, base, start, stop, step_w,
@@ -682,6 +686,66 @@ def _max_interior(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride, offset
                   step, power):
     """Fold the interior windows of one input row into the running maxima ``acc`` by
     the sweep (``sweep_stride``, ``sweep_kernel``), literal ints (``power``: None)."""
+
+
+def _max_interior_at(sweep_stride, sweep_kernel, x_row, acc, acc_at, base, lo, hi, stride,
+                     offset, kernel, step):
+    """:func:`_max_interior` keeping the maxima's positions in ``acc_at`` (``base`` +
+    the column), as :func:`_max_along_row` does: the same folds in the same order,
+    vectorised across outputs (its table-driven loop became AVX-512 gathers, and
+    max pooling with indices ran at a fifth of the speed without)."""
+
+
+@njit(inline="always")
+def _take_max(kept, kept_at, value, at):
+    """One step of torch's running maximum with its position: a NaN always wins,
+    ties keep the first."""
+    take = (value > kept) | (value != value)
+    return (value if take else kept), (at if take else kept_at)
+
+
+@njit(inline="always")
+def _max_windows_at(x_row, acc, acc_at, base, lo, hi, stride, offset, kernel):
+    windows, kept_row, at_row = x_row[lo * stride + offset:], acc[lo:hi], acc_at[lo:hi]
+    first = base + lo * stride + offset  # the position of windows[0]
+    for i in range(hi - lo):
+        column = i * stride
+        kept, kept_at = kept_row[i], at_row[i]
+        for j in range(kernel):
+            kept, kept_at = _take_max(kept, kept_at, windows[column + j], first + column + j)
+        kept_row[i], at_row[i] = kept, kept_at
+
+
+@njit(inline="always")
+def _max_offsets_at(x_row, acc, acc_at, base, lo, hi, stride, offset, kernel, step):
+    windows, kept_row, at_row = x_row[lo * stride + offset:], acc[lo:hi], acc_at[lo:hi]
+    first = base + lo * stride + offset
+    for j in range(kernel):
+        shifted = windows[j * step:]
+        for i in range(hi - lo):
+            kept_row[i], at_row[i] = _take_max(kept_row[i], at_row[i], shifted[i * stride],
+                                               first + i * stride + j * step)
+
+
+@overload(_max_interior_at, jit_options={"error_model": "numpy"})
+def _max_interior_at_overload(sweep_stride, sweep_kernel, x_row, acc, acc_at, base, lo, hi,
+                              stride, offset, kernel, step):
+    if not isinstance(sweep_stride, types.IntegerLiteral) or \
+            not isinstance(sweep_kernel, types.IntegerLiteral):
+        return None
+    fixed_stride, fixed_kernel = sweep_stride.literal_value, sweep_kernel.literal_value
+    if fixed_kernel > 0:
+        def window_sweep(sweep_stride, sweep_kernel, x_row, acc, acc_at, base, lo, hi, stride,
+                         offset, kernel, step):
+            _max_windows_at(x_row, acc, acc_at, base, lo, hi, fixed_stride, offset,
+                            fixed_kernel)
+        return window_sweep
+
+    def offset_sweep(sweep_stride, sweep_kernel, x_row, acc, acc_at, base, lo, hi, stride,
+                     offset, kernel, step):
+        _max_offsets_at(x_row, acc, acc_at, base, lo, hi,
+                        fixed_stride if fixed_stride > 0 else stride, offset, kernel, step)
+    return offset_sweep
 
 
 def _sum_interior(sweep_stride, sweep_kernel, x_row, acc, lo, hi, stride, offset, kernel,

@@ -221,10 +221,9 @@ def _sweep(table: WindowTable, max_fold: bool) -> tuple[int, int]:
 
 
 def max_pool_channels_first(table: WindowTable, with_indices: bool):
-    """The channels-first direct max kernel for ``table``: kept positions need
-    every window folded one by one, so those builds sweep nothing."""
-    return kernels.max_pool_channels_first(
-        kernels.NO_SWEEP if with_indices else _sweep(table, True))
+    """The channels-first direct max kernel for ``table`` (its interior swept with
+    the positions kept too, when asked for: see kernels._max_interior_at)."""
+    return kernels.max_pool_channels_first(_sweep(table, True))
 
 
 def _register_window(table: WindowTable) -> tuple[int, int]:
