@@ -423,3 +423,32 @@ def test_work_estimates_take_empty_operands():
     assert fastpool.strided_conv2d(x, np.ones((0, 2, 3, 3), np.float32), 1).shape == \
         (1, 0, 3, 3)
     assert fastpool.max_pool2d(np.ones((0, 2, 4, 4)), 2).shape == (0, 2, 2, 2)
+
+
+BUILDS_SCRIPT = """
+import json, numpy as np, fastpool
+from fastpool import _dispatch
+from fastpool.cpu import runtime
+x = np.random.default_rng(0).standard_normal((2, 3, 9, 40)).astype(np.float32)
+calls = {{"3x3": lambda: fastpool.max_pool2d(x, 3, 2, 1),
+          "2x2": lambda: fastpool.max_pool2d(x, 2, 2)}}
+runtime.SERIAL_WORK_LIMIT = 2**62  # serial calls: the builds load, found by numba itself
+for name in {names!r}:
+    calls[name]()
+runtime.SERIAL_WORK_LIMIT = 0  # parallel launches: each kernel found by its symbol
+_dispatch.PLANS.clear()
+print(json.dumps({{name: calls[name]().tolist() for name in {names!r}}}))
+"""
+
+
+@pytest.mark.slow
+def test_builds_compiled_by_two_processes_run_their_own_code(tmp_path):
+    """Two builds of one kernel (the 3x3 and 2x2 sweeps), each compiled by a process
+    of its own, then both loaded from the disk cache by a third before it launches
+    either in parallel: numba numbered them alike, and the third process ran one
+    build's code for both (wrong maxima) until each build's name carried its
+    constants."""
+    first = run_on_disk_cache(BUILDS_SCRIPT.format(names=["3x3"]), tmp_path)
+    second = run_on_disk_cache(BUILDS_SCRIPT.format(names=["2x2"]), tmp_path)
+    both = run_on_disk_cache(BUILDS_SCRIPT.format(names=["3x3", "2x2"]), tmp_path)
+    assert both == {**first, **second}

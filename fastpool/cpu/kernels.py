@@ -84,7 +84,18 @@ def per_constants(factory):
             with _built_lock:
                 kernel = _built.get(key)
                 if kernel is None:
-                    kernel = _built[key] = factory(*(int(value) for value in constants))
+                    values = tuple(int(value) for value in constants)
+                    kernel = factory(*values)
+                    # Each build's machine code under a name of its own.  The builds
+                    # share their function's name, and numba's names carry a
+                    # per-process count: builds compiled alike by two processes and
+                    # loaded from the disk cache by a third got one symbol, and a
+                    # parallel launch looks its kernel up by symbol (tasks.py), so
+                    # it could run another build's code (another sweep: wrong maxima).
+                    function = kernel.body.py_func
+                    function.__qualname__ += "_" + "_".join(
+                        str(value).replace("-", "m") for value in values)
+                    _built[key] = kernel
         return kernel
 
     return build
