@@ -30,6 +30,8 @@ Sums run in the arrays' dtype, each ``C`` element's in order of ``k``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import config, types
@@ -125,14 +127,21 @@ def multiply_tile(typingctx, rows, c, c_at, c_row, a, a_at, a_row, a_step, b, b_
     return sig, codegen
 
 
-class _Operands:
+class _Operands(NamedTuple):
     """The tile's operands in LLVM values: pointers to ``C[0, 0]``, ``A[0, 0, 0]`` and
     ``B[0, 0, 0]``, and the strides and counts (``intp``)."""
 
-    def __init__(self, c, c_row, a, a_row, a_step, b, b_row, depth, blocks, a_block, b_block):
-        self.c, self.c_row, self.a, self.a_row, self.a_step = c, c_row, a, a_row, a_step
-        self.b, self.b_row, self.depth, self.blocks = b, b_row, depth, blocks
-        self.a_block, self.b_block = a_block, b_block
+    c: object
+    c_row: object
+    a: object
+    a_row: object
+    a_step: object
+    b: object
+    b_row: object
+    depth: object
+    blocks: object
+    a_block: object
+    b_block: object
 
 
 def _emit_tile(context, builder, dtype, rows, operands):
@@ -160,20 +169,23 @@ def _emit_tile(context, builder, dtype, rows, operands):
     done = builder.append_basic_block("tile.done")
     builder.branch(block_loop)
 
-    def phis(incoming):
-        """A phi per accumulator, with ``incoming``'s (values, block) pairs."""
+    def join(phis, values, block):
+        """Give each accumulator's phi its value from ``block``."""
+        for phi_row, value_row in zip(phis, values):
+            for phi, value in zip(phi_row, value_row):
+                phi.add_incoming(value, block)
+
+    def phis(values, block):
+        """A phi per accumulator, first given ``values`` from ``block``."""
         made = [[builder.phi(vector) for _ in range(TILE_VECTORS)] for _ in range(rows)]
-        for values, block in incoming:
-            for r in range(rows):
-                for v in range(TILE_VECTORS):
-                    made[r][v].add_incoming(values[r][v], block)
+        join(made, values, block)
         return made
 
     # The accumulators are the loops' phis, so they live in registers; the updated
     # sums of the depth loop close both loops (added below).
     builder.position_at_end(block_loop)
     t = builder.phi(index)
-    block_sums = phis([(initial, entry)])
+    block_sums = phis(initial, entry)
     a_t = builder.gep(o.a, [builder.mul(t, o.a_block)])
     b_t = builder.gep(o.b, [builder.mul(t, o.b_block)])
     a_rows = [builder.gep(a_t, [builder.mul(o.a_row, index(r))]) for r in range(rows)]
@@ -182,7 +194,7 @@ def _emit_tile(context, builder, dtype, rows, operands):
     # One depth step: a row of B, a broadcast per tile row, a multiply-add per register.
     builder.position_at_end(depth_loop)
     k = builder.phi(index)
-    sums = phis([(block_sums, block_loop)])
+    sums = phis(block_sums, block_loop)
     b_k = builder.gep(b_t, [builder.mul(k, o.b_row)])
     b_vectors = [builder.load(vector_at(b_k, index(v * lanes)), align=itemsize)
                  for v in range(TILE_VECTORS)]
@@ -199,21 +211,17 @@ def _emit_tile(context, builder, dtype, rows, operands):
     next_k = builder.add(k, index(1))
     k.add_incoming(index(0), block_loop)
     k.add_incoming(next_k, depth_loop)
-    for r in range(rows):
-        for v in range(TILE_VECTORS):
-            sums[r][v].add_incoming(updated[r][v], depth_loop)
+    join(sums, updated, depth_loop)
     builder.cbranch(builder.icmp_signed("<", next_k, o.depth), depth_loop, latch)
 
     builder.position_at_end(latch)
     next_t = builder.add(t, index(1))
     t.add_incoming(index(0), entry)
     t.add_incoming(next_t, latch)
-    for r in range(rows):
-        for v in range(TILE_VECTORS):
-            block_sums[r][v].add_incoming(updated[r][v], latch)
+    join(block_sums, updated, latch)
     builder.cbranch(builder.icmp_signed("<", next_t, o.blocks), block_loop, done)
 
     builder.position_at_end(done)
-    for r in range(rows):
-        for v in range(TILE_VECTORS):
-            builder.store(updated[r][v], c_vectors[r][v], align=itemsize)
+    for value_row, at_row in zip(updated, c_vectors):
+        for value, at in zip(value_row, at_row):
+            builder.store(value, at, align=itemsize)

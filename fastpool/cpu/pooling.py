@@ -461,9 +461,7 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
         outputs = math.prod(out_shape[1:4])
         every_output = _position_bands(count, input_shape[1:4], outputs, None)
         bands = _position_bands(count, input_shape[1:4], outputs, table)
-        if np.array_equal(bands, every_output):
-            bands = every_output
-        scans_all = bands is every_output
+        scans_all = np.array_equal(bands, every_output)
         scatter = bind(kernels.max_backward_channels_last, bands, scans_all, work=work)
         scatter_all = bind(kernels.max_backward_channels_last, every_output, True, work=work)
     else:
