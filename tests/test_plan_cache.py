@@ -366,15 +366,17 @@ def test_serial_launches_agree_with_the_parallel_ones(monkeypatch):
     for name in parallel:
         assert_same(serial[name], parallel[name])
     # One parallel=False build per kernel serves both launches: a parallel launch
-    # runs it through its address from a prange driver shared by the kernels.
+    # runs it through its address from a launcher and a prange driver shared by the
+    # kernels.
     kernel = kernels.max_pool_channels_first(kernels.NO_SWEEP)
     assert kernels.max_pool_channels_first(kernels.NO_SWEEP) is kernel
     launched = [kernel for kernel in tasks.task_kernels() if kernel._addresses]
     assert len(launched) >= 20
     for kernel in launched:
-        body, driver = kernel.dispatchers()
+        body, launcher, driver = kernel.dispatchers()
         assert body.targetoptions["parallel"] is False and driver.targetoptions["parallel"]
-        assert body.signatures
+        assert launcher.targetoptions["parallel"] is False
+        assert body.signatures and launcher.signatures and len(driver.signatures) == 1
 
 
 def test_serial_launches_need_no_threading_layer():
@@ -396,26 +398,28 @@ from fastpool.cpu import kernels
 fastpool.max_pool2d(np.ones((1, 1, 2, 64), np.float32), 2)  # serial (rows of 32 outputs)
 fastpool.max_pool2d(np.ones((4, 8, 64, 64), np.float32), 2)  # parallel
 kernel = kernels.max_pool_channels_first((2, 2))  # the build for 2x2 windows, stride 2
-builds = dict(zip(["kernel", "driver"], kernel.dispatchers()))
+builds = dict(zip(["kernel", "launcher", "driver"], kernel.dispatchers()))
 print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()),
                          k.targetoptions["parallel"]] for name, k in builds.items()}))
 """
 
 
 @pytest.mark.slow
-def test_kernel_and_parallel_driver_have_their_own_disk_cache_entries(tmp_path):
+def test_kernel_launcher_and_driver_have_their_own_disk_cache_entries(tmp_path):
     def run():
         return run_on_disk_cache(DISK_CACHE_SCRIPT, tmp_path)
 
-    # The serial launch compiled the kernel; the parallel one, its driver only.
+    # The serial launch compiled the kernel; the parallel one, its launcher and driver.
     cold = run()
-    assert cold == {"kernel": [0, 1, False], "driver": [0, 1, True]}, cold
+    assert cold == {"kernel": [0, 1, False], "launcher": [0, 1, False],
+                    "driver": [0, 1, True]}, cold
     indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")
-                     if "max_pool_channels_first" in p.name or "_run_shares" in p.name)
+                     if "max_pool_channels_first" in p.name or "tasks._" in p.name)
     assert indexes == ["kernels.max_pool_channels_first.locals.max_pool_channels_first",
-                       "tasks._run_shares"], indexes
+                       "tasks._launch", "tasks._run_packed_shares"], indexes
     warm = run()  # each loads its own machine code, compiling nothing
-    assert warm == {"kernel": [1, 0, False], "driver": [1, 0, True]}, warm
+    assert warm == {"kernel": [1, 0, False], "launcher": [1, 0, False],
+                    "driver": [1, 0, True]}, warm
 
 
 def test_work_estimates_take_empty_operands():

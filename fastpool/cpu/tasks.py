@@ -7,30 +7,41 @@ compiles that function once, with ``parallel=False``, and returns a
 :class:`TaskKernel`:
 
 * ``kernel.serial(*arguments)`` runs every task in this thread (one share of one);
-* ``kernel(*arguments)`` runs one share per numba thread: a ``prange`` driver
-  calls the serial build's machine code through its address.
+* ``kernel(*arguments)`` runs one share per numba thread: a ``prange`` driver,
+  one build for every kernel, calls the serial build's machine code through its
+  address (see ``_run_packed_shares``).
 
 Why not ``@njit(parallel=True)`` on each kernel: numba's parfor passes compile a
 ``prange`` body a second time, as a gufunc with everything inlined into it, and
 small calls want a ``parallel=False`` build of the same source as well, so each
 kernel compiled twice.  A call through an address does not link the kernel
 into the driver either (a call of the dispatcher would: LLVM optimises and
-emits the kernel's code again there).  So a kernel compiles once, and the
-drivers, generic over the kernels, once per argument types.  A cold parallel
-first call of average pooling compiled for 5.4 s as a ``parallel=True`` kernel
-(7.8 s in a process that ran it serially too), and compiles for 3.5 s as a task
-kernel, whatever the process runs.
+emits the kernel's code again there).  So a kernel compiles once, the driver
+once, and a small launcher per argument types.  A cold parallel first call of
+average pooling compiled for 5.4 s as a ``parallel=True`` kernel (7.8 s in a
+process that ran it serially too), and compiles for 1.3 s as a task kernel,
+whatever the process runs.
+
+The kernels compile through :class:`_KernelCompiler`, numba's pipeline with one
+more pass, :class:`_PruneNoneChecks`: each build compiles only the code its
+optional arguments (None or given) reach.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
 import numpy as np
+from llvmlite import ir
 from numba import get_num_threads, njit, prange, typeof, types
-from numba.core import cpu, options
+from numba.core import cgutils, cpu, options
+from numba.core.analysis import dead_branch_prune
+from numba.core.compiler import CompilerBase, DefaultPassBuilder
+from numba.core.compiler_machinery import FunctionPass, register_pass
 from numba.core.typing import signature
+from numba.core.untyped_passes import InlineInlinables
 from numba.extending import intrinsic
 
 from fastpool._config import CPU_JIT_OPTIONS
@@ -43,7 +54,55 @@ from fastpool._config import CPU_JIT_OPTIONS
 # no aliases; njit has no option for it, so fastpool maps one.  Without it the
 # channels-last backward gather did not vectorise (tests/test_cpu_paths.py).
 cpu.CPUTargetOptions.noalias = options.TargetOptions.Mapping("noalias")
-KERNEL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "noalias": True}
+
+
+class _NeverNone:
+    """An argument type that is never None, as numba's branch pruning reads a
+    literal's (its ``literal_type``: something that is not None)."""
+
+    literal_type = object()
+
+
+_NEVER_NONE = _NeverNone()
+_NOT_NONE_TYPES = (types.Array, types.Number, types.Boolean, types.BaseTuple)
+
+
+@register_pass(mutates_CFG=True, analysis_only=False)
+class _PruneNoneChecks(FunctionPass):
+    """Prune branches on ``argument is None`` for arguments of a type that is never
+    None, as numba prunes them for arguments typed None.
+
+    The kernels take optional arguments (an Lp ``power``, a ``grad`` for the Lp
+    backward's coefficients) and test them with ``is None``; numba decides those
+    tests before typing only where the argument *is* None (or a literal), so each
+    build with the argument given typed and compiled the code for None as well
+    (the channels-last Lp forward compiled the averages' register-window fold, a
+    third of its first call).  Run after inlining, so that the tests in inlined
+    helpers go too."""
+
+    _name = "fastpool_prune_none_checks"
+
+    def __init__(self):
+        FunctionPass.__init__(self)
+
+    def run_pass(self, state):
+        dead_branch_prune(state.func_ir, tuple(
+            _NEVER_NONE if isinstance(t, _NOT_NONE_TYPES) else t for t in state.args))
+        return True
+
+
+class _KernelCompiler(CompilerBase):
+    """numba's nopython pipeline, pruning :class:`_PruneNoneChecks`' branches too."""
+
+    def define_pipelines(self):
+        pipeline = DefaultPassBuilder.define_nopython_pipeline(self.state)
+        pipeline.add_pass_after(_PruneNoneChecks, InlineInlinables)
+        pipeline.finalize()
+        return [pipeline]
+
+
+KERNEL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "noalias": True,
+                      "pipeline_class": _KernelCompiler}
 
 
 @njit(inline="always")
@@ -53,55 +112,86 @@ def share(tasks, part, parts):
     return tasks * part // parts, tasks * (part + 1) // parts
 
 
-def _share_call(returns):
-    """An intrinsic that calls the numba-compiled kernel at ``address`` (an int)
-    with ``(part, parts, *arguments)``, for a kernel returning ``returns`` (none or
-    int64), and gives ``(count, failed)``: the kernel's count (0 for none) and 1
-    when it raised (numba's status), else 0."""
+# A parallel launch runs the kernel's serial build on each numba thread through two
+# small pieces of machine code, so that no ``prange`` loop is compiled per kernel:
+#
+# * the driver, ``_run_packed_shares``: one ``parallel=True`` build for every kernel
+#   and argument type (its arguments are addresses), whose ``prange`` body calls a
+#   *share function* ``void share(int64 part, int64 parts, i8* record, int64* out)``;
+# * the launcher, ``_launch`` (``_launch_counting``): a ``parallel=False`` build per
+#   argument types, which stores the kernel's address and arguments in a record on
+#   its stack, emits the share function that reads that record and calls the kernel,
+#   and calls the driver through its address with both.
+#
+# numba compiles a ``prange`` loop through its parfor passes (a third of a second,
+# every time), and a first call compiled one per kernel signature; a launcher
+# compiles in a few hundredths.
 
-    @intrinsic
-    def call_share(typingctx, address, part, parts, arguments):
-        kernel_types = (types.int64, types.int64) + tuple(arguments.types)
-        result = types.UniTuple(types.int64, 2)
-
-        def codegen(context, builder, sig, args):
-            address_value, part_value, parts_value, packed = args
-            values = [context.cast(builder, part_value, part, types.int64),
-                      context.cast(builder, parts_value, parts, types.int64)]
-            values += [builder.extract_value(packed, i) for i in range(len(arguments))]
-            function_type = context.call_conv.get_function_type(returns, kernel_types)
-            function = builder.inttoptr(address_value, function_type.as_pointer())
-            status, value = context.call_conv.call_function(builder, function, returns,
-                                                            kernel_types, values)
-            count = value if returns == types.int64 else context.get_constant(types.int64, 0)
-            failed = builder.zext(status.is_error, context.get_value_type(types.int64))
-            return context.make_tuple(builder, result, [count, failed])
-
-        return signature(result, address, part, parts, arguments), codegen
-
-    return call_share
+_INT64 = ir.IntType(64)
+_SHARE_FUNCTION_TYPE = ir.FunctionType(
+    ir.VoidType(), [_INT64, _INT64, ir.IntType(8).as_pointer(), _INT64.as_pointer()])
 
 
-_call_share = _share_call(types.none)
-_call_count_share = _share_call(types.int64)
+def _record_type(context, arguments):
+    """The launcher's record: the kernel's address, then its arguments."""
+    return ir.LiteralStructType([_INT64, context.get_value_type(arguments)])
 
 
-# The drivers.  Each share writes its (count, failed) pair into ``results``, summed
-# after the loop: a prange reduction cost each launch 2 us more.  (Element by
-# element: numba's checked row assignment compiles its error message's string
-# formatting, 3 s.)
+def _share_function(context, module, returns, arguments):
+    """Emit (once per module) the share function for a kernel returning ``returns``
+    (none or int64) of ``arguments`` (a tuple type): it calls the kernel at the
+    record's address with ``(part, parts, *arguments)`` and writes ``out[0]``, the
+    kernel's count (0 for none), and ``out[1]``, 1 when it raised, else 0."""
+    name = f"fastpool_share_{returns}_{arguments}"
+    name = "fastpool_share_" + "".join(c if c.isalnum() else "_" for c in name)
+    if name in module.globals:
+        return module.globals[name]
+    function = ir.Function(module, _SHARE_FUNCTION_TYPE, name)
+    function.linkage = "internal"
+    builder = ir.IRBuilder(function.append_basic_block("entry"))
+    part, parts, record, out = function.args
+    record = builder.load(builder.bitcast(record, _record_type(context, arguments)
+                                          .as_pointer()))
+    address, packed = builder.extract_value(record, 0), builder.extract_value(record, 1)
+    kernel_types = (types.int64, types.int64) + tuple(arguments.types)
+    values = [part, parts] + [builder.extract_value(packed, i)
+                              for i in range(len(arguments))]
+    kernel = builder.inttoptr(
+        address, context.call_conv.get_function_type(returns, kernel_types).as_pointer())
+    status, value = context.call_conv.call_function(builder, kernel, returns,
+                                                    kernel_types, values)
+    builder.store(value if returns == types.int64 else _INT64(0), out)
+    builder.store(builder.zext(status.is_error, _INT64), builder.gep(out, [_INT64(1)]))
+    builder.ret_void()
+    return function
+
+
+@intrinsic
+def _call_share(typingctx, share, part, parts, record):
+    """``(count, failed)`` of the share function at address ``share`` for ``part``
+    of ``parts``, reading the launcher's record at address ``record``."""
+    result = types.UniTuple(types.int64, 2)
+
+    def codegen(context, builder, sig, args):
+        share_value, part_value, parts_value, record_value = args
+        out = cgutils.alloca_once(builder, _INT64, size=2)
+        builder.call(builder.inttoptr(share_value, _SHARE_FUNCTION_TYPE.as_pointer()),
+                     [context.cast(builder, part_value, part, types.int64),
+                      context.cast(builder, parts_value, parts, types.int64),
+                      builder.inttoptr(record_value, ir.IntType(8).as_pointer()), out])
+        return context.make_tuple(builder, result, [
+            builder.load(out), builder.load(builder.gep(out, [_INT64(1)]))])
+
+    return signature(result, share, part, parts, record), codegen
+
+
+# Each share writes its (count, failed) pair into ``results``, summed after the loop:
+# a prange reduction cost each launch 2 us more.  (Element by element: numba's checked
+# row assignment compiles its error message's string formatting, 3 s.)
 @njit(**CPU_JIT_OPTIONS)
-def _run_shares(address, parts, arguments, results):
+def _run_packed_shares(share, parts, record, results):
     for part in prange(parts):
-        count, failed = _call_share(address, part, parts, arguments)
-        results[part, 0], results[part, 1] = count, failed
-    return _sum_pairs(results, parts)
-
-
-@njit(**CPU_JIT_OPTIONS)
-def _count_shares(address, parts, arguments, results):
-    for part in prange(parts):
-        count, failed = _call_count_share(address, part, parts, arguments)
+        count, failed = _call_share(share, part, parts, record)
         results[part, 0], results[part, 1] = count, failed
     return _sum_pairs(results, parts)
 
@@ -113,6 +203,65 @@ def _sum_pairs(results, parts):
         total += results[part, 0]
         failed += results[part, 1]
     return total, failed
+
+
+_DRIVER_TYPES = (types.int64, types.int64, types.int64, types.int64[:, ::1])
+
+
+@functools.cache
+def _driver_address() -> int:
+    """The address of the driver's one build (compiled, or loaded from numba's cache,
+    at the first parallel launch)."""
+    _run_packed_shares.compile(_DRIVER_TYPES)
+    compiled = _run_packed_shares.overloads[_DRIVER_TYPES]
+    return compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
+
+
+def _launcher(returns):
+    """An intrinsic that runs the kernel at address ``kernel`` (returning ``returns``)
+    on ``parts`` shares through the driver at address ``driver``, and gives the
+    driver's ``(count, failed)`` sums."""
+
+    @intrinsic
+    def launch_shares(typingctx, driver, kernel, parts, arguments, results):
+        result = types.UniTuple(types.int64, 2)
+
+        def codegen(context, builder, sig, args):
+            driver_value, kernel_value, parts_value, packed, results_value = args
+            share = _share_function(context, builder.module, returns, arguments)
+            record_type = _record_type(context, arguments)
+            record = cgutils.alloca_once(builder, record_type)
+            value = builder.insert_value(record_type(ir.Undefined), kernel_value, 0)
+            builder.store(builder.insert_value(value, packed, 1), record)
+            function = builder.inttoptr(driver_value, context.call_conv.get_function_type(
+                result, _DRIVER_TYPES).as_pointer())
+            status, sums = context.call_conv.call_function(
+                builder, function, result, _DRIVER_TYPES,
+                [builder.ptrtoint(share, _INT64),
+                 context.cast(builder, parts_value, parts, types.int64),
+                 builder.ptrtoint(record, _INT64), results_value])
+            with cgutils.if_unlikely(builder, status.is_error):
+                context.call_conv.return_status_propagate(builder, status)
+            return sums
+
+        return signature(result, driver, kernel, parts, arguments, results), codegen
+
+    return launch_shares
+
+
+_launch_shares = _launcher(types.none)
+_launch_counting_shares = _launcher(types.int64)
+_LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+
+
+@njit(**_LAUNCHER_JIT_OPTIONS)
+def _launch(driver, kernel, parts, arguments, results):
+    return _launch_shares(driver, kernel, parts, arguments, results)
+
+
+@njit(**_LAUNCHER_JIT_OPTIONS)
+def _launch_counting(driver, kernel, parts, arguments, results):
+    return _launch_counting_shares(driver, kernel, parts, arguments, results)
 
 
 def _type_key(value):
@@ -163,8 +312,8 @@ class TaskKernel:
     def run_shares(self, parts: int, arguments: tuple, address: int | None = None):
         """Run ``parts`` shares of the tasks on numba's threads; ``address``: the
         :meth:`address` for these arguments' types, when the caller knows it."""
-        count, failed = (_count_shares if self.counts else _run_shares)(
-            address or self.address(arguments), parts, arguments,
+        count, failed = (_launch_counting if self.counts else _launch)(
+            _driver_address(), address or self.address(arguments), parts, arguments,
             np.empty((parts, 2), np.int64))
         if failed:
             raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
@@ -190,9 +339,10 @@ class TaskKernel:
         return found
 
     def dispatchers(self) -> list:
-        """The numba dispatchers this kernel runs: its serial build, then the
-        drivers (shared by every kernel)."""
-        return [self.body, _count_shares if self.counts else _run_shares]
+        """The numba dispatchers this kernel runs: its serial build, then its
+        parallel launch's launcher and driver (both shared by every kernel)."""
+        return [self.body, _launch_counting if self.counts else _launch,
+                _run_packed_shares]
 
 
 def _reset_after_fork() -> None:
