@@ -12,6 +12,7 @@ import sys
 import threading
 
 import numpy as np
+from numba import njit
 import pytest
 from numpy.testing import assert_array_equal
 
@@ -456,3 +457,45 @@ def test_builds_compiled_by_two_processes_run_their_own_code(tmp_path):
     second = run_on_disk_cache(BUILDS_SCRIPT.format(names=["2x2"]), tmp_path)
     both = run_on_disk_cache(BUILDS_SCRIPT.format(names=["3x3", "2x2"]), tmp_path)
     assert both == {**first, **second}
+
+
+@njit
+def _only_without_power(x):
+    return x + 1.0
+
+
+@njit
+def _only_with_power(x):
+    return x + 2.0
+
+
+@tasks.parallel_kernel
+def _optional_power(part, parts, x, out, power):
+    for i in range(*tasks.share(x.size, part, parts)):
+        if power is None:
+            out[i] = _only_without_power(x[i])
+        else:
+            out[i] = _only_with_power(x[i]) * power
+
+
+def test_kernel_builds_compile_only_the_branches_their_none_arguments_reach():
+    # numba decides ``power is None`` before typing only where power *is* None: a
+    # build with power given typed and compiled the other branch's helper too.
+    x, out = np.arange(4.0), np.empty(4)
+    _optional_power.serial(x, out, 3.0)
+    np.testing.assert_array_equal(out, (x + 2.0) * 3.0)
+    assert _only_with_power.signatures and not _only_without_power.signatures
+    _optional_power(x, out, None)  # in parallel, through the shared driver
+    np.testing.assert_array_equal(out, x + 1.0)
+    assert _only_without_power.signatures
+
+
+def test_one_parallel_driver_serves_every_kernel_and_argument_type():
+    for dtype in (np.float32, np.float64):
+        x = np.ones((2, 3, 64, 64), dtype)
+        fastpool.avg_pool2d(x, 2)
+        fastpool.max_pool2d_backward(*fastpool.max_pool2d(x, 2, return_indices=True),
+                                     x.shape)
+    launched = [kernel for kernel in tasks.task_kernels() if kernel._addresses]
+    drivers = {id(kernel.dispatchers()[2]) for kernel in launched}
+    assert len(drivers) == 1 and len(tasks._run_packed_shares.signatures) == 1
