@@ -367,17 +367,17 @@ def test_serial_launches_agree_with_the_parallel_ones(monkeypatch):
     for name in parallel:
         assert_same(serial[name], parallel[name])
     # One parallel=False build per kernel serves both launches: a parallel launch
-    # runs it through its address from a launcher and a prange driver shared by the
-    # kernels.
+    # runs it through its address from a launcher shared by the kernels, which hands
+    # numba's threading layer a loop over the shares (no prange loop compiled).
     kernel = kernels.max_pool_channels_first(kernels.NO_SWEEP)
     assert kernels.max_pool_channels_first(kernels.NO_SWEEP) is kernel
     launched = [kernel for kernel in tasks.task_kernels() if kernel._addresses]
     assert len(launched) >= 20
     for kernel in launched:
-        body, launcher, driver = kernel.dispatchers()
-        assert body.targetoptions["parallel"] is False and driver.targetoptions["parallel"]
+        body, launcher = kernel.dispatchers()
+        assert body.targetoptions["parallel"] is False
         assert launcher.targetoptions["parallel"] is False
-        assert body.signatures and launcher.signatures and len(driver.signatures) == 1
+        assert body.signatures and launcher.signatures
 
 
 def test_serial_launches_need_no_threading_layer():
@@ -399,28 +399,26 @@ from fastpool.cpu import kernels
 fastpool.max_pool2d(np.ones((1, 1, 2, 64), np.float32), 2)  # serial (rows of 32 outputs)
 fastpool.max_pool2d(np.ones((4, 8, 64, 64), np.float32), 2)  # parallel
 kernel = kernels.max_pool_channels_first((2, 2))  # the build for 2x2 windows, stride 2
-builds = dict(zip(["kernel", "launcher", "driver"], kernel.dispatchers()))
+builds = dict(zip(["kernel", "launcher"], kernel.dispatchers()))
 print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()),
                          k.targetoptions["parallel"]] for name, k in builds.items()}))
 """
 
 
 @pytest.mark.slow
-def test_kernel_launcher_and_driver_have_their_own_disk_cache_entries(tmp_path):
+def test_kernel_and_launcher_have_their_own_disk_cache_entries(tmp_path):
     def run():
         return run_on_disk_cache(DISK_CACHE_SCRIPT, tmp_path)
 
-    # The serial launch compiled the kernel; the parallel one, its launcher and driver.
+    # The serial launch compiled the kernel; the parallel one, its launcher only.
     cold = run()
-    assert cold == {"kernel": [0, 1, False], "launcher": [0, 1, False],
-                    "driver": [0, 1, True]}, cold
+    assert cold == {"kernel": [0, 1, False], "launcher": [0, 1, False]}, cold
     indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")
                      if "max_pool_channels_first" in p.name or "tasks._" in p.name)
     assert indexes == ["kernels.max_pool_channels_first.locals.max_pool_channels_first",
-                       "tasks._launch", "tasks._run_packed_shares"], indexes
+                       "tasks._launch"], indexes
     warm = run()  # each loads its own machine code, compiling nothing
-    assert warm == {"kernel": [1, 0, False], "launcher": [1, 0, False],
-                    "driver": [1, 0, True]}, warm
+    assert warm == {"kernel": [1, 0, False], "launcher": [1, 0, False]}, warm
 
 
 def test_work_estimates_take_empty_operands():
@@ -469,7 +467,6 @@ def _only_with_power(x):
     return x + 2.0
 
 
-@tasks.parallel_kernel
 def _optional_power(part, parts, x, out, power):
     for i in range(*tasks.share(x.size, part, parts)):
         if power is None:
@@ -481,21 +478,30 @@ def _optional_power(part, parts, x, out, power):
 def test_kernel_builds_compile_only_the_branches_their_none_arguments_reach():
     # numba decides ``power is None`` before typing only where power *is* None: a
     # build with power given typed and compiled the other branch's helper too.
+    # (Compiled here without the disk cache, which would load the helpers' code.)
+    build = njit(**{**tasks.KERNEL_JIT_OPTIONS, "cache": False})(_optional_power)
     x, out = np.arange(4.0), np.empty(4)
-    _optional_power.serial(x, out, 3.0)
+    build(0, 1, x, out, 3.0)
     np.testing.assert_array_equal(out, (x + 2.0) * 3.0)
     assert _only_with_power.signatures and not _only_without_power.signatures
-    _optional_power(x, out, None)  # in parallel, through the shared driver
+    tasks.parallel_kernel(_optional_power).run_shares(2, (x, out, None))
     np.testing.assert_array_equal(out, x + 1.0)
-    assert _only_without_power.signatures
 
 
-def test_one_parallel_driver_serves_every_kernel_and_argument_type():
-    for dtype in (np.float32, np.float64):
-        x = np.ones((2, 3, 64, 64), dtype)
-        fastpool.avg_pool2d(x, 2)
-        fastpool.max_pool2d_backward(*fastpool.max_pool2d(x, 2, return_indices=True),
-                                     x.shape)
-    launched = [kernel for kernel in tasks.task_kernels() if kernel._addresses]
-    drivers = {id(kernel.dispatchers()[2]) for kernel in launched}
-    assert len(drivers) == 1 and len(tasks._run_packed_shares.signatures) == 1
+@tasks.parallel_kernel(counts=True)
+def _count_or_raise(part, parts, x, fail):
+    """Counts its share's tasks; raises (numba's status) in share ``fail``."""
+    first, last = tasks.share(x.size, part, parts)
+    if part == fail:
+        raise ValueError("share failed")
+    return last - first
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_parallel_launches_sum_the_shares_and_report_kernels_that_raised(parts):
+    x = np.empty(10)
+    assert _count_or_raise.run_shares(parts, (x, -1)) == 10
+    with pytest.raises(RuntimeError, match="_count_or_raise raised in 1 of its parallel"):
+        _count_or_raise.run_shares(parts, (x, parts - 1))
+    no_tasks = np.empty(0)
+    assert _count_or_raise.run_shares(parts, (no_tasks, -1)) == 0

@@ -7,17 +7,17 @@ compiles that function once, with ``parallel=False``, and returns a
 :class:`TaskKernel`:
 
 * ``kernel.serial(*arguments)`` runs every task in this thread (one share of one);
-* ``kernel(*arguments)`` runs one share per numba thread: a ``prange`` driver,
-  one build for every kernel, calls the serial build's machine code through its
-  address (see ``_run_packed_shares``).
+* ``kernel(*arguments)`` runs one share per numba thread: a launcher hands numba's
+  threading layer a loop that calls the serial build's machine code through its
+  address (see ``_launch``).
 
 Why not ``@njit(parallel=True)`` on each kernel: numba's parfor passes compile a
 ``prange`` body a second time, as a gufunc with everything inlined into it, and
 small calls want a ``parallel=False`` build of the same source as well, so each
 kernel compiled twice.  A call through an address does not link the kernel
 into the driver either (a call of the dispatcher would: LLVM optimises and
-emits the kernel's code again there).  So a kernel compiles once, the driver
-once, and a small launcher per argument types.  A cold parallel first call of
+emits the kernel's code again there).  So a kernel compiles once, and a small
+launcher per argument types.  A cold parallel first call of
 average pooling compiled for 5.4 s as a ``parallel=True`` kernel (7.8 s in a
 process that ran it serially too), and compiles for 1.3 s as a task kernel,
 whatever the process runs.
@@ -29,13 +29,12 @@ optional arguments (None or given) reach.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, typeof, types
+from numba import get_num_threads, njit, typeof, types
 from numba.core import cgutils, cpu, options
 from numba.core.analysis import dead_branch_prune
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
@@ -112,24 +111,33 @@ def share(tasks, part, parts):
     return tasks * part // parts, tasks * (part + 1) // parts
 
 
-# A parallel launch runs the kernel's serial build on each numba thread through two
-# small pieces of machine code, so that no ``prange`` loop is compiled per kernel:
+# A parallel launch runs the kernel's serial build on each numba thread through the
+# launcher, ``_launch`` (``_launch_counting``): a ``parallel=False`` build per argument
+# types, which stores the kernel's address and arguments in a record on its stack,
+# emits a *share function* that reads that record and calls the kernel for one share,
+# and hands a loop over shares to numba's threading layer (``numba_parallel_for``,
+# the entry point of numba's parallel ufuncs and ``prange`` loops; tbb, workqueue and
+# omp each split ``dimensions[0]`` into chunks and call the loop once a chunk, its
+# ``args[0]`` advanced to the chunk's first element).
 #
-# * the driver, ``_run_packed_shares``: one ``parallel=True`` build for every kernel
-#   and argument type (its arguments are addresses), whose ``prange`` body calls a
-#   *share function* ``void share(int64 part, int64 parts, i8* record, int64* out)``;
-# * the launcher, ``_launch`` (``_launch_counting``): a ``parallel=False`` build per
-#   argument types, which stores the kernel's address and arguments in a record on
-#   its stack, emits the share function that reads that record and calls the kernel,
-#   and calls the driver through its address with both.
-#
-# numba compiles a ``prange`` loop through its parfor passes (a third of a second,
-# every time), and a first call compiled one per kernel signature; a launcher
-# compiles in a few hundredths.
+# No ``prange`` loop, then: numba's parfor passes compiled one per kernel signature
+# (a third of a second each, a fifth for the one generic driver that replaced them),
+# and a launcher compiles in a few hundredths.
 
 _INT64 = ir.IntType(64)
-_SHARE_FUNCTION_TYPE = ir.FunctionType(
-    ir.VoidType(), [_INT64, _INT64, ir.IntType(8).as_pointer(), _INT64.as_pointer()])
+_BYTES = ir.IntType(8).as_pointer()
+_SHARE_FUNCTION_TYPE = ir.FunctionType(ir.VoidType(), [_INT64, _INT64, _BYTES,
+                                                       _INT64.as_pointer()])
+# numba's ufunc inner loop: void loop(char **args, intp *dimensions, intp *steps, void *data)
+_LOOP_FUNCTION_TYPE = ir.FunctionType(ir.VoidType(), [
+    _BYTES.as_pointer(), _INT64.as_pointer(), _INT64.as_pointer(), _BYTES])
+# void numba_parallel_for(loop, args, dimensions, steps, data, inner_ndim, array_count,
+#                         num_threads)
+_PARALLEL_FOR_TYPE = ir.FunctionType(ir.VoidType(), [_BYTES] * 5 + [_INT64] * 2 +
+                                     [ir.IntType(32)])
+# The loop's data: the share function, the share count, the record, the results.
+_LOOP_DATA_TYPE = ir.LiteralStructType([_INT64] * 4)
+_RESULT_BYTES = 16  # a share's (count, failed) row of ``results``
 
 
 def _record_type(context, arguments):
@@ -137,17 +145,32 @@ def _record_type(context, arguments):
     return ir.LiteralStructType([_INT64, context.get_value_type(arguments)])
 
 
+def _pack(builder, struct_type, fields):
+    """A ``struct_type`` value of ``fields``."""
+    value = struct_type(ir.Undefined)
+    for i, field in enumerate(fields):
+        value = builder.insert_value(value, field, i)
+    return value
+
+
+def _internal_function(module, function_type, name):
+    """A new function of ``module`` (or None when it has one of that name)."""
+    if name in module.globals:
+        return None
+    function = ir.Function(module, function_type, name)
+    function.linkage = "internal"
+    return function
+
+
 def _share_function(context, module, returns, arguments):
     """Emit (once per module) the share function for a kernel returning ``returns``
     (none or int64) of ``arguments`` (a tuple type): it calls the kernel at the
     record's address with ``(part, parts, *arguments)`` and writes ``out[0]``, the
     kernel's count (0 for none), and ``out[1]``, 1 when it raised, else 0."""
-    name = f"fastpool_share_{returns}_{arguments}"
-    name = "fastpool_share_" + "".join(c if c.isalnum() else "_" for c in name)
-    if name in module.globals:
-        return module.globals[name]
-    function = ir.Function(module, _SHARE_FUNCTION_TYPE, name)
-    function.linkage = "internal"
+    name = "".join(c if c.isalnum() else "_" for c in f"{returns}_{arguments}")
+    function = _internal_function(module, _SHARE_FUNCTION_TYPE, "fastpool_share_" + name)
+    if function is None:
+        return module.globals["fastpool_share_" + name]
     builder = ir.IRBuilder(function.append_basic_block("entry"))
     part, parts, record, out = function.args
     record = builder.load(builder.bitcast(record, _record_type(context, arguments)
@@ -166,34 +189,70 @@ def _share_function(context, module, returns, arguments):
     return function
 
 
-@intrinsic
-def _call_share(typingctx, share, part, parts, record):
-    """``(count, failed)`` of the share function at address ``share`` for ``part``
-    of ``parts``, reading the launcher's record at address ``record``."""
-    result = types.UniTuple(types.int64, 2)
+def _loop_function(module):
+    """Emit (once per module) the threading layer's loop: shares ``[first, first +
+    dimensions[0])``, where ``first`` is ``args[0]``'s row of ``results``."""
+    function = _internal_function(module, _LOOP_FUNCTION_TYPE, "fastpool_share_loop")
+    if function is None:
+        return module.globals["fastpool_share_loop"]
+    builder = ir.IRBuilder(function.append_basic_block("entry"))
+    args, dimensions, _, data = function.args
+    data = builder.load(builder.bitcast(data, _LOOP_DATA_TYPE.as_pointer()))
+    share, parts, record, results = (builder.extract_value(data, i) for i in range(4))
+    share = builder.inttoptr(share, _SHARE_FUNCTION_TYPE.as_pointer())
+    offset = builder.sub(builder.ptrtoint(builder.load(args), _INT64), results)
+    first = builder.udiv(offset, _INT64(_RESULT_BYTES))
+    with cgutils.for_range(builder, builder.load(dimensions)) as loop:
+        part = builder.add(first, loop.index)
+        out = builder.add(results, builder.mul(part, _INT64(_RESULT_BYTES)))
+        builder.call(share, [part, parts, builder.inttoptr(record, _BYTES),
+                             builder.inttoptr(out, _INT64.as_pointer())])
+    builder.ret_void()
+    return function
 
-    def codegen(context, builder, sig, args):
-        share_value, part_value, parts_value, record_value = args
-        out = cgutils.alloca_once(builder, _INT64, size=2)
-        builder.call(builder.inttoptr(share_value, _SHARE_FUNCTION_TYPE.as_pointer()),
-                     [context.cast(builder, part_value, part, types.int64),
-                      context.cast(builder, parts_value, parts, types.int64),
-                      builder.inttoptr(record_value, ir.IntType(8).as_pointer()), out])
-        return context.make_tuple(builder, result, [
-            builder.load(out), builder.load(builder.gep(out, [_INT64(1)]))])
 
-    return signature(result, share, part, parts, record), codegen
+def _launcher(returns):
+    """An intrinsic that runs the kernel at address ``kernel`` (returning ``returns``)
+    on ``parts`` shares, one per numba thread, each writing its ``(count, failed)``
+    into its row of ``results`` (a C-contiguous ``(parts, 2)`` int64 array)."""
+
+    @intrinsic
+    def launch_shares(typingctx, kernel, parts, arguments, results):
+        def codegen(context, builder, sig, args):
+            kernel_value, parts_value, packed, results_value = args
+            parts_value = context.cast(builder, parts_value, parts, types.int64)
+            record_type = _record_type(context, arguments)
+            record = cgutils.alloca_once(builder, record_type)
+            builder.store(_pack(builder, record_type, [kernel_value, packed]), record)
+            results_data = context.make_array(results)(context, builder,
+                                                       results_value).data
+            data = cgutils.alloca_once(builder, _LOOP_DATA_TYPE)
+            share = _share_function(context, builder.module, returns, arguments)
+            fields = [builder.ptrtoint(share, _INT64), parts_value,
+                      builder.ptrtoint(record, _INT64),
+                      builder.ptrtoint(results_data, _INT64)]
+            builder.store(_pack(builder, _LOOP_DATA_TYPE, fields), data)
+            loop_args = cgutils.alloca_once_value(builder,
+                                                  builder.bitcast(results_data, _BYTES))
+            dimensions = cgutils.alloca_once_value(builder, parts_value)
+            steps = cgutils.alloca_once_value(builder, _INT64(_RESULT_BYTES))
+            parallel_for = cgutils.get_or_insert_function(
+                builder.module, _PARALLEL_FOR_TYPE, "numba_parallel_for")
+            builder.call(parallel_for, [
+                builder.bitcast(_loop_function(builder.module), _BYTES),
+                builder.bitcast(loop_args, _BYTES), builder.bitcast(dimensions, _BYTES),
+                builder.bitcast(steps, _BYTES), builder.bitcast(data, _BYTES),
+                _INT64(0), _INT64(1), builder.trunc(parts_value, ir.IntType(32))])
+            return context.get_dummy_value()
+
+        return signature(types.none, kernel, parts, arguments, results), codegen
+
+    return launch_shares
 
 
-# Each share writes its (count, failed) pair into ``results``, summed after the loop:
-# a prange reduction cost each launch 2 us more.  (Element by element: numba's checked
-# row assignment compiles its error message's string formatting, 3 s.)
-@njit(**CPU_JIT_OPTIONS)
-def _run_packed_shares(share, parts, record, results):
-    for part in prange(parts):
-        count, failed = _call_share(share, part, parts, record)
-        results[part, 0], results[part, 1] = count, failed
-    return _sum_pairs(results, parts)
+_launch_shares = _launcher(types.none)
+_launch_counting_shares = _launcher(types.int64)
+_LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
 
 
 @njit(inline="always")
@@ -205,63 +264,16 @@ def _sum_pairs(results, parts):
     return total, failed
 
 
-_DRIVER_TYPES = (types.int64, types.int64, types.int64, types.int64[:, ::1])
-
-
-@functools.cache
-def _driver_address() -> int:
-    """The address of the driver's one build (compiled, or loaded from numba's cache,
-    at the first parallel launch)."""
-    _run_packed_shares.compile(_DRIVER_TYPES)
-    compiled = _run_packed_shares.overloads[_DRIVER_TYPES]
-    return compiled.library.get_pointer_to_function(compiled.fndesc.llvm_func_name)
-
-
-def _launcher(returns):
-    """An intrinsic that runs the kernel at address ``kernel`` (returning ``returns``)
-    on ``parts`` shares through the driver at address ``driver``, and gives the
-    driver's ``(count, failed)`` sums."""
-
-    @intrinsic
-    def launch_shares(typingctx, driver, kernel, parts, arguments, results):
-        result = types.UniTuple(types.int64, 2)
-
-        def codegen(context, builder, sig, args):
-            driver_value, kernel_value, parts_value, packed, results_value = args
-            share = _share_function(context, builder.module, returns, arguments)
-            record_type = _record_type(context, arguments)
-            record = cgutils.alloca_once(builder, record_type)
-            value = builder.insert_value(record_type(ir.Undefined), kernel_value, 0)
-            builder.store(builder.insert_value(value, packed, 1), record)
-            function = builder.inttoptr(driver_value, context.call_conv.get_function_type(
-                result, _DRIVER_TYPES).as_pointer())
-            status, sums = context.call_conv.call_function(
-                builder, function, result, _DRIVER_TYPES,
-                [builder.ptrtoint(share, _INT64),
-                 context.cast(builder, parts_value, parts, types.int64),
-                 builder.ptrtoint(record, _INT64), results_value])
-            with cgutils.if_unlikely(builder, status.is_error):
-                context.call_conv.return_status_propagate(builder, status)
-            return sums
-
-        return signature(result, driver, kernel, parts, arguments, results), codegen
-
-    return launch_shares
-
-
-_launch_shares = _launcher(types.none)
-_launch_counting_shares = _launcher(types.int64)
-_LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+@njit(**_LAUNCHER_JIT_OPTIONS)
+def _launch(kernel, parts, arguments, results):
+    _launch_shares(kernel, parts, arguments, results)
+    return _sum_pairs(results, parts)
 
 
 @njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch(driver, kernel, parts, arguments, results):
-    return _launch_shares(driver, kernel, parts, arguments, results)
-
-
-@njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch_counting(driver, kernel, parts, arguments, results):
-    return _launch_counting_shares(driver, kernel, parts, arguments, results)
+def _launch_counting(kernel, parts, arguments, results):
+    _launch_counting_shares(kernel, parts, arguments, results)
+    return _sum_pairs(results, parts)
 
 
 def _type_key(value):
@@ -312,9 +324,13 @@ class TaskKernel:
     def run_shares(self, parts: int, arguments: tuple, address: int | None = None):
         """Run ``parts`` shares of the tasks on numba's threads; ``address``: the
         :meth:`address` for these arguments' types, when the caller knows it."""
+        if address is None:
+            from fastpool.cpu.runtime import threading_layer
+
+            threading_layer()  # numba_parallel_for exists once the layer has started
+            address = self.address(arguments)
         count, failed = (_launch_counting if self.counts else _launch)(
-            _driver_address(), address or self.address(arguments), parts, arguments,
-            np.empty((parts, 2), np.int64))
+            address, parts, arguments, np.empty((parts, 2), np.int64))
         if failed:
             raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
                                f"{failed} of its parallel shares (out of memory?)")
@@ -340,9 +356,8 @@ class TaskKernel:
 
     def dispatchers(self) -> list:
         """The numba dispatchers this kernel runs: its serial build, then its
-        parallel launch's launcher and driver (both shared by every kernel)."""
-        return [self.body, _launch_counting if self.counts else _launch,
-                _run_packed_shares]
+        parallel launches' launcher (shared by every kernel)."""
+        return [self.body, _launch_counting if self.counts else _launch]
 
 
 def _reset_after_fork() -> None:
