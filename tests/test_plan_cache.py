@@ -12,8 +12,8 @@ import sys
 import threading
 
 import numpy as np
-from numba import njit
 import pytest
+from numba import njit
 from numpy.testing import assert_array_equal
 
 import fastpool
