@@ -36,7 +36,6 @@ needs no threading layer, thread count or lock.
 from __future__ import annotations
 
 import ctypes
-import functools
 import importlib.machinery
 import importlib.util
 import logging
@@ -230,15 +229,14 @@ def bind(kernel, *tail, work: int, serial: bool | None = None):
             return result
 
         return run_in_parallel
-    run = functools.partial(kernel.body, 0, 1)  # kernel.serial, less a Python frame
-    launched = False  # once true, skip _run_serial's first-launch bookkeeping
+    address = None  # as the parallel launcher's
 
     def run_serially(*arrays):
-        nonlocal launched
-        if launched:
-            return run(*arrays, *tail)
+        nonlocal address
+        if address is not None:
+            return kernel.run_shares(1, arrays + tail, address)
         result = _run_serial(kernel, arrays + tail)
-        launched = True
+        address = kernel.address(arrays + tail)
         return result
 
     return run_serially

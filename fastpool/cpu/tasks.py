@@ -33,7 +33,7 @@ import os
 import threading
 
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import get_num_threads, njit, typeof, types
 from numba.core import cgutils, cpu, options
 from numba.core.analysis import dead_branch_prune
@@ -211,18 +211,43 @@ def _loop_function(module):
     return function
 
 
+def _unowned(context, builder, arguments, packed):
+    """``packed`` (a value of the tuple type ``arguments``) with each array's owner
+    (its meminfo, and the parent object) dropped.
+
+    The kernel then takes views of its arrays without reference counting: numba's
+    reference counts are atomic, and the kernels' row views of an argument, on every
+    thread, incremented and decremented its one count, a cache line the threads took
+    from each other (a batch-1 max pooling ran 2x slower on two threads than on
+    one).  numba's own parallel loops see their arrays so too.  The caller holds the
+    arrays for the call."""
+    values = []
+    for i, kind in enumerate(arguments.types):
+        value = builder.extract_value(packed, i)
+        if isinstance(kind, types.Array):
+            array = context.make_array(kind)(context, builder, value)
+            array.meminfo = cgutils.get_null_value(array.meminfo.type)
+            array.parent = cgutils.get_null_value(array.parent.type)
+            value = array._getvalue()
+        values.append(value)
+    return context.make_tuple(builder, arguments, values)
+
+
 def _launcher(returns):
     """An intrinsic that runs the kernel at address ``kernel`` (returning ``returns``)
-    on ``parts`` shares, one per numba thread, each writing its ``(count, failed)``
-    into its row of ``results`` (a C-contiguous ``(parts, 2)`` int64 array)."""
+    on ``parts`` shares, each writing its ``(count, failed)`` into its row of
+    ``results`` (a C-contiguous ``(parts, 2)`` int64 array): one share per numba
+    thread through ``parallel_for`` (the address of ``numba_parallel_for``), or, when
+    that is 0, every share in this thread (which needs no threading layer)."""
 
     @intrinsic
-    def launch_shares(typingctx, kernel, parts, arguments, results):
+    def launch_shares(typingctx, parallel_for, kernel, parts, arguments, results):
         def codegen(context, builder, sig, args):
-            kernel_value, parts_value, packed, results_value = args
+            parallel_for_value, kernel_value, parts_value, packed, results_value = args
             parts_value = context.cast(builder, parts_value, parts, types.int64)
             record_type = _record_type(context, arguments)
             record = cgutils.alloca_once(builder, record_type)
+            packed = _unowned(context, builder, arguments, packed)
             builder.store(_pack(builder, record_type, [kernel_value, packed]), record)
             results_data = context.make_array(results)(context, builder,
                                                        results_value).data
@@ -236,16 +261,23 @@ def _launcher(returns):
                                                   builder.bitcast(results_data, _BYTES))
             dimensions = cgutils.alloca_once_value(builder, parts_value)
             steps = cgutils.alloca_once_value(builder, _INT64(_RESULT_BYTES))
-            parallel_for = cgutils.get_or_insert_function(
-                builder.module, _PARALLEL_FOR_TYPE, "numba_parallel_for")
-            builder.call(parallel_for, [
-                builder.bitcast(_loop_function(builder.module), _BYTES),
-                builder.bitcast(loop_args, _BYTES), builder.bitcast(dimensions, _BYTES),
-                builder.bitcast(steps, _BYTES), builder.bitcast(data, _BYTES),
-                _INT64(0), _INT64(1), builder.trunc(parts_value, ir.IntType(32))])
+            loop = _loop_function(builder.module)
+            loop_operands = [loop_args, dimensions, steps, builder.bitcast(data, _BYTES)]
+            in_this_thread = builder.icmp_unsigned("==", parallel_for_value, _INT64(0))
+            with builder.if_else(in_this_thread) as (serial, parallel):
+                with serial:
+                    builder.call(loop, loop_operands)
+                with parallel:
+                    function = builder.inttoptr(parallel_for_value,
+                                                _PARALLEL_FOR_TYPE.as_pointer())
+                    builder.call(function, [
+                        builder.bitcast(value, _BYTES)
+                        for value in [loop, *loop_operands]] + [
+                        _INT64(0), _INT64(1), builder.trunc(parts_value, ir.IntType(32))])
             return context.get_dummy_value()
 
-        return signature(types.none, kernel, parts, arguments, results), codegen
+        return (signature(types.none, parallel_for, kernel, parts, arguments, results),
+                codegen)
 
     return launch_shares
 
@@ -265,15 +297,30 @@ def _sum_pairs(results, parts):
 
 
 @njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch(kernel, parts, arguments, results):
-    _launch_shares(kernel, parts, arguments, results)
+def _launch(parallel_for, kernel, parts, arguments, results):
+    _launch_shares(parallel_for, kernel, parts, arguments, results)
     return _sum_pairs(results, parts)
 
 
 @njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch_counting(kernel, parts, arguments, results):
-    _launch_counting_shares(kernel, parts, arguments, results)
+def _launch_counting(parallel_for, kernel, parts, arguments, results):
+    _launch_counting_shares(parallel_for, kernel, parts, arguments, results)
     return _sum_pairs(results, parts)
+
+
+_parallel_for = 0
+
+
+def _parallel_for_address() -> int:
+    """The address of numba's ``numba_parallel_for``, starting fastpool's threading
+    layer (:func:`fastpool.cpu.runtime.threading_layer`) the first time."""
+    global _parallel_for
+    if not _parallel_for:
+        from fastpool.cpu.runtime import threading_layer
+
+        threading_layer()
+        _parallel_for = binding.address_of_symbol("numba_parallel_for")
+    return _parallel_for
 
 
 def _type_key(value):
@@ -315,25 +362,23 @@ class TaskKernel:
 
     def serial(self, *arguments):
         """Run every task in this thread."""
-        return self.body(0, 1, *arguments)
+        return self.run_shares(1, arguments)
 
     def __call__(self, *arguments):
         """Run one share of the tasks per numba thread (``numba.get_num_threads()``)."""
         return self.run_shares(get_num_threads(), arguments)
 
     def run_shares(self, parts: int, arguments: tuple, address: int | None = None):
-        """Run ``parts`` shares of the tasks on numba's threads; ``address``: the
-        :meth:`address` for these arguments' types, when the caller knows it."""
-        if address is None:
-            from fastpool.cpu.runtime import threading_layer
-
-            threading_layer()  # numba_parallel_for exists once the layer has started
-            address = self.address(arguments)
+        """Run ``parts`` shares of the tasks, one per numba thread (or, for one share,
+        in this thread); ``address``: the :meth:`address` for these arguments' types,
+        when the caller knows it."""
         count, failed = (_launch_counting if self.counts else _launch)(
-            address, parts, arguments, np.empty((parts, 2), np.int64))
+            _parallel_for_address() if parts > 1 else 0,
+            address or self.address(arguments), parts, arguments,
+            np.empty((parts, 2), np.int64))
         if failed:
             raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
-                               f"{failed} of its parallel shares (out of memory?)")
+                               f"{failed} of its {parts} shares (out of memory?)")
         return count if self.counts else None
 
     def address(self, arguments) -> int:
