@@ -479,12 +479,13 @@ def test_kernel_builds_compile_only_the_branches_their_none_arguments_reach():
     # numba decides ``power is None`` before typing only where power *is* None: a
     # build with power given typed and compiled the other branch's helper too.
     # (Compiled here without the disk cache, which would load the helpers' code.)
-    build = njit(**{**tasks.KERNEL_JIT_OPTIONS, "cache": False})(_optional_power)
+    kernel = tasks.parallel_kernel(_optional_power)
+    kernel.body = njit(**{**tasks.KERNEL_JIT_OPTIONS, "cache": False})(_optional_power)
     x, out = np.arange(4.0), np.empty(4)
-    build(0, 1, x, out, 3.0)
+    kernel.serial(x, out, 3.0)
     np.testing.assert_array_equal(out, (x + 2.0) * 3.0)
     assert _only_with_power.signatures and not _only_without_power.signatures
-    tasks.parallel_kernel(_optional_power).run_shares(2, (x, out, None))
+    kernel.run_shares(2, (x, out, None))
     np.testing.assert_array_equal(out, x + 1.0)
 
 

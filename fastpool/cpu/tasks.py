@@ -100,8 +100,11 @@ class _KernelCompiler(CompilerBase):
         return [pipeline]
 
 
+# A kernel is called only through its address (see the launcher below): numba's
+# wrappers for calls from Python and C (a twentieth of a second a build) go.
 KERNEL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "noalias": True,
-                      "pipeline_class": _KernelCompiler}
+                      "pipeline_class": _KernelCompiler, "no_cpython_wrapper": True,
+                      "no_cfunc_wrapper": True}
 
 
 @njit(inline="always")
@@ -284,7 +287,7 @@ def _launcher(returns):
 
 _launch_shares = _launcher(types.none)
 _launch_counting_shares = _launcher(types.int64)
-_LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+_LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cfunc_wrapper": True}
 
 
 @njit(inline="always")
