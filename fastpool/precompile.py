@@ -273,10 +273,10 @@ def precompile(ops=None, dtypes=None, progress=True, *, layouts=None) -> dict:
 
 def _kernels() -> list:
     """fastpool's cached CPU kernels in this process, as numba dispatchers: each
-    task kernel's serial build and, once launched in parallel, its driver."""
+    task kernel's build and the launcher that runs it."""
     from fastpool.cpu import conv, gem, kernels, tasks  # noqa: F401  (their kernels)
     found = {id(dispatcher): dispatcher for kernel in tasks.task_kernels()
-             for dispatcher in kernel.dispatchers()}  # the drivers are shared
+             for dispatcher in kernel.dispatchers()}  # the launchers are shared
     return [dispatcher for dispatcher in found.values() if dispatcher.stats.cache_path]
 
 
@@ -328,10 +328,11 @@ def _both_builds():
     """Run the loop body twice: every CPU launch parallel, then every one serial.
 
     Small calls run a kernel serially, large ones in parallel (see
-    :func:`fastpool.cpu.runtime.launch`), which adds a driver build to the
-    kernel's own (:mod:`fastpool.cpu.tasks`): the tiny inputs here would otherwise
-    compile the kernels alone.  Plans remember the
-    build they chose, so the plan cache is emptied before and after each pass."""
+    :func:`fastpool.cpu.runtime.launch`), and some plans choose another kernel or
+    build for each (the channels-first sum backward's plane blocks, for one): the
+    tiny inputs here would otherwise compile the serial choices alone.  Plans
+    remember the build they chose, so the plan cache is emptied before and after
+    each pass."""
     from fastpool import _dispatch
     from fastpool.cpu import runtime
     limit = runtime.SERIAL_WORK_LIMIT

@@ -322,7 +322,11 @@ def _parallel_for_address() -> int:
         from fastpool.cpu.runtime import threading_layer
 
         threading_layer()
-        _parallel_for = binding.address_of_symbol("numba_parallel_for")
+        address = binding.address_of_symbol("numba_parallel_for")
+        if not address:
+            raise RuntimeError("fastpool: numba's threading layer has no "
+                               "numba_parallel_for (an incompatible numba?)")
+        _parallel_for = address
     return _parallel_for
 
 
