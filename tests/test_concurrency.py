@@ -24,6 +24,8 @@ CONFIGS = {
     "default": ({}, [], "tbb"),
     "no-tbb": ({}, ["--no-tbb"], "workqueue"),
     "workqueue": ({"NUMBA_THREADING_LAYER": "workqueue"}, [], "workqueue"),
+    # Asked for by name, tbb runs too (numba alone did not find the wheel's library).
+    "tbb-requested": ({"NUMBA_THREADING_LAYER": "tbb"}, [], "tbb"),
 }
 
 

@@ -7,6 +7,7 @@ time, as it does with no plans cached; small calls run the kernels serially,
 which must agree with their parallel launches bit for bit.
 """
 
+import os
 import subprocess
 import sys
 import threading
@@ -391,6 +392,19 @@ def test_serial_launches_need_no_threading_layer():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.split()[-1] == "False"
+
+
+@pytest.mark.parametrize("layer, serial", [("workqueue", True), ("tbb", False)])
+def test_medium_calls_run_serially_on_workqueue(layer, serial):
+    # workqueue wakes its threads for 57 us a launch (tbb: 3 us): a call of 200
+    # thousand reads runs faster serially there, in parallel on tbb.
+    code = ("import numpy as np, fastpool, numba\n"
+            "from numba.np.ufunc import parallel\n"
+            "fastpool.avg_pool2d(np.ones((1, 64, 56, 56), np.float32), 2)\n"
+            "print(parallel._is_initialized)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env={**os.environ, "NUMBA_THREADING_LAYER": layer})
+    assert done.stdout.split()[-1] == str(not serial)
 
 
 DISK_CACHE_SCRIPT = """

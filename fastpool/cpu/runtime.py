@@ -113,12 +113,25 @@ def _load_tbb() -> bool:
     return False
 
 
+# numba's layer names that try tbb first (the others: omp, workqueue).
+_TBB_FIRST = ("tbb", "safe", "threadsafe", "forksafe")
+
+
+def _requested_layer() -> str:
+    """The layer the user asked numba for (NUMBA_THREADING_LAYER or numba.config), or
+    'default'."""
+    return os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER
+
+
 def _start_threading_layer() -> str:
     from numba.np.ufunc import parallel
 
-    if not parallel._is_initialized and numba.config.THREADING_LAYER == "default" \
-            and not os.environ.get("NUMBA_THREADING_LAYER"):
-        numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "workqueue"
+    if not parallel._is_initialized:
+        requested = _requested_layer()
+        if requested == "default":
+            numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "workqueue"
+        elif requested in _TBB_FIRST:
+            _load_tbb()  # numba's own search does not look where the wheel put it
     try:
         parallel._launch_threads()
     except ValueError:  # the layer asked for could not be loaded
@@ -206,11 +219,43 @@ def launch(kernel, *args, work: int | None = None, address: int | None = None):
 # wins from 16-32 thousand reads for average pooling's backward, and later for
 # max pooling, whose reads are cheaper.
 SERIAL_WORK_LIMIT = 32768
+# workqueue's launches cost more: it wakes its sleeping threads twice a launch (to
+# set their thread counts, then to run), 57 us for two threads where tbb's spinning
+# workers take 3 us (a trivial kernel, 2 cores).  Its threads pay for themselves from
+# about 8 times the work.
+WORKQUEUE_WORK_FACTOR = 8
 
 
 def runs_serially(work: int) -> bool:
     """Whether a launch of ``work`` element reads runs the kernel serially."""
-    return work < SERIAL_WORK_LIMIT
+    if work < SERIAL_WORK_LIMIT:
+        return True
+    return work < SERIAL_WORK_LIMIT * WORKQUEUE_WORK_FACTOR and _expected_layer() == "workqueue"
+
+
+_expected: str | None = None
+
+
+def _expected_layer() -> str:
+    """The threading layer fastpool runs on, or will run on (as
+    :func:`_start_threading_layer` chooses it), without starting it: small calls
+    start none."""
+    global _expected
+    if _layer is not None:
+        return _layer
+    if _expected is None:
+        from numba.np.ufunc import parallel
+
+        if parallel._is_initialized:
+            return numba.threading_layer()
+        chosen = _requested_layer()
+        if chosen == "default" or chosen in _TBB_FIRST:
+            try:
+                chosen = "tbb" if metadata.files("tbb") else "workqueue"
+            except metadata.PackageNotFoundError:
+                chosen = "workqueue"
+        _expected = chosen
+    return _expected
 
 
 def bind(kernel, *tail, work: int, serial: bool | None = None):
