@@ -329,7 +329,9 @@ def test_threaded_scheduler_caps_kernel_threads(layer, tmp_path):
     import sys
     script = (
         "import numpy as np, dask, dask.array as da, fastpool, fastpool.dask as fd, numba\n"
-        "x = da.random.default_rng(0).standard_normal((8, 2, 64, 64), chunks=(1, 2, 32, 32))\n"
+        # Blocks large enough that their kernels run in parallel on workqueue too.
+        "x = da.random.default_rng(0).standard_normal((8, 16, 128, 128), "
+        "chunks=(1, 16, 128, 128))\n"
         "with dask.config.set(scheduler='threads', num_workers=4):\n"
         "    got = fd.max_pool2d(x, 3, 2, 1).compute()\n"
         "assert np.array_equal(got, fastpool.max_pool2d(x.compute(), 3, 2, 1))\n"
