@@ -236,7 +236,7 @@ def _unowned(context, builder, arguments, packed):
     return context.make_tuple(builder, arguments, values)
 
 
-def _launcher(returns):
+def _launch_intrinsic(returns):
     """An intrinsic that runs the kernel at address ``kernel`` (returning ``returns``)
     on ``parts`` shares, each writing its ``(count, failed)`` into its row of
     ``results`` (a C-contiguous ``(parts, 2)`` int64 array): one share per numba
@@ -285,8 +285,8 @@ def _launcher(returns):
     return launch_shares
 
 
-_launch_shares = _launcher(types.none)
-_launch_counting_shares = _launcher(types.int64)
+_launch_shares = _launch_intrinsic(types.none)
+_launch_counting_shares = _launch_intrinsic(types.int64)
 _LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cfunc_wrapper": True}
 
 
@@ -299,16 +299,28 @@ def _sum_pairs(results, parts):
     return total, failed
 
 
+# What a launcher raises when a share's kernel raised (TaskKernel.run_shares names it).
+_SHARE_RAISED = "fastpool: a CPU kernel raised in a share of its tasks"
+
+
 @njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch(parallel_for, kernel, parts, arguments, results):
+def _launch(parallel_for, kernel, parts, arguments):
+    results = np.empty((parts, 2), np.int64)
     _launch_shares(parallel_for, kernel, parts, arguments, results)
-    return _sum_pairs(results, parts)
+    count, failed = _sum_pairs(results, parts)
+    if failed:
+        raise RuntimeError(_SHARE_RAISED)
+    return count
 
 
 @njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch_counting(parallel_for, kernel, parts, arguments, results):
+def _launch_counting(parallel_for, kernel, parts, arguments):
+    results = np.empty((parts, 2), np.int64)
     _launch_counting_shares(parallel_for, kernel, parts, arguments, results)
-    return _sum_pairs(results, parts)
+    count, failed = _sum_pairs(results, parts)
+    if failed:
+        raise RuntimeError(_SHARE_RAISED)
+    return count
 
 
 _parallel_for = 0
@@ -361,6 +373,7 @@ class TaskKernel:
     def __init__(self, function, counts: bool = False):
         self.body = njit(**KERNEL_JIT_OPTIONS)(function)
         self.counts = counts
+        self._launcher = _launch_counting if counts else _launch
         self._addresses: dict = {}
         self._lock = threading.Lock()
         self.__doc__, self.__name__ = function.__doc__, function.__name__
@@ -379,13 +392,14 @@ class TaskKernel:
         """Run ``parts`` shares of the tasks, one per numba thread (or, for one share,
         in this thread); ``address``: the :meth:`address` for these arguments' types,
         when the caller knows it."""
-        count, failed = (_launch_counting if self.counts else _launch)(
-            _parallel_for_address() if parts > 1 else 0,
-            address or self.address(arguments), parts, arguments,
-            np.empty((parts, 2), np.int64))
-        if failed:
-            raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
-                               f"{failed} of its {parts} shares (out of memory?)")
+        try:
+            count = self._launcher(_parallel_for_address() if parts > 1 else 0,
+                                   address or self.address(arguments), parts, arguments)
+        except RuntimeError as error:
+            if str(error) != _SHARE_RAISED:
+                raise
+            raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in one "
+                               f"or more of its {parts} shares (out of memory?)") from None
         return count if self.counts else None
 
     def address(self, arguments) -> int:
@@ -409,7 +423,7 @@ class TaskKernel:
     def dispatchers(self) -> list:
         """The numba dispatchers this kernel runs: its serial build, then its
         parallel launches' launcher (shared by every kernel)."""
-        return [self.body, _launch_counting if self.counts else _launch]
+        return [self.body, self._launcher]
 
 
 def _reset_after_fork() -> None:
