@@ -203,6 +203,8 @@ def launch(kernel, *args, work: int | None = None, address: int | None = None):
     if getattr(_applied, "threads", None) != wanted:
         numba.set_num_threads(wanted)
         _applied.threads = wanted
+    if _launch_lock is None and kernel in _launched:  # the common case, without a with
+        return kernel.run_shares(wanted, args, address)
     with _launch_lock or nullcontext():
         if kernel in _launched:
             return kernel.run_shares(wanted, args, address)
