@@ -123,9 +123,10 @@ def share(tasks, part, parts):
 # omp each split ``dimensions[0]`` into chunks and call the loop once a chunk, its
 # ``args[0]`` advanced to the chunk's first element).
 #
-# No ``prange`` loop, then: numba's parfor passes compiled one per kernel signature
-# (a third of a second each, a fifth for the one generic driver that replaced them),
-# and a launcher compiles in a few hundredths.
+# No ``prange`` loop, then: numba's parfor passes compiled one per kernel signature (a
+# third of a second each; one generic driver over addresses still cost a fifth of a
+# second of each process's first call), and a launcher compiles in a tenth.  The
+# launchers pass no owners of the arrays (see ``_unowned``).
 
 _INT64 = ir.IntType(64)
 _BYTES = ir.IntType(8).as_pointer()
