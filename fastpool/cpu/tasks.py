@@ -239,22 +239,24 @@ def _unowned(context, builder, arguments, packed):
 
 def _launch_intrinsic(returns):
     """An intrinsic that runs the kernel at address ``kernel`` (returning ``returns``)
-    on ``parts`` shares, each writing its ``(count, failed)`` into its row of
-    ``results`` (a C-contiguous ``(parts, 2)`` int64 array): one share per numba
-    thread through ``parallel_for`` (the address of ``numba_parallel_for``), or, when
-    that is 0, every share in this thread (which needs no threading layer)."""
+    on ``parts`` shares and gives ``(count, failed)``: the sum of the kernel's counts
+    (0 for none) and how many shares raised.  One share per numba thread through
+    ``parallel_for`` (the address of ``numba_parallel_for``), or, when that is 0,
+    every share in this thread (which needs no threading layer); each share writes
+    its pair into its row of a ``(parts, 2)`` array on the launcher's stack."""
 
     @intrinsic
-    def launch_shares(typingctx, parallel_for, kernel, parts, arguments, results):
+    def launch_shares(typingctx, parallel_for, kernel, parts, arguments):
+        result = types.UniTuple(types.int64, 2)
+
         def codegen(context, builder, sig, args):
-            parallel_for_value, kernel_value, parts_value, packed, results_value = args
+            parallel_for_value, kernel_value, parts_value, packed = args
             parts_value = context.cast(builder, parts_value, parts, types.int64)
             record_type = _record_type(context, arguments)
             record = cgutils.alloca_once(builder, record_type)
             packed = _unowned(context, builder, arguments, packed)
             builder.store(_pack(builder, record_type, [kernel_value, packed]), record)
-            results_data = context.make_array(results)(context, builder,
-                                                       results_value).data
+            results_data = builder.alloca(_INT64, size=builder.mul(parts_value, _INT64(2)))
             data = cgutils.alloca_once(builder, _LOOP_DATA_TYPE)
             share = _share_function(context, builder.module, returns, arguments)
             fields = [builder.ptrtoint(share, _INT64), parts_value,
@@ -278,10 +280,17 @@ def _launch_intrinsic(returns):
                         builder.bitcast(value, _BYTES)
                         for value in [loop, *loop_operands]] + [
                         _INT64(0), _INT64(1), builder.trunc(parts_value, ir.IntType(32))])
-            return context.get_dummy_value()
+            sums = cgutils.alloca_once_value(builder, ir.Constant(
+                ir.ArrayType(_INT64, 2), [0, 0]))
+            with cgutils.for_range(builder, builder.mul(parts_value, _INT64(2))) as entry:
+                at = builder.gep(sums, [_INT64(0), builder.and_(entry.index, _INT64(1))])
+                value = builder.load(builder.gep(results_data, [entry.index]))
+                builder.store(builder.add(builder.load(at), value), at)
+            pair = builder.load(sums)
+            return context.make_tuple(builder, result, [builder.extract_value(pair, 0),
+                                                        builder.extract_value(pair, 1)])
 
-        return (signature(types.none, parallel_for, kernel, parts, arguments, results),
-                codegen)
+        return signature(result, parallel_for, kernel, parts, arguments), codegen
 
     return launch_shares
 
@@ -291,37 +300,14 @@ _launch_counting_shares = _launch_intrinsic(types.int64)
 _LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cfunc_wrapper": True}
 
 
-@njit(inline="always")
-def _sum_pairs(results, parts):
-    total = failed = 0
-    for part in range(parts):
-        total += results[part, 0]
-        failed += results[part, 1]
-    return total, failed
-
-
-# What a launcher raises when a share's kernel raised (TaskKernel.run_shares names it).
-_SHARE_RAISED = "fastpool: a CPU kernel raised in a share of its tasks"
-
-
 @njit(**_LAUNCHER_JIT_OPTIONS)
 def _launch(parallel_for, kernel, parts, arguments):
-    results = np.empty((parts, 2), np.int64)
-    _launch_shares(parallel_for, kernel, parts, arguments, results)
-    count, failed = _sum_pairs(results, parts)
-    if failed:
-        raise RuntimeError(_SHARE_RAISED)
-    return count
+    return _launch_shares(parallel_for, kernel, parts, arguments)
 
 
 @njit(**_LAUNCHER_JIT_OPTIONS)
 def _launch_counting(parallel_for, kernel, parts, arguments):
-    results = np.empty((parts, 2), np.int64)
-    _launch_counting_shares(parallel_for, kernel, parts, arguments, results)
-    count, failed = _sum_pairs(results, parts)
-    if failed:
-        raise RuntimeError(_SHARE_RAISED)
-    return count
+    return _launch_counting_shares(parallel_for, kernel, parts, arguments)
 
 
 _parallel_for = 0
@@ -393,14 +379,12 @@ class TaskKernel:
         """Run ``parts`` shares of the tasks, one per numba thread (or, for one share,
         in this thread); ``address``: the :meth:`address` for these arguments' types,
         when the caller knows it."""
-        try:
-            count = self._launcher(_parallel_for_address() if parts > 1 else 0,
-                                   address or self.address(arguments), parts, arguments)
-        except RuntimeError as error:
-            if str(error) != _SHARE_RAISED:
-                raise
-            raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in one "
-                               f"or more of its {parts} shares (out of memory?)") from None
+        count, failed = self._launcher(_parallel_for_address() if parts > 1 else 0,
+                                       address or self.address(arguments), parts,
+                                       arguments)
+        if failed:
+            raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
+                               f"{failed} of its {parts} shares (out of memory?)")
         return count if self.counts else None
 
     def address(self, arguments) -> int:
