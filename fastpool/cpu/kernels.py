@@ -1184,30 +1184,31 @@ def sum_backward_channels_last(part, parts, coefficient, x, grad_in, first_out, 
 
 
 @parallel_kernel
-def sum_backward_plane_blocks(part, parts, coefficient, x, grad_in, first_out, last_out, start,
-                              stop, step, weights, power, zero, block):
+def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_out, last_out,
+                              start, stop, step, weights, power, zero, block, spatial):
     """:func:`sum_backward_channels_first` over small planes, ``block`` planes at a
     time transposed into vector lanes: each task copies its planes' coefficients
     into an (od, oh, ow, block) scratch, runs the same two passes on rows of
     (width, block) elements (the same sums in the same order: the same bits) and
     copies the sums back into the planes.  Row by row, narrow rows spent their
-    time in loop overhead instead.  ``weights``: each window's scale / divisor in
-    float64, as the row kernel computes it."""
-    planes, depth, height, width = grad_in.shape
-    out_d, out_h, out_w = coefficient.shape[1], coefficient.shape[2], coefficient.shape[3]
-    outputs, size, run = out_d * out_h * out_w, depth * height * width, width * block
+    time in loop overhead instead.  The planes come flattened: ``coefficients`` (planes,
+    od * oh * ow), ``values`` (the input, for the Lp backward) and ``targets`` (planes,
+    D * H * W), with ``spatial`` (D, H, W) (reshaped here, they cost the first call
+    compiles of numba's reshape).  ``weights``: each window's scale / divisor (od, oh,
+    ow) in float64, as the row kernel computes it."""
+    planes, size = targets.shape
+    depth, height, width = spatial
+    out_d, out_h, out_w = weights.shape
+    outputs, run = coefficients.shape[1], width * block
     dilated = _dilated(step)
     cover_d = 0
     for d in range(depth):
         cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
-    coefficients = coefficient.reshape((planes, outputs))
-    targets = grad_in.reshape((planes, size))
-    values = x.reshape((planes, size))
     for task in range(*share((planes + block - 1) // block, part, parts)):
         first = task * block
         lanes = min(block, planes - first)
         # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
-        terms = np.zeros((out_d, out_h, out_w, block), coefficient.dtype)
+        terms = np.zeros((out_d, out_h, out_w, block), coefficients.dtype)
         spread = np.empty((cover_d, out_h, width, block), type(zero))
         sums = np.empty((depth * height, run), type(zero))
         term_rows = terms.reshape((outputs, block))

@@ -557,9 +557,15 @@ def plan_sum_backward(out_shape: tuple, dtype: np.dtype, table: WindowTable,
                       _window_weights(table, scale, zero), lp, zero, work=work)
     elif block := _plane_block(input_shape, accumulator_zero(dtype, table, lp), serial):
         # float64 weights: the row kernel's (its terms round once, after the product).
-        gather = bind(kernels.sum_backward_plane_blocks, *head,
-                      _window_weights(table, scale, np.float64(0)), lp,
-                      accumulator_zero(dtype, table, lp), block, work=work)
+        gather_planes = bind(kernels.sum_backward_plane_blocks, *head,
+                             _window_weights(table, scale, np.float64(0)), lp,
+                             accumulator_zero(dtype, table, lp), block,
+                             tuple(input_shape[1:4]), work=work)
+        planes = input_shape[0]
+
+        def gather(coefficient, x, grad_in):  # the planes flattened, as the kernel takes them
+            gather_planes(coefficient.reshape(planes, -1), x.reshape(planes, -1),
+                          grad_in.reshape(planes, -1))
     else:
         gather = bind(kernels.sum_backward_channels_first, *head, table.divisor, scale, lp,
                       accumulator_zero(dtype, table, lp),
