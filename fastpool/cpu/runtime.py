@@ -28,9 +28,10 @@ limit of GNU OpenMP.  fastpool notes at fork time that the parent runs ``omp``
 and raises :class:`RuntimeError` in such a child instead of hanging.
 
 Small calls skip all of that: a launch whose work (about the element reads it
-makes) is below :data:`SERIAL_WORK_LIMIT` runs the kernel serially in the
-calling thread (every task in one share, see :mod:`fastpool.cpu.tasks`), which
-needs no threading layer, thread count or lock.
+makes) is below :data:`SERIAL_WORK_LIMIT` (:data:`WORKQUEUE_WORK_FACTOR` times that
+on workqueue, whose launches cost more) runs the kernel serially in the calling
+thread (every task in one share, see :mod:`fastpool.cpu.tasks`), which needs no
+threading layer, thread count or lock.
 """
 
 from __future__ import annotations
