@@ -355,6 +355,13 @@ class TaskKernel:
     counts : bool
         Whether the kernel returns a count (an int, summed over the shares)
         rather than None.
+
+    Attributes
+    ----------
+    body : numba.core.registry.CPUDispatcher
+        The kernel's numba dispatcher.  Its builds have no Python wrapper (see
+        ``KERNEL_JIT_OPTIONS``): run them through :meth:`serial`, calling the
+        instance or :meth:`run_shares`, never by calling ``body``.
     """
 
     def __init__(self, function, counts: bool = False):
