@@ -181,6 +181,18 @@ def _emit_tile(context, builder, dtype, rows, operands):
         join(made, values, block)
         return made
 
+    def close_loop(counter, entered_from, sums, values, limit, loop, after):
+        """End the current block, the last of a loop over ``counter`` (a phi, 0 on
+        entry from ``entered_from``): step the counter, give the loop's accumulator
+        phis ``sums`` their next ``values``, and branch back to ``loop`` while the
+        counter is below ``limit``, else to ``after``."""
+        block = builder.block
+        following = builder.add(counter, index(1))
+        counter.add_incoming(index(0), entered_from)
+        counter.add_incoming(following, block)
+        join(sums, values, block)
+        builder.cbranch(builder.icmp_signed("<", following, limit), loop, after)
+
     # The accumulators are the loops' phis, so they live in registers; the updated
     # sums of the depth loop close both loops (added below).
     builder.position_at_end(block_loop)
@@ -208,18 +220,10 @@ def _emit_tile(context, builder, dtype, rows, operands):
         splat = builder.shuffle_vector(lane, ir.Constant(vector, ir.Undefined), first_lane)
         updated.append([builder.call(fmuladd, [splat, b_vectors[v], sums[r][v]])
                         for v in range(TILE_VECTORS)])
-    next_k = builder.add(k, index(1))
-    k.add_incoming(index(0), block_loop)
-    k.add_incoming(next_k, depth_loop)
-    join(sums, updated, depth_loop)
-    builder.cbranch(builder.icmp_signed("<", next_k, o.depth), depth_loop, latch)
+    close_loop(k, block_loop, sums, updated, o.depth, depth_loop, latch)
 
     builder.position_at_end(latch)
-    next_t = builder.add(t, index(1))
-    t.add_incoming(index(0), entry)
-    t.add_incoming(next_t, latch)
-    join(block_sums, updated, latch)
-    builder.cbranch(builder.icmp_signed("<", next_t, o.blocks), block_loop, done)
+    close_loop(t, entry, block_sums, updated, o.blocks, block_loop, done)
 
     builder.position_at_end(done)
     for value_row, at_row in zip(updated, c_vectors):
