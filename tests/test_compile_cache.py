@@ -14,7 +14,7 @@ fastpool.avg_pool2d(x, 2)
 fastpool.avg_pool2d(x, 2, channels_last=True)
 fastpool.adaptive_avg_pool2d(x, 1)
 # Calls this small run the kernels serially, their parallel=False builds alone (see
-# tests/test_plan_cache.py for a build and its parallel driver side by side).
+# tests/test_plan_cache.py for a build and its launcher side by side).
 # The channels-first kernels are built per interior sweep (2x2 windows, stride 2);
 # numba caches such closures by their cells' contents.
 built = {"max_pool_channels_first": kernels.max_pool_channels_first((2, 2)),
@@ -56,7 +56,7 @@ with event.install_listener("numba:compile", Compiles()):
     fastpool.max_pool2d(x, 3, 2, 1, return_indices=True)
     fastpool.avg_pool2d_backward(np.ones((2, 3, 4, 20), np.float32), x.shape, 2)
     fastpool.fractional_max_pool2d(x, 2, output_size=3, return_indices=True, seed=0)
-    fastpool.max_pool2d(np.ones((8, 16, 32, 32), np.float32), 2)  # parallel: its driver too
+    fastpool.max_pool2d(np.ones((8, 16, 32, 32), np.float32), 2)  # parallel: its launcher too
 builds = {str(sweep): kernels.max_pool_channels_first(sweep)
           for sweep in [(2, 3), (2, 2), kernels.NO_SWEEP]}
 print(json.dumps({"built": len(kernels.built_kernels()), "compiled": compiled,
@@ -79,7 +79,7 @@ def test_kernels_built_per_interior_sweep_load_from_disk_cache(tmp_path):
     assert cold["built"] == 3, cold
     assert cold["cache"] == {"(2, 3)": [0, 2], "(2, 2)": [0, 1], "(-1, -1)": [0, 0]}, cold
     # Numba's checked array assignment compiles its error message's string formatting
-    # (seconds of a first call); the kernels and drivers copy element by element.
+    # (seconds of a first call); the kernels and launchers copy element by element.
     assert not [name for name in cold["compiled"] if "shape_context" in name], cold["compiled"]
     warm = run()
     assert warm["cache"] == {"(2, 3)": [2, 0], "(2, 2)": [1, 0], "(-1, -1)": [0, 0]}, warm

@@ -169,9 +169,9 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
         planes, out_d, out_h, out_w = out.shape
         height, width = x.shape[2], x.shape[3]
         step_d, step_h, step_w = step[0], step[1], step[2]
-        # Without indices, outputs whose windows lie wholly inside the row are swept
-        # by _max_interior (_max_interior_at, keeping positions): loads and selects
-        # that vectorise across outputs.
+        # Outputs whose windows lie wholly inside the row are swept by _max_interior
+        # (_max_interior_at, with indices: keeping positions): loads and selects that
+        # vectorise across outputs.
         lo, hi, stride, offset, kernel = (interior[2, 0], interior[2, 1], interior[2, 2],
                                           interior[2, 3], interior[2, 4])
         if sweep_stride < 0:
@@ -708,14 +708,6 @@ def _max_interior_at(sweep_stride, sweep_kernel, x_row, acc, acc_at, base, lo, h
 
 
 @njit(inline="always")
-def _take_max(kept, kept_at, value, at):
-    """One step of torch's running maximum with its position: a NaN always wins,
-    ties keep the first."""
-    take = (value > kept) | (value != value)
-    return (value if take else kept), (at if take else kept_at)
-
-
-@njit(inline="always")
 def _max_windows_at(x_row, acc, acc_at, base, lo, hi, stride, offset, kernel):
     windows, kept_row, at_row = x_row[lo * stride + offset:], acc[lo:hi], acc_at[lo:hi]
     first = base + lo * stride + offset  # the position of windows[0]
@@ -723,7 +715,7 @@ def _max_windows_at(x_row, acc, acc_at, base, lo, hi, stride, offset, kernel):
         column = i * stride
         kept, kept_at = kept_row[i], at_row[i]
         for j in range(kernel):
-            kept, kept_at = _take_max(kept, kept_at, windows[column + j], first + column + j)
+            kept, kept_at = _fold_max_at(kept, kept_at, windows[column + j], first + column + j)
         kept_row[i], at_row[i] = kept, kept_at
 
 
@@ -734,7 +726,7 @@ def _max_offsets_at(x_row, acc, acc_at, base, lo, hi, stride, offset, kernel, st
     for j in range(kernel):
         shifted = windows[j * step:]
         for i in range(hi - lo):
-            kept_row[i], at_row[i] = _take_max(kept_row[i], at_row[i], shifted[i * stride],
+            kept_row[i], at_row[i] = _fold_max_at(kept_row[i], at_row[i], shifted[i * stride],
                                                first + i * stride + j * step)
 
 
@@ -1992,7 +1984,8 @@ def unpool_backward(part, parts, grad_out, indices, grad_in):
 
 @njit(inline="always")
 def _fold_max_at(kept, kept_at, value, at):
-    """One step of torch's running maximum: a NaN always wins, ties keep the first."""
+    """One step of torch's running maximum with its position: a NaN always wins,
+    ties keep the first."""
     take = (value > kept) | (value != value)
     return (value if take else kept), (at if take else kept_at)
 

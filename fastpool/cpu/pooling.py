@@ -172,7 +172,7 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
                         table.stop, table.step, lowest, _chunks(shape, table, serial),
                         work=work, serial=serial)
     else:
-        launcher = bind(max_pool_channels_first(table, with_indices), table.start,
+        launcher = bind(max_pool_channels_first(table), table.start,
                         table.stop, table.step, table.interior, lowest,
                         _chunks(shape, table, serial), work=work, serial=serial)
 
@@ -220,7 +220,7 @@ def _sweep(table: WindowTable, max_fold: bool) -> tuple[int, int]:
     return kernels.interior_sweep(table.interior[2], int(table.step[2]), max_fold)
 
 
-def max_pool_channels_first(table: WindowTable, with_indices: bool):
+def max_pool_channels_first(table: WindowTable):
     """The channels-first direct max kernel for ``table`` (its interior swept with
     the positions kept too, when asked for: see kernels._max_interior_at)."""
     return kernels.max_pool_channels_first(_sweep(table, True))

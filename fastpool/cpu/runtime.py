@@ -97,21 +97,26 @@ _layer: str | None = None
 _TBB_LIBRARIES = ("libtbb.so.12", "libtbb.12.dylib", "tbb12.dll")
 
 
-def _load_tbb() -> bool:
-    """Load the tbb wheel's shared library by path; True when numba can then use it."""
+def _tbb_library():
+    """The tbb wheel's shared library (a ``PackagePath``), or None without one."""
     try:
         files = metadata.files("tbb") or []
     except metadata.PackageNotFoundError:
+        return None
+    return next((file for file in files if file.name in _TBB_LIBRARIES), None)
+
+
+def _load_tbb() -> bool:
+    """Load the tbb wheel's shared library by path; True when numba can then use it."""
+    library = _tbb_library()
+    if library is None:
         return False
-    for file in files:
-        if file.name in _TBB_LIBRARIES:
-            try:
-                ctypes.CDLL(str(file.locate()), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
-                from numba.np.ufunc import tbbpool  # noqa: F401  (fails if unusable)
-            except (OSError, ImportError):
-                return False
-            return True
-    return False
+    try:
+        ctypes.CDLL(str(library.locate()), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+        from numba.np.ufunc import tbbpool  # noqa: F401  (fails if unusable)
+    except (OSError, ImportError):
+        return False
+    return True
 
 
 # numba's layer names that try tbb first (the others: omp, workqueue).
@@ -184,8 +189,8 @@ _applied = threading.local()
 
 def launch(kernel, *args, work: int | None = None, address: int | None = None):
     """Run a kernel in parallel with fastpool's thread count, safely for this
-    layer; or, when ``work`` (about the element reads the call makes) is below
-    :data:`SERIAL_WORK_LIMIT`, a task kernel (:mod:`fastpool.cpu.tasks`) serially in
+    layer; or, when ``work`` (about the element reads the call makes) is small
+    (:func:`runs_serially`), a task kernel (:mod:`fastpool.cpu.tasks`) serially in
     this thread (which is safe anywhere, a child forked from an ``omp`` parent
     included)."""
     if work is not None and runs_serially(work):
@@ -252,11 +257,8 @@ def _expected_layer() -> str:
         if parallel._is_initialized:
             return numba.threading_layer()
         chosen = _requested_layer()
-        if chosen == "default" or chosen in _TBB_FIRST:
-            try:
-                chosen = "tbb" if metadata.files("tbb") else "workqueue"
-            except metadata.PackageNotFoundError:
-                chosen = "workqueue"
+        if chosen == "default" or chosen in _TBB_FIRST:  # as _start_threading_layer
+            chosen = "workqueue" if _tbb_library() is None else "tbb"
         _expected = chosen
     return _expected
 
@@ -265,29 +267,22 @@ def bind(kernel, *tail, work: int, serial: bool | None = None):
     """``kernel`` with its trailing non-array arguments fixed and its build chosen
     once from ``work``, as :func:`launch` would choose it (or, given ``serial``, as
     that says): a planned call's launcher, taking the array arguments."""
-    if not (runs_serially(work) if serial is None else serial):
-        address = None  # the kernel's, for these arguments' types (known after a launch)
+    in_parallel = not (runs_serially(work) if serial is None else serial)
+    address = None  # the kernel's, for these arguments' types (known after a launch)
 
-        def run_in_parallel(*arrays):
-            nonlocal address
-            if address is not None:
-                return launch(kernel, *arrays, *tail, address=address)
-            result = launch(kernel, *arrays, *tail)
-            address = kernel.address(arrays + tail)
-            return result
-
-        return run_in_parallel
-    address = None  # as the parallel launcher's
-
-    def run_serially(*arrays):
+    def run(*arrays):
         nonlocal address
+        arguments = arrays + tail
         if address is not None:
-            return kernel.run_shares(1, arrays + tail, address)
-        result = _run_serial(kernel, arrays + tail)
-        address = kernel.address(arrays + tail)
+            if in_parallel:
+                return launch(kernel, *arguments, address=address)
+            return kernel.run_shares(1, arguments, address)
+        result = launch(kernel, *arguments) if in_parallel else \
+            _run_serial(kernel, arguments)
+        address = kernel.address(arguments)
         return result
 
-    return run_serially
+    return run
 
 
 def _run_serial(kernel, args):

@@ -15,7 +15,7 @@ Why not ``@njit(parallel=True)`` on each kernel: numba's parfor passes compile a
 ``prange`` body a second time, as a gufunc with everything inlined into it, and
 small calls want a ``parallel=False`` build of the same source as well, so each
 kernel compiled twice.  A call through an address does not link the kernel
-into the driver either (a call of the dispatcher would: LLVM optimises and
+into the launcher either (a call of the dispatcher would: LLVM optimises and
 emits the kernel's code again there).  So a kernel compiles once, and a small
 launcher per argument types.  A cold parallel first call of
 average pooling compiled for 5.4 s as a ``parallel=True`` kernel (7.8 s in a

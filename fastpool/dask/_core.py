@@ -316,7 +316,7 @@ def _max_pool_into(canonical, table: WindowTable, channels_last: bool, out, indi
     """The CPU max kernels writing into ``out`` (and ``indices``, or None): the kernel
     choice of :func:`fastpool.cpu.pooling.plan_max_pool` but for the whole-plane
     one, without allocating the output."""
-    from fastpool.cpu import kernels, pooling, runtime
+    from fastpool.cpu import pooling, runtime
 
     shape = canonical.shape
     work = pooling._pool_work(out.shape, table)
@@ -331,7 +331,7 @@ def _max_pool_into(canonical, table: WindowTable, channels_last: bool, out, indi
         kernel, tail = pooling.max_pool_channels_last(table, indices is not None), (
             table.start, table.stop, table.step, lowest, pooling._chunks(shape, table, serial))
     else:
-        kernel, tail = pooling.max_pool_channels_first(table, indices is not None), (
+        kernel, tail = pooling.max_pool_channels_first(table), (
             table.start, table.stop, table.step, table.interior, lowest,
             pooling._chunks(shape, table, serial))
     runtime.launch(kernel, canonical, out, indices, *tail, work=work)
