@@ -933,14 +933,15 @@ def max_backward_channels_first(part, parts, grad_out, indices, grad_in):
     outside the plane (and skipped).  Each task zeroes its own planes first: in
     parallel, and while they are in cache."""
     planes, outputs = grad_out.shape
-    size = grad_in.shape[1]
+    size = np.uint64(grad_in.shape[1])
     outside = 0
     for plane in range(*share(planes, part, parts)):
-        grad_in[plane, :] = 0
+        target = grad_in[plane]
+        target[:] = 0
         for q in range(outputs):
-            at = indices[plane, q]
-            if 0 <= at < size:
-                grad_in[plane, at] += grad_out[plane, q]
+            at = np.uint64(indices[plane, q])  # 0 <= at < size in one comparison
+            if at < size:
+                target[at] += grad_out[plane, q]
             else:
                 outside += 1
     return outside
@@ -948,7 +949,7 @@ def max_backward_channels_first(part, parts, grad_out, indices, grad_in):
 
 @parallel_kernel(counts=True)
 def max_backward_channels_last(part, parts, grad_out, indices, grad_in, bands, scans_all):
-    """Scatter-add over (batch, outputs, C) into (batch, size, C).
+    """Scatter-add over (batch, outputs, C) into (batch, size * C).
 
     Each task owns one band of an image's positions and takes only the maxima that
     land in it: each element of grad_in is written by one task, and every task
@@ -962,13 +963,13 @@ def max_backward_channels_last(part, parts, grad_out, indices, grad_in, bands, s
     nowhere else), and the kernel returns how many entries it took, for the
     caller to check that every entry was."""
     batch, outputs, channels = grad_out.shape
-    size, per_image = grad_in.shape[1], bands.shape[0]
+    size, per_image = grad_in.shape[1] // channels, bands.shape[0]
     count = 0
     for task in range(*share(batch * per_image, part, parts)):
         n, band = task // per_image, task % per_image
         lo, hi, first, last = bands[band, 0], bands[band, 1], bands[band, 2], bands[band, 3]
         target = grad_in[n]
-        target[lo:hi] = 0
+        target[lo * channels:hi * channels] = 0
         if scans_all:  # the two loops apart: a flag tested per entry cost 5-10%
             count += _scatter_band(target, indices[n], grad_out[n], lo, hi, first, last,
                                    size if band == 0 else 0, False)
@@ -981,15 +982,21 @@ def max_backward_channels_last(part, parts, grad_out, indices, grad_in, bands, s
 @njit(inline="always")
 def _scatter_band(target, indices, grad_out, lo, hi, first, last, size, count_taken):
     """Add outputs ``[first, last)``'s gradients whose index lies in ``[lo, hi)`` to
-    ``target``; returns how many it added (``count_taken``, a literal) or how many
-    indices lay outside ``[0, size)``."""
+    ``target`` (positions by channels, flat); returns how many it added
+    (``count_taken``, a literal) or how many indices lay outside ``[0, size)``."""
     counted = 0
+    channels = grad_out.shape[1]
+    # One unsigned comparison per entry tests lo <= at < hi, and the flat target's
+    # offset is known non-negative, so numba adds no wraparound select: 1.3x faster
+    # than ``target2d[at, c]`` behind two signed comparisons (YOLOv5's SPPF 5x5
+    # stride-1 backward, one thread).
+    band = np.uint64(hi - lo)
     for q in range(first, last):
         at_row, grad_row = indices[q], grad_out[q]
-        for c in range(at_row.size):
+        for c in range(channels):
             at = at_row[c]
-            if lo <= at < hi:
-                target[at, c] += grad_row[c]
+            if np.uint64(at - lo) < band:
+                target[np.uint64(at * channels + c)] += grad_row[c]
                 if count_taken:
                     counted += 1
             elif not count_taken and (at < 0 or at >= size) and size > 0:
@@ -1920,11 +1927,11 @@ def _gather_run(source, at_row, target, first, stop):
     kernels' arrays ``noalias``) it became AVX-512 gathers, which took twice as long
     as scalar loads (max_unpool2d's backward, 16x64x112x112 float32, one thread of
     the Zen 5 benchmark machine: 5.1 against 2.5 ms)."""
-    size = source.shape[0]
+    size = np.uint64(source.shape[0])
     q = first
     while q < stop:
-        at = at_row[q]
-        if at < 0 or at >= size:
+        at = np.uint64(at_row[q])  # 0 <= at < size in one comparison, no wraparound
+        if at >= size:
             break
         target[q] = source[at]
         q += 1

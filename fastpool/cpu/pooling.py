@@ -474,7 +474,8 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
                 return grad_in, 0
             # Some maximum lies outside its window (indices not from this forward):
             # the scatter takes any in-plane index and counts the others.
-        grad_in = memory.empty((batch, spatial, *tail), dtype)  # zeroed by the kernels
+        # Zeroed by the kernels; channels-last scatters into flat images.
+        grad_in = memory.empty((batch, spatial * math.prod(tail)), dtype)
         arrays = grad_out.reshape(rows), indices.reshape(rows), grad_in
         outside = scatter(*arrays)
         if not scans_all:  # it counted the entries taken: all of them, or rescan
