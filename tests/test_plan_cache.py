@@ -512,8 +512,22 @@ def _count_or_raise(part, parts, x, fail):
     return last - first
 
 
+@pytest.mark.parametrize("task_group_taken", [False, True], ids=["own", "taken"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
-def test_parallel_launches_sum_the_shares_and_report_kernels_that_raised(parts):
+def test_parallel_launches_sum_the_shares_and_report_kernels_that_raised(parts,
+                                                                         task_group_taken):
+    # On tbb a launch runs its shares as tasks of numba's task group, or (another
+    # thread's launch holding it) through parallel_for: both sum and report alike.
+    if task_group_taken:
+        assert tasks._task_group_lock.acquire(blocking=False)
+    try:
+        _sum_the_shares_and_report_kernels_that_raised(parts)
+    finally:
+        if task_group_taken:
+            tasks._task_group_lock.release()
+
+
+def _sum_the_shares_and_report_kernels_that_raised(parts):
     x = np.empty(10)
     assert _count_or_raise.run_shares(parts, (x, -1)) == 10
     with pytest.raises(RuntimeError, match="_count_or_raise raised in 1 of its"):

@@ -30,6 +30,7 @@ optional arguments (None or given) reach.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -121,7 +122,8 @@ def share(tasks, part, parts):
 # and hands a loop over shares to numba's threading layer (``numba_parallel_for``,
 # the entry point of numba's parallel ufuncs and ``prange`` loops; tbb, workqueue and
 # omp each split ``dimensions[0]`` into chunks and call the loop once a chunk, its
-# ``args[0]`` advanced to the chunk's first element).
+# ``args[0]`` advanced to the chunk's first element) or, on tbb, to the task group
+# numba's tbbpool keeps (see ``_layer_entry_points``).
 #
 # No ``prange`` loop, then: numba's parfor passes compiled one per kernel signature (a
 # third of a second each; one generic driver over addresses still cost a fifth of a
@@ -215,6 +217,29 @@ def _loop_function(module):
     return function
 
 
+# tbbpool's void add_task(loop, args, dimensions, steps, data) and void synchronize().
+_ADD_TASK_TYPE = ir.FunctionType(ir.VoidType(), [_BYTES] * 5)
+_SYNCHRONIZE_TYPE = ir.FunctionType(ir.VoidType(), [])
+
+
+def _run_as_tasks(builder, loop, loop_operands, parts, add_task, synchronize):
+    """Call the loop for shares 1 .. parts - 1 as tasks of tbb's task group (one
+    share each: its ``args[0]``, its row of ``results``), for share 0 in this
+    thread, and wait for the group."""
+    results_args, _, steps, data = loop_operands
+    results = builder.load(results_args)
+    one = cgutils.alloca_once_value(builder, _INT64(1))
+    task_args = builder.alloca(_BYTES, size=parts)
+    add_task = builder.inttoptr(add_task, _ADD_TASK_TYPE.as_pointer())
+    with cgutils.for_range_slice(builder, _INT64(1), parts, _INT64(1)) as (part, _):
+        args = builder.gep(task_args, [part])
+        builder.store(builder.gep(results, [builder.mul(part, _INT64(_RESULT_BYTES))]), args)
+        builder.call(add_task, [builder.bitcast(value, _BYTES)
+                                for value in (loop, args, one, steps, data)])
+    builder.call(loop, [results_args, one, steps, data])
+    builder.call(builder.inttoptr(synchronize, _SYNCHRONIZE_TYPE.as_pointer()), [])
+
+
 def _unowned(context, builder, arguments, packed):
     """``packed`` (a value of the tuple type ``arguments``) with each array's owner
     (its meminfo, and the parent object) dropped.
@@ -240,17 +265,21 @@ def _unowned(context, builder, arguments, packed):
 def _launch_intrinsic(returns):
     """An intrinsic that runs the kernel at address ``kernel`` (returning ``returns``)
     on ``parts`` shares and gives ``(count, failed)``: the sum of the kernel's counts
-    (0 for none) and how many shares raised.  One share per numba thread through
-    ``parallel_for`` (the address of ``numba_parallel_for``), or, when that is 0,
-    every share in this thread (which needs no threading layer); each share writes
-    its pair into its row of a ``(parts, 2)`` array on the launcher's stack."""
+    (0 for none) and how many shares raised.  ``layer``, three addresses: through
+    tbb's task group given ``add_task`` and ``synchronize`` (the second and third),
+    else through ``numba_parallel_for`` given it (the first), one share per numba
+    thread; all 0: every share in this thread (which needs no threading layer).
+    Each share writes its pair into its row of a ``(parts, 2)`` array on the
+    launcher's stack."""
 
     @intrinsic
-    def launch_shares(typingctx, parallel_for, kernel, parts, arguments):
+    def launch_shares(typingctx, layer, kernel, parts, arguments):
         result = types.UniTuple(types.int64, 2)
 
         def codegen(context, builder, sig, args):
-            parallel_for_value, kernel_value, parts_value, packed = args
+            layer_value, kernel_value, parts_value, packed = args
+            parallel_for_value, add_task_value, synchronize_value = (
+                builder.extract_value(layer_value, i) for i in range(3))
             parts_value = context.cast(builder, parts_value, parts, types.int64)
             record_type = _record_type(context, arguments)
             record = cgutils.alloca_once(builder, record_type)
@@ -269,17 +298,24 @@ def _launch_intrinsic(returns):
             steps = cgutils.alloca_once_value(builder, _INT64(_RESULT_BYTES))
             loop = _loop_function(builder.module)
             loop_operands = [loop_args, dimensions, steps, builder.bitcast(data, _BYTES)]
+            by_tasks = builder.icmp_unsigned("!=", add_task_value, _INT64(0))
             in_this_thread = builder.icmp_unsigned("==", parallel_for_value, _INT64(0))
-            with builder.if_else(in_this_thread) as (serial, parallel):
-                with serial:
-                    builder.call(loop, loop_operands)
-                with parallel:
-                    function = builder.inttoptr(parallel_for_value,
-                                                _PARALLEL_FOR_TYPE.as_pointer())
-                    builder.call(function, [
-                        builder.bitcast(value, _BYTES)
-                        for value in [loop, *loop_operands]] + [
-                        _INT64(0), _INT64(1), builder.trunc(parts_value, ir.IntType(32))])
+            with builder.if_else(by_tasks) as (tasks, others):
+                with tasks:
+                    _run_as_tasks(builder, loop, loop_operands, parts_value, add_task_value,
+                                  synchronize_value)
+                with others:
+                    with builder.if_else(in_this_thread) as (serial, parallel):
+                        with serial:
+                            builder.call(loop, loop_operands)
+                        with parallel:
+                            function = builder.inttoptr(parallel_for_value,
+                                                        _PARALLEL_FOR_TYPE.as_pointer())
+                            builder.call(function, [
+                                builder.bitcast(value, _BYTES)
+                                for value in [loop, *loop_operands]] + [
+                                _INT64(0), _INT64(1),
+                                builder.trunc(parts_value, ir.IntType(32))])
             sums = cgutils.alloca_once_value(builder, ir.Constant(
                 ir.ArrayType(_INT64, 2), [0, 0]))
             with cgutils.for_range(builder, builder.mul(parts_value, _INT64(2))) as entry:
@@ -290,7 +326,7 @@ def _launch_intrinsic(returns):
             return context.make_tuple(builder, result, [builder.extract_value(pair, 0),
                                                         builder.extract_value(pair, 1)])
 
-        return signature(result, parallel_for, kernel, parts, arguments), codegen
+        return signature(result, layer, kernel, parts, arguments), codegen
 
     return launch_shares
 
@@ -301,32 +337,52 @@ _LAUNCHER_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cfunc_wrapper
 
 
 @njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch(parallel_for, kernel, parts, arguments):
-    return _launch_shares(parallel_for, kernel, parts, arguments)
+def _launch(layer, kernel, parts, arguments):
+    return _launch_shares(layer, kernel, parts, arguments)
 
 
 @njit(**_LAUNCHER_JIT_OPTIONS)
-def _launch_counting(parallel_for, kernel, parts, arguments):
-    return _launch_counting_shares(parallel_for, kernel, parts, arguments)
+def _launch_counting(layer, kernel, parts, arguments):
+    return _launch_counting_shares(layer, kernel, parts, arguments)
 
 
-_parallel_for = 0
+# The launchers' ``layer``: the addresses of (numba_parallel_for, add_task, synchronize)
+# to call, 0 where not; all 0: every share in this thread.
+_IN_THIS_THREAD = (0, 0, 0)
+_entry_points: tuple | None = None  # (parallel_for's layer, the task group's layer)
+# One thread at a time runs its shares as tasks of tbb's one task group (its wait
+# waits for every task in the group); a launch finding it taken uses parallel_for.
+_task_group_lock = threading.Lock()
 
 
-def _parallel_for_address() -> int:
-    """The address of numba's ``numba_parallel_for``, starting fastpool's threading
-    layer (:func:`fastpool.cpu.runtime.threading_layer`) the first time."""
-    global _parallel_for
-    if not _parallel_for:
+def _layer_entry_points() -> tuple:
+    """The launchers' ``layer`` for numba's ``parallel_for``, and for tbb's task group
+    (parallel_for's again on the other layers), starting fastpool's threading layer
+    (:func:`fastpool.cpu.runtime.threading_layer`) the first time.
+
+    tbb's ``parallel_for`` builds a ``task_arena`` per call, which the worker threads
+    must find and join: a launch of a small kernel on two threads took 8-12 us more
+    than on one.  ``add_task`` and ``synchronize`` (numba's tbbpool exports them) run
+    tasks of one task group in the calling thread's arena, which the workers stay
+    in between launches: 2-3 us (channels-last 2x2 average pooling of a 1x64x56x56
+    batch: 18-21 us a call through parallel_for, 12.5 through the task group,
+    torch 13.6)."""
+    global _entry_points
+    if _entry_points is None:
         from fastpool.cpu.runtime import threading_layer
 
-        threading_layer()
+        layer = threading_layer()
         address = binding.address_of_symbol("numba_parallel_for")
         if not address:
             raise RuntimeError("fastpool: numba's threading layer has no "
                                "numba_parallel_for (an incompatible numba?)")
-        _parallel_for = address
-    return _parallel_for
+        parallel_for = (address, 0, 0)
+        task_group = parallel_for
+        if layer == "tbb":
+            tbbpool = sys.modules["numba.np.ufunc.tbbpool"]
+            task_group = (0, tbbpool.add_task, tbbpool.synchronize)
+        _entry_points = parallel_for, task_group
+    return _entry_points
 
 
 def _type_key(value):
@@ -386,9 +442,18 @@ class TaskKernel:
         """Run ``parts`` shares of the tasks, one per numba thread (or, for one share,
         in this thread); ``address``: the :meth:`address` for these arguments' types,
         when the caller knows it."""
-        count, failed = self._launcher(_parallel_for_address() if parts > 1 else 0,
-                                       address or self.address(arguments), parts,
-                                       arguments)
+        address = address or self.address(arguments)
+        if parts == 1:
+            count, failed = self._launcher(_IN_THIS_THREAD, address, 1, arguments)
+        elif _task_group_lock.acquire(blocking=False):
+            try:
+                count, failed = self._launcher(_layer_entry_points()[1], address, parts,
+                                               arguments)
+            finally:
+                _task_group_lock.release()
+        else:
+            count, failed = self._launcher(_layer_entry_points()[0], address, parts,
+                                           arguments)
         if failed:
             raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
                                f"{failed} of its {parts} shares (out of memory?)")
@@ -421,8 +486,10 @@ class TaskKernel:
 def _reset_after_fork() -> None:
     # A thread of the parent may have held a kernel's lock (compiling it) when the
     # process forked: the child's copy would stay locked for good.
+    global _task_group_lock
     for kernel in _kernels:
         kernel._lock = threading.Lock()
+    _task_group_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
