@@ -11,8 +11,8 @@ array([[[[ 5.,  7.],
          [13., 15.]]]], dtype=float32)
 """
 
-from fastpool._threads import get_num_threads, set_num_threads
 from fastpool._memory import empty_cache
+from fastpool._threads import get_num_threads, set_num_threads
 from fastpool.functional import (
     adaptive_avg_pool1d,
     adaptive_avg_pool1d_backward,

@@ -609,7 +609,7 @@ def _fractional_max_pool(nd: int) -> Callable[..., Result]:
 
     samples = "(N, C, 2)" if nd == 2 else "(N, C, 3)"
     order = "sample 0 drives W and sample 1 H" if nd == 2 else "samples 0, 1, 2 drive T, H, W"
-    fractional_max_pool.__doc__ = f"""{nd}-D fractional max pooling (Graham, 2014), as torch computes it.
+    fractional_max_pool.__doc__ = f"""{nd}-D fractional max pooling (Graham, 2014), as in torch.
 
 Windows of ``kernel_size`` start at pseudo-random positions fixed by one sample
 ``u`` in [0, 1) per (batch, channel) and axis: with ``alpha = (in - k) / (out - 1)``
@@ -764,7 +764,7 @@ def _gem_pool(nd: int) -> Callable[..., np.ndarray]:
         return _gem.gem_pool(x, nd, p, eps, output_size, kernel_size, stride, op=name,
                              channels_last=channels_last, backend=backend, stream=stream)
 
-    gem_pool.__doc__ = f"""{nd}-D generalized-mean (GeM) pooling: ``mean(max(x, eps) ** p) ** (1/p)``.
+    gem_pool.__doc__ = f"""{nd}-D generalized-mean (GeM) pooling: ``mean(max(x, eps)**p)**(1/p)``.
 
 The retrieval and fine-grained-recognition head of Radenovic et al.: p = 1 is
 average pooling, large p approaches max pooling. Global by default

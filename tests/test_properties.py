@@ -1,7 +1,6 @@
 """Hypothesis sweep: cpu == numpy reference == torch on random shapes and options."""
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal

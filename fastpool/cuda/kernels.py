@@ -21,9 +21,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda
-
-from numba import config
+from numba import config, cuda
 
 from fastpool._config import CUDA_JIT_OPTIONS, CUDA_MAX_THREADS_PER_BLOCK
 from fastpool._scalar import torch_power

@@ -24,9 +24,17 @@ from __future__ import annotations
 import torch
 
 from fastpool import _gem
-from fastpool._params import (ConvWindow, Layout, SlidingWindow, check_bool,
-                              check_divisor_override, check_norm_type,
-                              fractional_output_shape, int_tuple, unpool_output_shape)
+from fastpool._params import (
+    ConvWindow,
+    Layout,
+    SlidingWindow,
+    check_bool,
+    check_divisor_override,
+    check_norm_type,
+    fractional_output_shape,
+    int_tuple,
+    unpool_output_shape,
+)
 from fastpool.torch import _ops
 
 FAMILIES = ("max_pool", "avg_pool", "lp_pool", "adaptive_max_pool", "adaptive_avg_pool",

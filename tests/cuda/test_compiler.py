@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from numba import config, types, typeof
+from numba import config, typeof, types
 from numba.np.numpy_support import from_dtype
 
 import fastpool
