@@ -220,12 +220,13 @@ def launch(kernel, *args, work: int | None = None, address: int | None = None):
         return result
 
 
-# Below this much work a parallel launch costs more than it saves: waking the
-# threads of a ``parallel=True`` kernel takes 10-15 us even on tiny input, while
-# a serial kernel reads an element in about a nanosecond.  Measured on 2 threads
-# (serial against parallel launch, same plan otherwise): the parallel kernel
-# wins from 16-32 thousand reads for average pooling's backward, and later for
-# max pooling, whose reads are cheaper.
+# Below this much work a parallel launch costs more than it saves: a launch on tbb
+# takes 2-3 us (fastpool.cpu.tasks), and more when a worker thread is slow to join,
+# while a serial channels-first kernel reads an element in about half a nanosecond
+# (channels-last ones, vectorised across channels, several a nanosecond).  Measured
+# on 2 threads, whole calls (serial against parallel plan): the parallel plan wins
+# from 12-16 thousand reads for channels-first average and max pooling, from 30-60
+# thousand for channels-last ones and max pooling's backward; this limit is between.
 SERIAL_WORK_LIMIT = 32768
 # workqueue's launches cost more: it wakes its sleeping threads twice a launch (to
 # set their thread counts, then to run), 57 us for two threads where tbb's spinning
