@@ -32,7 +32,10 @@ from fastpool._threads import get_num_threads
 from fastpool.cpu.runtime import launch, runs_serially
 from fastpool.cpu.tasks import parallel_kernel, share
 
-_SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+# Helpers of their own, called only from compiled code: without numba's Python and
+# C wrappers (compiling them took a tenth of a second of a cold first call).
+_SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cpython_wrapper": True,
+                       "no_cfunc_wrapper": True}
 _BLOCK = 64  # elements a backward sums in the input's precision before float64
 
 

@@ -25,7 +25,10 @@ from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._scalar import torch_power
 from fastpool.cpu.tasks import parallel_kernel, share
 
-_SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False}
+# Helpers of their own, called only from compiled code: without numba's Python and
+# C wrappers (compiling them took a tenth of a second of a cold first call).
+_SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cpython_wrapper": True,
+                       "no_cfunc_wrapper": True}
 
 
 # Which sweep a kernel runs is fixed when it is built (see per_constants): compiling
