@@ -54,7 +54,7 @@ from numba import njit
 from fastpool import _memory as memory
 from fastpool.cpu.microkernel import TILE_ROWS, TILE_VECTORS, VECTOR_BYTES, multiply_tile
 from fastpool.cpu.runtime import launch
-from fastpool.cpu.tasks import parallel_kernel, share
+from fastpool.cpu.tasks import parallel_kernel, scratch, share
 
 # The most bytes of channels-last copies (of a channels-first input, or gradient) one
 # chunk of images may fill: a copy is still in cache when the products read it, and
@@ -148,9 +148,9 @@ def direct_conv(part, parts, x, packed, bias, out, n0, windows, channels_last):
     c_out = out.shape[4] if channels_last else out.shape[1]
     tile_columns = TILE_BYTES // packed.itemsize
     row_depth = k_w * c_in  # a window row's values, adjacent in the input row
-    sums = np.empty((out_w, columns), out.dtype)
+    sums = scratch((out_w, columns), out.dtype)
     edge_width = (TILE_ROWS - 1) * stride[2] + k_w
-    edge = np.empty((k_h, edge_width, c_in), x.dtype)
+    edge = scratch((k_h, edge_width, c_in), x.dtype)
     x_values, edge_values = x.reshape(-1), edge.reshape(-1)  # one array type for both
     tiles = -(-out_w // TILE_ROWS)
     # The outputs whose windows lie inside the input row.
@@ -288,7 +288,7 @@ def input_gradient(part, parts, grad, packed, grad_in, n0, windows, channels_las
     tile_columns = TILE_BYTES // packed.itemsize
     tiles = -(-out_w // TILE_ROWS)
     # The scratch row: every pixel a window puts a kernel offset on, padding included.
-    sums = np.empty((max((out_w - 1) * stride[2] + k_w, pad[2] + width), columns),
+    sums = scratch((max((out_w - 1) * stride[2] + k_w, pad[2] + width), columns),
                     grad_in.dtype)
     for task in range(*share(grad.shape[0] * depth * height, part, parts)):
         h, d, i = task % height, task // height % depth, task // (height * depth)

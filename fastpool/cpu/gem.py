@@ -30,7 +30,7 @@ from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
 from fastpool.cpu.runtime import launch, runs_serially
-from fastpool.cpu.tasks import parallel_kernel, share
+from fastpool.cpu.tasks import parallel_kernel, scratch, share
 
 # Helpers of their own, called only from compiled code: without numba's Python and
 # C wrappers (compiling them took a tenth of a second of a cold first call).
@@ -303,7 +303,7 @@ def gem_sums_channels_first(part, parts, x, start, stop, powers, eps, kind, sums
         oh = row % out_h
         one_p = powers[plane % powers.size:plane % powers.size + 1]
         h0, h1 = start[1, oh], stop[1, oh]
-        run_sums, run_logs = np.empty(h1 - h0), np.empty(h1 - h0)
+        run_sums, run_logs = scratch(h1 - h0, np.float64), scratch(h1 - h0, np.float64)
         for ow in range(out_w):
             total, log_total = 0.0, 0.0
             for d in range(start[0, od], stop[0, od]):
@@ -329,7 +329,7 @@ def gem_sums_channels_last(part, parts, x, start, stop, powers, eps, kind, sums,
         n = row // (out_d * out_h)
         od = (row // out_h) % out_d
         oh = row % out_h
-        placeholder = np.empty(channels)
+        placeholder = scratch(channels, np.float64)
         for ow in range(out_w):
             totals = sums[n, od, oh, ow]
             totals[:] = 0.0

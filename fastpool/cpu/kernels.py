@@ -23,7 +23,7 @@ from numba.extending import overload
 
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._scalar import torch_power
-from fastpool.cpu.tasks import parallel_kernel, share
+from fastpool.cpu.tasks import parallel_kernel, scratch, share
 
 # Helpers of their own, called only from compiled code: without numba's Python and
 # C wrappers (compiling them took a tenth of a second of a cold first call).
@@ -184,7 +184,7 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
         rows = planes * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
-            best_at = np.empty(out_w, np.int64)
+            best_at = scratch(out_w, np.int64)
             for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
                 plane, od, oh = _row_coords(row, out_d, out_h)
                 d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
@@ -239,7 +239,7 @@ def max_pool_channels_last(window_rows, window_columns):
         rows = batch * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
-            acc = np.empty(channels if indices is None else 0, x.dtype)
+            acc = scratch(channels if indices is None else 0, x.dtype)
             for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
                 n, od, oh = _row_coords(row, out_d, out_h)
                 d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
@@ -814,11 +814,11 @@ def sum_pool_channels_first(sweep_stride, sweep_kernel):
         rows = planes * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
-            scratch = np.empty(out_w, type(zero))
+            totals = scratch(out_w, type(zero))
             for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
                 plane, od, oh = _row_coords(row, out_d, out_h)
                 d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
-                total = scratch
+                total = totals
                 total[:] = zero
                 d = d0
                 while d < d1:
@@ -874,11 +874,11 @@ def sum_pool_channels_last(window_rows, window_columns):
         rows = batch * out_d * out_h
         per_chunk = (rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
-            acc = np.empty(channels, type(zero))
+            acc = scratch(channels, type(zero))
             # Lp norms accumulate whole output rows, input row by input row: their pow
             # calls per element run faster in those long loops than window by window.
             # The Lp backward's window sums go a row at a time too.
-            row_totals = np.empty((out_w if power is not None or grad is not None else 0,
+            row_totals = scratch((out_w if power is not None or grad is not None else 0,
                                    channels), type(zero))
             for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
                 n, od, oh = _row_coords(row, out_d, out_h)
@@ -1087,8 +1087,8 @@ def sum_backward_channels_first(part, parts, coefficient, x, grad_in, first_out,
     slabs = planes * depth
     per_chunk = (slabs + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
-        spread = np.empty((cover_d, out_h, width), type(zero))
-        total = np.empty(width, type(zero))
+        spread = scratch((cover_d, out_h, width), type(zero))
+        total = scratch(width, type(zero))
         ready = (-1, -1, -1)  # (plane, od0, od1) whose rows spread holds
         for slab in range(chunk * per_chunk, min(slabs, (chunk + 1) * per_chunk)):
             plane = slab // depth
@@ -1211,8 +1211,8 @@ def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_
         lanes = min(block, planes - first)
         # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
         terms = np.zeros((out_d, out_h, out_w, block), coefficients.dtype)
-        spread = np.empty((cover_d, out_h, width, block), type(zero))
-        sums = np.empty((depth * height, run), type(zero))
+        spread = scratch((cover_d, out_h, width, block), type(zero))
+        sums = scratch((depth * height, run), type(zero))
         term_rows = terms.reshape((outputs, block))
         for lane in range(lanes):
             for q in range(outputs):
@@ -1341,7 +1341,7 @@ def sum_pool_separable_channels_first(sweep_stride, sweep_kernel):
         if sweep_stride < 0:
             lo = hi = 0
         for plane in range(*share(planes, part, parts)):
-            rows = np.empty((depth, height, out_w), type(zero))
+            rows = scratch((depth, height, out_w), type(zero))
             for d in range(depth):
                 for h in range(height):
                     x_row, row = x[plane, d, h], rows[d, h]
@@ -1352,7 +1352,7 @@ def sum_pool_separable_channels_first(sweep_stride, sweep_kernel):
                     _sum_along_row(x_row, row, start, stop, step[2], power, zero, 0, lo, True)
                     _sum_along_row(x_row, row, start, stop, step[2], power, zero, max(lo, hi),
                                    out_w, True)
-            total = np.empty(out_w, type(zero))
+            total = scratch(out_w, type(zero))
             for od in range(out_d):
                 for oh in range(out_h):
                     _sum_window_rows(rows, total, od, oh, start, stop, step, zero)
@@ -1376,7 +1376,7 @@ def sum_pool_separable_channels_last(part, parts, x, out, start, stop, step, div
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
         c1 = min(c0 + channel_block, channels)
-        rows = np.empty((depth, height, out_w, c1 - c0), type(zero))
+        rows = scratch((depth, height, out_w, c1 - c0), type(zero))
         for d in range(depth):
             for h in range(height):
                 for ow in range(out_w):
@@ -1388,7 +1388,7 @@ def sum_pool_separable_channels_last(part, parts, x, out, start, stop, step, div
                         for c in range(c1 - c0):
                             total[c] += _raise_to(values[c], power)
                         w += step[2]
-        totals = np.empty((out_w, c1 - c0), type(zero))
+        totals = scratch((out_w, c1 - c0), type(zero))
         for od in range(out_d):
             for oh in range(out_h):
                 _sum_window_rows(rows, totals, od, oh, start, stop, step, zero)
@@ -1417,8 +1417,8 @@ def max_pool_separable_channels_first(sweep_stride, sweep_kernel):
         if sweep_stride < 0 or indices is not None:
             lo = hi = 0
         for plane in range(*share(planes, part, parts)):
-            rows = np.empty((depth, height, out_w), x.dtype)
-            rows_at = np.empty(positions, np.int64)
+            rows = scratch((depth, height, out_w), x.dtype)
+            rows_at = scratch(positions, np.int64)
             for d in range(depth):
                 for h in range(height):
                     x_row = x[plane, d, h]
@@ -1503,7 +1503,7 @@ def max_pool_w_pass_channels_last(window_rows, window_columns):
         in_rows = batch * depth * height
         per_chunk = (in_rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
-            acc = np.empty(channels, x.dtype)
+            acc = scratch(channels, x.dtype)
             for row in range(chunk * per_chunk, min(in_rows, (chunk + 1) * per_chunk)):
                 n, d, h = _row_coords(row, depth, height)
                 _max_windows_of_row(window_rows, window_columns, maxima[n, d, h], x[n], acc,
@@ -1604,8 +1604,8 @@ def max_pool_separable_channels_last(part, parts, x, out, indices, start, stop, 
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
         c1 = min(c0 + channel_block, channels)
-        rows = np.empty((depth, height, out_w, c1 - c0), x.dtype)
-        rows_at = np.empty((depth, height, out_w, c1 - c0) if indices is not None
+        rows = scratch((depth, height, out_w, c1 - c0), x.dtype)
+        rows_at = scratch((depth, height, out_w, c1 - c0) if indices is not None
                            else (1, 1, 1, 1), np.int64)
         for d in range(depth):
             for h in range(height):
@@ -1686,7 +1686,7 @@ def max_pool_rows_first_channels_first(part, parts, x, out, start, stop, step, l
     rows = planes * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
-        columns = np.empty(x.shape[3], x.dtype)
+        columns = scratch(x.shape[3], x.dtype)
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             plane, od, oh = _row_coords(row, out_d, out_h)
             columns[:] = lowest
@@ -1710,8 +1710,8 @@ def sum_pool_rows_first_channels_first(part, parts, x, out, start, stop, step, d
     rows = planes * out_d * out_h
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
-        columns = np.empty(x.shape[3], type(zero))
-        totals = np.empty(out_w, type(zero))
+        columns = scratch(x.shape[3], type(zero))
+        totals = scratch(out_w, type(zero))
         for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
             plane, od, oh = _row_coords(row, out_d, out_h)
             columns[:] = zero
@@ -2058,9 +2058,9 @@ def fractional_max_pool_planes(part, parts, x, out, indices, starts, kernel):
     planes, depth, height, width = x.shape
     span = width - kernel[2] + 1
     for plane in range(*share(planes, part, parts)):
-        rows = np.empty((depth * height, span), x.dtype)
-        rows_at = np.empty((depth * height, span), np.int64)
-        best, best_at = np.empty(span, x.dtype), np.empty(span, np.int64)
+        rows = scratch((depth * height, span), x.dtype)
+        rows_at = scratch((depth * height, span), np.int64)
+        best, best_at = scratch(span, x.dtype), scratch(span, np.int64)
         _fractional_plane(x[plane], out[plane], indices[plane], starts[plane], kernel,
                           rows, rows_at, best, best_at)
 
@@ -2076,18 +2076,18 @@ def fractional_max_pool(part, parts, x, out, indices, starts, kernel, channel_bl
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
         c1 = min(c0 + channel_block, channels)
-        planes = np.empty((c1 - c0, depth, height, width), x.dtype)
+        planes = scratch((c1 - c0, depth, height, width), x.dtype)
         pixels, flat = x[n].reshape((-1, channels)), planes.reshape((c1 - c0, -1))
         for at in range(depth * height * width):
             for c in range(c1 - c0):
                 flat[c, at] = pixels[at, c0 + c]
-        rows = np.empty((depth * height, span), x.dtype)
-        rows_at = np.empty((depth * height, span), np.int64)
-        best, best_at = np.empty(span, x.dtype), np.empty(span, np.int64)
+        rows = scratch((depth * height, span), x.dtype)
+        rows_at = scratch((depth * height, span), np.int64)
+        best, best_at = scratch(span, x.dtype), scratch(span, np.int64)
         # Contiguous per-plane results (one specialisation of _fractional_plane for
         # both layouts), then stored across the channels.
-        plane_out = np.empty(out.shape[1:4], x.dtype)
-        plane_at = np.empty(out.shape[1:4], np.int64)
+        plane_out = scratch(out.shape[1:4], x.dtype)
+        plane_at = scratch(out.shape[1:4], np.int64)
         for c in range(c1 - c0):
             _fractional_plane(planes[c], plane_out, plane_at, starts[n, c0 + c], kernel, rows,
                               rows_at, best, best_at)

@@ -43,6 +43,7 @@ from numba.core.compiler_machinery import FunctionPass, register_pass
 from numba.core.typing import signature
 from numba.core.untyped_passes import InlineInlinables
 from numba.extending import intrinsic
+from numba.np.arrayobj import _empty_nd_impl
 
 from fastpool._config import CPU_JIT_OPTIONS
 
@@ -113,6 +114,34 @@ def share(tasks, part, parts):
     """The tasks ``[first, last)`` of part ``part`` of ``parts``: near-equal
     contiguous shares of ``range(tasks)``, as numba's ``prange`` splits them."""
     return tasks * part // parts, tasks * (part + 1) // parts
+
+
+@intrinsic
+def scratch(typingctx, shape, dtype):
+    """``np.empty(shape, dtype)`` (C order) for a kernel's scratch, allocated inline.
+
+    numba's ``np.empty`` compiles an implementation of its own for every shape and
+    dtype a kernel asks for (a twentieth of a second each, several in a kernel's
+    cold first call); this allocates as that implementation does (numba's
+    ``_empty_nd_impl``), in the kernel's own code.  ``shape``: an int or a tuple of
+    ints; ``dtype``: a NumPy scalar type (``np.int64``, ``type(zero)``) or an array's
+    ``dtype``."""
+    element = getattr(dtype, "instance_type", getattr(dtype, "dtype", None))
+    if not isinstance(element, types.Number):
+        return None
+    sizes = [shape] if isinstance(shape, types.Integer) else list(shape)
+    if not all(isinstance(size, types.Integer) for size in sizes):
+        return None
+    array = types.Array(element, len(sizes), "C")
+
+    def codegen(context, builder, sig, args):
+        values = [args[0]] if isinstance(shape, types.Integer) else \
+            cgutils.unpack_tuple(builder, args[0], len(sizes))
+        values = [context.cast(builder, value, size, types.intp)
+                  for value, size in zip(values, sizes)]
+        return _empty_nd_impl(context, builder, array, values)._getvalue()
+
+    return signature(array, shape, dtype), codegen
 
 
 # A parallel launch runs the kernel's serial build on each numba thread through the
