@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, types
 from numpy.testing import assert_array_equal
 
 import fastpool
@@ -501,6 +501,21 @@ def test_kernel_builds_compile_only_the_branches_their_none_arguments_reach():
     assert _only_with_power.signatures and not _only_without_power.signatures
     kernel.run_shares(2, (x, out, None))
     np.testing.assert_array_equal(out, x + 1.0)
+
+
+def test_kernels_and_their_helpers_run_llvm_function_passes_at_o1():
+    # tasks._LightlyPreoptimisedLibrary: the kernels' compiler lowers into it (a numba
+    # change in how lowering makes its library would silently undo it).
+    kernel = tasks.parallel_kernel(_optional_power)
+    kernel.body = njit(**{**tasks.KERNEL_JIT_OPTIONS, "cache": False})(_optional_power)
+    x, out = np.arange(4.0), np.empty(4)
+    kernel.serial(x, out, 3.0)
+    np.testing.assert_array_equal(out, (x + 2.0) * 3.0)
+    helper = njit(**{**tasks.HELPER_JIT_OPTIONS, "cache": False})(_only_with_power.py_func)
+    helper.compile((types.float64,))
+    for dispatcher in (kernel.body, helper):
+        (compiled,) = dispatcher.overloads.values()
+        assert isinstance(compiled.library, tasks._LightlyPreoptimisedLibrary)
 
 
 @tasks.parallel_kernel(counts=True)

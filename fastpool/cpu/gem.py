@@ -30,12 +30,12 @@ from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
 from fastpool.cpu.runtime import launch, runs_serially
-from fastpool.cpu.tasks import parallel_kernel, scratch, share
+from fastpool.cpu.tasks import HELPER_JIT_OPTIONS, parallel_kernel, scratch, share
 
-# Helpers of their own, called only from compiled code: without numba's Python and
-# C wrappers (compiling them took a tenth of a second of a cold first call).
-_SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cpython_wrapper": True,
-                       "no_cfunc_wrapper": True}
+# Helpers of their own, called only from compiled code (see HELPER_JIT_OPTIONS:
+# without numba's Python and C wrappers, which took a tenth of a second of a cold
+# first call to compile).
+_SERIAL_JIT_OPTIONS = HELPER_JIT_OPTIONS
 _BLOCK = 64  # elements a backward sums in the input's precision before float64
 
 

@@ -23,12 +23,18 @@ from numba.extending import overload
 
 from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._scalar import torch_power
-from fastpool.cpu.tasks import parallel_kernel, scratch, share
+from fastpool.cpu.tasks import (
+    HELPER_JIT_OPTIONS,
+    OVERLOAD_JIT_OPTIONS,
+    parallel_kernel,
+    scratch,
+    share,
+)
 
-# Helpers of their own, called only from compiled code: without numba's Python and
-# C wrappers (compiling them took a tenth of a second of a cold first call).
-_SERIAL_JIT_OPTIONS = {**CPU_JIT_OPTIONS, "parallel": False, "no_cpython_wrapper": True,
-                       "no_cfunc_wrapper": True}
+# Helpers of their own, called only from compiled code (see HELPER_JIT_OPTIONS:
+# without numba's Python and C wrappers, which took a tenth of a second of a cold
+# first call to compile).
+_SERIAL_JIT_OPTIONS = HELPER_JIT_OPTIONS
 
 
 # Which sweep a kernel runs is fixed when it is built (see per_constants): compiling
@@ -665,6 +671,8 @@ def _fold_sum(kept, value, power):
 # ``noalias`` as the kernels' (see fastpool.cpu.tasks): their arrays do not overlap,
 # and without it the fold's channel loops kept run-time overlap checks (the 2x2
 # channels-last average's row, one thread: 2.6 -> 2.2 ms).
+# numba's own pipeline (see tasks._LightlyPreoptimisedLibrary: through the kernels'
+# the channels-last 3x3 stride-2 max ran 15% slower).
 _ROW_JIT_OPTIONS = {"error_model": "numpy", "fastmath": CPU_JIT_OPTIONS["fastmath"],
                     "noalias": True}
 overload(_max_windows_of_row, jit_options=_ROW_JIT_OPTIONS)(_windows_of_row(_fold_max))
@@ -733,7 +741,7 @@ def _max_offsets_at(x_row, acc, acc_at, base, lo, hi, stride, offset, kernel, st
                                                first + i * stride + j * step)
 
 
-@overload(_max_interior_at, jit_options={"error_model": "numpy"})
+@overload(_max_interior_at, jit_options=OVERLOAD_JIT_OPTIONS)
 def _max_interior_at_overload(sweep_stride, sweep_kernel, x_row, acc, acc_at, base, lo, hi,
                               stride, offset, kernel, step):
     if not isinstance(sweep_stride, types.IntegerLiteral) or \
@@ -792,8 +800,8 @@ def _interior_sweep_impl(fold):
 
 # Functions of their own, called once per input row (not inlined into the kernels).
 # A kernel passes its cells' literal ints, so only its own sweep compiles.
-overload(_max_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_max))
-overload(_sum_interior, jit_options={"error_model": "numpy"})(_interior_sweep_impl(_fold_sum))
+overload(_max_interior, jit_options=OVERLOAD_JIT_OPTIONS)(_interior_sweep_impl(_fold_max))
+overload(_sum_interior, jit_options=OVERLOAD_JIT_OPTIONS)(_interior_sweep_impl(_fold_sum))
 
 
 @per_constants
