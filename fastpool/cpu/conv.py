@@ -361,11 +361,17 @@ class _Geometry:
         self.tile_columns = TILE_BYTES // self.dtype.itemsize
 
     @property
+    def out_columns(self) -> int:
+        """``C_out`` padded to whole tiles: the columns of the packed weight, of the
+        weight gradient and of the channels-last output gradient the kernels read."""
+        return _tiled(self.c_out, self.tile_columns)
+
+    @property
     def band(self) -> int:
         """Output rows per band of :func:`weight_gradient`: their input rows and
         gradient rows fill about :data:`BAND_BYTES`."""
         row_bytes = (self.stride[1] * self.spatial[2] * self.c_in
-                     + self.out_size[2] * _tiled(self.c_out, self.tile_columns))
+                     + self.out_size[2] * self.out_columns)
         return max(1, BAND_BYTES // max(row_bytes * self.dtype.itemsize, 1))
 
     @property
@@ -378,7 +384,7 @@ class _Geometry:
     def packed_weight(self, weight, bias):
         """The weight as :func:`direct_conv` reads it, ``(KD, KH, KW, C_in, columns)``,
         and the bias, ``columns`` long (zeros past ``C_out``)."""
-        columns = _tiled(self.c_out, self.tile_columns)
+        columns = self.out_columns
         packed = np.zeros((*self.kernel, self.c_in, columns), self.dtype)
         packed[..., :self.c_out] = weight.transpose(2, 3, 4, 1, 0)
         tiled_bias = np.zeros(columns, self.dtype)
@@ -502,7 +508,7 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
     if grad.size == 0 or x.size == 0:
         return np.zeros(x.shape, dtype), np.zeros(weight.shape, dtype)
     packed = g.transposed_weight(weight.astype(dtype, copy=False))
-    columns = _tiled(g.c_out, g.tile_columns)
+    columns = g.out_columns
     grad_weight = np.zeros((*g.kernel, g.c_in, columns), dtype)
     grad_in = memory.empty(x.shape, dtype)
     source = _ChannelsLast(x, channels_last)
