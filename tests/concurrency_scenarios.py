@@ -66,6 +66,51 @@ def processes(calls, expected, method):
     assert all(_same(r, e) for r, e in zip(results, expected))
 
 
+def fork_during_launch(rounds=3):
+    """Fork while another thread launches a parallel kernel: the child launches
+    too, and must not hang (tbb's task group, copied mid-launch, once made it)."""
+    import os
+    import signal
+    import time
+
+    from fastpool.cpu import kernels
+
+    kernel = kernels.max_backward_channels_first
+    planes, outputs = 4, 1_000_000
+    grad, at = np.ones((planes, outputs)), np.zeros((planes, outputs), np.int64)
+    stop = False
+
+    def launches():
+        grad_in = np.empty((planes, 64))
+        while not stop:
+            kernel.run_shares(2, (grad, at, grad_in))
+
+    thread = threading.Thread(target=launches, daemon=True)
+    thread.start()
+    try:
+        for _ in range(rounds):
+            time.sleep(0.05)
+            pid = os.fork()
+            if pid == 0:  # the child: one parallel launch, then out
+                signal.alarm(60)
+                small = (np.ones((4, 10)), np.zeros((4, 10), np.int64), np.empty((4, 5)))
+                os._exit(0 if kernel.run_shares(2, small) == 0 else 1)
+            deadline = time.time() + 90
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.time() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise AssertionError("a child forked during a launch hung")
+                time.sleep(0.02)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        stop = True
+        thread.join()
+
+
 def main(scenario, no_tbb):
     from fastpool.cpu import runtime
 
@@ -75,6 +120,8 @@ def main(scenario, no_tbb):
     expected = [call() for call in calls]  # the parent uses the kernels before forking
     if scenario == "threads":
         threads(calls, expected)
+    elif scenario == "fork-during-launch":
+        fork_during_launch()
     else:
         processes(calls, expected, scenario)
     print(runtime.threading_layer(), "ok")

@@ -29,7 +29,8 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("scenario", ["threads", "fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("scenario", ["threads", "fork", "spawn", "forkserver",
+                                      "fork-during-launch"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_scenario(scenario, config):
     env_extra, args, layer = CONFIGS[config]
@@ -39,7 +40,9 @@ def test_scenario(scenario, config):
                            *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [layer, "ok"]
+    # The last line; tbb may warn first that it could not stop its (busy) workers
+    # before a fork, which numba's tbb layer then restarts in the child.
+    assert done.stdout.splitlines()[-1].split() == [layer, "ok"], done.stdout
 
 
 def test_set_num_threads_applies_in_every_thread():

@@ -519,6 +519,20 @@ def test_kernels_and_their_helpers_run_llvm_function_passes_at_o1():
 
 
 @tasks.parallel_kernel(counts=True)
+def _scratch_size(part, parts, length):
+    values = tasks.scratch(length, np.float64)
+    values[:] = 1.0
+    return int(values.sum())
+
+
+def test_scratch_allocates_as_np_empty_and_refuses_negative_sizes():
+    assert _scratch_size.serial(3) == 3
+    assert _scratch_size.serial(0) == 0
+    with pytest.raises(RuntimeError, match="_scratch_size raised"):
+        _scratch_size.serial(-1)
+
+
+@tasks.parallel_kernel(counts=True)
 def _count_or_raise(part, parts, x, fail):
     """Counts its share's tasks; raises (numba's status) in share ``fail``."""
     first, last = tasks.share(x.size, part, parts)
@@ -527,19 +541,16 @@ def _count_or_raise(part, parts, x, fail):
     return last - first
 
 
-@pytest.mark.parametrize("task_group_taken", [False, True], ids=["own", "taken"])
+@pytest.mark.parametrize("through", ["launch layer", "parallel_for"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
-def test_parallel_launches_sum_the_shares_and_report_kernels_that_raised(parts,
-                                                                         task_group_taken):
-    # On tbb a launch runs its shares as tasks of numba's task group, or (another
-    # thread's launch holding it) through parallel_for: both sum and report alike.
-    if task_group_taken:
-        assert tasks._task_group_lock.acquire(blocking=False)
-    try:
-        _sum_the_shares_and_report_kernels_that_raised(parts)
-    finally:
-        if task_group_taken:
-            tasks._task_group_lock.release()
+def test_parallel_launches_sum_the_shares_and_report_kernels_that_raised(parts, through,
+                                                                         monkeypatch):
+    # On tbb a launch runs its shares as tasks of numba's task group; a child forked
+    # from a tbb process through parallel_for: both sum and report alike.
+    parallel_for, layer = tasks._layer_entry_points()
+    if through == "parallel_for":
+        monkeypatch.setattr(tasks, "_entry_points", (parallel_for, parallel_for))
+    _sum_the_shares_and_report_kernels_that_raised(parts)
 
 
 def _sum_the_shares_and_report_kernels_that_raised(parts):

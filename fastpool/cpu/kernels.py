@@ -932,10 +932,10 @@ def sum_pool_channels_last(window_rows, window_columns):
 
 
 # --------------------------------------------------------------------------
-# Backward.  Each thread owns whole planes (channels-first) or whole
-# (image, channel block) slices (channels-last) of grad_input and visits
-# outputs in a fixed order: race-free without atomics, and bit-identical at
-# every thread count.
+# Backward.  Each thread owns whole planes (channels-first) or whole bands of
+# an image's positions (channels-last) of grad_input and visits outputs in a
+# fixed order: race-free without atomics, and bit-identical at every thread
+# count.
 # --------------------------------------------------------------------------
 
 @parallel_kernel(counts=True)
@@ -1001,7 +1001,7 @@ def _scatter_band(target, indices, grad_out, lo, hi, first, last, size, count_ta
     # offset is known non-negative, so numba adds no wraparound select: 1.3x faster
     # than ``target2d[at, c]`` behind two signed comparisons (YOLOv5's SPPF 5x5
     # stride-1 backward, one thread).
-    band = np.uint64(hi - lo)
+    band = np.uint64(max(hi - lo, 0))  # a band of none takes none
     for q in range(first, last):
         at_row, grad_row = indices[q], grad_out[q]
         for c in range(channels):

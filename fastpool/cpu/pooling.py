@@ -102,7 +102,9 @@ def _rows_first(table: WindowTable, any_order: bool) -> bool:
     maxima), windows of several rows in output rows too narrow to profit from one.
     Sums decide on the window parameters alone, so that every call with the same
     parameters sums in the same order: a window of one row sums as the direct
-    kernels do, and fastpool.dask's blocks equal the in-memory result bit for bit."""
+    kernels do, and fastpool.dask's blocks equal the in-memory result bit for bit.
+    (The Lp backward's coefficients always sum rows first, see
+    :func:`_sum_pool_direct_call`: in the forward's order or not, to rounding.)"""
     _, _, stride, _, kernel = (int(v) for v in table.interior[2])
     swept = kernel > 0 and (stride == 1 or (int(table.step[2]), stride, kernel) in
                             _VECTOR_SWEEPS)

@@ -8,8 +8,9 @@ compiles that function once, with ``parallel=False``, and returns a
 
 * ``kernel.serial(*arguments)`` runs every task in this thread (one share of one);
 * ``kernel(*arguments)`` runs one share per numba thread: a launcher hands numba's
-  threading layer a loop that calls the serial build's machine code through its
-  address (see ``_launch``).
+  threading layer (on tbb, its task group) a loop that calls the serial build's
+  machine code through its address (see ``_launch``); one parallel launch runs at a
+  time, and a fork waits for it.
 
 Why not ``@njit(parallel=True)`` on each kernel: numba's parfor passes compile a
 ``prange`` body a second time, as a gufunc with everything inlined into it, and
@@ -23,12 +24,14 @@ process that ran it serially too), and compiles for 1.3 s as a task kernel,
 whatever the process runs.
 
 The kernels compile through :class:`_KernelCompiler`, numba's pipeline with one
-more pass, :class:`_PruneNoneChecks`: each build compiles only the code its
-optional arguments (None or given) reach.
+more pass, :class:`_PruneNoneChecks` (each build compiles only the code its
+optional arguments, None or given, reach), and a lowering into a library whose
+LLVM function passes run at O1 (:class:`_LightlyPreoptimisedLibrary`).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -37,14 +40,16 @@ import numpy as np
 from llvmlite import binding, ir
 from numba import get_num_threads, njit, typeof, types
 from numba.core import cgutils, cpu, options
+from numba.core import config as numba_config
 from numba.core.analysis import dead_branch_prune
-from numba.core.codegen import JITCodeLibrary
+from numba.core.codegen import CPUCodegen, JITCodeLibrary
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import FunctionPass, register_pass
 from numba.core.typed_passes import NativeLowering
 from numba.core.typing import signature
 from numba.core.untyped_passes import InlineInlinables
 from numba.extending import intrinsic
+from numba.misc.llvm_pass_timings import PassTimingsCollection
 from numba.np.arrayobj import _empty_nd_impl
 
 from fastpool._config import CPU_JIT_OPTIONS
@@ -110,15 +115,30 @@ class _LightlyPreoptimisedLibrary(JITCodeLibrary):
     3x3 stride-2 max ran 15% slower.)"""
 
     def _optimize_functions(self, ll_module):
-        pass_manager = getattr(self._codegen, "_function_pass_manager", None)
-        if pass_manager is None:  # numba's internals moved: its own passes
+        if not _NEW_PASS_MANAGER:  # numba before 0.62, or its internals moved
             return super()._optimize_functions(ll_module)
         ll_module.data_layout = self._codegen._data_layout
         for function in ll_module.functions:
-            manager, builder = pass_manager(opt=1)
+            manager, builder = self._codegen._function_pass_manager(
+                opt=min(1, numba_config.OPT))
             with self._recorded_timings.record(f"Function passes on {function.name!r}",
                                                builder):
                 manager.run(function, builder)
+
+
+def _uses_new_pass_manager() -> bool:
+    """Whether numba's codegen has the LLVM new-pass-manager API that
+    :class:`_LightlyPreoptimisedLibrary` calls (numba 0.62 on): a function pass
+    manager built from keywords alone, and timings recorded with its builder."""
+    try:
+        managers = inspect.signature(CPUCodegen._function_pass_manager).parameters
+        records = inspect.signature(PassTimingsCollection.record).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "llvm_module" not in managers and len(records) >= 3
+
+
+_NEW_PASS_MANAGER = _uses_new_pass_manager()
 
 
 @register_pass(mutates_CFG=True, analysis_only=False)
@@ -179,8 +199,8 @@ def scratch(typingctx, shape, dtype):
     dtype a kernel asks for (a twentieth of a second each, several in a kernel's
     cold first call); this allocates as that implementation does (numba's
     ``_empty_nd_impl``), in the kernel's own code.  ``shape``: an int or a tuple of
-    ints; ``dtype``: a NumPy scalar type (``np.int64``, ``type(zero)``) or an array's
-    ``dtype``."""
+    ints (a negative one raises ValueError, as np.empty's); ``dtype``: a numeric NumPy
+    scalar type (``np.int64``, ``type(zero)``) or an array's ``dtype``."""
     element = getattr(dtype, "instance_type", getattr(dtype, "dtype", None))
     if not isinstance(element, types.Number):
         return None
@@ -194,6 +214,12 @@ def scratch(typingctx, shape, dtype):
             cgutils.unpack_tuple(builder, args[0], len(sizes))
         values = [context.cast(builder, value, size, types.intp)
                   for value, size in zip(values, sizes)]
+        negative = cgutils.false_bit
+        for value in values:
+            negative = builder.or_(negative, builder.icmp_signed("<", value, value.type(0)))
+        with builder.if_then(negative, likely=False):  # as np.empty
+            context.call_conv.return_user_exc(builder, ValueError,
+                                              ("negative dimensions not allowed",))
         return _empty_nd_impl(context, builder, array, values)._getvalue()
 
     return signature(array, shape, dtype), codegen
@@ -434,16 +460,19 @@ def _launch_counting(layer, kernel, parts, arguments):
 # The launchers' ``layer``: the addresses of (numba_parallel_for, add_task, synchronize)
 # to call, 0 where not; all 0: every share in this thread.
 _IN_THIS_THREAD = (0, 0, 0)
-_entry_points: tuple | None = None  # (parallel_for's layer, the task group's layer)
-# One thread at a time runs its shares as tasks of tbb's one task group (its wait
-# waits for every task in the group); a launch finding it taken uses parallel_for.
-_task_group_lock = threading.Lock()
+_entry_points: tuple | None = None  # (parallel_for's layer, the launches' layer)
+# One parallel launch at a time: tbb's task group is one for the process (its wait
+# waits for every task in it), and a fork waits for the launch in flight (see
+# _reset_after_fork).  Concurrent launches from several threads would each want
+# every thread anyway.
+_parallel_launch_lock = threading.Lock()
 
 
 def _layer_entry_points() -> tuple:
-    """The launchers' ``layer`` for numba's ``parallel_for``, and for tbb's task group
-    (parallel_for's again on the other layers), starting fastpool's threading layer
-    (:func:`fastpool.cpu.runtime.threading_layer`) the first time.
+    """The launchers' ``layer`` for numba's ``parallel_for``, and the one parallel
+    launches use: tbb's task group on tbb (parallel_for's on the other layers, and
+    in a child forked from a process that started tbb), starting fastpool's
+    threading layer (:func:`fastpool.cpu.runtime.threading_layer`) the first time.
 
     tbb's ``parallel_for`` builds a ``task_arena`` per call, which the worker threads
     must find and join: a launch of a small kernel on two threads took 8-12 us more
@@ -528,17 +557,12 @@ class TaskKernel:
         in this thread); ``address``: the :meth:`address` for these arguments' types,
         when the caller knows it."""
         address = address or self.address(arguments)
-        if parts == 1:
-            count, failed = self._launcher(_IN_THIS_THREAD, address, 1, arguments)
-        elif _task_group_lock.acquire(blocking=False):
-            try:
-                count, failed = self._launcher(_layer_entry_points()[1], address, parts,
-                                               arguments)
-            finally:
-                _task_group_lock.release()
+        if parts <= 1:
+            count, failed = self._launcher(_IN_THIS_THREAD, address, parts, arguments)
         else:
-            count, failed = self._launcher(_layer_entry_points()[0], address, parts,
-                                           arguments)
+            layer = _layer_entry_points()[1]
+            with _parallel_launch_lock:
+                count, failed = self._launcher(layer, address, parts, arguments)
         if failed:
             raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
                                f"{failed} of its {parts} shares (out of memory?)")
@@ -570,14 +594,29 @@ class TaskKernel:
 
 def _reset_after_fork() -> None:
     # A thread of the parent may have held a kernel's lock (compiling it) when the
-    # process forked: the child's copy would stay locked for good.
-    global _task_group_lock
+    # process forked: the child's copy would stay locked for good.  The parallel
+    # launch lock the forking thread held (_parallel_launch_lock).  A child of a
+    # process that started tbb launches through parallel_for: a task of tbb's task
+    # group may still have been queued at the fork (the one numba's start runs),
+    # which no thread of the child would run, and the child's first launch through
+    # the group would wait for it forever.
+    global _parallel_launch_lock, _entry_points
     for kernel in _kernels:
         kernel._lock = threading.Lock()
-    _task_group_lock = threading.Lock()
+    _parallel_launch_lock = threading.Lock()
+    if "numba.np.ufunc.tbbpool" in sys.modules:
+        if _entry_points is None:
+            _layer_entry_points()
+        _entry_points = (_entry_points[0], _entry_points[0])
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+# A fork waits for the parallel launch in flight in another thread, and holds new
+# ones until it is done: forked while tbb's workers ran a launch (through either of
+# its entry points), a child's first parallel launch hung (tests/test_concurrency.py,
+# "fork-during-launch"; numba's own tbb layer does the same).
+os.register_at_fork(before=lambda: _parallel_launch_lock.acquire(),
+                    after_in_parent=lambda: _parallel_launch_lock.release(),
+                    after_in_child=_reset_after_fork)
 
 
 def parallel_kernel(function=None, *, counts: bool = False):
