@@ -489,15 +489,21 @@ def _optional_power(part, parts, x, out, power):
             out[i] = _only_with_power(x[i]) * power
 
 
-def test_kernel_builds_compile_only_the_branches_their_none_arguments_reach():
-    # numba decides ``power is None`` before typing only where power *is* None: a
-    # build with power given typed and compiled the other branch's helper too.
-    # (Compiled here without the disk cache, which would load the helpers' code.)
+def _optional_power_kernel_run_with_power():
+    """A task kernel of _optional_power compiled without the disk cache (which would
+    load its helpers' code), run serially with a power: (kernel, x, out)."""
     kernel = tasks.parallel_kernel(_optional_power)
     kernel.body = njit(**{**tasks.KERNEL_JIT_OPTIONS, "cache": False})(_optional_power)
     x, out = np.arange(4.0), np.empty(4)
     kernel.serial(x, out, 3.0)
     np.testing.assert_array_equal(out, (x + 2.0) * 3.0)
+    return kernel, x, out
+
+
+def test_kernel_builds_compile_only_the_branches_their_none_arguments_reach():
+    # numba decides ``power is None`` before typing only where power *is* None: a
+    # build with power given typed and compiled the other branch's helper too.
+    kernel, x, out = _optional_power_kernel_run_with_power()
     assert _only_with_power.signatures and not _only_without_power.signatures
     kernel.run_shares(2, (x, out, None))
     np.testing.assert_array_equal(out, x + 1.0)
@@ -506,11 +512,7 @@ def test_kernel_builds_compile_only_the_branches_their_none_arguments_reach():
 def test_kernels_and_their_helpers_run_llvm_function_passes_at_o1():
     # tasks._LightlyPreoptimisedLibrary: the kernels' compiler lowers into it (a numba
     # change in how lowering makes its library would silently undo it).
-    kernel = tasks.parallel_kernel(_optional_power)
-    kernel.body = njit(**{**tasks.KERNEL_JIT_OPTIONS, "cache": False})(_optional_power)
-    x, out = np.arange(4.0), np.empty(4)
-    kernel.serial(x, out, 3.0)
-    np.testing.assert_array_equal(out, (x + 2.0) * 3.0)
+    kernel, x, out = _optional_power_kernel_run_with_power()
     helper = njit(**{**tasks.HELPER_JIT_OPTIONS, "cache": False})(_only_with_power.py_func)
     helper.compile((types.float64,))
     for dispatcher in (kernel.body, helper):
