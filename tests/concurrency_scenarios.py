@@ -55,25 +55,54 @@ def threads(calls, expected, rounds=5):
 
 
 def _child(k):
-    return _calls()[k]()
+    from fastpool.cpu import tasks
+
+    return _calls()[k](), tasks.runs_in_one_thread()
 
 
-def processes(calls, expected, method):
+def processes(calls, expected, method, one_thread=False):
+    """Children forked by the main thread, with no other thread running tbb, keep
+    their parallel launches; ``one_thread``: whether the children run theirs in
+    their own thread."""
     import multiprocessing
 
     with multiprocessing.get_context(method).Pool(4) as pool:
         results = pool.map(_child, range(len(calls)))
-    assert all(_same(r, e) for r, e in zip(results, expected))
+    assert all(_same(r, e) for (r, _), e in zip(results, expected))
+    assert all(in_one == one_thread for _, in_one in results), results
+
+
+def fork_from_thread(calls, expected):
+    """Fork worker processes from a thread other than the one that started tbb,
+    whose fork handler then leaves tbb's workers running: the children run their
+    launches in their own thread."""
+    from fastpool.cpu import runtime
+
+    failed = []
+
+    def fork_workers():
+        try:
+            processes(calls, expected, "fork", runtime.threading_layer() == "tbb")
+        except BaseException as error:
+            failed.append(error)
+
+    thread = threading.Thread(target=fork_workers)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def fork_during_launch(rounds=3):
-    """Fork while another thread launches a parallel kernel: the child launches
-    too, and must not hang (tbb's task group, copied mid-launch, once made it)."""
+    """Fork while another thread launches parallel kernels: the child launches too,
+    and must not hang.  On tbb, whose workers that thread keeps from stopping at the
+    fork (a child's copy of them hung 1 child in 10), the child runs its launches
+    in its own thread."""
     import os
     import signal
     import time
 
-    from fastpool.cpu import kernels
+    from fastpool.cpu import kernels, runtime, tasks
 
     kernel = kernels.max_backward_channels_first
     planes, outputs = 4, 1_000_000
@@ -92,9 +121,16 @@ def fork_during_launch(rounds=3):
             time.sleep(0.05)
             pid = os.fork()
             if pid == 0:  # the child: one parallel launch, then out
-                signal.alarm(60)
-                small = (np.ones((4, 10)), np.zeros((4, 10), np.int64), np.empty((4, 5)))
-                os._exit(0 if kernel.run_shares(2, small) == 0 else 1)
+                status = 1
+                try:
+                    signal.alarm(60)
+                    small = (np.ones((4, 10)), np.zeros((4, 10), np.int64),
+                             np.empty((4, 5)))
+                    kernel.run_shares(2, small)
+                    on_tbb = runtime.threading_layer() == "tbb"
+                    status = 0 if tasks.runs_in_one_thread() == on_tbb else 2
+                finally:
+                    os._exit(status)
             deadline = time.time() + 90
             while True:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -122,6 +158,8 @@ def main(scenario, no_tbb):
         threads(calls, expected)
     elif scenario == "fork-during-launch":
         fork_during_launch()
+    elif scenario == "fork-from-thread":
+        fork_from_thread(calls, expected)
     else:
         processes(calls, expected, scenario)
     print(runtime.threading_layer(), "ok")

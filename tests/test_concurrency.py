@@ -30,7 +30,7 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("scenario", ["threads", "fork", "spawn", "forkserver",
-                                      "fork-during-launch"])
+                                      "fork-during-launch", "fork-from-thread"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_scenario(scenario, config):
     env_extra, args, layer = CONFIGS[config]

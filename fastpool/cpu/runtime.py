@@ -93,6 +93,9 @@ _load_numba_registries()
 _setup_lock = threading.Lock()
 _launch_lock: threading.Lock | None = None
 _layer: str | None = None
+# The thread that started numba's layer, where fastpool started it (None: the main
+# thread, numba's usual): numba's tbb layer stops its workers at a fork from it only.
+_layer_thread: int | None = None
 
 _TBB_LIBRARIES = ("libtbb.so.12", "libtbb.12.dylib", "tbb12.dll")
 
@@ -130,9 +133,11 @@ def _requested_layer() -> str:
 
 
 def _start_threading_layer() -> str:
+    global _layer_thread
     from numba.np.ufunc import parallel
 
     if not parallel._is_initialized:
+        _layer_thread = threading.get_ident()
         requested = _requested_layer()
         if requested == "default":
             numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "workqueue"
@@ -159,8 +164,16 @@ def _runs_omp() -> bool:
     return parallel._is_initialized and numba.threading_layer() == "omp"
 
 
+def layer_start_thread() -> int:
+    """The ident of the thread that started numba's threading layer (the main
+    thread's where fastpool did not start it)."""
+    return threading.main_thread().ident if _layer_thread is None else _layer_thread
+
+
 def _reset_after_fork() -> None:
-    global _launch_lock, _setup_lock, _forked_from_omp
+    global _launch_lock, _setup_lock, _forked_from_omp, _layer_thread
+    if _layer_thread is not None:  # numba's tbb layer restarts in the forking thread
+        _layer_thread = threading.get_ident()
     _setup_lock = threading.Lock()
     if _launch_lock is not None:
         _launch_lock = threading.Lock()

@@ -471,8 +471,10 @@ _parallel_launch_lock = threading.Lock()
 def _layer_entry_points() -> tuple:
     """The launchers' ``layer`` for numba's ``parallel_for``, and the one parallel
     launches use: tbb's task group on tbb (parallel_for's on the other layers, and
-    in a child forked from a process that started tbb), starting fastpool's
-    threading layer (:func:`fastpool.cpu.runtime.threading_layer`) the first time.
+    in a child forked from a process that started tbb; this thread's in a child
+    whose copy of tbb cannot be trusted, see :func:`runs_in_one_thread`), starting
+    fastpool's threading layer (:func:`fastpool.cpu.runtime.threading_layer`) the
+    first time.
 
     tbb's ``parallel_for`` builds a ``task_arena`` per call, which the worker threads
     must find and join: a launch of a small kernel on two threads took 8-12 us more
@@ -482,6 +484,16 @@ def _layer_entry_points() -> tuple:
     batch: 18-21 us a call through parallel_for, 12.5 through the task group,
     torch 13.6)."""
     global _entry_points
+    if _entry_points is None and _forked_from_running_tbb:
+        from fastpool.cpu.runtime import logger
+
+        logger.warning(
+            "fastpool: this process was forked while another thread of its parent ran "
+            "tbb's parallel code (or from a thread other than the one that started tbb), "
+            "so its copy of tbb's threads cannot be trusted and fastpool's kernels run on "
+            "one thread in it. Fork before starting threads that call fastpool, or use the "
+            "'spawn' or 'forkserver' start method")
+        _entry_points = (_IN_THIS_THREAD, _IN_THIS_THREAD)
     if _entry_points is None:
         from fastpool.cpu.runtime import threading_layer
 
@@ -562,6 +574,7 @@ class TaskKernel:
         else:
             layer = _layer_entry_points()[1]
             with _parallel_launch_lock:
+                _launching_threads.add(threading.get_ident())
                 count, failed = self._launcher(layer, address, parts, arguments)
         if failed:
             raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
@@ -592,6 +605,39 @@ class TaskKernel:
         return [self.body, self._launcher]
 
 
+# Threads (their idents) that made a parallel launch: on tbb each holds a share of
+# tbb's scheduler until it exits.
+_launching_threads: set = set()
+# Whether this process is a child forked while tbb's workers outlived the fork (its
+# copy of tbb cannot be trusted), and whether the fork in progress leaves one so.
+_forked_from_running_tbb = False
+_fork_leaves_running_tbb = False
+
+
+def _tbb_workers_survive_fork() -> bool:
+    """Whether numba's fork handler will fail to stop tbb's worker threads before
+    the fork in progress.  It stops them only when forking from the thread that
+    started tbb, and only when no other live thread has run tbb code (else tbb warns
+    "Unable to join threads to shut down before fork(). This can break
+    multithreading in child processes."): a child's copy of tbb, taken from workers
+    mid-flight, may hang its first parallel launch (1 in 10 children in the
+    "fork-during-launch" scenario of tests/test_concurrency.py)."""
+    if "numba.np.ufunc.tbbpool" not in sys.modules:
+        return False
+    from fastpool.cpu.runtime import layer_start_thread
+
+    here = threading.get_ident()
+    alive = {thread.ident for thread in threading.enumerate()}
+    return here != layer_start_thread() or any(
+        ident != here and ident in alive for ident in _launching_threads)
+
+
+def _before_fork() -> None:
+    global _fork_leaves_running_tbb
+    _parallel_launch_lock.acquire()
+    _fork_leaves_running_tbb = _forked_from_running_tbb or _tbb_workers_survive_fork()
+
+
 def _reset_after_fork() -> None:
     # A thread of the parent may have held a kernel's lock (compiling it) when the
     # process forked: the child's copy would stay locked for good.  The parallel
@@ -599,22 +645,35 @@ def _reset_after_fork() -> None:
     # process that started tbb launches through parallel_for: a task of tbb's task
     # group may still have been queued at the fork (the one numba's start runs),
     # which no thread of the child would run, and the child's first launch through
-    # the group would wait for it forever.
-    global _parallel_launch_lock, _entry_points
+    # the group would wait for it forever.  Where tbb's workers outlived the fork
+    # (_tbb_workers_survive_fork), the child runs every share in its own thread.
+    global _parallel_launch_lock, _entry_points, _forked_from_running_tbb
     for kernel in _kernels:
         kernel._lock = threading.Lock()
     _parallel_launch_lock = threading.Lock()
-    if "numba.np.ufunc.tbbpool" in sys.modules:
+    _launching_threads.clear()
+    _forked_from_running_tbb = _fork_leaves_running_tbb
+    if _forked_from_running_tbb:
+        _entry_points = None  # its first parallel launch says so (_layer_entry_points)
+    elif "numba.np.ufunc.tbbpool" in sys.modules:
         if _entry_points is None:
             _layer_entry_points()
         _entry_points = (_entry_points[0], _entry_points[0])
+
+
+def runs_in_one_thread() -> bool:
+    """Whether this process runs parallel launches' shares in its own thread: a child
+    forked while tbb's worker threads outlived the fork (another live thread of the
+    parent had run tbb code, or the fork came from a thread other than the one that
+    started tbb), whose copy of tbb cannot be trusted."""
+    return _forked_from_running_tbb
 
 
 # A fork waits for the parallel launch in flight in another thread, and holds new
 # ones until it is done: forked while tbb's workers ran a launch (through either of
 # its entry points), a child's first parallel launch hung (tests/test_concurrency.py,
 # "fork-during-launch"; numba's own tbb layer does the same).
-os.register_at_fork(before=lambda: _parallel_launch_lock.acquire(),
+os.register_at_fork(before=_before_fork,
                     after_in_parent=lambda: _parallel_launch_lock.release(),
                     after_in_child=_reset_after_fork)
 
