@@ -555,6 +555,16 @@ def test_parallel_launches_sum_the_shares_and_report_kernels_that_raised(parts, 
     _sum_the_shares_and_report_kernels_that_raised(parts)
 
 
+def test_launchers_skip_the_module_passes_and_still_launch(monkeypatch):
+    # tasks._LauncherLibrary: the launchers' compiler lowers into it.
+    launcher = njit(**{**tasks._LAUNCHER_JIT_OPTIONS, "cache": False})(
+        tasks._launch_counting.py_func)
+    monkeypatch.setattr(_count_or_raise, "_launcher", launcher)
+    _sum_the_shares_and_report_kernels_that_raised(2)
+    (compiled,) = launcher.overloads.values()
+    assert isinstance(compiled.library, tasks._LauncherLibrary)
+
+
 def _sum_the_shares_and_report_kernels_that_raised(parts):
     x = np.empty(10)
     assert _count_or_raise.run_shares(parts, (x, -1)) == 10
