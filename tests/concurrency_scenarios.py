@@ -107,15 +107,19 @@ def fork_during_launch(rounds=3):
     kernel = kernels.max_backward_channels_first
     planes, outputs = 4, 1_000_000
     grad, at = np.ones((planes, outputs)), np.zeros((planes, outputs), np.int64)
-    stop = False
+    small = (np.ones((4, 10)), np.zeros((4, 10), np.int64), np.empty((4, 5)))
+    kernel.run_shares(2, small)  # compiled (or loaded) before the thread starts
+    stop, launched = False, threading.Event()
 
     def launches():
         grad_in = np.empty((planes, 64))
         while not stop:
             kernel.run_shares(2, (grad, at, grad_in))
+            launched.set()
 
     thread = threading.Thread(target=launches, daemon=True)
     thread.start()
+    launched.wait()
     try:
         for _ in range(rounds):
             time.sleep(0.05)
@@ -124,8 +128,6 @@ def fork_during_launch(rounds=3):
                 status = 1
                 try:
                     signal.alarm(60)
-                    small = (np.ones((4, 10)), np.zeros((4, 10), np.int64),
-                             np.empty((4, 5)))
                     kernel.run_shares(2, small)
                     on_tbb = runtime.threading_layer() == "tbb"
                     status = 0 if tasks.runs_in_one_thread() == on_tbb else 2

@@ -40,8 +40,8 @@ def test_scenario(scenario, config):
                            *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    # The last line; tbb may warn first that it could not stop its (busy) workers
-    # before a fork, which numba's tbb layer then restarts in the child.
+    # The last line; tbb may warn first that it could not stop its workers before a
+    # fork (another thread had run them), whose child then launches on one thread.
     assert done.stdout.splitlines()[-1].split() == [layer, "ok"], done.stdout
 
 
@@ -71,6 +71,37 @@ def test_set_num_threads_applies_in_every_thread():
 def test_set_num_threads_rejects_bad_values(bad, error):
     with pytest.raises(error, match="set_num_threads"):
         fastpool.set_num_threads(bad)
+
+
+def test_a_fork_waits_for_a_numba_compile_in_flight():
+    # numba's compiler lock, copied held into a child, hung the child's first compile
+    # or cache load (fastpool.cpu.tasks._before_fork).
+    from numba.core.compiler_lock import global_compiler_lock
+
+    import fastpool.cpu.tasks  # noqa: F401  (its fork hooks)
+
+    holding, done = threading.Event(), threading.Event()
+
+    def compile_in_flight():
+        with global_compiler_lock:
+            holding.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=compile_in_flight)
+    thread.start()
+    holding.wait()
+    timer = threading.Timer(0.3, done.set)
+    timer.start()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if global_compiler_lock._lock.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        done.set()
+        thread.join()
+        timer.cancel()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 OMP_FORK_CHILD = """

@@ -172,7 +172,9 @@ def layer_start_thread() -> int:
 
 def _reset_after_fork() -> None:
     global _launch_lock, _setup_lock, _forked_from_omp, _layer_thread
-    if _layer_thread is not None:  # numba's tbb layer restarts in the forking thread
+    # numba's tbb layer restarts in the forking thread where it could stop its
+    # workers; where not, the child launches on one thread and never forks tbb again.
+    if _layer_thread is not None:
         _layer_thread = threading.get_ident()
     _setup_lock = threading.Lock()
     if _launch_lock is not None:

@@ -26,7 +26,9 @@ whatever the process runs.
 The kernels compile through :class:`_KernelCompiler`, numba's pipeline with one
 more pass, :class:`_PruneNoneChecks` (each build compiles only the code its
 optional arguments, None or given, reach), and a lowering into a library whose
-LLVM function passes run at O1 (:class:`_LightlyPreoptimisedLibrary`).
+LLVM function passes run at O1 (:class:`_LightlyPreoptimisedLibrary`); the
+launchers through :class:`_LauncherCompiler`, whose library skips the module
+passes as well (:class:`_LauncherLibrary`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from numba.core import config as numba_config
 from numba.core.analysis import dead_branch_prune
 from numba.core.codegen import CPUCodegen, JITCodeLibrary
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
+from numba.core.compiler_lock import global_compiler_lock
 from numba.core.compiler_machinery import FunctionPass, register_pass
 from numba.core.typed_passes import NativeLowering
 from numba.core.typing import signature
@@ -265,7 +268,7 @@ def scratch(typingctx, shape, dtype):
 #
 # No ``prange`` loop, then: numba's parfor passes compiled one per kernel signature (a
 # third of a second each; one generic driver over addresses still cost a fifth of a
-# second of each process's first call), and a launcher compiles in a tenth.  The
+# second of each process's first call), and a launcher compiles in a twentieth.  The
 # launchers pass no owners of the arrays (see ``_unowned``).
 
 _INT64 = ir.IntType(64)
@@ -602,7 +605,7 @@ class TaskKernel:
         else:
             layer = _layer_entry_points()[1]
             with _parallel_launch_lock:
-                _launching_threads.add(threading.get_ident())
+                _launching_threads.add(threading.get_native_id())
                 count, failed = self._launcher(layer, address, parts, arguments)
         if failed:
             raise RuntimeError(f"fastpool: the CPU kernel {self.__name__} raised in "
@@ -633,13 +636,23 @@ class TaskKernel:
         return [self.body, self._launcher]
 
 
-# Threads (their idents) that made a parallel launch: on tbb each holds a share of
-# tbb's scheduler until it exits.
+# Threads (their native ids) that made a parallel launch: on tbb each holds a share
+# of tbb's scheduler until it exits.
 _launching_threads: set = set()
 # Whether this process is a child forked while tbb's workers outlived the fork (its
 # copy of tbb cannot be trusted), and whether the fork in progress leaves one so.
 _forked_from_running_tbb = False
 _fork_leaves_running_tbb = False
+
+
+def _live_threads() -> set:
+    """The native ids of this process's threads: from /proc on Linux (a joined
+    thread leaves it only once its exit, and tbb's release in it, is done), else
+    those of the threads ``threading`` knows."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return {thread.native_id for thread in threading.enumerate()}
 
 
 def _tbb_workers_survive_fork() -> bool:
@@ -649,21 +662,30 @@ def _tbb_workers_survive_fork() -> bool:
     "Unable to join threads to shut down before fork(). This can break
     multithreading in child processes."): a child's copy of tbb, taken from workers
     mid-flight, may hang its first parallel launch (1 in 10 children in the
-    "fork-during-launch" scenario of tests/test_concurrency.py)."""
+    "fork-during-launch" scenario of tests/test_concurrency.py).  Only fastpool's
+    own launches are known here (and, where fastpool did not start numba's layer,
+    the main thread is taken for the one that did)."""
     if "numba.np.ufunc.tbbpool" not in sys.modules:
         return False
     from fastpool.cpu.runtime import layer_start_thread
 
-    here = threading.get_ident()
-    alive = {thread.ident for thread in threading.enumerate()}
-    return here != layer_start_thread() or any(
-        ident != here and ident in alive for ident in _launching_threads)
+    here = threading.get_native_id()
+    _launching_threads.intersection_update(_live_threads())
+    return threading.get_ident() != layer_start_thread() or bool(_launching_threads - {here})
 
 
 def _before_fork() -> None:
+    # The launch in flight ends first, then any numba compile in flight (its lock,
+    # copied held, would hang the child's first compile or cache load).
     global _fork_leaves_running_tbb
     _parallel_launch_lock.acquire()
+    global_compiler_lock.acquire()
     _fork_leaves_running_tbb = _forked_from_running_tbb or _tbb_workers_survive_fork()
+
+
+def _after_fork_in_parent() -> None:
+    global_compiler_lock.release()
+    _parallel_launch_lock.release()
 
 
 def _reset_after_fork() -> None:
@@ -676,6 +698,7 @@ def _reset_after_fork() -> None:
     # the group would wait for it forever.  Where tbb's workers outlived the fork
     # (_tbb_workers_survive_fork), the child runs every share in its own thread.
     global _parallel_launch_lock, _entry_points, _forked_from_running_tbb
+    global_compiler_lock.release()  # this thread's, taken in _before_fork
     for kernel in _kernels:
         kernel._lock = threading.Lock()
     _parallel_launch_lock = threading.Lock()
@@ -701,8 +724,7 @@ def runs_in_one_thread() -> bool:
 # ones until it is done: forked while tbb's workers ran a launch (through either of
 # its entry points), a child's first parallel launch hung (tests/test_concurrency.py,
 # "fork-during-launch"; numba's own tbb layer does the same).
-os.register_at_fork(before=_before_fork,
-                    after_in_parent=lambda: _parallel_launch_lock.release(),
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_reset_after_fork)
 
 
