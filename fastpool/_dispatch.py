@@ -1018,6 +1018,10 @@ def _channels_last_native(impl, kind: str, channels_last: bool) -> bool:
 
 
 def _conv_inputs(op, nd, x, weight, bias, stride, padding, channels_last, backend, stream):
+    """The checked inputs of a convolution call: its window, back end, kind of call
+    (see :func:`_conv_layout`), the arrays as the back end takes them (not yet
+    canonical), the layout and whether the back end computes it natively, and the
+    canonical 5-D shapes of the input (in the back end's layout) and weight."""
     window = ConvWindow.from_args(op, nd, stride, padding)
     channels_last = check_bool(channels_last, "channels_last", op)
     impl = _backend(backend, x, op, stream)
@@ -1034,12 +1038,9 @@ def _conv_inputs(op, nd, x, weight, bias, stride, padding, channels_last, backen
     native = _channels_last_native(impl, kind, channels_last)
     if native:
         x5 = (x5[0], *x5[2:], x5[1])
-    elif channels_last and kind != "plain":
-        if not hasattr(impl, "host_only"):
-            raise ValueError(f"{op}: channels_last convolution runs on the host back ends only")
-        array = np.moveaxis(array if kind == "batched" else array[None], -1, 1)
-    return window, impl, kind, impl.canonical(array, x5, stream), \
-        impl.canonical(weights, w5, stream), biases, channels_last, native
+    elif channels_last and kind != "plain" and not hasattr(impl, "host_only"):
+        raise ValueError(f"{op}: channels_last convolution runs on the host back ends only")
+    return window, impl, kind, (array, weights, biases), channels_last, native, x5, w5
 
 
 def _conv_shape(batch: int, channels: int, spatial: tuple, nd: int, native: bool) -> tuple:
@@ -1048,42 +1049,106 @@ def _conv_shape(batch: int, channels: int, spatial: tuple, nd: int, native: bool
     return (batch, *spatial, channels) if native else (batch, channels, *spatial)
 
 
+@dataclass(frozen=True, slots=True)
+class _ConvPlan:
+    """A convolution, planned for one set of input, weight and bias shapes and
+    dtypes on one back end: called with those arrays (and a stream), it returns
+    the output in the caller's layout."""
+
+    impl: object
+    nd: int
+    kind: str  # see _conv_layout
+    channels_last: bool
+    native: bool  # the back end computes channels-last as it is
+    x_shape: tuple  # the canonical input, in the back end's layout
+    w_shape: tuple  # the canonical weight
+    out_shape: tuple  # the canonical output (or output gradient), likewise
+    stride: np.ndarray
+    pad: np.ndarray
+    threads = None  # the back ends split the work at each call
+
+    def canonical_input(self, x, shape: tuple, stream):
+        """``x`` (or a gradient of its layout) as the back end takes it, ``shape``."""
+        if self.channels_last and self.kind != "plain" and not self.native:
+            x = np.moveaxis(x if self.kind == "batched" else x[None], -1, 1)
+        return self.impl.canonical(x, shape, stream)
+
+    def layout(self) -> dict:
+        return {"channels_last": True} if self.native else {}
+
+    def __call__(self, x, weight, bias, stream=None):
+        impl = self.impl
+        x5 = self.canonical_input(x, self.x_shape, stream)
+        w5 = impl.canonical(weight, self.w_shape, stream)
+        if bias is None:
+            bias = impl.zeros((self.w_shape[0],), x5.dtype, stream)
+        out = impl.conv(x5, w5, bias, self.out_shape, self.stride, self.pad, stream=stream,
+                        **self.layout())
+        return _conv_result(out, self.kind, self.channels_last, self.nd, self.native)
+
+
+@dataclass(frozen=True, slots=True)
+class _ConvBackwardPlan(_ConvPlan):
+    """A convolution's gradients, planned as :class:`_ConvPlan`: called with the
+    output's gradient, the input and the weight, it returns (grad_input,
+    grad_weight, grad_bias)."""
+
+    weight_shape: tuple = ()  # the caller's
+
+    def __call__(self, grad, x, weight, stream=None):
+        impl = self.impl
+        grad5 = self.canonical_input(grad, self.out_shape, stream)
+        grad_in, grad_weight = impl.conv_backward(
+            grad5, self.canonical_input(x, self.x_shape, stream),
+            impl.canonical(weight, self.w_shape, stream), self.stride, self.pad,
+            stream=stream, **self.layout())
+        grad_bias = impl.conv_bias_grad(grad5, stream, **self.layout())
+        return (_conv_result(grad_in, self.kind, self.channels_last, self.nd, self.native),
+                grad_weight.reshape(self.weight_shape), grad_bias)
+
+
+def _conv_plan_fields(op, nd, x, weight, bias, stride, padding, channels_last, backend,
+                      stream):
+    """The fields of a :class:`_ConvPlan` for these arguments, checked, and the
+    arrays as the back end takes them."""
+    window, impl, kind, arrays, channels_last, native, x5, w5 = _conv_inputs(
+        op, nd, x, weight, bias, stride, padding, channels_last, backend, stream)
+    spatial = x5[4 - nd:4] if native else x5[5 - nd:]
+    out_spatial = window.output_shape(op, spatial, w5[5 - nd:])
+    out_shape = _conv_shape(x5[0], w5[0], out_spatial, nd, native)
+    stride3, pad3 = window.canonical()
+    stride3.flags.writeable = pad3.flags.writeable = False  # plans are shared
+    return (impl, nd, kind, channels_last, native, x5, w5, out_shape, stride3, pad3), arrays
+
+
+def _build_conv(arrays, backend, stream, nd, stride, padding, channels_last, op):
+    fields, impl_arrays = _conv_plan_fields(op, nd, *arrays, stride, padding, channels_last,
+                                            backend, stream)
+    return _ConvPlan(*fields), impl_arrays
+
+
+def _build_conv_backward(arrays, backend, stream, nd, stride, padding, channels_last, op):
+    grad_output, x, weight = arrays
+    fields, (array, weights, _) = _conv_plan_fields(op, nd, x, weight, None, stride, padding,
+                                                    channels_last, backend, stream)
+    plan = _ConvBackwardPlan(*fields, weight_shape=tuple(weights.shape))
+    impl, kind, x5, w5 = plan.impl, plan.kind, plan.x_shape, plan.w_shape
+    grad = _grad_array(impl, grad_output, op, stream)
+    spatial = plan.out_shape[4 - nd:4] if plan.native else plan.out_shape[5 - nd:]
+    _check_grad_shape(grad, _conv_result_shape(x5[0], w5[0], spatial, kind, channels_last),
+                      op)
+    return plan, (grad, array, weights)
+
+
 def conv(x, weight, nd, stride=2, padding=0, bias=None, *, op: str, channels_last=False,
          backend=None, stream=None):
     """Strided cross-correlation, torch.nn.functional.conv{nd}d's semantics."""
-    window, impl, kind, x5, w5, biases, channels_last, native = _conv_inputs(
-        op, nd, x, weight, bias, stride, padding, channels_last, backend, stream)
-    kernel = w5.shape[5 - nd:]
-    spatial = x5.shape[4 - nd:4] if native else x5.shape[5 - nd:]
-    out_spatial = window.output_shape(op, spatial, kernel)
-    out_shape = _conv_shape(x5.shape[0], w5.shape[0], out_spatial, nd, native)
-    if biases is None:
-        biases = impl.zeros((w5.shape[0],), x5.dtype, stream)
-    stride3, pad3 = window.canonical()
-    layout = {"channels_last": True} if native else {}
-    out = impl.conv(x5, w5, biases, out_shape, stride3, pad3, stream=stream, **layout)
-    return _wrap(impl, _conv_result(out, kind, channels_last, nd, native), x)
+    return _call(_build_conv, (x, weight, bias), backend, stream,
+                 (nd, stride, padding, channels_last, op))
 
 
 def conv_backward(grad_output, x, weight, nd, stride=2, padding=0, *, op: str,
                   channels_last=False, backend=None, stream=None):
     """Gradients of :func:`conv`: (grad_input, grad_weight, grad_bias)."""
-    window, impl, kind, x5, w5, _, channels_last, native = _conv_inputs(
-        op, nd, x, weight, None, stride, padding, channels_last, backend, stream)
-    spatial = x5.shape[4 - nd:4] if native else x5.shape[5 - nd:]
-    out_spatial = window.output_shape(op, spatial, w5.shape[5 - nd:])
-    grad = _grad_array(impl, grad_output, op, stream)
-    _check_grad_shape(grad, _conv_result_shape(x5.shape[0], w5.shape[0], out_spatial, kind,
-                                               channels_last), op)
-    if channels_last and kind != "plain" and not native:
-        grad = np.moveaxis(grad if kind == "batched" else grad[None], -1, 1)
-    grad5 = impl.canonical(grad, _conv_shape(x5.shape[0], w5.shape[0], out_spatial, nd,
-                                             native), stream)
-    stride3, pad3 = window.canonical()
-    layout = {"channels_last": True} if native else {}
-    grad_in, grad_weight = impl.conv_backward(grad5, x5, w5, stride3, pad3, stream=stream,
-                                              **layout)
-    grad_bias = impl.conv_bias_grad(grad5, stream, **layout)
-    grad_in = _conv_result(grad_in, kind, channels_last, nd, native)
-    grad_weight = grad_weight.reshape(tuple(weight.shape))
-    return tuple(_wrap(impl, g, grad_output) for g in (grad_in, grad_weight, grad_bias))
+    return _call(_build_conv_backward, (grad_output, x, weight), backend, stream,
+                 (nd, stride, padding, channels_last, op))

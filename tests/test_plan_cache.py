@@ -19,7 +19,7 @@ from numpy.testing import assert_array_equal
 
 import fastpool
 from fastpool import _dispatch
-from fastpool._params import Layout
+from fastpool._params import ConvWindow, Layout
 from fastpool.cpu import kernels, runtime, tasks
 from tests.conftest import run_on_disk_cache
 
@@ -36,6 +36,10 @@ GRAD_CL = RNG.standard_normal(OUT_CL.shape).astype(np.float32)
 GRAD_AVG = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
 _, IDX_ADAPTIVE = fastpool.adaptive_max_pool2d(X, 3, True)
 _, IDX_GLOBAL = fastpool.global_max_pool2d(X, False, True)
+W = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+BIAS = RNG.standard_normal(4).astype(np.float32)
+GRAD_CONV = RNG.standard_normal((2, 4, 4, 4)).astype(np.float32)
+GRAD_CONV_CL = np.ascontiguousarray(GRAD_CONV.transpose(0, 2, 3, 1))
 
 # One call per plan family, layout and path through the dispatch layer.
 CALLS = {
@@ -81,6 +85,14 @@ CALLS = {
         np.ones((2, 3, 3, 3)), X.shape),
     "global-avg-backward": lambda: fastpool.global_avg_pool2d_backward(
         np.ones((2, 3), np.float32), X.shape),
+    "conv": lambda: fastpool.strided_conv2d(X, W, 2, 1),
+    "conv-cl-bias": lambda: fastpool.strided_conv2d(X_CL, W, 2, 1, BIAS, channels_last=True),
+    "conv-plain-1d": lambda: fastpool.strided_conv1d(X[0, 0, 0], W[0, 0, 0], 2),
+    "conv-reference-cl": lambda: fastpool.strided_conv2d(X_CL, W, 2, 1, channels_last=True,
+                                                         backend="numpy"),
+    "conv-backward": lambda: fastpool.strided_conv2d_backward(GRAD_CONV, X, W, 2, 1),
+    "conv-backward-cl": lambda: fastpool.strided_conv2d_backward(GRAD_CONV_CL, X_CL, W, 2, 1,
+                                                                 channels_last=True),
 }
 
 
@@ -101,9 +113,11 @@ def test_repeated_calls_reuse_their_plan_and_match_the_first(monkeypatch):
     assert len(_dispatch.PLANS) == len(CALLS)
     # A hit validates nothing: count the layout checks, which every build makes.
     layouts = []
-    real_layout = Layout.of
+    real_layout, real_window = Layout.of, ConvWindow.from_args
     monkeypatch.setattr(Layout, "of",
                         lambda *args, **kw: layouts.append(args) or real_layout(*args, **kw))
+    monkeypatch.setattr(ConvWindow, "from_args",  # the convolutions' first check
+                        lambda *args: layouts.append(args) or real_window(*args))
     for _ in range(3):
         for name, call in CALLS.items():
             assert_same(call(), first[name])
@@ -204,6 +218,15 @@ BAD_AFTER_GOOD = [
                                           channels_last=True), ValueError, "outside"),
     (lambda: fastpool.avg_pool2d_backward(GRAD_AVG, X.shape, 2),
      lambda: fastpool.avg_pool2d_backward(GRAD_AVG, X.shape, 3), ValueError, "grad_output"),
+    (lambda: fastpool.strided_conv2d(X, W, 2, 1),
+     lambda: fastpool.strided_conv2d(X, W[:, :2], 2, 1), ValueError, "input channels"),
+    (lambda: fastpool.strided_conv2d(X, W, 2, 1),
+     lambda: fastpool.strided_conv2d(X, W.astype(np.float64), 2, 1), TypeError, "dtype"),
+    (lambda: fastpool.strided_conv2d(X, W, 2, 1, BIAS),
+     lambda: fastpool.strided_conv2d(X, W, 2, 1, BIAS[:3]), ValueError, "bias"),
+    (lambda: fastpool.strided_conv2d_backward(GRAD_CONV, X, W, 2, 1),
+     lambda: fastpool.strided_conv2d_backward(GRAD_CONV, X, W, 1, 1), ValueError,
+     "grad_output"),
 ]
 
 
