@@ -210,6 +210,7 @@ def test_rows_first_channels_first(op, threads, monkeypatch):
     monkeypatch.setattr(pooling, "_rows_first", lambda *a: chosen.append(rows_first(*a))
                         or chosen[-1])
     monkeypatch.setattr(_dispatch, "PLANS", _dispatch.PlanCache(8))
+    monkeypatch.setattr(pooling, "PLANE_BLOCK_FORWARD_MAX_OUT_W", 0)  # row by row
     rng = np.random.default_rng(7)
     shape = (2, 48, 3, 11, 17) if op.endswith("3d") else (2, 48, 11, 17)  # parallel launches
     x = rng.integers(-3, 4, shape).astype(np.float32)  # ties
@@ -228,6 +229,72 @@ def test_rows_first_channels_first(op, threads, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     if not op.startswith("lp"):
         assert np.isnan(got[0, 1]).any()
+
+
+PLANE_BLOCK_CALLS = {
+    "max": lambda m, t: m.max_pool2d(t, 3, 2, 1),
+    "max_dilated_ceil": lambda m, t: m.max_pool2d(t, 2, 2, 1, 2, True),
+    "max_3d": lambda m, t: m.max_pool3d(t, (2, 2, 3), (1, 2, 2)),
+    "adaptive_max": lambda m, t: m.adaptive_max_pool2d(t, (3, 5)),
+    "avg": lambda m, t: m.avg_pool2d(t, 2),
+    "avg_pad_exclude": lambda m, t: m.avg_pool2d(t, 3, 2, 1, count_include_pad=False),
+    "avg_wide_stride": lambda m, t: m.avg_pool2d(t, (3, 4), (2, 5), (1, 2), True, False),
+    "avg_3d": lambda m, t: m.avg_pool3d(t, (3, 2, 2), (1, 2, 3), 1),
+    "adaptive_avg": lambda m, t: m.adaptive_avg_pool2d(t, (4, 7)),
+    "lp": lambda m, t: m.lp_pool2d(t, 3.0, (2, 3), (2, 3)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(PLANE_BLOCK_CALLS))
+@pytest.mark.parametrize("threads, planes", [(1, 100), (2, 100), (2, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_first_small_planes_in_plane_blocks(op, threads, planes, dtype, monkeypatch):
+    """Channels-first forwards with narrow output rows run blocks of planes in vector
+    lanes (a last block partial): torch's values, NaN winning a max, and for sums the
+    row kernels' order, the same bits."""
+    from fastpool import _dispatch
+    from fastpool.cpu import kernels, pooling
+
+    launched = []
+    for name in ("sum_pool_plane_blocks", "max_pool_plane_blocks"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernel, "run_shares", lambda parts, args, address=None, k=kernel,
+                            run=kernel.run_shares: launched.append(k) or run(parts, args,
+                                                                               address))
+    monkeypatch.setattr(_dispatch, "PLANS", _dispatch.PlanCache(8))
+    rng = np.random.default_rng(5)
+    shape = (1, planes, 3, 11, 13) if op.endswith("3d") else (1, planes, 11, 13)
+    x = rng.integers(-3, 4, shape).astype(dtype)  # ties
+    if op.startswith("lp"):
+        x = np.abs(x)
+    elif op.startswith("max") or op.startswith("adaptive_max"):
+        x[0, 1, ..., 5, 5] = x[0, 3, ..., 3, 7] = np.nan  # inside dilated windows too
+    else:
+        x += rng.standard_normal(shape).astype(dtype)  # sums that round
+    want = PLANE_BLOCK_CALLS[op](F, torch.from_numpy(x)).numpy()
+    previous = fastpool.get_num_threads()
+    fastpool.set_num_threads(threads)
+    try:
+        got = PLANE_BLOCK_CALLS[op](fastpool, x)
+        monkeypatch.setattr(pooling, "PLANE_BLOCK_FORWARD_MAX_OUT_W", 0)
+        monkeypatch.setattr(_dispatch, "PLANS", _dispatch.PlanCache(8))
+        row_by_row = PLANE_BLOCK_CALLS[op](fastpool, x)
+    finally:
+        fastpool.set_num_threads(previous)
+    assert launched, "the plane-block kernels did not run"
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got, row_by_row)
+    if op.startswith("max") or op.startswith("adaptive_max"):
+        assert np.isnan(got[0, 1]).any() and np.isnan(got[0, 3]).any()
+
+
+def test_channels_first_small_planes_of_integers_and_bools_in_plane_blocks():
+    x = np.random.default_rng(3).integers(0, 255, (2, 40, 9, 10)).astype(np.uint8)
+    for values in (x, x > 200, x.astype(np.int64) - 128):
+        want = F.max_pool2d(torch.from_numpy(values.astype(np.float32)), 3, 2, 1).numpy()
+        got = fastpool.max_pool2d(values, 3, 2, 1)
+        assert got.dtype == values.dtype
+        np.testing.assert_array_equal(got, want.astype(values.dtype))
 
 
 def test_adaptive_tables_sweep_the_axes_their_output_divides():

@@ -157,6 +157,11 @@ def plan_max_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
             serial = runs_serially(work)
             launcher = _without_indices(bind(kernels.plane_max_values, *constants,
                                              work=work, serial=serial))
+    elif not channels_last and not with_indices and (
+            block := _forward_plane_block(shape, table, dtype.itemsize, serial)):
+        launcher = _on_planes(bind(kernels.max_pool_plane_blocks, table.start, table.stop,
+                                   table.step, lowest, block, tuple(shape[1:4]),
+                                   tuple(table.out_shape), work=work, serial=serial), shape[0])
     elif not channels_last and not with_indices and _rows_first(table, True):
         launcher = bind(kernels.max_pool_rows_first_channels_first, table.start, table.stop,
                         table.step, lowest, _chunks(shape, table, serial), work=work,
@@ -272,6 +277,17 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
         launcher = _bind_separable("sum_pool", channels_last, block, table,
                                    (table.divisor, table.scale, lp, zero), work,
                                    serial)
+    elif not channels_last and (block := _forward_plane_block(shape, table, dtype.itemsize,
+                                                              serial, sums=True)):
+        # The row kernel's order: rows first, or its interior sweep's outputs.
+        rows_first = _rows_first(table, False)
+        swept = (0, 0)
+        if not rows_first and _sweep(table, False)[0] >= 0:
+            swept = (int(table.interior[2, 0]), int(table.interior[2, 1]))
+        launcher = _on_planes(bind(kernels.sum_pool_plane_blocks, table.start, table.stop,
+                                   table.step, table.divisor, table.scale, lp, zero, block,
+                                   tuple(shape[1:4]), tuple(table.out_shape), rows_first,
+                                   *swept, work=work, serial=serial), shape[0])
     else:
         launcher = bind(*_sum_pool_direct_call(shape, table, channels_last, lp, zero, serial),
                         None, work=work, serial=serial)
@@ -512,6 +528,45 @@ def plan_max_backward(out_shape: tuple, dtype: np.dtype, input_shape: tuple,
 PLANE_BLOCK_MAX_BYTES = 4096
 PLANE_BLOCK = 32
 PLANE_BLOCK_MIN = 8
+
+
+# Channels-first forwards (values only) whose output rows are at most
+# PLANE_BLOCK_FORWARD_MAX_OUT_W wide run a block of planes at a time in vector lanes
+# (kernels.sum_pool_plane_blocks, max_pool_plane_blocks), where the block's input
+# fits in PLANE_BLOCK_FORWARD_MAX_BYTES (L2).  Row by row, a row of a few outputs cost
+# more in loop overhead than its reads (32x512x14x14 float32, 2x2 average, two
+# threads: 2.7 ms row by row, torch 2.2).
+PLANE_BLOCK_FORWARD_MAX_OUT_W = 8
+PLANE_BLOCK_FORWARD_MAX_BYTES = 1 << 18
+PLANE_BLOCK_FORWARD = 64
+
+
+def _forward_plane_block(shape: tuple, table: WindowTable, itemsize: int, serial: bool,
+                         sums: bool = False) -> int:
+    """0 for the row by row channels-first forward kernels, else the planes per task of
+    the plane-block ones (``shape``: the canonical input's).  Sums summed rows first
+    take no windows of :data:`kernels.LONG_ROW` or more along W, whose sums the row
+    kernels reassociate."""
+    out_w = table.out_shape[2]
+    if out_w > PLANE_BLOCK_FORWARD_MAX_OUT_W:
+        return 0
+    if sums and int(table.step[2]) == 1 and \
+            int((table.stop[2, :out_w] - table.start[2, :out_w]).max()) >= kernels.LONG_ROW:
+        return 0
+    block = PLANE_BLOCK_FORWARD if serial else max(
+        PLANE_BLOCK_MIN, min(PLANE_BLOCK_FORWARD, -(-shape[0] // (4 * get_num_threads()))))
+    if math.prod(shape[1:4]) * block * itemsize > PLANE_BLOCK_FORWARD_MAX_BYTES:
+        return 0
+    return block
+
+
+def _on_planes(launcher: Callable, planes: int) -> Callable:
+    """``launcher`` of a plane-block kernel, which takes ``(planes, size)`` arrays,
+    called with the canonical input and output (and indices, None)."""
+    def launch_planes(x, out, indices=None):
+        return launcher(x.reshape(planes, -1), out.reshape(planes, -1))
+
+    return launch_planes
 
 
 def _plane_block(input_shape: tuple, zero, serial: bool) -> int:
