@@ -68,7 +68,10 @@ class Case(NamedTuple):
 # (and ``i``).
 _LAST = ("last",)
 CASES: tuple[Case, ...] = (
-    Case("max", "direct", "y = max_pool2d(x, 3, 2, 1)", ints=True),
+    # Channels-first rows of over 8 outputs run the row kernels, narrower ones a block
+    # of planes at a time in vector lanes; max pooling's rows of under 16 outputs fold
+    # rows first (so its sweeps want rows of 16 outputs and more).
+    Case("max", "direct", "y = max_pool2d(x, 3, 2, 1)", size=32, ints=True),
     Case("max", "direct, with indices; backward scatter",
          "y, i = max_pool2d(x, 3, 2, 1, return_indices=True)",
          "max_pool2d_backward(ones(y), i, x.shape)", ints=True),
@@ -79,7 +82,11 @@ CASES: tuple[Case, ...] = (
     Case("max", "direct, the other interior sweeps (stride x window 2x2, 3x3, 4x4, "
          "stride 1, other strides)", "y = max_pool2d(x, 2); y = max_pool2d(x, 3, 3); "
          "y = max_pool2d(x, 4, 4); y = max_pool2d(x, 3, 1, 1); y = max_pool2d(x, 5, 4, 1)",
-         ints=True, layouts=("first",)),
+         size=64, ints=True, layouts=("first",)),
+    Case("max", "rows first (channels-first rows of 9 to 15 outputs)",
+         "y = max_pool2d(x, 3, 2, 1)", size=20, ints=True, layouts=("first",)),
+    Case("max", "channels-first small planes, in blocks of planes",
+         "y = max_pool2d(x, 3, 2, 1)", ints=True, layouts=("first",)),
     Case("max", "channels-last register windows (rows x columns 1x1 to 1x4, 2x2, 4x2 "
          "as 2x2x2; the direct row's 3x3)",
          "y = max_pool2d(x, 1); y = max_pool2d(x, (1, 2)); y = max_pool2d(x, (1, 3)); "
@@ -89,16 +96,20 @@ CASES: tuple[Case, ...] = (
     Case("max", "separable, with indices", "y, i = max_pool2d(x, 5, 1, return_indices=True)",
          size=16, ints=True),
     Case("avg", "direct; backward", "y = avg_pool2d(x, 2)",
-         "avg_pool2d_backward(ones(y), x.shape, 2)"),
+         "avg_pool2d_backward(ones(y), x.shape, 2)", size=20),
     Case("avg", "direct, float64 sums (windows over 64 elements); backward",
          "y = avg_pool2d(x, 9)", "avg_pool2d_backward(ones(y), x.shape, 9)", size=18),
+    Case("avg", "direct, float64 sums, rows of over 8 outputs", "y = avg_pool2d(x, 9)",
+         size=81, layouts=("first",)),
+    Case("avg", "channels-first small planes, in blocks of planes (float32 sums)",
+         "y = avg_pool2d(x, 2)", layouts=("first",)),
     Case("avg", "backward row by row (channels-first planes over 4 KiB of sums)",
          "y = avg_pool2d(x, 2); z = avg_pool2d(x, 9)",
          "avg_pool2d_backward(ones(y), x.shape, 2); avg_pool2d_backward(ones(z), x.shape, 9)",
          size=33, layouts=("first",)),
     Case("avg", "direct, the other interior sweeps (stride x window 2x3, 3x3, 4x4, "
          "stride 1)", "y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, 3, 3); "
-         "y = avg_pool2d(x, 4, 4); y = avg_pool2d(x, 3, 1, 1)", layouts=("first",)),
+         "y = avg_pool2d(x, 4, 4); y = avg_pool2d(x, 3, 1, 1)", size=40, layouts=("first",)),
     Case("avg", "channels-last register windows (as max's, 3x3 included)",
          "y = avg_pool2d(x, 1); y = avg_pool2d(x, (1, 2)); y = avg_pool2d(x, (1, 3)); "
          "y = avg_pool2d(x, (1, 4)); y = avg_pool2d(x, 3, 2, 1); y = avg_pool2d(x, (4, 2))",
@@ -106,23 +117,27 @@ CASES: tuple[Case, ...] = (
     Case("avg", "separable", "y = avg_pool2d(x, 5, 1)", size=16),
     Case("avg", "separable, float64 sums", "y = avg_pool2d(x, 9, 1)", size=20),
     Case("lp", "direct; backward", "y = lp_pool2d(x, 2, 2)",
-         "lp_pool2d_backward(ones(y), x, 2, 2)"),
+         "lp_pool2d_backward(ones(y), x, 2, 2)", size=20),
+    Case("lp", "channels-first small planes, in blocks of planes", "y = lp_pool2d(x, 2, 2)",
+         layouts=("first",)),
     Case("lp", "backward row by row (channels-first planes over 4 KiB of sums)",
          "y = lp_pool2d(x, 2, 2)", "lp_pool2d_backward(ones(y), x, 2, 2)", size=33,
          layouts=("first",)),
     Case("lp", "separable", "y = lp_pool2d(x, 2, 5, 1)", size=16),
     Case("lp", "whole-plane windows", "y = lp_pool2d(x, 2, 8)", layouts=("first",)),
-    Case("adaptive", "max", "y = adaptive_max_pool2d(x, 3)", ints=True),
+    Case("adaptive", "max", "y = adaptive_max_pool2d(x, (3, 9))", size=20, ints=True),
     Case("adaptive", "max, with indices; backward scatter",
          "y, i = adaptive_max_pool2d(x, 3, return_indices=True)",
          "adaptive_max_pool2d_backward(ones(y), i, x.shape)", ints=True),
     Case("adaptive", "max backward gather (channels-last, >= 32 channels, one-element "
          "windows)", "y, i = adaptive_max_pool2d(x, 8, return_indices=True)",
          "adaptive_max_pool2d_backward(ones(y), i, x.shape)", channels=32, layouts=_LAST),
-    Case("adaptive", "avg; backward", "y = adaptive_avg_pool2d(x, 3)",
-         "adaptive_avg_pool2d_backward(ones(y), x.shape)"),
+    Case("adaptive", "avg; backward", "y = adaptive_avg_pool2d(x, (3, 9))",
+         "adaptive_avg_pool2d_backward(ones(y), x.shape)", size=20),
     Case("adaptive", "avg, float64 sums; backward", "y = adaptive_avg_pool2d(x, 2)",
          "adaptive_avg_pool2d_backward(ones(y), x.shape)", size=18),
+    Case("adaptive", "avg, float64 sums, rows of over 8 outputs",
+         "y = adaptive_avg_pool2d(x, (2, 9))", size=81, layouts=("first",)),
     Case("global", "max", "y = global_max_pool2d(x)", ints=True),
     Case("global", "max, with indices; backward scatter",
          "y, i = global_max_pool2d(x, return_indices=True)",
@@ -131,10 +146,13 @@ CASES: tuple[Case, ...] = (
          "global_avg_pool2d_backward(ones(y), x.shape)"),
     Case("min", "sliding, with and without indices; backward",
          "y = min_pool2d(x, 3, 2, 1); y, i = min_pool2d(x, 3, 2, 1, return_indices=True)",
-         "min_pool2d_backward(ones(y), i, x.shape)", ints=True),
+         "min_pool2d_backward(ones(y), i, x.shape)", size=32, ints=True),
+    Case("min", "channels-first small planes, in blocks of planes",
+         "y = min_pool2d(x, 3, 2, 1)", ints=True, layouts=("first",)),
     Case("min", "separable", "y = min_pool2d(x, 5, 1)", size=16, ints=True),
     Case("min", "adaptive and global",
-         "y = adaptive_min_pool2d(x, 3); y = global_min_pool2d(x)", ints=True),
+         "y = adaptive_min_pool2d(x, (3, 9)); y = global_min_pool2d(x)", size=20,
+         ints=True),
     Case("unpool", "forward; backward", "y = max_unpool2d(x, i0, 2)",
          "max_unpool2d_backward(ones(y), i0)", ints=True),
     Case("fractional", "forward; backward scatter",
