@@ -1049,7 +1049,7 @@ def _conv_shape(batch: int, channels: int, spatial: tuple, nd: int, native: bool
     return (batch, *spatial, channels) if native else (batch, channels, *spatial)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # array fields: plans compare as objects
 class _ConvPlan:
     """A convolution, planned for one set of input, weight and bias shapes and
     dtypes on one back end: called with those arrays (and a stream), it returns
@@ -1087,7 +1087,7 @@ class _ConvPlan:
         return _conv_result(out, self.kind, self.channels_last, self.nd, self.native)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _ConvBackwardPlan(_ConvPlan):
     """A convolution's gradients, planned as :class:`_ConvPlan`: called with the
     output's gradient, the input and the weight, it returns (grad_input,

@@ -284,10 +284,11 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
         swept = (0, 0)
         if not rows_first and _sweep(table, False)[0] >= 0:
             swept = (int(table.interior[2, 0]), int(table.interior[2, 1]))
-        launcher = _on_planes(bind(kernels.sum_pool_plane_blocks, table.start, table.stop,
-                                   table.step, table.divisor, table.scale, lp, zero, block,
-                                   tuple(shape[1:4]), tuple(table.out_shape), rows_first,
-                                   *swept, work=work, serial=serial), shape[0])
+        kernel = kernels.sum_pool_plane_blocks((rows_first, swept[1] > swept[0]))
+        launcher = _on_planes(bind(kernel, table.start, table.stop, table.step,
+                                   table.divisor, table.scale, lp, zero, block,
+                                   tuple(shape[1:4]), tuple(table.out_shape), *swept,
+                                   work=work, serial=serial), shape[0])
     else:
         launcher = bind(*_sum_pool_direct_call(shape, table, channels_last, lp, zero, serial),
                         None, work=work, serial=serial)
@@ -418,7 +419,7 @@ def _channel_block(batch: int, channels: int, serial: bool = False) -> int:
         return max(channels, 1)
     slices = threads // math.gcd(max(batch, 1), threads)
     per_slice = -(-channels // slices)
-    return max(16, -(-per_slice // 16) * 16)
+    return min(max(channels, 1), max(16, -(-per_slice // 16) * 16))
 
 
 # Channels-last max backward gathers (each input row sums the gradients of the
@@ -553,10 +554,14 @@ def _forward_plane_block(shape: tuple, table: WindowTable, itemsize: int, serial
     if sums and int(table.step[2]) == 1 and \
             int((table.stop[2, :out_w] - table.start[2, :out_w]).max()) >= kernels.LONG_ROW:
         return 0
+    planes, threads = shape[0], get_num_threads()
     block = PLANE_BLOCK_FORWARD if serial else max(
-        PLANE_BLOCK_MIN, min(PLANE_BLOCK_FORWARD, -(-shape[0] // (4 * get_num_threads()))))
+        PLANE_BLOCK_MIN, min(PLANE_BLOCK_FORWARD, -(-planes // (4 * threads))))
+    block = min(block, -(-planes // PLANE_BLOCK_MIN) * PLANE_BLOCK_MIN)  # no idle blocks
     if math.prod(shape[1:4]) * block * itemsize > PLANE_BLOCK_FORWARD_MAX_BYTES:
         return 0
+    if not serial and -(-planes // block) < threads:
+        return 0  # too few planes to share: the row kernels split their rows
     return block
 
 
