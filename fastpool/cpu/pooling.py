@@ -545,9 +545,9 @@ PLANE_BLOCK_FORWARD = 64
 def _forward_plane_block(shape: tuple, table: WindowTable, itemsize: int, serial: bool,
                          sums: bool = False) -> int:
     """0 for the row by row channels-first forward kernels, else the planes per task of
-    the plane-block ones (``shape``: the canonical input's).  Sums summed rows first
-    take no windows of :data:`kernels.LONG_ROW` or more along W, whose sums the row
-    kernels reassociate."""
+    the plane-block ones (``shape``: the canonical input's).  Sums take no windows
+    of :data:`kernels.LONG_ROW` or more along W, whose sums the row kernels
+    reassociate."""
     out_w = table.out_shape[2]
     if out_w > PLANE_BLOCK_FORWARD_MAX_OUT_W:
         return 0
