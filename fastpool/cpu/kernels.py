@@ -1279,6 +1279,19 @@ def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_
 
 
 @njit(inline="always")
+def _block_in_lanes(values, out, task, block, spatial, out_spatial):
+    """Block ``task`` of ``block`` planes: its first plane, its planes' count, their
+    values transposed into lanes ``(D*H*W, block)`` and the scratch for their
+    outputs, ``(OD*OH*OW, block)``."""
+    first = task * block
+    lanes = min(block, values.shape[0] - first)
+    lane_values = scratch((spatial[0] * spatial[1] * spatial[2], block), values.dtype)
+    _planes_to_lanes(values, first, lanes, lane_values)
+    lane_out = scratch((out_spatial[0] * out_spatial[1] * out_spatial[2], block), out.dtype)
+    return first, lanes, lane_values, lane_out
+
+
+@njit(inline="always")
 def _planes_to_lanes(values, first, lanes, lane_values):
     """``lane_values[q, lane]`` = ``values[first + lane, q]``, zeros in idle lanes."""
     size, block = lane_values.shape
@@ -1311,10 +1324,10 @@ def _add_columns(total, columns, start, stop, step, ow):
 
 
 @njit(inline="always")
-def _add_window_elements(total, lane_values, spatial, d0, d1, h0, h1, ow, start, stop, step,
-                         power):
-    """``total`` += the window's elements one by one, in (d, h, w) order (the direct
-    kernel's interior sweep)."""
+def _fold_window_elements(fold, kept, lane_values, spatial, d0, d1, h0, h1, ow, start, stop,
+                          step, power):
+    """``kept`` folded with the window's elements one by one, in (d, h, w) order (the
+    direct kernels' interior sweep)."""
     height, width = spatial[1], spatial[2]
     d = d0
     while d < d1:
@@ -1323,8 +1336,8 @@ def _add_window_elements(total, lane_values, spatial, d0, d1, h0, h1, ow, start,
             at = (d * height + h) * width
             w = start[2, ow]
             while w < stop[2, ow]:
-                for c in range(total.size):
-                    total[c] = _fold_sum(total[c], lane_values[at + w, c], power)
+                for c in range(kept.size):
+                    kept[c] = fold(kept[c], lane_values[at + w, c], power)
                 w += step[2]
             h += step[1]
         d += step[0]
@@ -1372,19 +1385,15 @@ def sum_pool_plane_blocks(rows_first, sweeps):
         ``out_spatial``: (D, H, W) and (OD, OH, OW).  Rows first, a window's columns
         are summed over its rows, then along the row; else the swept outputs add
         element by element in (d, h, w) order, the others each input row's sum."""
-        planes = values.shape[0]
-        depth, height, width = spatial
-        out_d, out_h, out_w = out_spatial
-        for task in range(*share((planes + block - 1) // block, part, parts)):
-            first = task * block
-            lanes = min(block, planes - first)
-            lane_values = scratch((depth * height * width, block), values.dtype)
-            _planes_to_lanes(values, first, lanes, lane_values)
-            lane_out = scratch((out_d * out_h * out_w, block), out.dtype)
+        height, width = spatial[1], spatial[2]
+        out_h, out_w = out_spatial[1], out_spatial[2]
+        for task in range(*share((values.shape[0] + block - 1) // block, part, parts)):
+            first, lanes, lane_values, lane_out = _block_in_lanes(values, out, task, block,
+                                                                  spatial, out_spatial)
             total = scratch(block, type(zero))
             row_total = scratch(block, type(zero))
             columns = scratch((width if rows_first else 0, block), type(zero))
-            for od in range(out_d):
+            for od in range(out_spatial[0]):
                 for oh in range(out_h):
                     d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
                     if rows_first:
@@ -1409,8 +1418,8 @@ def sum_pool_plane_blocks(rows_first, sweeps):
                         if rows_first:
                             _add_columns(total, columns, start, stop, step, ow)
                         elif sweeps and swept_lo <= ow < swept_hi:
-                            _add_window_elements(total, lane_values, spatial, d0, d1, h0,
-                                                 h1, ow, start, stop, step, power)
+                            _fold_window_elements(_fold_sum, total, lane_values, spatial, d0,
+                                                  d1, h0, h1, ow, start, stop, step, power)
                         else:
                             _add_window_rows(total, row_total, lane_values, spatial, d0, d1,
                                              h0, h1, ow, start, stop, step, power, zero)
@@ -1428,33 +1437,19 @@ def max_pool_plane_blocks(part, parts, values, out, start, stop, step, lowest, b
                           out_spatial):
     """Window maxima (values only) of :func:`max_pool_channels_first` over small
     planes, as :func:`sum_pool_plane_blocks` takes them."""
-    planes = values.shape[0]
-    depth, height, width = spatial
     out_d, out_h, out_w = out_spatial
-    for task in range(*share((planes + block - 1) // block, part, parts)):
-        first = task * block
-        lanes = min(block, planes - first)
-        lane_values = scratch((depth * height * width, block), values.dtype)
-        _planes_to_lanes(values, first, lanes, lane_values)
-        lane_out = scratch((out_d * out_h * out_w, block), out.dtype)
+    for task in range(*share((values.shape[0] + block - 1) // block, part, parts)):
+        first, lanes, lane_values, lane_out = _block_in_lanes(values, out, task, block,
+                                                              spatial, out_spatial)
         for od in range(out_d):
             for oh in range(out_h):
                 for ow in range(out_w):
                     best = lane_out[(od * out_h + oh) * out_w + ow]
                     for c in range(block):
                         best[c] = lowest
-                    d = start[0, od]
-                    while d < stop[0, od]:
-                        h = start[1, oh]
-                        while h < stop[1, oh]:
-                            at = (d * height + h) * width
-                            w = start[2, ow]
-                            while w < stop[2, ow]:
-                                for c in range(block):
-                                    best[c] = _fold_max(best[c], lane_values[at + w, c], None)
-                                w += step[2]
-                            h += step[1]
-                        d += step[0]
+                    _fold_window_elements(_fold_max, best, lane_values, spatial,
+                                          start[0, od], stop[0, od], start[1, oh],
+                                          stop[1, oh], ow, start, stop, step, None)
         _lanes_to_planes(lane_out, out, first, lanes)
 
 
