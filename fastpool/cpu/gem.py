@@ -32,10 +32,6 @@ from fastpool._threads import get_num_threads
 from fastpool.cpu.runtime import launch, runs_serially
 from fastpool.cpu.tasks import HELPER_JIT_OPTIONS, parallel_kernel, scratch, share
 
-# Helpers of their own, called only from compiled code (see HELPER_JIT_OPTIONS:
-# without numba's Python and C wrappers, which took a tenth of a second of a cold
-# first call to compile).
-_SERIAL_JIT_OPTIONS = HELPER_JIT_OPTIONS
 _BLOCK = 64  # elements a backward sums in the input's precision before float64
 
 
@@ -220,7 +216,7 @@ def _sum_rows(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log, gen
 # Reassociation lets LLVM vectorise the sums over each run (in its own order, as
 # torch sums in its own); NaN and inf still propagate.  A run is a whole plane or
 # a window's span of one input row.
-@njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
+@njit(**{**HELPER_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
 def _planes_sums(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log):
     """Each row's sum of c ** p (and, ``with_log``, of c ** p ln c into
     ``log_sums``) over columns w0:w1 of ``x`` (rows, length), p = ``powers[(first +
@@ -233,7 +229,7 @@ def _planes_sums(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log):
         _sum_rows(x, w0, w1, powers, first, eps, kind, sums, log_sums, with_log, False)
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _exact_log_sum(values, p, eps, kind):
     """The sum of c ** p * ln c over a run with np.log: runs holding unusual values."""
     total = 0.0
@@ -261,7 +257,7 @@ def _sum_channels(values, powers, eps, kind, totals, log_totals, with_log, gener
 
 # Reassociation for the count of unusual values, a float sum (each channel's sums
 # accumulate in their own slots, in order).
-@njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
+@njit(**{**HELPER_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
 def _pixel_sums(values, powers, eps, kind, totals, log_totals, with_log):
     """Add one pixel's channels' c ** p (and, ``with_log``, c ** p ln c) to the
     running sums; returns the count of unusual values (see :func:`_unusual_for_log`)."""
@@ -375,7 +371,7 @@ def _grad_rows(x, shares, powers, first, eps, kind, out, broadcast, general):
             row_out[j] = share * slope if value >= eps else 0
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _planes_grad(x, shares, powers, first, eps, kind, out):
     """:func:`_grad_rows` over a block of planes, with the broadcast of ``shares``
     and a general p resolved outside the loops."""

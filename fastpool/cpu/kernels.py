@@ -31,12 +31,6 @@ from fastpool.cpu.tasks import (
     share,
 )
 
-# Helpers of their own, called only from compiled code (see HELPER_JIT_OPTIONS:
-# without numba's Python and C wrappers, which took a tenth of a second of a cold
-# first call to compile).
-_SERIAL_JIT_OPTIONS = HELPER_JIT_OPTIONS
-
-
 # Which sweep a kernel runs is fixed when it is built (see per_constants): compiling
 # every pattern into one kernel, for a run-time choice, cost seconds of each cold
 # first call.  A sweep is a pair (stride, kernel) of the interior windows' constants:
@@ -528,21 +522,21 @@ def _fold_columns(fold, acc, x_row, w0, columns, power):
 
 # Compiled once per dtype as plain functions called once per input row: inlined
 # into the parallel kernels, their unrolled variants multiplied compile time.
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _max_into_row(best, x_row, start, stop, step_w):
     """Fold input row ``x_row`` (W, C) into the running maxima ``best`` (W_out, C)."""
     for ow in range(best.shape[0]):
         _fold_channels(_fold_max, best[ow], x_row, start[2, ow], stop[2, ow], step_w, None)
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _sum_into_row(totals, x_row, start, stop, step_w, power):
     """Add input row ``x_row``'s share (of powers) to the window sums ``totals``."""
     for ow in range(totals.shape[0]):
         _fold_channels(_fold_sum, totals[ow], x_row, start[2, ow], stop[2, ow], step_w, power)
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _max_with_positions_into_row(best, best_at, x_row, start, stop, step_w, base):
     """:func:`_max_into_row`, keeping the positions ``base + w`` of the maxima."""
     for ow in range(best.shape[0]):
@@ -606,7 +600,7 @@ def _max_with_position(best, best_at, values, at):
 # A function of its own (compiled once per signature and inlined by LLVM), not
 # inlined by numba: its IR copied into each of the many callers cost seconds of an
 # Lp op's first call.
-_power = njit(**_SERIAL_JIT_OPTIONS)(torch_power)
+_power = njit(**HELPER_JIT_OPTIONS)(torch_power)
 
 
 # Inlined, and ``power is None`` decided by type at compile time: averages and Lp
@@ -638,7 +632,7 @@ def _scaled_overload(total, factor):
     return lambda total, factor: total * factor
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _root(mean, power):
     """``mean ** (1/power)``: the Lp norm from its mean power, as torch's lp_pool."""
     if power is None:
@@ -1049,7 +1043,7 @@ def _lp_output_gradient_square(grad, window_sum, window_divisor, scale):
     return grad_scaled
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _input_factor(value, power):
     """d (x**p) / dx; 1 for averages (see _raise_to)."""
     if power is None:
@@ -1658,7 +1652,7 @@ def max_pool_separable_channels_first(sweep_stride, sweep_kernel):
     return max_pool_separable_channels_first
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _max_rows(best, rows):
     """Fold W-pass maxima ``rows`` (W_out, C) into the running maxima ``best``."""
     for ow in range(best.shape[0]):
@@ -1745,7 +1739,7 @@ def _scan_row(rows, k, rows_h, d0, h0, step):
     return rows[d0 + i * step[0], h0 + (k - i * rows_h) * step[1]].reshape(-1)
 
 
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _max_windows_of_rows(result, rows, d0, d1, h0, h1, step, lowest):
     """``result`` (W_out, C) = the maxima of the rows ``rows[d, h]`` (W_out, C) of
     one D/H window, folded in scan order as flat W_out * C vectors, up to 4 rows
@@ -1923,7 +1917,7 @@ def sum_pool_rows_first_channels_first(part, parts, x, out, start, stop, step, d
             _finish_sums(out, grad, plane, od, oh, totals, divisor, scale, power)
 
 
-@njit(**{**_SERIAL_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
+@njit(**{**HELPER_JIT_OPTIONS, "fastmath": CPU_JIT_OPTIONS["fastmath"] or {"reassoc"}})
 def _contiguous_sum(values, power, zero):
     total = zero
     for i in range(values.size):
@@ -2208,7 +2202,7 @@ def _fold_max_at(kept, kept_at, value, at):
 
 # Compiled once per dtype as a plain function (its loops vectorise, which is slow
 # to compile), called per plane by both layouts' kernels.
-@njit(**_SERIAL_JIT_OPTIONS)
+@njit(**HELPER_JIT_OPTIONS)
 def _fractional_plane(plane, out, indices, starts, kernel, rows, rows_at, best, best_at):
     """Pool one (D, H, W) ``plane`` into ``out`` and ``indices`` (out_d, out_h,
     out_w) over windows starting at ``starts`` (3, outputs).
