@@ -181,10 +181,11 @@ def test_non_overlapping_windows(nd, shape, kernel, channels_last):
     _check_against_torch(nd, shape, 5, kernel, stride, 0, channels_last)
 
 
-def test_channels_last_arrays_are_read_in_place(monkeypatch):
-    """Channels-last input and gradient go to the kernels as they are, padding and
-    all; channels-first ones (and a gradient short of whole tiles of channels, which
-    the weight gradient reads a tile at a time) are copied channels-last first."""
+def test_arrays_are_read_in_place(monkeypatch):
+    """The kernels read arrays where they lie, but for the forward's channels-first
+    input, copied channels-last first.  The backward copies no array in a launch of
+    its own: the weight gradient's gradient rows, where they are not channels-last
+    with whole tiles of channels, are copied by the input gradient's tasks."""
     from fastpool.cpu.microkernel import tile_columns
 
     launched = []
@@ -204,9 +205,33 @@ def test_channels_last_arrays_are_read_in_place(monkeypatch):
     assert launched[1:] == [CPU_CONV.input_gradient, CPU_CONV.weight_gradient]
     del launched[:]
     fastpool.strided_conv1d(np.ones((2, 3, 24)), w, 2, padding=1)
+    assert launched == [CPU_CONV.channels_last_copy, CPU_CONV.direct_conv]
+    del launched[:]
+    fastpool.strided_conv1d_backward(np.ones((2, 5, 12)), np.ones((2, 3, 24)), w[:5], 2,
+                                     padding=1)
     fastpool.strided_conv1d_backward(np.ones((2, 12, 5)), x, w[:5], 2, padding=1,
                                      channels_last=True)
-    assert launched.count(CPU_CONV.channels_last_copy) == 2
+    assert launched == [CPU_CONV.input_gradient, CPU_CONV.weight_gradient] * 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_read_only_arrays_match_writable_ones(channels_last):
+    """Arrays the caller cannot write (a torch tensor's, a memory map's) are read in
+    place as writable ones are, with the same results."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 8, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((64, 8, 3, 3)).astype(np.float32)
+    grad = rng.standard_normal((2, 64, 5, 5)).astype(np.float32)
+    if channels_last:
+        x, grad = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, grad))
+    want = [fastpool.strided_conv2d(x, w, 2, 1, channels_last=channels_last),
+            *fastpool.strided_conv2d_backward(grad, x, w, 2, 1, channels_last=channels_last)]
+    for a in (x, w, grad):
+        a.flags.writeable = False
+    got = [fastpool.strided_conv2d(x, w, 2, 1, channels_last=channels_last),
+           *fastpool.strided_conv2d_backward(grad, x, w, 2, 1, channels_last=channels_last)]
+    for g, t in zip(got, want):
+        assert_array_equal(g, t)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
