@@ -89,13 +89,15 @@ def channels_last_copy(part, parts, source, target):
 
 
 @njit(inline="always")
-def _tile(t, tiles, count):
-    """Tile ``t`` of ``tiles`` near-equal tiles of ``count`` rows: its first row and
-    its rows.  ``tiles = ceil(count / TILE_ROWS)``, so none has over ``TILE_ROWS``, and
-    none is much smaller than another (a tile of one or two rows would leave the
-    multiply-adds waiting on its loads)."""
-    first = t * count // tiles
-    return first, (t + 1) * count // tiles - first
+def _tile(t, count):
+    """Tile ``t`` of ``count`` rows cut into tiles of ``TILE_ROWS``: its first row and
+    its rows (the last tile has what is left).  A tile of fewer rows runs in pairs
+    of rows, then one (see :func:`multiply_tile`), and a row alone leaves the
+    multiply-adds waiting on its loads: whole tiles and one tail have at most one
+    such row, where near-equal tiles (5, 6, 5, 6, 6 rows for 28) had one per tile
+    of an odd count."""
+    first = t * TILE_ROWS
+    return first, min(TILE_ROWS, count - first)
 
 
 @njit(inline="always")
@@ -161,7 +163,7 @@ def direct_conv(part, parts, x, packed, bias, out, n0, windows, channels_last):
                 d = od * stride[0] - pad[0] + kd
                 panel = ((kd * k_h + kh_lo) * row_depth) * columns + j
                 for tile in range(tiles):
-                    w, rows = _tile(tile, tiles, out_w)
+                    w, rows = _tile(tile, out_w)
                     first = w * stride[2] - pad[2]  # the tile's first window's first pixel
                     if inner_lo <= w and w + rows <= inner_hi:  # windows inside the row
                         source = x_values
@@ -243,7 +245,7 @@ def weight_gradient(part, parts, x, grad_rows, grad_weight, windows, band, chann
                 band_stop = min(band_first + band, out_h)
                 for task in range(first, stop):
                     j = task % column_tiles * tile_columns
-                    c, rows = _tile(task // column_tiles % row_tiles, row_tiles, c_in)
+                    c, rows = _tile(task // column_tiles % row_tiles, c_in)
                     kw = task // (column_tiles * row_tiles) % k_w
                     kh = task // (column_tiles * row_tiles * k_w) % k_h
                     kd = task // (column_tiles * row_tiles * k_w * k_h)
@@ -321,7 +323,7 @@ def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, g
                     for kw in range(k_w):
                         panel = ((kd * k_h + kh) * k_w + kw) * c_out * columns + j
                         for tile in range(tiles):
-                            w, rows = _tile(tile, tiles, out_w)
+                            w, rows = _tile(tile, out_w)
                             multiply_tile(rows, sums,
                                           (w * stride[2] + kw) * columns + j, stride[2] * columns,
                                           grad_values, out_origin + w * out_pixel, out_pixel,
