@@ -56,7 +56,14 @@ import numpy as np
 from numba import njit
 
 from fastpool import _memory as memory
-from fastpool.cpu.microkernel import TILE_ROWS, TILE_VECTORS, VECTOR_BYTES, multiply_tile
+from fastpool.cpu.kernels import per_constants
+from fastpool.cpu.microkernel import (
+    TILE_ROWS,
+    VECTOR_BYTES,
+    multiply_tile,
+    tile_columns,
+    tile_vectors,
+)
 from fastpool.cpu.runtime import launch
 from fastpool.cpu.tasks import HELPER_JIT_OPTIONS, parallel_kernel, scratch, share
 
@@ -70,7 +77,6 @@ CHUNK_BYTES = 4 * 2**20
 BAND_BYTES = 2**18
 
 # Bytes of a tile's row (its columns times the itemsize): a constant to the kernels.
-TILE_BYTES = TILE_VECTORS * VECTOR_BYTES
 
 
 @parallel_kernel
@@ -119,79 +125,87 @@ def _window_rows(output, stride, pad, kernel, size):
     return lo, max(min(size - first, kernel), lo)
 
 
-@parallel_kernel
-def direct_conv(part, parts, x, packed, bias, out, n0, windows, channels_last):
-    """Output rows ``(n0 + i, od, oh)`` of the convolution of ``x`` (channels-last
-    ``(images, D, H, W, C_in)``) by ``packed`` (the weight as ``(KD, KH, KW, C_in,
-    columns)``, ``C_out`` padded with zeros to whole tiles), plus ``bias`` (``columns``
-    long), stored in ``out`` (``(N, OD, OH, OW, C_out)``, or channels-first).
+@per_constants
+def direct_conv(vectors):
+    """:func:`direct_conv` for tiles ``vectors`` vectors wide (``C_out``'s, see
+    ``_Geometry``)."""
 
-    A task owns one output row, summed in a scratch row: per tile of outputs, one
-    :func:`multiply_tile` call per ``kd`` whose windows' plane is inside the input,
-    over the window rows inside it as its blocks, each ``KW*C_in`` values deep (a
-    window row's pixels are adjacent).  The outputs whose windows lie inside the
-    row read ``x`` in place; the few at its ends, whose windows reach into the
-    padding, read a copy of their pixels with zeros around (``edge``).
-    ``windows``: the rows out_size, kernel, stride, pad (see ``_Geometry.windows``).
-    """
-    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
-    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
-    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-    depth, height, width, c_in = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
-    columns = packed.shape[4]
-    c_out = out.shape[4] if channels_last else out.shape[1]
-    tile_columns = TILE_BYTES // packed.itemsize
-    row_depth = k_w * c_in  # a window row's values, adjacent in the input row
-    sums = scratch((out_w, columns), out.dtype)
-    edge_width = (TILE_ROWS - 1) * stride[2] + k_w
-    edge = scratch((k_h, edge_width, c_in), x.dtype)
-    x_values, edge_values = x.reshape(-1), edge.reshape(-1)  # one array type for both
-    tiles = -(-out_w // TILE_ROWS)
-    # The outputs whose windows lie inside the input row.
-    inner_lo = _span(0, stride[2], pad[2], 0, width, out_w)[0]
-    inner_hi = _span(k_w - 1, stride[2], pad[2], 0, width, out_w)[1]
-    for task in range(*share(x.shape[0] * out_d * out_h, part, parts)):
-        oh, od, i = task % out_h, task // out_h % out_d, task // (out_h * out_d)
-        for w in range(out_w):
-            for c in range(columns):
-                sums[w, c] = bias[c]
-        kd_lo, kd_hi = _window_rows(od, stride[0], pad[0], k_d, depth)
-        kh_lo, kh_hi = _window_rows(oh, stride[1], pad[1], k_h, height)
-        h = oh * stride[1] - pad[1] + kh_lo
-        for j in range(0, columns, tile_columns):  # a panel of the weight, kept in cache
-            for kd in range(kd_lo, kd_hi):
-                d = od * stride[0] - pad[0] + kd
-                panel = ((kd * k_h + kh_lo) * row_depth) * columns + j
-                for tile in range(tiles):
-                    w, rows = _tile(tile, out_w)
-                    first = w * stride[2] - pad[2]  # the tile's first window's first pixel
-                    if inner_lo <= w and w + rows <= inner_hi:  # windows inside the row
-                        source = x_values
-                        at = (((i * depth + d) * height + h) * width + first) * c_in
-                        source_row = width * c_in
-                    else:  # the row's ends: a copy of their pixels, zeros around
-                        for t in range(kh_hi - kh_lo):
-                            for p in range(edge_width):
-                                inside = 0 <= first + p < width
-                                for c in range(c_in):
-                                    edge[t, p, c] = x[i, d, h + t, first + p, c] if inside else 0
-                        source, at, source_row = edge_values, 0, edge_width * c_in
-                    # One call site: each compiles the micro-kernel's variants anew.
-                    multiply_tile(rows, sums, w * columns + j, columns,
-                                  source, at, stride[2] * c_in, 1,
-                                  packed, panel, columns, row_depth,
-                                  kh_hi - kh_lo, source_row, row_depth * columns)
-        n = n0 + i
-        if channels_last:
-            target = out[n, od, oh]
+    @parallel_kernel
+    def direct_conv(part, parts, x, packed, bias, out, n0, windows, channels_last):
+        """Output rows ``(n0 + i, od, oh)`` of the convolution of ``x`` (channels-last
+        ``(images, D, H, W, C_in)``) by ``packed`` (the weight as ``(KD, KH, KW, C_in,
+        columns)``, ``C_out`` padded with zeros to whole tiles), plus ``bias`` (``columns``
+        long), stored in ``out`` (``(N, OD, OH, OW, C_out)``, or channels-first).
+
+        A task owns one output row, summed in a scratch row: per tile of outputs, one
+        :func:`multiply_tile` call per ``kd`` whose windows' plane is inside the input,
+        over the window rows inside it as its blocks, each ``KW*C_in`` values deep (a
+        window row's pixels are adjacent).  The outputs whose windows lie inside the
+        row read ``x`` in place; the few at its ends, whose windows reach into the
+        padding, read a copy of their pixels with zeros around (``edge``).
+        ``windows``: the rows out_size, kernel, stride, pad (see ``_Geometry.windows``).
+        """
+        out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
+        out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
+        k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
+        depth, height, width, c_in = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+        columns = packed.shape[4]
+        c_out = out.shape[4] if channels_last else out.shape[1]
+        tile_width = vectors * VECTOR_BYTES // packed.itemsize
+        row_depth = k_w * c_in  # a window row's values, adjacent in the input row
+        sums = scratch((out_w, columns), out.dtype)
+        edge_width = (TILE_ROWS - 1) * stride[2] + k_w
+        edge = scratch((k_h, edge_width, c_in), x.dtype)
+        x_values, edge_values = x.reshape(-1), edge.reshape(-1)  # one array type for both
+        tiles = -(-out_w // TILE_ROWS)
+        # The outputs whose windows lie inside the input row.
+        inner_lo = _span(0, stride[2], pad[2], 0, width, out_w)[0]
+        inner_hi = _span(k_w - 1, stride[2], pad[2], 0, width, out_w)[1]
+        for task in range(*share(x.shape[0] * out_d * out_h, part, parts)):
+            oh, od, i = task % out_h, task // out_h % out_d, task // (out_h * out_d)
             for w in range(out_w):
-                for c in range(c_out):
-                    target[w, c] = sums[w, c]
-        else:
-            for c in range(c_out):
-                line = out[n, c, od, oh]
+                for c in range(columns):
+                    sums[w, c] = bias[c]
+            kd_lo, kd_hi = _window_rows(od, stride[0], pad[0], k_d, depth)
+            kh_lo, kh_hi = _window_rows(oh, stride[1], pad[1], k_h, height)
+            h = oh * stride[1] - pad[1] + kh_lo
+            for j in range(0, columns, tile_width):  # a panel of the weight, kept in cache
+                for kd in range(kd_lo, kd_hi):
+                    d = od * stride[0] - pad[0] + kd
+                    panel = ((kd * k_h + kh_lo) * row_depth) * columns + j
+                    for tile in range(tiles):
+                        w, rows = _tile(tile, out_w)
+                        first = w * stride[2] - pad[2]  # the tile's first window's first pixel
+                        if inner_lo <= w and w + rows <= inner_hi:  # windows inside the row
+                            source = x_values
+                            at = (((i * depth + d) * height + h) * width + first) * c_in
+                            source_row = width * c_in
+                        else:  # the row's ends: a copy of their pixels, zeros around
+                            for t in range(kh_hi - kh_lo):
+                                for p in range(edge_width):
+                                    inside = 0 <= first + p < width
+                                    for c in range(c_in):
+                                        edge[t, p, c] = (x[i, d, h + t, first + p, c] if inside
+                                                         else 0)
+                            source, at, source_row = edge_values, 0, edge_width * c_in
+                        # One call site: each compiles the micro-kernel's variants anew.
+                        multiply_tile(rows, sums, w * columns + j, columns,
+                                      source, at, stride[2] * c_in, 1,
+                                      packed, panel, columns, row_depth,
+                                      kh_hi - kh_lo, source_row, row_depth * columns, vectors)
+            n = n0 + i
+            if channels_last:
+                target = out[n, od, oh]
                 for w in range(out_w):
-                    line[w] = sums[w, c]
+                    for c in range(c_out):
+                        target[w, c] = sums[w, c]
+            else:
+                for c in range(c_out):
+                    line = out[n, c, od, oh]
+                    for w in range(out_w):
+                        line[w] = sums[w, c]
+
+    return direct_conv
 
 
 @njit(**HELPER_JIT_OPTIONS)
@@ -211,59 +225,66 @@ def _layout(shape, channels_last):
     return sizes, (image, channel, plane, row, pixel)
 
 
-@parallel_kernel
-def weight_gradient(part, parts, x, grad_rows, grad_weight, windows, band, channels_last):
-    """The weight gradient, into ``grad_weight`` (zeros), laid out ``(KD, KH, KW,
-    C_in, columns)`` (``[kd, kh, kw, c, o]``: the gradient of weight ``[o, c, kd,
-    kh, kw]``).
+@per_constants
+def weight_gradient(vectors):
+    """:func:`weight_gradient` for tiles ``vectors`` vectors wide (``C_out``'s)."""
 
-    ``x``: the input, ``(N, C_in, D, H, W)`` or channels-last; ``grad_rows``: the
-    output's gradient, channels-last, ``C_out`` padded with zeros to ``columns``
-    (the micro-kernel reads a row's output channels as whole vectors).  A tile is
-    ``TILE_ROWS`` input channels of one ``(kd, kh, kw)`` by a tile of output
-    channels, and a task owns a share of the tiles.  It walks the images' output
-    rows in bands of ``band`` rows, small enough that a band's input and gradient
-    rows stay in cache while every tile of the share sums over them: per tile, one
-    :func:`multiply_tile` call, the band's rows whose windows' row is inside the
-    input as its blocks, the outputs of a row whose window pixel is inside it as
-    its depth (padding adds nothing).  Each tile's sum runs over images, ``od``,
-    ``oh``, ``ow`` in order, whatever the shares.
-    """
-    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
-    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
-    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-    (c_in, depth, height, width), (image, channel, plane, row, pixel) = _layout(
-        x.shape, channels_last)
-    columns = grad_rows.shape[4]
-    tile_columns = TILE_BYTES // grad_weight.itemsize
-    row_tiles, column_tiles = -(-c_in // TILE_ROWS), columns // tile_columns
-    first, stop = share(k_d * k_h * k_w * row_tiles * column_tiles, part, parts)
-    x_values = x.reshape(-1)
-    for i in range(x.shape[0]):
-        for od in range(out_d):
-            for band_first in range(0, out_h, band):
-                band_stop = min(band_first + band, out_h)
-                for task in range(first, stop):
-                    j = task % column_tiles * tile_columns
-                    c, rows = _tile(task // column_tiles % row_tiles, c_in)
-                    kw = task // (column_tiles * row_tiles) % k_w
-                    kh = task // (column_tiles * row_tiles * k_w) % k_h
-                    kd = task // (column_tiles * row_tiles * k_w * k_h)
-                    d = od * stride[0] - pad[0] + kd
-                    oh_lo, oh_hi = _span(kh, stride[1], pad[1], 0, height, out_h)
-                    oh_lo, oh_hi = max(oh_lo, band_first), min(oh_hi, band_stop)
-                    ow_lo, ow_hi = _span(kw, stride[2], pad[2], 0, width, out_w)
-                    if d < 0 or d >= depth or oh_lo >= oh_hi:
-                        continue
-                    h = oh_lo * stride[1] - pad[1] + kh
-                    pixels = (i * image + d * plane + h * row
-                              + (ow_lo * stride[2] - pad[2] + kw) * pixel + c * channel)
-                    gradient = (((i * out_d + od) * out_h + oh_lo) * out_w + ow_lo) * columns + j
-                    multiply_tile(rows, grad_weight,
-                                  (((kd * k_h + kh) * k_w + kw) * c_in + c) * columns + j, columns,
-                                  x_values, pixels, channel, stride[2] * pixel,
-                                  grad_rows, gradient, columns, ow_hi - ow_lo,
-                                  oh_hi - oh_lo, stride[1] * row, out_w * columns)
+    @parallel_kernel
+    def weight_gradient(part, parts, x, grad_rows, grad_weight, windows, band, channels_last):
+        """The weight gradient, into ``grad_weight`` (zeros), laid out ``(KD, KH, KW,
+        C_in, columns)`` (``[kd, kh, kw, c, o]``: the gradient of weight ``[o, c, kd,
+        kh, kw]``).
+
+        ``x``: the input, ``(N, C_in, D, H, W)`` or channels-last; ``grad_rows``: the
+        output's gradient, channels-last, ``C_out`` padded with zeros to ``columns``
+        (the micro-kernel reads a row's output channels as whole vectors).  A tile is
+        ``TILE_ROWS`` input channels of one ``(kd, kh, kw)`` by a tile of output
+        channels, and a task owns a share of the tiles.  It walks the images' output
+        rows in bands of ``band`` rows, small enough that a band's input and gradient
+        rows stay in cache while every tile of the share sums over them: per tile, one
+        :func:`multiply_tile` call, the band's rows whose windows' row is inside the
+        input as its blocks, the outputs of a row whose window pixel is inside it as
+        its depth (padding adds nothing).  Each tile's sum runs over images, ``od``,
+        ``oh``, ``ow`` in order, whatever the shares.
+        """
+        out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
+        out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
+        k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
+        (c_in, depth, height, width), (image, channel, plane, row, pixel) = _layout(
+            x.shape, channels_last)
+        columns = grad_rows.shape[4]
+        tile_width = vectors * VECTOR_BYTES // grad_weight.itemsize
+        row_tiles, column_tiles = -(-c_in // TILE_ROWS), columns // tile_width
+        first, stop = share(k_d * k_h * k_w * row_tiles * column_tiles, part, parts)
+        x_values = x.reshape(-1)
+        for i in range(x.shape[0]):
+            for od in range(out_d):
+                for band_first in range(0, out_h, band):
+                    band_stop = min(band_first + band, out_h)
+                    for task in range(first, stop):
+                        j = task % column_tiles * tile_width
+                        c, rows = _tile(task // column_tiles % row_tiles, c_in)
+                        kw = task // (column_tiles * row_tiles) % k_w
+                        kh = task // (column_tiles * row_tiles * k_w) % k_h
+                        kd = task // (column_tiles * row_tiles * k_w * k_h)
+                        d = od * stride[0] - pad[0] + kd
+                        oh_lo, oh_hi = _span(kh, stride[1], pad[1], 0, height, out_h)
+                        oh_lo, oh_hi = max(oh_lo, band_first), min(oh_hi, band_stop)
+                        ow_lo, ow_hi = _span(kw, stride[2], pad[2], 0, width, out_w)
+                        if d < 0 or d >= depth or oh_lo >= oh_hi:
+                            continue
+                        h = oh_lo * stride[1] - pad[1] + kh
+                        pixels = (i * image + d * plane + h * row
+                                  + (ow_lo * stride[2] - pad[2] + kw) * pixel + c * channel)
+                        gradient = ((((i * out_d + od) * out_h + oh_lo) * out_w + ow_lo) * columns
+                                    + j)
+                        target = (((kd * k_h + kh) * k_w + kw) * c_in + c) * columns + j
+                        multiply_tile(rows, grad_weight, target, columns,
+                                      x_values, pixels, channel, stride[2] * pixel,
+                                      grad_rows, gradient, columns, ow_hi - ow_lo,
+                                      oh_hi - oh_lo, stride[1] * row, out_w * columns, vectors)
+
+    return weight_gradient
 
 
 @njit(inline="always")
@@ -275,81 +296,87 @@ def _source(position, pad, offset, stride, size):
     return t // stride
 
 
-@parallel_kernel
-def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, grad_rows):
-    """Input rows ``(n, d, h)`` of the gradient ``grad_in`` (``(N, C_in, D, H, W)``,
-    or channels-last ``(N, D, H, W, C_in)``), from ``grad`` (the output's gradient,
-    in the same layout) and ``packed`` (the weight as ``(KD, KH, KW, C_out,
-    columns)``, ``C_in`` padded to whole tiles).
+@per_constants
+def input_gradient(vectors):
+    """:func:`input_gradient` for tiles ``vectors`` vectors wide (``C_in``'s)."""
 
-    A gather: a task owns one input row, summed in a scratch row that spans its
-    padding, and takes from every output row whose windows cover it, per window
-    offset ``kw`` a tile of ``TILE_ROWS`` outputs at a time: their ``kw`` pixels are
-    ``stride`` pixels apart, ``C_out`` deep (read where they lie: adjacent
-    channels-last, a plane apart channels-first).  ``windows``: the rows out_size,
-    kernel, stride, pad.
+    @parallel_kernel
+    def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, grad_rows):
+        """Input rows ``(n, d, h)`` of the gradient ``grad_in`` (``(N, C_in, D, H, W)``,
+        or channels-last ``(N, D, H, W, C_in)``), from ``grad`` (the output's gradient,
+        in the same layout) and ``packed`` (the weight as ``(KD, KH, KW, C_out,
+        columns)``, ``C_in`` padded to whole tiles).
 
-    Each task also copies a share of the gradient's rows into ``grad_rows``
-    (channels-last, ``C_out`` padded with zeros to its last axis), as
-    :func:`weight_gradient` reads them, unless ``grad_rows`` is empty (``grad`` is
-    read in place): a copy without a launch of its own.
-    """
-    out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
-    out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
-    k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-    (c_in, depth, height, width), _ = _layout(grad_in.shape, channels_last)
-    _, (out_image, out_channel, out_plane, out_row, out_pixel) = _layout(grad.shape,
-                                                                         channels_last)
-    c_out, columns = packed.shape[3], packed.shape[4]
-    tile_columns = TILE_BYTES // packed.itemsize
-    tiles = -(-out_w // TILE_ROWS)
-    grad_values = grad.reshape(-1)
-    # The scratch row: every pixel a window puts a kernel offset on, padding included.
-    sums = scratch((max((out_w - 1) * stride[2] + k_w, pad[2] + width), columns),
-                   grad_in.dtype)
-    for task in range(*share(grad.shape[0] * depth * height, part, parts)):
-        h, d, n = task % height, task // height % depth, task // (height * depth)
-        for w in range(sums.shape[0]):
-            for c in range(columns):
-                sums[w, c] = 0
-        for kd in range(k_d):
-            od = _source(d, pad[0], kd, stride[0], out_d)
-            for kh in range(k_h):
-                oh = _source(h, pad[1], kh, stride[1], out_h)
-                if od < 0 or oh < 0:
-                    continue
-                out_origin = n * out_image + od * out_plane + oh * out_row
-                for j in range(0, columns, tile_columns):
-                    for kw in range(k_w):
-                        panel = ((kd * k_h + kh) * k_w + kw) * c_out * columns + j
-                        for tile in range(tiles):
-                            w, rows = _tile(tile, out_w)
-                            multiply_tile(rows, sums,
-                                          (w * stride[2] + kw) * columns + j, stride[2] * columns,
-                                          grad_values, out_origin + w * out_pixel, out_pixel,
-                                          out_channel,
-                                          packed, panel, columns, c_out,
-                                          1, 0, 0)
-        if channels_last:
-            target = grad_in[n, d, h]
-            for w in range(width):
-                for c in range(c_in):
-                    target[w, c] = sums[pad[2] + w, c]
-        else:
-            for c in range(c_in):
-                line = grad_in[n, c, d, h]
+        A gather: a task owns one input row, summed in a scratch row that spans its
+        padding, and takes from every output row whose windows cover it, per window
+        offset ``kw`` a tile of ``TILE_ROWS`` outputs at a time: their ``kw`` pixels are
+        ``stride`` pixels apart, ``C_out`` deep (read where they lie: adjacent
+        channels-last, a plane apart channels-first).  ``windows``: the rows out_size,
+        kernel, stride, pad.
+
+        Each task also copies a share of the gradient's rows into ``grad_rows``
+        (channels-last, ``C_out`` padded with zeros to its last axis), as
+        :func:`weight_gradient` reads them, unless ``grad_rows`` is empty (``grad`` is
+        read in place): a copy without a launch of its own.
+        """
+        out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
+        out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
+        k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
+        (c_in, depth, height, width), _ = _layout(grad_in.shape, channels_last)
+        _, (out_image, out_channel, out_plane, out_row, out_pixel) = _layout(grad.shape,
+                                                                             channels_last)
+        c_out, columns = packed.shape[3], packed.shape[4]
+        tile_width = vectors * VECTOR_BYTES // packed.itemsize
+        tiles = -(-out_w // TILE_ROWS)
+        grad_values = grad.reshape(-1)
+        # The scratch row: every pixel a window puts a kernel offset on, padding included.
+        sums = scratch((max((out_w - 1) * stride[2] + k_w, pad[2] + width), columns),
+                       grad_in.dtype)
+        for task in range(*share(grad.shape[0] * depth * height, part, parts)):
+            h, d, n = task % height, task // height % depth, task // (height * depth)
+            for w in range(sums.shape[0]):
+                for c in range(columns):
+                    sums[w, c] = 0
+            for kd in range(k_d):
+                od = _source(d, pad[0], kd, stride[0], out_d)
+                for kh in range(k_h):
+                    oh = _source(h, pad[1], kh, stride[1], out_h)
+                    if od < 0 or oh < 0:
+                        continue
+                    out_origin = n * out_image + od * out_plane + oh * out_row
+                    for j in range(0, columns, tile_width):
+                        for kw in range(k_w):
+                            panel = ((kd * k_h + kh) * k_w + kw) * c_out * columns + j
+                            for tile in range(tiles):
+                                w, rows = _tile(tile, out_w)
+                                multiply_tile(rows, sums, (w * stride[2] + kw) * columns + j,
+                                              stride[2] * columns,
+                                              grad_values, out_origin + w * out_pixel, out_pixel,
+                                              out_channel,
+                                              packed, panel, columns, c_out,
+                                              1, 0, 0, vectors)
+            if channels_last:
+                target = grad_in[n, d, h]
                 for w in range(width):
-                    line[w] = sums[pad[2] + w, c]
-    rows_wanted = grad.shape[0] * out_d * out_h if grad_rows.size else 0
-    for task in range(*share(rows_wanted, part, parts)):
-        oh, od, n = task % out_h, task // out_h % out_d, task // (out_h * out_d)
-        out_origin = n * out_image + od * out_plane + oh * out_row
-        target = grad_rows[n, od, oh]
-        for ow in range(out_w):
-            for o in range(c_out):
-                target[ow, o] = grad_values[out_origin + ow * out_pixel + o * out_channel]
-            for o in range(c_out, target.shape[1]):
-                target[ow, o] = 0
+                    for c in range(c_in):
+                        target[w, c] = sums[pad[2] + w, c]
+            else:
+                for c in range(c_in):
+                    line = grad_in[n, c, d, h]
+                    for w in range(width):
+                        line[w] = sums[pad[2] + w, c]
+        rows_wanted = grad.shape[0] * out_d * out_h if grad_rows.size else 0
+        for task in range(*share(rows_wanted, part, parts)):
+            oh, od, n = task % out_h, task // out_h % out_d, task // (out_h * out_d)
+            out_origin = n * out_image + od * out_plane + oh * out_row
+            target = grad_rows[n, od, oh]
+            for ow in range(out_w):
+                for o in range(c_out):
+                    target[ow, o] = grad_values[out_origin + ow * out_pixel + o * out_channel]
+                for o in range(c_out, target.shape[1]):
+                    target[ow, o] = 0
+
+    return input_gradient
 
 
 def _tiled(count: int, step: int) -> int:
@@ -385,13 +412,16 @@ class _Geometry:
         self.pad = tuple(map(int, pad))
         # The kernels' copy: a (4, 3) table, rows out_size, kernel, stride, pad.
         self.windows = np.array([self.out_size, self.kernel, self.stride, self.pad], np.int64)
-        self.tile_columns = TILE_BYTES // self.dtype.itemsize
+        # Tiles as wide as each product's columns want (see tile_vectors): C_out's for
+        # the output and the weight gradient, C_in's for the input gradient.
+        self.out_vectors = tile_vectors(self.c_out, self.dtype.itemsize)
+        self.in_vectors = tile_vectors(self.c_in, self.dtype.itemsize)
 
     @property
     def out_columns(self) -> int:
         """``C_out`` padded to whole tiles: the columns of the packed weight, of the
         weight gradient and of the channels-last output gradient the kernels read."""
-        return _tiled(self.c_out, self.tile_columns)
+        return _tiled(self.c_out, tile_columns(self.dtype.itemsize, self.out_vectors))
 
     @property
     def band(self) -> int:
@@ -421,8 +451,8 @@ class _Geometry:
     def transposed_weight(self, weight):
         """The weight as :func:`input_gradient` reads it, ``(KD, KH, KW, C_out,
         columns)``, ``C_in`` padded to whole tiles."""
-        packed = np.zeros((*self.kernel, self.c_out, _tiled(self.c_in, self.tile_columns)),
-                          self.dtype)
+        columns = _tiled(self.c_in, tile_columns(self.dtype.itemsize, self.in_vectors))
+        packed = np.zeros((*self.kernel, self.c_out, columns), self.dtype)
         packed[..., :self.c_in] = weight.transpose(2, 3, 4, 0, 1)
         return packed
 
@@ -499,8 +529,9 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
     packed, tiled_bias = g.packed_weight(weight, bias)
     source = _ChannelsLast(x, channels_last)
     for first, stop in g.chunks(source.image_bytes):
-        launch(direct_conv, source.chunk(first, stop), packed, tiled_bias, out, first,
-               g.windows, channels_last, work=g.products * (stop - first) // g.batch)
+        launch(direct_conv((g.out_vectors,)), source.chunk(first, stop), packed, tiled_bias,
+               out, first, g.windows, channels_last,
+               work=g.products * (stop - first) // g.batch)
     return out
 
 
@@ -536,10 +567,10 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
         grad_rows, copied = grad, np.empty((0, 0, 0, 0, columns), dtype)
     else:
         grad_rows = copied = memory.empty((g.batch, *g.out_size, columns), dtype)
-    launch(input_gradient, grad, packed, grad_in, g.windows, channels_last, copied,
-           work=g.products)
-    launch(weight_gradient, x, grad_rows, grad_weight, g.windows, g.band, channels_last,
-           work=g.products)
+    launch(input_gradient((g.in_vectors,)), grad, packed, grad_in, g.windows, channels_last,
+           copied, work=g.products)
+    launch(weight_gradient((g.out_vectors,)), x, grad_rows, grad_weight, g.windows, g.band,
+           channels_last, work=g.products)
     # [kd, kh, kw, c, o] -> [o, c, kd, kh, kw]
     return grad_in, np.ascontiguousarray(grad_weight[..., :g.c_out].transpose(4, 3, 0, 1, 2))
 

@@ -61,15 +61,30 @@ VECTOR_BYTES = _vector_bytes()
 TILE_VECTORS = 4 if VECTOR_BYTES == 64 else 2
 
 
-def tile_columns(itemsize: int) -> int:
-    """Columns of a tile for elements of ``itemsize`` bytes (64 float32 or 32
-    float64 with AVX-512, 16 or 8 with AVX)."""
-    return TILE_VECTORS * VECTOR_BYTES // itemsize
+def tile_columns(itemsize: int, vectors: int = TILE_VECTORS) -> int:
+    """Columns of a tile of ``vectors`` vectors (a whole tile's by default) for
+    elements of ``itemsize`` bytes (64 float32 or 32 float64 with AVX-512, 16 or 8
+    with AVX)."""
+    return vectors * VECTOR_BYTES // itemsize
+
+
+def tile_vectors(channels: int, itemsize: int) -> int:
+    """The vectors across a tile (1 to :data:`TILE_VECTORS`) that sum ``channels``
+    columns fastest: the fewest vectors of columns, padding included, then the
+    widest tile.  A whole tile over 16 or 32 float32 channels summed three quarters
+    or half zeros; a one-vector tile counts as 4/3 of its vectors, its 6
+    accumulators too few for the multiply-adds in flight (8, on two FMA pipes)."""
+
+    def cost(vectors):
+        padded = -(-channels // tile_columns(itemsize, vectors)) * vectors
+        return (padded * (4 if vectors == 1 else 3), -vectors)
+
+    return min(range(1, TILE_VECTORS + 1), key=cost)
 
 
 @intrinsic
 def multiply_tile(typingctx, rows, c, c_at, c_row, a, a_at, a_row, a_step, b, b_at, b_row,
-                  depth, blocks, a_block, b_block):
+                  depth, blocks, a_block, b_block, vectors):
     """Add ``A @ B`` to a tile of ``C``: for ``r < rows``, ``j <`` the tile's columns,
     ``C[r, j] += A[t, r, k] * B[t, k, j]`` summed over ``t < blocks``, then
     ``k < depth``, in that order.
@@ -80,17 +95,22 @@ def multiply_tile(typingctx, rows, c, c_at, c_row, a, a_at, a_row, a_step, b, b_
     float dtype; the other arguments are integers, element offsets and strides
     (see the module): ``C[r, j]`` at ``c_at + r*c_row + j``, ``A[t, r, k]`` at
     ``a_at + t*a_block + r*a_row + k*a_step``, ``B[t, k, j]`` at
-    ``b_at + t*b_block + k*b_row + j``.
+    ``b_at + t*b_block + k*b_row + j``.  ``vectors``: the tile's width in vectors, a
+    constant of the caller (a literal int, 1 to :data:`TILE_VECTORS`): its columns
+    are :func:`tile_columns`.
     """
     arrays = (c, a, b)
     integers = (rows, c_at, c_row, a_at, a_row, a_step, b_at, b_row, depth, blocks, a_block,
                 b_block)
     if not (all(isinstance(kind, types.Array) and kind.dtype == c.dtype for kind in arrays)
             and c.dtype in (types.float32, types.float64)
-            and all(isinstance(kind, types.Integer) for kind in integers)):
+            and all(isinstance(kind, types.Integer) for kind in integers)
+            and isinstance(vectors, types.IntegerLiteral)
+            and 1 <= vectors.literal_value <= TILE_VECTORS):
         return None
+    width = vectors.literal_value
     sig = signature(types.void, rows, c, c_at, c_row, a, a_at, a_row, a_step, b, b_at, b_row,
-                    depth, blocks, a_block, b_block)
+                    depth, blocks, a_block, b_block, vectors)
 
     def codegen(context, builder, sig, args):
         index = context.get_value_type(types.intp)
@@ -114,10 +134,10 @@ def multiply_tile(typingctx, rows, c, c_at, c_row, a, a_at, a_row, a_step, b, b_
         tail = builder.append_basic_block("tile.tail")
         builder.cbranch(builder.icmp_signed(">=", rows, index(TILE_ROWS)), full, tail)
         builder.position_at_end(full)
-        _emit_tile(context, builder, c.dtype, TILE_ROWS, operands)
+        _emit_tile(context, builder, c.dtype, TILE_ROWS, width, operands)
         builder.branch(after)
         builder.position_at_end(tail)
-        _emit_tail(context, builder, c.dtype, rows, operands, after)
+        _emit_tail(context, builder, c.dtype, rows, width, operands, after)
         builder.position_at_end(after)
         return context.get_dummy_value()
 
@@ -141,7 +161,7 @@ class _Operands(NamedTuple):
     b_block: object
 
 
-def _emit_tail(context, builder, dtype, rows, operands, after):
+def _emit_tail(context, builder, dtype, rows, width, operands, after):
     """The tile of fewer than :data:`TILE_ROWS` rows (``rows``, positive), from the
     current block, then a branch to ``after``: pairs of rows, then a last row.
 
@@ -166,20 +186,21 @@ def _emit_tail(context, builder, dtype, rows, operands, after):
     row.add_incoming(index(0), entry)
     builder.cbranch(builder.icmp_signed(">=", builder.sub(rows, row), index(2)), pair, last)
     builder.position_at_end(pair)
-    _emit_tile(context, builder, dtype, 2, from_row(row))
+    _emit_tile(context, builder, dtype, 2, width, from_row(row))
     row.add_incoming(builder.add(row, index(2)), builder.block)
     builder.branch(pairs)
     builder.position_at_end(last)
     single = builder.append_basic_block("tile.row")
     builder.cbranch(builder.icmp_signed("<", row, rows), single, after)
     builder.position_at_end(single)
-    _emit_tile(context, builder, dtype, 1, from_row(row))
+    _emit_tile(context, builder, dtype, 1, width, from_row(row))
     builder.branch(after)
 
 
-def _emit_tile(context, builder, dtype, rows, operands):
-    """The loops of a tile of ``rows`` rows, from the current block (where the depth
-    and blocks are known to be positive) to a block left current for the caller."""
+def _emit_tile(context, builder, dtype, rows, width, operands):
+    """The loops of a tile of ``rows`` rows by ``width`` vectors, from the current block
+    (where the depth and blocks are known to be positive) to a block left current
+    for the caller."""
     index = context.get_value_type(types.intp)
     itemsize = dtype.bitwidth // 8
     lanes = VECTOR_BYTES // itemsize
@@ -193,7 +214,7 @@ def _emit_tile(context, builder, dtype, rows, operands):
     fmuladd = builder.module.globals.get(name) or ir.Function(
         builder.module, ir.FunctionType(vector, [vector] * 3), name)
     c_vectors = [[vector_at(o.c, builder.add(builder.mul(o.c_row, index(r)), index(v * lanes)))
-                  for v in range(TILE_VECTORS)] for r in range(rows)]
+                  for v in range(width)] for r in range(rows)]
     initial = [[builder.load(at, align=itemsize) for at in row] for row in c_vectors]
     entry = builder.block
     block_loop = builder.append_basic_block("tile.block")
@@ -210,7 +231,7 @@ def _emit_tile(context, builder, dtype, rows, operands):
 
     def phis(values, block):
         """A phi per accumulator, first given ``values`` from ``block``."""
-        made = [[builder.phi(vector) for _ in range(TILE_VECTORS)] for _ in range(rows)]
+        made = [[builder.phi(vector) for _ in range(width)] for _ in range(rows)]
         join(made, values, block)
         return made
 
@@ -242,7 +263,7 @@ def _emit_tile(context, builder, dtype, rows, operands):
     sums = phis(block_sums, block_loop)
     b_k = builder.gep(b_t, [builder.mul(k, o.b_row)])
     b_vectors = [builder.load(vector_at(b_k, index(v * lanes)), align=itemsize)
-                 for v in range(TILE_VECTORS)]
+                 for v in range(width)]
     a_k = builder.mul(k, o.a_step)
     first_lane = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
     updated = []
@@ -252,7 +273,7 @@ def _emit_tile(context, builder, dtype, rows, operands):
                                       ir.IntType(32)(0))
         splat = builder.shuffle_vector(lane, ir.Constant(vector, ir.Undefined), first_lane)
         updated.append([builder.call(fmuladd, [splat, b_vectors[v], sums[r][v]])
-                        for v in range(TILE_VECTORS)])
+                        for v in range(width)])
     close_loop(k, block_loop, sums, updated, o.depth, depth_loop, latch)
 
     builder.position_at_end(latch)
