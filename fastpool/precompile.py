@@ -50,7 +50,10 @@ class Case(NamedTuple):
     """One row of the table: ``forward`` (then, for float dtypes, ``backward``) is run
     with ``x`` an input of ``size`` x ``size`` pixels and ``channels`` channels in the
     row's dtype and layout.  ``ints``: integer and bool dtypes take the forward too.
-    ``layouts``: the layouts it runs in."""
+    ``layouts``: the layouts it runs in.  ``tile_widths``: run once for each width of
+    the convolutions' tiles instead, with ``x`` and ``w`` (``(C, C, 3, 3)``) of
+    channels that fill it (its builds are per width: see
+    :func:`fastpool.cpu.microkernel.tile_vectors`)."""
 
     group: str
     what: str
@@ -60,6 +63,7 @@ class Case(NamedTuple):
     channels: int = 4
     ints: bool = False
     layouts: tuple = ("first", "last")
+    tile_widths: bool = False
 
 
 # In the calls: every public function of fastpool, with channels_last bound to the
@@ -164,8 +168,9 @@ CASES: tuple[Case, ...] = (
     Case("gem", "sliding windows; backward (and the average backward's gather)",
          "y = gem_pool2d(x, kernel_size=2)", "gem_pool2d_backward(ones(y), x, kernel_size=2)"),
     # Windows that tile the input (kernel = stride, no padding) compile nothing more.
-    Case("conv", "overlapping windows; backward", "y = strided_conv2d(x, w, 2, 1, bias=b)",
-         "strided_conv2d_backward(ones(y), x, w, 2, 1)"),
+    Case("conv", "overlapping windows, tiles of each width; backward",
+         "y = strided_conv2d(x, w, 2, 1, bias=b)", "strided_conv2d_backward(ones(y), x, w, 2, 1)",
+         tile_widths=True),
 )
 
 # Group: what its kernels serve (the --list text).
@@ -366,10 +371,22 @@ def _both_builds():
 
 def _run_task(task: _Task, namespaces: dict) -> None:
     import numpy as np
+    dtype = np.dtype(task.dtype)
+    channel_counts = [task.case.channels]
+    if task.case.tile_widths:
+        from fastpool.cpu.microkernel import TILE_VECTORS, tile_columns
+        channel_counts = [tile_columns(dtype.itemsize, v) for v in range(1, TILE_VECTORS + 1)]
+    for channels in channel_counts:
+        _run_case(task, namespaces, channels)
+
+
+def _run_case(task: _Task, namespaces: dict, channels: int) -> None:
+    import numpy as np
     case, layout = task.case, task.layout
     rng = np.random.default_rng(0)
-    shape = (2, case.channels, case.size, case.size)
+    shape = (2, channels, case.size, case.size)
     dtype = np.dtype(task.dtype)
+    filters = channels if case.tile_widths else 3
     if dtype.kind == "f":
         x = rng.standard_normal(shape).astype(dtype)
     else:
@@ -379,7 +396,7 @@ def _run_task(task: _Task, namespaces: dict) -> None:
     if layout not in namespaces:
         namespaces[layout] = _namespace(layout)
     scope = {**namespaces[layout], "np": np, "x": x, "ones": np.ones_like,
-             "w": np.ones((3, case.channels, 3, 3), dtype), "b": np.ones(3, dtype),
+             "w": np.ones((filters, channels, 3, 3), dtype), "b": np.ones(filters, dtype),
              "i0": np.zeros(x.shape, np.int64)}
     try:
         for _ in _both_builds():
