@@ -370,9 +370,11 @@ def input_gradient(vectors):
             oh, od, n = task % out_h, task // out_h % out_d, task // (out_h * out_d)
             out_origin = n * out_image + od * out_plane + oh * out_row
             target = grad_rows[n, od, oh]
+            for o in range(c_out):  # a channels-first gradient's runs read in turn
+                at = out_origin + o * out_channel
+                for ow in range(out_w):
+                    target[ow, o] = grad_values[at + ow * out_pixel]
             for ow in range(out_w):
-                for o in range(c_out):
-                    target[ow, o] = grad_values[out_origin + ow * out_pixel + o * out_channel]
                 for o in range(c_out, target.shape[1]):
                     target[ow, o] = 0
 
