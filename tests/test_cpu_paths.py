@@ -680,3 +680,38 @@ def test_channels_first_max_with_indices_sweeps_the_interior(kernel, stride, pad
                                  return_indices=True)
     np.testing.assert_array_equal(got, want.numpy())
     np.testing.assert_array_equal(got_at, want_at.numpy())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("shape, kernel, stride", [
+    ((2, 3, 13, 11), 2, 2), ((2, 5, 28, 28), 7, 7), ((1, 17, 9, 30), 3, 1),
+    ((2, 4, 6, 40), (1, 20), 4),
+])
+def test_l2_norms_are_a_build_of_their_own_with_the_same_results(monkeypatch, shape, kernel,
+                                                                 stride, channels_last):
+    """L2 pooling (norm_type 2) runs builds that take p as a constant (pooling.SQUARE):
+    the same bits as the builds that take it at run time, forward and backward."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+
+    def both():
+        _dispatch.PLANS.clear()
+        y = fastpool.lp_pool2d(x, 2, kernel, stride, channels_last=channels_last)
+        g = fastpool.lp_pool2d_backward(np.cos(y), x, 2, kernel, stride,
+                                        channels_last=channels_last)
+        return y, g
+
+    from fastpool import _dispatch
+    from fastpool.cpu import pooling
+    from fastpool.cpu.tasks import Constant
+
+    assert pooling._kernel_power(2) is pooling.SQUARE and type(pooling.SQUARE) is Constant
+    assert type(pooling._kernel_power(3)) is float and pooling._kernel_power(None) is None
+    constant = both()
+    monkeypatch.setattr(pooling, "_kernel_power", lambda p: None if p is None else float(p))
+    at_run_time = both()
+    _dispatch.PLANS.clear()
+    for a, b in zip(constant, at_run_time):
+        np.testing.assert_array_equal(a, b)

@@ -16,6 +16,7 @@ from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
 from fastpool.cpu import kernels
 from fastpool.cpu.runtime import bind, launch, runs_serially
+from fastpool.cpu.tasks import Constant
 
 # Each driver is split in two: ``plan_<op>`` makes every choice that follows from
 # the shapes, dtype and window table (the kernel, serial or parallel, and its
@@ -259,7 +260,7 @@ def plan_sum_pool(shape: tuple, dtype: np.dtype, table: WindowTable, channels_la
     out_shape = _out_shape(shape, table, channels_last)
     work = _pool_work(out_shape, table)
     serial = _forward_serially(work, shape, table, channels_last)
-    lp = None if power is None else float(power)
+    lp = _kernel_power(power)
     zero = accumulator_zero(dtype, table, lp)
     flat_input = None
     if not channels_last and table.is_whole_plane(shape[1:4]):
@@ -393,6 +394,17 @@ def _launch_separable(name: str, channels_last: bool, block: int, arrays: tuple,
 # Windows up to this many elements sum float32 input in float32, as torch does;
 # larger ones (and Lp powers) sum in float64, where rounding would add up.
 FLOAT32_SUM_LIMIT = 64
+
+
+def _kernel_power(power: float | None):
+    """``power`` as the kernels take it: None (averages), a :class:`Constant` 2 (L2
+    norms, the usual Lp pooling: a build of their own), else a float."""
+    if power is None:
+        return None
+    return SQUARE if power == 2 else float(power)
+
+
+SQUARE = Constant(2)
 
 
 def accumulator_zero(dtype, table: WindowTable, power: float | None = None):
@@ -612,7 +624,7 @@ def plan_sum_backward(out_shape: tuple, dtype: np.dtype, table: WindowTable,
     """:func:`sum_backward` planned for canonical gradients of ``out_shape`` and
     ``dtype``: a function of (grad_out, x[, stream])."""
     dtype = np.dtype(dtype)
-    lp = None if power is None else float(power)
+    lp = _kernel_power(power)
     work = math.prod(out_shape) * table.max_window_size + math.prod(input_shape)
     if not channels_last and lp is None and table.is_whole_plane(input_shape[1:4]):
         planes = (input_shape[0], -1)
