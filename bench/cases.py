@@ -113,7 +113,7 @@ FULL = [
     # args are (out_channels, kernel_size, stride, padding).
     Case("strided_conv", (8, 64, 56, 56), (64, 3, 2, 1), tag="strided-conv"),
     # ... in a 2x2 max pool's place (all-convolutional nets, Springenberg et al. 2015):
-    # windows that tile the input, on 32 channels (half a whole tile of float32).
+    # windows that tile the input, on 32 channels (two vectors of float32).
     Case("strided_conv", (8, 32, 64, 64), (32, 2, 2, 0), tag="strided-conv-2x2-pool"),
 ]
 

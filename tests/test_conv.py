@@ -218,6 +218,51 @@ def test_arrays_are_read_in_place(monkeypatch):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("vectors", [1, 2, 3, 4], ids=lambda v: f"{v}-vectors")
+def test_each_tile_width_matches_torch(vectors, dtype, channels_last):
+    """Channel counts that fill tiles of each width (and one short of it), as input
+    channels (the input gradient's columns) and as filters (the output's and the
+    weight gradient's); a channels-last gradient of whole tiles is read in place."""
+    from fastpool.cpu.microkernel import TILE_VECTORS, tile_columns, tile_vectors
+
+    if vectors > TILE_VECTORS:
+        pytest.skip(f"this machine's tiles are at most {TILE_VECTORS} vectors wide")
+    itemsize = np.dtype(dtype).itemsize
+    channels = tile_columns(itemsize, vectors)
+    for c in (channels, channels - 1):
+        if c and tile_vectors(c, itemsize) == vectors:
+            _check_against_torch(2, (2, c, 9, 10), 3, 3, 2, 1, channels_last, dtype)
+            _check_against_torch(2, (2, 3, 9, 10), c, 3, 2, 1, channels_last, dtype)
+
+
+def test_the_gradient_rows_are_copied_unless_channels_last_whole_tiles(monkeypatch):
+    """The weight gradient reads a channels-last gradient of whole tiles of channels
+    in place; any other gets a padded channels-last copy from the input gradient's
+    launch."""
+    from fastpool.cpu.microkernel import tile_columns
+
+    copies = []
+    launch = CPU_CONV.launch
+
+    def recording(kernel, *args, **options):
+        if kernel.__name__ == "input_gradient":
+            copies.append(args[-1].size)
+        return launch(kernel, *args, **options)
+
+    monkeypatch.setattr(CPU_CONV, "launch", recording)
+    c_out = tile_columns(8)
+    x, w = np.ones((2, 24, 3)), np.ones((c_out, 3, 4))
+    fastpool.strided_conv1d_backward(np.ones((2, 12, c_out)), x, w, 2, padding=1,
+                                     channels_last=True)
+    fastpool.strided_conv1d_backward(np.ones((2, 12, 5)), x, w[:5], 2, padding=1,
+                                     channels_last=True)
+    fastpool.strided_conv1d_backward(np.ones((2, c_out, 12)), np.ones((2, 3, 24)), w, 2,
+                                     padding=1)
+    assert copies[0] == 0 and copies[1] > 0 and copies[2] > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 def test_read_only_arrays_match_writable_ones(channels_last):
     """Arrays the caller cannot write (a torch tensor's, a memory map's) are read in
     place as writable ones are, with the same results."""

@@ -683,35 +683,60 @@ def test_channels_first_max_with_indices_sweeps_the_interior(kernel, stride, pad
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape, kernel, stride", [
     ((2, 3, 13, 11), 2, 2), ((2, 5, 28, 28), 7, 7), ((1, 17, 9, 30), 3, 1),
-    ((2, 4, 6, 40), (1, 20), 4),
-])
+    ((2, 4, 6, 40), (1, 20), 4), ((2, 3, 8, 8), 8, 8), ((2, 3, 40), 3, 2),
+    ((1, 2, 5, 6, 7), 2, 2),
+], ids=["2x2", "7x7", "3x3-stride-1", "1x20", "whole-plane", "1d", "3d"])
 def test_l2_norms_are_a_build_of_their_own_with_the_same_results(monkeypatch, shape, kernel,
-                                                                 stride, channels_last):
+                                                                 stride, dtype, channels_last):
     """L2 pooling (norm_type 2) runs builds that take p as a constant (pooling.SQUARE):
-    the same bits as the builds that take it at run time, forward and backward."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal(shape).astype(np.float32)
-    if channels_last:
-        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-
-    def both():
-        _dispatch.PLANS.clear()
-        y = fastpool.lp_pool2d(x, 2, kernel, stride, channels_last=channels_last)
-        g = fastpool.lp_pool2d_backward(np.cos(y), x, 2, kernel, stride,
-                                        channels_last=channels_last)
-        return y, g
-
+    the same bits as the builds that take it at run time, forward and backward, and
+    torch's results."""
     from fastpool import _dispatch
     from fastpool.cpu import pooling
     from fastpool.cpu.tasks import Constant
 
+    nd = len(shape) - 2
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)
+    want = getattr(torch.nn.functional, f"lp_pool{nd}d")(torch.from_numpy(x), 2, kernel,
+                                                        stride).numpy()
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    forward = getattr(fastpool, f"lp_pool{nd}d")
+    backward = getattr(fastpool, f"lp_pool{nd}d_backward")
+
+    def both():
+        _dispatch.PLANS.clear()
+        y = forward(x, 2, kernel, stride, channels_last=channels_last)
+        return y, backward(np.cos(y), x, 2, kernel, stride, channels_last=channels_last)
+
     assert pooling._kernel_power(2) is pooling.SQUARE and type(pooling.SQUARE) is Constant
     assert type(pooling._kernel_power(3)) is float and pooling._kernel_power(None) is None
     constant = both()
+    got = np.moveaxis(constant[0], -1, 1) if channels_last else constant[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(pooling, "_kernel_power", lambda p: None if p is None else float(p))
     at_run_time = both()
     _dispatch.PLANS.clear()
     for a, b in zip(constant, at_run_time):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_constant_argument_assigned_again_is_not_pruned_by_its_value():
+    """A Constant argument is a constant of the kernel's IR only while nothing
+    assigns its variable again: a branch on the other value stays."""
+    from fastpool.cpu.tasks import Constant, parallel_kernel
+
+    @parallel_kernel
+    def pick(part, parts, out, p):
+        if out[0] > 0:
+            p = 3
+        out[1] = 1.0 if p == 2 else 2.0
+
+    for first, want in ((1.0, 2.0), (-1.0, 1.0)):
+        out = np.array([first, 0.0])
+        pick.serial(out, Constant(2))
+        assert out[1] == want

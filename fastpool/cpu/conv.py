@@ -14,22 +14,27 @@ input gradient   every ``stride``-th pixel    ``C_in``     ``C_out``
 weight gradient  ``c_in`` of one ``(kh, kw)``  ``C_out``    ``ow`` (``oh``)
 ===============  ===========================  ===========  ==========================
 
-The columns are a tile's vectors, so they are read contiguous: the packed
-weights, their channels padded to whole tiles (zeros, dropped from the sums),
-and, for the weight gradient, the output gradient's rows channels-last, ``C_out``
-padded likewise (a copy, unless it is channels-last with whole tiles of
-channels, which the input gradient's tasks make as they go: no launch of its
-own).  The rows and depth are read in place, in either layout; but the output's
-depth runs over a window row's ``KW*C_in`` values, one contiguous run in a
-channels-last input only, so a channels-first input is copied channels-last
-first, a chunk of whole images (at most :data:`CHUNK_BYTES`) at a time, so that
-a chunk is still in cache when the products read it and the scratch stays
-bounded.  (Run in place, a call per ``kw``, ``C_in`` deep, the forward of a
-3-channel 7x7 stem took 1.65 ms where it takes 1.25.)
+A tile is as wide as its product's columns want (:func:`tile_vectors`: 1 to 4
+vectors; a kernel build per width), and its columns are read as whole vectors:
+the packed weights, their channels padded to whole tiles (zeros, dropped from
+the sums), and, for the weight gradient, the output gradient's rows
+channels-last, ``C_out`` padded likewise.  That is the gradient itself where it
+is channels-last with whole tiles of channels, else a copy of the whole
+gradient (at most the input's size, as a rule: ``C_out`` times the output's
+pixels) that the input gradient's tasks make, a share of its rows each, in
+their launch.  The rows and depth are read in place, in either layout; but the
+output's depth runs over a window row's ``KW*C_in`` values, one contiguous run
+in a channels-last input only, so a channels-first input is copied
+channels-last first, a chunk of whole images (at most :data:`CHUNK_BYTES`) at a
+time, so that a chunk is still in cache when the products read it and the
+scratch stays bounded.  (Run in place, a call per ``kw``, ``C_in`` deep, the
+forward of a 3-channel 7x7 stem took 1.65 ms where it takes 1.25, and per tile
+through a copy of its pixels 2.0.)
 
 Each task owns its tiles' outputs (an output row; an input row, whose gradient
-it gathers from every output row its windows cover; tiles of the weight
-gradient, summed over every image), so no two threads write an element and
+it gathers from every output row its windows cover, and a share of the gradient
+rows it copies; tiles of the weight gradient, summed over every image), so no
+two threads write an element and
 every sum runs in a fixed order: results repeat bit for bit at any thread
 count.  Padding adds nothing, so the products skip it: the window rows and
 planes outside the input drop out of the blocks, the weight gradient's depth
@@ -67,7 +72,7 @@ from fastpool.cpu.microkernel import (
 from fastpool.cpu.runtime import launch
 from fastpool.cpu.tasks import HELPER_JIT_OPTIONS, parallel_kernel, scratch, share
 
-# The most bytes of channels-last copies (of a channels-first input, or gradient) one
+# The most bytes of the forward's channels-last copy of a channels-first input one
 # chunk of images may fill: a copy is still in cache when the products read it, and
 # a big input's scratch stays bounded.  The tests lower it to exercise the chunking.
 CHUNK_BYTES = 4 * 2**20
@@ -76,7 +81,6 @@ CHUNK_BYTES = 4 * 2**20
 # a band that stays in the core's L2 cache (1 MB on Zen 4 and 5, 512 kB on Zen 3).
 BAND_BYTES = 2**18
 
-# Bytes of a tile's row (its columns times the itemsize): a constant to the kernels.
 
 
 @parallel_kernel
@@ -368,12 +372,17 @@ def input_gradient(vectors):
         rows_wanted = grad.shape[0] * out_d * out_h if grad_rows.size else 0
         for task in range(*share(rows_wanted, part, parts)):
             oh, od, n = task % out_h, task // out_h % out_d, task // (out_h * out_d)
-            out_origin = n * out_image + od * out_plane + oh * out_row
             target = grad_rows[n, od, oh]
-            for o in range(c_out):  # a channels-first gradient's runs read in turn
-                at = out_origin + o * out_channel
+            if channels_last:
+                line = grad[n, od, oh]
                 for ow in range(out_w):
-                    target[ow, o] = grad_values[at + ow * out_pixel]
+                    for o in range(c_out):
+                        target[ow, o] = line[ow, o]
+            else:  # each channel's run read in turn
+                for o in range(c_out):
+                    run = grad[n, o, od, oh]
+                    for ow in range(out_w):
+                        target[ow, o] = run[ow]
             for ow in range(out_w):
                 for o in range(c_out, target.shape[1]):
                     target[ow, o] = 0

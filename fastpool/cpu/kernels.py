@@ -68,11 +68,11 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def per_constants(factory):
-    """Memoise ``factory(a, b)``, which builds a kernel for a pair of int constants:
-    an interior sweep (see :func:`interior_sweep`), or a register window (see
-    :func:`register_window`).
+    """Memoise ``factory(*constants)``, which builds a kernel for a tuple of int
+    constants: an interior sweep (see :func:`interior_sweep`), a register window (see
+    :func:`register_window`), a convolution's tile width (``fastpool.cpu.conv``).
 
-    The kernel is a closure whose cells hold the two ints (literal constants to
+    The kernel is a closure whose cells hold the ints (literal constants to
     numba): numba's on-disk cache keys closures by their cells' contents, so each
     build is cached, and loaded by later processes.  (A numba function in a cell
     would pickle with a per-process id: a cache miss in every process.)  A build

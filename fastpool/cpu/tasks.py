@@ -24,8 +24,9 @@ process that ran it serially too), and compiles for 1.3 s as a task kernel,
 whatever the process runs.
 
 The kernels compile through :class:`_KernelCompiler`, numba's pipeline with one
-more pass, :class:`_PruneNoneChecks` (each build compiles only the code its
-optional arguments, None or given, reach), and a lowering into a library whose
+more pass, :class:`_PruneKnownBranches` (each build compiles only the code its
+optional arguments, None or given, and its :class:`Constant` arguments reach), and a
+lowering into a library whose
 LLVM function passes run at O1 (:class:`_LightlyPreoptimisedLibrary`); the
 launchers through :class:`_LauncherCompiler`, whose library skips the module
 passes as well (:class:`_LauncherLibrary`).
@@ -72,13 +73,15 @@ cpu.CPUTargetOptions.noalias = options.TargetOptions.Mapping("noalias")
 class Constant(int):
     """An int argument that kernels compile as a constant: each value gets a build of
     its own (typed as numba's integer literal), where the branches on it are
-    decided before lowering (see :class:`_PruneNoneChecks`).  fastpool's L2 norms
+    decided before lowering (see :class:`_PruneKnownBranches`).  fastpool's L2 norms
     take ``power`` so (``fastpool.cpu.pooling.SQUARE``): their loops compile to
     ``x * x`` alone, and vectorise (a 32x64x56x56 2x2 L2 pool, channels-first:
     3.6 -> 1.7 ms)."""
 
     def __repr__(self):
         return f"Constant({int(self)})"
+
+    __str__ = int.__repr__  # in messages, the number
 
 
 @typeof_impl.register(Constant)
@@ -98,7 +101,7 @@ _NOT_NONE_TYPES = (types.Array, types.Number, types.Boolean, types.BaseTuple)
 
 
 @register_pass(mutates_CFG=True, analysis_only=False)
-class _PruneNoneChecks(FunctionPass):
+class _PruneKnownBranches(FunctionPass):
     """Prune branches on ``argument is None`` for arguments of a type that is never
     None, as numba prunes them for arguments typed None.
 
@@ -110,11 +113,12 @@ class _PruneNoneChecks(FunctionPass):
     third of its first call).  Run after inlining, so that the tests in inlined
     helpers go too.
 
-    :class:`Constant` arguments become constants of the IR first, so that the
-    tests of their values go as well (an L2 norm's ``power == 2.0``: 0.2 s of the
-    first call of lp_pool2d_backward)."""
+    Integer-literal arguments (:class:`Constant` ones, and the literals helpers are
+    typed with) become constants of the IR first, so that the tests of their values
+    go as well (an L2 norm's ``power == 2.0``: 0.2 s of the first call of
+    lp_pool2d_backward)."""
 
-    _name = "fastpool_prune_none_checks"
+    _name = "fastpool_prune_known_branches"
 
     def __init__(self):
         FunctionPass.__init__(self)
@@ -127,17 +131,23 @@ class _PruneNoneChecks(FunctionPass):
 
 
 def _constant_arguments(function_ir, argument_types) -> None:
-    """Make each integer-literal argument (a :class:`Constant`) a constant of the IR:
+    """Make each integer-literal argument (a :class:`Constant`, or a literal a helper
+    was typed with) a constant of the IR where its variable has no other definition:
     numba's branch pruning then decides the tests on it (``power == 2.0``), in the
-    kernel and in the helpers inlined into it, before typing and lowering."""
+    kernel and in the helpers inlined into it, before typing and lowering.  (A
+    variable assigned again keeps its argument: pruning it by the argument's value
+    would drop the branch the other value takes.)"""
     for block in function_ir.blocks.values():
         for statement in block.body:
-            if (isinstance(statement, numba_ir.Assign)
+            if not (isinstance(statement, numba_ir.Assign)
                     and isinstance(statement.value, numba_ir.Arg)
                     and isinstance(argument_types[statement.value.index], types.IntegerLiteral)):
+                continue
+            definitions = function_ir._definitions[statement.target.name]
+            if len(definitions) == 1 and definitions[0] is statement.value:
                 value = argument_types[statement.value.index].literal_value
                 statement.value = numba_ir.Const(value, statement.value.loc)
-                function_ir._definitions[statement.target.name] = [statement.value]
+                definitions[0] = statement.value
 
 
 class _LightlyPreoptimisedLibrary(JITCodeLibrary):
@@ -219,14 +229,14 @@ class _LauncherLowering(_KernelLowering):
 
 
 class _KernelCompiler(CompilerBase):
-    """numba's nopython pipeline, pruning :class:`_PruneNoneChecks`' branches too, and
+    """numba's nopython pipeline, pruning :class:`_PruneKnownBranches`' branches too, and
     lowering through :class:`_KernelLowering` (its ``lowering``)."""
 
     lowering = _KernelLowering
 
     def define_pipelines(self):
         pipeline = DefaultPassBuilder.define_nopython_pipeline(self.state)
-        pipeline.add_pass_after(_PruneNoneChecks, InlineInlinables)
+        pipeline.add_pass_after(_PruneKnownBranches, InlineInlinables)
         pipeline.passes = [(self.lowering if kind is NativeLowering else kind, said)
                            for kind, said in pipeline.passes]
         pipeline.finalize()
@@ -591,7 +601,7 @@ def _type_key(value):
         return value.dtype
     if isinstance(value, Constant):
         return Constant, int(value)
-    return type(value)
+    return type(value)  # (a tuple's elements are not looked into: none holds a Constant)
 
 
 _kernels: list = []
