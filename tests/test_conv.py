@@ -236,6 +236,21 @@ def test_each_tile_width_matches_torch(vectors, dtype, channels_last):
             _check_against_torch(2, (2, 3, 9, 10), c, 3, 2, 1, channels_last, dtype)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("shape, c_out, kernel, stride, padding", [
+    ((2, 3, 32, 32), 8, 16, 16, 0),       # ViT's patches: 48 columns, a 3-vector tile
+    ((2, 3, 17, 18), 5, 4, 4, 0),         # ConvNeXt's stem, a ragged end
+    ((2, 5, 11, 12), 7, 2, 2, 1),         # padding: the first window half outside
+    ((2, 4, 9, 13), 3, (3, 2), (2, 3), 1),  # gaps along W, overlap along H
+    ((1, 6, 7, 9), 4, 1, 2, 0),           # one-pixel windows
+])
+def test_window_row_columns_match_torch(shape, c_out, kernel, stride, padding, channels_last):
+    """Windows that do not overlap along W: the input gradient's columns are each
+    output's whole window row, KW*C_in values (and the pixels between windows 0)."""
+    _check_against_torch(2, shape, c_out, kernel, stride, padding, channels_last, np.float32)
+    _check_against_torch(2, shape, c_out, kernel, stride, padding, channels_last)
+
+
 def test_the_gradient_rows_are_copied_unless_channels_last_whole_tiles(monkeypatch):
     """The weight gradient reads a channels-last gradient of whole tiles of channels
     in place; any other gets a padded channels-last copy from the input gradient's
