@@ -177,10 +177,11 @@ CASES: tuple[Case, ...] = (
          "y = strided_conv2d(x, w, 2, 1, bias=b)", "strided_conv2d_backward(ones(y), x, w, 2, 1)",
          tile_widths=True),
     # 3-channel patch embeddings (windows that tile the input) take a window row's
-    # values as the input gradient's columns: 2x2 to 20x20 windows fill 1 to 4 vectors.
+    # values as the input gradient's columns: 2x2 to 20x20 windows fill 1 to 4 vectors
+    # (of float32; 4x4 windows fill float64's 2).
     Case("conv", "patch embeddings of 3 channels; backward",
          "y = strided_conv2d(x, np.ones((8, 3, 2, 2), x.dtype), 2)",
-         "for k in (2, 8, 16, 20): wk = np.ones((8, 3, k, k), x.dtype); "
+         "for k in (2, 4, 8, 16, 20): wk = np.ones((8, 3, k, k), x.dtype); "
          "strided_conv2d_backward(ones(strided_conv2d(x, wk, k)), x, wk, k)",
          size=40, channels=3),
 )

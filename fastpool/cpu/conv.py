@@ -14,6 +14,10 @@ input gradient   every ``stride``-th pixel    ``C_in``     ``C_out``
 weight gradient  ``c_in`` of one ``(kh, kw)``  ``C_out``    ``ow`` (``oh``)
 ===============  ===========================  ===========  ==========================
 
+(Where windows do not overlap along W and a pixel has fewer channels than a
+vector's lanes, an image's 3 in a patch embedding, the input gradient's columns are
+each output's window row instead, ``KW*C_in`` values, its tile rows outputs.)
+
 A tile is as wide as its product's columns want (:func:`tile_vectors`: 1 to 4
 vectors; a kernel build per width), and its columns are read as whole vectors:
 the packed weights, their channels padded to whole tiles (zeros, dropped from
