@@ -25,11 +25,11 @@ whatever the process runs.
 
 The kernels compile through :class:`_KernelCompiler`, numba's pipeline with one
 more pass, :class:`_PruneKnownBranches` (each build compiles only the code its
-optional arguments, None or given, and its :class:`Constant` arguments reach), and a
-lowering into a library whose
-LLVM function passes run at O1 (:class:`_LightlyPreoptimisedLibrary`); the
-launchers through :class:`_LauncherCompiler`, whose library skips the module
-passes as well (:class:`_LauncherLibrary`).
+optional arguments, None or given, and its :class:`Constant` arguments reach), and
+a lowering into a library whose LLVM function passes run at O1
+(:class:`_LightlyPreoptimisedLibrary`); the launchers through
+:class:`_LauncherCompiler`, whose library skips the module passes as well
+(:class:`_LauncherLibrary`).
 """
 
 from __future__ import annotations
