@@ -183,7 +183,8 @@ def test_non_overlapping_windows(nd, shape, kernel, channels_last):
 
 def test_arrays_are_read_in_place(monkeypatch):
     """The kernels read arrays where they lie, but for the forward's channels-first
-    input, copied channels-last first.  The backward copies no array in a launch of
+    input: copied channels-last first where windows overlap along D or H, else by
+    each task, its own window rows.  The backward copies no array in a launch of
     its own: the weight gradient's gradient rows, where they are not channels-last
     with whole tiles of channels, are copied by the input gradient's tasks."""
     from fastpool.cpu.microkernel import tile_columns
@@ -207,8 +208,15 @@ def test_arrays_are_read_in_place(monkeypatch):
                                      channels_last=True)
     assert names(launched[1:]) == ["input_gradient", "weight_gradient"]
     del launched[:]
-    fastpool.strided_conv1d(np.ones((2, 3, 24)), w, 2, padding=1)
+    fastpool.strided_conv1d(np.ones((2, 3, 24)), w, 2, padding=1)  # tasks copy rows
+    assert names(launched) == ["direct_conv"]
+    del launched[:]
+    # Windows that overlap along H: the input is copied channels-last first.
+    fastpool.strided_conv2d(np.ones((2, 3, 9, 9)), np.ones((4, 3, 3, 3)), 2, padding=1)
     assert names(launched) == ["channels_last_copy", "direct_conv"]
+    del launched[:]
+    fastpool.strided_conv2d(np.ones((2, 3, 9, 9)), np.ones((4, 3, 2, 3)), 2, padding=1)
+    assert names(launched) == ["direct_conv"]
     del launched[:]
     fastpool.strided_conv1d_backward(np.ones((2, 5, 12)), np.ones((2, 3, 24)), w[:5], 2,
                                      padding=1)
@@ -377,6 +385,9 @@ def test_backward_writes_every_input_gradient_of_a_reused_buffer(kernel, stride,
     (2, (1, 1, 40, 33), 3, 1, 1),     # one plane: blocks of rows
     (1, (2, 3, 2), 5, 1, 2),          # windows wider than the input: every tile an end
     (2, (2, 2, 3, 30), (2, 7), 2, (1, 3)),  # ends of several outputs
+    # Windows apart along D and H, overlapping along W, in the padding at each end:
+    # a channels-first input's rows copied by the forward's tasks, none twice.
+    (3, (2, 5, 7, 8, 9), (2, 3, 4), (3, 3, 2), 1),
 ])
 def test_both_layouts_match_torch(nd, shape, kernel, stride, padding, dtype, channels_last):
     _check_against_torch(nd, shape, 3, kernel, stride, padding, channels_last, dtype)
