@@ -172,10 +172,13 @@ CASES: tuple[Case, ...] = (
          "y = gem_pool2d(x)", "gem_pool2d_backward(ones(y), x)"),
     Case("gem", "sliding windows; backward (and the average backward's gather)",
          "y = gem_pool2d(x, kernel_size=2)", "gem_pool2d_backward(ones(y), x, kernel_size=2)"),
-    # Windows that tile the input (kernel = stride, no padding) compile nothing more.
     Case("conv", "overlapping windows, tiles of each width; backward",
          "y = strided_conv2d(x, w, 2, 1, bias=b)", "strided_conv2d_backward(ones(y), x, w, 2, 1)",
          tile_widths=True),
+    # Windows apart along H: the forward's tasks copy a channels-first input's rows
+    # (a build of their own); the backward runs the builds above.
+    Case("conv", "windows apart along H (2x2, stride 2), tiles of each width",
+         "y = strided_conv2d(x, w[:, :, :2, :2], 2)", layouts=("first",), tile_widths=True),
     # 3-channel patch embeddings (windows that tile the input) take a window row's
     # values as the input gradient's columns: 2x2 to 20x20 windows fill 1 to 4 vectors
     # (of float32; 4x4 windows fill float64's 2).

@@ -251,10 +251,13 @@ def test_each_tile_width_matches_torch(vectors, dtype, channels_last):
     ((2, 5, 11, 12), 7, 2, 2, 1),         # padding: the first window half outside
     ((2, 4, 9, 13), 3, (3, 2), (2, 3), 1),  # gaps along W, overlap along H
     ((1, 6, 7, 9), 4, 1, 2, 0),           # one-pixel windows
+    ((2, 3, 30, 29), 8, 7, 2, 3),         # ResNet's stem: windows overlap, padding
+    ((2, 2, 9, 11), 3, (2, 5), (3, 1), 2),  # stride 1 along W, windows wider than the pad
 ])
 def test_window_row_columns_match_torch(shape, c_out, kernel, stride, padding, channels_last):
-    """Windows that do not overlap along W: the input gradient's columns are each
-    output's whole window row, KW*C_in values (and the pixels between windows 0)."""
+    """Pixels of fewer channels than a vector's lanes: the input gradient's columns
+    are each output's whole window row, KW*C_in values, added up into the input row
+    where windows overlap (and the pixels between windows 0)."""
     _check_against_torch(2, shape, c_out, kernel, stride, padding, channels_last, np.float32)
     _check_against_torch(2, shape, c_out, kernel, stride, padding, channels_last)
 

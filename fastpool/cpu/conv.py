@@ -14,9 +14,9 @@ input gradient   every ``stride``-th pixel    ``C_in``     ``C_out``
 weight gradient  ``c_in`` of one ``(kh, kw)``  ``C_out``    ``ow`` (``oh``)
 ===============  ===========================  ===========  ==========================
 
-(Where windows do not overlap along W and a pixel has fewer channels than a
-vector's lanes, an image's 3 in a patch embedding, the input gradient's columns are
-each output's window row instead, ``KW*C_in`` values, its tile rows outputs.)
+(Where a pixel has fewer channels than a vector's lanes, an image's 3, the input
+gradient's columns are each output's window row instead, ``KW*C_in`` values, its
+tile rows outputs, the window rows added up into the input row.)
 
 A tile is as wide as its product's columns want (:func:`tile_vectors`: 1 to 4
 vectors; a kernel build per width), and its columns are read as whole vectors:
@@ -334,7 +334,8 @@ def _source(position, pad, offset, stride, size):
 @njit(inline="always")
 def _store_window_rows(grad_in, sums, n, d, h, stride, pad, k_w, channels_last):
     """Input row ``(n, d, h)`` of ``grad_in`` from ``sums``, one output's window row
-    (``KW*C_in`` values) per row: zeros where no window reaches (gaps, padding)."""
+    (``KW*C_in`` values) per row, each pixel's the sum of the window rows that reach
+    it, in order of the outputs (zero where none does: gaps, padding)."""
     if channels_last:
         width, c_in = grad_in.shape[3], grad_in.shape[4]
         target = grad_in[n, d, h]
@@ -346,7 +347,7 @@ def _store_window_rows(grad_in, sums, n, d, h, stride, pad, k_w, channels_last):
                 x = w * stride - pad + kw
                 if 0 <= x < width:
                     for c in range(c_in):
-                        target[x, c] = sums[w, kw * c_in + c]
+                        target[x, c] += sums[w, kw * c_in + c]
     else:
         c_in, width = grad_in.shape[1], grad_in.shape[4]
         for c in range(c_in):
@@ -357,14 +358,14 @@ def _store_window_rows(grad_in, sums, n, d, h, stride, pad, k_w, channels_last):
                 for kw in range(k_w):
                     x = w * stride - pad + kw
                     if 0 <= x < width:
-                        line[x] = sums[w, kw * c_in + c]
+                        line[x] += sums[w, kw * c_in + c]
 
 
 @per_constants
 def input_gradient(vectors, window_rows):
     """:func:`input_gradient` for tiles ``vectors`` vectors wide, its columns a window
-    row's values (``window_rows``, windows that do not overlap along W) or a pixel's
-    ``C_in``."""
+    row's values (``window_rows``, pixels of fewer channels than a vector's lanes) or
+    a pixel's ``C_in``."""
 
     @parallel_kernel
     def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, grad_rows):
@@ -379,9 +380,10 @@ def input_gradient(vectors, window_rows):
         time, ``C_out`` deep (read where they lie: adjacent channels-last, a plane
         apart channels-first).  Its columns are, per window offset ``kw``, the
         ``C_in`` of the outputs' ``kw`` pixels, ``stride`` pixels apart in a scratch
-        row that spans the padding; or, where windows do not overlap along W
-        (``window_rows``), each output's whole window row, ``KW*C_in`` values (3
-        input channels fill a 48-column tile with a 16-wide window, not 3 of 16).
+        row that spans the padding; or, for pixels of few channels (``window_rows``),
+        each output's whole window row, ``KW*C_in`` values (3 input channels fill a
+        48-column tile with a 16-wide window, not 3 of 16), added up into the input
+        row where windows overlap.
         ``windows``: the rows out_size, kernel, stride, pad.
 
         Each task also copies a share of the gradient's rows into ``grad_rows``
@@ -496,13 +498,13 @@ class _Geometry:
         self.pad = tuple(map(int, pad))
         # The kernels' copy: a (4, 3) table, rows out_size, kernel, stride, pad.
         self.windows = np.array([self.out_size, self.kernel, self.stride, self.pad], np.int64)
-        # The input gradient's columns: a window row's values where windows do not
-        # overlap along W and a pixel has fewer channels than a vector's lanes (an
-        # image's 3: patch embeddings, 16-wide windows of 3 channels in 48 columns, ran
-        # 1.8x faster than 3 of a 16-wide tile), else a pixel's channels (16 or 32
-        # channels of 2x2 windows ran 1.2-1.7x slower as window rows, channels-first).
-        self.window_rows = (self.kernel[2] <= self.stride[2]
-                            and self.c_in < tile_columns(self.dtype.itemsize, 1))
+        # The input gradient's columns: a window row's values where a pixel has fewer
+        # channels than a vector's lanes (an image's 3: patch embeddings, 16-wide
+        # windows of 3 channels in 48 columns, ran 1.8x faster than 3 of a 16-wide
+        # tile; a 7x7 stride-2 stem's 21 in 32 columns, once, against 3 in 16 per kw,
+        # 3.5x), else a pixel's channels (16 or 32 channels of 2x2 windows ran 1.2-1.7x
+        # slower as window rows, channels-first).
+        self.window_rows = self.c_in < tile_columns(self.dtype.itemsize, 1)
         self.in_columns = self.c_in * (self.kernel[2] if self.window_rows else 1)
         # Windows that do not overlap along D and H: each input row is in one output
         # row's windows, so the forward's tasks copy a channels-first input's rows
