@@ -95,7 +95,9 @@ def conv_bias_grad(grad: np.ndarray, stream=None, channels_last: bool = False) -
     """The bias gradient of a convolution: grad (canonical 5-D, channels at axis 1,
     or at axis 4 with ``channels_last``) summed over batch and space."""
     if channels_last:
-        return grad.reshape(-1, grad.shape[-1]).sum(axis=0, dtype=np.float64).astype(grad.dtype)
+        # The rows counted, not -1: with no channels, numpy cannot infer them.
+        rows = grad.reshape(grad.size // max(grad.shape[-1], 1), grad.shape[-1])
+        return rows.sum(axis=0, dtype=np.float64).astype(grad.dtype)
     return grad.sum(axis=(0, 2, 3, 4), dtype=np.float64).astype(grad.dtype)
 
 

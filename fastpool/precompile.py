@@ -179,9 +179,9 @@ CASES: tuple[Case, ...] = (
     # (a build of their own); the backward runs the builds above.
     Case("conv", "windows apart along H (2x2, stride 2), tiles of each width",
          "y = strided_conv2d(x, w[:, :, :2, :2], 2)", layouts=("first",), tile_widths=True),
-    # 3-channel patch embeddings (windows that tile the input) take a window row's
-    # values as the input gradient's columns: 2x2 to 20x20 windows fill 1 to 4 vectors
-    # (of float32; 4x4 windows fill float64's 2).
+    # Pixels of fewer channels than a vector's lanes (an image's 3: stems, patch
+    # embeddings) take a window row's values as the input gradient's columns: 2x2 to
+    # 20x20 windows fill 1 to 4 vectors (of float32; 4x4 windows fill float64's 2).
     Case("conv", "patch embeddings of 3 channels; backward",
          "y = strided_conv2d(x, np.ones((8, 3, 2, 2), x.dtype), 2)",
          "for k in (2, 4, 8, 16, 20): wk = np.ones((8, 3, k, k), x.dtype); "

@@ -356,9 +356,10 @@ def test_pooled_outputs_and_scratch_are_not_shared(channels_last):
 @pytest.mark.parametrize("kernel, stride", [(3, 2), (2, 3)], ids=["overlap", "gaps"])
 def test_backward_writes_every_input_gradient_of_a_reused_buffer(kernel, stride,
                                                                  channels_last):
-    """The input gradient's rows are stored whole (zeros where no window reads)
-    rather than added into a zeroed gradient: a pooled buffer full of NaN, handed
-    out again, comes back as the gradient, every element written."""
+    """Each input gradient row is written whole by the one task that owns it (zeros
+    where no window reads, then its sums; or, in window-row mode, zeroed and then
+    added into): a pooled buffer full of NaN, handed out again, comes back as the
+    gradient, every element written."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 8, 131, 131)).astype(np.float32)
     w = rng.standard_normal((16, 8, kernel, kernel)).astype(np.float32)
@@ -425,6 +426,13 @@ def test_empty_and_channel_free_inputs(channels_last):
     out = fastpool.strided_conv2d(put(np.ones((2, 0, 9, 10))), np.ones((4, 0, 3, 3)), 2, 1,
                                   np.arange(4.0), channels_last=channels_last)
     assert_array_equal(put(np.broadcast_to(np.arange(4.0)[:, None, None], (2, 4, 5, 5))), out)
+    # No output channels: the gradients are zeros (the bias's is empty).
+    x = put(np.ones((2, 3, 9, 7)))
+    gx, gw, gb = fastpool.strided_conv2d_backward(put(np.ones((2, 0, 5, 4))), x,
+                                                  np.ones((0, 3, 2, 2)), 2, 1,
+                                                  channels_last=channels_last)
+    assert gx.shape == x.shape and gw.shape == (0, 3, 2, 2) and gb.shape == (0,)
+    assert_array_equal(gx, 0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])

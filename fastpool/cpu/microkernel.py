@@ -204,9 +204,11 @@ def _not_unrolled(module):
     LLVM unrolled the tile's depth loop 4 times, each of the tile's three row
     counts: a third of a convolution kernel's machine code, 0.1-0.4 s of its
     compile, for no speed a run could measure (a step is 12 to 24 multiply-adds)."""
-    loop = module.add_metadata([])
-    loop.operands = (loop, module.add_metadata(
-        [ir.MetaDataString(module, "llvm.loop.unroll.disable")]))
+    disable = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+    # A node of its own, made as add_metadata makes one but not from its cache: the
+    # cache would hand every loop (and any later empty node) the one node named here.
+    loop = ir.values.MDValue(module, (), name=str(len(module.metadata)))
+    loop.operands = (loop, disable)
     return loop
 
 
