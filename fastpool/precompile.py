@@ -68,7 +68,8 @@ class Case(NamedTuple):
 
 # In the calls: every public function of fastpool, with channels_last bound to the
 # row's layout; ``x`` the input, ``ones`` numpy.ones_like, ``w`` a (3, C, 3, 3) weight,
-# ``b`` a bias and ``i0`` int64 zero indices of x's shape.  The forward call sets ``y``
+# ``b`` a bias, ``i0`` int64 zero indices of x's shape and ``widths`` the channels that fill
+# each width of a convolution tile.  The forward call sets ``y``
 # (and ``i``).
 _LAST = ("last",)
 CASES: tuple[Case, ...] = (
@@ -180,12 +181,16 @@ CASES: tuple[Case, ...] = (
     Case("conv", "windows apart along H (2x2, stride 2), tiles of each width",
          "y = strided_conv2d(x, w[:, :, :2, :2], 2)", layouts=("first",), tile_widths=True),
     # Pixels of fewer channels than a vector's lanes (an image's 3: stems, patch
-    # embeddings) take a window row's values as the input gradient's columns: 2x2 to
-    # 20x20 windows fill 1 to 4 vectors (of float32; 4x4 windows fill float64's 2).
-    Case("conv", "patch embeddings of 3 channels; backward",
+    # embeddings) take a window row's values as the gradients' columns (the input's)
+    # and rows (the weight's): 2x2 to 20x20 windows fill 1 to 4 vectors of the input
+    # gradient's tiles (of float32; 4x4 windows fill float64's 2), a 7x7 stem's filters
+    # (``widths``: as many as fill each tile width) the weight gradient's.
+    Case("conv", "stems and patch embeddings of 3 channels; backward",
          "y = strided_conv2d(x, np.ones((8, 3, 2, 2), x.dtype), 2)",
          "for k in (2, 4, 8, 16, 20): wk = np.ones((8, 3, k, k), x.dtype); "
-         "strided_conv2d_backward(ones(strided_conv2d(x, wk, k)), x, wk, k)",
+         "strided_conv2d_backward(ones(strided_conv2d(x, wk, k)), x, wk, k)\n"
+         "for f in widths: wf = np.ones((f, 3, 7, 7), x.dtype); "
+         "strided_conv2d_backward(ones(strided_conv2d(x, wf, 2, 3)), x, wf, 2, 3)",
          size=40, channels=3),
 )
 
@@ -385,13 +390,16 @@ def _both_builds():
         _dispatch.PLANS.clear()
 
 
+def _tile_channels(dtype) -> list:
+    """The channels that fill a convolution tile of each width, for ``dtype``."""
+    from fastpool.cpu.microkernel import TILE_VECTORS, tile_columns
+    return [tile_columns(dtype.itemsize, v) for v in range(1, TILE_VECTORS + 1)]
+
+
 def _run_task(task: _Task, namespaces: dict) -> None:
     import numpy as np
     dtype = np.dtype(task.dtype)
-    channel_counts = [task.case.channels]
-    if task.case.tile_widths:
-        from fastpool.cpu.microkernel import TILE_VECTORS, tile_columns
-        channel_counts = [tile_columns(dtype.itemsize, v) for v in range(1, TILE_VECTORS + 1)]
+    channel_counts = _tile_channels(dtype) if task.case.tile_widths else [task.case.channels]
     for channels in channel_counts:
         _run_case(task, namespaces, channels)
 
@@ -413,7 +421,7 @@ def _run_case(task: _Task, namespaces: dict, channels: int) -> None:
         namespaces[layout] = _namespace(layout)
     scope = {**namespaces[layout], "np": np, "x": x, "ones": np.ones_like,
              "w": np.ones((filters, channels, 3, 3), dtype), "b": np.ones(filters, dtype),
-             "i0": np.zeros(x.shape, np.int64)}
+             "i0": np.zeros(x.shape, np.int64), "widths": _tile_channels(dtype)}
     try:
         for _ in _both_builds():
             exec(case.forward, scope)

@@ -272,8 +272,8 @@ def test_the_gradient_rows_are_copied_unless_channels_last_whole_tiles(monkeypat
     launch = CPU_CONV.launch
 
     def recording(kernel, *args, **options):
-        if kernel.__name__ == "input_gradient":
-            copies.append(args[-1].size)
+        if kernel.__name__ == "input_gradient":  # (grad, packed, grad_in, windows,
+            copies.append(args[5].size)         # layout, grad_rows, x, x_rows)
         return launch(kernel, *args, **options)
 
     monkeypatch.setattr(CPU_CONV, "launch", recording)
@@ -286,6 +286,33 @@ def test_the_gradient_rows_are_copied_unless_channels_last_whole_tiles(monkeypat
     fastpool.strided_conv1d_backward(np.ones((2, c_out, 12)), np.ones((2, 3, 24)), w, 2,
                                      padding=1)
     assert copies[0] == 0 and copies[1] > 0 and copies[2] > 0
+
+
+def test_the_input_rows_are_copied_for_window_rows_unless_read_in_place(monkeypatch):
+    """The weight gradient's window rows (pixels of few channels) read the input's rows
+    channels-last, padded along W: the input itself where it is channels-last and its
+    windows lie inside its rows, else a copy from the input gradient's launch; inputs
+    of more channels need none."""
+    from fastpool.cpu.microkernel import tile_columns
+
+    copies = []
+    launch = CPU_CONV.launch
+
+    def recording(kernel, *args, **options):
+        if kernel.__name__ == "input_gradient":
+            copies.append(args[7].size)  # x_rows
+        return launch(kernel, *args, **options)
+
+    monkeypatch.setattr(CPU_CONV, "launch", recording)
+    lanes = tile_columns(4, 1)
+    for channels, padding, channels_last in [(3, 0, True), (3, 1, True), (3, 0, False),
+                                             (lanes, 0, False)]:
+        x = np.ones((2, 24, channels) if channels_last else (2, channels, 24), np.float32)
+        w = np.ones((5, channels, 4), np.float32)
+        y = fastpool.strided_conv1d(x, w, 2, padding, channels_last=channels_last)
+        fastpool.strided_conv1d_backward(np.ones_like(y), x, w, 2, padding,
+                                         channels_last=channels_last)
+    assert copies[0] == 0 and copies[1] > 0 and copies[2] > 0 and copies[3] == 0
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])

@@ -263,8 +263,10 @@ def _layout(shape, channels_last):
 
 
 @per_constants
-def weight_gradient(vectors):
-    """:func:`weight_gradient` for tiles ``vectors`` vectors wide (``C_out``'s)."""
+def weight_gradient(vectors, window_rows):
+    """:func:`weight_gradient` for tiles ``vectors`` vectors wide (``C_out``'s), its
+    tiles' rows a pixel's ``C_in`` or (``window_rows``) a window row's ``KW*C_in``
+    values."""
 
     @parallel_kernel
     def weight_gradient(part, parts, x, grad_rows, grad_weight, windows, band, channels_last):
@@ -283,12 +285,23 @@ def weight_gradient(vectors):
         input as its blocks, the outputs of a row whose window pixel is inside it as
         its depth (padding adds nothing).  Each tile's sum runs over images, ``od``,
         ``oh``, ``ow`` in order, whatever the shares.
+
+        With ``window_rows``, ``x`` is the input's rows channels-last with the padding
+        along W as zeros (``(N, D, H, W', C_in)``, pixel ``pad`` the row's first), and
+        a tile's rows are ``TILE_ROWS`` of a window row's ``KW*C_in`` values, adjacent
+        there: an image's 3 channels fill whole tiles (7 per window row of a 7x7
+        stem), not a pair and a row of them per ``kw``.  (The walk is the same, with
+        the window row as one ``kw`` of ``KW*C_in`` channels, a pixel ``C_in``
+        apart, and no padding.)
         """
         out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
         out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
         k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
         (c_in, depth, height, width), (image, channel, plane, row, pixel) = _layout(
             x.shape, channels_last)
+        pad_w = pad[2]
+        if window_rows:
+            c_in, k_w, pad_w = k_w * c_in, 1, 0
         columns = grad_rows.shape[4]
         tile_width = vectors * VECTOR_BYTES // grad_weight.itemsize
         row_tiles, column_tiles = -(-c_in // TILE_ROWS), columns // tile_width
@@ -307,12 +320,12 @@ def weight_gradient(vectors):
                         d = od * stride[0] - pad[0] + kd
                         oh_lo, oh_hi = _span(kh, stride[1], pad[1], 0, height, out_h)
                         oh_lo, oh_hi = max(oh_lo, band_first), min(oh_hi, band_stop)
-                        ow_lo, ow_hi = _span(kw, stride[2], pad[2], 0, width, out_w)
+                        ow_lo, ow_hi = _span(kw, stride[2], pad_w, 0, width, out_w)
                         if d < 0 or d >= depth or oh_lo >= oh_hi:
                             continue
                         h = oh_lo * stride[1] - pad[1] + kh
                         pixels = (i * image + d * plane + h * row
-                                  + (ow_lo * stride[2] - pad[2] + kw) * pixel + c * channel)
+                                  + (ow_lo * stride[2] - pad_w + kw) * pixel + c * channel)
                         gradient = ((((i * out_d + od) * out_h + oh_lo) * out_w + ow_lo) * columns
                                     + j)
                         target = (((kd * k_h + kh) * k_w + kw) * c_in + c) * columns + j
@@ -363,6 +376,32 @@ def _store_window_rows(grad_in, sums, n, d, h, stride, pad, k_w, channels_last):
                         line[x] += sums[w, kw * c_in + c]
 
 
+@njit(inline="always")
+def _copy_padded_row(x, target, n, d, h, pad, channels_last):
+    """``target`` (``(W', C)``): row ``(n, d, h)`` of ``x`` channels-last, from pixel
+    ``pad`` on, zeros around it."""
+    if channels_last:  # one run of values (as flat loops: they vectorise)
+        line = x[n, d, h]
+        width, c_in = line.shape[0], line.shape[1]
+        values, run = line.reshape(-1), target.reshape(-1)
+        for q in range(pad * c_in):
+            run[q] = 0
+        for q in range(width * c_in):
+            run[pad * c_in + q] = values[q]
+    else:
+        c_in, width = x.shape[1], x.shape[4]
+        for p in range(pad):
+            for c in range(c_in):
+                target[p, c] = 0
+        for c in range(c_in):
+            line = x[n, c, d, h]
+            for p in range(width):
+                target[pad + p, c] = line[p]
+    for p in range(pad + width, target.shape[0]):
+        for c in range(c_in):
+            target[p, c] = 0
+
+
 @per_constants
 def input_gradient(vectors, window_rows):
     """:func:`input_gradient` for tiles ``vectors`` vectors wide, its columns a window
@@ -370,7 +409,8 @@ def input_gradient(vectors, window_rows):
     a pixel's ``C_in``."""
 
     @parallel_kernel
-    def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, grad_rows):
+    def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, grad_rows,
+                       x, x_rows):
         """Input rows ``(n, d, h)`` of the gradient ``grad_in`` (``(N, C_in, D, H, W)``,
         or channels-last ``(N, D, H, W, C_in)``), from ``grad`` (the output's gradient,
         in the same layout) and ``packed`` (the weight as ``(KD, KH, KW, C_out,
@@ -391,7 +431,10 @@ def input_gradient(vectors, window_rows):
         Each task also copies a share of the gradient's rows into ``grad_rows``
         (channels-last, ``C_out`` padded with zeros to its last axis), as
         :func:`weight_gradient` reads them, unless ``grad_rows`` is empty (``grad`` is
-        read in place): a copy without a launch of its own.
+        read in place): a copy without a launch of its own.  With ``window_rows`` it
+        copies its row of ``x`` (the input, in ``grad_in``'s layout) into ``x_rows``
+        as well, channels-last with the padding along W as zeros, for the weight
+        gradient's window rows, unless ``x_rows`` is empty.
         """
         out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
         out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
@@ -436,16 +479,18 @@ def input_gradient(vectors, window_rows):
             if window_rows:  # zeros, then each window's pixels from its output's row
                 _store_window_rows(grad_in, sums, n, d, h, stride[2], pad[2], k_w,
                                    channels_last)
+                if x_rows.size:
+                    _copy_padded_row(x, x_rows[n, d, h], n, d, h, pad[2], channels_last)
             elif channels_last:
                 target = grad_in[n, d, h]
-                for x in range(width):
+                for p in range(width):
                     for c in range(c_in):
-                        target[x, c] = sums[pad[2] + x, c]
+                        target[p, c] = sums[pad[2] + p, c]
             else:
                 for c in range(c_in):
                     line = grad_in[n, c, d, h]
-                    for x in range(width):
-                        line[x] = sums[pad[2] + x, c]
+                    for p in range(width):
+                        line[p] = sums[pad[2] + p, c]
         rows_wanted = grad.shape[0] * out_d * out_h if grad_rows.size else 0
         for task in range(*share(rows_wanted, part, parts)):
             oh, od, n = task % out_h, task // out_h % out_d, task // (out_h * out_d)
@@ -525,6 +570,13 @@ class _Geometry:
         """``C_out`` padded to whole tiles: the columns of the packed weight, of the
         weight gradient and of the channels-last output gradient the kernels read."""
         return _tiled(self.c_out, tile_columns(self.dtype.itemsize, self.out_vectors))
+
+    @property
+    def padded_width(self) -> int:
+        """Pixels of an input row padded along W as every window reads it: the
+        padding at the start, and at the end as far as the last window reaches."""
+        return max(self.pad[2] + self.spatial[2],
+                   (self.out_size[2] - 1) * self.stride[2] + self.kernel[2])
 
     @property
     def band(self) -> int:
@@ -683,10 +735,18 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
     else:
         grad_rows = copied = memory.empty((g.batch, *g.out_size, columns), dtype)
     layout = Constant(channels_last)
+    # The weight gradient's window rows read the input's rows channels-last, padded
+    # along W: x itself where it is channels-last and every window lies inside its
+    # rows (patch embeddings), else a copy the input gradient's tasks make.
+    no_copy = np.empty((0, 0, 0, 0, 0), dtype)
+    x_rows, x_copied = x, no_copy
+    if g.window_rows and not (channels_last and g.padded_width == g.spatial[2]):
+        x_rows = x_copied = memory.empty((g.batch, *g.spatial[:2], g.padded_width, g.c_in),
+                                         dtype)
     launch(input_gradient((g.in_vectors, g.window_rows)), grad, packed, grad_in, g.windows,
-           layout, copied, work=g.products)
-    launch(weight_gradient((g.out_vectors,)), x, grad_rows, grad_weight, g.windows, g.band,
-           layout, work=g.products)
+           layout, copied, x, x_copied, work=g.products)
+    launch(weight_gradient((g.out_vectors, g.window_rows)), x_rows, grad_rows, grad_weight,
+           g.windows, g.band, Constant(True) if g.window_rows else layout, work=g.products)
     # [kd, kh, kw, c, o] -> [o, c, kd, kh, kw]
     return grad_in, np.ascontiguousarray(grad_weight[..., :g.c_out].transpose(4, 3, 0, 1, 2))
 
