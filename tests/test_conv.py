@@ -315,6 +315,41 @@ def test_the_input_rows_are_copied_for_window_rows_unless_read_in_place(monkeypa
     assert copies[0] == 0 and copies[1] > 0 and copies[2] > 0 and copies[3] == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(2, 16, 1, 3, 16), (1, 37, 2, 3, 29), (1, 15, 1, 2, 40),
+                                   (1, 40, 1, 2, 15), (3, 64, 1, 1, 64), (1, 1, 1, 1, 1)])
+def test_channels_last_copy_in_blocks_and_one_by_one(shape, dtype):
+    """The channels-first input's copy: blocks of a vector's lanes squared, the last of
+    each axis flush with its end, and rows of fewer channels or pixels one by one."""
+    from fastpool.cpu.runtime import launch
+
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    target = np.full((shape[0], *shape[2:], shape[1]), np.nan, dtype)
+    launch(CPU_CONV.channels_last_copy, x, target, work=target.size)
+    assert_array_equal(target, np.moveaxis(x, 1, -1))
+
+
+def test_transpose_block_against_numpy():
+    """The register transpose of one block, at element offsets and strides."""
+    from numba import njit
+
+    from fastpool.cpu.microkernel import block_lanes, transpose_block
+
+    @njit
+    def transpose(source, s_at, s_row, target, t_at, t_row):
+        transpose_block(source, s_at, s_row, target, t_at, t_row)
+
+    for dtype in (np.float32, np.float64):
+        lanes = block_lanes(np.dtype(dtype).itemsize)
+        source = np.arange(50 * 50, dtype=dtype)
+        target = np.zeros(50 * 50, dtype)
+        transpose(source, 3, 41, target, 7, 37)
+        rows = source[3:3 + 41 * lanes].reshape(lanes, 41)[:, :lanes]
+        written = target[7:7 + 37 * lanes].reshape(lanes, 37)
+        assert_array_equal(written[:, :lanes], rows.T)
+        assert np.count_nonzero(written[:, lanes:]) == 0 and not target[:7].any()
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 def test_read_only_arrays_match_writable_ones(channels_last):
     """Arrays the caller cannot write (a torch tensor's, a memory map's) are read in

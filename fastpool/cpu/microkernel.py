@@ -299,3 +299,70 @@ def _emit_tile(context, builder, dtype, rows, width, operands):
     for value_row, at_row in zip(updated, c_vectors):
         for value, at in zip(value_row, at_row):
             builder.store(value, at, align=itemsize)
+
+
+def block_lanes(itemsize: int) -> int:
+    """The side of :func:`transpose_block`'s square: a vector's lanes (16 float32 with
+    AVX-512, 8 with AVX)."""
+    return VECTOR_BYTES // itemsize
+
+
+@intrinsic
+def transpose_block(typingctx, source, s_at, s_row, target, t_at, t_row):
+    """Copy a square block, ``L`` by ``L`` (:func:`block_lanes`), transposed:
+    ``target[t_at + j*t_row + i] = source[s_at + i*s_row + j]`` for ``i, j < L``.
+
+    A channels-first to channels-last copy stores each value ``C`` apart, a lane at a
+    time; this loads ``L`` rows as vectors, transposes them in registers and stores
+    ``L`` vectors: ``log2(L)`` rounds of two-vector shuffles, each swapping the
+    off-diagonal ``b`` by ``b`` blocks of every ``2b`` by ``2b`` block (``b`` = 1, 2,
+    4, ...), after which the value of row ``i``, column ``j`` is at row ``j``, column
+    ``i``.  Both arrays share one float dtype; the offsets and strides are elements
+    (the caller keeps the block inside both arrays)."""
+    if not (isinstance(source, types.Array) and isinstance(target, types.Array)
+            and source.dtype == target.dtype
+            and source.dtype in (types.float32, types.float64)
+            and all(isinstance(kind, types.Integer) for kind in (s_at, s_row, t_at, t_row))):
+        return None
+    sig = signature(types.void, source, s_at, s_row, target, t_at, t_row)
+
+    def codegen(context, builder, sig, args):
+        dtype = sig.args[0].dtype
+        itemsize = dtype.bitwidth // 8
+        lanes = block_lanes(itemsize)
+        vector = ir.VectorType(context.get_value_type(dtype), lanes)
+        s_at, s_row, t_at, t_row = (context.cast(builder, args[i], sig.args[i], types.intp)
+                                    for i in (1, 2, 4, 5))
+
+        def start(i, at):
+            array = context.make_array(sig.args[i])(context, builder, args[i])
+            return builder.gep(array.data, [at])
+
+        def vector_at(pointer, row, step):
+            at = builder.gep(pointer, [builder.mul(step, s_row.type(row))])
+            return builder.bitcast(at, vector.as_pointer())
+
+        source_start, target_start = start(0, s_at), start(3, t_at)
+        rows = [builder.load(vector_at(source_start, i, s_row), align=itemsize)
+                for i in range(lanes)]
+        block = 1
+        while block < lanes:
+            swapped = list(rows)
+            for i in range(lanes):
+                if i & block:
+                    continue
+                upper, lower = rows[i], rows[i + block]
+                # Row i keeps its columns whose bit `block` is clear and takes row
+                # i + block's ones below them; row i + block the reverse.
+                keep = [p if not p & block else lanes + p - block for p in range(lanes)]
+                take = [lanes + p if p & block else p + block for p in range(lanes)]
+                swapped[i] = builder.shuffle_vector(upper, lower, ir.Constant(
+                    ir.VectorType(ir.IntType(32), lanes), keep))
+                swapped[i + block] = builder.shuffle_vector(upper, lower, ir.Constant(
+                    ir.VectorType(ir.IntType(32), lanes), take))
+            rows, block = swapped, block * 2
+        for j, value in enumerate(rows):
+            builder.store(value, vector_at(target_start, j, t_row), align=itemsize)
+        return context.get_dummy_value()
+
+    return sig, codegen
