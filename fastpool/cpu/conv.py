@@ -123,10 +123,12 @@ def _transpose_row(source, s_at, s_channel, target, t_at, t_pixel, channels, wid
                 w0 = min(w_block * lanes, width - lanes)
                 transpose_block(source, s_at + c0 * s_channel + w0, s_channel,
                                 target, t_at + w0 * t_pixel + c0, t_pixel)
-    else:
+    else:  # through views, whose indices (loop counters) need no wraparound checks
+        pixels = target[t_at:t_at + width * t_pixel].reshape((width, t_pixel))
         for c in range(channels):
+            line = source[s_at + c * s_channel:s_at + c * s_channel + width]
             for w in range(width):
-                target[t_at + w * t_pixel + c] = source[s_at + c * s_channel + w]
+                pixels[w, c] = line[w]
 
 
 @njit(inline="always")
