@@ -14,26 +14,31 @@ input gradient   every ``stride``-th pixel    ``C_in``     ``C_out``
 weight gradient  ``c_in`` of one ``(kh, kw)``  ``C_out``    ``ow`` (``oh``)
 ===============  ===========================  ===========  ==========================
 
-(Where a pixel has fewer channels than a vector's lanes, an image's 3, the input
-gradient's columns are each output's window row instead, ``KW*C_in`` values, its
-tile rows outputs, the window rows added up into the input row.)
+(Where a pixel has fewer channels than a vector's lanes, an image's 3, a window
+row's ``KW*C_in`` values take a pixel's ``C_in`` place instead: as the input
+gradient's columns, its tile rows outputs, the window rows added up into the
+input row; and as the weight gradient's tile rows, read from the input's rows
+channels-last with the padding along W as zeros: the input itself where it is
+channels-last and every window lies inside its rows, else a copy the input
+gradient's tasks make.)
 
 A tile is as wide as its product's columns want (:func:`tile_vectors`: 1 to 4
-vectors; a kernel build per width), and its columns are read as whole vectors:
-the packed weights, their channels padded to whole tiles (zeros, dropped from
-the sums), and, for the weight gradient, the output gradient's rows
-channels-last, ``C_out`` padded likewise.  That is the gradient itself where it
-is channels-last with whole tiles of channels, else a copy of the whole
-gradient (at most the input's size, as a rule: ``C_out`` times the output's
-pixels) that the input gradient's tasks make, a share of its rows each, in
-their launch.  The rows and depth are read in place, in either layout; but the
-output's depth runs over a window row's ``KW*C_in`` values, one contiguous run
-in a channels-last input only, so a channels-first input is copied
-channels-last: where windows do not overlap along D and H, each input row is in
-at most one task's windows, and each task copies its own window rows; else the
-input is copied first, a chunk of whole images (at most :data:`CHUNK_BYTES`) at
-a time, so that a chunk is still in cache when the products read it and the
-scratch stays bounded.  (Run in place, a call per ``kw``, ``C_in`` deep, the
+vectors; a kernel build per width), and its columns are read as whole vectors: the
+packed weights, their channels padded to whole tiles (zeros, dropped from the sums),
+and, for the weight gradient, the output gradient's rows channels-last, ``C_out``
+padded likewise.  That is the gradient itself where it is channels-last with whole
+tiles of channels, else a copy of the whole gradient (at most the input's size, as a
+rule: ``C_out`` times the output's pixels) that the input gradient's tasks make, a
+share of its rows each, in their launch.  The products read their rows and depth in
+place, in either layout (the weight gradient's window rows aside), but the output's
+depth runs over a window row's ``KW*C_in`` values, one contiguous run in a channels-last input only,
+so a channels-first input is copied channels-last: where windows do not overlap
+along D and H, each input row is in at most one task's windows, and each task copies
+its own window rows; else the input is copied first, a chunk of whole images (at
+most :data:`CHUNK_BYTES`) at a time, so that a chunk is still in cache when the
+products read it and the scratch stays bounded.  Each copy moves blocks of a
+vector's lanes of channels by as many pixels, transposed in registers
+(:func:`transpose_block`).  (Run in place, a call per ``kw``, ``C_in`` deep, the
 forward of a 3-channel 7x7 stem took 1.65 ms where it takes 1.25, and per tile
 through a copy of its pixels 2.0.)
 
@@ -317,8 +322,9 @@ def weight_gradient(vectors, window_rows):
         With ``window_rows``, ``x`` is the input's rows channels-last with the padding
         along W as zeros (``(N, D, H, W', C_in)``, pixel ``pad`` the row's first), and
         a tile's rows are ``TILE_ROWS`` of a window row's ``KW*C_in`` values, adjacent
-        there: an image's 3 channels fill whole tiles (7 per window row of a 7x7
-        stem), not a pair and a row of them per ``kw``.  (The walk is the same, with
+        there: a 7x7 stem's window row of 3 channels, 21 values, is three whole
+        tiles and a tail of 3 rows, where each ``kw``'s 3 channels ran as a pair of
+        rows and a row.  (The walk is the same, with
         the window row as one ``kw`` of ``KW*C_in`` channels, a pixel ``C_in``
         apart, and no padding.)
         """
@@ -573,12 +579,13 @@ class _Geometry:
         self.pad = tuple(map(int, pad))
         # The kernels' copy: a (4, 3) table, rows out_size, kernel, stride, pad.
         self.windows = np.array([self.out_size, self.kernel, self.stride, self.pad], np.int64)
-        # The input gradient's columns: a window row's values where a pixel has fewer
-        # channels than a vector's lanes (an image's 3: patch embeddings, 16-wide
-        # windows of 3 channels in 48 columns, ran 1.8x faster than 3 of a 16-wide
-        # tile; a 7x7 stride-2 stem's 21 in 32 columns, once, against 3 in 16 per kw,
-        # 3.5x), else a pixel's channels (16 or 32 channels of 2x2 windows ran 1.2-1.7x
-        # slower as window rows, channels-first).
+        # The input gradient's columns, and the weight gradient's tile rows: a
+        # window row's values where a pixel has fewer channels than a vector's lanes
+        # (an image's 3: patch embeddings, 16-wide windows of 3 channels in 48
+        # columns, ran 1.8x faster than 3 of a 16-wide tile; a 7x7 stride-2 stem's
+        # 21 in 32 columns, once, against 3 in 16 per kw, 3.5x), else a pixel's
+        # channels (16 or 32 channels of 2x2 windows ran 1.2-1.7x slower as window
+        # rows, channels-first).
         self.window_rows = self.c_in < tile_columns(self.dtype.itemsize, 1)
         self.in_columns = self.c_in * (self.kernel[2] if self.window_rows else 1)
         # Windows that do not overlap along D and H: each input row is in at most one
@@ -610,8 +617,8 @@ class _Geometry:
     def band(self) -> int:
         """Output rows per band of :func:`weight_gradient`: their input rows and
         gradient rows fill about :data:`BAND_BYTES`."""
-        row_bytes = (self.stride[1] * self.spatial[2] * self.c_in
-                     + self.out_size[2] * self.out_columns)
+        width = self.padded_width if self.window_rows else self.spatial[2]
+        row_bytes = self.stride[1] * width * self.c_in + self.out_size[2] * self.out_columns
         return max(1, BAND_BYTES // max(row_bytes * self.dtype.itemsize, 1))
 
     @property
