@@ -132,6 +132,14 @@ CASES: tuple[Case, ...] = (
          "y = lp_pool2d(x, 2, 2); y = lp_pool2d(x, 3, 2)",
          "lp_pool2d_backward(ones(y), x, 2, 2); lp_pool2d_backward(ones(y), x, 3, 2)", size=33,
          layouts=("first",)),
+    # Sweeps and register windows are built per window and stride: the common 3x3
+    # ones, and channels-last windows without a register build of their own (4x4).
+    Case("lp", "3x3 windows, stride 2 and 1; generic channels-last windows; backward",
+         "y = lp_pool2d(x, 2, 3, 2); y = lp_pool2d(x, 3, 3, 2); y = lp_pool2d(x, 2, 3, 1); "
+         "y = lp_pool2d(x, 2, 4, 4)",
+         "lp_pool2d_backward(ones(y), x, 2, 4, 4); "
+         "lp_pool2d_backward(ones(lp_pool2d(x, 2, 3, 2)), x, 2, 3, 2); "
+         "lp_pool2d_backward(ones(lp_pool2d(x, 3, 3, 2)), x, 3, 3, 2)", size=20),
     Case("lp", "separable", "y = lp_pool2d(x, 2, 5, 1); y = lp_pool2d(x, 3, 5, 1)", size=16),
     Case("lp", "whole-plane windows", "y = lp_pool2d(x, 2, 8); y = lp_pool2d(x, 3, 8)",
          layouts=("first",)),
