@@ -31,16 +31,16 @@ tiles of channels, else a copy of the whole gradient (at most the input's size, 
 rule: ``C_out`` times the output's pixels) that the input gradient's tasks make, a
 share of its rows each, in their launch.  The products read their rows and depth in
 place, in either layout (the weight gradient's window rows aside), but the output's
-depth runs over a window row's ``KW*C_in`` values, one contiguous run in a channels-last input only,
-so a channels-first input is copied channels-last: where windows do not overlap
-along D and H, each input row is in at most one task's windows, and each task copies
-its own window rows; else the input is copied first, a chunk of whole images (at
-most :data:`CHUNK_BYTES`) at a time, so that a chunk is still in cache when the
-products read it and the scratch stays bounded.  Each copy moves blocks of a
-vector's lanes of channels by as many pixels, transposed in registers
-(:func:`transpose_block`).  (Run in place, a call per ``kw``, ``C_in`` deep, the
-forward of a 3-channel 7x7 stem took 1.65 ms where it takes 1.25, and per tile
-through a copy of its pixels 2.0.)
+depth runs over a window row's ``KW*C_in`` values, one contiguous run in a
+channels-last input only, so a channels-first input is copied channels-last: where
+windows do not overlap along D and H, each input row is in at most one task's
+windows, and each task copies its own window rows; else the input is copied first, a
+chunk of whole images (at most :data:`CHUNK_BYTES`) at a time, so that a chunk is
+still in cache when the products read it and the scratch stays bounded.  Each copy
+moves blocks of a vector's lanes of channels by as many pixels, transposed in
+registers (:func:`transpose_block`).  (Run in place, a call per ``kw``, ``C_in``
+deep, the forward of a 3-channel 7x7 stem took 1.65 ms where it takes 1.25, and per
+tile through a copy of its pixels 2.0.)
 
 Each task owns its tiles' outputs (an output row; an input row, whose gradient
 it gathers from every output row its windows cover, and a share of the gradient
