@@ -423,14 +423,13 @@ def _copy_padded_row(x, target, n, d, h, pad, channels_last):
         for q in range(width * c_in):
             run[pad * c_in + q] = values[q]
     else:
-        c_in, width = x.shape[1], x.shape[4]
+        c_in, depth, height, width = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
         for p in range(pad):
             for c in range(c_in):
                 target[p, c] = 0
-        for c in range(c_in):
-            line = x[n, c, d, h]
-            for p in range(width):
-                target[pad + p, c] = line[p]
+        _transpose_row(x.reshape(-1), ((n * c_in * depth + d) * height + h) * width,
+                       depth * height * width, target.reshape(-1), pad * c_in, c_in, c_in,
+                       width)
     for p in range(pad + width, target.shape[0]):
         for c in range(c_in):
             target[p, c] = 0
