@@ -550,11 +550,31 @@ def _scratch_size(part, parts, length):
     return int(values.sum())
 
 
+@tasks.parallel_kernel(counts=True)
+def _scratch_in_c_order(part, parts, shape):
+    """How many values of a scratch of ``shape``, written by index, lie where C order
+    puts them."""
+    values = tasks.scratch(shape, np.int64)
+    a, b, c = values.shape
+    for i in range(a):
+        for j in range(b):
+            for k in range(c):
+                values[i, j, k] = (i * b + j) * c + k
+    flat, found = values.reshape(-1), 0
+    for at in range(flat.size):
+        found += flat[at] == at
+    return found
+
+
 def test_scratch_allocates_as_np_empty_and_refuses_negative_sizes():
     assert _scratch_size.serial(3) == 3
     assert _scratch_size.serial(0) == 0
     with pytest.raises(RuntimeError, match="_scratch_size raised"):
         _scratch_size.serial(-1)
+    with pytest.raises(RuntimeError, match="_scratch_size raised"):  # bytes overflow
+        _scratch_size.serial(2**61)
+    assert _scratch_in_c_order.serial((3, 4, 5)) == 60
+    assert _scratch_in_c_order.serial((2, 0, 7)) == 0
 
 
 @tasks.parallel_kernel(counts=True)

@@ -409,7 +409,9 @@ def _windows_of_row(fold):
                            h1, start, stop, step, power, first, factor, divisor):
             step_d, step_h, step_w = step[0], step[1], step[2]
             if blocked:  # a constant: other builds allocate nothing
-                run = np.zeros(acc.size, np.float32)
+                run = scratch(acc.size, np.float32)
+                for i in range(acc.size):
+                    run[i] = 0.0
             rows_h = _count(h0, h1, step_h)
             rows = _count(d0, d1, step_d) * rows_h
             r0 = r1 = r2 = r3 = x_image[d0, h0]
@@ -1212,7 +1214,10 @@ def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_
         first = task * block
         lanes = min(block, planes - first)
         # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
-        terms = np.zeros((out_d, out_h, out_w, block), coefficients.dtype)
+        terms = scratch((out_d, out_h, out_w, block), coefficients.dtype)
+        term_values = terms.reshape(-1)
+        for i in range(term_values.size):
+            term_values[i] = 0
         spread = scratch((cover_d, out_h, width, block), type(zero))
         sums = scratch((depth * height, run), type(zero))
         term_rows = terms.reshape((outputs, block))
@@ -1976,10 +1981,12 @@ def plane_max(part, parts, x, out, indices, lowest):
     full = size - size % MAX_LANES
     for plane in range(*share(planes, part, parts)):
         values = x[plane]
-        best = np.full(MAX_LANES, lowest, x.dtype)
+        best = scratch(MAX_LANES, x.dtype)
         # -1: the lane has seen nothing above lowest yet (a plane of lowest
         # values answers index 0, as the sequential fold does).
-        best_at = np.full(MAX_LANES, -1, np.int64)
+        best_at = scratch(MAX_LANES, np.int64)
+        for j in range(MAX_LANES):
+            best[j], best_at[j] = lowest, -1
         for i in range(0, full, MAX_LANES):
             block = values[i:i + MAX_LANES]
             # Selects, not branches: conditional stores would not vectorise.

@@ -56,7 +56,7 @@ from numba.core.typing.typeof import typeof_impl
 from numba.core.untyped_passes import InlineInlinables
 from numba.extending import intrinsic
 from numba.misc.llvm_pass_timings import PassTimingsCollection
-from numba.np.arrayobj import _empty_nd_impl
+from numba.np.arrayobj import get_itemsize, populate_array
 
 from fastpool._config import CPU_JIT_OPTIONS
 
@@ -276,8 +276,8 @@ def scratch(typingctx, shape, dtype):
 
     numba's ``np.empty`` compiles an implementation of its own for every shape and
     dtype a kernel asks for (a twentieth of a second each, several in a kernel's
-    cold first call); this allocates as that implementation does (numba's
-    ``_empty_nd_impl``), in the kernel's own code.  ``shape``: an int or a tuple of
+    cold first call); this allocates as that implementation does, in the kernel's
+    own code (:func:`_allocate`).  ``shape``: an int or a tuple of
     ints (a negative one raises ValueError, as np.empty's); ``dtype``: a numeric NumPy
     scalar type (``np.int64``, ``type(zero)``) or an array's ``dtype``."""
     element = getattr(dtype, "instance_type", getattr(dtype, "dtype", None))
@@ -299,9 +299,43 @@ def scratch(typingctx, shape, dtype):
         with builder.if_then(negative, likely=False):  # as np.empty
             context.call_conv.return_user_exc(builder, ValueError,
                                               ("negative dimensions not allowed",))
-        return _empty_nd_impl(context, builder, array, values)._getvalue()
+        return _allocate(context, builder, array, values)._getvalue()
 
     return signature(array, shape, dtype), codegen
+
+
+def _allocate(context, builder, array_type, sizes):
+    """A new C-order array of ``array_type`` and ``sizes`` (intp values), as numba's
+    ``_empty_nd_impl`` makes it (the same checks and errors), but allocated through
+    numba's runtime directly: ``_empty_nd_impl`` calls the allocator through a
+    function it compiles (``_ol_array_allocate``, a thirtieth of a second of every
+    cold first call)."""
+    intp = context.get_value_type(types.intp)
+    itemsize = intp(get_itemsize(context, array_type))
+    count, overflow = intp(1), cgutils.false_bit
+    for size in sizes:
+        product = builder.smul_with_overflow(count, size)
+        count = builder.extract_value(product, 0)
+        overflow = builder.or_(overflow, builder.extract_value(product, 1))
+    strides = [itemsize]
+    for size in reversed(sizes[1:]):
+        strides.insert(0, builder.mul(strides[0], size))
+    product = builder.smul_with_overflow(count, itemsize)
+    overflow = builder.or_(overflow, builder.extract_value(product, 1))
+    with builder.if_then(overflow, likely=False):
+        context.call_conv.return_user_exc(
+            builder, ValueError, ("array is too big; `arr.size * arr.dtype.itemsize` is "
+                                  "larger than the maximum possible size.",))
+    meminfo = context.nrt.meminfo_alloc_aligned(  # raises MemoryError on NULL
+        builder, builder.extract_value(product, 0),
+        context.get_preferred_array_alignment(array_type.dtype))
+    data = context.nrt.meminfo_data(builder, meminfo)
+    array = context.make_array(array_type)(context, builder)
+    populate_array(array, data=builder.bitcast(data, array.data.type),
+                   shape=cgutils.pack_array(builder, sizes, ty=intp),
+                   strides=cgutils.pack_array(builder, strides, ty=intp),
+                   itemsize=itemsize, meminfo=meminfo)
+    return array
 
 
 # A parallel launch runs the kernel's serial build on each numba thread through the
