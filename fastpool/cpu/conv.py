@@ -82,7 +82,15 @@ from fastpool.cpu.microkernel import (
     transpose_block,
 )
 from fastpool.cpu.runtime import launch
-from fastpool.cpu.tasks import HELPER_JIT_OPTIONS, Constant, parallel_kernel, scratch, share
+from fastpool.cpu.tasks import (
+    HELPER_JIT_OPTIONS,
+    Constant,
+    int_max,
+    int_min,
+    parallel_kernel,
+    scratch,
+    share,
+)
 
 # The most bytes of the forward's channels-last copy of a channels-first input one
 # chunk of images may fill: a copy is still in cache when the products read it, and
@@ -123,9 +131,9 @@ def _transpose_row(source, s_at, s_channel, target, t_at, t_pixel, channels, wid
     lanes = VECTOR_BYTES // source.itemsize
     if channels >= lanes and width >= lanes:
         for c_block in range(-(-channels // lanes)):
-            c0 = min(c_block * lanes, channels - lanes)
+            c0 = int_min(c_block * lanes, channels - lanes)
             for w_block in range(-(-width // lanes)):
-                w0 = min(w_block * lanes, width - lanes)
+                w0 = int_min(w_block * lanes, width - lanes)
                 transpose_block(source, s_at + c0 * s_channel + w0, s_channel,
                                 target, t_at + w0 * t_pixel + c0, t_pixel)
     else:  # through views, whose indices (loop counters) need no wraparound checks
@@ -145,7 +153,7 @@ def _tile(t, count):
     such row, where near-equal tiles (5, 6, 5, 6, 6 rows for 28) had one per tile
     of an odd count."""
     first = t * TILE_ROWS
-    return first, min(TILE_ROWS, count - first)
+    return first, int_min(TILE_ROWS, count - first)
 
 
 @njit(inline="always")
@@ -154,8 +162,8 @@ def _span(offset, stride, pad, first, stop, count):
     ``o*stride - pad + offset`` lies in ``[first, stop)``."""
     lo = -((pad - offset + first) // -stride)  # ceil division
     hi = (stop - 1 + pad - offset) // stride + 1
-    lo = min(max(lo, 0), count)
-    return lo, max(min(hi, count), lo)
+    lo = int_min(int_max(lo, 0), count)
+    return lo, int_max(int_min(hi, count), lo)
 
 
 @njit(inline="always")
@@ -163,8 +171,8 @@ def _window_rows(output, stride, pad, kernel, size):
     """The kernel offsets ``[lo, hi)`` that put output ``output``'s window inside the
     input's ``[0, size)``."""
     first = output * stride - pad
-    lo = min(max(-first, 0), kernel)
-    return lo, max(min(size - first, kernel), lo)
+    lo = int_min(int_max(-first, 0), kernel)
+    return lo, int_max(int_min(size - first, kernel), lo)
 
 
 @per_constants
@@ -344,7 +352,7 @@ def weight_gradient(vectors, window_rows):
         for i in range(x.shape[0]):
             for od in range(out_d):
                 for band_first in range(0, out_h, band):
-                    band_stop = min(band_first + band, out_h)
+                    band_stop = int_min(band_first + band, out_h)
                     for task in range(first, stop):
                         j = task % column_tiles * tile_width
                         c, rows = _tile(task // column_tiles % row_tiles, c_in)
@@ -353,7 +361,7 @@ def weight_gradient(vectors, window_rows):
                         kd = task // (column_tiles * row_tiles * k_w * k_h)
                         d = od * stride[0] - pad[0] + kd
                         oh_lo, oh_hi = _span(kh, stride[1], pad[1], 0, height, out_h)
-                        oh_lo, oh_hi = max(oh_lo, band_first), min(oh_hi, band_stop)
+                        oh_lo, oh_hi = int_max(oh_lo, band_first), int_min(oh_hi, band_stop)
                         ow_lo, ow_hi = _span(kw, stride[2], pad_w, 0, width, out_w)
                         if d < 0 or d >= depth or oh_lo >= oh_hi:
                             continue
@@ -482,7 +490,7 @@ def input_gradient(vectors, window_rows):
         # The scratch row: an output's window row per row, or every pixel a window puts
         # a kernel offset on, padding included.
         sums = scratch((out_w if window_rows else
-                        max((out_w - 1) * stride[2] + k_w, pad[2] + width), columns),
+                        int_max((out_w - 1) * stride[2] + k_w, pad[2] + width), columns),
                        grad_in.dtype)
         # A tile's rows: outputs a row apart, or their pixels ``stride`` apart.
         tile_row = columns if window_rows else stride[2] * columns

@@ -30,7 +30,13 @@ from fastpool._config import CPU_JIT_OPTIONS
 from fastpool._params import WindowTable
 from fastpool._threads import get_num_threads
 from fastpool.cpu.runtime import launch, runs_serially
-from fastpool.cpu.tasks import HELPER_JIT_OPTIONS, parallel_kernel, scratch, share
+from fastpool.cpu.tasks import (
+    HELPER_JIT_OPTIONS,
+    int_min,
+    parallel_kernel,
+    scratch,
+    share,
+)
 
 _BLOCK = 64  # elements a backward sums in the input's precision before float64
 
@@ -281,7 +287,7 @@ def gem_sums_planes(part, parts, x, powers, eps, kind, sums, log_sums, with_log,
     per_chunk = (planes + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
         first = chunk * per_chunk
-        last = min(planes, first + per_chunk)
+        last = int_min(planes, first + per_chunk)
         _planes_sums(x[first:last], 0, x.shape[1], powers, first, eps, kind,
                      sums[first:last], log_sums[first:last] if with_log else log_sums[:0],
                      with_log)
@@ -393,7 +399,7 @@ def gem_grad_channels_first(part, parts, x, shares, powers, eps, kind, grad, chu
     per_chunk = (planes + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
         first = chunk * per_chunk
-        last = min(planes, first + per_chunk)
+        last = int_min(planes, first + per_chunk)
         _planes_grad(x[first:last], shares[first:last], powers, first, eps, kind,
                      grad[first:last])
 

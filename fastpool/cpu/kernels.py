@@ -26,6 +26,8 @@ from fastpool._scalar import torch_power
 from fastpool.cpu.tasks import (
     HELPER_JIT_OPTIONS,
     OVERLOAD_JIT_OPTIONS,
+    int_max,
+    int_min,
     parallel_kernel,
     scratch,
     share,
@@ -185,7 +187,7 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
         per_chunk = (rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
             best_at = scratch(out_w, np.int64)
-            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            for row in range(chunk * per_chunk, int_min(rows, (chunk + 1) * per_chunk)):
                 plane, od, oh = _row_coords(row, out_d, out_h)
                 d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
                 best = out[plane, od, oh]
@@ -209,7 +211,7 @@ def max_pool_channels_first(sweep_stride, sweep_kernel):
                             _max_interior(sweep_stride, sweep_kernel, x_row, best, lo, hi,
                                           stride, offset, kernel, step_w, None)
                         _max_along_row(x_row, best, best_at, base, start, stop, step_w,
-                                       max(lo, hi), out_w)
+                                       int_max(lo, hi), out_w)
                         h += step_h
                     d += step_d
                 if indices is not None:
@@ -240,7 +242,7 @@ def max_pool_channels_last(window_rows, window_columns):
         per_chunk = (rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
             acc = scratch(channels if indices is None else 0, x.dtype)
-            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            for row in range(chunk * per_chunk, int_min(rows, (chunk + 1) * per_chunk)):
                 n, od, oh = _row_coords(row, out_d, out_h)
                 d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
                 best = out[n, od, oh]
@@ -492,7 +494,7 @@ def _sum_row_blocks(acc, run, pending, x_row, w0, step_w, columns):
         if pending == COLUMN_BLOCK:
             _flush_run(acc, run)
             pending = 0
-        block = min(left, COLUMN_BLOCK - pending)
+        block = int_min(left, COLUMN_BLOCK - pending)
         pending += block
         left -= block
         while block >= 4:
@@ -819,7 +821,7 @@ def sum_pool_channels_first(sweep_stride, sweep_kernel):
         per_chunk = (rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
             totals = scratch(out_w, type(zero))
-            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            for row in range(chunk * per_chunk, int_min(rows, (chunk + 1) * per_chunk)):
                 plane, od, oh = _row_coords(row, out_d, out_h)
                 d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
                 total = totals
@@ -834,7 +836,7 @@ def sum_pool_channels_first(sweep_stride, sweep_kernel):
                                           stride, offset, kernel, step_w, power)
                         _sum_along_row(x_row, total, start, stop, step_w, power, zero, 0, lo)
                         _sum_along_row(x_row, total, start, stop, step_w, power, zero,
-                                       max(lo, hi), out_w)
+                                       int_max(lo, hi), out_w)
                         h += step_h
                     d += step_d
                 _finish_sums(out, grad, plane, od, oh, total, divisor, scale, power)
@@ -884,7 +886,7 @@ def sum_pool_channels_last(window_rows, window_columns):
             # The Lp backward's window sums go a row at a time too.
             row_totals = scratch((out_w if power is not None or grad is not None else 0,
                                    channels), type(zero))
-            for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+            for row in range(chunk * per_chunk, int_min(rows, (chunk + 1) * per_chunk)):
                 n, od, oh = _row_coords(row, out_d, out_h)
                 d0, d1, h0, h1 = start[0, od], stop[0, od], start[1, oh], stop[1, oh]
                 row_divisor = divisor[0, od] * divisor[1, oh]
@@ -997,7 +999,7 @@ def _scatter_band(target, indices, grad_out, lo, hi, first, last, size, count_ta
     # offset is known non-negative, so numba adds no wraparound select: 1.3x faster
     # than ``target2d[at, c]`` behind two signed comparisons (YOLOv5's SPPF 5x5
     # stride-1 backward, one thread).
-    band = np.uint64(max(hi - lo, 0))  # a band of none takes none
+    band = np.uint64(int_max(hi - lo, 0))  # a band of none takes none
     for q in range(first, last):
         at_row, grad_row = indices[q], grad_out[q]
         for c in range(channels):
@@ -1087,14 +1089,14 @@ def sum_backward_channels_first(part, parts, coefficient, x, grad_in, first_out,
     dilated = _dilated(step)
     cover_d = 0
     for d in range(depth):
-        cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
+        cover_d = int_max(cover_d, last_out[0, d] - first_out[0, d])
     slabs = planes * depth
     per_chunk = (slabs + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
         spread = scratch((cover_d, out_h, width), type(zero))
         total = scratch(width, type(zero))
         ready = (-1, -1, -1)  # (plane, od0, od1) whose rows spread holds
-        for slab in range(chunk * per_chunk, min(slabs, (chunk + 1) * per_chunk)):
+        for slab in range(chunk * per_chunk, int_min(slabs, (chunk + 1) * per_chunk)):
             plane = slab // depth
             d = slab - plane * depth
             od0, od1 = first_out[0, d], last_out[0, d]
@@ -1209,10 +1211,10 @@ def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_
     dilated = _dilated(step)
     cover_d = 0
     for d in range(depth):
-        cover_d = max(cover_d, last_out[0, d] - first_out[0, d])
+        cover_d = int_max(cover_d, last_out[0, d] - first_out[0, d])
     for task in range(*share((planes + block - 1) // block, part, parts)):
         first = task * block
-        lanes = min(block, planes - first)
+        lanes = int_min(block, planes - first)
         # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
         terms = scratch((out_d, out_h, out_w, block), coefficients.dtype)
         term_values = terms.reshape(-1)
@@ -1283,7 +1285,7 @@ def _block_in_lanes(values, out, task, block, spatial, out_spatial):
     values transposed into lanes ``(D*H*W, block)`` and the scratch for their
     outputs, ``(OD*OH*OW, block)``."""
     first = task * block
-    lanes = min(block, values.shape[0] - first)
+    lanes = int_min(block, values.shape[0] - first)
     lane_values = scratch((spatial[0] * spatial[1] * spatial[2], block), values.dtype)
     _planes_to_lanes(values, first, lanes, lane_values)
     lane_out = scratch((out_spatial[0] * out_spatial[1] * out_spatial[2], block), out.dtype)
@@ -1541,7 +1543,7 @@ def sum_pool_separable_channels_first(sweep_stride, sweep_kernel):
                         _sum_interior(sweep_stride, sweep_kernel, x_row, row, lo, hi, stride,
                                       offset, kernel, step[2], power)
                     _sum_along_row(x_row, row, start, stop, step[2], power, zero, 0, lo, True)
-                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, max(lo, hi),
+                    _sum_along_row(x_row, row, start, stop, step[2], power, zero, int_max(lo, hi),
                                    out_w, True)
             total = scratch(out_w, type(zero))
             for od in range(out_d):
@@ -1566,7 +1568,7 @@ def sum_pool_separable_channels_last(part, parts, x, out, start, stop, step, div
     for task in range(*share(batch * blocks, part, parts)):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
-        c1 = min(c0 + channel_block, channels)
+        c1 = int_min(c0 + channel_block, channels)
         rows = scratch((depth, height, out_w, c1 - c0), type(zero))
         for d in range(depth):
             for h in range(height):
@@ -1695,7 +1697,7 @@ def max_pool_w_pass_channels_last(window_rows, window_columns):
         per_chunk = (in_rows + chunks - 1) // chunks
         for chunk in range(*share(chunks, part, parts)):
             acc = scratch(channels, x.dtype)
-            for row in range(chunk * per_chunk, min(in_rows, (chunk + 1) * per_chunk)):
+            for row in range(chunk * per_chunk, int_min(in_rows, (chunk + 1) * per_chunk)):
                 n, d, h = _row_coords(row, depth, height)
                 _max_windows_of_row(window_rows, window_columns, maxima[n, d, h], x[n], acc,
                                     d, d + 1, h, h + 1, start, stop, step, None, lowest, 1.0,
@@ -1715,7 +1717,7 @@ def max_fold_rows_channels_last(part, parts, maxima, out, start, stop, step, low
     out_rows = batch * out_d * out_h
     per_chunk = (out_rows + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
-        for row in range(chunk * per_chunk, min(out_rows, (chunk + 1) * per_chunk)):
+        for row in range(chunk * per_chunk, int_min(out_rows, (chunk + 1) * per_chunk)):
             n, od, oh = _row_coords(row, out_d, out_h)
             _max_windows_of_rows(out[n, od, oh], maxima[n], start[0, od], stop[0, od],
                                  start[1, oh], stop[1, oh], step, lowest)
@@ -1760,7 +1762,7 @@ def _max_windows_of_rows(result, rows, d0, d1, h0, h1, step, lowest):
     k = 0
     while k < total:
         left = total - k
-        take = 3 if left == 5 else min(left, 4)
+        take = 3 if left == 5 else int_min(left, 4)
         r0 = r1 = r2 = r3 = _scan_row(rows, k, rows_h, d0, h0, step)
         if take > 1:
             r1 = _scan_row(rows, k + 1, rows_h, d0, h0, step)
@@ -1794,7 +1796,7 @@ def max_pool_separable_channels_last(part, parts, x, out, indices, start, stop, 
     for task in range(*share(batch * blocks, part, parts)):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
-        c1 = min(c0 + channel_block, channels)
+        c1 = int_min(c0 + channel_block, channels)
         rows = scratch((depth, height, out_w, c1 - c0), x.dtype)
         rows_at = scratch((depth, height, out_w, c1 - c0) if indices is not None
                            else (1, 1, 1, 1), np.int64)
@@ -1878,7 +1880,7 @@ def max_pool_rows_first_channels_first(part, parts, x, out, start, stop, step, l
     per_chunk = (rows + chunks - 1) // chunks
     for chunk in range(*share(chunks, part, parts)):
         columns = scratch(x.shape[3], x.dtype)
-        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+        for row in range(chunk * per_chunk, int_min(rows, (chunk + 1) * per_chunk)):
             plane, od, oh = _row_coords(row, out_d, out_h)
             columns[:] = lowest
             _fold_window_rows(_fold_max, columns, x[plane], start[0, od], stop[0, od],
@@ -1903,7 +1905,7 @@ def sum_pool_rows_first_channels_first(part, parts, x, out, start, stop, step, d
     for chunk in range(*share(chunks, part, parts)):
         columns = scratch(x.shape[3], type(zero))
         totals = scratch(out_w, type(zero))
-        for row in range(chunk * per_chunk, min(rows, (chunk + 1) * per_chunk)):
+        for row in range(chunk * per_chunk, int_min(rows, (chunk + 1) * per_chunk)):
             plane, od, oh = _row_coords(row, out_d, out_h)
             columns[:] = zero
             _fold_window_rows(_fold_sum, columns, x[plane], start[0, od], stop[0, od],
@@ -2000,7 +2002,7 @@ def plane_max(part, parts, x, out, indices, lowest):
             if (values[i] > best[j]) | (values[i] != values[i]):
                 best[j], best_at[j] = values[i], i
         value, at = _merge_lanes(best, best_at, lowest)
-        out[plane], indices[plane] = value, max(at, 0)
+        out[plane], indices[plane] = value, int_max(at, 0)
 
 
 # Plane maxima without positions compare integer order keys, not floats: LLVM
@@ -2282,7 +2284,7 @@ def fractional_max_pool(part, parts, x, out, indices, starts, kernel, channel_bl
     for task in range(*share(batch * blocks, part, parts)):
         n = task // blocks
         c0 = (task - n * blocks) * channel_block
-        c1 = min(c0 + channel_block, channels)
+        c1 = int_min(c0 + channel_block, channels)
         planes = scratch((c1 - c0, depth, height, width), x.dtype)
         pixels, flat = x[n].reshape((-1, channels)), planes.reshape((c1 - c0, -1))
         for at in range(depth * height * width):

@@ -270,6 +270,39 @@ def share(tasks, part, parts):
     return tasks * part // parts, tasks * (part + 1) // parts
 
 
+def _integer_extreme(typingctx, a, b, predicate):
+    """The signature and codegen of ``a`` where ``a <predicate> b`` else ``b``, for two
+    integers, in their unified type; None for other types."""
+    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+        return None
+    kind = typingctx.unify_types(a, b)
+    if not isinstance(kind, types.Integer):  # (int64 and uint64 unify to float64)
+        return None
+
+    def codegen(context, builder, sig, args):
+        a_value, b_value = (context.cast(builder, value, given, kind)
+                            for value, given in zip(args, sig.args))
+        compare = builder.icmp_signed if kind.signed else builder.icmp_unsigned
+        return builder.select(compare(predicate, a_value, b_value), a_value, b_value)
+
+    return signature(kind, a, b), codegen
+
+
+# ``min`` and ``max`` of two integers, for kernels: numba's are overloads, and each
+# process's first compile of one (of an int64 pair) compiles an implementation of
+# its own, a fiftieth of a second in every cold first call.
+@intrinsic
+def int_min(typingctx, a, b):
+    """The smaller of two integers (``min(a, b)``)."""
+    return _integer_extreme(typingctx, a, b, "<=")
+
+
+@intrinsic
+def int_max(typingctx, a, b):
+    """The larger of two integers (``max(a, b)``)."""
+    return _integer_extreme(typingctx, a, b, ">=")
+
+
 @intrinsic
 def scratch(typingctx, shape, dtype):
     """``np.empty(shape, dtype)`` (C order) for a kernel's scratch, allocated inline.
