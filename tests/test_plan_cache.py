@@ -578,6 +578,29 @@ def test_scratch_allocates_as_np_empty_and_refuses_negative_sizes():
 
 
 @tasks.parallel_kernel(counts=True)
+def _reshaped_views(part, parts, x, columns, out):
+    """``out``: ``x`` (2-D) viewed as ``(-1, columns)`` then flat, written through the
+    views; counts the elements the flat view sees where NumPy's reshape puts them."""
+    rows = tasks.reshaped(x, (-1, columns))
+    flat, found = tasks.reshaped(rows, -1), 0
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            found += flat[i * columns + j] == rows[i, j]
+            out[i, j] = rows[i, j] + 1
+    return found + 1000 * rows.shape[0]
+
+
+def test_reshaped_views_as_numpy_and_refuses_sizes_that_do_not_match():
+    x = np.arange(24.0).reshape(4, 6)
+    out = np.zeros((8, 3))
+    assert _reshaped_views.serial(x, 3, out) == 8000 + 24
+    assert_array_equal(out, x.reshape(-1, 3) + 1)
+    for columns in (5, 0, -1):  # 24 is no multiple of 5; no -1 twice, no size 0
+        with pytest.raises(RuntimeError, match="_reshaped_views raised"):
+            _reshaped_views.serial(x, columns, out)
+
+
+@tasks.parallel_kernel(counts=True)
 def _count_or_raise(part, parts, x, fail):
     """Counts its share's tasks; raises (numba's status) in share ``fail``."""
     first, last = tasks.share(x.size, part, parts)

@@ -88,6 +88,7 @@ from fastpool.cpu.tasks import (
     int_max,
     int_min,
     parallel_kernel,
+    reshaped,
     scratch,
     share,
 )
@@ -109,7 +110,7 @@ def channels_last_copy(part, parts, source, target):
     a row ``(n, d, h)`` a task (:func:`_transpose_row`)."""
     channels, depth, height, width = source.shape[1], target.shape[1], target.shape[2], \
         target.shape[3]
-    source_values, target_values = source.reshape(-1), target.reshape(-1)
+    source_values, target_values = reshaped(source, -1), reshaped(target, -1)
     for task in range(*share(target.shape[0] * depth * height, part, parts)):
         h, d, n = task % height, task // height % depth, task // (height * depth)
         _transpose_row(source_values, ((n * channels * depth + d) * height + h) * width,
@@ -137,7 +138,7 @@ def _transpose_row(source, s_at, s_channel, target, t_at, t_pixel, channels, wid
                 transpose_block(source, s_at + c0 * s_channel + w0, s_channel,
                                 target, t_at + w0 * t_pixel + c0, t_pixel)
     else:  # through views, whose indices (loop counters) need no wraparound checks
-        pixels = target[t_at:t_at + width * t_pixel].reshape((width, t_pixel))
+        pixels = reshaped(target[t_at:t_at + width * t_pixel], (width, t_pixel))
         for c in range(channels):
             line = source[s_at + c * s_channel:s_at + c * s_channel + width]
             for w in range(width):
@@ -232,7 +233,7 @@ def direct_conv(vectors, copies_rows):
             else:
                 image, d_first, h_first = x[i], d0, h
             # One array type for the image's values and the edge's.
-            image_values, edge_values = image.reshape(-1), edge.reshape(-1)
+            image_values, edge_values = reshaped(image, -1), reshaped(edge, -1)
             for j in range(0, columns, tile_width):  # a panel of the weight, kept in cache
                 for kd in range(kd_lo, kd_hi):
                     d = d_first + kd
@@ -278,7 +279,7 @@ def _copy_window_rows(image, rows, d, planes, h, count):
     ``d + p`` of ``image`` (channels-first ``(C, D, H, W)``), for ``p < planes`` and
     ``t < count``."""
     channels, depth, height, width = image.shape
-    values, copied = image.reshape(-1), rows.reshape(-1)
+    values, copied = reshaped(image, -1), reshaped(rows, -1)
     for p in range(planes):
         for t in range(count):
             _transpose_row(values, ((d + p) * height + h + t) * width, depth * height * width,
@@ -348,7 +349,7 @@ def weight_gradient(vectors, window_rows):
         tile_width = vectors * VECTOR_BYTES // grad_weight.itemsize
         row_tiles, column_tiles = -(-c_in // TILE_ROWS), columns // tile_width
         first, stop = share(k_d * k_h * k_w * row_tiles * column_tiles, part, parts)
-        x_values = x.reshape(-1)
+        x_values = reshaped(x, -1)
         for i in range(x.shape[0]):
             for od in range(out_d):
                 for band_first in range(0, out_h, band):
@@ -425,7 +426,7 @@ def _copy_padded_row(x, target, n, d, h, pad, channels_last):
     if channels_last:  # one run of values (as flat loops: they vectorise)
         line = x[n, d, h]
         width, c_in = line.shape[0], line.shape[1]
-        values, run = line.reshape(-1), target.reshape(-1)
+        values, run = reshaped(line, -1), reshaped(target, -1)
         for q in range(pad * c_in):
             run[q] = 0
         for q in range(width * c_in):
@@ -435,8 +436,8 @@ def _copy_padded_row(x, target, n, d, h, pad, channels_last):
         for p in range(pad):
             for c in range(c_in):
                 target[p, c] = 0
-        _transpose_row(x.reshape(-1), ((n * c_in * depth + d) * height + h) * width,
-                       depth * height * width, target.reshape(-1), pad * c_in, c_in, c_in,
+        _transpose_row(reshaped(x, -1), ((n * c_in * depth + d) * height + h) * width,
+                       depth * height * width, reshaped(target, -1), pad * c_in, c_in, c_in,
                        width)
     for p in range(pad + width, target.shape[0]):
         for c in range(c_in):
@@ -486,7 +487,7 @@ def input_gradient(vectors, window_rows):
         groups, c_out, columns = packed.shape[2], packed.shape[3], packed.shape[4]
         tile_width = vectors * VECTOR_BYTES // packed.itemsize
         tiles = -(-out_w // TILE_ROWS)
-        grad_values = grad.reshape(-1)
+        grad_values = reshaped(grad, -1)
         # The scratch row: an output's window row per row, or every pixel a window puts
         # a kernel offset on, padding included.
         sums = scratch((out_w if window_rows else
@@ -544,7 +545,7 @@ def input_gradient(vectors, window_rows):
             else:
                 row_columns = grad_rows.shape[4]  # C_out padded
                 _transpose_row(grad_values, n * out_image + od * out_plane + oh * out_row,
-                               out_channel, grad_rows.reshape(-1),
+                               out_channel, reshaped(grad_rows, -1),
                                task * out_w * row_columns, row_columns, c_out, out_w)
             for ow in range(out_w):
                 for o in range(c_out, target.shape[1]):

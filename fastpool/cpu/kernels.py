@@ -29,6 +29,7 @@ from fastpool.cpu.tasks import (
     int_max,
     int_min,
     parallel_kernel,
+    reshaped,
     scratch,
     share,
 )
@@ -1217,16 +1218,16 @@ def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_
         lanes = int_min(block, planes - first)
         # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
         terms = scratch((out_d, out_h, out_w, block), coefficients.dtype)
-        term_values = terms.reshape(-1)
+        term_values = reshaped(terms, -1)
         for i in range(term_values.size):
             term_values[i] = 0
         spread = scratch((cover_d, out_h, width, block), type(zero))
         sums = scratch((depth * height, run), type(zero))
-        term_rows = terms.reshape((outputs, block))
+        term_rows = reshaped(terms, (outputs, block))
         for lane in range(lanes):
             for q in range(outputs):
                 term_rows[q, lane] = coefficients[first + lane, q]
-        spread_rows = spread.reshape((cover_d * out_h, run))
+        spread_rows = reshaped(spread, (cover_d * out_h, run))
         ready_od0, ready_od1 = -1, -1
         for d in range(depth):
             od0, od1 = first_out[0, d], last_out[0, d]
@@ -1255,7 +1256,7 @@ def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_
                             spread_at = (od - od0) * out_h + oh
                             for i in range(run):
                                 sums[at, i] += spread_rows[spread_at, i]
-        lane_sums = sums.reshape((size, block))
+        lane_sums = reshaped(sums, (size, block))
         for lane in range(lanes):
             target = targets[first + lane]
             if power is None:
@@ -1743,7 +1744,7 @@ def _max_of_row_group(best, r0, r1, r2, r3, rows, fresh, lowest):
 def _scan_row(rows, k, rows_h, d0, h0, step):
     """Row ``k`` of a D/H window of ``rows`` in scan order, flat."""
     i = k // rows_h
-    return rows[d0 + i * step[0], h0 + (k - i * rows_h) * step[1]].reshape(-1)
+    return reshaped(rows[d0 + i * step[0], h0 + (k - i * rows_h) * step[1]], -1)
 
 
 @njit(**HELPER_JIT_OPTIONS)
@@ -1753,7 +1754,7 @@ def _max_windows_of_rows(result, rows, d0, d1, h0, h1, step, lowest):
     per pass over ``result``.  No pass folds a single row into it: that fold, a
     select of the stored value, compiles to a masked store, microcoded (slow) on
     AMD cores; so 5 rows go as 3 + 2."""
-    best = result.reshape(-1)
+    best = reshaped(result, -1)
     rows_h = _count(h0, h1, step[1])
     total = _count(d0, d1, step[0]) * rows_h
     if total == 0:
@@ -2125,7 +2126,7 @@ def unpool_channels_last(part, parts, x, indices, out):
 @njit(inline="always")
 def _zero_flat(array):
     """Zero a C-contiguous ``array``, a loop over its elements in memory order."""
-    flat = array.reshape(array.size)
+    flat = reshaped(array, array.size)
     for i in range(flat.size):
         flat[i] = 0
 
@@ -2286,7 +2287,7 @@ def fractional_max_pool(part, parts, x, out, indices, starts, kernel, channel_bl
         c0 = (task - n * blocks) * channel_block
         c1 = int_min(c0 + channel_block, channels)
         planes = scratch((c1 - c0, depth, height, width), x.dtype)
-        pixels, flat = x[n].reshape((-1, channels)), planes.reshape((c1 - c0, -1))
+        pixels, flat = reshaped(x[n], (-1, channels)), reshaped(planes, (c1 - c0, -1))
         for at in range(depth * height * width):
             for c in range(c1 - c0):
                 flat[c, at] = pixels[at, c0 + c]

@@ -50,6 +50,7 @@ from numba.core.codegen import CPUCodegen, JITCodeLibrary
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_lock import global_compiler_lock
 from numba.core.compiler_machinery import FunctionPass, register_pass
+from numba.core.imputils import impl_ret_borrowed
 from numba.core.typed_passes import NativeLowering
 from numba.core.typing import signature
 from numba.core.typing.typeof import typeof_impl
@@ -268,6 +269,61 @@ def share(tasks, part, parts):
     """The tasks ``[first, last)`` of part ``part`` of ``parts``: near-equal
     contiguous shares of ``range(tasks)``, as numba's ``prange`` splits them."""
     return tasks * part // parts, tasks * (part + 1) // parts
+
+
+@intrinsic
+def reshaped(typingctx, array, shape):
+    """``array.reshape(shape)`` for a C-contiguous array: a view (of its data, owned
+    as ``array`` is) of ``shape``, an int or a tuple of ints, one of them -1 at most
+    (the size left); ValueError where the sizes do not match, as NumPy's.
+
+    numba's ``reshape`` checks its shape in a function it compiles the first time a
+    process compiles one (``normalize_reshape_value``, with its ``enumerate`` and
+    exceptions: a sixth of a second of every cold first call, of a kernel's few)."""
+    sizes = [shape] if isinstance(shape, types.Integer) else list(shape)
+    if not (isinstance(array, types.Array) and array.layout == "C"
+            and sizes and all(isinstance(size, types.Integer) for size in sizes)):
+        return None
+    result = array.copy(ndim=len(sizes), layout="C")
+
+    def codegen(context, builder, sig, args):
+        source = context.make_array(sig.args[0])(context, builder, args[0])
+        values = [args[1]] if isinstance(shape, types.Integer) else \
+            cgutils.unpack_tuple(builder, args[1], len(sizes))
+        values = [context.cast(builder, value, size, types.intp)
+                  for value, size in zip(values, sizes)]
+        intp = context.get_value_type(types.intp)
+        known, unknown = intp(1), intp(0)  # the product of the sizes given, the -1s
+        for value in values:
+            negative = builder.icmp_signed("<", value, intp(0))
+            known = builder.mul(known, builder.select(negative, intp(1), value))
+            unknown = builder.add(unknown, builder.zext(negative, intp))
+        count = source.nitems
+        left = builder.select(builder.icmp_signed("==", known, intp(0)), intp(0),
+                              builder.sdiv(count, builder.select(
+                                  builder.icmp_signed("==", known, intp(0)), intp(1), known)))
+        values = [builder.select(builder.icmp_signed("<", value, intp(0)), left, value)
+                  for value in values]
+        total = intp(1)
+        for value in values:
+            total = builder.mul(total, value)
+        wrong = builder.or_(builder.icmp_signed(">", unknown, intp(1)),
+                            builder.icmp_signed("!=", total, count))
+        with builder.if_then(wrong, likely=False):
+            context.call_conv.return_user_exc(
+                builder, ValueError, ("total size of new array must be unchanged",))
+        strides = [source.itemsize]
+        for value in reversed(values[1:]):
+            strides.insert(0, builder.mul(strides[0], value))
+        view = context.make_array(sig.return_type)(context, builder)
+        populate_array(view, data=source.data,
+                       shape=cgutils.pack_array(builder, values, ty=intp),
+                       strides=cgutils.pack_array(builder, strides, ty=intp),
+                       itemsize=source.itemsize, meminfo=source.meminfo,
+                       parent=source.parent)
+        return impl_ret_borrowed(context, builder, sig.return_type, view._getvalue())
+
+    return signature(result, array, shape), codegen
 
 
 def _integer_extreme(typingctx, a, b, predicate):
