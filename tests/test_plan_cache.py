@@ -575,6 +575,15 @@ def test_scratch_allocates_as_np_empty_and_refuses_negative_sizes():
         _scratch_size.serial(2**61)
     assert _scratch_in_c_order.serial((3, 4, 5)) == 60
     assert _scratch_in_c_order.serial((2, 0, 7)) == 0
+    assert _scratch_scalar.serial(2.5) == 5
+
+
+@tasks.parallel_kernel(counts=True)
+def _scratch_scalar(part, parts, value):
+    """A 0-d scratch holds one value."""
+    held = tasks.scratch((), np.float64)
+    held[()] = value
+    return int(held[()] * 2)
 
 
 @tasks.parallel_kernel(counts=True)

@@ -406,7 +406,7 @@ def _allocate(context, builder, array_type, sizes):
         product = builder.smul_with_overflow(count, size)
         count = builder.extract_value(product, 0)
         overflow = builder.or_(overflow, builder.extract_value(product, 1))
-    strides = [itemsize]
+    strides = [itemsize] if sizes else []
     for size in reversed(sizes[1:]):
         strides.insert(0, builder.mul(strides[0], size))
     product = builder.smul_with_overflow(count, itemsize)
