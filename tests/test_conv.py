@@ -380,6 +380,21 @@ def test_chunks_of_images_match_torch(monkeypatch, chunk_bytes, channels_last):
                          channels_last)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_input_gradient_summed_in_place_matches_torch(dtype):
+    """Channels-last input gradients summed straight into the gradient's rows (whole
+    tiles of channels, no padding along W): windows apart (pixels no window covers
+    stay 0), adjacent and overlapping, 1-D to 3-D; and with padding, through the
+    scratch row."""
+    from fastpool.cpu.microkernel import tile_columns
+
+    channels = tile_columns(np.dtype(dtype).itemsize)
+    for kernel, stride, padding in [(2, 3, 0), (2, 2, 0), (3, 2, 0), (3, 1, 0), (3, 2, 1)]:
+        _check_against_torch(2, (2, channels, 9, 11), 5, kernel, stride, padding, True, dtype)
+    _check_against_torch(1, (2, 2 * channels, 13), 7, 3, 2, 0, True, dtype)
+    _check_against_torch(3, (1, channels, 4, 5, 7), 3, 2, (1, 2, 3), 0, True, dtype)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("band_bytes", [1, 2**18], ids=["one-row", "default"])
 def test_weight_gradient_bands_match_torch(monkeypatch, band_bytes, channels_last):
