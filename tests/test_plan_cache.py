@@ -576,6 +576,20 @@ def test_scratch_allocates_as_np_empty_and_refuses_negative_sizes():
     assert _scratch_in_c_order.serial((3, 4, 5)) == 60
     assert _scratch_in_c_order.serial((2, 0, 7)) == 0
     assert _scratch_scalar.serial(2.5) == 5
+    assert _zeroed_sum.serial((3, 4)) == 0 and _zeroed_sum.serial(5) == 0
+
+
+@tasks.parallel_kernel(counts=True)
+def _zeroed_sum(part, parts, shape):
+    """The sum of a zeroed scratch of ``shape`` (after dirtying the allocator)."""
+    dirty = tasks.scratch(64, np.float64)
+    for i in range(64):
+        dirty[i] = 1.0
+    values = tasks.reshaped(tasks.zeroed(shape, np.float64), -1)
+    total = 0.0
+    for i in range(values.size):
+        total += values[i]
+    return int(total)
 
 
 @tasks.parallel_kernel(counts=True)

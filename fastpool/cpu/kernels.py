@@ -32,6 +32,7 @@ from fastpool.cpu.tasks import (
     reshaped,
     scratch,
     share,
+    zeroed,
 )
 
 # Which sweep a kernel runs is fixed when it is built (see per_constants): compiling
@@ -412,9 +413,7 @@ def _windows_of_row(fold):
                            h1, start, stop, step, power, first, factor, divisor):
             step_d, step_h, step_w = step[0], step[1], step[2]
             if blocked:  # a constant: other builds allocate nothing
-                run = scratch(acc.size, np.float32)
-                for i in range(acc.size):
-                    run[i] = 0.0
+                run = zeroed(acc.size, np.float32)
             rows_h = _count(h0, h1, step_h)
             rows = _count(d0, d1, step_d) * rows_h
             r0 = r1 = r2 = r3 = x_image[d0, h0]
@@ -1217,10 +1216,7 @@ def sum_backward_plane_blocks(part, parts, coefficients, values, targets, first_
         first = task * block
         lanes = int_min(block, planes - first)
         # Zeroed: a last, partial block's idle lanes then sum zeros, never denormals.
-        terms = scratch((out_d, out_h, out_w, block), coefficients.dtype)
-        term_values = reshaped(terms, -1)
-        for i in range(term_values.size):
-            term_values[i] = 0
+        terms = zeroed((out_d, out_h, out_w, block), coefficients.dtype)
         spread = scratch((cover_d, out_h, width, block), type(zero))
         sums = scratch((depth * height, run), type(zero))
         term_rows = reshaped(terms, (outputs, block))

@@ -393,6 +393,17 @@ def scratch(typingctx, shape, dtype):
     return signature(array, shape, dtype), codegen
 
 
+@njit(inline="always")
+def zeroed(shape, dtype):
+    """``np.zeros(shape, dtype)`` for a kernel's scratch (see :func:`scratch`: numba's
+    ``np.zeros`` compiles an implementation of its own in each cold process)."""
+    array = scratch(shape, dtype)
+    values = reshaped(array, -1)
+    for i in range(values.size):
+        values[i] = 0
+    return array
+
+
 def _allocate(context, builder, array_type, sizes):
     """A new C-order array of ``array_type`` and ``sizes`` (intp values), as numba's
     ``_empty_nd_impl`` makes it (the same checks and errors), but allocated through
