@@ -46,6 +46,7 @@ from fastpool._params import (
     check_dtype,
     check_mode,
     check_norm_type,
+    check_output_mask,
     fractional_output_shape,
     fractional_starts,
     memoised_by_arguments,
@@ -93,7 +94,7 @@ def _lowest(dtype: np.dtype):
 def _wrap(impl, result, like):
     """The result as the input's kind of array (numba, CuPy, torch or NumPy)."""
     if isinstance(result, tuple):
-        return tuple(impl.wrap(r, like) for r in result)
+        return tuple(None if r is None else impl.wrap(r, like) for r in result)
     return impl.wrap(result, like)
 
 
@@ -1094,17 +1095,24 @@ class _ConvBackwardPlan(_ConvPlan):
     grad_weight, grad_bias)."""
 
     weight_shape: tuple = ()  # the caller's
+    output_mask: tuple = (True, True, True)  # which of the three to compute
 
     def __call__(self, grad, x, weight, stream=None):
         impl = self.impl
+        wants_input, wants_weight, wants_bias = self.output_mask
         grad5 = self.canonical_input(grad, self.out_shape, stream)
-        grad_in, grad_weight = impl.conv_backward(
-            grad5, self.canonical_input(x, self.x_shape, stream),
-            impl.canonical(weight, self.w_shape, stream), self.stride, self.pad,
-            stream=stream, **self.layout())
-        grad_bias = impl.conv_bias_grad(grad5, stream, **self.layout())
-        return (_conv_result(grad_in, self.kind, self.channels_last, self.nd, self.native),
-                grad_weight.reshape(self.weight_shape), grad_bias)
+        grad_in = grad_weight = grad_bias = None
+        if wants_input or wants_weight:
+            grad_in, grad_weight = impl.conv_backward(
+                grad5, self.canonical_input(x, self.x_shape, stream),
+                impl.canonical(weight, self.w_shape, stream), self.stride, self.pad,
+                stream=stream, output_mask=(wants_input, wants_weight), **self.layout())
+        if wants_bias:
+            grad_bias = impl.conv_bias_grad(grad5, stream, **self.layout())
+        return (None if grad_in is None else
+                _conv_result(grad_in, self.kind, self.channels_last, self.nd, self.native),
+                None if grad_weight is None else grad_weight.reshape(self.weight_shape),
+                grad_bias)
 
 
 def _conv_plan_fields(op, nd, x, weight, bias, stride, padding, channels_last, backend,
@@ -1127,11 +1135,13 @@ def _build_conv(arrays, backend, stream, nd, stride, padding, channels_last, op)
     return _ConvPlan(*fields), impl_arrays
 
 
-def _build_conv_backward(arrays, backend, stream, nd, stride, padding, channels_last, op):
+def _build_conv_backward(arrays, backend, stream, nd, stride, padding, channels_last,
+                         output_mask, op):
     grad_output, x, weight = arrays
     fields, (array, weights, _) = _conv_plan_fields(op, nd, x, weight, None, stride, padding,
                                                     channels_last, backend, stream)
-    plan = _ConvBackwardPlan(*fields, weight_shape=tuple(weights.shape))
+    plan = _ConvBackwardPlan(*fields, weight_shape=tuple(weights.shape),
+                             output_mask=check_output_mask(output_mask, op))
     impl, kind, x5, w5 = plan.impl, plan.kind, plan.x_shape, plan.w_shape
     grad = _grad_array(impl, grad_output, op, stream)
     spatial = plan.out_shape[4 - nd:4] if plan.native else plan.out_shape[5 - nd:]
@@ -1148,7 +1158,9 @@ def conv(x, weight, nd, stride=2, padding=0, bias=None, *, op: str, channels_las
 
 
 def conv_backward(grad_output, x, weight, nd, stride=2, padding=0, *, op: str,
-                  channels_last=False, backend=None, stream=None):
-    """Gradients of :func:`conv`: (grad_input, grad_weight, grad_bias)."""
+                  channels_last=False, output_mask=(True, True, True), backend=None,
+                  stream=None):
+    """Gradients of :func:`conv`: (grad_input, grad_weight, grad_bias), None where
+    ``output_mask`` is False."""
     return _call(_build_conv_backward, (grad_output, x, weight), backend, stream,
-                 (nd, stride, padding, channels_last, op))
+                 (nd, stride, padding, channels_last, output_mask, op))

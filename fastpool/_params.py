@@ -89,6 +89,20 @@ def check_bool(value: object, name: str, op: str) -> bool:
     return bool(value)
 
 
+def check_output_mask(value: object, op: str) -> tuple[bool, bool, bool]:
+    """A convolution backward's ``output_mask``, as torch's convolution_backward
+    takes it: three bools, whether to compute (grad_input, grad_weight, grad_bias)."""
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{op}: output_mask must be a tuple of three bools (grad_input, "
+                        f"grad_weight, grad_bias), got {value!r}")
+    if len(value) != 3:
+        raise ValueError(f"{op}: output_mask must have three bools (grad_input, "
+                         f"grad_weight, grad_bias), got {value!r}")
+    if not all(isinstance(item, (bool, np.bool_)) for item in value):
+        raise TypeError(f"{op}: output_mask must hold bools, got {value!r}")
+    return tuple(bool(item) for item in value)
+
+
 # --------------------------------------------------------------------------
 # Sliding windows (max, avg, lp)
 # --------------------------------------------------------------------------

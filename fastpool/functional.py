@@ -551,11 +551,12 @@ def _strided_conv_backward(nd: int) -> Callable[..., tuple]:
 
     def strided_conv_backward(grad_output: ArrayLike, x: ArrayLike, weight: ArrayLike,
                               stride: Size = 2, padding: Size = 0, *,
+                              output_mask: Sequence[bool] = (True, True, True),
                               channels_last: bool = False, backend: Backend | None = None,
                               stream: object = None) -> tuple:
         return _dispatch.conv_backward(grad_output, x, weight, nd, stride, padding, op=name,
-                                       channels_last=channels_last, backend=backend,
-                                       stream=stream)
+                                       channels_last=channels_last, output_mask=output_mask,
+                                       backend=backend, stream=stream)
 
     strided_conv_backward.__doc__ = f"""Gradients of :func:`strided_conv{nd}d`.
 
@@ -572,12 +573,18 @@ x, weight : array_like
     The forward call's input and weight.
 stride, padding : int or tuple of {nd} ints
     The forward call's stride (default 2) and padding.
+output_mask : tuple of 3 bools, optional
+    Which of (grad_input, grad_weight, grad_bias) to compute, as torch's
+    ``convolution_backward`` takes it; the others come back as None.  A
+    network's first layer needs no grad_input (its input is the data), a
+    frozen layer no grad_weight: each skipped gradient is a third of the work.
 {_COMMON_KEYWORDS}
 
 Returns
 -------
-grad_input, grad_weight, grad_bias : numpy.ndarray
-    Shaped like ``x``, ``weight`` and ``(C_out,)``.
+grad_input, grad_weight, grad_bias : numpy.ndarray or None
+    Shaped like ``x``, ``weight`` and ``(C_out,)``; None where ``output_mask``
+    says.
 
 Examples
 --------
@@ -587,6 +594,8 @@ Examples
 >>> g = np.ones({(1,) * (nd - 1) + (2,)})
 >>> [a.ravel().tolist() for a in fastpool.{name}(g, x, w)]
 [[1.0, -1.0, 1.0, -1.0, 0.0], [2.0, 4.0], [2.0]]
+>>> fastpool.{name}(g, x, w, output_mask=(False, True, False))[0] is None
+True
 """
     return _named(strided_conv_backward, name)
 

@@ -1,6 +1,7 @@
 """Strided convolution against torch.nn.functional.conv{1,2,3}d and the NumPy reference."""
 
 import importlib
+import itertools
 import os
 import threading
 
@@ -44,6 +45,40 @@ def test_forward_and_backward_match_torch(nd, stride, padding, kernel, dtype, ba
     for g, t in zip(got, want):
         assert g.dtype == dtype and g.shape == t.shape
         assert_allclose(g, t, **tol)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, padding", [
+    (3, 16, 3, 2, 1),  # window rows (few input channels): a first layer
+    (3, 16, 4, 4, 0),  # window rows read in place channels-last (patches)
+    (32, 16, 3, 2, 1),  # pixel columns, the gradient's rows copied
+    (32, 32, 2, 2, 0),  # read in place channels-last
+])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_output_mask_computes_what_it_names(nd, c_in, c_out, kernel, stride, padding,
+                                            channels_last, backend):
+    """Each gradient output_mask asks for is the one a full call computes, bit for bit
+    (which full call matches torch: the tests above), and the others are None."""
+    rng = np.random.default_rng(nd + c_in)
+    shape = (2, c_in) + SIZES[nd]
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((c_out, c_in) + (kernel,) * nd).astype(np.float32)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    conv = getattr(fastpool, f"strided_conv{nd}d")
+    backward = getattr(fastpool, f"strided_conv{nd}d_backward")
+    grad = rng.standard_normal(conv(x, w, stride, padding, channels_last=channels_last).shape
+                               ).astype(np.float32)
+    call = dict(channels_last=channels_last, backend=backend)
+    full = backward(grad, x, w, stride, padding, **call)
+    for mask in itertools.product((False, True), repeat=3):
+        got = backward(grad, x, w, stride, padding, output_mask=mask, **call)
+        for wanted, part, whole in zip(mask, got, full):
+            if wanted:
+                assert_array_equal(part, whole)
+            else:
+                assert part is None
 
 
 def test_unbatched_plain_and_channels_last():
@@ -107,6 +142,15 @@ def test_backward_is_deterministic(channels_last):
     (lambda x, w: fastpool.strided_conv2d(x[0, 0, 0], w), ValueError, "weight shape"),
     (lambda x, w: fastpool.strided_conv2d_backward(np.zeros((2, 4, 3, 3)), x, w), ValueError,
      "grad_output has shape"),
+    (lambda x, w: fastpool.strided_conv2d_backward(np.zeros((2, 4, 5, 5)), x, w,
+                                                   output_mask=(True, False)), ValueError,
+     r"strided_conv2d_backward: output_mask must have three bools.*\(True, False\)"),
+    (lambda x, w: fastpool.strided_conv2d_backward(np.zeros((2, 4, 5, 5)), x, w,
+                                                   output_mask=(1, 1, 0)), TypeError,
+     r"strided_conv2d_backward: output_mask must hold bools, got \(1, 1, 0\)"),
+    (lambda x, w: fastpool.strided_conv2d_backward(np.zeros((2, 4, 5, 5)), x, w,
+                                                   output_mask=True), TypeError,
+     "output_mask must be a tuple of three bools"),
 ])
 def test_bad_calls(call, error, pattern):
     x = np.zeros((2, 3, 9, 10))
@@ -131,6 +175,42 @@ def test_torch_module_and_gradcheck():
         assert torch.autograd.gradcheck(lambda a, c, d: conv(a, c, 2, 1, d), (xs, w, b))
     channels_last = x.detach().contiguous(memory_format=torch.channels_last)
     assert torch.allclose(ours(channels_last), theirs(x))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["cf", "cl"])
+@pytest.mark.parametrize("needs_input, needs_weight, bias", [
+    (False, True, True),  # a first layer: its input is the data
+    (True, False, False),  # a frozen layer
+    (True, False, True),  # a frozen layer with a trained bias
+    (False, True, False),
+    (True, True, True),
+])
+def test_torch_asks_only_for_the_gradients_autograd_wants(monkeypatch, needs_input,
+                                                          needs_weight, bias, layout):
+    """As torch's convolution backward, fastpool.torch's asks for the gradients of the
+    inputs that require them (its output_mask), and they match torch's."""
+    torch.manual_seed(0)
+    ours = fnn.StridedConv2d(3, 8, 3, padding=1, bias=bias).double()
+    theirs = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=bias).double()
+    theirs.load_state_dict(ours.state_dict())
+    masks = []
+    backward = fastpool._dispatch.conv_backward
+    monkeypatch.setattr(fastpool._dispatch, "conv_backward",
+                        lambda *args, output_mask, **kwargs: masks.append(output_mask) or
+                        backward(*args, output_mask=output_mask, **kwargs))
+    x = torch.rand(2, 3, 9, 10, dtype=torch.float64).contiguous(memory_format=layout)
+    grads = []
+    for module in (ours, theirs):
+        module.weight.requires_grad_(needs_weight)
+        inputs = x.clone().requires_grad_(needs_input)
+        module(inputs).square().sum().backward()
+        grads.append([inputs.grad, module.weight.grad, module.bias.grad if bias else None])
+    assert masks == [(needs_input, needs_weight, bias)]
+    for got, want in zip(*grads):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want)
 
 
 # --------------------------------------------------------------------------

@@ -216,6 +216,9 @@ def test_strided_conv_ops():
         grad = torch.rand(2, 4, 5, 4, generator=generator, dtype=torch.float64)
         torch.library.opcheck(torch.ops.fastpool.strided_conv2d_backward,
                               (grad, xl.detach(), weight.detach(), [2, 2], [1, 0]))
+        for mask in ([False, True, True], [True, False, False]):
+            torch.library.opcheck(torch.ops.fastpool.strided_conv2d_backward,
+                                  (grad, xl.detach(), weight.detach(), [2, 2], [1, 0], mask))
     model = torch.nn.Sequential(fnn.StridedConv2d(3, 4, 2), torch.nn.ReLU(),
                                 fnn.StridedConv2d(4, 2, 3, stride=1, padding=1)).double()
     want = _run(model, x)

@@ -445,10 +445,11 @@ def _copy_padded_row(x, target, n, d, h, pad, channels_last):
 
 
 @per_constants
-def input_gradient(vectors, window_rows):
+def input_gradient(vectors, window_rows, gathers):
     """:func:`input_gradient` for tiles ``vectors`` vectors wide, its columns a window
     row's values (``window_rows``, pixels of fewer channels than a vector's lanes) or
-    a pixel's ``C_in``."""
+    a pixel's ``C_in``; without ``gathers``, the weight gradient's copies alone (a
+    backward that wants no input gradient: a network's first layer)."""
 
     @parallel_kernel
     def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, grad_rows,
@@ -477,15 +478,16 @@ def input_gradient(vectors, window_rows):
         read in place): a copy without a launch of its own.  With ``window_rows`` it
         copies its row of ``x`` (the input, in ``grad_in``'s layout) into ``x_rows``
         as well, channels-last with the padding along W as zeros, for the weight
-        gradient's window rows, unless ``x_rows`` is empty.
+        gradient's window rows, unless ``x_rows`` is empty.  (Without ``gathers``,
+        ``grad_in`` is not read or written: it may be empty.)
         """
         out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
         out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
         k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-        (c_in, depth, height, width), _ = _layout(grad_in.shape, channels_last)
-        _, (out_image, out_channel, out_plane, out_row, out_pixel) = _layout(grad.shape,
-                                                                             channels_last)
-        groups, c_out, columns = packed.shape[2], packed.shape[3], packed.shape[4]
+        (c_in, depth, height, width), _ = _layout(x.shape, channels_last)
+        (c_out, _, _, _), (out_image, out_channel, out_plane, out_row, out_pixel) = \
+            _layout(grad.shape, channels_last)
+        groups, columns = packed.shape[2], packed.shape[4]
         tile_width = vectors * VECTOR_BYTES // packed.itemsize
         tiles = -(-out_w // TILE_ROWS)
         grad_values = reshaped(grad, -1)
@@ -503,6 +505,10 @@ def input_gradient(vectors, window_rows):
                     and (out_w - 1) * stride[2] + k_w <= width)
         for task in range(*share(grad.shape[0] * depth * height, part, parts)):
             h, d, n = task % height, task // height % depth, task // (height * depth)
+            if window_rows and x_rows.size:
+                _copy_padded_row(x, x_rows[n, d, h], n, d, h, pad[2], channels_last)
+            if gathers == 0:  # (a comparison: numba prunes the branch, not a "not")
+                continue
             row = reshaped(grad_in[n, d, h] if in_place else sums, -1)
             for i in range(row.size):
                 row[i] = 0
@@ -527,8 +533,6 @@ def input_gradient(vectors, window_rows):
             if window_rows:  # zeros, then each window's pixels from its output's row
                 _store_window_rows(grad_in, sums, n, d, h, stride[2], pad[2], k_w,
                                    channels_last)
-                if x_rows.size:
-                    _copy_padded_row(x, x_rows[n, d, h], n, d, h, pad[2], channels_last)
             elif in_place:  # the sums are the row's already
                 continue
             elif channels_last:
@@ -753,7 +757,8 @@ def conv(x, weight, bias, out_shape, stride, pad, channels_last=False, stream=No
     return out
 
 
-def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None):
+def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None,
+                  output_mask=(True, True)):
     """Gradients of :func:`conv` with respect to its input and weight.
 
     Parameters
@@ -764,42 +769,55 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
         As :func:`conv`'s.
     stream : None
         Unused.
+    output_mask : pair of bool
+        Whether to compute each gradient; the other comes back as None.
 
     Returns
     -------
-    grad_in : numpy.ndarray
+    grad_in : numpy.ndarray or None
         Of ``x``'s shape, and ``grad``'s dtype (as torch's).
-    grad_weight : numpy.ndarray
+    grad_weight : numpy.ndarray or None
         Of ``weight``'s shape, and ``grad``'s dtype.
     """
+    wants_input, wants_weight = output_mask
     dtype = grad.dtype
     x = x.astype(dtype, copy=False)
     g = _geometry(x, weight, grad.shape, stride, pad, channels_last, dtype)
     if grad.size == 0 or x.size == 0:
-        return np.zeros(x.shape, dtype), np.zeros(weight.shape, dtype)
-    packed = g.transposed_weight(weight.astype(dtype, copy=False))
-    columns = g.out_columns
-    grad_weight = np.zeros((*g.kernel, g.c_in, columns), dtype)
-    grad_in = memory.empty(x.shape, dtype)
-    if channels_last and g.c_out == columns:  # the weight gradient reads grad in place
-        grad_rows, copied = grad, np.empty((0, 0, 0, 0, columns), dtype)
-    else:
-        grad_rows = copied = memory.empty((g.batch, *g.out_size, columns), dtype)
+        return (np.zeros(x.shape, dtype) if wants_input else None,
+                np.zeros(weight.shape, dtype) if wants_weight else None)
     layout = Constant(channels_last)
-    # The weight gradient's window rows read the input's rows channels-last, padded
-    # along W: x itself where it is channels-last and every window lies inside its
-    # rows (patch embeddings), else a copy the input gradient's tasks make.
     no_copy = np.empty((0, 0, 0, 0, 0), dtype)
-    x_rows, x_copied = x, no_copy
-    if g.window_rows and not (channels_last and g.padded_width == g.spatial[2]):
-        x_rows = x_copied = memory.empty((g.batch, *g.spatial[:2], g.padded_width, g.c_in),
-                                         dtype)
-    launch(input_gradient((g.in_vectors, g.window_rows)), grad, packed, grad_in, g.windows,
-           layout, copied, x, x_copied, work=g.products)
+    grad_rows = copied = x_rows = x_copied = no_copy
+    if wants_weight:
+        if channels_last and g.c_out == g.out_columns:  # read in place
+            grad_rows, copied = grad, np.empty((0, 0, 0, 0, g.out_columns), dtype)
+        else:
+            grad_rows = copied = memory.empty((g.batch, *g.out_size, g.out_columns), dtype)
+        # The weight gradient's window rows read the input's rows channels-last, padded
+        # along W: x itself where it is channels-last and every window lies inside its
+        # rows (patch embeddings), else a copy the input gradient's tasks make.
+        x_rows = x
+        if g.window_rows and not (channels_last and g.padded_width == g.spatial[2]):
+            x_rows = x_copied = memory.empty((g.batch, *g.spatial[:2], g.padded_width,
+                                              g.c_in), dtype)
+    grad_in = memory.empty(x.shape, dtype) if wants_input else no_copy
+    if wants_input or copied.size or x_copied.size:
+        # Without the input gradient, a build of the copies alone (its tile width moot).
+        build = (g.in_vectors, g.window_rows, True) if wants_input else \
+            (1, g.window_rows, False)
+        packed = g.transposed_weight(weight.astype(dtype, copy=False)) if wants_input else \
+            no_copy
+        launch(input_gradient(build), grad, packed, grad_in, g.windows, layout, copied, x,
+               x_copied, work=g.products if wants_input else grad.size + x_copied.size)
+    if not wants_weight:
+        return grad_in, None
+    grad_weight = np.zeros((*g.kernel, g.c_in, g.out_columns), dtype)
     launch(weight_gradient((g.out_vectors, g.window_rows)), x_rows, grad_rows, grad_weight,
            g.windows, g.band, Constant(True) if g.window_rows else layout, work=g.products)
     # [kd, kh, kw, c, o] -> [o, c, kd, kh, kw]
-    return grad_in, np.ascontiguousarray(grad_weight[..., :g.c_out].transpose(4, 3, 0, 1, 2))
+    return (grad_in if wants_input else None,
+            np.ascontiguousarray(grad_weight[..., :g.c_out].transpose(4, 3, 0, 1, 2)))
 
 
 def _geometry(x, weight, out_shape, stride, pad, channels_last, dtype):

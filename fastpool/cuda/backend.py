@@ -512,18 +512,22 @@ def conv(x, weight, bias, out_shape, stride, pad, stream=None):
     return out
 
 
-def conv_backward(grad, x, weight, stride, pad, stream=None):
+def conv_backward(grad, x, weight, stride, pad, stream=None, output_mask=(True, True)):
+    """(grad_input, grad_weight), each None where ``output_mask`` says."""
     stream = _stream_of(stream, grad, x)
     zero = _accumulator_zero(grad.dtype)
     grad_bits, bf16 = _bits(grad)
-    grad_in = empty(x.shape, grad.dtype, stream)
-    _configure(kernels.conv_backward_input, grad_in.size, stream)(
-        grad_bits, _bits(weight)[0], _bits(grad_in)[0], _triple(stride), _triple(pad), zero,
-        bf16, _narrow(grad, weight, grad_in))
-    grad_weight = empty(weight.shape, grad.dtype, stream)
-    _configure(kernels.conv_backward_weight, grad_weight.size, stream)(
-        grad_bits, _bits(x)[0], _bits(grad_weight)[0], _triple(stride), _triple(pad), zero,
-        bf16, _narrow(grad, x))
+    grad_in = grad_weight = None
+    if output_mask[0]:
+        grad_in = empty(x.shape, grad.dtype, stream)
+        _configure(kernels.conv_backward_input, grad_in.size, stream)(
+            grad_bits, _bits(weight)[0], _bits(grad_in)[0], _triple(stride), _triple(pad),
+            zero, bf16, _narrow(grad, weight, grad_in))
+    if output_mask[1]:
+        grad_weight = empty(weight.shape, grad.dtype, stream)
+        _configure(kernels.conv_backward_weight, grad_weight.size, stream)(
+            grad_bits, _bits(x)[0], _bits(grad_weight)[0], _triple(stride), _triple(pad),
+            zero, bf16, _narrow(grad, x))
     return grad_in, grad_weight
 
 

@@ -28,15 +28,20 @@ def conv(x, weight, bias, out_shape, stride, pad, stream=None):
     return out.astype(x.dtype)
 
 
-def conv_backward(grad, x, weight, stride, pad, stream=None):
+def conv_backward(grad, x, weight, stride, pad, stream=None, output_mask=(True, True)):
+    """(grad_input, grad_weight), each None where ``output_mask`` says."""
+    wants_input, wants_weight = output_mask
     xp = _padded(x.astype(np.float64), pad)
     grad_xp = np.zeros(xp.shape)
     grad_weight = np.zeros(weight.shape)
     g = grad.astype(np.float64)
     for (kd, kh, kw), window in _offsets(weight.shape, grad.shape, stride):
         index = (slice(None), slice(None)) + window
-        grad_xp[index] += np.einsum("nodhw,oc->ncdhw", g, weight[:, :, kd, kh, kw])
-        grad_weight[:, :, kd, kh, kw] = np.einsum("nodhw,ncdhw->oc", g, xp[index])
+        if wants_input:
+            grad_xp[index] += np.einsum("nodhw,oc->ncdhw", g, weight[:, :, kd, kh, kw])
+        if wants_weight:
+            grad_weight[:, :, kd, kh, kw] = np.einsum("nodhw,ncdhw->oc", g, xp[index])
     inner = tuple(slice(int(p), int(p) + n) for p, n in zip(pad, x.shape[2:]))
     grad_in = grad_xp[(slice(None), slice(None)) + inner]
-    return grad_in.astype(grad.dtype), grad_weight.astype(grad.dtype)
+    return (grad_in.astype(grad.dtype) if wants_input else None,
+            grad_weight.astype(grad.dtype) if wants_weight else None)

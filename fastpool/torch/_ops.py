@@ -790,23 +790,29 @@ def _conv_impl(nd: int):
 def _conv_backward_impl(nd: int):
     function = getattr(fastpool, f"strided_conv{nd}d_backward")
 
-    def impl(grad, x, weight, stride, padding):
+    # The gradients output_mask leaves out come back empty (a custom op returns
+    # tensors), and autograd hands None on.  (torch's dispatcher leaves out trailing
+    # arguments equal to their defaults: the functions keep them.)
+    def impl(grad, x, weight, stride, padding, output_mask=(True, True, True)):
         cl = _conv_channels_last(x, nd)
         if x.device.type != "cpu":
             grad, x = grad.contiguous(), x.contiguous()
         with _torch_threads():
             grad_in, grad_weight, grad_bias = function(
                 _host(grad, cl), _host(x, cl), _host(weight, False), stride, padding,
-                channels_last=cl, stream=_stream(x))
-        return (_tensor(grad_in, cl, x.dtype, grad),
-                _tensor(grad_weight, False, weight.dtype, weight),
-                _tensor(grad_bias, False, weight.dtype, weight))
+                output_mask=tuple(output_mask), channels_last=cl, stream=_stream(x))
+        return (x.new_empty(0) if grad_in is None else _tensor(grad_in, cl, x.dtype, grad),
+                *(weight.new_empty(0) if result is None else
+                  _tensor(result, False, weight.dtype, weight)
+                  for result in (grad_weight, grad_bias)))
 
-    def fake(grad, x, weight, stride, padding):
+    def fake(grad, x, weight, stride, padding, output_mask=(True, True, True)):
         channels = weight.shape[0] if weight.dim() == nd + 2 else 1
-        return (_empty(x.shape, _conv_channels_last(x, nd), x.dtype, x.device),
-                torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
-                torch.empty((channels,), dtype=weight.dtype, device=weight.device))
+        wants_input, wants_weight, wants_bias = output_mask
+        return (_empty(x.shape, _conv_channels_last(x, nd), x.dtype, x.device)
+                if wants_input else x.new_empty(0),
+                weight.new_empty(weight.shape if wants_weight else (0,)),
+                weight.new_empty((channels,) if wants_bias else (0,)))
 
     return impl, fake
 
@@ -824,10 +830,19 @@ def _conv_function(nd: int) -> type:
 
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad_in, grad_weight, grad_bias = op(f"{name}_backward")(grad, x, weight, *ctx.params)
-        return grad_in, grad_weight, grad_bias if ctx.has_bias else None, None
+        mask = _conv_output_mask(ctx)
+        grads = op(f"{name}_backward")(grad, x, weight, *ctx.params, mask)
+        return *(g if wanted else None for g, wanted in zip(grads, mask)), None
 
     return _function_type(name, forward, setup_context, backward)
+
+
+def _conv_output_mask(ctx) -> list:
+    """Which of (grad_input, grad_weight, grad_bias) autograd wants, as torch's own
+    convolution backward asks (a first layer's input, the data, needs none; a
+    frozen layer's weight neither)."""
+    x, weight, bias = ctx.needs_input_grad[:3]
+    return [bool(x), bool(weight), bool(bias and ctx.has_bias)]
 
 
 def _register_conv() -> None:
@@ -841,13 +856,15 @@ def _register_conv() -> None:
 
         def conv_backward(ctx, grad, name=name):
             x, weight = ctx.saved_tensors
-            grads = op(f"{name}_backward")(grad, x, weight, *ctx.params)
-            return grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None
+            mask = _conv_output_mask(ctx)
+            grads = op(f"{name}_backward")(grad, x, weight, *ctx.params, mask)
+            return *(g if wanted else None for g, wanted in zip(grads, mask)), None, None
 
         _define(name, "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding) "
                       "-> Tensor", *_conv_impl(nd), autograd=(conv_backward, setup_context))
         _define(f"{name}_backward", "(Tensor grad, Tensor x, Tensor weight, int[] stride, "
-                                    "int[] padding) -> (Tensor, Tensor, Tensor)",
+                                    "int[] padding, bool[3] output_mask=[True, True, True]) "
+                                    "-> (Tensor, Tensor, Tensor)",
                 *_conv_backward_impl(nd))
         FUNCTIONS[name] = _conv_function(nd)
 
