@@ -368,6 +368,28 @@ def test_the_gradient_rows_are_copied_unless_channels_last_whole_tiles(monkeypat
     assert copies[0] == 0 and copies[1] > 0 and copies[2] > 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_a_backward_without_the_input_gradient_builds_none(monkeypatch, channels_last):
+    """Without the input gradient (a first layer's), the weight gradient's copies are
+    the forward's copy kernel's: no input gradient kernel is launched (or compiled)."""
+    launched = []
+    launch = CPU_CONV.launch
+
+    def recording(kernel, *args, **options):
+        launched.append(kernel.__name__)
+        return launch(kernel, *args, **options)
+
+    monkeypatch.setattr(CPU_CONV, "launch", recording)
+    x = np.ones((2, 24, 3) if channels_last else (2, 3, 24), np.float32)
+    w = np.ones((5, 3, 4), np.float32)
+    grad = np.ones_like(fastpool.strided_conv1d(x, w, 2, 1, channels_last=channels_last))
+    launched.clear()
+    fastpool.strided_conv1d_backward(grad, x, w, 2, 1, channels_last=channels_last,
+                                     output_mask=(False, True, True))
+    # The gradient's rows (5 channels, a tile's padding) and the input's padded rows.
+    assert launched == ["channels_last_copy", "channels_last_copy", "weight_gradient"]
+
+
 def test_the_input_rows_are_copied_for_window_rows_unless_read_in_place(monkeypatch):
     """The weight gradient's window rows (pixels of few channels) read the input's rows
     channels-last, padded along W: the input itself where it is channels-last and its
@@ -398,15 +420,28 @@ def test_the_input_rows_are_copied_for_window_rows_unless_read_in_place(monkeypa
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", [(2, 16, 1, 3, 16), (1, 37, 2, 3, 29), (1, 15, 1, 2, 40),
                                    (1, 40, 1, 2, 15), (3, 64, 1, 1, 64), (1, 1, 1, 1, 1)])
-def test_channels_last_copy_in_blocks_and_one_by_one(shape, dtype):
-    """The channels-first input's copy: blocks of a vector's lanes squared, the last of
-    each axis flush with its end, and rows of fewer channels or pixels one by one."""
+@pytest.mark.parametrize("pad, extra_columns", [(0, 0), (2, 0), (0, 3), (1, 16)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_channels_last_copy_in_blocks_and_one_by_one(shape, dtype, channels_last, pad,
+                                                     extra_columns):
+    """The copy into padded channels-last rows (the forward's input; the weight
+    gradient's gradient and input rows): channels-first, blocks of a vector's lanes
+    squared, the last of each axis flush with its end, and rows of fewer channels or
+    pixels one by one; channels-last, runs of values.  Zeros in the padding and past
+    the channels, whatever the buffer held."""
     from fastpool.cpu.runtime import launch
+    from fastpool.cpu.tasks import Constant
 
     x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
-    target = np.full((shape[0], *shape[2:], shape[1]), np.nan, dtype)
-    launch(CPU_CONV.channels_last_copy, x, target, work=target.size)
-    assert_array_equal(target, np.moveaxis(x, 1, -1))
+    moved = np.moveaxis(x, 1, -1)
+    n, c, d, h, w = shape
+    target = np.full((n, d, h, w + 2 * pad + 1, c + extra_columns), np.nan, dtype)
+    want = np.zeros_like(target)
+    want[:, :, :, pad:pad + w, :c] = moved
+    source = np.ascontiguousarray(moved) if channels_last else x
+    launch(CPU_CONV.channels_last_copy, source, target, pad, Constant(channels_last),
+           work=target.size)
+    assert_array_equal(target, want)
 
 
 def test_transpose_block_against_numpy():

@@ -108,6 +108,21 @@ def test_import_fastpool_does_not_import_torch():
                           text=True).stdout.strip() == "False"
 
 
+def test_eager_calls_do_not_import_torch_dynamo():
+    """An eager process's first fastpool op (forward and backward) does not import
+    torch._dynamo, which torch.library.custom_op's implementations did at their first
+    call: 1.2 s of that call."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from fastpool.torch import functional as F, nn\n"
+            "x = torch.rand(2, 3, 8, 8, requires_grad=True)\n"
+            "F.max_pool2d(x, 2).sum().backward()\n"
+            "nn.StridedConv2d(3, 4, 2)(x).sum().backward()\n"
+            "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout.strip() == "False"
+
+
 def test_modules_are_drop_in():
     pairs = [
         (fnn.MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1)),

@@ -105,17 +105,15 @@ BAND_BYTES = 2**18
 
 
 @parallel_kernel
-def channels_last_copy(part, parts, source, target):
-    """``target`` ``(N, D, H, W, C)``: ``source`` ``(N, C, D, H, W)`` moved channels-last,
-    a row ``(n, d, h)`` a task (:func:`_transpose_row`)."""
-    channels, depth, height, width = source.shape[1], target.shape[1], target.shape[2], \
-        target.shape[3]
-    source_values, target_values = reshaped(source, -1), reshaped(target, -1)
+def channels_last_copy(part, parts, source, target, pad, channels_last):
+    """``target`` ``(N, D, H, W', C')``: ``source`` (``(N, C, D, H, W)``, or
+    ``(N, D, H, W, C)`` with ``channels_last``) moved channels-last, each row from
+    pixel ``pad`` on, zeros around it and past its ``C`` channels; a row ``(n, d, h)``
+    a task (:func:`_copy_padded_row`)."""
+    depth, height = target.shape[1], target.shape[2]
     for task in range(*share(target.shape[0] * depth * height, part, parts)):
         h, d, n = task % height, task // height % depth, task // (height * depth)
-        _transpose_row(source_values, ((n * channels * depth + d) * height + h) * width,
-                       depth * height * width, target_values, task * width * channels,
-                       channels, channels, width)
+        _copy_padded_row(source, target[n, d, h], n, d, h, pad, channels_last)
 
 
 @njit(inline="always")
@@ -421,35 +419,48 @@ def _store_window_rows(grad_in, sums, n, d, h, stride, pad, k_w, channels_last):
 
 @njit(inline="always")
 def _copy_padded_row(x, target, n, d, h, pad, channels_last):
-    """``target`` (``(W', C)``): row ``(n, d, h)`` of ``x`` channels-last, from pixel
-    ``pad`` on, zeros around it."""
-    if channels_last:  # one run of values (as flat loops: they vectorise)
+    """``target`` (``(W', C')``): row ``(n, d, h)`` of ``x`` (``(N, C, D, H, W)``, or
+    ``(N, D, H, W, C)`` with ``channels_last``) channels-last, from pixel ``pad`` on,
+    zeros around it and past its ``C`` channels."""
+    columns = target.shape[1]
+    if channels_last:
         line = x[n, d, h]
-        width, c_in = line.shape[0], line.shape[1]
-        values, run = reshaped(line, -1), reshaped(target, -1)
-        for q in range(pad * c_in):
-            run[q] = 0
-        for q in range(width * c_in):
-            run[pad * c_in + q] = values[q]
+        width, channels = line.shape[0], line.shape[1]
+        if columns == channels:  # one run of values (as flat loops: they vectorise)
+            values, run = reshaped(line, -1), reshaped(target, -1)
+            for q in range(pad * channels):
+                run[q] = 0
+            for q in range(width * channels):
+                run[pad * channels + q] = values[q]
+        else:
+            for p in range(pad):
+                for c in range(columns):
+                    target[p, c] = 0
+            for w in range(width):
+                for c in range(channels):
+                    target[pad + w, c] = line[w, c]
     else:
-        c_in, depth, height, width = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+        channels, depth, height, width = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
         for p in range(pad):
-            for c in range(c_in):
+            for c in range(columns):
                 target[p, c] = 0
-        _transpose_row(reshaped(x, -1), ((n * c_in * depth + d) * height + h) * width,
-                       depth * height * width, reshaped(target, -1), pad * c_in, c_in, c_in,
-                       width)
+        _transpose_row(reshaped(x, -1), ((n * channels * depth + d) * height + h) * width,
+                       depth * height * width, reshaped(target, -1), pad * columns, columns,
+                       channels, width)
+    if columns > channels:
+        for w in range(pad, pad + width):
+            for c in range(channels, columns):
+                target[w, c] = 0
     for p in range(pad + width, target.shape[0]):
-        for c in range(c_in):
+        for c in range(columns):
             target[p, c] = 0
 
 
 @per_constants
-def input_gradient(vectors, window_rows, gathers):
+def input_gradient(vectors, window_rows):
     """:func:`input_gradient` for tiles ``vectors`` vectors wide, its columns a window
     row's values (``window_rows``, pixels of fewer channels than a vector's lanes) or
-    a pixel's ``C_in``; without ``gathers``, the weight gradient's copies alone (a
-    backward that wants no input gradient: a network's first layer)."""
+    a pixel's ``C_in``."""
 
     @parallel_kernel
     def input_gradient(part, parts, grad, packed, grad_in, windows, channels_last, grad_rows,
@@ -478,16 +489,15 @@ def input_gradient(vectors, window_rows, gathers):
         read in place): a copy without a launch of its own.  With ``window_rows`` it
         copies its row of ``x`` (the input, in ``grad_in``'s layout) into ``x_rows``
         as well, channels-last with the padding along W as zeros, for the weight
-        gradient's window rows, unless ``x_rows`` is empty.  (Without ``gathers``,
-        ``grad_in`` is not read or written: it may be empty.)
+        gradient's window rows, unless ``x_rows`` is empty.
         """
         out_size, kernel, stride, pad = windows[0], windows[1], windows[2], windows[3]
         out_d, out_h, out_w = out_size[0], out_size[1], out_size[2]
         k_d, k_h, k_w = kernel[0], kernel[1], kernel[2]
-        (c_in, depth, height, width), _ = _layout(x.shape, channels_last)
-        (c_out, _, _, _), (out_image, out_channel, out_plane, out_row, out_pixel) = \
-            _layout(grad.shape, channels_last)
-        groups, columns = packed.shape[2], packed.shape[4]
+        (c_in, depth, height, width), _ = _layout(grad_in.shape, channels_last)
+        _, (out_image, out_channel, out_plane, out_row, out_pixel) = _layout(grad.shape,
+                                                                             channels_last)
+        groups, c_out, columns = packed.shape[2], packed.shape[3], packed.shape[4]
         tile_width = vectors * VECTOR_BYTES // packed.itemsize
         tiles = -(-out_w // TILE_ROWS)
         grad_values = reshaped(grad, -1)
@@ -507,8 +517,6 @@ def input_gradient(vectors, window_rows, gathers):
             h, d, n = task % height, task // height % depth, task // (height * depth)
             if window_rows and x_rows.size:
                 _copy_padded_row(x, x_rows[n, d, h], n, d, h, pad[2], channels_last)
-            if gathers == 0:  # (a comparison: numba prunes the branch, not a "not")
-                continue
             row = reshaped(grad_in[n, d, h] if in_place else sums, -1)
             for i in range(row.size):
                 row[i] = 0
@@ -548,20 +556,7 @@ def input_gradient(vectors, window_rows, gathers):
         rows_wanted = grad.shape[0] * out_d * out_h if grad_rows.size else 0
         for task in range(*share(rows_wanted, part, parts)):
             oh, od, n = task % out_h, task // out_h % out_d, task // (out_h * out_d)
-            target = grad_rows[n, od, oh]
-            if channels_last:
-                line = grad[n, od, oh]
-                for ow in range(out_w):
-                    for o in range(c_out):
-                        target[ow, o] = line[ow, o]
-            else:
-                row_columns = grad_rows.shape[4]  # C_out padded
-                _transpose_row(grad_values, n * out_image + od * out_plane + oh * out_row,
-                               out_channel, reshaped(grad_rows, -1),
-                               task * out_w * row_columns, row_columns, c_out, out_w)
-            for ow in range(out_w):
-                for o in range(c_out, target.shape[1]):
-                    target[ow, o] = 0
+            _copy_padded_row(grad, grad_rows[n, od, oh], n, od, oh, 0, channels_last)
 
     return input_gradient
 
@@ -708,7 +703,7 @@ class _ChannelsLast:
         if self.buffer is None:  # sized by the first chunk, the largest
             self.buffer = memory.empty((stop - first, *self.shape[1:]), self.array.dtype)
         target = self.buffer[:stop - first]
-        launch(channels_last_copy, images, target, work=target.size)
+        launch(channels_last_copy, images, target, 0, Constant(False), work=target.size)
         return target
 
 
@@ -801,23 +796,23 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
         if g.window_rows and not (channels_last and g.padded_width == g.spatial[2]):
             x_rows = x_copied = memory.empty((g.batch, *g.spatial[:2], g.padded_width,
                                               g.c_in), dtype)
-    grad_in = memory.empty(x.shape, dtype) if wants_input else no_copy
-    if wants_input or copied.size or x_copied.size:
-        # Without the input gradient, a build of the copies alone (its tile width moot).
-        build = (g.in_vectors, g.window_rows, True) if wants_input else \
-            (1, g.window_rows, False)
-        packed = g.transposed_weight(weight.astype(dtype, copy=False)) if wants_input else \
-            no_copy
-        launch(input_gradient(build), grad, packed, grad_in, g.windows, layout, copied, x,
-               x_copied, work=g.products if wants_input else grad.size + x_copied.size)
+    grad_in = None
+    if wants_input:  # its tasks make the weight gradient's copies too
+        grad_in = memory.empty(x.shape, dtype)
+        launch(input_gradient((g.in_vectors, g.window_rows)), grad,
+               g.transposed_weight(weight.astype(dtype, copy=False)), grad_in, g.windows,
+               layout, copied, x, x_copied, work=g.products)
+    else:  # by the forward's copy kernel (no build of the input gradient's)
+        for source, target, pad in ((grad, copied, 0), (x, x_copied, g.pad[2])):
+            if target.size:
+                launch(channels_last_copy, source, target, pad, layout, work=target.size)
     if not wants_weight:
         return grad_in, None
     grad_weight = np.zeros((*g.kernel, g.c_in, g.out_columns), dtype)
     launch(weight_gradient((g.out_vectors, g.window_rows)), x_rows, grad_rows, grad_weight,
            g.windows, g.band, Constant(True) if g.window_rows else layout, work=g.products)
     # [kd, kh, kw, c, o] -> [o, c, kd, kh, kw]
-    return (grad_in if wants_input else None,
-            np.ascontiguousarray(grad_weight[..., :g.c_out].transpose(4, 3, 0, 1, 2)))
+    return grad_in, np.ascontiguousarray(grad_weight[..., :g.c_out].transpose(4, 3, 0, 1, 2))
 
 
 def _geometry(x, weight, out_shape, stride, pad, channels_last, dtype):

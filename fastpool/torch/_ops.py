@@ -1,6 +1,6 @@
 """fastpool's pooling kernels registered with torch as custom operators.
 
-Each op is a ``torch.library.custom_op`` in the ``fastpool`` namespace
+Each op is a custom operator of ``torch.library`` in the ``fastpool`` namespace
 (``torch.ops.fastpool.max_pool2d``, ``torch.ops.fastpool.max_pool2d_backward``,
 ...), with
 
@@ -429,6 +429,13 @@ def _vmap_rule(name: str, nd: int, n_outputs: int, samples: int | None = None):
 # --------------------------------------------------------------------------
 
 op_defs: dict = {}
+# The ops' library.  Not torch.library.custom_op: its implementations import
+# torch._dynamo at their first call (to run under torch._dynamo.disable), 1.2 s of
+# an eager process's first fastpool op; these are torch.library's own registrations,
+# as custom_op makes them, without that wrapper (dynamo does not trace into an op's
+# implementation: it calls the op).
+_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def _define(name: str, schema: str, impl, fake, *, autograd=None, vmap=None,
@@ -436,16 +443,19 @@ def _define(name: str, schema: str, impl, fake, *, autograd=None, vmap=None,
     """Register ``torch.ops.fastpool.<name>``: its implementation, fake (meta)
     implementation and, where given, its autograd formula ((backward, setup_context))
     and vmap rule."""
-    definition = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(),
-                                         device_types=device_types, schema=schema)
-    definition.register_fake(fake)
+    qualified = f"{NAMESPACE}::{name}"
+    _LIBRARY.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
+    for device in device_types:
+        _LIBRARY.impl(name, impl, _DISPATCH_KEYS[device])
+    torch.library.register_fake(qualified, fake, lib=_LIBRARY)
     if autograd is not None:
         backward, setup_context = autograd
-        definition.register_autograd(backward, setup_context=setup_context)
+        torch.library.register_autograd(qualified, backward, setup_context=setup_context,
+                                        lib=_LIBRARY)
     if vmap is not None:
-        definition.register_vmap(vmap)
-    op_defs[name] = definition
-    return definition
+        torch.library.register_vmap(qualified, vmap, lib=_LIBRARY)
+    op_defs[name] = op(name)
+    return op_defs[name]
 
 
 def _register() -> None:
