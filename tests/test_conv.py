@@ -177,6 +177,20 @@ def test_torch_module_and_gradcheck():
     assert torch.allclose(ours(channels_last), theirs(x))
 
 
+@pytest.mark.parametrize("call", ["functional", "op"])
+def test_a_second_derivative_raises(call):
+    """The convolution has first derivatives only: a second raises (it does not give
+    zeros, as torch's fallback for an op without a formula would)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    out = (FF.strided_conv2d(x, w, 2, 0) if call == "functional" else
+           torch.ops.fastpool.strided_conv2d(x, w, None, [2, 2], [0, 0]))
+    grad_x, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="strided_conv2d_backward has no derivative"):
+        torch.autograd.grad(grad_x.sum(), w)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
                          ids=["cf", "cl"])
 @pytest.mark.parametrize("needs_input, needs_weight, bias", [

@@ -791,7 +791,7 @@ def conv_backward(grad, x, weight, stride, pad, channels_last=False, stream=None
             grad_rows = copied = memory.empty((g.batch, *g.out_size, g.out_columns), dtype)
         # The weight gradient's window rows read the input's rows channels-last, padded
         # along W: x itself where it is channels-last and every window lies inside its
-        # rows (patch embeddings), else a copy the input gradient's tasks make.
+        # rows (patch embeddings), else a copy (made below, as the gradient's is).
         x_rows = x
         if g.window_rows and not (channels_last and g.padded_width == g.spatial[2]):
             x_rows = x_copied = memory.empty((g.batch, *g.spatial[:2], g.padded_width,

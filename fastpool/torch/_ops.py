@@ -441,21 +441,31 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 def _define(name: str, schema: str, impl, fake, *, autograd=None, vmap=None,
             device_types=("cpu", "cuda")):
     """Register ``torch.ops.fastpool.<name>``: its implementation, fake (meta)
-    implementation and, where given, its autograd formula ((backward, setup_context))
-    and vmap rule."""
+    implementation, autograd formula ((backward, setup_context); without one, a
+    backward through the op raises) and, where given, vmap rule."""
     qualified = f"{NAMESPACE}::{name}"
     _LIBRARY.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
     for device in device_types:
         _LIBRARY.impl(name, impl, _DISPATCH_KEYS[device])
     torch.library.register_fake(qualified, fake, lib=_LIBRARY)
-    if autograd is not None:
-        backward, setup_context = autograd
-        torch.library.register_autograd(qualified, backward, setup_context=setup_context,
-                                        lib=_LIBRARY)
+    # An op without an autograd kernel would have torch's fallback, which warns and
+    # gives zeros: a wrong second derivative.
+    backward, setup_context = autograd or (_no_derivative(name), None)
+    torch.library.register_autograd(qualified, backward, setup_context=setup_context,
+                                    lib=_LIBRARY)
     if vmap is not None:
         torch.library.register_vmap(qualified, vmap, lib=_LIBRARY)
     op_defs[name] = op(name)
     return op_defs[name]
+
+
+def _no_derivative(name: str):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"fastpool: torch.ops.{NAMESPACE}.{name} has no derivative (fastpool's strided "
+            f"convolution has first derivatives only)")
+
+    return backward
 
 
 def _register() -> None:
