@@ -10,7 +10,7 @@ comes from the tensor's memory format and the back end from its device.
 >>> y = F.max_pool2d(x, 2)
 >>> y
 tensor([[[[ 5.,  7.],
-          [13., 15.]]]], grad_fn=<MaxPool2dFunctionBackward>)
+          [13., 15.]]]], grad_fn=<GeneratedBackwardFor_fastpool_max_pool2d_defaultBackward>)
 >>> y.sum().backward()
 >>> x.grad[0, 0]
 tensor([[0., 0., 0., 0.],
@@ -91,10 +91,45 @@ def _check_shape(input, nd: int, name: str) -> None:
 _FUNCTIONS = _ops.FUNCTIONS
 
 
+def _apply(name: str, *args, values_only: bool = False):
+    """``torch.ops.fastpool.<name>`` of ``args`` (its tensors, then its parameters as
+    one tuple), as its autograd.Function applies it: that Function where torch.func's
+    transforms or a trace (torch.compile, torch.export) may run; else the op itself,
+    whose own autograd formula is the Function's; or, with no autograd to record and
+    nothing to see the op's call, its implementation.  (A small call took 80 us
+    through the Function, 25 of them in Function.apply's binding of its arguments by
+    inspect.signature, 35 us through the op, torch's own 3-5 us.)  ``values_only``: a
+    max or min pooling whose caller wants no indices: called directly, it computes
+    none (its indices come back None), in up to half the time."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _FUNCTIONS[name].apply(*args)
+    *tensors, params = args
+    if _undispatched(tensors):
+        only = {"values_only": True} if values_only else {}  # (the max and min ops')
+        return _ops.IMPLS[name](*tensors, *params, **only)
+    return _ops.op(name)(*tensors, *params)
+
+
+def _undispatched(tensors) -> bool:
+    """Whether an op may skip torch's dispatcher: plain CPU or CUDA tensors, none
+    requiring a gradient (or grad mode off), and no dispatch mode (FakeTensorMode,
+    FlopCounterMode) or profiler that would see the op."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)
+                              or t.device.type not in _DEVICES):
+            return False
+    return torch._C._len_torch_dispatch_stack() == 0 and not torch.autograd._profiler_enabled()
+
+
+_DEVICES = ("cpu", "cuda")
+
+
 def _window(name, nd, kernel_size, stride, padding, dilation, ceil_mode) -> SlidingWindow:
-    # Not SlidingWindow.from_args: Dynamo cannot guard on the keys of its memo.
-    window = SlidingWindow._from_args(name, nd, kernel_size, stride, padding, dilation,
-                                      ceil_mode)
+    # Memoised in eager mode only: Dynamo cannot guard on the keys of the memo.
+    build = SlidingWindow._from_args if torch.compiler.is_compiling() else \
+        SlidingWindow.from_args
+    window = build(name, nd, kernel_size, stride, padding, dilation, ceil_mode)
     if not window.is_torch_style:
         raise ValueError(f"{name}: fastpool.torch takes torch's int padding (at most half "
                          f"the kernel), got padding={padding!r}; 'same', 'valid' and "
@@ -107,10 +142,10 @@ def _pads(window: SlidingWindow) -> list[int]:
     return [before for before, _ in window.padding]
 
 
-def _sliding(name, nd, input, family, params):
+def _sliding(name, nd, input, family, window, params, values_only=False):
     _check_shape(input, nd, name)
-    _ops.out_spatial(family, nd, input, params)  # the "input too small" error, here
-    return _FUNCTIONS[f"{family}{nd}d"].apply(input, tuple(params))
+    window.output_shape(name, tuple(input.shape[-nd:]))  # the "input too small" error, here
+    return _apply(f"{family}{nd}d", input, tuple(params), values_only=values_only)
 
 
 def _max_pool(nd: int, reduction: str = "max"):
@@ -121,9 +156,9 @@ def _max_pool(nd: int, reduction: str = "max"):
         _check_input(input, reduction, name)
         w = _window(name, nd, kernel_size, stride, padding, dilation, ceil_mode)
         return_indices = check_bool(return_indices, "return_indices", name)
-        out, indices = _sliding(name, nd, input, f"{reduction}_pool", [
+        out, indices = _sliding(name, nd, input, f"{reduction}_pool", w, [
             list(w.kernel_size), list(w.stride), _pads(w), list(w.dilation),
-            w.ceil_mode])
+            w.ceil_mode], values_only=not return_indices)
         return (out, indices) if return_indices else out
 
     return max_pool
@@ -137,7 +172,7 @@ def _avg_pool(nd: int):
                  divisor_override=None) -> torch.Tensor:
         _check_input(input, "avg", name)
         w = _window(name, nd, kernel_size, stride, padding, 1, ceil_mode)
-        return _sliding(name, nd, input, "avg_pool", [
+        return _sliding(name, nd, input, "avg_pool", w, [
             list(w.kernel_size), list(w.stride), _pads(w), w.ceil_mode,
             check_bool(count_include_pad, "count_include_pad", name),
             check_divisor_override(divisor_override, name)])
@@ -152,14 +187,14 @@ def _lp_pool(nd: int):
                 ceil_mode: bool = False) -> torch.Tensor:
         _check_input(input, "lp", name)
         w = _window(name, nd, kernel_size, stride, 0, 1, ceil_mode)
-        return _sliding(name, nd, input, "lp_pool", [
+        return _sliding(name, nd, input, "lp_pool", w, [
             check_norm_type(norm_type, name), list(w.kernel_size), list(w.stride),
             w.ceil_mode])
 
     return lp_pool
 
 
-def _adaptive(family: str, nd: int, name: str, input, output_size):
+def _adaptive(family: str, nd: int, name: str, input, output_size, values_only=False):
     mode = family.split("_")[1]  # adaptive_<mode>_pool
     _check_input(input, mode, name)
     _check_shape(input, nd, name)
@@ -168,7 +203,7 @@ def _adaptive(family: str, nd: int, name: str, input, output_size):
         raise ValueError(f"{name}: output_size must be positive, got {sizes}")
     spatial = input.shape[-nd:]
     resolved = [spatial[i] if s is None else s for i, s in enumerate(sizes)]
-    return _FUNCTIONS[f"adaptive_{mode}_pool{nd}d"].apply(input, (resolved,))
+    return _apply(f"adaptive_{mode}_pool{nd}d", input, (resolved,), values_only=values_only)
 
 
 def _adaptive_max_pool(nd: int, reduction: str = "max"):
@@ -176,7 +211,8 @@ def _adaptive_max_pool(nd: int, reduction: str = "max"):
 
     def adaptive_max_pool(input: torch.Tensor, output_size, return_indices: bool = False):
         return_indices = check_bool(return_indices, "return_indices", name)
-        out, indices = _adaptive(f"adaptive_{reduction}_pool", nd, name, input, output_size)
+        out, indices = _adaptive(f"adaptive_{reduction}_pool", nd, name, input, output_size,
+                                 values_only=not return_indices)
         return (out, indices) if return_indices else out
 
     return adaptive_max_pool
@@ -202,9 +238,11 @@ def _global_max_pool(nd: int, reduction: str = "max"):
                         return_indices: bool = False):
         keepdims = check_bool(keepdims, "keepdims", name)
         return_indices = check_bool(return_indices, "return_indices", name)
-        out, indices = _adaptive(f"adaptive_{reduction}_pool", nd, name, input, 1)
+        out, indices = _adaptive(f"adaptive_{reduction}_pool", nd, name, input, 1,
+                                 values_only=not return_indices)
         if not keepdims:
-            out, indices = _squeeze(out, nd), _squeeze(indices, nd)
+            out = _squeeze(out, nd)
+            indices = None if indices is None else _squeeze(indices, nd)
         return (out, indices) if return_indices else out
 
     return global_max_pool
@@ -281,8 +319,8 @@ def _max_unpool(nd: int):
         pads = int_tuple(padding, nd, "padding", name)
         sizes = unpool_output_shape(name, nd, tuple(input.shape[-nd:]), kernel, strides,
                                     pads, output_size)
-        return _FUNCTIONS[name].apply(input, indices, (list(kernel), list(strides),
-                                                       list(pads), list(sizes)))
+        return _apply(name, input, indices, (list(kernel), list(strides), list(pads),
+                                             list(sizes)))
 
     return max_unpool
 
@@ -317,8 +355,7 @@ def _fractional_max_pool(nd: int):
                                 f"{input.dtype} and device {input.device} (as torch "
                                 f"requires), got {samples.dtype} on {samples.device}")
             samples = samples[:batch]
-        out, indices = _FUNCTIONS[name].apply(input, (list(kernel), list(sizes),
-                                                      samples.detach()))
+        out, indices = _apply(name, input, (list(kernel), list(sizes), samples.detach()))
         return (out, indices) if return_indices else out
 
     return fractional_max_pool
@@ -361,7 +398,7 @@ def _gem_pool(nd: int):
             w = SlidingWindow._from_args(name, nd, kernel_size, stride, 0, 1, False)
             params = (eps, [], list(w.kernel_size), list(w.stride))
             _ops.gem_out_spatial(nd, input, *params[1:])  # the "input too small" error
-        return _FUNCTIONS[name].apply(input, p, params)
+        return _apply(name, input, p, params)
 
     return gem_pool
 
@@ -416,7 +453,7 @@ def _make_conv(nd: int):
         window = ConvWindow.from_args(name, nd, stride, padding)
         params = (list(window.stride), list(window.padding))
         _ops.conv_out_shape(nd, input, weight, *params)  # shape errors, here
-        return _FUNCTIONS[name].apply(input, weight, bias, params)
+        return _apply(name, input, weight, bias, params)
 
     strided_conv.__name__ = strided_conv.__qualname__ = f"strided_conv{nd}d"
     strided_conv.__doc__ = (f"``fastpool.strided_conv{nd}d`` on torch tensors, "
