@@ -165,16 +165,31 @@ class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_ops_are_seen_by_dispatch_modes_and_the_profiler():
+def test_ops_are_seen_by_dispatch_modes_the_profiler_and_tracing():
     """Calls that skip torch's dispatcher (no autograd to record) still reach a
-    dispatch mode (FakeTensorMode, FlopCounterMode) or the profiler as the op."""
+    dispatch mode (FakeTensorMode, FlopCounterMode), the profiler or torch.jit.trace
+    as the op."""
     x = torch.randn(1, 2, 6, 6)
     with _Seen() as seen:
         FF.avg_pool2d(x, 2)
     assert "fastpool.avg_pool2d.default" in seen.ops
+
+    class FunctionsSeen(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen.ops.clear()
+    with FunctionsSeen():
+        FF.max_pool2d(x, 2)
+    assert "fastpool.max_pool2d.default" in seen.ops
     with torch.profiler.profile() as profile:
         FF.avg_pool2d(x, 2)
     assert "fastpool::avg_pool2d" in {event.name for event in profile.events()}
+    model = torch.nn.Sequential(fnn.MaxPool2d(2), fnn.AvgPool2d(2))
+    traced = torch.jit.trace(model, x)  # records the ops, not constants
+    other = torch.randn(1, 2, 6, 6)
+    torch.testing.assert_close(traced(other), model(other))
 
 
 @pytest.mark.parametrize("call", ["functional", "op"])

@@ -112,14 +112,17 @@ def _apply(name: str, *args, values_only: bool = False):
 
 def _undispatched(tensors) -> bool:
     """Whether an op may skip torch's dispatcher: plain CPU or CUDA tensors, none
-    requiring a gradient (or grad mode off), and no dispatch mode (FakeTensorMode,
-    FlopCounterMode) or profiler that would see the op."""
+    requiring a gradient (or grad mode off), and no torch function or dispatch mode
+    (FakeTensorMode, FlopCounterMode), profiler or torch.jit.trace that would see the
+    op."""
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)
                               or t.device.type not in _DEVICES):
             return False
-    return torch._C._len_torch_dispatch_stack() == 0 and not torch.autograd._profiler_enabled()
+    return (torch._C._len_torch_dispatch_stack() == 0 and not torch.autograd._profiler_enabled()
+            and torch._C._get_tracing_state() is None
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 _DEVICES = ("cpu", "cuda")
