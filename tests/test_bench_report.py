@@ -313,3 +313,23 @@ def test_copy_yardstick_copies_with_plain_vector_moves():
     fresh.compile(parallel_copy.body.signatures[0])  # (its builds have no Python wrapper)
     assembly = "\n".join(fresh.inspect_asm().values())
     assert not re.search(r"\t\w*(gather|scatter)", assembly)
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+def test_the_torch_model_benchmark_compares_like_with_like(layout):
+    """bench.torch_model times one model on fastpool's layers and on torch's: the
+    same weights and inputs, and the same outputs and gradients, in either layout."""
+    torch = pytest.importorskip("torch")
+    from bench.torch_model import small_cnn
+
+    runs = []
+    for torch_layers in (False, True):
+        model, x, y = small_cnn(layout, torch_layers)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (ours, our_grads), (theirs, their_grads) = runs
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert len(our_grads) == len(their_grads) == 6
+    for got, want in zip(our_grads, their_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)

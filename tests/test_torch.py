@@ -192,6 +192,20 @@ def test_ops_are_seen_by_dispatch_modes_the_profiler_and_tracing():
     torch.testing.assert_close(traced(other), model(other))
 
 
+def test_calls_without_autograd_keep_torch_semantics():
+    """The calls that skip torch's dispatcher leave it the tensors it must see: a
+    dual tensor of forward-mode AD (its tangent would be dropped: torch says the op
+    has no forward derivative), a tensor with the negative bit set (resolved)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    x = torch.randn(1, 1, 4, 4)
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError):
+        FF.avg_pool2d(forward_ad.make_dual(x, torch.ones_like(x)), 2)
+    negated = torch.randn(1, 1, 4, 4, dtype=torch.complex64).conj().imag
+    assert negated.is_neg()
+    torch.testing.assert_close(FF.max_pool2d(negated, 2), TF.max_pool2d(negated, 2))
+
+
 @pytest.mark.parametrize("call", ["functional", "op"])
 def test_max_pool_backward_makes_no_gradient_for_the_indices(call):
     """Autograd fills a gradient of zeros for an output that got none (the indices)

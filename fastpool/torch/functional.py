@@ -22,6 +22,7 @@ tensor([[0., 0., 0., 0.],
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from fastpool import _gem
 from fastpool._params import (
@@ -94,14 +95,17 @@ _FUNCTIONS = _ops.FUNCTIONS
 def _apply(name: str, *args, values_only: bool = False):
     """``torch.ops.fastpool.<name>`` of ``args`` (its tensors, then its parameters as
     one tuple), as its autograd.Function applies it: that Function where torch.func's
-    transforms or a trace (torch.compile, torch.export) may run; else the op itself,
-    whose own autograd formula is the Function's; or, with no autograd to record and
-    nothing to see the op's call, its implementation.  (A small call took 80 us
+    transforms, forward-mode AD or a trace (torch.compile, torch.export) may run; else
+    the op itself, whose own autograd formula is the Function's; or, with no autograd
+    to record and nothing to see the op's call, its implementation.  (A small call took 80 us
     through the Function, 25 of them in Function.apply's binding of its arguments by
     inspect.signature, 35 us through the op, torch's own 3-5 us.)  ``values_only``: a
     max or min pooling whose caller wants no indices: called directly, it computes
     none (its indices come back None), in up to half the time."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    # (Under forward-mode AD, the op would drop a dual tensor's tangent where the
+    # Function says it has no forward derivative.)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or \
+            forward_ad._current_level >= 0:
         return _FUNCTIONS[name].apply(*args)
     *tensors, params = args
     if _undispatched(tensors):
@@ -111,14 +115,17 @@ def _apply(name: str, *args, values_only: bool = False):
 
 
 def _undispatched(tensors) -> bool:
-    """Whether an op may skip torch's dispatcher: plain CPU or CUDA tensors, none
-    requiring a gradient (or grad mode off), and no torch function or dispatch mode
+    """Whether an op may skip torch's dispatcher: plain strided CPU or CUDA tensors
+    (no negative bit or zero tensor, which the dispatcher resolves), none requiring
+    a gradient (or grad mode off), and no torch function or dispatch mode
     (FakeTensorMode, FlopCounterMode), profiler or torch.jit.trace that would see the
     op."""
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)
-                              or t.device.type not in _DEVICES):
+                              or t.device.type not in _DEVICES
+                              or t.layout is not torch.strided or t.is_neg()
+                              or t._is_zerotensor()):
             return False
     return (torch._C._len_torch_dispatch_stack() == 0 and not torch.autograd._profiler_enabled()
             and torch._C._get_tracing_state() is None
