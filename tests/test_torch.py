@@ -165,6 +165,7 @@ class _Seen(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (the shape checks)
 def test_ops_are_seen_by_dispatch_modes_the_profiler_and_tracing():
     """Calls that skip torch's dispatcher (no autograd to record) still reach a
     dispatch mode (FakeTensorMode, FlopCounterMode), the profiler or torch.jit.trace
