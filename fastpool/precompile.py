@@ -198,7 +198,11 @@ CASES: tuple[Case, ...] = (
          "for k in (2, 4, 8, 16, 20): wk = np.ones((8, 3, k, k), x.dtype); "
          "strided_conv2d_backward(ones(strided_conv2d(x, wk, k)), x, wk, k)\n"
          "for f in widths: wf = np.ones((f, 3, 7, 7), x.dtype); "
-         "strided_conv2d_backward(ones(strided_conv2d(x, wf, 2, 3)), x, wf, 2, 3)",
+         "strided_conv2d_backward(ones(strided_conv2d(x, wf, 2, 3)), x, wf, 2, 3)\n"
+         # A first layer's backward, without the input's gradient (fastpool.torch asks
+         # for none): the weight gradient's copies by the forward's copy kernel.
+         "strided_conv2d_backward(ones(strided_conv2d(x, wf, 2, 3)), x, wf, 2, 3, "
+         "output_mask=(False, True, True))",
          size=40, channels=3),
 )
 
