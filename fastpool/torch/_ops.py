@@ -868,20 +868,21 @@ def _conv_function(nd: int) -> type:
         ctx.save_for_backward(x, weight)
 
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        mask = _conv_output_mask(ctx)
-        grads = op(f"{name}_backward")(grad, x, weight, *ctx.params, mask)
-        return *(g if wanted else None for g, wanted in zip(grads, mask)), None
+        return *_conv_gradients(ctx, grad, name), None
 
     return _function_type(name, forward, setup_context, backward)
 
 
-def _conv_output_mask(ctx) -> list:
-    """Which of (grad_input, grad_weight, grad_bias) autograd wants, as torch's own
-    convolution backward asks (a first layer's input, the data, needs none; a
+def _conv_gradients(ctx, grad, name: str) -> tuple:
+    """(grad_input, grad_weight, grad_bias) of the convolution ``name``, each None
+    unless autograd wants it: the backward op is asked for those alone, as torch's
+    own convolution backward is (a first layer's input, the data, needs none; a
     frozen layer's weight neither)."""
-    x, weight, bias = ctx.needs_input_grad[:3]
-    return [bool(x), bool(weight), bool(bias and ctx.has_bias)]
+    x, weight = ctx.saved_tensors
+    wants_x, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+    mask = [bool(wants_x), bool(wants_weight), bool(wants_bias and ctx.has_bias)]
+    grads = op(f"{name}_backward")(grad, x, weight, *ctx.params, mask)
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
 def _register_conv() -> None:
@@ -894,10 +895,7 @@ def _register_conv() -> None:
             ctx.save_for_backward(x, weight)
 
         def conv_backward(ctx, grad, name=name):
-            x, weight = ctx.saved_tensors
-            mask = _conv_output_mask(ctx)
-            grads = op(f"{name}_backward")(grad, x, weight, *ctx.params, mask)
-            return *(g if wanted else None for g, wanted in zip(grads, mask)), None, None
+            return *_conv_gradients(ctx, grad, name), None, None
 
         _define(name, "(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding) "
                       "-> Tensor", *_conv_impl(nd), autograd=(conv_backward, setup_context))

@@ -97,9 +97,10 @@ def _apply(name: str, *args, values_only: bool = False):
     one tuple), as its autograd.Function applies it: that Function where torch.func's
     transforms, forward-mode AD or a trace (torch.compile, torch.export) may run; else
     the op itself, whose own autograd formula is the Function's; or, with no autograd
-    to record and nothing to see the op's call, its implementation.  (A small call took 80 us
-    through the Function, 25 of them in Function.apply's binding of its arguments by
-    inspect.signature, 35 us through the op, torch's own 3-5 us.)  ``values_only``: a
+    to record and nothing to see the op's call, its implementation.  (A small call
+    took 80 us through the Function, 25 of them in Function.apply's binding of its
+    arguments by inspect.signature, 35 us through the op, torch's own 3-5 us.)
+    ``values_only``: a
     max or min pooling whose caller wants no indices: called directly, it computes
     none (its indices come back None), in up to half the time."""
     # (Under forward-mode AD, the op would drop a dual tensor's tangent where the
